@@ -1,0 +1,143 @@
+"""Model checkpoints: safetensors weights + a JSON metadata file beside them.
+
+``NAME.safetensors`` holds the bare network's state dict; ``NAME.json`` holds what is
+needed to use it: the architecture spec, number of classes and input channels, class
+names, image size, preprocessing, and where it came from (teacher fingerprint, metrics).
+
+Foreign PyTorch files (``.pt``/``.pth``, e.g. the paper's published students) are read
+with ``weights_only=True`` and ``map_location="cpu"``: no code runs on load, and
+CUDA-saved files open on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import UserError
+from ..fileio import atomic_path, write_json
+from .preprocess import bare, with_preprocessing
+from .registry import build_model
+
+FORMAT = "igkd-checkpoint/1"
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
+    """Write ``path`` (.safetensors) and its .json; returns the .safetensors path."""
+    weights, meta_path = _paths(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in bare(model).state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+    write_json(meta_path, {"format": FORMAT, **meta, "sha256": file_sha256(weights)})
+    return weights
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_metadata(path: str | Path) -> dict | None:
+    """The JSON metadata beside a .safetensors file, or None for foreign files."""
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".json"):
+        return None
+    meta_path = _paths(path)[1]
+    if not meta_path.exists():
+        return None
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"metadata file {meta_path} is not valid JSON ({e}); restore it or re-export the model") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read weights from .safetensors, or safely from a foreign .pt/.pth file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"weights file {path} does not exist; check the path")
+    if path.suffix == ".json":
+        path = _paths(path)[0]
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path), device="cpu")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any decode failure is the file's fault
+        raise UserError(f"cannot read weights from {path} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                        "give a .safetensors file or a PyTorch state dict saved with torch.save") from None
+    for key in ("state_dict", "model_state_dict", "model", "student"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors; save one with torch.save(model.state_dict())")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") -> nn.Module:
+    """Load weights into ``model`` (its bare network), strictly, with a one-line error."""
+    state = read_state_dict(path)
+    net = bare(model)
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        detail = []
+        if wrong:
+            k = wrong[0]
+            detail.append(f"{len(wrong)} shape mismatch(es), e.g. {k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}")
+        if missing:
+            detail.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        meta = read_metadata(path)
+        hint = f" (its metadata says --model {meta['model']})" if meta and "model" in meta else ""
+        raise UserError(f"weights {path} do not fit {spec}: {'; '.join(detail)}; pass the --model they were trained with{hint}")
+    net.load_state_dict(state)
+    return model
+
+
+def load_model(path: str | Path, spec: str | None = None, num_classes: int | None = None,
+               in_channels: int | None = None, preprocessing: dict | None = None) -> tuple[nn.Module, dict]:
+    """Build and load a model. igkd checkpoints describe themselves; foreign files need
+    ``spec`` (and ``num_classes``/``in_channels`` when not 10 and 3).
+
+    Returns ``(model in eval mode, wrapped with its preprocessing; metadata dict)``.
+    """
+    meta = dict(read_metadata(path) or {})
+    spec = spec or meta.get("model")
+    if spec is None:
+        raise UserError(f"{path} has no igkd metadata; say which architecture it is with --model SPEC")
+    meta.setdefault("model", spec)
+    num_classes = num_classes or meta.get("num_classes") or 10
+    in_channels = in_channels or meta.get("in_channels") or 3
+    net = build_model(spec, num_classes, in_channels)
+    load_weights(net, path, f"model '{spec}'")
+    pre = preprocessing if preprocessing is not None else meta.get("preprocessing")
+    meta.update(num_classes=num_classes, in_channels=in_channels, preprocessing=pre or {"normalize": "none"})
+    return with_preprocessing(net, pre).eval(), meta
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the bare network's state dict (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for k, v in sorted(bare(model).state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()

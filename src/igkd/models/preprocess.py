@@ -1,0 +1,39 @@
+"""Input preprocessing kept beside, not inside, a network's weights.
+
+Every igkd model takes images in [0, 1] (NCHW float). A teacher trained on mean/std
+normalised inputs is wrapped in :class:`Normalized`, which applies the normalisation
+inside ``forward``; its weights stay those of the bare network, so state dicts match
+other tools. IG computed through the wrapper w.r.t. [0, 1] pixels equals IG w.r.t. the
+normalised input (IG is invariant to per-channel affine reparametrisation).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class Normalized(nn.Module):
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def with_preprocessing(net: nn.Module, preprocessing: dict | None) -> nn.Module:
+    """Wrap ``net`` as its metadata says: ``{"normalize": "none"}`` or ``{"normalize":
+    "dataset", "mean": [...], "std": [...]}``."""
+    if not preprocessing or preprocessing.get("normalize", "none") == "none":
+        return net
+    return Normalized(net, preprocessing["mean"], preprocessing["std"])
+
+
+def bare(model: nn.Module) -> nn.Module:
+    """The network inside a preprocessing wrapper (the one whose weights are saved)."""
+    return model.net if isinstance(model, Normalized) else model

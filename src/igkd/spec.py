@@ -1,0 +1,65 @@
+"""Spec strings: ``name``, ``name:arg`` or ``name:arg,key=value,...``.
+
+Datasets and models are named by spec strings everywhere (command line, configs, API):
+
+    cifar10:/data/cifar10            imagefolder:/data/pets,size=64
+    mobilenetv2                      mobilenetv2:drop=5       mobilenetv2:width=0.5
+
+The part before the first ``:`` is the kind; after it comes an optional positional
+argument (a path for datasets) and ``key=value`` options, separated by commas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: str
+    arg: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        parts = ([self.arg] if self.arg else []) + [f"{k}={v}" for k, v in self.options.items()]
+        return self.kind + (":" + ",".join(parts) if parts else "")
+
+
+def parse_spec(text: str, what: str = "spec") -> Spec:
+    """Parse ``kind[:arg][,key=value...]``; a first item without ``=`` is the argument."""
+    text = (text or "").strip()
+    if not text:
+        raise UserError(f"empty {what}; give one like 'mobilenetv2:drop=5' or 'imagefolder:DIR'")
+    kind, _, rest = text.partition(":")
+    kind = kind.strip().lower()
+    arg: str | None = None
+    options: dict[str, str] = {}
+    if rest:
+        items = rest.split(",")
+        if "=" not in items[0]:
+            arg = items.pop(0)
+        for item in items:
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise UserError(f"bad option '{item}' in {what} '{text}'; write options as key=value")
+            options[key.strip().lower()] = value.strip()
+    return Spec(kind, arg, options)
+
+
+def take_option(spec: Spec, opts: dict[str, str], key: str, cast, default, what: str):
+    """Pop ``key`` from ``opts`` and convert it, with a one-line error on bad values."""
+    if key not in opts:
+        return default
+    raw = opts.pop(key)
+    try:
+        return cast(raw)
+    except (TypeError, ValueError):
+        raise UserError(f"option {key}={raw!r} in {what} '{spec}' is not a valid {cast.__name__}") from None
+
+
+def reject_leftovers(spec: Spec, opts: dict[str, str], allowed: list[str], what: str) -> None:
+    if opts:
+        bad = ", ".join(sorted(opts))
+        raise UserError(f"unknown option(s) {bad} in {what} '{spec}'; known options: {', '.join(allowed) or 'none'}")

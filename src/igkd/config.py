@@ -1,0 +1,183 @@
+"""Typed, validated run configurations.
+
+A config is a dataclass whose fields each carry a help text, a unit and an allowed range
+or set of choices. The same description drives YAML loading, validation, the command
+line (every field is an option ``--field-name``) and ``--help``, so the three never
+disagree. YAML recipes live in ``configs/``; a file may hold one section per command
+(``train:``, ``precompute:``, ``distill:``) or a flat mapping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+def opt(default, help: str, *, choices=None, low=None, high=None, unit: str = "", low_open=False):
+    """A config field with its documentation and range."""
+    return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high,
+                                                unit=unit, low_open=low_open))
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by ``igkd train`` (teacher) and ``igkd distill`` (student)."""
+
+    data: str = opt("demo", "dataset spec: demo, cifar10:DIR, imagefolder:DIR[,size=N], fashion-mnist[:DIR]")
+    model: str = opt("mobilenetv2", "architecture spec, e.g. mobilenetv2, mobilenetv2:drop=5, mobilenetv2:width=0.5")
+    normalize: str = opt("dataset", "input preprocessing baked into the model: 'dataset' mean/std or 'none' "
+                         "(the paper's students take raw [0,1] pixels)", choices=["dataset", "none"])
+    epochs: int = opt(30, "training epochs", low=1, high=100000)
+    batch_size: int = opt(128, "images per optimisation step", low=1, high=65536, unit="images")
+    optimizer: str = opt("sgd", "sgd (momentum, Nesterov) or adam (the paper's)", choices=["sgd", "adam"])
+    lr: float = opt(0.05, "peak learning rate", low=0.0, high=10.0, low_open=True)
+    momentum: float = opt(0.9, "SGD momentum", low=0.0, high=1.0)
+    nesterov: bool = opt(True, "Nesterov momentum (sgd only)")
+    weight_decay: float = opt(5e-4, "L2 weight decay (coupled, as torch.optim)", low=0.0, high=1.0)
+    schedule: str = opt("cosine", "learning-rate schedule: cosine decay to 0, or constant",
+                        choices=["cosine", "constant"])
+    warmup_epochs: float = opt(1.0, "linear warm-up from 0 to lr", low=0.0, high=1000.0, unit="epochs")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy term", low=0.0, high=0.5)
+    crop_padding: int = opt(4, "random crop after zero padding by this many pixels (0 = off)", low=0, high=64,
+                            unit="pixels")
+    flip: bool = opt(True, "random horizontal flip")
+    val_fraction: float = opt(0.1, "stratified share of the training set held out for model selection",
+                              low=0.0, high=0.5)
+    seed: int = opt(0, "seed for initialisation, data order, augmentation and the validation split",
+                    low=0, high=2**31 - 1)
+    device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    channels_last: bool = opt(True, "channels_last memory format (faster convolutions on CPU and GPU)")
+    eval_batch_size: int = opt(500, "images per forward pass when evaluating", low=1, high=65536, unit="images")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default)", low=0, high=1024)
+
+
+@dataclass
+class PrecomputeConfig:
+    """Options of ``igkd precompute``: teacher logits and IG maps for the training set."""
+
+    ig_steps: int = opt(50, "integration steps of integrated gradients", low=1, high=4096)
+    ig_method: str = opt("gausslegendre", "quadrature rule", choices=[
+        "gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"])
+    ig_baseline: str = opt("zero", "IG baseline: zero (zeros in the teacher's normalised input space, as the "
+                           "paper's code), black (zero pixels) or blur (blurred image)",
+                           choices=["zero", "black", "blur"])
+    ig_batch: int = opt(0, "interpolated images per teacher forward+backward (0 = automatic)", low=0,
+                        high=1 << 20, unit="images")
+    chunk_size: int = opt(1024, "images per resumable chunk of the store", low=1, high=1 << 24, unit="images")
+
+
+@dataclass
+class DistillConfig(TrainConfig, PrecomputeConfig):
+    """Options of ``igkd distill``; defaults are the paper's method settings."""
+
+    model: str = opt("mobilenetv2:drop=5", "student architecture spec (the paper's 4.12x student by default)")
+    normalize: str = opt("none", "student input preprocessing: 'none' (the paper's, raw [0,1] pixels) or "
+                         "'dataset'", choices=["dataset", "none"])
+    method: str = opt("kd+ig", "student (CE only), kd, ig, kd+ig, or the control ig-shuffled / kd+ig-shuffled")
+    teacher: str = opt("", "teacher checkpoint (.safetensors from igkd train, or .pt with --teacher-model)")
+    teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata")
+    T: float = opt(2.5, "distillation temperature", low=0.0, high=100.0, low_open=True)
+    alpha: float = opt(0.01, "weight of the KD term; (1 - alpha) weighs cross-entropy", low=0.0, high=1.0)
+    p: float = opt(0.1, "probability of overlaying a sample's IG map", low=0.0, high=1.0)
+    logits: str = opt("precomputed", "teacher logits: precomputed once on clean images (by sample index) or "
+                      "online on each augmented batch", choices=["precomputed", "online"])
+    store: str = opt("", "precompute store directory (default: a fingerprinted folder in the cache)")
+
+
+def _field_help(f: dataclasses.Field) -> str:
+    m = f.metadata
+    text = m.get("help", "")
+    if m.get("choices"):
+        text += f" [{'|'.join(map(str, m['choices']))}]"
+    elif m.get("low") is not None:
+        lo = "(" if m.get("low_open") else "["
+        text += f" {lo}{m['low']}, {m['high']}]"
+    if m.get("unit"):
+        text += f" ({m['unit']})"
+    return text + f" (default: {f.default})"
+
+
+def validate(cfg) -> Any:
+    """Check types and ranges; one-line UserError naming the field and the allowed values."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        m = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise UserError(f"{flag} must be true or false, got {value!r}")
+        elif kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise UserError(f"{flag} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
+            value = kind(value)
+            setattr(cfg, f.name, value)
+            if math.isnan(value) or (m.get("low") is not None and (
+                    value < m["low"] or value > m["high"] or (m.get("low_open") and value == m["low"]))):
+                lo = "(" if m.get("low_open") else "["
+                raise UserError(f"{flag} {value} is out of range; use a value in {lo}{m['low']}, {m['high']}]")
+        elif not isinstance(value, str):
+            raise UserError(f"{flag} must be a string, got {value!r}")
+        if m.get("choices") and value not in m["choices"]:
+            raise UserError(f"{flag} {value!r} is not one of {', '.join(map(str, m['choices']))}")
+    return cfg
+
+
+def load_yaml(path: str | Path, section: str | None) -> dict:
+    """Read a YAML config; take ``section`` if the file has one, else the whole mapping."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"config file {path} does not exist; see configs/ for examples")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value")
+    if section and isinstance(doc.get(section), dict):
+        return dict(doc[section])
+    sections = {"train", "precompute", "distill", "experiment"}
+    return {k: v for k, v in doc.items() if k not in sections}
+
+
+def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, source: str = "config"):
+    """Defaults <- YAML values <- command-line overrides, then validate."""
+    names = {f.name for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for k, v in (yaml_values or {}).items():
+        key = k.replace("-", "_")
+        if key not in names:
+            raise UserError(f"unknown option '{k}' in {source}; known options: {', '.join(sorted(names))}")
+        values[key] = v
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate(cls(**values))
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--field-name`` option per config field; None means 'not given'."""
+    group = parser.add_argument_group(f"{cls.__name__} options (also settable in --config YAML)")
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                               help=_field_help(f))
+        else:
+            group.add_argument(flag, dest=f.name, default=None, type=kind, metavar=f.name.upper(),
+                               help=_field_help(f))
+
+
+def overrides_from(args: argparse.Namespace, cls) -> dict:
+    return {f.name: getattr(args, f.name, None) for f in fields(cls)}
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,5 @@
+"""Evaluation: metrics (accuracy, per class, confusion) of a model on a split."""
+
+from .metrics import classification_metrics, predict
+
+__all__ = ["classification_metrics", "predict"]

@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from igkd.distill import at_loss, attention_map, crop_flip, ig_overlay, kd_loss
+
+
+def test_kd_loss_equals_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([1, 2])
+    T, alpha = 2.5, 0.3
+    ce = sum(-math.log(math.exp(s[i, y[i]]) / sum(math.exp(v) for v in s[i])) for i in range(2)) / 2
+    kl = 0.0
+    for i in range(2):
+        ps = [math.exp(v / T) for v in s[i].tolist()]
+        pt = [math.exp(v / T) for v in t[i].tolist()]
+        ps = [v / sum(ps) for v in ps]
+        pt = [v / sum(pt) for v in pt]
+        kl += sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    kl /= 2  # batch mean
+    want = (1 - alpha) * ce + alpha * T * T * kl
+    loss, parts = kd_loss(s, y, t, T, alpha)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert parts["ce"].item() == pytest.approx(ce, rel=1e-6)
+    assert parts["kd"].item() == pytest.approx(T * T * kl, rel=1e-6)
+    ce_only, parts = kd_loss(s, y, None, T, alpha)
+    assert ce_only.item() == pytest.approx(ce, rel=1e-6) and set(parts) == {"ce"}
+
+
+def test_at_loss_equals_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    fs, ft = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 8, 3, 3, generator=g)
+    def att(f):
+        a = (f ** 2).mean(1).reshape(f.shape[0], -1)
+        return a / a.norm(dim=1, keepdim=True)
+    assert at_loss(fs, ft).item() == pytest.approx(((att(ft) - att(fs)) ** 2).mean().item(), rel=1e-6)
+    assert torch.allclose(attention_map(fs).norm(dim=1), torch.ones(2))
+    with pytest.raises(ValueError):
+        at_loss(fs, torch.randn(2, 8, 4, 4))
+
+
+def test_overlay_formula_per_sample():
+    x = torch.rand(6, 3, 8, 8)
+    maps = torch.rand(6, 8, 8) * 5
+    out = ig_overlay(x, maps, 1.0, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(6, generator=g)
+    for i in range(6):
+        m = maps[i] ** math.exp(u[i].item() * math.log(2))
+        m = (m - m.min()) / (m.max() - m.min())
+        torch.testing.assert_close(out[i], 0.5 * x[i] + 0.5 * m.expand(3, 8, 8))
+    assert torch.equal(ig_overlay(x, maps, 0.0, torch.Generator().manual_seed(3)), x)
+
+
+def test_overlay_probability_is_respected():
+    x, maps = torch.zeros(20000, 1, 2, 2), torch.rand(20000, 2, 2)
+    out = ig_overlay(x, maps, 0.1, torch.Generator().manual_seed(0))
+    share = (out.flatten(1).abs().sum(1) > 0).float().mean().item()
+    assert 0.09 < share < 0.11
+
+
+def test_crop_flip_moves_map_with_its_image():
+    """Overlay then crop/flip == crop/flip of image and map with the same draws."""
+    x = torch.rand(16, 3, 10, 10)
+    maps = torch.rand(16, 10, 10)
+    over = ig_overlay(x, maps, 1.0, torch.Generator().manual_seed(1))
+    m_only = over - 0.5 * x  # 0.5 * M' per sample
+    a = crop_flip(over, 3, True, torch.Generator().manual_seed(5))
+    b = crop_flip(x, 3, True, torch.Generator().manual_seed(5))
+    c = crop_flip(m_only, 3, True, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, 0.5 * b + c)
+
+
+def test_crop_flip_is_a_real_shifted_crop():
+    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.float32).view(2, 1, 5, 5)
+    g = torch.Generator().manual_seed(0)
+    out = crop_flip(x, 2, False, g)
+    g = torch.Generator().manual_seed(0)
+    dy, dx = torch.randint(0, 5, (2,), generator=g), torch.randint(0, 5, (2,), generator=g)
+    padded = F.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        torch.testing.assert_close(out[i], padded[i, :, dy[i]:dy[i] + 5, dx[i]:dx[i] + 5])
+    flipped = crop_flip(x, 0, True, torch.Generator().manual_seed(0))
+    for i in range(2):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))

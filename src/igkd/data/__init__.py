@@ -1,0 +1,42 @@
+"""Datasets by spec string: ``load_dataset("imagefolder:/data/pets,size=64")``.
+
+Known kinds (see each module's docstring for what it expects on disk):
+
+    cifar10:DIR[,download=0]         official python-pickle release (downloaded if absent)
+    imagefolder:DIR[,size=N|HxW][,gray=1][,test=0.2,seed=0][,cache=0]
+    fashion-mnist[:DIR]              IDX files (default: Debian's dataset-fashion-mnist)
+    demo                             3,000 Fashion-MNIST images shipped with igkd
+
+A new source is one function ``Spec -> Dataset`` added to :data:`DATASETS`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..errors import UserError
+from ..spec import Spec, parse_spec
+from .base import Dataset, Split
+from .cifar10 import load_cifar10
+from .demo import load_demo
+from .fashion_mnist import load_fashion_mnist
+from .imagefolder import load_imagefolder
+from .splits import stratified_split
+
+DATASETS: dict[str, Callable[[Spec], Dataset]] = {
+    "cifar10": load_cifar10,
+    "imagefolder": load_imagefolder,
+    "fashion-mnist": load_fashion_mnist,
+    "demo": load_demo,
+}
+
+
+def load_dataset(spec: str) -> Dataset:
+    """The dataset a spec string names; a UserError for unknown kinds, paths or options."""
+    parsed = parse_spec(spec, "dataset spec")
+    if parsed.kind not in DATASETS:
+        raise UserError(f"unknown dataset kind '{parsed.kind}' in '{spec}'; known kinds: {', '.join(DATASETS)}")
+    return DATASETS[parsed.kind](parsed)
+
+
+__all__ = ["DATASETS", "Dataset", "Split", "load_dataset", "stratified_split"]

@@ -1,0 +1,419 @@
+"""igkd.data: every source on real files the tests write (or the shared/Debian data)."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import socket
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers_data import cifar10_jpg_dir
+from igkd.data import DATASETS, Dataset, Split, load_dataset, stratified_split
+from igkd.data.cifar10 import ensure_cifar10
+from igkd.data.fashion_mnist import DEFAULT_DIR as FMNIST_DIR
+from igkd.errors import UserError
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("IGKD_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_unknown_kind_lists_known_kinds():
+    with pytest.raises(UserError, match="unknown dataset kind 'mnist'.*cifar10, imagefolder, fashion-mnist, demo"):
+        load_dataset("mnist:/data")
+    assert set(DATASETS) == {"cifar10", "imagefolder", "fashion-mnist", "demo"}
+
+
+# ---------------------------------------------------------------- cifar10 (pickle)
+
+def write_cifar_archive(path: Path, per_batch: int = 20, n_test: int = 10) -> dict:
+    """A cifar-10-python.tar.gz in the official layout; returns the rows written."""
+    rng = np.random.default_rng(0)
+    written, members = {}, {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = n_test if name == "test_batch" else per_batch
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, size=n)]
+        written[name] = (data, labels)
+        members[name] = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+    members["batches.meta"] = {b"label_names": [c.encode() for c in CIFAR_CLASSES],
+                               b"num_cases_per_batch": per_batch, b"num_vis": 3072}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in members.items():
+            raw = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return written
+
+
+def check_cifar(ds: Dataset, written: dict) -> None:
+    assert ds.classes == CIFAR_CLASSES and ds.channels == 3 and ds.image_size == (32, 32)
+    train, test = ds.train, ds.test
+    assert train.images.shape == (100, 3, 32, 32) and test.images.shape == (10, 3, 32, 32)
+    assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
+    rows = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
+    labels = sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    assert train.labels.tolist() == labels and test.labels.tolist() == written["test_batch"][1]
+    # channel-major rows: 1024 red, 1024 green, 1024 blue values, each row by row
+    for i, c, y, x in [(0, 0, 0, 0), (0, 1, 0, 0), (0, 2, 31, 31), (37, 1, 5, 30), (99, 2, 17, 3)]:
+        assert train.images[i, c, y, x].item() == rows[i, c * 1024 + y * 32 + x]
+    assert np.array_equal(train.images.numpy().reshape(100, -1), rows)
+    assert np.array_equal(test.images.numpy().reshape(10, -1), written["test_batch"][0])
+
+
+def test_cifar10_from_local_archive(tmp_path):
+    written = write_cifar_archive(tmp_path / "cifar-10-python.tar.gz")
+    ds = load_dataset(f"cifar10:{tmp_path},download=0")
+    assert ds.spec == f"cifar10:{tmp_path},download=0"
+    check_cifar(ds, written)
+    assert (tmp_path / "cifar-10-batches-py" / "batches.meta").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no extraction leftovers
+    check_cifar(load_dataset(f"cifar10:{tmp_path}"), written)  # the extracted folder is reused
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """(folder, base URL) of a real HTTP server on 127.0.0.1 serving that folder."""
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_cifar10_download_over_http(tmp_path, http_dir, capsys):
+    served, base = http_dir
+    written = write_cifar_archive(served / "cifar.tgz")
+    md5 = hashlib.md5((served / "cifar.tgz").read_bytes()).hexdigest()
+    root = tmp_path / "data"
+    root.mkdir()
+    folder = ensure_cifar10(root, url=f"{base}/cifar.tgz", md5=md5)
+    assert folder == root / "cifar-10-batches-py"
+    assert "downloading" in capsys.readouterr().err
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    check_cifar(load_dataset(f"cifar10:{root},download=0"), written)
+
+
+def test_cifar10_md5_mismatch_deletes_download(tmp_path, http_dir):
+    served, base = http_dir
+    write_cifar_archive(served / "cifar.tgz")
+    root = tmp_path / "data"
+    root.mkdir()
+    with pytest.raises(UserError, match="md5 .* expected 0{32}"):
+        ensure_cifar10(root, url=f"{base}/cifar.tgz", md5="0" * 32, quiet=True)
+    assert list(root.iterdir()) == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cifar10_offline_and_http_errors(tmp_path, http_dir):
+    _, base = http_dir
+    root = tmp_path / "data"
+    root.mkdir()
+    for url in [f"http://127.0.0.1:{free_port()}/cifar.tgz", f"{base}/missing.tgz"]:
+        with pytest.raises(UserError, match=f"could not download .* place it in {root}") as e:
+            ensure_cifar10(root, url=url, quiet=True)
+        assert "\n" not in str(e.value) and "cifar-10-python.tar.gz" in str(e.value)
+        assert list(root.iterdir()) == []
+
+
+def test_cifar10_no_download_missing_dir_and_unsafe_archive(tmp_path):
+    with pytest.raises(UserError, match="neither cifar-10-batches-py/ nor cifar-10-python.tar.gz"):
+        load_dataset(f"cifar10:{tmp_path},download=0")
+    with pytest.raises(UserError, match=f"dataset directory {tmp_path / 'nope'} does not exist"):
+        load_dataset(f"cifar10:{tmp_path / 'nope'}")
+    with pytest.raises(UserError, match="needs a directory"):
+        load_dataset("cifar10")
+    with pytest.raises(UserError, match="unknown option"):
+        load_dataset(f"cifar10:{tmp_path},size=3")
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("../evil")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(UserError, match="unsafe entry '../evil'"):
+        load_dataset(f"cifar10:{tmp_path}")
+    assert not (tmp_path.parent / "evil").exists()
+
+
+# ---------------------------------------------------------------- imagefolder
+
+CLASSES = ["ant", "cat", "dog"]  # written in another order below; loaded sorted
+
+
+def write_folder(root: Path, counts: dict[str, int], size=(6, 5), seed=0) -> dict[str, list[np.ndarray]]:
+    """PNG images root/<class>/img_<i>.png of random pixels; returns them per class in name order."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True)
+        out[cls] = []
+        for i in range(n):
+            arr = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"img_{i:02d}.png")
+            out[cls].append(arr)
+    return out
+
+
+def stacked(images: dict[str, list[np.ndarray]]) -> tuple[np.ndarray, list[int]]:
+    arrs = [a for c in CLASSES for a in images[c]]
+    return np.stack(arrs).transpose(0, 3, 1, 2), [i for i, c in enumerate(CLASSES) for _ in images[c]]
+
+
+@pytest.fixture
+def split_folder(tmp_path):
+    root = tmp_path / "pets"
+    train = write_folder(root / "train", {"dog": 3, "cat": 4, "ant": 2}, seed=1)
+    test = write_folder(root / "test", {"dog": 2, "cat": 1, "ant": 2}, seed=2)
+    return root, train, test
+
+
+def test_imagefolder_train_test_layout(split_folder):
+    root, train, test = split_folder
+    ds = load_dataset(f"imagefolder:{root}")
+    assert ds.classes == CLASSES and ds.channels == 3 and ds.image_size == (6, 5)
+    for split, written in [(ds.train, train), (ds.test, test)]:
+        images, labels = stacked(written)
+        assert split.images.dtype == torch.uint8 and split.images.is_contiguous()
+        assert np.array_equal(split.images.numpy(), images) and split.labels.tolist() == labels
+    gray = load_dataset(f"imagefolder:{root},gray=1")
+    assert gray.channels == 1 and gray.train.images.shape == (9, 1, 6, 5)
+    want = np.stack([np.asarray(Image.fromarray(a).convert("L")) for c in CLASSES for a in train[c]])
+    assert np.array_equal(gray.train.images[:, 0].numpy(), want)
+
+
+def test_imagefolder_single_folder_with_test_fraction(tmp_path):
+    written = write_folder(tmp_path / "all", {"cat": 10, "ant": 6, "dog": 4})
+    images, labels = stacked(written)
+    ds = load_dataset(f"imagefolder:{tmp_path / 'all'},test=0.5,seed=3")
+    keep, held = stratified_split(torch.tensor(labels), 0.5, 3)
+    assert np.array_equal(ds.train.images.numpy(), images[keep.numpy()])
+    assert np.array_equal(ds.test.images.numpy(), images[held.numpy()])
+    assert ds.test.labels.bincount().tolist() == [3, 5, 2]
+    other = load_dataset(f"imagefolder:{tmp_path / 'all'},test=0.5,seed=4")
+    assert not torch.equal(other.test.images, ds.test.images)
+    with pytest.raises(UserError, match="no train/ and test/ folders; add ',test=0.2'"):
+        load_dataset(f"imagefolder:{tmp_path / 'all'}")
+    with pytest.raises(UserError, match="out of range"):
+        load_dataset(f"imagefolder:{tmp_path / 'all'},test=1.5")
+
+
+def test_imagefolder_resize(split_folder):
+    root, train, _ = split_folder
+    ds = load_dataset(f"imagefolder:{root},size=8")
+    assert ds.image_size == (8, 8) and ds.train.images.shape == (9, 3, 8, 8)
+    ds = load_dataset(f"imagefolder:{root},size=4x7")
+    assert ds.image_size == (4, 7) and ds.test.images.shape == (5, 3, 4, 7)
+    want = np.asarray(Image.fromarray(train["ant"][0]).resize((7, 4), Image.BILINEAR)).transpose(2, 0, 1)
+    assert np.array_equal(ds.train.images[0].numpy(), want)
+    with pytest.raises(UserError, match="size=0 .* use size=N or size=HxW"):
+        load_dataset(f"imagefolder:{root},size=0")
+
+
+def test_imagefolder_mixed_sizes_need_size_option(tmp_path):
+    root = tmp_path / "mixed"
+    write_folder(root, {"ant": 2})
+    write_folder(root, {"cat": 2}, size=(9, 9))
+    with pytest.raises(UserError, match=r"cat/img_00.png is 9x9.*add ',size=N'"):
+        load_dataset(f"imagefolder:{root},test=0.5").train
+    assert load_dataset(f"imagefolder:{root},test=0.5,size=9").train.images.shape == (2, 3, 9, 9)
+
+
+def test_imagefolder_corrupt_image_names_file_and_splits_are_lazy(split_folder):
+    root, _, test = split_folder
+    bad = root / "train" / "cat" / "zz_bad.jpg"
+    bad.write_bytes(b"this is not a jpeg" * 10)
+    ds = load_dataset(f"imagefolder:{root}")
+    assert ds.test.images.shape == (5, 3, 6, 5)  # the test split never touches train/
+    with pytest.raises(UserError, match=f"cannot read image {bad}"):
+        ds.train
+
+
+def test_imagefolder_layout_errors(tmp_path, split_folder):
+    root, _, _ = split_folder
+    with pytest.raises(UserError, match=f"dataset directory {tmp_path / 'none'} does not exist"):
+        load_dataset(f"imagefolder:{tmp_path / 'none'}")
+    with pytest.raises(UserError, match="already has train/ and test/"):
+        load_dataset(f"imagefolder:{root},test=0.2")
+    with pytest.raises(UserError, match="unknown option.*known options: size, gray"):
+        load_dataset(f"imagefolder:{root},resize=3")
+    with pytest.raises(UserError, match="gray='maybe'.*not a valid flag"):
+        load_dataset(f"imagefolder:{root},gray=maybe")
+    (root / "test" / "eel").mkdir()
+    Image.new("RGB", (5, 6)).save(root / "test" / "eel" / "a.png")
+    with pytest.raises(UserError, match=r"different class folders \(only in train: -; only in test: \['eel'\]\)"):
+        load_dataset(f"imagefolder:{root}")
+    only_train = tmp_path / "t"
+    write_folder(only_train / "train", {"ant": 1})
+    with pytest.raises(UserError, match="has train/ but no test/"):
+        load_dataset(f"imagefolder:{only_train}")
+
+
+def test_imagefolder_cache(split_folder, tmp_path):
+    root, train, _ = split_folder
+    first = load_dataset(f"imagefolder:{root}")
+    a = first.train
+    cached = sorted((tmp_path / "cache" / "datasets").glob("imagefolder-*.npz"))
+    assert len(cached) == 1  # train only: the test split was not asked for
+    # Overwrite one image with garbage of the same size and mtime: the cache key is unchanged,
+    # so a second load can only succeed by reading the cache.
+    path = root / "train" / "cat" / "img_00.png"
+    st = path.stat()
+    path.write_bytes(b"\0" * st.st_size)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    b = load_dataset(f"imagefolder:{root}").train
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    with pytest.raises(UserError, match="cannot read image"):
+        load_dataset(f"imagefolder:{root},cache=0").train
+    # a real edit changes size/mtime, so the cache is bypassed
+    Image.fromarray(np.full((6, 5, 3), 7, np.uint8)).save(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    c = load_dataset(f"imagefolder:{root}").train
+    assert (c.images[2] == 7).all() and torch.equal(c.images[3:], a.images[3:])
+
+
+def test_imagefolder_real_cifar10_jpg():
+    root = cifar10_jpg_dir()
+    if root is None:
+        reason = "needs shared/data/cifar10-jpg.tar.gz (the folder 'shared' beside the repo root)"
+        if os.environ.get("IGKD_REQUIRE_SHARED"):
+            pytest.fail(reason + "; IGKD_REQUIRE_SHARED is set, so it is mandatory here")
+        pytest.skip(reason)
+    ds = load_dataset(f"imagefolder:{root},cache=0")
+    assert ds.classes == CIFAR_CLASSES and ds.channels == 3 and ds.image_size == (32, 32)
+    assert ds.train.images.shape == (50000, 3, 32, 32) and ds.test.images.shape == (10000, 3, 32, 32)
+    assert ds.train.labels.bincount().tolist() == [5000] * 10
+    assert ds.test.labels.bincount().tolist() == [1000] * 10
+    assert ds.train.labels[:5000].eq(0).all() and ds.train.labels[-1].item() == 9
+    assert 0.3 < ds.channel_stats()[0][0] < 0.7
+
+
+# ---------------------------------------------------------------- fashion-mnist and demo
+
+def write_idx(path: Path, arr: np.ndarray, magic: int | None = None) -> None:
+    head = (magic if magic is not None else 0x0800 + arr.ndim).to_bytes(4, "big")
+    raw = head + b"".join(d.to_bytes(4, "big") for d in arr.shape) + arr.astype(np.uint8).tobytes()
+    if path.suffix == ".gz":
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+
+
+def test_fashion_mnist_idx_parsing(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = {k: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for k, n in [("train", 7), ("t10k", 3)]}
+    labs = {k: rng.integers(0, 10, len(v), dtype=np.uint8) for k, v in imgs.items()}
+    for k in imgs:  # one split gzipped, one plain, as both occur in the wild
+        gz = ".gz" if k == "train" else ""
+        write_idx(tmp_path / f"{k}-images-idx3-ubyte{gz}", imgs[k])
+        write_idx(tmp_path / f"{k}-labels-idx1-ubyte{gz}", labs[k])
+    ds = load_dataset(f"fashion-mnist:{tmp_path}")
+    assert ds.channels == 1 and ds.image_size == (28, 28) and ds.classes[0] == "T-shirt/top"
+    assert np.array_equal(ds.train.images[:, 0].numpy(), imgs["train"])
+    assert np.array_equal(ds.test.labels.numpy(), labs["t10k"].astype(np.int64))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", imgs["t10k"], magic=0x0801)
+    with pytest.raises(UserError, match="t10k-images-idx3-ubyte is not an IDX file of 3-D"):
+        load_dataset(f"fashion-mnist:{tmp_path}").test
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", imgs["t10k"][:, :, :27])
+    with pytest.raises(UserError, match="expected N x 28 x 28"):
+        load_dataset(f"fashion-mnist:{tmp_path}").test
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\0\0\x08\x01\0\0\0\x09\1")
+    with pytest.raises(UserError, match="truncated or padded"):
+        load_dataset(f"fashion-mnist:{tmp_path}").test
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset(f"fashion-mnist:{tmp_path / 'none'}")
+
+
+def needs_fashion_mnist(fn):
+    """Skip without Debian's Fashion-MNIST, except where CI made it mandatory."""
+    if Path(FMNIST_DIR).is_dir() or os.environ.get("IGKD_REQUIRE_FASHION_MNIST"):
+        return fn
+    return pytest.mark.skip(reason=f"{FMNIST_DIR} absent (apt-get install dataset-fashion-mnist)")(fn)
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_debian():
+    ds = load_dataset("fashion-mnist")
+    assert ds.train.images.shape == (60000, 1, 28, 28) and ds.test.images.shape == (10000, 1, 28, 28)
+    assert ds.train.labels.bincount().tolist() == [6000] * 10
+
+
+def test_demo_dataset():
+    ds = load_dataset("demo")
+    assert ds.spec == "demo" and ds.channels == 1 and ds.image_size == (28, 28) and len(ds.classes) == 10
+    assert len(ds.train) == 2000 and len(ds.test) == 1000
+    assert ds.train.images.shape == (2000, 1, 28, 28) and ds.train.images.dtype == torch.uint8
+    assert ds.train.labels.bincount().tolist() == [200] * 10 and ds.test.labels.bincount().tolist() == [100] * 10
+    assert ds.train.images.float().std() > 50  # real images, not blanks
+    with pytest.raises(UserError, match="takes no directory"):
+        load_dataset("demo:/x")
+
+
+@needs_fashion_mnist
+def test_demo_is_first_per_class_of_fashion_mnist():
+    demo, full = load_dataset("demo"), load_dataset("fashion-mnist")
+    for split, k in [("train", 200), ("test", 100)]:
+        labels = getattr(full, split).labels
+        idx = torch.cat([torch.nonzero(labels == c).reshape(-1)[:k] for c in range(10)]).sort().values
+        assert torch.equal(getattr(demo, split).images, getattr(full, split).images[idx])
+        assert torch.equal(getattr(demo, split).labels, labels[idx])
+
+
+# ---------------------------------------------------------------- splits, fingerprints, stats
+
+def test_stratified_split():
+    labels = torch.tensor([0] * 10 + [1] * 7 + [2] * 3 + [3] * 1 + [4] * 2)
+    labels = labels[torch.randperm(23, generator=torch.Generator().manual_seed(5))]
+    keep, held = stratified_split(labels, 0.3, seed=0)
+    assert keep.dtype == held.dtype == torch.int64
+    assert torch.equal(keep, keep.sort().values) and torch.equal(held, held.sort().values)
+    assert torch.equal(torch.cat([keep, held]).sort().values, torch.arange(23))  # disjoint and covering
+    assert labels[held].bincount(minlength=5).tolist() == [3, 2, 1, 0, 1]  # round(0.3 n), >= 1 if n >= 2
+    again = stratified_split(labels, 0.3, seed=0)
+    assert torch.equal(again[0], keep) and torch.equal(again[1], held)
+    big = torch.arange(1000) % 10
+    assert not torch.equal(stratified_split(big, 0.1, 0)[1], stratified_split(big, 0.1, 1)[1])
+    assert len(stratified_split(big, 0.0, 0)[1]) == 0
+    with pytest.raises(UserError, match="out of range"):
+        stratified_split(big, 1.0, 0)
+
+
+def test_fingerprint_and_channel_stats():
+    a, b = load_dataset("demo"), load_dataset("demo")
+    assert a.fingerprint() == b.fingerprint() and len(a.fingerprint()) == 64
+    assert a.fingerprint("train") != a.fingerprint("test")
+    images = a.train.images.clone()
+    images[123, 0, 4, 5] ^= 1
+    changed = Dataset("x", a.classes, 1, (28, 28), Split(images, a.train.labels), a.test)
+    assert changed.fingerprint() != a.fingerprint()
+    assert Dataset("x", a.classes, 1, (28, 28), a.train, a.test).fingerprint() == a.fingerprint()
+    mean, std = a.channel_stats()
+    x = a.train.images.double() / 255
+    assert mean == pytest.approx([x.mean().item()], abs=1e-9)
+    assert std == pytest.approx([x.std(unbiased=False).item()], abs=1e-9)

@@ -23,5 +23,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def shared_or_skip(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"needs {path} (the project's shared data, absent in a plain clone; CI provides it)")
+        reason = f"needs {path} (the project's shared data, absent in a plain clone; CI provides it)"
+        if os.environ.get("IGKD_REQUIRE_SHARED"):
+            pytest.fail(reason + "; IGKD_REQUIRE_SHARED is set, so it is mandatory here")
+        pytest.skip(reason)
     return path

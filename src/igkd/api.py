@@ -1,0 +1,137 @@
+"""The Python API behind every command: ``igkd.train``, ``igkd.distill``, ``igkd.evaluate``...
+
+Each function takes a validated config (or plain arguments), does the work, writes its
+outputs atomically, and returns a summary dict. The command line only parses arguments
+and calls these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import DistillConfig, PrecomputeConfig, TrainConfig
+from .data import Dataset, load_dataset
+from .distill import Trainer, parse_method
+from .errors import UserError
+from .evaluate import classification_metrics, predict
+from .models import (build_model, count_parameters, load_model, read_metadata, weights_fingerprint,
+                     with_preprocessing)
+from .precompute import precompute as _precompute
+from .runtime import resolve_device, set_threads
+
+
+def preprocessing_for(normalize: str, dataset: Dataset) -> dict:
+    if normalize == "none":
+        return {"normalize": "none"}
+    mean, std = dataset.channel_stats()
+    return {"normalize": "dataset", "mean": mean, "std": std}
+
+
+def _check_out(out: str | Path | None) -> Path:
+    if not out:
+        raise UserError("no output directory given; pass --out DIR")
+    return Path(out)
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
+    """Train a model from scratch with cross-entropy (a teacher, or a plain student)."""
+    out = _check_out(out)
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    dataset = load_dataset(cfg.data)
+    torch.manual_seed(cfg.seed)  # initialisation follows the seed
+    net = build_model(cfg.model, len(dataset.classes), dataset.channels)
+    model = with_preprocessing(net, preprocessing_for(cfg.normalize, dataset))
+    return Trainer(cfg, model, dataset, out, device, quiet=quiet).fit(resume)
+
+
+def load_teacher(path: str | Path, dataset: Dataset, spec: str = "") -> tuple[nn.Module, dict]:
+    """Load a teacher checkpoint and check it fits the dataset's classes and channels."""
+    if not path:
+        raise UserError("this method needs a teacher; pass --teacher CHECKPOINT (train one with 'igkd train')")
+    meta = read_metadata(path) or {}
+    if meta.get("classes") and meta["classes"] != dataset.classes:
+        raise UserError(f"teacher {path} was trained on classes {meta['classes'][:3]}..., not those of "
+                        f"{dataset.spec} ({dataset.classes[:3]}...); use a teacher trained on this dataset")
+    if meta.get("in_channels") and meta["in_channels"] != dataset.channels:
+        raise UserError(f"teacher {path} takes {meta['in_channels']}-channel images but {dataset.spec} has "
+                        f"{dataset.channels}; use a teacher trained on this dataset")
+    teacher, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, meta
+
+
+def precompute(teacher_path: str | Path, data: str, cfg: PrecomputeConfig | None = None,
+               store: str | Path | None = None, teacher_model: str = "", device: str = "auto",
+               quiet: bool = False):
+    """Compute (or reuse, or resume) the store of teacher logits and IG maps."""
+    dataset = load_dataset(data)
+    teacher, _ = load_teacher(teacher_path, dataset, teacher_model)
+    return _precompute(teacher, dataset, cfg or PrecomputeConfig(), store, resolve_device(device), quiet)
+
+
+def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
+    """Train a student with CE / KD / IG overlay as ``cfg.method`` says."""
+    out = _check_out(out)
+    set_threads(cfg.threads)
+    method = parse_method(cfg.method)
+    device = resolve_device(cfg.device)
+    dataset = load_dataset(cfg.data)
+    torch.manual_seed(cfg.seed)  # initialisation follows the seed
+    net = build_model(cfg.model, len(dataset.classes), dataset.channels)
+    teacher = store = None
+    meta: dict = {"method": method.name}
+    if method.needs_teacher:
+        teacher, tmeta = load_teacher(cfg.teacher, dataset, cfg.teacher_model)
+        tparams = count_parameters(teacher)
+        meta["teacher"] = {"path": str(cfg.teacher), "model": tmeta.get("model"), "params": tparams,
+                           "fingerprint": weights_fingerprint(teacher)}
+        meta["compression"] = tparams / count_parameters(net)
+        if method.ig or (method.kd and cfg.logits == "precomputed"):
+            store = _precompute(teacher, dataset, cfg, cfg.store or None, device, quiet)
+    if method.kd:
+        meta.update(T=cfg.T, alpha=cfg.alpha, logits=cfg.logits)
+    if method.ig:
+        meta.update(p=cfg.p, ig={"steps": cfg.ig_steps, "method": cfg.ig_method, "baseline": cfg.ig_baseline})
+    model = with_preprocessing(net, preprocessing_for(cfg.normalize, dataset))
+    return Trainer(cfg, model, dataset, out, device, teacher=teacher, store=store, meta=meta,
+                   quiet=quiet).fit(resume)
+
+
+def _model_params(teacher: str) -> int:
+    """Parameters of a teacher given as a checkpoint (with metadata) or a model spec."""
+    meta = read_metadata(teacher) if Path(teacher).exists() else None
+    spec = meta["model"] if meta else teacher
+    return count_parameters(build_model(spec, (meta or {}).get("num_classes", 10), (meta or {}).get("in_channels", 3)))
+
+
+def evaluate(weights: str | Path, data: str, model: str = "", normalize: str = "auto", teacher: str = "",
+             batch_size: int = 500, device: str = "auto") -> dict:
+    """Accuracy, per-class accuracy, confusion matrix, parameters (and compression factor)
+    of a checkpoint on a dataset's test split."""
+    if normalize not in ("auto", "none", "dataset"):
+        raise UserError(f"--normalize {normalize!r} is not one of auto, none, dataset")
+    dataset = load_dataset(data)
+    meta = read_metadata(weights) or {}
+    if meta.get("classes") and meta["classes"] != dataset.classes:
+        raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
+                        "evaluate it on the dataset it was trained for")
+    pre = None if normalize == "auto" else preprocessing_for(normalize, dataset)
+    net, meta = load_model(weights, model or None, len(dataset.classes), dataset.channels, pre)
+    dev = resolve_device(device)
+    test = dataset.test
+    logits = predict(net.to(dev), test.images, batch_size, dev)
+    result = {"weights": str(weights), "model": meta["model"], "data": dataset.spec, "split": "test",
+              "preprocessing": meta["preprocessing"], "params": count_parameters(net),
+              **classification_metrics(logits, test.labels, dataset.classes)}
+    if teacher:
+        tparams = _model_params(teacher)
+        result.update(teacher=teacher, teacher_params=tparams, compression=tparams / result["params"])
+    return result
+
+
+__all__ = ["distill", "evaluate", "load_teacher", "precompute", "train"]

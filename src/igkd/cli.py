@@ -1,0 +1,156 @@
+"""Command line: argument parsing only; every command calls the library (igkd.api).
+
+Errors a user can fix print one line ``igkd: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .config import DistillConfig, PrecomputeConfig, TrainConfig, add_arguments, build, load_yaml, overrides_from
+from .errors import UserError
+
+SPEC_HELP = """\
+spec strings:
+  datasets  demo                       small Fashion-MNIST subset shipped in the package
+            cifar10:DIR[,download=0]   official python archive layout (downloads when missing)
+            imagefolder:DIR[,size=N][,test=F][,gray=1]   DIR/train/<class>/*, DIR/test/<class>/*
+            fashion-mnist[:DIR]        IDX files (default /usr/share/datasets/fashion-mnist)
+  models    mobilenetv2                CIFAR MobileNetV2 teacher (2,236,682 params at 10 classes)
+            mobilenetv2:drop=K         paper's student: last K feature blocks removed (K=5: 4.12x)
+            mobilenetv2:width=W        width-multiplied student (e.g. 0.5, 0.35)
+"""
+
+
+def _config_parser(sub, name: str, cls, help: str, description: str, out_required: bool = True):
+    p = sub.add_parser(name, help=help, description=description, epilog=SPEC_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="YAML", help=f"YAML recipe (its '{name}:' section if it has one, "
+                   "else the whole file); command-line options override it")
+    if out_required:
+        p.add_argument("--out", metavar="DIR", required=True, help="run directory to write")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors and the final summary")
+    add_arguments(p, cls)
+    return p
+
+
+def _resolve(args, cls, section: str):
+    values = load_yaml(args.config, section) if args.config else {}
+    return build(cls, values, overrides_from(args, cls), source=args.config or "options")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="igkd", description="Compress an image classifier by knowledge distillation with integrated-gradient "
+        "overlays. Run 'igkd demo' for a five-minute tour, 'igkd COMMAND --help' for a command's options.",
+        epilog=SPEC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"igkd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    _config_parser(sub, "train", TrainConfig, "train a model (a teacher) with cross-entropy",
+                   "Train a model from scratch with cross-entropy, random crop and flip. Writes a checkpoint "
+                   "(model.safetensors + model.json), metrics.jsonl and summary.json to --out.")
+
+    p = _config_parser(sub, "precompute", PrecomputeConfig, "compute teacher logits and IG maps once",
+                       "Compute teacher logits and integrated-gradient maps for every training image "
+                       "(clean, by sample index) into a fingerprinted, resumable store.", out_required=False)
+    p.add_argument("--teacher", required=True, metavar="CKPT", help="teacher checkpoint")
+    p.add_argument("--teacher-model", default="", metavar="SPEC",
+                   help="architecture of a foreign teacher checkpoint without igkd metadata")
+    p.add_argument("--data", required=True, metavar="SPEC", help="dataset spec")
+    p.add_argument("--store", default="", metavar="DIR", help="store directory (default: fingerprinted cache folder)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+    _config_parser(sub, "distill", DistillConfig, "train a student with CE / KD / IG overlays",
+                   "Train a student from scratch with the chosen method (student, kd, ig, kd+ig, ig-shuffled, "
+                   "kd+ig-shuffled). Teacher logits and IG maps come from the precompute store, built on first use.")
+
+    p = sub.add_parser("evaluate", help="score a checkpoint on a dataset's test split",
+                       description="Accuracy, per-class accuracy, confusion matrix and parameter count of a "
+                       "checkpoint on the test split of a dataset.", epilog=SPEC_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, metavar="FILE", help=".safetensors (igkd) or .pt/.pth state dict")
+    p.add_argument("--model", default="", metavar="SPEC", help="architecture (required for files without igkd metadata)")
+    p.add_argument("--data", required=True, metavar="SPEC", help="dataset spec; its test split is scored")
+    p.add_argument("--normalize", default="auto", choices=["auto", "none", "dataset"],
+                   help="input preprocessing: auto = as the checkpoint's metadata says (none for foreign files), "
+                   "none = raw [0,1] pixels, dataset = train-set mean/std (default: auto)")
+    p.add_argument("--teacher", default="", metavar="CKPT|SPEC", help="teacher, to report the compression factor")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+    p = sub.add_parser("demo", help="the whole method on the embedded dataset, CPU, a few minutes",
+                       description="Loads the shipped demo teacher (or trains one), precomputes IG maps, trains "
+                       "'student' and 'kd+ig' students with the same seed and budget, evaluates them and writes "
+                       "report.md, metrics.json and gallery.png.")
+    p.add_argument("--out", default="igkd-demo", metavar="DIR", help="report directory (default: igkd-demo)")
+    p.add_argument("--config", default="", metavar="YAML", help="demo recipe (default: the shipped configs/demo.yaml)")
+    p.add_argument("--train-teacher", action="store_true", help="train the teacher instead of using the shipped one")
+    p.add_argument("--epochs", type=int, default=None, help="student epochs (default: from the recipe)")
+    p.add_argument("--quiet", action="store_true", help="print only the final summary")
+    return parser
+
+
+def _print_train_summary(s: dict) -> None:
+    print(f"{s['method']}: {s['model']} ({s['params']:,} params) test accuracy {s['test_accuracy']:.2f}% "
+          f"(best epoch {s['best_epoch']}, val {s['val_accuracy']:.2f}%)")
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    from . import api
+
+    if args.command == "train":
+        _print_train_summary(api.train(_resolve(args, TrainConfig, "train"), args.out, args.resume, args.quiet))
+    elif args.command == "distill":
+        _print_train_summary(api.distill(_resolve(args, DistillConfig, "distill"), args.out, args.resume, args.quiet))
+    elif args.command == "precompute":
+        store = api.precompute(args.teacher, args.data, _resolve(args, PrecomputeConfig, "precompute"), args.store,
+                               args.teacher_model, args.device, args.quiet)
+        print(f"store: {store.path} ({len(store)} images)")
+    elif args.command == "evaluate":
+        r = api.evaluate(args.weights, args.data, args.model, args.normalize, args.teacher, args.batch_size,
+                         args.device)
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            print(format_evaluation(r))
+    elif args.command == "demo":
+        from .demo import run_demo
+        run_demo(args.out, args.config or None, train_teacher=args.train_teacher, epochs=args.epochs,
+                 quiet=args.quiet)
+    return 0
+
+
+def format_evaluation(r: dict) -> str:
+    lines = [f"{r['model']} on {r['data']} ({r['split']}, {r['total']} images, preprocessing "
+             f"{r['preprocessing'].get('normalize', 'none')})",
+             f"accuracy: {r['accuracy']:.2f}% ({r['correct']}/{r['total']})",
+             f"parameters: {r['params']:,}"]
+    if "compression" in r:
+        lines.append(f"compression: {r['compression']:.2f}x (teacher {r['teacher_params']:,} params)")
+    lines.append("per class: " + ", ".join(f"{c} {a:.1f}" for c, a in r["per_class"].items() if a is not None))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except UserError as e:
+        print(f"igkd: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("igkd: interrupted; finished epochs/chunks are kept: rerun the same command (with --resume for "
+              "train/distill) to continue", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

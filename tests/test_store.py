@@ -69,7 +69,7 @@ def test_interrupted_store_resumes_and_ends_byte_identical(tmp_path):
     assert precompute(teacher, data, CFG, tmp_path / "part", quiet=True, chunks=[0, 2]) is None
     assert not (tmp_path / "part" / "manifest.json").exists()
     resumed = precompute(teacher, data, CFG, tmp_path / "part", quiet=True)
-    for name in ("logits.npy", "maps.npy", "map_scale.npy", "delta.npy"):
+    for name in ("logits.npy", "maps.npy", "map_scale.npy", "delta.npy", "gap.npy"):
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "part" / name).read_bytes()
     assert resumed.manifest["files"] == full.manifest["files"]
 

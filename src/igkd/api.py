@@ -110,7 +110,7 @@ def _model_params(teacher: str) -> int:
 
 
 def evaluate(weights: str | Path, data: str, model: str = "", normalize: str = "auto", teacher: str = "",
-             batch_size: int = 500, device: str = "auto") -> dict:
+             batch_size: int = 128, device: str = "auto") -> dict:
     """Accuracy, per-class accuracy, confusion matrix, parameters (and compression factor)
     of a checkpoint on a dataset's test split."""
     if normalize not in ("auto", "none", "dataset"):

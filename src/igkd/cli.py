@@ -81,7 +81,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="input preprocessing: auto = as the checkpoint's metadata says (none for foreign files), "
                    "none = raw [0,1] pixels, dataset = train-set mean/std (default: auto)")
     p.add_argument("--teacher", default="", metavar="CKPT|SPEC", help="teacher, to report the compression factor")
-    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
 
@@ -140,6 +140,8 @@ def format_evaluation(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .runtime import tune_malloc
+    tune_malloc()
     try:
         code = run(argv)
     except UserError as e:

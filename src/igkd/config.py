@@ -55,7 +55,7 @@ class TrainConfig:
                     low=0, high=2**31 - 1)
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions on CPU and GPU)")
-    eval_batch_size: int = opt(500, "images per forward pass when evaluating", low=1, high=65536, unit="images")
+    eval_batch_size: int = opt(128, "images per forward pass when evaluating", low=1, high=65536, unit="images")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)", low=0, high=1024)
 
 

@@ -130,8 +130,8 @@ def render_report(m: dict, cfg: DistillConfig) -> str:
 Dataset `{m['dataset']}` (test split for accuracy, validation split carved from train for model
 selection). Students trained {cfg.epochs} epochs with the same seed ({cfg.seed}), budget and recipe
 ({cfg.optimizer}, lr {cfg.lr}, batch {cfg.batch_size}); KD with T={cfg.T}, alpha={cfg.alpha}; IG overlay p={cfg.p}.
-One seed on a 2,000-image set: differences of a point or two are within run-to-run noise
-(use `igkd experiment montecarlo` style repeats before drawing conclusions).
+One seed on a 2,000-image set: differences of a point or two can be run-to-run noise;
+repeat with other `--seed` values before drawing conclusions.
 
 {markdown_table(["method", "model", "params", "compression", "test acc (%)", "gain", "val acc (%)"], rows)}
 
@@ -140,8 +140,9 @@ One seed on a 2,000-image set: differences of a point or two are within run-to-r
 ## Teacher IG maps
 
 Integrated gradients ({m['ig']['method']}, {m['ig']['steps']} steps, baseline `{m['ig']['baseline']}`),
-target = true label, map = sum over channels of |IG|. Completeness |delta| (logit units):
-median {d['median_abs']:.3g}, p99 {d['p99_abs']:.3g}, max {d['max_abs']:.3g}.
+target = true label, map = sum over channels of |IG|. Completeness error
+|sum IG - (F(x) - F(x'))| relative to |F(x) - F(x')|: median {100 * d['median_relative']:.1f}%,
+90th percentile {100 * d['p90_relative']:.1f}% (the quadrature error; more steps lower it).
 
 ![gallery](gallery.png)
 

@@ -7,7 +7,8 @@ Layout of a store directory::
     logits.npy           float32 N x classes   teacher logits on the clean image i
     maps.npy             float16 N x H x W     IG overlay map of image i, divided by its maximum
     map_scale.npy        float32 N             that maximum (maps.npy * scale = sum_c |IG|)
-    delta.npy            float32 N             IG completeness delta of image i
+    delta.npy            float32 N             IG completeness delta of image i: sum IG - gap
+    gap.npy              float32 N             F_y(x) - F_y(x') of image i (delta / gap = relative error)
     chunks/              resumable work in progress (removed once the store is complete)
 
 Row i always belongs to training sample i of the dataset (its stable index), whatever
@@ -35,7 +36,7 @@ from .errors import UserError
 from .fileio import atomic_path, write_json
 
 FORMAT = "igkd-store/1"
-ARRAYS = ("logits", "maps", "map_scale", "delta")
+ARRAYS = ("logits", "maps", "map_scale", "delta", "gap")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -65,6 +66,7 @@ class Store:
     maps: np.ndarray
     map_scale: np.ndarray
     delta: np.ndarray
+    gap: np.ndarray
 
     def __len__(self) -> int:
         return int(self.manifest["num_samples"])
@@ -186,12 +188,13 @@ class StoreWriter:
                 del arr
             outs[name] = sha256_file(self.path / f"{name}.npy")
         delta = np.load(self.path / "delta.npy", mmap_mode="r")
+        gap = np.load(self.path / "gap.npy", mmap_mode="r")
         manifest = {
             "format": FORMAT,
             "identity": self.identity,
             "num_samples": self.num_samples,
             "files": {f"{k}.npy": v for k, v in outs.items()},
-            "completeness_delta": summarize_delta(np.asarray(delta, dtype=np.float64)),
+            "completeness_delta": summarize_delta(np.asarray(delta, dtype=np.float64), np.asarray(gap, np.float64)),
             **(extra or {}),
         }
         write_json(self.path / "manifest.json", manifest)
@@ -199,7 +202,10 @@ class StoreWriter:
         return open_store(self.path)
 
 
-def summarize_delta(delta: np.ndarray) -> dict:
+def summarize_delta(delta: np.ndarray, gap: np.ndarray) -> dict:
+    """Completeness error in logit units, and relative to |F_y(x) - F_y(x')|."""
     a = np.abs(delta)
+    rel = a / np.maximum(np.abs(gap), 1e-12)
     return {"mean_abs": float(a.mean()), "median_abs": float(np.median(a)), "p99_abs": float(np.quantile(a, 0.99)),
-            "max_abs": float(a.max())}
+            "max_abs": float(a.max()), "median_relative": float(np.median(rel)),
+            "p90_relative": float(np.quantile(rel, 0.9))}

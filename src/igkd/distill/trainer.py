@@ -130,11 +130,11 @@ class Trainer:
         self.teacher = teacher.to(device).eval() if teacher is not None else None
         self.maps = self.logits = None
         if self.method.ig:
-            self.maps = torch.from_numpy(np.ascontiguousarray(store.maps)).to(device)
+            self.maps = torch.from_numpy(np.array(store.maps)).to(device)
             if self.method.shuffled:
                 self.map_index = shuffled_map_index(len(train), cfg.seed).to(device)
         if self.method.kd and cfg.logits == "precomputed":
-            self.logits = torch.from_numpy(np.ascontiguousarray(store.logits)).to(device)
+            self.logits = torch.from_numpy(np.array(store.logits)).to(device)
         n = len(self.train_idx)
         self.steps_per_epoch = max(1, n // cfg.batch_size) if n >= cfg.batch_size else 1
         self.optimizer = make_optimizer(cfg, self.model)
@@ -273,9 +273,9 @@ class Trainer:
                 save_checkpoint(self.out / "model", self.model, self.model_meta())
             row = {"epoch": epoch, **stats, "val_accuracy": val, "lr": self.scheduler.get_last_lr()[0]}
             history.append(row)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
             self.save_state(history)
+            if is_rank0():  # rewritten whole from the saved history: no duplicate or lost rows on resume
+                write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             eta = (time.perf_counter() - start) / (epoch - first) * (cfg.epochs - epoch)
             log(f"epoch {epoch}/{cfg.epochs}: loss {stats['loss']:.4f}"
                 + "".join(f", {k} {stats[k]:.4f}" for k in ("ce", "kd") if k in stats and len(stats) > 4)

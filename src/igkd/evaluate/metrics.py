@@ -7,7 +7,7 @@ from torch import nn
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500, device: torch.device | str = "cpu",
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, device: torch.device | str = "cpu",
             channels_last: bool = True) -> torch.Tensor:
     """Logits (float32, on CPU) of ``model`` for uint8 images N x C x H x W, in order."""
     device = torch.device(device)
@@ -35,7 +35,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     per_class = {c: (100.0 * confusion[i, i].item() / support[i].item()) if support[i] else None
                  for i, c in enumerate(classes)}
     return {
-        "accuracy": 100.0 * (pred == labels).float().mean().item() if len(labels) else float("nan"),
+        "accuracy": 100.0 * int((pred == labels).sum()) / len(labels) if len(labels) else float("nan"),
         "correct": int((pred == labels).sum()),
         "total": int(len(labels)),
         "per_class": per_class,

@@ -1,0 +1,191 @@
+"""Trainer: index alignment of maps and logits, every method, determinism and resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from igkd.config import DistillConfig, PrecomputeConfig, build
+from igkd.data import Dataset, Split
+from igkd.distill.trainer import METHODS, Trainer, parse_method, shuffled_map_index
+from igkd.errors import UserError
+from igkd.models import Normalized, build_model
+from igkd.precompute import precompute
+
+
+def dataset(n=64, seed=0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    # class-dependent structure so that training can learn something
+    images = torch.rand(n, 3, 12, 12, generator=g) * 120
+    for c in range(4):
+        images[labels == c, c % 3, 3 * c:3 * c + 3, :] += 120
+    split = Split(images.clamp(0, 255).to(torch.uint8), labels)
+    return Dataset("synthetic", list("abcd"), 3, (12, 12), split, split)
+
+
+def teacher():
+    torch.manual_seed(0)
+    return Normalized(build_model("mobilenetv2:width=0.25,drop=12", 4, 3), [0.5] * 3, [0.25] * 3).eval()
+
+
+def config(**kw) -> DistillConfig:
+    base = dict(model="mobilenetv2:width=0.25,drop=14", normalize="none", epochs=2, batch_size=16, lr=0.01,
+                val_fraction=0.25, ig_steps=4, chunk_size=32, eval_batch_size=64, warmup_epochs=0)
+    return build(DistillConfig, {**base, **kw})
+
+
+def trainer(tmp_path, method="kd+ig", data=None, **kw) -> Trainer:
+    data = data or dataset()
+    cfg = config(method=method, **kw)
+    t = teacher()
+    store = precompute(t, data, cfg, tmp_path / "store", quiet=True)
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg.model, 4, 3)
+    return Trainer(cfg, student, data, tmp_path / "run", torch.device("cpu"), teacher=t, store=store, quiet=True)
+
+
+def marked_maps(n):
+    """Map i is all ones except a single 0 at pixel (i // 12, i % 12): after the overlay's
+    min-max normalisation, that hole tells which sample's map an image received."""
+    maps = torch.ones(n, 12, 12, dtype=torch.float16)
+    maps[torch.arange(n), torch.arange(n) // 12, torch.arange(n) % 12] = 0
+    return maps
+
+
+def holes(x):
+    """Where each overlaid all-zero image has its 0 (the rest is 0.5)."""
+    flat = x[:, 0].flatten(1)
+    assert torch.all((flat == 0).sum(1) == 1) and torch.all((flat == 0) | (flat == 0.5))
+    return flat.argmin(1)
+
+
+@pytest.mark.parametrize("method", ["kd+ig", "kd+ig-shuffled"])
+def test_overlay_and_logits_follow_sample_index_whatever_the_order(tmp_path, method):
+    data = dataset()
+    zeros = Split(torch.zeros_like(data.train.images), data.train.labels)
+    data = Dataset("zeros", data.classes, 3, (12, 12), zeros, zeros)
+    tr = trainer(tmp_path, method, data=data, p=1.0, crop_padding=0, flip=False)
+    n = len(data.train)
+    tr.maps = marked_maps(n)
+    seen = []
+    for epoch in (1, 2):
+        for idx, x, _ in tr.batches(epoch):
+            seen.append(idx)
+            owner = tr.map_index[idx] if method.endswith("shuffled") else idx
+            assert torch.equal(holes(x), owner)  # image idx[b] got the map of sample owner[b]
+            assert method.endswith("shuffled") != torch.equal(owner, idx)
+            torch.testing.assert_close(tr.teacher_logits(idx, x), tr.logits[idx])
+    order = torch.cat(seen[: len(seen) // 2])
+    assert not torch.equal(order, order.sort().values)  # batches really were shuffled
+    # and the stored logits are the teacher's on the clean image of that index
+    with torch.no_grad():
+        clean = teacher()(data.train.images[[5, 2]].float() / 255)
+    torch.testing.assert_close(tr.logits[[5, 2]], clean, rtol=1e-5, atol=1e-5)
+
+
+def test_map_follows_its_image_through_crop_and_flip(tmp_path):
+    data = dataset()
+    zeros = Split(torch.zeros_like(data.train.images), data.train.labels)
+    data = Dataset("zeros", data.classes, 3, (12, 12), zeros, zeros)
+    tr = trainer(tmp_path, "ig", data=data, p=1.0, crop_padding=3, flip=True)
+    tr.maps = marked_maps(len(data.train))
+    from igkd.distill.trainer import epoch_seed
+    for idx, x, _ in tr.batches(1):
+        # replay the epoch's random draws: the overlay's two, then crop offsets and flips
+        break
+    gen = torch.Generator().manual_seed(epoch_seed(tr.cfg.seed, 1))
+    order = tr.train_idx[torch.randperm(len(tr.train_idx), generator=gen)]
+    assert torch.equal(order[: len(idx)], idx)
+    torch.rand(len(idx), generator=gen), torch.rand(len(idx), generator=gen)
+    dy = torch.randint(0, 7, (len(idx),), generator=gen)
+    dx = torch.randint(0, 7, (len(idx),), generator=gen)
+    flip = torch.rand(len(idx), generator=gen) < 0.5
+    for b, i in enumerate(idx.tolist()):
+        canvas = torch.zeros(18, 18)  # zero padding of 3 around the overlaid image
+        canvas[3:15, 3:15] = 0.5
+        canvas[3 + i // 12, 3 + i % 12] = 0  # the hole of sample i's map
+        want = canvas[int(dy[b]):int(dy[b]) + 12, int(dx[b]):int(dx[b]) + 12]
+        want = want.flip(1) if flip[b] else want
+        assert torch.equal(x[b, 0], want) and torch.equal(x[b, 2], want)
+
+
+def test_shuffled_control_uses_other_images_maps():
+    perm = shuffled_map_index(50, 0)
+    assert sorted(perm.tolist()) == list(range(50)) and bool((perm != torch.arange(50)).all())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_and_writes_a_run(tmp_path, method):
+    summary = trainer(tmp_path, method).fit()
+    run = tmp_path / "run"
+    for f in ("config.yaml", "metrics.jsonl", "last.pt", "model.safetensors", "model.json", "summary.json"):
+        assert (run / f).exists(), f
+    assert summary["method"] == method and 0 <= summary["test_accuracy"] <= 100
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    assert ("kd" in rows[0]) == parse_method(method).kd
+
+
+def test_training_learns(tmp_path):
+    s = trainer(tmp_path, "student", epochs=12, lr=0.05, optimizer="adam", schedule="constant").fit()
+    assert s["val_accuracy"] > 60  # 4 classes: chance is 25%
+
+
+def test_same_seed_same_weights_and_resume_is_exact(tmp_path):
+    a = trainer(tmp_path / "a", "kd+ig", epochs=3)
+    a.fit()
+    again = trainer(tmp_path / "again", "kd+ig", epochs=3)
+    again.fit()
+    # a run interrupted during epoch 2 (Ctrl-C), then resumed with the same command
+    b = trainer(tmp_path / "b", "kd+ig", epochs=3)
+    real = b.train_epoch
+
+    def interrupted(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(epoch)
+    b.train_epoch = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        b.fit()
+    assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["epoch"] == 1
+    trainer(tmp_path / "b", "kd+ig", epochs=3).fit(resume=True)
+    final = {name: torch.load(tmp_path / name / "run" / "last.pt", weights_only=True)["model"]
+             for name in ("a", "again", "b")}
+    for k in final["a"]:
+        assert torch.equal(final["a"][k], final["again"][k]), k
+        assert torch.equal(final["a"][k], final["b"][k]), k
+    summary = json.loads((tmp_path / "b" / "run" / "summary.json").read_text())
+    assert summary["test_accuracy"] == json.loads((tmp_path / "a" / "run" / "summary.json").read_text())["test_accuracy"]
+
+
+def test_refuses_to_overwrite_or_resume_with_other_settings(tmp_path):
+    trainer(tmp_path, "kd", epochs=1).fit()
+    with pytest.raises(UserError, match="--resume"):
+        trainer(tmp_path, "kd", epochs=1).fit()
+    with pytest.raises(UserError, match="differs in T"):
+        trainer(tmp_path, "kd", epochs=2, T=4.0).fit(resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(tmp_path):
+    tr = trainer(tmp_path, "kd", epochs=2)
+    tr.fit()
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    tr2 = trainer(tmp_path, "kd", epochs=3)
+    tr2.logits = torch.full_like(tr2.logits, float("nan"))
+    with pytest.raises(UserError, match="last good checkpoint"):
+        tr2.fit(resume=True)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_unknown_method_is_a_user_error():
+    with pytest.raises(UserError, match="choose one of"):
+        parse_method("kd+magic")
+
+
+def test_precompute_config_defaults_are_the_papers():
+    cfg = PrecomputeConfig()
+    assert (cfg.ig_steps, cfg.ig_method, cfg.ig_baseline) == (50, "gausslegendre", "zero")
+    d = DistillConfig()
+    assert (d.T, d.alpha, d.p, d.model) == (2.5, 0.01, 0.1, "mobilenetv2:drop=5")

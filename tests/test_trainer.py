@@ -189,3 +189,35 @@ def test_precompute_config_defaults_are_the_papers():
     assert (cfg.ig_steps, cfg.ig_method, cfg.ig_baseline) == (50, "gausslegendre", "zero")
     d = DistillConfig()
     assert (d.T, d.alpha, d.p, d.model) == (2.5, 0.01, 0.1, "mobilenetv2:drop=5")
+
+
+def test_method_names_are_canonical_and_cover_the_eight_combinations():
+    assert parse_method("at+kd").name == "kd+at" and parse_method("KD+IG+AT").at
+    assert {m for m in METHODS if "shuffled" not in m} == {"student", "kd", "ig", "at", "kd+ig", "kd+at", "ig+at",
+                                                          "kd+ig+at"}
+    for bad in ("ig+ig-shuffled", "kd+kd", "at+student"):
+        with pytest.raises(UserError, match="choose one of"):
+            parse_method(bad)
+
+
+def test_epoch_line_shows_loss_parts_speed_and_eta(tmp_path, capsys):
+    tr = trainer(tmp_path, "kd+ig+at", epochs=1)
+    tr.quiet = False
+    tr.fit()
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("epoch 1/1")][0]
+    for part in ("loss ", "ce ", "kd ", "at ", "img/s", "ETA"):
+        assert part in line, line
+
+
+def test_amp_is_gpu_only_and_optimizer_kernels_agree(tmp_path):
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        trainer(tmp_path / "a", "kd", amp="bf16")
+    assert trainer(tmp_path / "b", "kd").amp is None  # auto = off on CPU
+    final = {}
+    for impl in ("fused", "foreach", "loop"):
+        tr = trainer(tmp_path / impl, "kd", epochs=1, optimizer_impl=impl)
+        tr.fit()
+        final[impl] = tr.model.state_dict()
+    for k in final["loop"]:
+        torch.testing.assert_close(final["fused"][k], final["loop"][k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(final["foreach"][k], final["loop"][k], rtol=1e-4, atol=1e-5)

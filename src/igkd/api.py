@@ -14,7 +14,8 @@ from torch import nn
 
 from .config import DistillConfig, PrecomputeConfig, TrainConfig
 from .data import Dataset, load_dataset
-from .distill import Trainer, parse_method
+from .distill import Trainer, choose_layers, parallel, parse_method
+from .distill.speed import amp_dtype
 from .errors import UserError
 from .evaluate import classification_metrics, predict
 from .models import (build_model, count_parameters, load_model, read_metadata, weights_fingerprint,
@@ -75,31 +76,50 @@ def precompute(teacher_path: str | Path, data: str, cfg: PrecomputeConfig | None
 
 
 def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
-    """Train a student with CE / KD / IG overlay as ``cfg.method`` says."""
+    """Train a student with CE / KD / IG overlay / AT as ``cfg.method`` says.
+
+    Under torchrun (WORLD_SIZE > 1) this process joins the group (gloo on CPU, nccl on
+    CUDA, see :mod:`igkd.distill.parallel`); rank 0 loads the data and builds the store
+    first, the other ranks then read them; rank 0 alone writes the run directory.
+    """
     out = _check_out(out)
-    set_threads(cfg.threads)
     method = parse_method(cfg.method)
-    device = resolve_device(cfg.device)
-    dataset = load_dataset(cfg.data)
-    torch.manual_seed(cfg.seed)  # initialisation follows the seed
-    net = build_model(cfg.model, len(dataset.classes), dataset.channels)
-    teacher = store = None
-    meta: dict = {"method": method.name}
-    if method.needs_teacher:
-        teacher, tmeta = load_teacher(cfg.teacher, dataset, cfg.teacher_model)
-        tparams = count_parameters(teacher)
-        meta["teacher"] = {"path": str(cfg.teacher), "model": tmeta.get("model"), "params": tparams,
-                           "fingerprint": weights_fingerprint(teacher)}
-        meta["compression"] = tparams / count_parameters(net)
+    env = parallel.init(cfg.device)
+    try:
+        threads = cfg.threads
+        if not threads and env.world > 1 and env.device.type == "cpu":
+            threads = parallel.default_threads(env.local_world)
+        set_threads(threads)
+        device = env.device
+        amp_dtype(cfg.amp, device)  # option errors before any long work
+        with env.rank0_first():
+            dataset = load_dataset(cfg.data)
+            _ = dataset.train, dataset.test  # decoded (and cached) by rank 0 first
+            teacher, meta = None, {"method": method.name}
+            if method.needs_teacher:
+                teacher, tmeta = load_teacher(cfg.teacher, dataset, cfg.teacher_model)
+                meta["teacher"] = {"path": str(cfg.teacher), "model": tmeta.get("model"),
+                                   "params": count_parameters(teacher), "fingerprint": weights_fingerprint(teacher)}
+        torch.manual_seed(cfg.seed)  # initialisation follows the seed
+        net = build_model(cfg.model, len(dataset.classes), dataset.channels)
+        model = with_preprocessing(net, preprocessing_for(cfg.normalize, dataset))
+        if method.at:  # bad layer names fail now, not after the precompute
+            choose_layers(teacher, model, cfg.at_teacher_layer, cfg.at_student_layer,
+                          (dataset.channels, *dataset.image_size))
+        store = None
         if method.ig or (method.kd and cfg.logits == "precomputed"):
-            store = _precompute(teacher, dataset, cfg, cfg.store or None, device, quiet)
-    if method.kd:
-        meta.update(T=cfg.T, alpha=cfg.alpha, logits=cfg.logits)
-    if method.ig:
-        meta.update(p=cfg.p, ig={"steps": cfg.ig_steps, "method": cfg.ig_method, "baseline": cfg.ig_baseline})
-    model = with_preprocessing(net, preprocessing_for(cfg.normalize, dataset))
-    return Trainer(cfg, model, dataset, out, device, teacher=teacher, store=store, meta=meta,
-                   quiet=quiet).fit(resume)
+            with env.rank0_first():
+                store = _precompute(teacher, dataset, cfg, cfg.store or None, device, quiet or env.rank > 0)
+        if teacher is not None:
+            meta["compression"] = meta["teacher"]["params"] / count_parameters(net)
+        if method.kd:
+            meta.update(T=cfg.T, alpha=cfg.alpha, logits=cfg.logits)
+        if method.ig:
+            meta.update(p=cfg.p, ig={"steps": cfg.ig_steps, "method": cfg.ig_method, "baseline": cfg.ig_baseline})
+        return Trainer(cfg, model, dataset, out, device, teacher=teacher, store=store, meta=meta,
+                       quiet=quiet, dist=env).fit(resume)
+    finally:
+        parallel.shutdown(env)
 
 
 def _model_params(teacher: str) -> int:

@@ -66,9 +66,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="", metavar="DIR", help="store directory (default: fingerprinted cache folder)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
-    _config_parser(sub, "distill", DistillConfig, "train a student with CE / KD / IG overlays",
-                   "Train a student from scratch with the chosen method (student, kd, ig, kd+ig, ig-shuffled, "
-                   "kd+ig-shuffled). Teacher logits and IG maps come from the precompute store, built on first use.")
+    _config_parser(sub, "distill", DistillConfig, "train a student with CE / KD / IG overlays / AT",
+                   "Train a student from scratch with the chosen method (student, kd, ig, at, kd+ig, kd+at, ig+at, "
+                   "kd+ig+at, or the controls ig-shuffled, kd+ig-shuffled, ig-shuffled+at, kd+ig-shuffled+at). "
+                   "Teacher logits and IG maps come from the precompute store, built on first use. Under "
+                   "'torchrun --nproc_per_node=N -m igkd.cli distill ...' N processes train with DDP "
+                   "(--batch-size per process).")
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a dataset's test split",
                        description="Accuracy, per-class accuracy, confusion matrix and parameter count of a "
@@ -98,6 +101,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _print_train_summary(s: dict) -> None:
+    from .progress import is_rank0
+    if not is_rank0():  # under torchrun only rank 0 prints
+        return
     print(f"{s['method']}: {s['model']} ({s['params']:,} params) test accuracy {s['test_accuracy']:.2f}% "
           f"(best epoch {s['best_epoch']}, val {s['val_accuracy']:.2f}%)")
 

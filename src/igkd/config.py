@@ -56,7 +56,14 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions on CPU and GPU)")
     eval_batch_size: int = opt(128, "images per forward pass when evaluating", low=1, high=65536, unit="images")
-    threads: int = opt(0, "CPU threads for torch (0 = torch's default)", low=0, high=1024)
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default; under torchrun on CPU: cores // processes "
+                       "per machine)", low=0, high=1024)
+    optimizer_impl: str = opt("auto", "optimizer kernel: auto (fused where torch has it), fused, foreach (multi-tensor)"
+                              " or loop (one parameter at a time)", choices=["auto", "fused", "foreach", "loop"])
+    amp: str = opt("auto", "mixed precision autocast, GPU only: auto (bf16 on CUDA, off on CPU), off, bf16, fp16 "
+                   "(with loss scaling)", choices=["auto", "off", "bf16", "fp16"])
+    compile: bool = opt(False, "torch.compile the training forward (slower on 2 CPU cores and ~70 s to compile; "
+                        "for GPUs)")
 
 
 @dataclass
@@ -81,7 +88,8 @@ class DistillConfig(TrainConfig, PrecomputeConfig):
     model: str = opt("mobilenetv2:drop=5", "student architecture spec (the paper's 4.12x student by default)")
     normalize: str = opt("none", "student input preprocessing: 'none' (the paper's, raw [0,1] pixels) or "
                          "'dataset'", choices=["dataset", "none"])
-    method: str = opt("kd+ig", "student (CE only), kd, ig, kd+ig, or the control ig-shuffled / kd+ig-shuffled")
+    method: str = opt("kd+ig", "student (CE only), kd, ig, at, kd+ig, kd+at, ig+at, kd+ig+at, or the controls "
+                      "ig-shuffled, kd+ig-shuffled (+at): overlays with maps of other images")
     teacher: str = opt("", "teacher checkpoint (.safetensors from igkd train, or .pt with --teacher-model)")
     teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata")
     T: float = opt(2.5, "distillation temperature", low=0.0, high=100.0, low_open=True)
@@ -90,6 +98,17 @@ class DistillConfig(TrainConfig, PrecomputeConfig):
     logits: str = opt("precomputed", "teacher logits: precomputed once on clean images (by sample index) or "
                       "online on each augmented batch", choices=["precomputed", "online"])
     store: str = opt("", "precompute store directory (default: a fingerprinted folder in the cache)")
+    gamma: float = opt(0.8, "weight of the attention-transfer term gamma * mean((A_t - A_s)^2) (methods with at)",
+                       low=0.0, high=1e6)
+    at_teacher_layer: str = opt("auto", "teacher layer whose output gives the attention map, a name of the bare "
+                                "network's named_modules() (e.g. features.6); auto: MobileNetV2 only, the block "
+                                "matching the student's")
+    at_student_layer: str = opt("auto", "student layer for attention transfer; auto: MobileNetV2 only, its last "
+                                "block in the second-largest spatial stage (16x16 for 32x32 inputs)")
+    scale_lr: bool = opt(False, "under torchrun: multiply lr by the number of processes (linear scaling rule; "
+                         "the global batch is batch-size x processes)")
+    sync_bn: bool = opt(True, "under torchrun: BatchNorm statistics over the global batch, so N processes train "
+                        "like one process with N times the batch")
 
 
 def _field_help(f: dataclasses.Field) -> str:

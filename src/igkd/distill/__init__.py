@@ -1,8 +1,12 @@
-"""Distillation: losses, batched augmentation with IG overlays, and the trainer."""
+"""Distillation: method names, losses, batched augmentation with IG overlays, attention
+transfer hooks, the trainer, and its speed and multi-process switches."""
 
+from . import parallel
+from .attention import FeatureHook, choose_layers
 from .augment import crop_flip, ig_overlay
 from .losses import at_loss, attention_map, kd_kl, kd_loss
-from .trainer import METHODS, Method, Trainer, TrainingDiverged, parse_method
+from .methods import METHODS, Method, parse_method
+from .trainer import Trainer, TrainingDiverged
 
-__all__ = ["METHODS", "Method", "Trainer", "TrainingDiverged", "at_loss", "attention_map", "crop_flip",
-           "ig_overlay", "kd_kl", "kd_loss", "parse_method"]
+__all__ = ["METHODS", "FeatureHook", "Method", "Trainer", "TrainingDiverged", "at_loss", "attention_map",
+           "choose_layers", "crop_flip", "ig_overlay", "kd_kl", "kd_loss", "parallel", "parse_method"]

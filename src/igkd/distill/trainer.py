@@ -1,4 +1,4 @@
-"""Training loop for teachers (cross-entropy) and students (CE / KD / IG overlay).
+"""Training loop for teachers (cross-entropy) and students (CE / KD / IG overlay / AT).
 
 The data path follows the fast CIFAR trainers: the whole training split lives as a
 uint8 tensor on the training device next to its labels, IG maps and teacher logits,
@@ -17,14 +17,17 @@ A run directory holds::
 Randomness: initialisation from ``seed``; data order and augmentation of epoch e from
 a generator seeded with (seed, e), so resuming after epoch e replays nothing and
 changes nothing.
+
+Under torchrun (:mod:`igkd.distill.parallel`) every rank takes its slice of the same
+global batch, DDP averages gradients, validation is sharded, and rank 0 alone writes.
+The step's speed switches (fused optimizers, AMP on CUDA, torch.compile) are in
+:mod:`igkd.distill.speed`; attention transfer hooks in :mod:`igkd.distill.attention`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,35 +41,20 @@ from ..errors import UserError
 from ..evaluate import classification_metrics, predict
 from ..fileio import atomic_path, write_json, write_text
 from ..models import Normalized, bare, count_parameters, load_weights, save_checkpoint
-from ..progress import Progress, fmt_seconds, is_rank0, log
+from ..progress import Progress, fmt_seconds, log
+from .attention import FeatureHook, StopForward, choose_layers
 from .augment import crop_flip, ig_overlay
-from .losses import kd_loss
+from .losses import at_loss, kd_loss
+from .methods import METHODS, Method, parse_method
+from .parallel import Dist, sync_batchnorm
+from .speed import amp_dtype, autocast, lr_lambda, make_optimizer, maybe_compile
 
-METHODS = ["student", "kd", "ig", "kd+ig", "ig-shuffled", "kd+ig-shuffled"]
+CHECK_EVERY = 20  # steps between finite-loss checks (one tiny all-reduce under DDP)
+RESUME_FREE = ("epochs", "threads", "compile")  # options a resumed run may change
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    kd: bool
-    ig: bool
-    shuffled: bool
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.kd or self.ig
-
-
-def parse_method(name: str) -> Method:
-    parts = name.lower().split("+")
-    if name.lower() not in METHODS:
-        raise UserError(f"unknown method '{name}'; choose one of {', '.join(METHODS)}")
-    return Method(name.lower(), kd="kd" in parts, ig=any(p.startswith("ig") for p in parts),
-                  shuffled="ig-shuffled" in parts)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -86,39 +74,26 @@ def shuffled_map_index(n: int, seed: int) -> torch.Tensor:
     return perm
 
 
-def lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
-    total = cfg.epochs * steps_per_epoch
-    warm = cfg.warmup_epochs * steps_per_epoch
-
-    def f(step: int) -> float:
-        if warm > 0 and step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - warm) / max(1, total - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                           weight_decay=cfg.weight_decay)
-
-
 class Trainer:
-    """Trains ``model`` on ``dataset`` as ``cfg`` says; see the module docstring."""
+    """Trains ``model`` on ``dataset`` as ``cfg`` says; see the module docstring.
+
+    ``dist`` (from :func:`igkd.distill.parallel.init`) says which rank of how many this
+    process is; ``cfg.batch_size`` is per rank, the global batch batch_size x world.
+    """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, dataset: Dataset, out_dir: str | Path,
                  device: torch.device, teacher: nn.Module | None = None, store=None, meta: dict | None = None,
-                 quiet: bool = False):
+                 quiet: bool = False, dist: Dist | None = None):
         self.cfg, self.dataset, self.device, self.quiet = cfg, dataset, device, quiet
+        self.dist = dist or Dist(device=device)
+        self.rank, self.world = self.dist.rank, self.dist.world
         self.out = Path(out_dir)
-        self.meta = meta or {}
+        self.meta = dict(meta or {})
         self.method = parse_method(cfg.method) if isinstance(cfg, DistillConfig) else parse_method("student")
         self.model = model.to(device)
+        self.sync_bn = self.dist.active and getattr(cfg, "sync_bn", True)
+        if self.sync_bn:
+            sync_batchnorm(self.model, device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         train = dataset.train
@@ -128,6 +103,8 @@ class Trainer:
             else (torch.arange(len(train)), torch.empty(0, dtype=torch.long))
         self.train_idx, self.val_idx = keep.to(device), held
         self.teacher = teacher.to(device).eval() if teacher is not None else None
+        if self.teacher is not None and cfg.channels_last:
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.maps = self.logits = None
         if self.method.ig:
             self.maps = torch.from_numpy(np.array(store.maps)).to(device)
@@ -135,68 +112,137 @@ class Trainer:
                 self.map_index = shuffled_map_index(len(train), cfg.seed).to(device)
         if self.method.kd and cfg.logits == "precomputed":
             self.logits = torch.from_numpy(np.array(store.logits)).to(device)
+        self.at_hooks = self._attention_hooks() if self.method.at else None
         n = len(self.train_idx)
-        self.steps_per_epoch = max(1, n // cfg.batch_size) if n >= cfg.batch_size else 1
-        self.optimizer = make_optimizer(cfg, self.model)
+        self.batch = min(cfg.batch_size, n // self.world)
+        if self.batch < 1:
+            raise UserError(f"the training split has {n} images, fewer than the {self.world} processes")
+        self.steps_per_epoch = max(1, n // (self.batch * self.world))
+        self.lr = cfg.lr * (self.world if getattr(cfg, "scale_lr", False) else 1)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(cfg, params, self.lr, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.steps_per_epoch))
+        self.amp = amp_dtype(getattr(cfg, "amp", "off"), device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
+        net = self.model
+        if self.dist.active:
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=not self.sync_bn)
+        self.train_model = maybe_compile(net, getattr(cfg, "compile", False))
         self.epoch = 0
         self.best = {"val_accuracy": -1.0, "epoch": 0}
 
+    def _attention_hooks(self) -> tuple[FeatureHook, FeatureHook]:
+        cfg = self.cfg
+        shape = (self.dataset.channels, *self.dataset.image_size)
+        t_name, s_name, t_shape, s_shape = choose_layers(self.teacher, self.model, cfg.at_teacher_layer,
+                                                         cfg.at_student_layer, shape, self.device)
+        self.meta["at"] = {"gamma": cfg.gamma, "teacher_layer": t_name, "student_layer": s_name,
+                           "teacher_shape": list(t_shape), "student_shape": list(s_shape)}
+        return FeatureHook(self.teacher, t_name, "teacher"), FeatureHook(self.model, s_name, "student")
+
     # ---------------------------------------------------------------- batches
     def batches(self, epoch: int):
-        cfg = self.cfg
+        """(sample indices, augmented float batch, labels) for each step of ``epoch``: this
+        rank's slice of each global batch (the whole batch in a single process)."""
+        cfg, bs, shard = self.cfg, self.batch, (self.rank, self.world)
         gen = torch.Generator(device=self.device).manual_seed(epoch_seed(cfg.seed, epoch))
         order = self.train_idx[torch.randperm(len(self.train_idx), generator=gen, device=self.device)]
-        bs = min(cfg.batch_size, len(order))
         for s in range(self.steps_per_epoch):
-            idx = order[s * bs:(s + 1) * bs]
+            start = (s * self.world + self.rank) * bs
+            idx = order[start:start + bs]
             x = self.images[idx].float().div_(255)
             if self.method.ig:
                 map_idx = self.map_index[idx] if self.method.shuffled else idx
-                x = ig_overlay(x, self.maps[map_idx], cfg.p, gen)
-            x = crop_flip(x, cfg.crop_padding, cfg.flip, gen)
+                x = ig_overlay(x, self.maps[map_idx], cfg.p, gen, shard)
+            x = crop_flip(x, cfg.crop_padding, cfg.flip, gen, shard)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield idx, x, self.labels[idx]
 
-    def teacher_logits(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.method.kd:
-            return None
-        if self.logits is not None:
-            return self.logits[idx]
+    # ---------------------------------------------------------------- step
+    def teacher_outputs(self, idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Teacher logits (precomputed by index, or online on ``x``) and, for AT, the teacher's
+        feature map on ``x``. The teacher runs in eval mode without gradients, and stops after
+        the AT layer when its logits are not needed."""
+        m = self.method
+        logits = self.logits[idx] if m.kd and self.logits is not None else None
+        online = m.kd and logits is None
+        if not (online or m.at):
+            return logits, None
+        if m.at:
+            self.at_hooks[0].stop = not online
         with torch.no_grad():
-            return self.teacher(x).float()
+            try:
+                out = self.teacher(x)
+            except StopForward:
+                out = None
+            finally:
+                if m.at:  # never leave a stopping hook on the caller's teacher
+                    self.at_hooks[0].stop = False
+        return (out.float() if online else logits), (self.at_hooks[0].pop() if m.at else None)
+
+    def teacher_logits(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        return self.teacher_outputs(idx, x)[0]
+
+    def train_step(self, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One optimisation step on a batch; returns the loss and its parts (detached)."""
+        cfg = self.cfg
+        with autocast(self.amp, self.device):
+            t_logits, t_features = self.teacher_outputs(idx, x)
+            out = self.train_model(x)
+        loss, parts = kd_loss(out, y, t_logits, getattr(cfg, "T", 1.0), getattr(cfg, "alpha", 0.0),
+                              cfg.label_smoothing)
+        if self.method.at:
+            at = at_loss(self.at_hooks[1].pop(), t_features)
+            loss = loss + cfg.gamma * at
+            parts["at"] = at.detach()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach(), parts
 
     # ---------------------------------------------------------------- epochs
     def train_epoch(self, epoch: int) -> dict:
+        """Mean loss parts over the epoch's global batches, images/s (all ranks) and seconds.
+
+        Loss sums stay on the device (no per-step sync on GPUs) and are checked every
+        CHECK_EVERY steps, summed over ranks so that all ranks stop together."""
         cfg = self.cfg
-        self.model.train()
-        sums: dict[str, float] = {}
-        seen = 0
+        self.train_model.train()
+        acc, names, seen = None, [], 0
         start = time.perf_counter()
         with Progress(self.steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", "step",
                       quiet=self.quiet or not _is_tty()) as bar:
-            for idx, x, y in self.batches(epoch):
-                t = self.teacher_logits(idx, x)
-                out = self.model(x)
-                alpha = getattr(cfg, "alpha", 0.0)
-                loss, parts = kd_loss(out, y, t, getattr(cfg, "T", 1.0), alpha, cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {epoch}; the last good checkpoint is "
-                        f"{self.out / 'last.pt'}; lower --lr or check the data")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.scheduler.step()
-                n = len(idx)
-                seen += n
-                sums["loss"] = sums.get("loss", 0.0) + loss.item() * n
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() * n
-                bar.update(1, extra=f"loss {sums['loss'] / seen:.3f}")
+            for s, (idx, x, y) in enumerate(self.batches(epoch)):
+                loss, parts = self.train_step(idx, x, y)
+                names = ["loss", *parts]
+                vals = torch.stack([loss.float(), *(v.float() for v in parts.values())]) * len(idx)
+                acc = vals if acc is None else acc + vals
+                seen += len(idx)
+                extra = ""
+                if (s + 1) % CHECK_EVERY == 0 or s + 1 == self.steps_per_epoch:
+                    total = self._checked(acc, epoch)
+                    extra = f"loss {total[0] / (seen * self.world):.3f}"
+                bar.update(1, extra=extra)
         dt = time.perf_counter() - start
-        return {**{k: v / max(1, seen) for k, v in sums.items()}, "images_per_s": seen / dt, "seconds": dt}
+        seen *= self.world
+        return {**{k: float(v) / max(1, seen) for k, v in zip(names, total)}, "images_per_s": seen / dt,
+                "seconds": dt}
+
+    def _checked(self, acc: torch.Tensor, epoch: int) -> list[float]:
+        total = self.dist.all_reduce(acc.clone()).tolist()
+        if not all(np.isfinite(total)):
+            raise TrainingDiverged(
+                f"loss became {total[0]} at epoch {epoch}; the last good checkpoint is "
+                f"{self.out / 'last.pt'}; lower --lr or check the data")
+        return total
 
     def evaluate(self, indices: torch.Tensor | None = None, split: str = "val") -> dict:
         data = self.dataset.train if split == "val" else self.dataset.test
@@ -205,11 +251,25 @@ class Trainer:
         logits = predict(self.model, images, self.cfg.eval_batch_size, self.device, self.cfg.channels_last)
         return classification_metrics(logits, labels, self.dataset.classes)
 
+    def val_accuracy(self) -> float:
+        """Accuracy on the validation split, each rank scoring its share."""
+        if not len(self.val_idx):
+            return float("nan")
+        mine = self.val_idx[self.rank::self.world]
+        m = self.evaluate(mine) if len(mine) else {"correct": 0, "total": 0}
+        counts = self.dist.all_reduce(torch.tensor([m["correct"], m["total"]], dtype=torch.float64,
+                                                   device=self.device)).tolist()
+        return 100.0 * counts[0] / counts[1]
+
     # ---------------------------------------------------------------- state
     def state(self, history: list) -> dict:
-        return {"model": bare(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "best": self.best,
-                "history": history, "torch_rng": torch.get_rng_state(), "config": to_dict(self.cfg)}
+        state = {"model": bare(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "best": self.best,
+                 "history": history, "torch_rng": torch.get_rng_state(), "config": to_dict(self.cfg),
+                 "world_size": self.world}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def save_state(self, history: list) -> None:
         with atomic_path(self.out / "last.pt") as tmp:
@@ -218,15 +278,21 @@ class Trainer:
     def load_state(self) -> list:
         path = self.out / "last.pt"
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = {k: v for k, v in state["config"].items() if k not in ("epochs", "quiet")}
-        now = {k: v for k, v in to_dict(self.cfg).items() if k not in ("epochs", "quiet")}
+        saved = {k: v for k, v in state["config"].items() if k not in RESUME_FREE}
+        now = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUME_FREE}
         if saved != now:
             diff = sorted(k for k in now if saved.get(k) != now[k])
             raise UserError(f"cannot resume {self.out}: its config differs in {', '.join(diff)}; "
                             "resume with the same options or start a new --out directory")
+        if state.get("world_size", 1) != self.world:
+            raise UserError(f"cannot resume {self.out}: it ran with {state.get('world_size', 1)} process(es), "
+                            f"this run has {self.world} (the global batch would change); resume with "
+                            f"--nproc_per_node={state.get('world_size', 1)}")
         bare(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best = state["epoch"], state["best"]
         torch.set_rng_state(state["torch_rng"])
         return state["history"]
@@ -244,8 +310,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- fit
     def fit(self, resume: bool = False) -> dict:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        cfg, rank0 = self.cfg, self.rank == 0
         history: list = []
         if resume and (self.out / "last.pt").exists():
             history = self.load_state()
@@ -255,50 +320,70 @@ class Trainer:
                             "or choose another --out")
         else:
             torch.manual_seed(cfg.seed)
-        if is_rank0():
+        if rank0:
+            self.out.mkdir(parents=True, exist_ok=True)
             write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         params = count_parameters(bare(self.model))
+        procs = f" x {self.world} processes = {self.batch * self.world}" if self.world > 1 else ""
+        at = self.meta.get("at")
         log(f"training {cfg.model} ({params:,} params) with {self.method.name} on {self.dataset.spec}: "
             f"{len(self.train_idx)} train / {len(self.val_idx)} val images, {cfg.epochs} epochs, "
-            f"batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}, device {self.device}", self.quiet)
+            f"batch {self.batch}{procs}, {cfg.optimizer} lr {self.lr:g}, device {self.device}"
+            + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else "")
+            + (f", AT teacher {at['teacher_layer']} / student {at['student_layer']} "
+               f"({at['student_shape'][1]}x{at['student_shape'][2]}), gamma {at['gamma']}" if at else ""), self.quiet)
         start, first = time.perf_counter(), self.epoch
+        try:
+            self._epochs(history, start, first)
+        finally:
+            for hook in self.at_hooks or ():  # the caller's teacher and student come back unhooked
+                hook.remove()
+        return self.finish(history, time.perf_counter() - start)
+
+    def _epochs(self, history: list, start: float, first: int) -> None:
+        cfg, rank0 = self.cfg, self.rank == 0
         while self.epoch < cfg.epochs:
             epoch = self.epoch + 1
             stats = self.train_epoch(epoch)
-            val = self.evaluate(self.val_idx)["accuracy"] if len(self.val_idx) else float("nan")
+            val = self.val_accuracy()
             self.epoch = epoch
             improved = len(self.val_idx) == 0 or val > self.best["val_accuracy"]
             if improved:
                 self.best = {"val_accuracy": val, "epoch": epoch}
-                save_checkpoint(self.out / "model", self.model, self.model_meta())
+                if rank0:
+                    save_checkpoint(self.out / "model", self.model, self.model_meta())
             row = {"epoch": epoch, **stats, "val_accuracy": val, "lr": self.scheduler.get_last_lr()[0]}
             history.append(row)
-            self.save_state(history)
-            if is_rank0():  # rewritten whole from the saved history: no duplicate or lost rows on resume
+            if rank0:  # metrics rewritten whole from the saved history: no duplicate or lost rows on resume
+                self.save_state(history)
                 write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             eta = (time.perf_counter() - start) / (epoch - first) * (cfg.epochs - epoch)
             log(f"epoch {epoch}/{cfg.epochs}: loss {stats['loss']:.4f}"
-                + "".join(f", {k} {stats[k]:.4f}" for k in ("ce", "kd") if k in stats and len(stats) > 4)
+                + "".join(f", {k} {stats[k]:.4g}" for k in ("ce", "kd", "at") if k in stats and len(stats) > 4)
                 + f", val {val:.2f}%{' *' if improved else ''}, {stats['images_per_s']:.0f} img/s, "
                 f"ETA {fmt_seconds(eta)}", self.quiet)
-        return self.finish(history, time.perf_counter() - start)
 
     def finish(self, history: list, seconds: float) -> dict:
-        load_weights(self.model, self.out / "model.safetensors", self.cfg.model)
-        test = self.evaluate(split="test")
-        summary = {
-            "method": self.method.name, "model": self.cfg.model, "dataset": self.dataset.spec,
-            "params": count_parameters(bare(self.model)), "best_epoch": self.best["epoch"],
-            "val_accuracy": self.best["val_accuracy"], "test_accuracy": test["accuracy"],
-            "test": test, "epochs": self.cfg.epochs, "train_seconds": seconds, **self.meta,
-        }
-        meta = {**self.model_meta(), "metrics": {"val_accuracy": self.best["val_accuracy"],
-                                                 "test_accuracy": test["accuracy"], "epoch": self.best["epoch"]}}
-        save_checkpoint(self.out / "model", self.model, meta)
-        write_json(self.out / "summary.json", summary)
-        log(f"done: best epoch {self.best['epoch']} (val {self.best['val_accuracy']:.2f}%), "
-            f"test accuracy {test['accuracy']:.2f}% -> {self.out}", self.quiet)
-        return summary
+        """Rank 0 scores the best epoch on the test split and writes the summary; every rank
+        returns it."""
+        summary = None
+        if self.rank == 0:
+            load_weights(self.model, self.out / "model.safetensors", self.cfg.model)
+            test = self.evaluate(split="test")
+            summary = {
+                "method": self.method.name, "model": self.cfg.model, "dataset": self.dataset.spec,
+                "params": count_parameters(bare(self.model)), "best_epoch": self.best["epoch"],
+                "val_accuracy": self.best["val_accuracy"], "test_accuracy": test["accuracy"],
+                "test": test, "epochs": self.cfg.epochs, "train_seconds": seconds,
+                "processes": self.world, "global_batch": self.batch * self.world, "lr": self.lr, **self.meta,
+            }
+            meta = {**self.model_meta(), "metrics": {"val_accuracy": self.best["val_accuracy"],
+                                                     "test_accuracy": test["accuracy"], "epoch": self.best["epoch"]}}
+            save_checkpoint(self.out / "model", self.model, meta)
+            write_json(self.out / "summary.json", summary)
+            log(f"done: best epoch {self.best['epoch']} (val {self.best['val_accuracy']:.2f}%), "
+                f"test accuracy {test['accuracy']:.2f}% -> {self.out}", self.quiet)
+        return self.dist.broadcast_object(summary)
 
 
 def _is_tty() -> bool:

@@ -1,0 +1,196 @@
+"""Training throughput: igkd's batched pipeline against a reference-style one, same run.
+
+Three ways to train the paper's 4.12x student (``mobilenetv2:drop=5``) with KD + IG
+overlay on the same machine, batch, threads and data, measured in one process:
+
+(a) reference style, as the paper's code does it: a ``torch.utils.data.Dataset`` whose
+    ``__getitem__`` overlays the sample's IG map, pads and crops (F.pad + slicing) and
+    flips in Python, fed by a DataLoader (num_workers 2, as the paper's code, and 0);
+    eager NCHW model, torch's default Adam;
+(b) igkd: ``Trainer.batches`` (uint8 split on the device, a seeded permutation, the
+    overlay and crop/flip as batched tensor ops) and ``Trainer.train_step`` (KD on
+    precomputed logits, channels_last, fused Adam);
+(c) the compute limit: ``Trainer.train_step`` on batches made beforehand.
+
+Data: the JPEG CIFAR-10 (``shared/data/cifar10-jpg.tar.gz``, unpacked once into
+/tmp/igkd-test-data/cifar10-jpg) when present, else random 32x32 images; IG maps and
+teacher logits are random (throughput does not depend on their values). Each variant
+runs ``--warmup`` steps, then ``--steps`` timed steps; the variants take turns for
+``--rounds`` rounds and the median images/s is reported. glibc malloc tuning
+(``igkd.runtime.tune_malloc``, applied by the ``igkd`` command) is on for all variants.
+Check that nothing else loads the CPU (``uptime``) before trusting the numbers.
+
+    python benchmarks/train_throughput.py [--steps 30] [--batch 128] [--threads N] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import random
+import statistics
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CIFAR_DIR = Path("/tmp/igkd-test-data/cifar10-jpg")
+ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
+MODEL = "mobilenetv2:drop=5"
+T, ALPHA = 2.5, 0.01
+
+
+def load_data(seed: int = 0):
+    """(Dataset, description): the JPEG CIFAR-10 if available, else random images."""
+    from igkd.data import Dataset, Split, load_dataset
+    if not (CIFAR_DIR / "train").is_dir() and ARCHIVE.is_file():
+        CIFAR_DIR.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(ARCHIVE) as tar:
+            tar.extractall(CIFAR_DIR.parent / ".bench-unpack",
+                           **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        (CIFAR_DIR.parent / ".bench-unpack").rename(CIFAR_DIR)
+    if (CIFAR_DIR / "train").is_dir():
+        return load_dataset(f"imagefolder:{CIFAR_DIR}"), "CIFAR-10 JPEG"
+    g = torch.Generator().manual_seed(seed)
+    split = Split(torch.randint(0, 256, (20000, 3, 32, 32), generator=g, dtype=torch.uint8),
+                  torch.randint(0, 10, (20000,), generator=g))
+    return Dataset("random", [str(i) for i in range(10)], 3, (32, 32), split, split), "random 32x32"
+
+
+class ReferenceDataset(torch.utils.data.Dataset):
+    """Per-sample Python transforms, the way the paper's training script feeds its student."""
+
+    def __init__(self, images, labels, maps, logits, p: float, padding: int = 4):
+        self.images, self.labels, self.maps, self.logits = images, labels, maps, logits
+        self.p, self.padding = p, padding
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i].float() / 255
+        if random.random() < self.p:  # IG overlay with this sample's map
+            m = self.maps[i].float().pow(math.exp(random.uniform(0, math.log(2))))
+            m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+            x = 0.5 * x + 0.5 * m.expand_as(x)
+        pad, (_, h, w) = self.padding, x.shape
+        x = F.pad(x, (pad, pad, pad, pad))
+        dy, dx = random.randint(0, 2 * pad), random.randint(0, 2 * pad)
+        x = x[:, dy:dy + h, dx:dx + w]
+        if random.random() < 0.5:
+            x = x.flip(2)
+        return x, self.labels[i], self.logits[i]
+
+
+def forever(make):
+    while True:
+        yield from make()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(run_step, batches, warmup: int, steps: int, batch: int, device) -> float:
+    for _ in range(warmup):
+        run_step(next(batches))
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        run_step(next(batches))
+    sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per variant and round (default 30)")
+    ap.add_argument("--batch", type=int, default=128, help="images per step (default 128)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of all variants, median reported (default 3)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps before each timing (default 5)")
+    ap.add_argument("--p", type=float, default=0.1, help="overlay probability (default 0.1, the paper's)")
+    ap.add_argument("--workers", default="2,0", help="DataLoader workers of the reference runs (default 2,0)")
+    args = ap.parse_args(argv)
+
+    from igkd.config import DistillConfig, build
+    from igkd.distill import Trainer
+    from igkd.distill.losses import kd_loss
+    from igkd.models import build_model, count_parameters
+    from igkd.runtime import tune_malloc
+
+    tune_malloc()
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    device = torch.device(args.device)
+    data, what = load_data()
+    n = len(data.train)
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(n, *data.image_size, generator=g).half()
+    logits = torch.randn(n, len(data.classes), generator=g)
+    store = type("RandomStore", (), {"maps": maps.numpy(), "logits": logits.numpy()})()
+
+    cfg = build(DistillConfig, dict(model=MODEL, normalize="none", method="kd+ig", batch_size=args.batch,
+                                    optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant",
+                                    warmup_epochs=0, T=T, alpha=ALPHA, p=args.p, device=args.device))
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, build_model(MODEL, len(data.classes), data.channels), data, "/nonexistent",
+                      device, store=store, quiet=True)
+    trainer.train_model.train()
+    epochs = itertools.count(1)
+    igkd_batches = forever(lambda: trainer.batches(next(epochs)))
+    premade = [next(igkd_batches) for _ in range(args.steps + args.warmup)]
+
+    torch.manual_seed(0)
+    ref_model = build_model(MODEL, len(data.classes), data.channels).to(device).train()
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=1e-3)
+    ref_data = ReferenceDataset(data.train.images[trainer.train_idx.cpu()], data.train.labels[trainer.train_idx.cpu()],
+                                maps[trainer.train_idx.cpu()], logits[trainer.train_idx.cpu()], args.p)
+
+    def ref_step(b):
+        x, y, t = (v.to(device, non_blocking=True) for v in b)
+        loss, _ = kd_loss(ref_model(x), y, t, T, ALPHA)
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+
+    def igkd_step(b):
+        trainer.train_step(*b)
+
+    variants = {}
+    for w in [int(v) for v in args.workers.split(",") if v != ""]:
+        loader = lambda w=w: torch.utils.data.DataLoader(  # noqa: E731
+            ref_data, batch_size=args.batch, shuffle=True, num_workers=w, drop_last=True,
+            pin_memory=device.type == "cuda", persistent_workers=w > 0)
+        variants[f"(a) reference, DataLoader workers={w}"] = (ref_step, forever(loader))
+    variants["(b) igkd Trainer.batches + train_step"] = (igkd_step, igkd_batches)
+    variants["(c) compute limit, pre-made batches"] = (igkd_step, itertools.cycle(premade))
+
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for name, (step, batches) in variants.items():
+            rates[name].append(timed(step, batches, args.warmup, args.steps, args.batch, device))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+
+    params = count_parameters(trainer.model)
+    print(f"training throughput: {MODEL} ({params:,} params), batch {args.batch}, {threads} threads, {device}, "
+          f"{what} ({n:,} images), KD+IG (T {T}, alpha {ALPHA}, p {args.p}), Adam; {args.steps} timed steps after "
+          f"{args.warmup} warm-up, {args.rounds} rounds, median")
+    for k, v in med.items():
+        print(f"  {k:<40} {v:8.1f} img/s   (rounds: {', '.join(f'{r:.1f}' for r in rates[k])})")
+    b, c = med["(b) igkd Trainer.batches + train_step"], med["(c) compute limit, pre-made batches"]
+    for k, v in med.items():
+        if k.startswith("(a)"):
+            print(f"  (b)/{k.split(',')[1].strip()}: {b / v:.2f}x")
+    print(f"  (b)/(c): {100 * b / c:.1f}% of the compute limit")
+    return med
+
+
+if __name__ == "__main__":
+    main()

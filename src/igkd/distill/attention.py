@@ -1,0 +1,152 @@
+"""Attention transfer (METHOD.md section 5): feature maps taken by forward hooks.
+
+The teacher's and the student's feature maps are read at named layers by forward
+hooks, without changing either model. Names are those of ``named_modules()`` of the
+bare network (``igkd.models.bare``: through the ``Normalized`` wrapper), e.g.
+``features.6`` for MobileNetV2. Both maps must have the same spatial size; the loss is
+``gamma * mean((A_t - A_s)^2)`` with ``A = l2-normalise(flatten(mean_c(F^2)))``
+(:func:`igkd.distill.losses.at_loss`).
+
+``auto`` layer choice, for MobileNetV2 models (the paper's teacher and students):
+
+* both auto: the student's last ``features.N`` block in its second-largest spatial
+  stage (the 16x16 stage for 32x32 inputs; the only stage if it has one), and the
+  teacher's last ``features.M`` block of that spatial size. For the CIFAR teacher and
+  the paper's 4.12x student that is ``features.6`` in both (32 channels, 16x16).
+* one side auto: that side's last ``features.N`` block with the other side's spatial size.
+
+Other models need explicit names (``--at-teacher-layer``, ``--at-student-layer``).
+Sizes are found by one probe forward pass of a zero batch in eval mode (no training
+state or random numbers are touched). A named layer's output must not be modified in
+place by later layers (true of every MobileNetV2 block).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..models import MobileNetV2, bare
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a teacher's forward pass once its features are taken."""
+
+
+class FeatureHook:
+    """Keeps the output of the sub-module ``name`` of ``model`` at every forward pass."""
+
+    def __init__(self, model: nn.Module, name: str, who: str = "model"):
+        self.name, self.module = name, resolve_layer(model, name, who)
+        self.features: torch.Tensor | None = None
+        self.stop = False  # raise StopForward after capture (teacher: skip the rest of the network)
+        self.handle = self.module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.features = output
+        if self.stop:
+            raise StopForward
+
+    def pop(self) -> torch.Tensor:
+        f, self.features = self.features, None
+        if f is None:
+            raise RuntimeError(f"layer {self.name} did not run in the last forward pass")
+        return f
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in bare(model).named_modules() if n]
+
+
+def resolve_layer(model: nn.Module, name: str, who: str = "model") -> nn.Module:
+    """The sub-module ``name`` of the bare network; a UserError listing valid names otherwise."""
+    modules = dict(bare(model).named_modules())
+    if name in modules and name:
+        return modules[name]
+    top = [n for n in layer_names(model) if n.count(".") <= 1]
+    shown = top if len(top) <= 12 else top[:6] + ["..."] + top[-4:]
+    raise UserError(f"unknown {who} layer '{name}' for attention transfer; valid names include "
+                    f"{', '.join(shown)} (any name of named_modules() of the bare network)")
+
+
+@torch.no_grad()
+def probe_shapes(model: nn.Module, names: list[str], input_shape: tuple[int, int, int],
+                 device: torch.device | str = "cpu", who: str = "model") -> dict[str, tuple[int, ...]]:
+    """Output shape (C, H, W) of each named layer for one zero image, in eval mode."""
+    hooks = {n: FeatureHook(model, n, who) for n in names}
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in hooks.values():
+            h.remove()
+    return {n: tuple(h.features.shape[1:]) for n, h in hooks.items() if h.features is not None}
+
+
+def _blocks(model: nn.Module) -> list[str]:
+    net = bare(model)
+    if not isinstance(net, MobileNetV2):
+        return []
+    return [f"features.{i}" for i in range(len(net.features))]
+
+
+def _last_with_size(shapes: dict[str, tuple], size: tuple[int, int]) -> str | None:
+    found = [n for n, s in shapes.items() if s[-2:] == size]
+    return found[-1] if found else None
+
+
+def choose_layers(teacher: nn.Module, student: nn.Module, teacher_layer: str, student_layer: str,
+                  input_shape: tuple[int, int, int], device="cpu") -> tuple[str, str, tuple, tuple]:
+    """Resolve ``auto`` names (rule in the module docstring) and check the spatial sizes.
+
+    Returns (teacher layer, student layer, teacher shape C x H x W, student shape).
+    """
+    def need_auto(model, who, flag):
+        if not _blocks(model):
+            raise UserError(f"--{flag} auto works for MobileNetV2 models only; name the {who} layer "
+                            f"(e.g. --{flag} {layer_names(model)[0] if layer_names(model) else 'NAME'})")
+
+    if teacher_layer == "auto":
+        need_auto(teacher, "teacher", "at-teacher-layer")
+    if student_layer == "auto":
+        need_auto(student, "student", "at-student-layer")
+    t_shapes = probe_shapes(teacher, _blocks(teacher) if teacher_layer == "auto" else [teacher_layer],
+                            input_shape, device, "teacher")
+    s_shapes = probe_shapes(student, _blocks(student) if student_layer == "auto" else [student_layer],
+                            input_shape, device, "student")
+    for name, shapes, who in ((teacher_layer, t_shapes, "teacher"), (student_layer, s_shapes, "student")):
+        if name != "auto" and len(shapes.get(name, ())) != 3:
+            raise UserError(f"{who} layer {name} gives {'no output' if name not in shapes else f'shape {shapes[name]}'}"
+                            ", not a C x H x W feature map; pick a convolutional block (e.g. features.6)")
+    if student_layer == "auto":
+        sizes = list(dict.fromkeys(s[-2:] for s in s_shapes.values()))  # distinct, network order
+        if teacher_layer != "auto":
+            sizes = [t_shapes[teacher_layer][-2:]]
+        student_layer = _last_with_size(s_shapes, sizes[1] if len(sizes) > 1 else sizes[0]) or student_layer
+    if teacher_layer == "auto":
+        size = s_shapes[student_layer][-2:] if student_layer in s_shapes else (0, 0)
+        teacher_layer = _last_with_size(t_shapes, size) or teacher_layer
+    for name, who in ((teacher_layer, "teacher"), (student_layer, "student")):
+        if name == "auto":
+            raise UserError(f"no {who} block has the spatial size of the other network's layer; name both "
+                            "layers with --at-teacher-layer and --at-student-layer")
+    ts, ss = t_shapes[teacher_layer], s_shapes[student_layer]
+    if ts[-2:] != ss[-2:]:
+        raise UserError(f"attention transfer needs feature maps of equal spatial size, but teacher layer "
+                        f"{teacher_layer} gives {_fmt(ts)} and student layer {student_layer} gives {_fmt(ss)} "
+                        f"for {input_shape[1]}x{input_shape[2]} inputs; pick other layers "
+                        "(--at-teacher-layer/--at-student-layer) or 'auto'")
+    return teacher_layer, student_layer, ts, ss
+
+
+def _fmt(shape: tuple) -> str:
+    return f"{shape[0]} x {shape[1]} x {shape[2]} (C x H x W)"
+
+
+__all__ = ["FeatureHook", "StopForward", "choose_layers", "layer_names", "probe_shapes", "resolve_layer"]

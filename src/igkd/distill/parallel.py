@@ -1,0 +1,174 @@
+"""Many processes: DistributedDataParallel under torchrun, CPU (gloo) or GPU (nccl).
+
+``torchrun --nproc_per_node=N -m igkd.cli distill ...`` (or ``torchrun ... $(which igkd)
+distill ...``) starts N processes; :func:`init` reads torchrun's RANK, WORLD_SIZE,
+LOCAL_RANK and LOCAL_WORLD_SIZE, picks nccl and ``cuda:LOCAL_RANK`` on CUDA, gloo on CPU.
+
+Batch semantics: ``--batch-size`` is per process, the global batch is batch_size x N.
+Every rank draws the same seeded permutation and the same augmentation random numbers
+for the global batch and takes its own contiguous slice, so the union of the ranks'
+batches is exactly the single-process batch of size batch_size x N. DDP averages the
+gradients, which equals the single-process mean over the global batch; with
+``--sync-bn`` (default) BatchNorm uses statistics of the global batch (nn.SyncBatchNorm
+on CUDA; :class:`GlobalBatchNorm2d` on CPU, where torch's SyncBatchNorm refuses to run).
+So N processes with ``--batch-size B`` train like one process with ``--batch-size B*N``
+(up to float rounding). ``--scale-lr`` multiplies the learning rate by N (linear scaling).
+
+Multi-node: run the same torchrun on every node, e.g. 2 nodes x 4 GPUs::
+
+    torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d \\
+        --rdzv-endpoint=HOST0:29500 --rdzv-id=kdig1 -m igkd.cli distill \\
+        --config configs/cifar10_strong.yaml --teacher T.safetensors --method kd+ig \\
+        --out /shared/runs/kdig --store /shared/stores/c10
+
+Rank 0 writes the run directory and builds the precompute store while the other ranks
+wait; they then read it, so on several nodes ``--store`` (and ``--out`` for --resume)
+must be on a filesystem all nodes see, or run ``igkd precompute`` on each node first.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import UserError
+from ..runtime import resolve_device
+
+# the differentiable all_reduce below is deprecated in favour of functional collectives,
+# which have no autograd support on gloo yet
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated")
+
+
+@dataclass
+class Dist:
+    """Where this process stands: rank of world, its device and the backend."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str = ""
+    _wait_group: object = None
+
+    @property
+    def active(self) -> bool:
+        """True when collectives run (a process group with more than one process)."""
+        return self.world > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self, long: bool = False) -> None:
+        """Wait for all ranks; ``long``: a gloo group with a 2-day timeout (rank 0 precomputing)."""
+        if self.active:
+            dist.barrier(group=self._wait_group if long else None)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place (no-op in a single process)."""
+        if self.active:
+            dist.all_reduce(t)
+        return t
+
+    def broadcast_object(self, obj):
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @contextmanager
+    def rank0_first(self):
+        """Rank 0 runs the block first, the others after it is done (and only read what it wrote)."""
+        if self.rank != 0:
+            self.barrier(long=True)
+        try:
+            yield
+        finally:
+            if self.rank == 0:
+                self.barrier(long=True)
+
+
+def default_threads(local_world: int, cores: int | None = None) -> int:
+    """max(1, cores // processes on this machine): oversubscribed OpenMP threads are ~10x slower."""
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, local_world))
+
+
+def init(device: str = "auto") -> Dist:
+    """Join torchrun's process group when WORLD_SIZE > 1; a single-process Dist otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=resolve_device(device))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    elif dev.type != "cpu":
+        raise UserError(f"distributed training supports cpu and cuda devices, not '{device}'")
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
+    wait = dist.new_group(backend="gloo", timeout=timedelta(days=2))
+    return Dist(rank, world, local, local_world, dev, backend, wait)
+
+
+def shutdown(env: Dist) -> None:
+    if env.active:
+        dist.destroy_process_group()
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d with training statistics over the batches of all processes, on any device.
+
+    Two differentiable all-reduces (sum of x, then sum of (x - mean)^2), whose backward
+    all-reduces the gradients of the statistics, as nn.SyncBatchNorm does on GPUs.
+    Outside DDP training it is a plain BatchNorm2d (same parameters and buffers).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        c = x.shape[1]
+        count = x.new_tensor([float(x.numel() // c)])
+        s = all_reduce(torch.cat([x.sum((0, 2, 3)), count]))
+        n = s[c]
+        mean = s[:c] / n
+        centered = x - mean[None, :, None, None]
+        var = all_reduce(centered.pow(2).sum((0, 2, 3))) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=m)
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+        out = centered * scale[None, :, None, None]
+        return out + self.bias[None, :, None, None] if self.affine else out
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every BatchNorm2d by a synchronised one (same names, weights and buffers)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats).to(device)
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return model
+
+
+__all__ = ["Dist", "GlobalBatchNorm2d", "default_threads", "init", "shutdown", "sync_batchnorm"]

@@ -1,0 +1,107 @@
+"""Many processes: rank slices make up the single-process batch, and 2 gloo processes under
+torchrun train to the same weights as one process with twice the per-process batch.
+
+The torchrun comparison runs on a small real dataset (512 training and 200 test images of
+the embedded Fashion-MNIST subset, written as a PNG image folder) with --no-channels-last:
+torch's channels_last BatchNorm kernels on CPU are less precise (gradients ~1e-5 off a
+float64 reference on this network, against ~1e-7 in NCHW), and training amplifies any
+rounding difference, including between 1 and 2 threads of the same process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from igkd.config import DistillConfig, build
+from igkd.data import Dataset, Split, load_dataset
+from igkd.distill import Trainer
+from igkd.distill.parallel import Dist, default_threads
+from igkd.errors import UserError
+from igkd.models import Normalized, build_model, save_checkpoint
+
+TEACHER, STUDENT = "mobilenetv2:width=0.25,drop=12", "mobilenetv2:width=0.25,drop=14"
+
+
+def synthetic(n=64) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    split = Split((torch.rand(n, 3, 12, 12, generator=g) * 255).to(torch.uint8), torch.arange(n) % 4)
+    return Dataset("synthetic", list("abcd"), 3, (12, 12), split, split)
+
+
+def tiny_trainer(tmp_path, rank, world, batch, **kw):
+    cfg = build(DistillConfig, {**dict(model=STUDENT, normalize="none", method="ig", epochs=1, batch_size=batch,
+                                       val_fraction=0.25, p=0.5, crop_padding=2), **kw})
+    store = type("Store", (), {"maps": torch.rand(64, 12, 12, generator=torch.Generator().manual_seed(1)).numpy()})()
+    torch.manual_seed(0)
+    return Trainer(cfg, build_model(STUDENT, 4, 3), synthetic(), tmp_path, torch.device("cpu"), store=store,
+                   quiet=True, dist=Dist(rank, world))
+
+
+def test_rank_slices_make_up_the_single_process_batch(tmp_path):
+    one = list(tiny_trainer(tmp_path, 0, 1, 16).batches(3))
+    ranks = [list(tiny_trainer(tmp_path, r, 2, 8).batches(3)) for r in (0, 1)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 3
+    for (i, x, y), (i0, x0, y0), (i1, x1, y1) in zip(one, *ranks):
+        assert torch.equal(i, torch.cat([i0, i1])) and not set(i0.tolist()) & set(i1.tolist())
+        assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(y, torch.cat([y0, y1]))  # same augmentation
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    tiny_trainer(tmp_path, 0, 2, 8).fit()  # a (not really distributed) rank 0 of 2 writes last.pt
+    with pytest.raises(UserError, match="ran with 2 process"):
+        tiny_trainer(tmp_path, 0, 1, 8, epochs=2).fit(resume=True)
+
+
+def test_threads_are_split_between_processes():
+    assert default_threads(2, cores=2) == 1 and default_threads(4, cores=16) == 4 and default_threads(3, 2) == 1
+
+
+@pytest.fixture(scope="module")
+def small_real(tmp_path_factory):
+    """512 train / 200 test demo images as PNG folders, and a tiny teacher checkpoint."""
+    root = tmp_path_factory.mktemp("demo-folder")
+    demo = load_dataset("demo")
+    for split, n in (("train", 512), ("test", 200)):
+        data = getattr(demo, split)
+        for i in range(n):
+            folder = root / "data" / split / f"class{int(data.labels[i]):02d}"  # demo names hold '/'
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(data.images[i, 0].numpy()).save(folder / f"{i:04d}.png")
+    torch.manual_seed(0)
+    teacher = Normalized(build_model(TEACHER, 10, 1), [0.3], [0.3])
+    save_checkpoint(root / "teacher", teacher, {"model": TEACHER, "num_classes": 10, "in_channels": 1,
+                                                "classes": [f"class{i:02d}" for i in range(10)], "preprocessing": {
+                                                    "normalize": "dataset", "mean": [0.3], "std": [0.3]}})
+    return root
+
+
+def test_two_gloo_processes_train_like_one(small_real, tmp_path):
+    args = ["distill", "--data", f"imagefolder:{small_real / 'data'},gray=1", "--teacher",
+            str(small_real / "teacher.safetensors"), "--method", "kd+ig+at", "--model", STUDENT, "--epochs", "2",
+            "--threads", "1", "--ig-steps", "2", "--warmup-epochs", "0", "--lr", "0.05", "--p", "0.5",
+            "--alpha", "0.5", "--no-channels-last", "--val-fraction", "0.1"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "igkd.cli",
+                          *args, "--batch-size", "32", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "igkd.cli", *args, "--batch-size", "64", "--out",
+                          str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=120)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.stdout.count("test accuracy") == 1  # rank 0 alone prints
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True) for r in ("one", "two"))
+    assert (a["world_size"], b["world_size"]) == (1, 2) and a["history"][-1]["epoch"] == 2
+    params = [k for k in a["model"] if "running" not in k and "num_batches" not in k]
+    diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in params)
+    assert diff < 1e-4, diff  # about 1e-5 here: float rounding, grown over 14 steps
+    for k in set(a["model"]) - set(params):  # BatchNorm running statistics (values up to ~7)
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-4)
+    sa, sb = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    assert sa["test"]["confusion"] == sb["test"]["confusion"]  # identical test predictions (by class)
+    assert (sb["processes"], sb["global_batch"]) == (2, 64) and sb["at"]["student_layer"] == "features.4"

@@ -27,6 +27,7 @@ The step's speed switches (fused optimizers, AMP on CUDA, torch.compile) are in
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -85,6 +86,8 @@ class Trainer:
                  device: torch.device, teacher: nn.Module | None = None, store=None, meta: dict | None = None,
                  quiet: bool = False, dist: Dist | None = None):
         self.cfg, self.dataset, self.device, self.quiet = cfg, dataset, device, quiet
+        if dist is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would write one run dir
+            raise UserError("under torchrun only 'igkd distill' trains with several processes; run this in one")
         self.dist = dist or Dist(device=device)
         self.rank, self.world = self.dist.rank, self.dist.world
         self.out = Path(out_dir)

@@ -1,45 +1,63 @@
 """IG precompute throughput: igkd against the paper's captum setting, in one process.
 
-    python benchmarks/ig_throughput.py [--images 64] [--steps 50] [--threads 2] [--weights FILE]
+    python benchmarks/ig_throughput.py [--images 64] [--threads 2] [--weights FILE --model SPEC]
 
-Measures, on the same teacher (CIFAR MobileNetV2 by default) and the same images:
+On the same network (the CIFAR MobileNetV2 teacher by default) and the same real
+CIFAR-10 images it measures:
 
-* reference: captum ``IntegratedGradients.attribute`` on batches of 8 images, n_steps=50,
-  gausslegendre, no internal batching (the paper's code);
-* igkd: ``igkd.integrated_gradients`` with its defaults at the same n_steps;
-* the bound: the same network's batched forward+backward (input gradients, batch 64),
-  images/s divided by n_steps, i.e. what IG would cost with no overhead at all;
-* map error of both against a 512-step Gauss-Legendre reference on ``--error-images``
-  images (relative L1 over the map sum_c |IG|).
+* reference: captum ``IntegratedGradients.attribute`` on batches of 8 images,
+  n_steps=50, gausslegendre, no internal batching (the paper's code);
+* igkd's default: ``igkd.integrated_gradients`` with the precompute defaults
+  (``PrecomputeConfig``: quadrature and steps);
+* igkd at the reference's n_steps and quadrature (the engine alone);
+* the bound: the network igkd differentiates (BatchNorm folded, channels_last),
+  forward+backward for input gradients at batch 64, images/s divided by n_steps: IG
+  with no overhead at all;
+* the cheaper attributions (saliency, input x gradient, SmoothGrad): cost and
+  similarity to IG;
+* map errors against a 512-step Gauss-Legendre reference on ``--error-images`` images
+  (relative L1 over the map sum_c |A|, mean over images). ``--error-weights`` (with
+  ``--error-model``) computes them on another, trained network: a randomly initialised
+  network is nearly linear along the path and gives misleadingly small errors.
 
-Prints images/s of each, the ratio igkd / reference, igkd's efficiency against the
-bound, and both map errors. Timings are medians over ``--repeats`` runs, interleaved.
+Timings are medians over ``--repeats`` interleaved runs (drifts in machine load hit all
+sides alike); glibc malloc tuning (what the igkd command applies) is on for all sides
+unless ``--no-malloc-tuning``. The reference is also timed as the paper's code runs,
+with glibc's default malloc settings, in a child process (mallopt is process-wide):
+its 400-image passes then page-fault on every activation. Prints images/s, the ratios
+and the errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+REF_STEPS, REF_METHOD, REF_BATCH = 50, "gausslegendre", 8
 
-def load_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n real CIFAR-10 test images (JPEG copy) when at hand, else random ones."""
+
+def load_images(n: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """n real CIFAR-10 images (JPEG copy, evenly spaced) when at hand, else random ones."""
     for root in (Path("/tmp/igkd-test-data/cifar10-jpg"), Path("data/cifar10-jpg")):
-        if (root / "test").is_dir():
+        if (root / split).is_dir():
             import igkd
-            test = igkd.load_dataset(f"imagefolder:{root}").test
-            idx = torch.linspace(0, len(test) - 1, n).long()
-            return test.images[idx].float() / 255, test.labels[idx]
+            data = getattr(igkd.load_dataset(f"imagefolder:{root}"), split)
+            idx = torch.linspace(0, len(data) - 1, n).long()
+            return data.images[idx].float() / 255, data.labels[idx]
+    print("note: CIFAR-10 JPEG copy not found (unpack ../shared/data/cifar10-jpg.tar.gz to "
+          "/tmp/igkd-test-data); using random images", file=sys.stderr)
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int = 1) -> float:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -48,85 +66,147 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def rel_l1(maps: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean over images of sum|M - R| / sum|R|."""
-    return ((maps - ref).abs().flatten(1).sum(1) / ref.abs().flatten(1).sum(1)).mean().item()
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of the Spearman correlation of two maps (ties broken by order)."""
+    def ranks(m):
+        return m.flatten(1).argsort(1).argsort(1).double()
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return ((ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))).mean().item()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=64, help="images timed (default 64)")
-    ap.add_argument("--steps", type=int, default=50, help="IG steps of both (default 50, the paper's)")
-    ap.add_argument("--error-images", type=int, default=16, help="images for the 512-step error check")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repetitions, median reported")
+    ap.add_argument("--error-images", type=int, default=32, help="images for the 512-step error check (default 32)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timed repetitions, median reported (default 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    ap.add_argument("--model", default="mobilenetv2", help="model spec (default: the CIFAR MobileNetV2 teacher)")
+    ap.add_argument("--model", default="mobilenetv2", help="model spec timed (default: the CIFAR MobileNetV2 teacher)")
     ap.add_argument("--weights", default="", help="weights for --model (default: random init, seed 0)")
-    ap.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc as is (both sides)")
+    ap.add_argument("--error-model", default="", help="model spec for the error check (default: --model)")
+    ap.add_argument("--error-weights", default="", help="weights for the error check (default: --weights)")
+    ap.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc as is (all sides)")
+    ap.add_argument("--reference-only", action="store_true",
+                    help="time only the reference and print images/s as JSON (the child process the benchmark "
+                    "starts to time the paper's code as it runs: with glibc's default malloc settings)")
     args = ap.parse_args(argv)
 
     from captum.attr import IntegratedGradients
 
     import igkd
-    from igkd.attribution import attribution_map, integrated_gradients
+    from igkd.attribution import attribution_map, input_x_gradient, integrated_gradients, saliency, smoothgrad
+    from igkd.attribution.ig import _prepare
+    from igkd.config import PrecomputeConfig
+    from igkd.precompute import relative_l1
     from igkd.runtime import tune_malloc
 
     tuned = False if args.no_malloc_tuning else tune_malloc()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    if args.weights:
-        model, _ = igkd.load_model(args.weights, args.model)
-    else:
-        model = igkd.build_model(args.model).eval()
+    default = PrecomputeConfig()
+
+    def load(spec, weights):
+        if weights:
+            return igkd.load_model(weights, spec)[0].eval()
+        torch.manual_seed(0)
+        return igkd.build_model(spec).eval()
+
+    model = load(args.model, args.weights)
     x, y = load_images(args.images)
-    n, steps = len(x), args.steps
+    n = len(x)
+    print(f"model {args.model}{' (' + args.weights + ')' if args.weights else ' (random init)'}, "
+          f"{igkd.count_parameters(model):,} params, {n} CIFAR-10 test images, {torch.get_num_threads()} threads, "
+          f"malloc tuning {'on' if tuned else 'off'} (all sides)", flush=True)
 
-    def reference():
-        ig = IntegratedGradients(model)
-        return torch.cat([ig.attribute(x[i:i + 8], target=y[i:i + 8], n_steps=steps, method="gausslegendre")
-                          for i in range(0, n, 8)])
+    def reference(net=model, xs=x, ys=y):
+        ig = IntegratedGradients(net)
+        return torch.cat([ig.attribute(xs[i:i + REF_BATCH], target=ys[i:i + REF_BATCH], n_steps=REF_STEPS,
+                                       method=REF_METHOD) for i in range(0, len(xs), REF_BATCH)])
 
-    def ours():
-        return integrated_gradients(model, x, y, n_steps=steps)
+    def ours(net=model, xs=x, ys=y):
+        return integrated_gradients(net, xs, ys, n_steps=default.ig_steps, method=default.ig_method)
 
-    from igkd.attribution.ig import _prepare
-    fast_net, _ = _prepare(model, x, True)  # the network igkd differentiates: BN folded, channels_last
-    reps = -(-64 // n)
-    xb = x.repeat(reps, 1, 1, 1)[:64].contiguous(memory_format=torch.channels_last)
-    yb = y.repeat(reps)[:64]
+    def ours_equal(net=model, xs=x, ys=y):
+        return integrated_gradients(net, xs, ys, n_steps=REF_STEPS, method=REF_METHOD)
+
+    cheap = {
+        "saliency": lambda net=model, xs=x, ys=y: saliency(net, xs, ys),
+        "input x gradient": lambda net=model, xs=x, ys=y: input_x_gradient(net, xs, ys),
+        f"smoothgrad ({default.smoothgrad_samples})": lambda net=model, xs=x, ys=y: smoothgrad(
+            net, xs, ys, default.smoothgrad_samples, default.smoothgrad_sigma, torch.Generator().manual_seed(0)),
+    }
+
+    fast_net, _ = _prepare(model, x, True)  # the network igkd differentiates
+    xb = x.repeat(-(-64 // n), 1, 1, 1)[:64].contiguous(memory_format=torch.channels_last)
+    yb = y.repeat(-(-64 // n))[:64]
 
     def bound_pass():
         xg = xb.detach().requires_grad_(True)
-        out = fast_net(xg).gather(1, yb.view(-1, 1))
-        torch.autograd.grad(out.sum(), xg)
+        torch.autograd.grad(fast_net(xg).gather(1, yb.view(-1, 1)).sum(), xg)
 
-    print(f"model {args.model} ({igkd.count_parameters(model):,} params), {n} images "
-          f"{tuple(x.shape[1:])}, {steps} gausslegendre steps, {torch.get_num_threads()} threads, "
-          f"malloc tuning {'on' if tuned else 'off'}", flush=True)
-    ours(), bound_pass()  # warm-up (one reference batch too)
-    IntegratedGradients(model).attribute(x[:8], target=y[:8], n_steps=steps, method="gausslegendre")
-    ref_times, our_times, bound_times = [], [], []
-    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit all alike
-        ref_times.append(timed(reference, 1))
-        our_times.append(timed(ours, 1))
-        bound_times.append(timed(bound_pass, 3))
-    t_ref, t_ours, t_bound = map(statistics.median, (ref_times, our_times, bound_times))
-    ref_ips, our_ips = n / t_ref, n / t_ours
-    bound_ips = 64 / t_bound / steps
-    print(f"reference (captum, batch 8, paper's code): {ref_ips:8.2f} images/s")
-    print(f"igkd integrated_gradients (defaults):      {our_ips:8.2f} images/s")
-    print(f"bound (forward+backward at batch 64 / {steps}):  {bound_ips:8.2f} images/s")
-    print(f"ratio igkd / reference: {our_ips / ref_ips:.2f}x; igkd efficiency vs bound: "
-          f"{100 * our_ips / bound_ips:.0f}%", flush=True)
+    if args.reference_only:
+        reference(model, x[:REF_BATCH], y[:REF_BATCH])
+        print(json.dumps({"images_per_s": n / timed(reference, args.repeats), "malloc_tuning": tuned}))
+        return 0
 
+    # the paper's code as it runs (glibc malloc defaults): mallopt is process-wide, so in a child
+    child = subprocess.run([sys.executable, __file__, "--reference-only", "--no-malloc-tuning",
+                            *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-malloc-tuning"]],
+                           capture_output=True, text=True, check=True)
+    untuned_ips = json.loads(child.stdout.strip().splitlines()[-1])["images_per_s"]
+
+    sides = {"reference": reference, "default": ours, "equal": ours_equal, **cheap}
+    for fn in sides.values():  # warm-up
+        fn(model, x[:REF_BATCH], y[:REF_BATCH])
+    bound_pass()
+    times = {k: [] for k in [*sides, "bound"]}
+    for _ in range(args.repeats):
+        for k, fn in sides.items():
+            times[k].append(timed(fn))
+        times["bound"].append(timed(bound_pass, 3))
+    ips = {k: n / statistics.median(v) for k, v in times.items() if k != "bound"}
+    bound_pass_ips = 64 / statistics.median(times["bound"])  # forward+backward images/s
+
+    # errors against 512 steps, on the error network
+    emodel = load(args.error_model or args.model, args.error_weights if args.error_model or args.error_weights
+                  else args.weights)
     k = min(args.error_images, n)
-    xe, ye = x[:k], y[:k]
-    exact = attribution_map(integrated_gradients(model, xe, ye, n_steps=512, fast=False))
-    ref_map = attribution_map(IntegratedGradients(model).attribute(xe, target=ye, n_steps=steps,
-                                                                   method="gausslegendre"))
-    our_map = attribution_map(integrated_gradients(model, xe, ye, n_steps=steps))
-    print(f"map error vs 512-step reference ({k} images, relative L1): reference {100 * rel_l1(ref_map, exact):.2f}%,"
-          f" igkd {100 * rel_l1(our_map, exact):.2f}%")
+    xe, ye = load_images(k, "train")
+    exact = attribution_map(integrated_gradients(emodel, xe, ye, n_steps=512, fast=False))
+    maps = {"reference": reference, "default": ours, "equal": ours_equal, **cheap}
+    maps = {name: attribution_map(fn(emodel, xe, ye)) for name, fn in maps.items()}
+    err = {name: relative_l1(m, exact).mean().item() for name, m in maps.items()}
+
+    def unit(m):
+        return m / m.flatten(1).sum(1).clamp_min(1e-30)[:, None, None]
+
+    print(f"\n| attribution | images/s | vs reference | passes/image | efficiency vs bound | map error vs IG-512 |"
+          f" rank corr. with IG-512 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rows = [("reference", f"captum IG {REF_METHOD} {REF_STEPS}, batch {REF_BATCH} (paper)", REF_STEPS),
+            ("default", f"igkd IG {default.ig_method} {default.ig_steps} (default)", default.ig_steps),
+            ("equal", f"igkd IG {REF_METHOD} {REF_STEPS}", REF_STEPS),
+            *[(name, f"igkd {name}", default.smoothgrad_samples if name.startswith("smooth") else 1)
+              for name in cheap]]
+    print(f"| captum IG {REF_METHOD} {REF_STEPS}, batch {REF_BATCH} (paper), glibc malloc defaults "
+          f"(child process) | {untuned_ips:.2f} | {untuned_ips / ips['reference']:.2f}x | {REF_STEPS} | "
+          f"{100 * untuned_ips * REF_STEPS / bound_pass_ips:.0f}% | = reference | = reference |")
+    for key, label, passes in rows:
+        eff = ips[key] * passes / bound_pass_ips
+        e = err[key] if key in ("reference", "default", "equal") else relative_l1(unit(maps[key]), unit(exact)).mean()
+        print(f"| {label} | {ips[key]:.2f} | {ips[key] / ips['reference']:.2f}x | {passes} | {100 * eff:.0f}% | "
+              f"{100 * float(e):.2f}%{'' if key in ('reference', 'default', 'equal') else ' (sum-normalised)'} | "
+              f"{rank_correlation(maps[key], exact):.3f} |")
+    print(f"\nbound: forward+backward at batch 64 = {bound_pass_ips:.1f} images/s "
+          f"({bound_pass_ips / REF_STEPS:.2f} IG-{REF_STEPS} images/s)")
+    print(f"errors on {args.error_model or args.model}"
+          f"{' (' + (args.error_weights or args.weights) + ')' if (args.error_weights or args.weights) else ' (random init)'}"
+          f", {k} CIFAR-10 train images")
+    print(f"RESULT default/reference {ips['default'] / ips['reference']:.2f}x (reference with igkd's malloc "
+          f"tuning), {ips['default'] / untuned_ips:.2f}x (reference as the paper's code runs, glibc defaults); "
+          f"engine at equal steps "
+          f"{ips['equal'] / ips['reference']:.2f}x, efficiency at equal steps "
+          f"{100 * ips['equal'] * REF_STEPS / bound_pass_ips:.0f}%, errors: reference {100 * err['reference']:.2f}% "
+          f"default {100 * err['default']:.2f}%", flush=True)
     return 0
 
 

@@ -3,9 +3,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+
+from igkd.data import load_dataset
+from igkd.models import Normalized, build_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+TINY_TEACHER = "mobilenetv2:width=0.25,drop=12"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -28,3 +33,22 @@ def shared_or_skip(*parts: str) -> Path:
             pytest.fail(reason + "; IGKD_REQUIRE_SHARED is set, so it is mandatory here")
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_real(tmp_path_factory):
+    """512 train / 200 test demo images as PNG folders, and a tiny teacher checkpoint."""
+    root = tmp_path_factory.mktemp("demo-folder")
+    demo = load_dataset("demo")
+    for split, n in (("train", 512), ("test", 200)):
+        data = getattr(demo, split)
+        for i in range(n):
+            folder = root / "data" / split / f"class{int(data.labels[i]):02d}"  # demo names hold '/'
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(data.images[i, 0].numpy()).save(folder / f"{i:04d}.png")
+    torch.manual_seed(0)
+    teacher = Normalized(build_model(TINY_TEACHER, 10, 1), [0.3], [0.3])
+    save_checkpoint(root / "teacher", teacher, {"model": TINY_TEACHER, "num_classes": 10, "in_channels": 1,
+                                                "classes": [f"class{i:02d}" for i in range(10)], "preprocessing": {
+                                                    "normalize": "dataset", "mean": [0.3], "std": [0.3]}})
+    return root

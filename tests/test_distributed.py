@@ -15,16 +15,15 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 from igkd.config import DistillConfig, build
-from igkd.data import Dataset, Split, load_dataset
+from igkd.data import Dataset, Split
 from igkd.distill import Trainer
 from igkd.distill.parallel import Dist, default_threads
 from igkd.errors import UserError
-from igkd.models import Normalized, build_model, save_checkpoint
+from igkd.models import build_model
 
-TEACHER, STUDENT = "mobilenetv2:width=0.25,drop=12", "mobilenetv2:width=0.25,drop=14"
+STUDENT = "mobilenetv2:width=0.25,drop=14"
 
 
 def synthetic(n=64) -> Dataset:
@@ -59,25 +58,6 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
 
 def test_threads_are_split_between_processes():
     assert default_threads(2, cores=2) == 1 and default_threads(4, cores=16) == 4 and default_threads(3, 2) == 1
-
-
-@pytest.fixture(scope="module")
-def small_real(tmp_path_factory):
-    """512 train / 200 test demo images as PNG folders, and a tiny teacher checkpoint."""
-    root = tmp_path_factory.mktemp("demo-folder")
-    demo = load_dataset("demo")
-    for split, n in (("train", 512), ("test", 200)):
-        data = getattr(demo, split)
-        for i in range(n):
-            folder = root / "data" / split / f"class{int(data.labels[i]):02d}"  # demo names hold '/'
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(data.images[i, 0].numpy()).save(folder / f"{i:04d}.png")
-    torch.manual_seed(0)
-    teacher = Normalized(build_model(TEACHER, 10, 1), [0.3], [0.3])
-    save_checkpoint(root / "teacher", teacher, {"model": TEACHER, "num_classes": 10, "in_channels": 1,
-                                                "classes": [f"class{i:02d}" for i in range(10)], "preprocessing": {
-                                                    "normalize": "dataset", "mean": [0.3], "std": [0.3]}})
-    return root
 
 
 def test_two_gloo_processes_train_like_one(small_real, tmp_path):

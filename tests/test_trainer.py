@@ -1,17 +1,20 @@
 """Trainer: index alignment of maps and logits, every method, determinism and resume."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from igkd.config import DistillConfig, PrecomputeConfig, build
+from igkd.config import DistillConfig, PrecomputeConfig, build, load_yaml
 from igkd.data import Dataset, Split
 from igkd.distill.trainer import METHODS, Trainer, parse_method, shuffled_map_index
 from igkd.errors import UserError
 from igkd.models import Normalized, build_model
 from igkd.precompute import precompute
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def dataset(n=64, seed=0) -> Dataset:
@@ -184,9 +187,12 @@ def test_unknown_method_is_a_user_error():
         parse_method("kd+magic")
 
 
-def test_precompute_config_defaults_are_the_papers():
-    cfg = PrecomputeConfig()
-    assert (cfg.ig_steps, cfg.ig_method, cfg.ig_baseline) == (50, "gausslegendre", "zero")
+def test_method_defaults_are_the_papers_and_the_paper_recipe_pins_its_ig():
+    cfg = PrecomputeConfig()  # igkd's fast IG default, as accurate as the paper's (benchmarks/ig_throughput.py)
+    assert (cfg.ig_steps, cfg.ig_method, cfg.ig_baseline) == (50, "riemann_middle", "zero")
+    for section in ("precompute", "distill"):
+        paper = load_yaml(str(REPO / "configs" / "cifar10_paper.yaml"), section)
+        assert (paper["ig_steps"], paper["ig_method"], paper["ig_baseline"]) == (50, "gausslegendre", "zero")
     d = DistillConfig()
     assert (d.T, d.alpha, d.p, d.model) == (2.5, 0.01, 0.1, "mobilenetv2:drop=5")
 

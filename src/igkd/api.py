@@ -68,11 +68,23 @@ def load_teacher(path: str | Path, dataset: Dataset, spec: str = "") -> tuple[nn
 
 def precompute(teacher_path: str | Path, data: str, cfg: PrecomputeConfig | None = None,
                store: str | Path | None = None, teacher_model: str = "", device: str = "auto",
-               quiet: bool = False):
-    """Compute (or reuse, or resume) the store of teacher logits and IG maps."""
-    dataset = load_dataset(data)
-    teacher, _ = load_teacher(teacher_path, dataset, teacher_model)
-    return _precompute(teacher, dataset, cfg or PrecomputeConfig(), store, resolve_device(device), quiet)
+               quiet: bool = False, threads: int = 0):
+    """Compute (or reuse, or resume) the store of teacher logits and IG maps.
+
+    Under torchrun the processes share the work (chunk i on rank i % N, gloo on CPU, nccl
+    on CUDA) and write one store; every rank returns it opened."""
+    env = parallel.init(device)
+    try:
+        if not threads and env.world > 1 and env.device.type == "cpu":
+            threads = parallel.default_threads(env.local_world)
+        set_threads(threads)
+        with env.rank0_first():
+            dataset = load_dataset(data)
+            _ = dataset.train  # decoded (and cached) by rank 0 first
+        teacher, _ = load_teacher(teacher_path, dataset, teacher_model)
+        return _precompute(teacher, dataset, cfg or PrecomputeConfig(), store, env.device, quiet, dist=env)
+    finally:
+        parallel.shutdown(env)
 
 
 def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
@@ -108,8 +120,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
                           (dataset.channels, *dataset.image_size))
         store = None
         if method.ig or (method.kd and cfg.logits == "precomputed"):
-            with env.rank0_first():
-                store = _precompute(teacher, dataset, cfg, cfg.store or None, device, quiet or env.rank > 0)
+            store = _precompute(teacher, dataset, cfg, cfg.store or None, device, quiet or env.rank > 0, dist=env)
         if teacher is not None:
             meta["compression"] = meta["teacher"]["params"] / count_parameters(net)
         if method.kd:

@@ -58,13 +58,19 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = _config_parser(sub, "precompute", PrecomputeConfig, "compute teacher logits and IG maps once",
                        "Compute teacher logits and integrated-gradient maps for every training image "
-                       "(clean, by sample index) into a fingerprinted, resumable store.", out_required=False)
+                       "(clean, by sample index) into a fingerprinted, resumable store: rerunning the same "
+                       "command after an interruption continues where it stopped. Before a new store is "
+                       "computed, the map error of the chosen settings is estimated on a few images "
+                       "(--check-images). Under 'torchrun --nproc_per_node=N -m igkd.cli precompute ...' N "
+                       "processes share the chunks (gloo on CPU, nccl on GPU).", out_required=False)
     p.add_argument("--teacher", required=True, metavar="CKPT", help="teacher checkpoint")
     p.add_argument("--teacher-model", default="", metavar="SPEC",
                    help="architecture of a foreign teacher checkpoint without igkd metadata")
     p.add_argument("--data", required=True, metavar="SPEC", help="dataset spec")
     p.add_argument("--store", default="", metavar="DIR", help="store directory (default: fingerprinted cache folder)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: 0 = torch's default; "
+                   "under torchrun on CPU: cores // processes per machine)")
 
     _config_parser(sub, "distill", DistillConfig, "train a student with CE / KD / IG overlays / AT",
                    "Train a student from scratch with the chosen method (student, kd, ig, at, kd+ig, kd+at, ig+at, "
@@ -111,6 +117,7 @@ def _print_train_summary(s: dict) -> None:
 def run(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     from . import api
+    from .progress import is_rank0
 
     if args.command == "train":
         _print_train_summary(api.train(_resolve(args, TrainConfig, "train"), args.out, args.resume, args.quiet))
@@ -118,8 +125,9 @@ def run(argv: list[str] | None = None) -> int:
         _print_train_summary(api.distill(_resolve(args, DistillConfig, "distill"), args.out, args.resume, args.quiet))
     elif args.command == "precompute":
         store = api.precompute(args.teacher, args.data, _resolve(args, PrecomputeConfig, "precompute"), args.store,
-                               args.teacher_model, args.device, args.quiet)
-        print(f"store: {store.path} ({len(store)} images)")
+                               args.teacher_model, args.device, args.quiet, args.threads)
+        if is_rank0():
+            print(f"store: {store.path} ({len(store)} images)")
     elif args.command == "evaluate":
         r = api.evaluate(args.weights, args.data, args.model, args.normalize, args.teacher, args.batch_size,
                          args.device)

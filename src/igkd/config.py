@@ -70,8 +70,9 @@ class TrainConfig:
 class PrecomputeConfig:
     """Options of ``igkd precompute``: teacher logits and IG maps for the training set."""
 
-    ig_steps: int = opt(50, "integration steps of integrated gradients", low=1, high=4096)
-    ig_method: str = opt("gausslegendre", "quadrature rule", choices=[
+    ig_steps: int = opt(50, "integration steps of integrated gradients (the paper's 50)", low=1, high=4096)
+    ig_method: str = opt("riemann_middle", "quadrature rule; riemann_middle is more accurate than the paper's "
+                         "gausslegendre at equal steps on ReLU networks (README, 'The precompute')", choices=[
         "gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"])
     ig_baseline: str = opt("zero", "IG baseline: zero (zeros in the teacher's normalised input space, as the "
                            "paper's code), black (zero pixels) or blur (blurred image)",
@@ -79,6 +80,19 @@ class PrecomputeConfig:
     ig_batch: int = opt(0, "interpolated images per teacher forward+backward (0 = automatic)", low=0,
                         high=1 << 20, unit="images")
     chunk_size: int = opt(1024, "images per resumable chunk of the store", low=1, high=1 << 24, unit="images")
+    attribution: str = opt("ig", "overlay attribution: ig (integrated gradients, the paper's), or the cheaper "
+                           "saliency (|gradient|, 1 pass), input_x_gradient (1 pass), smoothgrad "
+                           "(--smoothgrad-samples passes)",
+                           choices=["ig", "saliency", "input_x_gradient", "smoothgrad"])
+    smoothgrad_samples: int = opt(16, "noisy copies per image for smoothgrad", low=1, high=4096, unit="passes")
+    smoothgrad_sigma: float = opt(0.15, "noise standard deviation for smoothgrad, in [0, 1] pixel units",
+                                  low=0.0, high=10.0)
+    map_dtype: str = opt("float16", "how maps are stored: float16 (2 bytes/pixel) or uint8 (1 byte/pixel, "
+                         "quantised to 1/255 of the image's maximum)", choices=["float16", "uint8"])
+    check_images: int = opt(8, "before a new store is computed, estimate the map error of these settings against "
+                            "a --check-steps reference on this many images (0 = skip)", low=0, high=4096,
+                            unit="images")
+    check_steps: int = opt(256, "integration steps of the reference for the error estimate", low=2, high=65536)
 
 
 @dataclass

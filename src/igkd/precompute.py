@@ -1,27 +1,49 @@
-"""Precompute teacher logits and IG overlay maps for a training set (METHOD.md section 3).
+"""Precompute teacher logits and overlay maps for a training set (METHOD.md section 3).
 
 Everything is computed on the clean, un-augmented training images in index order and
-stored by sample index (see :mod:`igkd.store`), once per (teacher weights, dataset, IG
-settings), and reused by every distillation run. This is what the paper's code got
-wrong: it computed through a shuffled, augmented loader and read back by index.
+stored by sample index (see :mod:`igkd.store`), once per (teacher weights, dataset,
+attribution settings), and reused by every distillation run. This is what the paper's
+code got wrong: it computed through a shuffled, augmented loader and read back by index.
+
+Sharding: under torchrun (WORLD_SIZE > 1) chunk i of the store is computed by rank
+i % WORLD_SIZE; the ranks write disjoint chunk files of one store directory, rank 0
+assembles the final arrays once every rank is done. Chunks are a pure function of the
+images they cover, so the store is the same however many processes built it (byte for
+byte at equal CPU thread counts). On several machines the store directory must be on a
+filesystem they all see.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .attribution import attribution_map, integrated_gradients, make_baseline
+from .attribution import (attribution_map, input_x_gradient, integrated_gradients, make_baseline, saliency,
+                          smoothgrad)
 from .config import PrecomputeConfig
 from .data import Dataset
+from .distill.parallel import Dist
 from .models import Normalized, weights_fingerprint
 from .progress import Progress, log
 from .runtime import cache_dir
 from .store import Store, StoreWriter, open_store, store_key
+
+CHECK_SEED = 0x16C0  # which training images the error estimate looks at (evenly spaced, fixed)
+
+
+def attribution_settings(cfg: PrecomputeConfig) -> dict:
+    """The settings that determine the maps (part of the store's identity)."""
+    if cfg.attribution == "ig":
+        s = {"ig_steps": cfg.ig_steps, "ig_method": cfg.ig_method, "ig_baseline": cfg.ig_baseline}
+    elif cfg.attribution == "smoothgrad":
+        s = {"attribution": "smoothgrad", "samples": cfg.smoothgrad_samples, "sigma": cfg.smoothgrad_sigma}
+    else:
+        s = {"attribution": cfg.attribution}
+    return {**s, "target": "label", "map": f"sum_c|IG| / max, {cfg.map_dtype}"}
 
 
 def store_identity(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig) -> dict:
@@ -31,8 +53,7 @@ def store_identity(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig) 
     return {
         "dataset": dataset.fingerprint("train"),
         "teacher": weights_fingerprint(teacher) + ":" + store_key(pre),
-        "settings": {"ig_steps": cfg.ig_steps, "ig_method": cfg.ig_method, "ig_baseline": cfg.ig_baseline,
-                     "target": "label", "map": "sum_c|IG| / max, float16"},
+        "settings": attribution_settings(cfg),
     }
 
 
@@ -45,36 +66,104 @@ def _logits(teacher: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([teacher(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
+def _baseline(teacher: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
+    mean = teacher.mean if isinstance(teacher, Normalized) else None
+    std = teacher.std if isinstance(teacher, Normalized) else None
+    return make_baseline(kind, x, mean=mean, std=std)
+
+
+def attributions(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PrecomputeConfig,
+                 first_index: int = 0, n_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attributions of ``cfg.attribution`` for [0, 1] images ``x`` with labels ``y``, and
+    the completeness delta (NaN for the attributions that have none). ``first_index``:
+    the dataset index of ``x[0]`` (seeds SmoothGrad's noise, so a chunk is the same
+    whoever computes it); ``n_steps`` overrides ``cfg.ig_steps``."""
+    if cfg.attribution == "ig":
+        return integrated_gradients(teacher, x, y, baseline=_baseline(teacher, x, cfg.ig_baseline),
+                                    n_steps=n_steps or cfg.ig_steps, method=cfg.ig_method,
+                                    batch_size=cfg.ig_batch or None, return_delta=True)
+    nan = torch.full((len(x),), float("nan"))
+    if cfg.attribution == "saliency":
+        return saliency(teacher, x, y, batch_size=cfg.ig_batch or None), nan
+    if cfg.attribution == "input_x_gradient":
+        return input_x_gradient(teacher, x, y, batch_size=cfg.ig_batch or None), nan
+    g = torch.Generator().manual_seed(first_index)
+    return smoothgrad(teacher, x, y, cfg.smoothgrad_samples, cfg.smoothgrad_sigma, generator=g,
+                      batch_size=cfg.ig_batch or None), nan
+
+
 def compute_chunk(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PrecomputeConfig,
-                  device: torch.device) -> dict[str, np.ndarray]:
+                  device: torch.device, first_index: int = 0) -> dict[str, np.ndarray]:
     """Logits, normalised maps, scales and deltas for one block of clean images."""
     x = images.to(device).float().div_(255)
     y = labels.to(device)
-    mean = teacher.mean if isinstance(teacher, Normalized) else None
-    std = teacher.std if isinstance(teacher, Normalized) else None
-    baseline = make_baseline(cfg.ig_baseline, x, mean=mean, std=std)
-    attr, delta = integrated_gradients(teacher, x, y, baseline=baseline, n_steps=cfg.ig_steps,
-                                       method=cfg.ig_method, batch_size=cfg.ig_batch or None, return_delta=True)
+    attr, delta = attributions(teacher, x, y, cfg, first_index)
     m = attribution_map(attr)
     scale = m.flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+    unit = m / scale[:, None, None]
+    maps = unit.mul(255).round_().to(torch.uint8) if cfg.map_dtype == "uint8" else unit.half()
+    if cfg.attribution == "ig":
+        gap = attr.flatten(1).sum(1, dtype=torch.float64) - delta.double()
+    else:
+        with torch.no_grad():
+            ends = _logits(teacher, torch.cat([x, torch.zeros_like(x)]), 256).gather(1, y.repeat(2).view(-1, 1))
+        gap = (ends[:len(x), 0] - ends[len(x):, 0]).double()
     return {
         "logits": _logits(teacher, x, 256).float().cpu().numpy(),
-        "maps": (m / scale[:, None, None]).half().cpu().numpy(),
+        "maps": maps.cpu().numpy(),
         "map_scale": scale.float().cpu().numpy(),
         "delta": delta.float().cpu().numpy(),
-        "gap": (attr.flatten(1).sum(1, dtype=torch.float64) - delta.double()).float().cpu().numpy(),
+        "gap": gap.float().cpu().numpy(),
     }
+
+
+def relative_l1(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per image ``sum |M - R| / sum |R|`` over the map (the error measure igkd reports)."""
+    return (maps - reference).abs().flatten(1).sum(1) / reference.abs().flatten(1).sum(1).clamp_min(1e-30)
+
+
+def estimate_error(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, device: torch.device,
+                   images: int | None = None, reference_steps: int | None = None) -> dict | None:
+    """Map error of ``cfg``'s attribution against IG with ``reference_steps`` Gauss-Legendre
+    steps (same baseline), on ``images`` evenly spaced training images: what choosing
+    these settings costs in accuracy, known before the full run. None when skipped."""
+    k = min(cfg.check_images if images is None else images, len(dataset.train))
+    steps = reference_steps or cfg.check_steps
+    if k <= 0:
+        return None
+    train = dataset.train
+    idx = torch.linspace(0, len(train) - 1, k).round().long()
+    x = train.images[idx].to(device).float().div_(255)
+    y = train.labels[idx].to(device)
+    ref_cfg = replace(cfg, attribution="ig", ig_method="gausslegendre")  # cfg may be a DistillConfig
+    ref = attribution_map(attributions(teacher, x, y, ref_cfg, n_steps=steps)[0])
+    ours = attribution_map(attributions(teacher, x, y, cfg, first_index=CHECK_SEED)[0])
+    err = relative_l1(ours, ref).cpu()
+    return {"images": k, "reference_steps": steps, "median": float(err.median()), "max": float(err.max()),
+            "mean": float(err.mean())}
+
+
+def _describe(cfg: PrecomputeConfig) -> str:
+    if cfg.attribution == "ig":
+        return f"IG {cfg.ig_method} x {cfg.ig_steps} steps, baseline {cfg.ig_baseline}"
+    if cfg.attribution == "smoothgrad":
+        return f"smoothgrad x {cfg.smoothgrad_samples} samples, sigma {cfg.smoothgrad_sigma}"
+    return cfg.attribution
 
 
 def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | None = None,
                store_dir: str | Path | None = None, device: torch.device | str = "cpu",
-               quiet: bool = False, chunks: list[int] | None = None) -> Store | None:
+               quiet: bool = False, dist: Dist | None = None, chunks: list[int] | None = None) -> Store | None:
     """Build (or reuse, or resume) the store for ``teacher`` on ``dataset``'s training set.
 
-    ``chunks`` restricts the work to some chunks (one rank's share); the store is then
-    finalised by whoever calls with ``chunks=None`` once all chunks exist.
+    ``dist``: this process's place in a torchrun group (see :mod:`igkd.distill.parallel`);
+    every rank must call this, each computes its share of the chunks, rank 0 assembles
+    the store, and all ranks return it opened. ``chunks``: compute only these chunks
+    (one share of the work, done by hand) and return None; a later call without
+    ``chunks`` computes what is missing and assembles the store.
     """
     cfg = cfg or PrecomputeConfig()
+    env = dist or Dist()
     device = torch.device(device)
     teacher = teacher.to(device).eval()
     identity = store_identity(teacher, dataset, cfg)
@@ -84,23 +173,55 @@ def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | Non
         log(f"precompute: reusing store {path}", quiet)
         return store
     train = dataset.train
-    writer = StoreWriter(path, identity, len(train), cfg.chunk_size)
-    todo = writer.pending(chunks)
+    estimate = None
+    if env.rank == 0:  # creates the store's plan; the other ranks then check theirs against it
+        writer = StoreWriter(path, identity, len(train), cfg.chunk_size)
+        wanted = list(range(writer.num_chunks)) if chunks is None else chunks
+        pending = writer.pending(wanted)  # re-hashes finished chunks, removes bad ones
+        todo = [i for i in pending if i % env.world == 0]
+        if pending:
+            log(f"precompute: {len(train)} images, {_describe(cfg)} -> {path}"
+                + (f" (resuming: {len(wanted) - len(pending)} of {len(wanted)} chunks done)"
+                   if len(pending) < len(wanted) else "")
+                + (f" on {env.world} processes" if env.world > 1 else ""), quiet)
+            estimate = estimate_error(teacher, dataset, cfg, device)
+            if estimate is not None:
+                log(f"precompute: map error vs a {estimate['reference_steps']}-step IG reference on "
+                    f"{estimate['images']} images: median {100 * estimate['median']:.1f}%, max "
+                    f"{100 * estimate['max']:.1f}% (relative L1; raise --ig-steps to lower it)", quiet)
+    env.barrier(long=True)
+    if env.rank != 0:
+        writer = StoreWriter(path, identity, len(train), cfg.chunk_size)
+        wanted = list(range(writer.num_chunks)) if chunks is None else chunks
+        todo = writer.pending([i for i in wanted if i % env.world == env.rank])
     remaining = sum(writer.chunk_range(i)[1] - writer.chunk_range(i)[0] for i in todo)
-    if todo:
-        done_already = (writer.num_chunks if chunks is None else len(chunks)) - len(todo)
-        log(f"precompute: {len(train)} images, IG {cfg.ig_method} x {cfg.ig_steps} steps, baseline {cfg.ig_baseline}"
-            f" -> {path}" + (f" (resuming: {done_already} chunk(s) already done)" if done_already else ""), quiet)
-    with Progress(remaining, "precompute", "img", quiet=quiet or not todo) as bar:
+    extra = f"rank 0 of {env.world}" if env.world > 1 else ""
+    with Progress(remaining, "precompute", "img", quiet=quiet or not todo or env.rank != 0) as bar:
         for i in todo:
             lo, hi = writer.chunk_range(i)
-            writer.write_chunk(i, **compute_chunk(teacher, train.images[lo:hi], train.labels[lo:hi], cfg, device))
-            bar.update(hi - lo)
+            writer.write_chunk(i, **compute_chunk(teacher, train.images[lo:hi], train.labels[lo:hi], cfg, device,
+                                                  first_index=lo))
+            bar.update(hi - lo, extra)
+    env.barrier(long=True)
     if chunks is not None:
         return None
-    store = writer.finalize(extra={"settings": asdict(cfg), "dataset_spec": dataset.spec,
-                                   "classes": dataset.classes})
-    d = store.manifest["completeness_delta"]
-    log(f"precompute: done; IG completeness error |delta| / |F(x) - F(x')|: median {100 * d['median_relative']:.1f}%, "
-        f"p90 {100 * d['p90_relative']:.1f}% (more --ig-steps lowers it)", quiet)
-    return store
+    if env.rank == 0:
+        store = writer.finalize(extra={"settings": asdict(cfg), "dataset_spec": dataset.spec,
+                                       "classes": dataset.classes, "error_estimate": estimate,
+                                       "processes": env.world})
+        d = store.manifest["completeness_delta"]
+        if cfg.attribution == "ig":
+            log(f"precompute: done; IG completeness error |delta| / |F(x) - F(x')|: median "
+                f"{100 * d['median_relative']:.1f}%, p90 {100 * d['p90_relative']:.1f}% (more --ig-steps lowers it)",
+                quiet)
+    env.barrier(long=True)
+    return open_store(path, identity)
+
+
+def bytes_per_image(num_classes: int, height: int, width: int, map_dtype: str = "float16") -> int:
+    """Disk bytes of one image's row in a store: logits, map, scale, delta, gap."""
+    return 4 * num_classes + (1 if map_dtype == "uint8" else 2) * height * width + 3 * 4
+
+
+__all__ = ["attributions", "bytes_per_image", "compute_chunk", "estimate_error", "precompute", "relative_l1",
+           "store_identity"]

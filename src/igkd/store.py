@@ -6,8 +6,10 @@ Layout of a store directory::
                          shapes, per-file sha256, completeness-delta summary
     logits.npy           float32 N x classes   teacher logits on the clean image i
     maps.npy             float16 N x H x W     IG overlay map of image i, divided by its maximum
+                         (or uint8, that map x 255 rounded: --map-dtype uint8)
     map_scale.npy        float32 N             that maximum (maps.npy * scale = sum_c |IG|)
     delta.npy            float32 N             IG completeness delta of image i: sum IG - gap
+                                               (NaN for saliency-type attributions)
     gap.npy              float32 N             F_y(x) - F_y(x') of image i (delta / gap = relative error)
     chunks/              resumable work in progress (removed once the store is complete)
 
@@ -202,8 +204,10 @@ class StoreWriter:
         return open_store(self.path)
 
 
-def summarize_delta(delta: np.ndarray, gap: np.ndarray) -> dict:
+def summarize_delta(delta: np.ndarray, gap: np.ndarray) -> dict | None:
     """Completeness error in logit units, and relative to |F_y(x) - F_y(x')|."""
+    if not np.isfinite(delta).any():  # attributions without a completeness property (saliency...)
+        return None
     a = np.abs(delta)
     rel = a / np.maximum(np.abs(gap), 1e-12)
     return {"mean_abs": float(a.mean()), "median_abs": float(np.median(a)), "p99_abs": float(np.quantile(a, 0.99)),

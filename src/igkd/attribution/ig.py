@@ -110,8 +110,8 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 def _prepare(model: nn.Module, inputs: torch.Tensor, fast: bool) -> tuple[nn.Module, torch.memory_format]:
     """The network to differentiate and the memory format to feed it.
 
-    ``fast``: an eval-mode copy with BatchNorm folded into the convolutions and, on CPU,
-    channels_last weights (about 2x faster for MobileNetV2 on CPU; the same function up
+    ``fast``: an eval-mode copy with BatchNorm folded into the convolutions, activations
+    out of place and, on CPU, channels_last weights (about 2x faster for MobileNetV2 on CPU; the same function up
     to float rounding). The caller's model is never modified. Falls back to the model
     itself when it cannot be copied.
 
@@ -128,6 +128,9 @@ def _prepare(model: nn.Module, inputs: torch.Tensor, fast: bool) -> tuple[nn.Mod
         if net is not None:
             net.eval()
             _fold_batchnorm(net)
+            for m in net.modules():  # in-place activations cost a copy under autograd (~7% of a pass)
+                if isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
+                    m.inplace = False
             for p in net.parameters():
                 p.requires_grad_(False)
             if inputs.device.type == "cpu" or _channels_last(model):
@@ -339,6 +342,29 @@ def input_x_gradient(model: nn.Module, inputs: torch.Tensor, target,
     single right-endpoint step. Conventions as :func:`saliency`."""
     grads = _plain_gradients(model, inputs, target, batch_size, fast)
     return grads * inputs.detach()
+
+
+def smoothgrad(model: nn.Module, inputs: torch.Tensor, target, samples: int = 16, sigma: float = 0.15,
+               generator: torch.Generator | None = None, batch_size: int | None = None,
+               fast: bool = True) -> torch.Tensor:
+    """SmoothGrad (Smilkov et al. 2017) of gradient magnitudes, as captum's
+    ``NoiseTunnel(Saliency(model)).attribute(..., nt_type="smoothgrad", stdevs=sigma)``:
+    the mean over ``samples`` noisy copies ``x + N(0, sigma^2)`` of ``|dF_y/dx|`` at each
+    copy. ``sigma`` is in the units of ``inputs`` (0.15 of the [0, 1] pixel range by
+    default). Noise comes from ``generator`` (CPU, drawn image-major as
+    ``samples x C x H x W`` per image), so results are reproducible; ``batch_size``
+    noisy images per pass. Costs ``samples`` forward+backward passes per image."""
+    inputs = _check_inputs(inputs)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise UserError(f"smoothgrad samples must be a positive integer, got {samples!r}")
+    if not sigma >= 0:
+        raise UserError(f"smoothgrad sigma must be >= 0, got {sigma}")
+    n = inputs.shape[0]
+    noise = torch.randn((n, samples, *inputs.shape[1:]), generator=generator, dtype=inputs.dtype)
+    noisy = (inputs.unsqueeze(1) + sigma * noise.to(inputs.device)).reshape(n * samples, *inputs.shape[1:])
+    rows = _targets(target, n, inputs.device).repeat_interleave(samples)
+    grads = _plain_gradients(model, noisy, rows, batch_size, fast)
+    return grads.abs().reshape(n, samples, *inputs.shape[1:]).mean(1)
 
 
 # --------------------------------------------------------------------------- maps and baselines

@@ -18,6 +18,7 @@ from .distill import Trainer, choose_layers, parallel, parse_method
 from .distill.speed import amp_dtype
 from .errors import UserError
 from .evaluate import classification_metrics, predict
+from .evaluate.classmap import model_classes, read_class_map, remap
 from .models import (build_model, count_parameters, load_model, read_metadata, weights_fingerprint,
                      with_preprocessing)
 from .precompute import precompute as _precompute
@@ -141,24 +142,39 @@ def _model_params(teacher: str) -> int:
 
 
 def evaluate(weights: str | Path, data: str, model: str = "", normalize: str = "auto", teacher: str = "",
-             batch_size: int = 128, device: str = "auto") -> dict:
+             batch_size: int = 128, device: str = "auto", class_map: str | Path | dict | None = None) -> dict:
     """Accuracy, per-class accuracy, confusion matrix, parameters (and compression factor)
-    of a checkpoint on a dataset's test split."""
+    of a checkpoint on a dataset's test split.
+
+    ``class_map`` (a JSON/YAML file or dict, see :mod:`igkd.evaluate.classmap`) scores the
+    model on a dataset with other class names: its classes are mapped onto the model's,
+    images of unmapped classes are dropped and counted."""
     if normalize not in ("auto", "none", "dataset"):
         raise UserError(f"--normalize {normalize!r} is not one of auto, none, dataset")
     dataset = load_dataset(data)
     meta = read_metadata(weights) or {}
-    if meta.get("classes") and meta["classes"] != dataset.classes:
+    cmap = read_class_map(class_map) if class_map is not None else None
+    classes = model_classes(cmap, meta.get("classes"), str(weights)) if cmap else dataset.classes
+    if not cmap and meta.get("classes") and meta["classes"] != dataset.classes:
         raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
-                        "evaluate it on the dataset it was trained for")
+                        "evaluate it on the dataset it was trained for (or map the classes with --class-map)")
     pre = None if normalize == "auto" else preprocessing_for(normalize, dataset)
-    net, meta = load_model(weights, model or None, len(dataset.classes), dataset.channels, pre)
+    net, meta = load_model(weights, model or None, len(classes), dataset.channels, pre)
     dev = resolve_device(device)
     test = dataset.test
-    logits = predict(net.to(dev), test.images, batch_size, dev)
+    images, labels, mapped = test.images, test.labels, None
+    if cmap:
+        mapped = remap(test.labels, dataset.classes, cmap, classes)
+        images, labels = test.images[mapped["keep"]], mapped["labels"]
+        if not len(labels):
+            raise UserError(f"no test image of {dataset.spec} belongs to a class named in {cmap.source}")
+    logits = predict(net.to(dev), images, batch_size, dev)
     result = {"weights": str(weights), "model": meta["model"], "data": dataset.spec, "split": "test",
               "preprocessing": meta["preprocessing"], "params": count_parameters(net),
-              **classification_metrics(logits, test.labels, dataset.classes)}
+              **classification_metrics(logits, labels, classes)}
+    if mapped:
+        result["class_map"] = {"source": cmap.source, "map": cmap.mapping, "dropped_images": mapped["dropped_images"],
+                               "dropped_classes": mapped["dropped_classes"]}
     if teacher:
         tparams = _model_params(teacher)
         result.update(teacher=teacher, teacher_params=tparams, compression=tparams / result["params"])

@@ -93,6 +93,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--class-map", default=None, metavar="FILE", help="JSON/YAML mapping of the data's class names "
+                   "to the model's (with 'classes:' for checkpoints without metadata); images of unmapped classes "
+                   "are dropped and counted (default: none, the classes must match)")
 
     p = sub.add_parser("demo", help="the whole method on the embedded dataset, CPU, a few minutes",
                        description="Loads the shipped demo teacher (or trains one), precomputes IG maps, trains "
@@ -103,6 +106,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-teacher", action="store_true", help="train the teacher instead of using the shipped one")
     p.add_argument("--epochs", type=int, default=None, help="student epochs (default: from the recipe)")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
+
+    # --- deployment commands (issue 6): bench latency, export, audit ---
+    from .cli_deploy import add_deploy_commands
+    add_deploy_commands(sub, SPEC_HELP)
+    # --- end deployment commands ---
+
+    # --- research workflows (issue 5): experiment ablation|montecarlo|compression|search, report ---
+    from .cli_experiments import add_experiment_commands
+    add_experiment_commands(sub, SPEC_HELP)
+    # --- end research workflows ---
     return parser
 
 
@@ -130,7 +143,7 @@ def run(argv: list[str] | None = None) -> int:
             print(f"store: {store.path} ({len(store)} images)")
     elif args.command == "evaluate":
         r = api.evaluate(args.weights, args.data, args.model, args.normalize, args.teacher, args.batch_size,
-                         args.device)
+                         args.device, class_map=args.class_map)
         if args.json:
             print(json.dumps(r, indent=2))
         else:
@@ -139,6 +152,12 @@ def run(argv: list[str] | None = None) -> int:
         from .demo import run_demo
         run_demo(args.out, args.config or None, train_teacher=args.train_teacher, epochs=args.epochs,
                  quiet=args.quiet)
+    elif args.command in ("bench", "export", "audit"):  # deployment commands (issue 6)
+        from .cli_deploy import run_deploy
+        run_deploy(args)
+    elif args.command in ("experiment", "report"):  # research workflows (issue 5)
+        from .cli_experiments import run_experiment_command
+        run_experiment_command(args)
     return 0
 
 
@@ -149,6 +168,11 @@ def format_evaluation(r: dict) -> str:
              f"parameters: {r['params']:,}"]
     if "compression" in r:
         lines.append(f"compression: {r['compression']:.2f}x (teacher {r['teacher_params']:,} params)")
+    if "class_map" in r:
+        cm = r["class_map"]
+        lines.append(f"class map {cm['source']}: {len(cm['map'])} class(es) mapped, {cm['dropped_images']} image(s) "
+                     f"of {len(cm['dropped_classes'])} unmapped class(es) dropped"
+                     + (f" ({', '.join(cm['dropped_classes'][:5])})" if cm["dropped_classes"] else ""))
     lines.append("per class: " + ", ".join(f"{c} {a:.1f}" for c, a in r["per_class"].items() if a is not None))
     return "\n".join(lines)
 

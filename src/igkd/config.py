@@ -51,6 +51,11 @@ class TrainConfig:
     flip: bool = opt(True, "random horizontal flip")
     val_fraction: float = opt(0.1, "stratified share of the training set held out for model selection",
                               low=0.0, high=0.5)
+    subset: float = opt(1.0, "stratified share of the training set to use (drawn before the validation split; "
+                        "samples keep their dataset indices, so stored maps and logits stay aligned)",
+                        low=0.0, high=1.0, low_open=True)
+    subset_seed: int = opt(0, "seed of the --subset draw (Monte Carlo runs give each run its own)",
+                           low=0, high=2**31 - 1)
     seed: int = opt(0, "seed for initialisation, data order, augmentation and the validation split",
                     low=0, high=2**31 - 1)
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")

@@ -21,7 +21,7 @@ from .cifar10 import load_cifar10
 from .demo import load_demo
 from .fashion_mnist import load_fashion_mnist
 from .imagefolder import load_imagefolder
-from .splits import stratified_split
+from .splits import stratified_split, subset_indices
 
 DATASETS: dict[str, Callable[[Spec], Dataset]] = {
     "cifar10": load_cifar10,
@@ -39,4 +39,4 @@ def load_dataset(spec: str) -> Dataset:
     return DATASETS[parsed.kind](parsed)
 
 
-__all__ = ["DATASETS", "Dataset", "Split", "load_dataset", "stratified_split"]
+__all__ = ["DATASETS", "Dataset", "Split", "load_dataset", "stratified_split", "subset_indices"]

@@ -32,3 +32,18 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     if held:
         mask[torch.cat(held)] = True
     return torch.nonzero(~mask).reshape(-1), torch.nonzero(mask).reshape(-1)
+
+
+def subset_indices(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted dataset indices of a stratified ``fraction`` of the samples (all of them at 1).
+
+    The complement of :func:`stratified_split`'s held part with ``1 - fraction``: class
+    ``c`` keeps ``n_c - round((1 - fraction) * n_c)`` samples (at least one). The indices
+    are the samples' own, so anything stored by sample index stays aligned.
+    """
+    labels = torch.as_tensor(labels).reshape(-1)
+    if not 0 < fraction <= 1:
+        raise UserError(f"subset fraction {fraction} is out of range; use a value in (0, 1], e.g. 0.8")
+    if fraction == 1:
+        return torch.arange(len(labels))
+    return stratified_split(labels, 1 - fraction, seed)[0]

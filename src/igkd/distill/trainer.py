@@ -37,7 +37,7 @@ import yaml
 from torch import nn
 
 from ..config import DistillConfig, TrainConfig, to_dict
-from ..data import Dataset, stratified_split
+from ..data import Dataset, stratified_split, subset_indices
 from ..errors import UserError
 from ..evaluate import classification_metrics, predict
 from ..fileio import atomic_path, write_json, write_text
@@ -102,9 +102,12 @@ class Trainer:
         train = dataset.train
         self.images = train.images.to(device)
         self.labels = train.labels.to(device)
-        keep, held = stratified_split(train.labels, cfg.val_fraction, cfg.seed) if cfg.val_fraction > 0 \
-            else (torch.arange(len(train)), torch.empty(0, dtype=torch.long))
-        self.train_idx, self.val_idx = keep.to(device), held
+        # --subset first, then the validation split inside it; both are sample indices of the
+        # whole training split, so maps and logits stored by index stay aligned
+        pool = subset_indices(train.labels, getattr(cfg, "subset", 1.0), getattr(cfg, "subset_seed", 0))
+        keep, held = stratified_split(train.labels[pool], cfg.val_fraction, cfg.seed) if cfg.val_fraction > 0 \
+            else (torch.arange(len(pool)), torch.empty(0, dtype=torch.long))
+        self.train_idx, self.val_idx = pool[keep].to(device), pool[held]
         self.teacher = teacher.to(device).eval() if teacher is not None else None
         if self.teacher is not None and cfg.channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
@@ -281,7 +284,8 @@ class Trainer:
     def load_state(self) -> list:
         path = self.out / "last.pt"
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = {k: v for k, v in state["config"].items() if k not in RESUME_FREE}
+        defaults = to_dict(type(self.cfg)())  # options added since the run started take their defaults
+        saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k not in RESUME_FREE}
         now = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUME_FREE}
         if saved != now:
             diff = sorted(k for k in now if saved.get(k) != now[k])
@@ -378,6 +382,7 @@ class Trainer:
                 "params": count_parameters(bare(self.model)), "best_epoch": self.best["epoch"],
                 "val_accuracy": self.best["val_accuracy"], "test_accuracy": test["accuracy"],
                 "test": test, "epochs": self.cfg.epochs, "train_seconds": seconds,
+                "train_images": len(self.train_idx), "val_images": len(self.val_idx),
                 "processes": self.world, "global_batch": self.batch * self.world, "lr": self.lr, **self.meta,
             }
             meta = {**self.model_meta(), "metrics": {"val_accuracy": self.best["val_accuracy"],

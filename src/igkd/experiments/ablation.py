@@ -1,0 +1,83 @@
+"""``igkd experiment ablation``: every selected method with the same budget, seeds and splits.
+
+Writes ``ablation.json`` / ``ablation.md``: the paper's table (method, accuracy, gain over
+the plain student, parameters, compression factor), the teacher on top. With ``--seeds N``
+(N >= 2) each method is trained with seeds seed ... seed+N-1 and the table shows the
+mean with its 95% t-interval; the paper's table is single runs (N = 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..report import accuracy_bars, markdown_table
+from .common import baseline_of, methods_of, save_results, setup
+from .config import ExperimentConfig, distill_config
+from .runs import Job, run_jobs, run_record
+from .stats import describe
+
+
+def ablation_jobs(cfg: ExperimentConfig, methods: list[str]) -> list[Job]:
+    return [Job(f"{m} seed {cfg.seed + s}", distill_config(cfg, method=m, seed=cfg.seed + s),
+                {"method": m, "seed_index": s}) for s in range(cfg.seeds) for m in methods]
+
+
+def run_ablation(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> dict:
+    """Train (or reuse) every method x seed; write and return the table's data."""
+    methods = methods_of(cfg)
+    out, ctx = setup(cfg, out, "ablation", methods, quiet)
+    jobs = ablation_jobs(cfg, methods)
+    summaries = run_jobs(jobs, out, "ablation", quiet)
+    runs = [run_record(s, j, out) for s, j in zip(summaries, jobs)]
+    base = baseline_of(methods)
+    acc = {m: [r["test_accuracy"] for r in runs if r["method"] == m] for m in methods}
+    teacher = ctx["teacher"]
+    rows = []
+    for m in methods:
+        d = describe(acc[m])
+        params = next(r["params"] for r in runs if r["method"] == m)
+        rows.append({"method": m, **{k: d[k] for k in ("n", "mean", "std", "ci_low", "ci_high")},
+                     "gain": d["mean"] - describe(acc[base])["mean"], "params": params,
+                     "compression": teacher["params"] / params if teacher else None,
+                     "val_mean": describe([r["val_accuracy"] for r in runs if r["method"] == m])["mean"]})
+    result = {**ctx, "baseline": base, "methods": methods, "seeds": cfg.seeds, "model": cfg.model,
+              "epochs": cfg.epochs, "rows": rows, "runs": runs}
+    table = ablation_table(result)
+    save_results(out, "ablation", result, table, cfg)
+    return result
+
+
+def ablation_table(result: dict) -> str:
+    t, base, several = result["teacher"], result["baseline"], result["seeds"] > 1
+    header = ["method", "test accuracy (%)" + (" mean [95% CI]" if several else ""), f"gain over {base}",
+              "params", "compression"]
+    rows = []
+    if t:
+        rows.append([f"teacher ({t['model']})", t["test_accuracy"], "", t["params"], "1.00x"])
+    for r in result["rows"]:
+        acc = f"{r['mean']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if several else f"{r['mean']:.2f}"
+        rows.append([r["method"], acc, "" if r["method"] == base else f"{r['gain']:+.2f}", r["params"],
+                     f"{r['compression']:.2f}x" if r["compression"] else ""])
+    return markdown_table(header, rows)
+
+
+def section(run_dir: Path) -> str | None:
+    """Report section: the table and a bar chart (95% CI error bars when seeds >= 2)."""
+    import json
+    path = run_dir / "ablation.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    several = result["seeds"] > 1
+    errors = [(r["mean"] - r["ci_low"], r["ci_high"] - r["mean"]) for r in rows] if several else None
+    t = result["teacher"]
+    accuracy_bars(run_dir / "ablation.png", [r["method"] for r in rows], [r["mean"] for r in rows],
+                  t["test_accuracy"] if t else None, errors=errors)
+    runs = "single runs" if not several else f"mean of {result['seeds']} seeds, error bars: 95% t-interval"
+    return (f"## Ablation\n\nStudent `{result['model']}` on `{result['data']}`, every method with the same "
+            f"budget ({result['epochs']} epochs), seeds and splits; test split accuracy ({runs}).\n\n"
+            f"{ablation_table(result)}\n\n![ablation](ablation.png)\n")
+
+
+__all__ = ["ablation_jobs", "ablation_table", "run_ablation", "section"]

@@ -1,0 +1,159 @@
+"""``igkd experiment compression``: accuracy against compression factor, MACs and latency.
+
+Students are the ``sweep_base`` spec with ``drop=K`` for each truncation depth K (the
+paper's sweep, K = 3 ... 17: 2.2x to 1122x for the CIFAR teacher) and with ``width=W``
+for each width multiplier W. Truncation removes parameters but few multiply-adds (the
+removed blocks run at low resolution); width multipliers cut both, so the sweep reports
+parameters, MACs (:func:`igkd.evaluate.cost.count_macs`) and measured CPU latency
+(:func:`igkd.evaluate.cost.measure_latency`: warm-up, repeated calls, median and p10/p90,
+fixed thread count) side by side. Every student x method is one run, same seed and budget.
+Cost is measured on the bare network (no preprocessing), the same for every method.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..data import load_dataset
+from ..evaluate.cost import count_macs, measure_latency
+from ..models import bare, build_model, count_parameters
+from ..progress import log
+from ..report import _plt, _save, markdown_table
+from ..spec import Spec, parse_spec
+from .common import methods_of, save_results, setup
+from .config import ExperimentConfig, distill_config, split_list
+from .runs import Job, run_jobs, run_record
+
+
+def student_specs(cfg: ExperimentConfig) -> list[tuple[str, float, str]]:
+    """(axis, value, model spec) of every student of the sweep, depth students first."""
+    base = parse_spec(cfg.sweep_base, "model spec")
+    out = []
+    for k in split_list(cfg.depths, int, "--depths"):
+        out.append(("depth", k, str(Spec(base.kind, base.arg, {**base.options, "drop": str(k)}))))
+    for w in split_list(cfg.widths, float, "--widths"):
+        opts = {k: v for k, v in base.options.items() if k not in ("width", "drop")}
+        out.append(("width", w, str(Spec(base.kind, base.arg, {**opts, "width": f"{w:g}"}))))
+    if not out:
+        from ..errors import UserError
+        raise UserError("the sweep is empty; give --depths and/or --widths")
+    return out
+
+
+def cost(net, shape: tuple[int, int, int], cfg: ExperimentConfig) -> dict:
+    c = {"params": count_parameters(net), "macs": count_macs(net, shape)}
+    if cfg.latency:
+        lat = measure_latency(net, shape, batch=cfg.latency_batch, threads=cfg.latency_threads,
+                              min_time=cfg.latency_min_time)
+        c["latency"] = {k: lat[k] for k in ("median_ms", "p10_ms", "p90_ms", "images_per_s", "reps", "threads",
+                                            "batch")}
+    return c
+
+
+def run_compression(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> dict:
+    from .. import api
+    methods = methods_of(cfg)
+    specs = student_specs(cfg)
+    for _, _, spec in specs:  # bad specs fail before any training
+        build_model(spec, 10, 3)
+    out, ctx = setup(cfg, out, "compression", methods, quiet, need_teacher=True)
+    dataset = load_dataset(cfg.data)
+    shape = (dataset.channels, *dataset.image_size)
+    teacher, _ = api.load_teacher(cfg.teacher, dataset, cfg.teacher_model)
+    log(f"compression: measuring the cost of the teacher and {len(specs)} students"
+        + (f" (latency: batch {cfg.latency_batch}, {cfg.latency_threads} thread(s))" if cfg.latency else ""), quiet)
+    teacher_cost = cost(bare(teacher).eval(), shape, cfg)
+    costs = {spec: cost(build_model(spec, dataset.num_classes, dataset.channels).eval(), shape, cfg)
+             for _, _, spec in specs}
+    jobs = [Job(f"{m} {spec}", distill_config(cfg, model=spec, method=m),
+                {"method": m, "model": spec, "axis": axis, "value": value})
+            for axis, value, spec in specs for m in methods]
+    summaries = run_jobs(jobs, out, "compression", quiet)
+    tp = ctx["teacher"]["params"]
+    runs = []
+    for s, j in zip(summaries, jobs):
+        c = costs[j.tags["model"]]
+        runs.append({**run_record(s, j, out), "compression": tp / s["params"], "macs": c["macs"],
+                     "latency": c.get("latency")})
+    result = {**ctx, "methods": methods, "epochs": cfg.epochs, "seed": cfg.seed, "input_shape": list(shape),
+              "teacher_cost": teacher_cost, "students": [{"axis": a, "value": v, "model": sp, **costs[sp],
+                                                           "compression": tp / costs[sp]["params"]}
+                                                          for a, v, sp in specs],
+              "runs": runs}
+    table = compression_table(result)
+    save_results(out, "compression", result, table, cfg)
+    return result
+
+
+def _lat(c: dict) -> str:
+    lat = c.get("latency")
+    return f"{lat['median_ms']:.2f} ({lat['p10_ms']:.2f}-{lat['p90_ms']:.2f})" if lat else ""
+
+
+def compression_table(result: dict) -> str:
+    methods = result["methods"]
+    acc = {(r["model"], r["method"]): r["test_accuracy"] for r in result["runs"]}
+    t, tc = result["teacher"], result["teacher_cost"]
+    header = ["model", "params", "compression", "MMACs", "latency ms median (p10-p90)"] + \
+             [f"{m} acc (%)" for m in methods]
+    rows = [[f"teacher {t['model']}", tc["params"], "1.00x", f"{tc['macs'] / 1e6:.2f}", _lat(tc),
+             *([t["test_accuracy"]] + [""] * (len(methods) - 1))]]
+    for s in result["students"]:
+        rows.append([s["model"], s["params"], f"{s['compression']:.2f}x", f"{s['macs'] / 1e6:.2f}", _lat(s),
+                     *[acc.get((s["model"], m), "") for m in methods]])
+    return markdown_table(header, rows)
+
+
+def curves(path: Path, result: dict) -> Path:
+    """Accuracy against compression factor (log x), against latency and against MACs."""
+    plt = _plt()
+    with_lat = result["teacher_cost"].get("latency") is not None
+    panels = [("compression", "compression factor (teacher params / student params)")]
+    panels += [("latency", "CPU latency, median ms per call")] if with_lat else []
+    panels += [("macs", "multiply-accumulates per image")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    t = result["teacher"]
+
+    def xval(row: dict, what: str) -> float:
+        return row["latency"]["median_ms"] if what == "latency" else row[what]
+
+    for ax, (what, label) in zip(axes[0], panels):
+        for i, m in enumerate(result["methods"]):
+            for axis, style in (("depth", "-o"), ("width", "--s")):
+                rows = sorted((r for r in result["runs"] if r["method"] == m and r["axis"] == axis),
+                              key=lambda r: xval(r, what))
+                if rows:
+                    ax.plot([xval(r, what) for r in rows], [r["test_accuracy"] for r in rows], style, ms=4,
+                            color=cmap(i % 10), label=f"{m} ({'truncation' if axis == 'depth' else 'width'})")
+        ax.axhline(t["test_accuracy"], color="k", ls=":", lw=1, label="teacher")
+        if what != "compression":
+            ax.plot([xval({**result["teacher_cost"], "latency": result["teacher_cost"].get("latency")}, what)],
+                    [t["test_accuracy"]], "k*", ms=9)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # no crowded labels between decades
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def section(run_dir: Path) -> str | None:
+    path = run_dir / "compression.json"
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    curves(run_dir / "compression.png", r)
+    lat = r["teacher_cost"].get("latency")
+    how = (f"latency: eager PyTorch on CPU, batch {lat['batch']}, {lat['threads']} thread(s), 10 warm-up calls then "
+           "repeated calls, median and p10-p90" if lat else "latency not measured (--no-latency)")
+    c, h, w = r["input_shape"]
+    return (f"## Compression sweep\n\nStudents by truncation (`drop=K`) and width (`width=W`) on `{r['data']}`, "
+            f"{r['epochs']} epochs, seed {r['seed']}; MACs per {c}x{h}x{w} image; {how}. Truncation cuts "
+            f"parameters but few MACs; width cuts both.\n\n{compression_table(r)}\n\n![compression](compression.png)\n")
+
+
+__all__ = ["compression_table", "run_compression", "section", "student_specs"]

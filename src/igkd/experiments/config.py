@@ -1,0 +1,137 @@
+"""``ExperimentConfig``: a base distillation config plus the fields of the four experiments.
+
+Built with the same :func:`igkd.config.opt` machinery as every other config, so each field
+is a YAML key, a command-line option ``--field-name`` with its range and default in
+``--help``, and validated the same way. Lists (methods, depths, grid values) are
+comma-separated strings on the command line; YAML may give them as lists.
+
+A YAML recipe is read in layers, later ones winning::
+
+    distill:            the base student recipe (every DistillConfig field)
+    experiment:         experiment fields, and any distill field to change for experiments
+      ablation: {...}   fields for one experiment kind only (also montecarlo, compression, search)
+
+A flat file (no sections) is read as one mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from ..config import DistillConfig, build, load_yaml, opt, validate
+from ..distill.methods import parse_method
+from ..errors import UserError
+
+KINDS = ("ablation", "montecarlo", "compression", "search")
+
+
+@dataclass
+class ExperimentConfig(DistillConfig):
+    """Options of ``igkd experiment``: the base distill recipe, then the experiments' own."""
+
+    methods: str = opt("student,kd,ig,kd+ig,ig-shuffled", "comma-separated methods to train (ablation, montecarlo, "
+                       "compression); the first one, or 'student' when present, is the baseline gains are "
+                       "measured against")
+    seeds: int = opt(1, "ablation: runs per method, seeds seed, seed+1, ...; with 2 or more the table shows "
+                     "mean and 95%% CI", low=1, high=1000)
+    runs: int = opt(5, "montecarlo: number of runs; run r draws its own stratified --mc-subset of the training "
+                    "set with seed seed+r, shared by all methods of that run", low=2, high=10000)
+    mc_subset: float = opt(0.8, "montecarlo: stratified share of the training set each run trains on (the "
+                           "paper's 80%%)", low=0.0, high=1.0, low_open=True)
+    depths: str = opt("3,5,7,9,11,13,15,17", "compression: truncation depths K (students BASE,drop=K); empty for "
+                      "none")
+    widths: str = opt("0.75,0.5,0.35,0.25", "compression: width multipliers W (students BASE,width=W); empty for "
+                      "none")
+    sweep_base: str = opt("mobilenetv2", "compression: model spec the drop=K / width=W options are set on")
+    latency: bool = opt(True, "compression: measure CPU latency of the teacher and every student (batch "
+                        "--latency-batch, --latency-threads threads, median of repeated calls)")
+    latency_batch: int = opt(1, "compression: images per timed call", low=1, high=65536, unit="images")
+    latency_threads: int = opt(1, "compression: torch threads while timing (fixed, for comparable numbers)",
+                               low=1, high=1024)
+    latency_min_time: float = opt(1.0, "compression: seconds of timed calls per model (after 10 warm-up calls)",
+                                  low=0.0, high=3600.0, unit="s")
+    sampler: str = opt("grid", "search: grid (every point of the value lists, each exactly once across workers) "
+                       "or tpe (Optuna's TPE within the range of each list)", choices=["grid", "tpe"])
+    search_method: str = opt("kd+ig", "search: the method whose hyper-parameters are searched")
+    T_values: str = opt("1,2,2.5,4,8", "search: temperatures (grid points; tpe: the range, log scale)")
+    alpha_values: str = opt("0.01,0.1,0.5,0.9", "search: KD weights (grid points; tpe: the range)")
+    p_values: str = opt("0,0.1,0.25,0.5", "search: overlay probabilities (grid points; tpe: the range)")
+    lr_values: str = opt("", "search: learning rates (grid points; tpe: the range, log scale); empty: the base "
+                         "--lr only")
+    trials: int = opt(20, "search with tpe: total trials over all workers (grid: all points)", low=1, high=100000)
+    storage: str = opt("", "search: Optuna storage URL shared by all workers, e.g. sqlite:///DIR/search.db or "
+                       "postgresql://user:pass@host/db; empty: sqlite file search.db in --out")
+    study: str = opt("igkd-search", "search: Optuna study name within the storage")
+    heartbeat: int = opt(60, "search: seconds between a worker's heartbeats; a running trial silent for 3 "
+                         "heartbeats is taken to be dead and its point is queued again", low=1, high=86400,
+                         unit="s")
+
+
+def split_list(text: str, cast=str, flag: str = "") -> list:
+    """``"a, b,c"`` -> [cast(a), cast(b), cast(c)]; one-line UserError on bad items."""
+    items = [s.strip() for s in str(text).split(",") if s.strip()]
+    try:
+        return [cast(s) for s in items]
+    except ValueError:
+        raise UserError(f"{flag or 'list'} {text!r} must be comma-separated {cast.__name__} values") from None
+
+
+def _flatten_lists(values: dict) -> dict:
+    return {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
+
+
+def yaml_layers(path: str | Path | None, kind: str) -> dict:
+    """Merged YAML values for experiment ``kind``: distill <- experiment <- experiment.<kind>."""
+    if not path:
+        return {}
+    flat = load_yaml(path, None)  # existence, syntax and mapping checks, with one-line errors
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    if not any(isinstance(doc.get(s), dict) for s in ("distill", "experiment")):
+        return _flatten_lists(flat)
+    exp = dict(doc.get("experiment") or {})
+    specific = exp.pop(kind, None) or {}
+    for other in KINDS:
+        exp.pop(other, None)
+    if not isinstance(specific, dict):
+        raise UserError(f"'experiment: {kind}:' in {path} must be a mapping of option: value")
+    return _flatten_lists({**(doc.get("distill") or {}), **exp, **specific})
+
+
+def resolve(kind: str, config: str | Path | None = None, overrides: dict | None = None) -> ExperimentConfig:
+    """Defaults <- YAML layers <- overrides, validated; methods and lists checked too."""
+    cfg = build(ExperimentConfig, yaml_layers(config, kind), overrides, source=str(config or "options"))
+    return check(cfg)
+
+
+def check(cfg: ExperimentConfig) -> ExperimentConfig:
+    validate(cfg)
+    methods = split_list(cfg.methods, str, "--methods")
+    if not methods:
+        raise UserError("--methods is empty; give e.g. student,kd+ig")
+    canon = [parse_method(m).name for m in methods]
+    if len(set(canon)) != len(canon):
+        raise UserError(f"--methods {cfg.methods!r} names a method twice")
+    parse_method(cfg.search_method)
+    for name in ("depths",):
+        split_list(getattr(cfg, name), int, "--" + name)
+    for name in ("widths", "T_values", "alpha_values", "p_values", "lr_values"):
+        split_list(getattr(cfg, name), float, "--" + name.replace("_", "-"))
+    return cfg
+
+
+def base_fields() -> set[str]:
+    """Names of the DistillConfig fields (what a single run is configured by)."""
+    return {f.name for f in fields(DistillConfig)}
+
+
+def distill_config(cfg: ExperimentConfig, **changes) -> DistillConfig:
+    """The DistillConfig of one run: the base fields of ``cfg`` with ``changes``."""
+    values = {name: getattr(cfg, name) for name in base_fields()}
+    values.update(changes)
+    return validate(DistillConfig(**values))
+
+
+__all__ = ["ExperimentConfig", "KINDS", "check", "distill_config", "resolve", "split_list", "yaml_layers"]

@@ -1,0 +1,119 @@
+"""``igkd experiment montecarlo``: repeated runs on random stratified subsets (METHOD.md 7).
+
+Run r (r = 0 ... runs-1) draws its own stratified ``mc_subset`` share of the training
+set (``subset_seed = seed + r``) and trains every method on it with ``seed = seed + r``
+(initialisation, order, augmentation, validation split): within a run the methods differ
+only by method, so their accuracies are paired. Per method: mean, standard deviation and
+95% t-interval; for every pair of methods: paired t-test with Cohen's d_z, Wilcoxon
+signed-rank test with the rank-biserial correlation, both Holm-corrected over all pairs
+(:mod:`igkd.experiments.stats`). The store of teacher maps and logits covers the whole
+training set once; subsets keep the samples' own indices, so every run reads aligned rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..report import accuracy_bars, markdown_table, _plt, _save
+from .common import baseline_of, methods_of, save_results, setup
+from .config import ExperimentConfig, distill_config
+from .runs import Job, run_jobs, run_record
+from .stats import compare, describe
+
+
+def montecarlo_jobs(cfg: ExperimentConfig, methods: list[str]) -> list[Job]:
+    return [Job(f"{m} run {r}", distill_config(cfg, method=m, seed=cfg.seed + r, subset=cfg.mc_subset,
+                                               subset_seed=cfg.seed + r), {"method": m, "mc_run": r})
+            for r in range(cfg.runs) for m in methods]
+
+
+def run_montecarlo(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> dict:
+    methods = methods_of(cfg)
+    out, ctx = setup(cfg, out, "montecarlo", methods, quiet)
+    jobs = montecarlo_jobs(cfg, methods)
+    summaries = run_jobs(jobs, out, "montecarlo", quiet)
+    runs = [run_record(s, j, out) for s, j in zip(summaries, jobs)]
+    acc = {m: [r["test_accuracy"] for r in sorted(runs, key=lambda r: r["mc_run"]) if r["method"] == m]
+           for m in methods}
+    base = baseline_of(methods)
+    summary = {m: describe(acc[m]) for m in methods}
+    order = [base] + [m for m in methods if m != base]
+    pairs = [(m, base) for m in order[1:]] + [(b, a) for i, a in enumerate(order[1:], 1) for b in order[i + 1:]]
+    result = {**ctx, "baseline": base, "methods": methods, "runs_count": cfg.runs, "subset": cfg.mc_subset,
+              "model": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
+              "train_images": runs[0]["train_images"], "accuracy": acc, "summary": summary,
+              "comparisons": compare({m: acc[m] for m in order}, pairs), "runs": runs}
+    table = montecarlo_tables(result)
+    save_results(out, "montecarlo", result, table, cfg)
+    return result
+
+
+def _p(p: float) -> str:
+    if p != p:
+        return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def montecarlo_tables(result: dict) -> str:
+    rows = []
+    for m in result["methods"]:
+        d = result["summary"][m]
+        rows.append([m, d["n"], d["mean"], d["std"], f"[{d['ci_low']:.2f}, {d['ci_high']:.2f}]",
+                     f"{d['mean'] - d['ci_low']:.2f}"])
+    per_method = markdown_table(["method", "runs", "mean acc (%)", "std", "95% CI", "+/-"], rows)
+    rows = []
+    for c in result["comparisons"]:
+        t, w = c["t"], c["wilcoxon"]
+        rows.append([f"{c['a']} - {c['b']}", f"{t['mean_diff']:+.2f}", f"[{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]",
+                     f"{t['t']:.2f}", _p(t["p"]), _p(t["p_holm"]), f"{t['cohen_dz']:.2f}",
+                     _p(w["p"]), _p(w["p_holm"]), f"{w['rank_biserial']:+.2f}"])
+    tests = markdown_table(["difference", "mean", "95% CI", "t", "p (t)", "p Holm (t)", "d_z", "p (Wilcoxon)",
+                            "p Holm (W)", "rank-biserial"], rows)
+    return per_method + "\n\n" + tests
+
+
+def distribution_plot(path: Path, result: dict) -> Path:
+    """Box plot per method with every run as a point (same run = same colour), teacher line."""
+    plt = _plt()
+    methods, acc = result["methods"], result["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2.5, 3.6))
+    ax.boxplot([acc[m] for m in methods], widths=0.5, showmeans=True, showfliers=False)  # every run is a dot
+    ax.set_xticks(range(1, len(methods) + 1), methods)
+    cmap = plt.get_cmap("tab10")
+    for i, m in enumerate(methods, 1):
+        n = len(acc[m])
+        xs = [i + (j - (n - 1) / 2) * min(0.05, 0.35 / max(1, n)) for j in range(n)]
+        ax.scatter(xs, acc[m], s=14, c=[cmap(j % 10) for j in range(n)], zorder=3)
+    if result.get("teacher"):
+        ax.axhline(result["teacher"]["test_accuracy"], color="k", ls="--", lw=1, label="teacher")
+        ax.legend(loc="lower right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{result['runs_count']} runs, each on its own {100 * result['subset']:.0f}% subset", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def section(run_dir: Path) -> str | None:
+    path = run_dir / "montecarlo.json"
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    distribution_plot(run_dir / "montecarlo.png", r)
+    s = r["summary"]
+    accuracy_bars(run_dir / "montecarlo_bars.png", r["methods"], [s[m]["mean"] for m in r["methods"]],
+                  r["teacher"]["test_accuracy"] if r.get("teacher") else None,
+                  errors=[(s[m]["mean"] - s[m]["ci_low"], s[m]["ci_high"] - s[m]["mean"]) for m in r["methods"]])
+    n = r["runs_count"]
+    note = (f" With {n} runs a Wilcoxon test cannot give a two-sided p below {2 / 2 ** n:.3f}; the t-test assumes "
+            "roughly normal differences." if n < 10 else "")
+    return (f"## Monte Carlo\n\n{n} runs of student `{r['model']}` on `{r['data']}`: run r trains on its own stratified "
+            f"{100 * r['subset']:.0f}% subset of the training set ({r['train_images']} training images after the "
+            f"validation split) with seed {r['seed']}+r, shared by all methods of that run; {r['epochs']} epochs; "
+            f"accuracy on the test split. Paired tests on the per-run differences, Holm-corrected over the "
+            f"{len(r['comparisons'])} comparisons.{note}\n\n{montecarlo_tables(r)}\n\n"
+            "![Monte Carlo distribution](montecarlo.png)\n\n![means with 95% CI](montecarlo_bars.png)\n")
+
+
+__all__ = ["montecarlo_jobs", "montecarlo_tables", "run_montecarlo", "section"]

@@ -1,0 +1,197 @@
+"""Runs of an experiment, found again by their resolved configuration.
+
+Every training run of an experiment is one :class:`~igkd.config.DistillConfig`. Its key is
+the sha256 of that config with the fields that cannot change the result removed (threads,
+device, store location, evaluation batch, speed switches) and the fields its method does
+not use removed too (a ``student`` run ignores T, alpha, p, the teacher...); the teacher
+is named by the sha256 of its file, not its path. A run lives in
+``OUT/runs/<label>--<key>/``:
+
+* ``summary.json`` present: finished; the experiment reuses it and trains nothing;
+* ``last.pt`` present: interrupted; it is resumed after its last finished epoch;
+* otherwise it is trained from the start.
+
+So a killed experiment, re-run with the same command, redoes only unfinished work, and
+experiments sharing an output folder share identical runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .. import api
+from ..config import DistillConfig, PrecomputeConfig, to_dict
+from ..distill.methods import parse_method
+from ..errors import UserError
+from ..fileio import write_json
+from ..progress import fmt_seconds, log
+from ..store import sha256_file
+
+# fields that do not change what a run computes (speed, placement, bookkeeping)
+NON_SEMANTIC = ("threads", "device", "store", "eval_batch_size", "channels_last", "optimizer_impl", "compile",
+                "chunk_size", "ig_batch", "check_images", "check_steps")
+KD_FIELDS = ("T", "alpha", "logits")
+# the overlay probability and every setting of the stored maps (attribution, steps, baseline, ...)
+IG_FIELDS = ("p", *(f.name for f in fields(PrecomputeConfig)))
+AT_FIELDS = ("gamma", "at_teacher_layer", "at_student_layer")
+TEACHER_FIELDS = ("teacher", "teacher_model")
+MARKER = "experiment.json"
+
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _file_hashes:
+        _file_hashes[key] = sha256_file(p)
+    return _file_hashes[key]
+
+
+def semantic_config(cfg: DistillConfig) -> dict:
+    """The fields of ``cfg`` that decide a run's result, canonicalised."""
+    method = parse_method(cfg.method)
+    d = to_dict(cfg)
+    d["method"] = method.name
+    drop = set(NON_SEMANTIC)
+    if not method.kd:
+        drop.update(KD_FIELDS)
+    if not method.ig:
+        drop.update(IG_FIELDS)
+    if not method.at:
+        drop.update(AT_FIELDS)
+    if not method.needs_teacher:
+        drop.update(TEACHER_FIELDS)
+    elif cfg.teacher and Path(cfg.teacher).is_file():
+        d["teacher"] = "sha256:" + file_sha256(cfg.teacher)
+    if cfg.subset == 1.0:
+        drop.add("subset_seed")
+    return {k: v for k, v in sorted(d.items()) if k not in drop}
+
+
+def run_key(cfg: DistillConfig) -> str:
+    return hashlib.sha256(json.dumps(semantic_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Job:
+    """One run of an experiment: a label for people, its config, and tags for the tables."""
+
+    label: str
+    cfg: DistillConfig
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return run_key(self.cfg)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "+-.=" else "_" for c in text)[:60]
+
+
+def same_run(recorded: dict, wanted: dict) -> bool:
+    """Whether a run recorded with config ``recorded`` is the run ``wanted`` describes.
+
+    Compared on the fields that matter now; a field the recorded run predates counts with
+    its default value, so adding an option to igkd does not orphan finished runs."""
+    defaults = {f.name: f.default for f in fields(DistillConfig)}
+    return all(recorded.get(k, defaults.get(k)) == v for k, v in wanted.items())
+
+
+_records: dict[tuple[str, int], dict] = {}
+
+
+def _recorded_config(path: Path) -> dict:
+    """The config a run.json records (read once per file version)."""
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _records:
+        _records[key] = json.loads(path.read_text()).get("config", {})
+    return _records[key]
+
+
+def run_dir(out: Path, job: Job) -> Path:
+    """The run's folder: an existing one for the same resolved config (finished first, then
+    interrupted), else a new ``<label>--<key>`` folder."""
+    key = job.key
+    runs = out / "runs"
+    found = sorted(runs.glob(f"*--{key}")) if runs.is_dir() else []
+    if not any((d / "summary.json").exists() for d in found) and runs.is_dir():
+        wanted = semantic_config(job.cfg)
+        for record in sorted(runs.glob("*/run.json")):
+            d = record.parent
+            if d not in found and same_run(_recorded_config(record), wanted):
+                found.append(d)
+    found.sort(key=lambda d: (not (d / "summary.json").exists(), not (d / "last.pt").exists(), d.name))
+    return found[0] if found else runs / f"{_slug(job.label)}--{key}"
+
+
+def finished(out: Path, job: Job) -> dict | None:
+    path = run_dir(out, job) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def prepare_out(out: str | Path, kind: str) -> Path:
+    """Check ``out`` is new, empty or an igkd experiment folder; mark it as one."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the experiment")
+    # hidden names are other workers' temporary files and locks (several workers may start at once)
+    if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()) and not (out / MARKER).exists():
+        raise UserError(f"{out} exists and is not an igkd experiment folder; choose another --out")
+    marker = json.loads((out / MARKER).read_text()) if (out / MARKER).exists() else {"igkd": "experiment"}
+    kinds = marker.setdefault("kinds", [])
+    if kind not in kinds:
+        kinds.append(kind)
+    write_json(out / MARKER, marker)
+    return out
+
+
+def run_jobs(jobs: list[Job], out: Path, what: str, quiet: bool = False, train_quiet: bool | None = None) -> list[dict]:
+    """Train (or reuse, or resume) every job in order; returns their summaries.
+
+    One line per run on stderr: ``what run i/N label: ...`` with accuracy and ETA.
+    """
+    train_quiet = quiet if train_quiet is None else train_quiet
+    todo = [j for j in jobs if finished(out, j) is None]
+    log(f"{what}: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to train -> {out}", quiet)
+    results, trained, spent = [], 0, 0.0
+    for i, job in enumerate(jobs, 1):
+        path = run_dir(out, job)
+        head = f"{what} run {i}/{len(jobs)} {job.label}"
+        summary = finished(out, job)
+        if summary is not None:
+            log(f"{head}: finished earlier (test {summary['test_accuracy']:.2f}%, val "
+                f"{summary['val_accuracy']:.2f}%), skipped", quiet)
+            results.append(summary)
+            continue
+        resume = (path / "last.pt").exists()
+        log(f"{head}: {'resuming' if resume else 'training'} in {path}", quiet)
+        write_json(path / "run.json", {"key": job.key, "label": job.label, "tags": job.tags,
+                                       "config": semantic_config(job.cfg)})
+        start = time.perf_counter()
+        summary = api.distill(job.cfg, path, resume=resume, quiet=train_quiet)
+        trained += 1
+        spent += time.perf_counter() - start
+        left = sum(1 for j in jobs[i:] if any(j is t for t in todo))
+        log(f"{head}: test {summary['test_accuracy']:.2f}%, val {summary['val_accuracy']:.2f}% in "
+            f"{fmt_seconds(time.perf_counter() - start)}; ETA {fmt_seconds(spent / trained * left)} "
+            f"({left} run(s) left)", quiet)
+        results.append(summary)
+    return results
+
+
+def run_record(summary: dict, job: Job, out: Path) -> dict:
+    """The row an experiment keeps of one run (tags + the numbers that matter)."""
+    return {**job.tags, "label": job.label, "run": str(run_dir(out, job).relative_to(out)),
+            "test_accuracy": summary["test_accuracy"], "val_accuracy": summary["val_accuracy"],
+            "params": summary["params"], "best_epoch": summary["best_epoch"], "seed": job.cfg.seed,
+            "train_images": summary.get("train_images"), "train_seconds": summary.get("train_seconds")}
+
+
+__all__ = ["Job", "finished", "prepare_out", "run_dir", "run_jobs", "run_key", "run_record", "semantic_config"]

@@ -1,0 +1,382 @@
+"""``igkd experiment search``: grid or TPE search over T, alpha, p and the learning rate.
+
+Scored on the validation split (carved from the training set, ``--val-fraction``); the
+test accuracy of each trial is recorded for the report but never used to choose.
+
+The study lives in an Optuna storage: by default the SQLite file ``search.db`` in the
+experiment folder; ``--storage URL`` (``postgresql://...``, ``mysql://...``, or a SQLite
+file on a shared disk) lets several processes or machines work on one study: start the
+same command on each (same ``--study``, same search space).
+
+* grid: the process that creates the study queues every grid point once as a waiting
+  trial; every worker claims waiting trials one at a time by an atomic state change in
+  the storage (WAITING -> RUNNING), so each point is trained by exactly one worker.
+* tpe: Optuna's TPE sampler (constant liar, so concurrent workers spread out) within the
+  range [min, max] of each value list (T and lr on a log scale) until ``--trials``
+  trials exist over all workers.
+
+Workers send a heartbeat every ``--heartbeat`` seconds while training; a running trial
+without one for three heartbeats (a killed worker) is marked failed by the next worker
+and its point queued again, so a restarted search finishes the grid. The training runs
+themselves are keyed by resolved config (:mod:`igkd.experiments.runs`): a trial whose run
+finished before its worker died is not retrained, and an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import inspect
+import json
+import math
+import os
+import socket
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from itertools import product
+from pathlib import Path
+
+from ..distill.methods import parse_method
+from ..distill.trainer import TrainingDiverged
+from ..errors import UserError
+from ..progress import log
+from ..report import _plt, _save, markdown_table
+from .common import save_results, setup
+from .config import ExperimentConfig, distill_config, split_list
+from .runs import Job, prepare_out, run_jobs, run_record
+
+PARAMS = ("T", "alpha", "p", "lr")
+LOG_SCALE = ("T", "lr")
+
+
+def optuna_or_error():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError('igkd experiment search needs Optuna; install it with: pip install "igkd[search]"') from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # fail_stale_trials
+    return optuna
+
+
+def search_space(cfg: ExperimentConfig) -> dict[str, list[float]]:
+    """The value list of each searched parameter (only those the method uses)."""
+    method = parse_method(cfg.search_method)
+    space = {}
+    if method.kd:
+        space["T"] = split_list(cfg.T_values, float, "--T-values")
+        space["alpha"] = split_list(cfg.alpha_values, float, "--alpha-values")
+    if method.ig:
+        space["p"] = split_list(cfg.p_values, float, "--p-values")
+    lrs = split_list(cfg.lr_values, float, "--lr-values")
+    if lrs:
+        space["lr"] = lrs
+    for name, values in list(space.items()):
+        if not values:
+            del space[name]
+    checks = {"T": (0, math.inf, True), "alpha": (0, 1, False), "p": (0, 1, False), "lr": (0, 10, True)}
+    for name, values in space.items():
+        lo, hi, open_lo = checks[name]
+        for v in values:
+            if v < lo or v > hi or (open_lo and v == lo):
+                raise UserError(f"--{name}-values contains {v}, out of range for {name}")
+    if not space:
+        raise UserError(f"nothing to search for method {cfg.search_method!r}: give --T-values/--alpha-values (kd), "
+                        "--p-values (ig) or --lr-values")
+    return space
+
+
+def grid_points(space: dict[str, list[float]]) -> list[dict[str, float]]:
+    names = list(space)
+    return [dict(zip(names, combo)) for combo in product(*(space[n] for n in names))]
+
+
+def objective_value(summary: dict) -> float:
+    """What the search maximises: the validation accuracy of the run's best epoch."""
+    return float(summary["val_accuracy"])
+
+
+def storage_url(cfg: ExperimentConfig, out: Path) -> str:
+    return cfg.storage or f"sqlite:///{(out / 'search.db').resolve()}"
+
+
+def safe_url(url: str) -> str:
+    """The storage URL without credentials (for logs and results)."""
+    scheme, sep, rest = url.partition("://")
+    return url if "@" not in rest else f"{scheme}{sep}...@{rest.rsplit('@', 1)[1]}"
+
+
+def make_storage(url: str, heartbeat: int):
+    optuna = optuna_or_error()
+    kwargs = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat}
+    params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback  # the name before Optuna 4.9
+    callback = retry(max_retry=None)
+    kwargs["heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params
+           else "failed_trial_callback"] = callback
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+        except Exception as e:  # noqa: BLE001 - bad URL, unreachable server, missing driver
+            if attempt == 4 or not url.startswith("sqlite"):  # sqlite: maybe a worker creating the tables now
+                raise UserError(f"cannot open Optuna storage {safe_url(url)!r}: {str(e).splitlines()[0]}") from None
+            time.sleep(1 + attempt)
+
+
+def retrying(fn, attempts: int = 30):
+    """Call ``fn`` again when the storage is busy (SQLite locks under concurrent writers)."""
+    optuna = optuna_or_error()
+    for i in range(attempts):
+        try:
+            return fn()
+        except optuna.exceptions.StorageInternalError:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.2 + 0.1 * i)
+
+
+def open_study(cfg: ExperimentConfig, storage, space: dict, sampler) -> tuple[object, bool]:
+    """Create the study (returns True) or load it (False) and check it searches the same space."""
+    optuna = optuna_or_error()
+    meta = {"sampler": cfg.sampler, "method": parse_method(cfg.search_method).name, "space": space}
+    try:
+        study = retrying(lambda: optuna.create_study(study_name=cfg.study, storage=storage, direction="maximize",
+                                                     sampler=sampler, load_if_exists=False))
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = retrying(lambda: optuna.load_study(study_name=cfg.study, storage=storage, sampler=sampler))
+        created = False
+    if created:
+        if cfg.sampler == "grid":
+            for i, point in enumerate(grid_points(space)):
+                retrying(lambda: study.enqueue_trial(point, user_attrs={"grid_point": i}))
+        retrying(lambda: study.set_user_attr("igkd", meta))
+        return study, True
+    deadline = time.monotonic() + 300
+    while "igkd" not in study.user_attrs:  # the creating worker is still queueing the grid
+        if time.monotonic() > deadline:
+            raise UserError(f"study {cfg.study!r} exists but was never set up by igkd (its creator may have died "
+                            "while queueing the grid); use another --study name")
+        time.sleep(0.5)
+    have = study.user_attrs["igkd"]
+    if json.loads(json.dumps(meta)) != have:
+        raise UserError(f"study {cfg.study!r} in this storage searches {have['sampler']} {have['method']} over "
+                        f"{have['space']}, not {cfg.sampler} {meta['method']} over {space}; use the same options "
+                        "or another --study name")
+    return study, False
+
+
+def claim_waiting(study) -> int | None:
+    """Atomically move one WAITING trial to RUNNING; its id, or None when none is left."""
+    optuna = optuna_or_error()
+    from optuna.trial import TrialState
+    storage = study._storage
+    for t in retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
+        try:
+            if retrying(lambda: storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING)):
+                retrying(lambda: storage.record_heartbeat(t._trial_id))  # a trial without one is never stale
+                return t._trial_id
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+@contextmanager
+def heartbeat(storage, trial_id: int, every: int):
+    """Record the trial's heartbeat every ``every`` seconds while the block runs."""
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception:  # noqa: BLE001 - a missed beat is retried next time
+                pass
+            if stop.wait(every):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextmanager
+def folder_lock(path: Path):
+    """An exclusive lock (flock) on ``path``: one worker at a time builds shared artifacts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def suggest(trial, cfg: ExperimentConfig, space: dict) -> dict[str, float]:
+    params = {}
+    for name, values in space.items():
+        if cfg.sampler == "grid" or min(values) == max(values):
+            params[name] = float(trial.suggest_categorical(name, sorted(set(values))))
+        else:
+            params[name] = float(trial.suggest_float(name, min(values), max(values), log=name in LOG_SCALE))
+    return params
+
+
+def run_search(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> dict:
+    """Work on the study until no grid point (or trial budget) is left; return the results."""
+    optuna = optuna_or_error()
+    from optuna.trial import TrialState
+    if cfg.val_fraction <= 0:
+        raise UserError("the search is scored on the validation split; set --val-fraction above 0 (e.g. 0.1)")
+    space = search_space(cfg)
+    method = parse_method(cfg.search_method).name
+    storage = make_storage(cfg.storage, cfg.heartbeat) if cfg.storage else None  # a bad URL fails first
+    out = prepare_out(out, "search")
+    with folder_lock(out / ".setup.lock"):  # concurrent workers: one builds the store, the others reuse it
+        out, ctx = setup(cfg, out, "search", [method], quiet)
+    url = storage_url(cfg, out)
+    storage = storage or make_storage(url, cfg.heartbeat)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, constant_liar=True) if cfg.sampler == "tpe" else None
+    study, created = open_study(cfg, storage, space, sampler)
+    if cfg.sampler == "tpe" and not created:  # another seed per worker start: no repeated start-up points
+        study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials) + os.getpid() % 1000,
+                                                   constant_liar=True)
+    size = len(grid_points(space)) if cfg.sampler == "grid" else cfg.trials
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    log(f"search: {'created' if created else 'joined'} study {cfg.study!r} in {safe_url(url)} as worker {worker}; "
+        f"{cfg.sampler} over {', '.join(f'{k} {v}' for k, v in space.items())} ({size} trials), method {method}, "
+        "objective: validation accuracy", quiet)
+    done_here = 0
+    while True:
+        retrying(lambda: optuna.storages.fail_stale_trials(study))
+        trial_id = claim_waiting(study)
+        if trial_id is None and cfg.sampler == "grid":
+            break
+        if trial_id is None:
+            alive = retrying(lambda: study.get_trials(deepcopy=False, states=(
+                TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING, TrialState.PRUNED)))
+            if len(alive) >= cfg.trials:
+                break
+            with warnings.catch_warnings():  # igkd sends the heartbeats itself (see heartbeat())
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = retrying(study.ask)
+        else:
+            trial = optuna.trial.Trial(study, trial_id)
+        params = suggest(trial, cfg, space)
+        trial.set_user_attr("worker", worker)
+        job = Job(f"{method} " + " ".join(f"{k}={v:g}" for k, v in params.items()),
+                  distill_config(cfg, method=method, **params), {"method": method, **params})
+        try:
+            with heartbeat(storage, trial._trial_id, cfg.heartbeat):
+                summary = run_jobs([job], out, f"search trial {trial.number}", quiet)[0]
+        except TrainingDiverged as e:  # a bad point (e.g. too high a learning rate), not a broken worker
+            trial.set_user_attr("diverged", str(e))
+            retrying(lambda: study.tell(trial, state=TrialState.FAIL))
+            log(f"search trial {trial.number}: diverged, recorded as failed ({e})", quiet)
+            continue
+        except BaseException:
+            retrying(lambda: study.tell(trial, state=TrialState.FAIL))
+            retrying(lambda: study.enqueue_trial(params, user_attrs={"retry_of": trial.number}))
+            raise
+        rec = run_record(summary, job, out)
+        trial.set_user_attr("run", rec["run"])
+        trial.set_user_attr("val_accuracy", summary["val_accuracy"])
+        trial.set_user_attr("test_accuracy", summary["test_accuracy"])
+        retrying(lambda: study.tell(trial, objective_value(summary)))
+        done_here += 1
+    result = collect(study, cfg, space, ctx, url)
+    running = sum(1 for t in result["trials"] if t["state"] == "RUNNING")
+    table = search_table(result)
+    save_results(out, "search", result, table, cfg)
+    best = result["best"]
+    log(f"search: this worker ran {done_here} trial(s); {result['complete']} complete"
+        + (f", {running} still running on other workers" if running else "")
+        + (f"; best val {best['val_accuracy']:.2f}% at " + ", ".join(f"{k}={best['params'][k]:g}" for k in space)
+           if best else ""), quiet)
+    return result
+
+
+def collect(study, cfg: ExperimentConfig, space: dict, ctx: dict, url: str) -> dict:
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        trials.append({"number": t.number, "state": t.state.name, "params": dict(t.params),
+                       "val_accuracy": t.value, "test_accuracy": t.user_attrs.get("test_accuracy"),
+                       "run": t.user_attrs.get("run"), "worker": t.user_attrs.get("worker")})
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    best = max(complete, key=lambda t: t["val_accuracy"]) if complete else None
+    return {**ctx, "sampler": cfg.sampler, "method": parse_method(cfg.search_method).name, "space": space,
+            "storage": safe_url(url), "study": cfg.study, "model": cfg.model, "epochs": cfg.epochs,
+            "base_lr": cfg.lr, "val_fraction": cfg.val_fraction, "objective": "val_accuracy",
+            "complete": len(complete), "trials": trials, "best": best}
+
+
+def search_table(result: dict, top: int = 20) -> str:
+    names = list(result["space"])
+    done = sorted((t for t in result["trials"] if t["state"] == "COMPLETE"), key=lambda t: -t["val_accuracy"])
+    rows = [[t["number"], *[f"{t['params'].get(n, float('nan')):g}" for n in names], t["val_accuracy"],
+             t["test_accuracy"] if t["test_accuracy"] is not None else ""] for t in done[:top]]
+    return markdown_table(["trial", *names, "val acc (%) [objective]", "test acc (%) [not used]"], rows)
+
+
+def heat_map(path: Path, result: dict) -> Path | None:
+    """Mean validation accuracy over (T, alpha) (other parameters averaged); TPE trials as a scatter."""
+    done = [t for t in result["trials"] if t["state"] == "COMPLETE"]
+    if not done or not {"T", "alpha"} <= set(result["space"]):
+        return None
+    import numpy as np
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.4, 4.2))
+    if result["sampler"] == "grid":
+        ts, als = sorted(set(result["space"]["T"])), sorted(set(result["space"]["alpha"]))
+        grid = np.full((len(als), len(ts)), np.nan)
+        for i, a in enumerate(als):
+            for j, T in enumerate(ts):
+                vals = [t["val_accuracy"] for t in done if t["params"]["T"] == T and t["params"]["alpha"] == a]
+                if vals:
+                    grid[i, j] = float(np.mean(vals))
+        im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(ts)), [f"{v:g}" for v in ts])
+        ax.set_yticks(range(len(als)), [f"{v:g}" for v in als])
+        for i in range(len(als)):
+            for j in range(len(ts)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w")
+    else:
+        im = ax.scatter([t["params"]["T"] for t in done], [t["params"]["alpha"] for t in done],
+                        c=[t["val_accuracy"] for t in done], cmap="viridis", s=30)
+        ax.set_xscale("log")
+    fig.colorbar(im, ax=ax, label="validation accuracy (%)")
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("KD weight alpha")
+    others = [n for n in result["space"] if n not in ("T", "alpha")]
+    ax.set_title("mean over " + ", ".join(others) if others and result["sampler"] == "grid" else "trials", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def section(run_dir: Path) -> str | None:
+    path = run_dir / "search.json"
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    img = heat_map(run_dir / "search.png", r)
+    best = r["best"]
+    best_text = ("Best by validation accuracy: trial {} ({}), val {:.2f}%, test {:.2f}%.".format(
+        best["number"], ", ".join(f"{k}={v:g}" for k, v in best["params"].items()), best["val_accuracy"],
+        best["test_accuracy"]) if best else "No trial has finished yet.")
+    space = "; ".join(f"{k} in {{{', '.join(f'{v:g}' for v in vals)}}}" for k, vals in r["space"].items())
+    return (f"## Hyper-parameter search\n\n{r['sampler']} search of `{r['method']}` (student `{r['model']}`, "
+            f"{r['epochs']} epochs) over {space}; {r['complete']} complete trial(s) in study `{r['study']}` "
+            f"({r['storage']}). Objective: accuracy on the validation split ({100 * r['val_fraction']:.0f}% of the "
+            f"training set); test accuracy is shown, never used to choose. {best_text}\n\n{search_table(r)}\n"
+            + ("\n![search heat map](search.png)\n" if img else ""))
+
+
+__all__ = ["grid_points", "objective_value", "run_search", "search_space", "search_table", "section"]

@@ -1,0 +1,339 @@
+"""Deployment (issue 6): MAC counter, latency, export parity (ONNX, TorchScript, int8),
+attribution audit, report section, and their error paths."""
+
+import json
+import argparse
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import igkd
+from conftest import shared_or_skip
+from helpers_data import cifar10_jpg_dir
+from igkd.cli import main, make_parser
+from igkd.evaluate import predict
+from igkd.evaluate.agreement import average_ranks, spearman, topk_iou
+from igkd.evaluate.cost import count_macs, measure_latency, weights_bytes
+from igkd.models import bare, build_model, save_checkpoint
+from igkd.models.mobilenetv2 import CIFAR_SETTINGS, make_divisible
+
+DEMO_TEACHER = Path(igkd.__file__).parent / "assets" / "demo_teacher.safetensors"
+TINY = "mobilenetv2:width=0.25,drop=14"
+ort = pytest.importorskip("onnxruntime")
+
+
+# ---------------------------------------------------------------- MACs, size, latency
+
+
+def test_count_macs_tiny_net_by_hand():
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),                      # 8x8x8 outputs, 3*3*3 MACs each
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),  # depthwise: 8x4x4 outputs, 3*3 MACs each
+        nn.Conv2d(8, 4, 1, bias=False),                     # 4x4x4 outputs, 8 MACs each
+        nn.Flatten(),
+        nn.Linear(64, 5),                                   # 5 outputs, 64 MACs each
+    )
+    hand = 8 * 8 * 8 * 27 + 8 * 4 * 4 * 9 + 4 * 4 * 4 * 8 + 5 * 64
+    assert hand == 15808
+    assert count_macs(net, (3, 8, 8)) == hand
+    assert net.training  # mode restored
+
+
+def mobilenetv2_macs(width: float = 1.0, drop: int = 0, classes: int = 10, size: int = 32) -> int:
+    """MACs of the CIFAR MobileNetV2 by formula, block by block (METHOD.md section 1)."""
+    h = size
+    cin = make_divisible(32 * width)
+    blocks = [h * h * 3 * cin * 9]  # stem 3x3, stride 1
+    for t, c, n, s in CIFAR_SETTINGS:
+        cout = make_divisible(c * width)
+        for i in range(n):
+            stride = s if i == 0 else 1
+            hidden = cin * t
+            out_h = h // stride
+            macs = h * h * cin * hidden if t != 1 else 0   # 1x1 expansion at the input resolution
+            macs += out_h * out_h * hidden * 9             # 3x3 depthwise
+            macs += out_h * out_h * hidden * cout          # 1x1 projection
+            blocks.append(macs)
+            cin, h = cout, out_h
+    last = make_divisible(1280 * width)
+    blocks.append(h * h * cin * last)
+    # output channels of every block: the classifier reads those of the last kept one
+    outs = [make_divisible(32 * width)] + [make_divisible(c * width) for _, c, n, _ in CIFAR_SETTINGS for _ in range(n)]
+    outs.append(last)
+    kept = len(blocks) - drop
+    return sum(blocks[:kept]) + outs[kept - 1] * classes
+
+
+@pytest.mark.parametrize("spec,width,drop", [("mobilenetv2", 1.0, 0), ("mobilenetv2:drop=5", 1.0, 5),
+                                             ("mobilenetv2:width=0.5", 0.5, 0), ("mobilenetv2:width=0.47", 0.47, 0)])
+def test_count_macs_mobilenetv2_matches_formula(spec, width, drop):
+    assert count_macs(build_model(spec), (3, 32, 32)) == mobilenetv2_macs(width, drop)
+
+
+def test_count_macs_known_values():
+    # truncation keeps most of the work: the removed blocks run at 4x4
+    assert count_macs(build_model("mobilenetv2"), (3, 32, 32)) == 87_976_448
+    assert count_macs(build_model("mobilenetv2:drop=5"), (3, 32, 32)) == 58_696_640
+
+
+def test_weights_bytes_is_the_checkpoint_size(tmp_path):
+    net = build_model(TINY)
+    path = save_checkpoint(tmp_path / "m", net, {"model": TINY})
+    assert weights_bytes(net) == path.stat().st_size == weights_bytes(path)
+
+
+@pytest.mark.parametrize("runtime", ["eager", "onnxruntime"])
+def test_measure_latency_fields(runtime):
+    net = build_model(TINY)
+    threads_before = torch.get_num_threads()
+    r = measure_latency(net, (3, 16, 16), batch=2, threads=1, warmup=1, min_time=0.0, min_reps=5, runtime=runtime)
+    assert {"median_ms", "p10_ms", "p90_ms", "mean_ms", "images_per_s", "reps", "batch", "threads"} <= set(r)
+    assert r["reps"] == 5 and r["batch"] == 2 and r["threads"] == 1 and r["runtime"] == runtime
+    assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+    assert r["images_per_s"] == pytest.approx(2 / (r["median_ms"] / 1e3))
+    assert torch.get_num_threads() == threads_before and net.training
+
+
+@pytest.mark.slow
+def test_measure_latency_compiled():  # torch.compile takes ~20 s on 2 cores
+    r = measure_latency(build_model(TINY), (3, 8, 8), threads=1, warmup=1, min_time=0.0, min_reps=3,
+                        runtime="compiled")
+    assert r["reps"] == 3 and r["median_ms"] > 0
+
+
+def test_bench_latency_table_json_and_report(tmp_path):
+    models = f"{TINY},mobilenetv2:width=0.25,drop=12"  # the comma list holds two specs with options
+    r = igkd.bench_latency(models, batches="1,2", threads=1, runtimes="eager,onnxruntime", input_shape="3x16x16",
+                           warmup=1, min_time=0.0, min_reps=3, out=tmp_path, quiet=True)
+    assert len(r["rows"]) == 2 * 2 * 2 and r["reference"] == TINY and r["threads"] == 1
+    for row in r["rows"]:
+        assert {"model", "params", "macs", "weights_bytes", "runtime", "batch", "median_ms", "p10_ms", "p90_ms",
+                "images_per_s", "speedup", "param_ratio", "mac_ratio"} <= set(row)
+        if row["model"] == TINY:
+            assert row["speedup"] == 1.0 and row["param_ratio"] == 1.0
+        else:
+            assert row["param_ratio"] < 1 and row["mac_ratio"] < 1  # drop=12 keeps more blocks than drop=14
+            ref = next(x for x in r["rows"] if x["model"] == TINY and x["runtime"] == row["runtime"]
+                       and x["batch"] == row["batch"])
+            assert row["speedup"] == pytest.approx(ref["median_ms"] / row["median_ms"])
+    assert json.loads((tmp_path / "latency.json").read_text()) == json.loads(json.dumps(r))
+    section = igkd.deployment_section(tmp_path)
+    assert section.startswith("## Deployment") and "### Latency" in section
+    assert "mobilenetv2:width=0.25,drop=12" in section
+    igkd.write_report(tmp_path)  # the run report carries the section
+    assert section.strip() in (tmp_path / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- export
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return igkd.load_dataset("demo")
+
+
+def test_export_onnx_parity_demo_teacher(tmp_path, demo):
+    out = tmp_path / "teacher.onnx"
+    r = igkd.export_model(DEMO_TEACHER, out, "onnx", report_dir=tmp_path, quiet=True)
+    p = r["parity"]
+    assert p["images"] == len(demo.test) == 1000 and p["top1_agreement"] >= 99.9 and p["max_abs_diff"] <= 1e-3
+    # independently: the file, run by ONNX Runtime on [0, 1] pixels, gives PyTorch's logits
+    net, _ = igkd.load_model(DEMO_TEACHER)
+    images = demo.test.images[:64]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"images": images.float().numpy() / 255})[0])
+    want = predict(net, images)
+    assert torch.allclose(got, want, atol=1e-4)
+    # the teacher's mean/std normalisation is inside the graph: the bare network differs
+    assert not torch.allclose(predict(bare(net), images), want, atol=1e-2)
+    meta = json.loads(Path(f"{out}.json").read_text())
+    assert meta["input"]["shape"] == ["batch", 1, 28, 28] and meta["input"]["value_range"] == [0.0, 1.0]
+    assert meta["input"]["dtype"] == "float32" and meta["classes"] == demo.classes
+    assert meta["preprocessing"]["normalize"] == "dataset" and meta["preprocessing"]["in_graph"] is True
+    assert json.loads((tmp_path / "export.json").read_text())["parity"] == p
+    assert "### Export" in igkd.deployment_section(tmp_path)
+
+
+def test_export_torchscript_parity_demo_teacher(tmp_path, demo):
+    out = tmp_path / "teacher.pt"
+    r = igkd.export_model(DEMO_TEACHER, out, "torchscript", images=200, quiet=True)
+    assert r["parity"]["images"] == 200 and r["parity"]["top1_agreement"] >= 99.9
+    module = torch.jit.load(str(out))
+    net, _ = igkd.load_model(DEMO_TEACHER)
+    x = demo.test.images[:32]
+    with torch.inference_mode():
+        assert torch.allclose(module(x.float() / 255), predict(net, x), atol=1e-4)
+
+
+def test_export_int8_demo_teacher(tmp_path, demo):
+    out = tmp_path / "teacher-int8.onnx"
+    r = igkd.export_model(DEMO_TEACHER, out, "onnx", int8=True, images=500, calibration_images=128, min_time=0.05,
+                          quiet=True)
+    q = r["int8_check"]
+    assert q["calibration_images"] == 128 and q["images"] == 500
+    assert q["accuracy_fp32"] == r["accuracy_pytorch"] and 80 < q["accuracy_fp32"] < 95  # teacher: 87.8 on all 1000
+    # recomputed here from the written file: int8 accuracy is real and close to fp32
+    test = demo.test.subset(torch.arange(500))
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"images": test.images.float().numpy() / 255})[0]
+    acc = 100.0 * float((logits.argmax(1) == test.labels.numpy()).mean())
+    assert acc == pytest.approx(q["accuracy_int8"])
+    assert abs(q["accuracy_change"]) <= 3.0 and q["top1_agreement"] >= 95.0
+    assert q["max_abs_diff"] > 1e-4  # it really is quantised, not the fp32 graph
+    assert any(n.op_type == "QuantizeLinear" for n in __import__("onnx").load(str(out)).graph.node)
+    assert out.stat().st_size < 0.5 * weights_bytes(DEMO_TEACHER)
+    assert q["speedup"] > 0 and q["latency_int8_ms"] > 0
+    assert json.loads(Path(f"{out}.json").read_text())["int8"] is True
+
+
+def test_export_published_student_onnx_parity_on_jpeg_cifar10(tmp_path):
+    shared_or_skip("data", "cifar10-jpg.tar.gz")
+    path = shared_or_skip("checkpoints", "nordlinglab", "CIFAR10_KD_IG_T2.5_alpha0.01_p0.1_gamma0_TestAcc92.28.pt")
+    data = f"imagefolder:{cifar10_jpg_dir()}"
+    r = igkd.export_model(path, tmp_path / "student.onnx", "onnx", model="mobilenetv2:drop=5", data=data,
+                          images=500, quiet=True)
+    assert r["parity"]["images"] == 500 and r["parity"]["top1_agreement"] >= 99.9
+    assert r["parity"]["max_abs_diff"] <= 1e-3
+    meta = json.loads((tmp_path / "student.onnx.json").read_text())
+    assert meta["preprocessing"]["normalize"] == "none" and meta["input"]["shape"] == ["batch", 3, 32, 32]
+    assert meta["classes"][:2] == ["airplane", "automobile"]
+
+
+# ---------------------------------------------------------------- audit
+
+
+def test_rank_correlation_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 6, (5, 200), generator=g).float()  # many ties
+    b = a + torch.randint(0, 4, (5, 200), generator=g).float()
+    mask = torch.rand(5, 200, generator=g) > 0.3
+    np.testing.assert_allclose(average_ranks(a).numpy(), np.stack([stats.rankdata(r) for r in a.numpy()]))
+    want = [stats.spearmanr(x, y).statistic for x, y in zip(a.numpy(), b.numpy())]
+    np.testing.assert_allclose(spearman(a, b).numpy(), want, rtol=1e-10)
+    want = [stats.spearmanr(x[m], y[m]).statistic for x, y, m in zip(a.numpy(), b.numpy(), mask.numpy())]
+    np.testing.assert_allclose(spearman(a, b, mask).numpy(), want, rtol=1e-10)
+    assert math.isnan(float(spearman(torch.zeros(1, 9), torch.rand(1, 9))[0]))
+
+
+def test_topk_iou_by_hand():
+    a = torch.tensor([[9.0, 8, 7, 6, 0, 0, 0, 0, 0, 0]])
+    b = torch.tensor([[9.0, 0, 7, 0, 6, 0, 0, 0, 0, 0]])
+    # top 30%: {0, 1, 2} vs {0, 2, 4}: 2 shared of 4
+    assert topk_iou(a, b, 0.3).item() == pytest.approx(0.5)
+    assert topk_iou(a, a, 0.3).item() == 1.0
+
+
+def test_audit_self_is_one_unrelated_model_falls(tmp_path):
+    meta = json.loads(DEMO_TEACHER.with_suffix(".json").read_text())
+    torch.manual_seed(1)
+    rand = save_checkpoint(tmp_path / "random" / "model", build_model(meta["model"], 10, 1),
+                           {k: meta[k] for k in ("model", "num_classes", "in_channels", "classes", "preprocessing")})
+    r = igkd.audit(str(DEMO_TEACHER), f"{DEMO_TEACHER},{rand}", "demo", images=16, steps=8, gallery_images=3,
+                   out=tmp_path / "run", quiet=True)
+    same, other = r["students"]
+    assert r["images"] == 16 and r["target"] == "label"
+    assert same["spearman_mean"] == pytest.approx(1.0) and same["topk_iou_mean"] == pytest.approx(1.0)
+    assert same["top1_agreement"] == 100.0 and same["accuracy"] == r["teacher"]["accuracy"]
+    assert other["spearman_mean"] < 0.6 and other["topk_iou_mean"] < 0.5 and other["top1_agreement"] < 50
+    assert len(other["per_image"]["spearman"]) == 16
+    run = tmp_path / "run"
+    assert json.loads((run / "audit.json").read_text())["students"][1]["weights"] == str(rand)
+    assert (run / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    section = igkd.deployment_section(run)
+    assert "### Attribution agreement" in section and "random/model" in section and "audit.png" in section
+    assert igkd.deployment_section(tmp_path / "nothing-here") == ""
+
+
+# ---------------------------------------------------------------- error paths
+
+
+def user_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(map(str, argv)))
+    assert e.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("igkd: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--model", "mobilenetv2", "--runtime", "tpu"], ["unknown runtime 'tpu'", "eager"]),
+    (["--model", "mobilenetv2", "--batch", "0"], ["positive"]),
+    (["--model", "mobilenetv2", "--batch", "1,x"], ["whole numbers"]),
+    (["--model", "mobilenetv2", "--threads", "0"], ["--threads"]),
+    (["--model", "resnet9"], ["unknown model 'resnet9'"]),
+    (["--model", "mobilenetv2:drop=99"], ["out of range"]),
+    (["--weights", "/nonexistent/w.safetensors"], ["does not exist"]),
+    (["--model", "mobilenetv2", "--weights", "a.pt,b.pt"], ["one file per model"]),
+    (["--model", "mobilenetv2", "--input", "32x32"], ["CxHxW"]),
+    (["--model", "mobilenetv2", "--min-reps", "0"], ["timing budget"]),
+])
+def test_bench_latency_errors(capsys, tmp_path, args, words):
+    line = user_error(capsys, "bench", "latency", *args, "--out", tmp_path / "run")
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--weights", "/nonexistent/w.safetensors", "--out", "{tmp}/m.onnx"], ["does not exist"]),
+    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.onnx", "--format", "torchscript"], ["does not fit --format"]),
+    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.pt"], ["does not fit --format"]),
+    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.pt", "--format", "torchscript", "--int8"], ["--int8 needs"]),
+    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.onnx", "--data", "mnist9"], ["unknown dataset kind"]),
+    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.onnx", "--atol", "0", "--quiet"],
+     ["parity check failed", "nothing written"]),
+    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.onnx", "--threads", "0"], ["--threads"]),
+    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.onnx", "--images", "-1"], ["--images"]),
+    (["--weights", "{tmp}/foreign.pt", "--out", "{tmp}/m.onnx"], ["names no dataset", "--data"]),
+    (["--weights", "{tmp}/foreign.pt", "--out", "{tmp}/m.onnx", "--data", "demo"], ["no igkd metadata", "--model"]),
+])
+def test_export_errors(capsys, tmp_path, args, words):
+    torch.save(build_model(TINY, 10, 1).state_dict(), tmp_path / "foreign.pt")
+    line = user_error(capsys, "export", "--images", "50", *[str(a).format(tmp=tmp_path) for a in args])
+    assert all(w in line for w in words), line
+    assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob(".m.*"))
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--student", "/nonexistent/s.safetensors"], ["does not exist"]),
+    (["--student", DEMO_TEACHER, "--images", "0"], ["--images"]),
+    (["--student", DEMO_TEACHER, "--data", "imagefolder:/nonexistent"], ["does not exist"]),
+])
+def test_audit_errors(capsys, tmp_path, args, words):
+    argv = ["audit", "--teacher", DEMO_TEACHER, "--data", "demo", *args, "--out", tmp_path / "run"]
+    line = user_error(capsys, *argv)
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_onnxruntime_says_how_to_install(tmp_path):
+    code = ("import sys; sys.modules['onnxruntime'] = None; from igkd.cli import main; "
+            f"main(['export', '--weights', {str(DEMO_TEACHER)!r}, '--out', {str(tmp_path / 'm.onnx')!r}])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and 'pip install "igkd[export]"' in lines[0], r.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("argv", [["bench", "latency"], ["export"], ["audit"]])
+def test_help_gives_every_option_a_default(capsys, argv):
+    parser = make_parser()
+    for name in argv:  # walk down to the command's own parser
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    for action in parser._actions:
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction))
+        if action.option_strings and not flag and not action.required:
+            assert "(default:" in action.help, action.option_strings
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0 and "(default: " in capsys.readouterr().out

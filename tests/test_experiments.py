@@ -1,0 +1,390 @@
+"""Research workflows end to end on the demo dataset with the shipped teacher, tiny budgets:
+ablation (killed and restarted as a real process), Monte Carlo, compression sweep, search
+with two worker processes on one SQLite study, and the report of it all."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from scipy import stats as sps
+
+import igkd
+from igkd.experiments import ExperimentConfig, resolve, run_compression, run_montecarlo
+from igkd.experiments.config import distill_config
+from igkd.experiments.runs import run_key, same_run, semantic_config
+
+TEACHER = Path(igkd.__file__).parent / "assets" / "demo_teacher.safetensors"
+# one epoch on a tenth of the demo set, one IG step: every run takes seconds; all tests of
+# this module share one store (same teacher, data and IG settings)
+TINY = {"data": "demo", "teacher": str(TEACHER), "model": "mobilenetv2:width=0.5,drop=9", "normalize": "none",
+        "epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 0.002, "crop_padding": 2, "subset": 0.1,
+        "val_fraction": 0.1, "seed": 0, "T": 2.5, "alpha": 0.5, "p": 0.5, "ig_steps": 1, "threads": 1,
+        "eval_batch_size": 500}
+
+
+def write_config(path: Path, experiment: dict | None = None, **distill) -> Path:
+    path.write_text(yaml.safe_dump({"distill": {**TINY, **distill}, "experiment": experiment or {}}))
+    return path
+
+
+def igkd_cli(*args, timeout=300, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "igkd.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+
+def igkd_main(capsys, *args) -> tuple[int, str, str]:
+    """The command line in this process (no interpreter start-up): exit code, stdout, stderr."""
+    import torch
+    from igkd.cli import main
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def exp_dir(tmp_path_factory):
+    """One experiment folder the Monte Carlo, compression and search tests fill, and the report reads."""
+    return tmp_path_factory.mktemp("experiments") / "exp"
+
+
+# ---------------------------------------------------------------- ablation, kill and restart
+def test_ablation_killed_then_restarted_retrains_only_unfinished_runs(tmp_path):
+    cfg = write_config(tmp_path / "exp.yaml", {"methods": ["student", "kd+ig"]}, epochs=2)
+    out = tmp_path / "abl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "igkd.cli", "experiment", "ablation", "--config", str(cfg),
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    # kill it (SIGKILL, no clean-up) once the first run is finished and the second has a checkpoint
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = sorted(p.parent.name for p in out.glob("runs/*/summary.json"))
+        partial = [p.parent for p in out.glob("runs/*/last.pt") if not (p.parent / "summary.json").exists()]
+        if done and partial:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the ablation ended before it could be killed:\n" + proc.stdout.read()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
+    interrupted = [p.parent.name for p in out.glob("runs/*/last.pt") if p.parent.name not in finished]
+    assert finished and interrupted and not (out / "ablation.json").exists()
+    first_epoch = json.loads((out / "runs" / interrupted[0] / "metrics.jsonl").read_text().splitlines()[0])
+
+    r = igkd_cli("experiment", "ablation", "--config", cfg, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stderr
+    assert f"{len(finished)} already finished, {2 - len(finished)} to train" in log
+    for name in finished:  # finished runs were not retrained: same summary file, logged as skipped
+        assert (out / "runs" / name / "summary.json").stat().st_mtime_ns == finished[name]
+        assert f"in {out / 'runs' / name}" not in log
+    assert log.count("finished earlier") == len(finished)
+    assert f"resuming in {out / 'runs' / interrupted[0]}" in log and "resuming" in log and "after epoch 1" in log
+    metrics = [json.loads(x) for x in (out / "runs" / interrupted[0] / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2] and metrics[0] == first_epoch  # continued, not restarted
+
+    result = json.loads((out / "ablation.json").read_text())
+    assert [row["method"] for row in result["rows"]] == ["student", "kd+ig"]
+    table = (out / "ablation.md").read_text()
+    assert table.splitlines()[0] == "| method | test accuracy (%) | gain over student | params | compression |"
+    for row in ("| teacher (mobilenetv2:width=0.5) |", "| student |", "| kd+ig |"):
+        assert row in table
+    params = result["rows"][0]["params"]
+    assert result["rows"][0]["compression"] == pytest.approx(590_122 / params)
+    for row in result["rows"][1:]:
+        assert row["gain"] == pytest.approx(row["mean"] - result["rows"][0]["mean"])
+    # same budget, seed and splits for every method
+    configs = [yaml.safe_load((out / run["run"] / "config.yaml").read_text()) for run in result["runs"]]
+    assert {(c["seed"], c["epochs"], c["subset"], c["val_fraction"]) for c in configs} == {(0, 2, 0.1, 0.1)}
+    assert len({run["train_images"] for run in result["runs"]}) == 1
+    # a third invocation trains nothing
+    again = igkd_cli("experiment", "ablation", "--config", cfg, "--out", out, "--quiet")
+    assert again.returncode == 0 and "| kd+ig |" in again.stdout
+
+
+# ---------------------------------------------------------------- Monte Carlo
+def test_montecarlo_runs_share_subset_and_seed_and_report_paired_statistics(exp_dir, tmp_path):
+    cfg = resolve("montecarlo", write_config(tmp_path / "mc.yaml", {"montecarlo": {"runs": 2, "mc_subset": 0.25}}),
+                  {"methods": "student,kd+ig"})
+    result = run_montecarlo(cfg, exp_dir, quiet=True)
+    assert result["methods"] == ["student", "kd+ig"] and result["runs_count"] == 2
+    runs = result["runs"]
+    assert len(runs) == 4
+    for r in range(2):  # run r: both methods with seed r on subset r
+        cfgs = [yaml.safe_load((exp_dir / x["run"] / "config.yaml").read_text()) for x in runs if x["mc_run"] == r]
+        assert len(cfgs) == 2
+        assert {(c["seed"], c["subset"], c["subset_seed"]) for c in cfgs} == {(r, 0.25, r)}
+    acc = result["accuracy"]
+    assert len(acc["student"]) == 2 and len(acc["kd+ig"]) == 2
+    s = result["summary"]["kd+ig"]
+    lo, hi = sps.t.interval(0.95, 1, loc=np.mean(acc["kd+ig"]), scale=sps.sem(acc["kd+ig"])) \
+        if np.std(acc["kd+ig"]) > 0 else (np.mean(acc["kd+ig"]),) * 2
+    assert s["mean"] == pytest.approx(np.mean(acc["kd+ig"])) and (s["ci_low"], s["ci_high"]) == pytest.approx((lo, hi))
+    (comp,) = result["comparisons"]
+    assert (comp["a"], comp["b"]) == ("kd+ig", "student")
+    diff = np.subtract(acc["kd+ig"], acc["student"])
+    assert comp["t"]["mean_diff"] == pytest.approx(diff.mean())
+    if np.std(diff) > 0:
+        assert comp["t"]["p"] == pytest.approx(sps.ttest_rel(acc["kd+ig"], acc["student"]).pvalue)
+    table = (exp_dir / "montecarlo.md").read_text()
+    assert "| student | 2 |" in table and "| kd+ig | 2 |" in table and "| kd+ig - student |" in table
+    # subsets: 25% of 2,000 stratified = 500, minus the 10% validation split
+    assert result["train_images"] == 450
+
+
+def test_subset_keeps_dataset_indices_so_store_rows_stay_aligned():
+    """A --subset run reads the store by the samples' own indices: the logits it uses for a
+    batch are the teacher's logits of exactly those images, and the maps are their maps."""
+    import torch
+    from igkd.api import load_teacher
+    from igkd.data import load_dataset, stratified_split, subset_indices
+    from igkd.distill import Trainer
+    from igkd.experiments.common import precompute_config
+    from igkd.models import build_model
+    from igkd.precompute import compute_chunk, precompute
+
+    cfg = igkd.DistillConfig(**{**TINY, "method": "kd+ig", "subset": 0.3, "subset_seed": 7})
+    data = load_dataset("demo")
+    teacher, _ = load_teacher(TEACHER, data)
+    store = precompute(teacher, data, precompute_config(cfg))
+    trainer = Trainer(cfg, build_model(cfg.model, 10, 1), data, "unused", torch.device("cpu"), teacher=teacher,
+                      store=store)
+    pool = subset_indices(data.train.labels, 0.3, 7)
+    assert len(pool) == 600 and torch.equal(torch.sort(torch.cat([trainer.train_idx, trainer.val_idx])).values, pool)
+    assert len(trainer.val_idx) == 60
+    # stratified: 60 of each class, and not the first 600 samples
+    assert torch.bincount(data.train.labels[pool]).tolist() == [60] * 10 and pool.max() > 1500
+    idx, _, y = next(trainer.batches(1))
+    assert bool(torch.isin(idx, trainer.train_idx).all())
+    assert torch.equal(y, data.train.labels[idx])
+    with torch.no_grad():
+        direct = teacher.eval()(data.train.images[idx].float() / 255)
+    assert torch.allclose(trainer.teacher_logits(idx, None), direct, atol=1e-4)
+    few = idx[:4]
+    fresh = compute_chunk(teacher, data.train.images[few], data.train.labels[few], cfg, torch.device("cpu"))
+    assert np.allclose(trainer.maps[few].float().numpy(), fresh["maps"].astype(np.float32), atol=2e-3)
+    # subset 1 changes nothing: the validation split is the one igkd always drew
+    whole = Trainer(igkd.DistillConfig(**{**TINY, "method": "student", "subset": 1.0}), build_model(cfg.model, 10, 1),
+                    data, "unused", torch.device("cpu"))
+    keep, held = stratified_split(data.train.labels, 0.1, 0)
+    assert torch.equal(whole.train_idx, keep) and torch.equal(whole.val_idx, held)
+
+
+# ---------------------------------------------------------------- compression sweep
+def test_compression_sweep_reports_params_macs_latency_and_accuracy(exp_dir, tmp_path):
+    cfg = resolve("compression", write_config(tmp_path / "c.yaml", {"compression": {
+        "sweep_base": "mobilenetv2:width=0.5", "depths": [13, 17], "widths": [0.25], "methods": ["student"],
+        "latency_min_time": 0.05}}))
+    result = run_compression(cfg, exp_dir, quiet=True)
+    models = [s["model"] for s in result["students"]]
+    assert models == ["mobilenetv2:width=0.5,drop=13", "mobilenetv2:width=0.5,drop=17", "mobilenetv2:width=0.25"]
+    by_model = {s["model"]: s for s in result["students"]}
+    for spec, s in by_model.items():
+        net = igkd.build_model(spec, 10, 1)
+        assert s["params"] == igkd.count_parameters(net)
+        assert s["compression"] == pytest.approx(590_122 / s["params"])
+        assert s["latency"]["median_ms"] > 0 and s["latency"]["threads"] == 1 and s["latency"]["reps"] >= 10
+    # truncation removes parameters but few MACs; width cuts both
+    t = result["teacher_cost"]
+    deep = by_model["mobilenetv2:width=0.5,drop=17"]
+    assert deep["params"] < by_model["mobilenetv2:width=0.5,drop=13"]["params"] < t["params"]
+    assert by_model["mobilenetv2:width=0.25"]["macs"] < t["macs"] / 3
+    assert len(result["runs"]) == 3 and all(0 <= r["test_accuracy"] <= 100 for r in result["runs"])
+    table = (exp_dir / "compression.md").read_text()
+    for m in models:
+        assert f"| {m} |" in table
+    assert "| teacher mobilenetv2:width=0.5 | 590,122 | 1.00x |" in table
+
+
+# ---------------------------------------------------------------- search, two workers
+def test_two_search_workers_share_one_sqlite_study_without_duplicates(exp_dir, tmp_path, capsys):
+    optuna = pytest.importorskip("optuna")
+    cfg = write_config(tmp_path / "s.yaml", {"search": {
+        "sampler": "grid", "search_method": "kd", "T_values": [1, 4], "alpha_values": [0.3, 0.7]}})
+    db = tmp_path / "shared" / "study.db"
+    db.parent.mkdir()
+    url = f"sqlite:///{db}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "igkd.cli", "experiment", "search", "--config", str(cfg), "--out", str(exp_dir),
+           "--storage", url]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for _ in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for w, (_, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="igkd-search", storage=url)
+    trials = study.get_trials()
+    points = sorted((t.params["T"], t.params["alpha"]) for t in trials)
+    assert points == [(1.0, 0.3), (1.0, 0.7), (4.0, 0.3), (4.0, 0.7)]  # every grid point exactly once
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    # the objective is the validation accuracy of the trial's run, never the test accuracy
+    for t in trials:
+        summary = json.loads((exp_dir / t.user_attrs["run"] / "summary.json").read_text())
+        assert t.value == summary["val_accuracy"] and t.user_attrs["test_accuracy"] == summary["test_accuracy"]
+        cfg_run = yaml.safe_load((exp_dir / t.user_attrs["run"] / "config.yaml").read_text())
+        assert (cfg_run["T"], cfg_run["alpha"], cfg_run["method"]) == (t.params["T"], t.params["alpha"], "kd")
+    assert len({t.user_attrs["worker"] for t in trials}) >= 1
+    joined = "".join(err for _, err in outputs)
+    assert "created study" in joined and "joined study" in joined
+    result = json.loads((exp_dir / "search.json").read_text())
+    assert result["objective"] == "val_accuracy" and result["complete"] == 4
+    assert result["best"]["val_accuracy"] == max(t.value for t in trials)
+    # a worker started after the grid is done trains nothing
+    code, _, err = igkd_main(capsys, "experiment", "search", "--config", cfg, "--out", exp_dir, "--storage", url)
+    assert code == 0 and "this worker ran 0 trial(s); 4 complete" in err
+    assert len(optuna.load_study(study_name="igkd-search", storage=url).trials) == 4
+    # a worker with another search space is refused, the study is left alone
+    code, _, err = igkd_main(capsys, "experiment", "search", "--config", cfg, "--out", exp_dir, "--storage", url,
+                             "--T-values", "1,2")
+    assert code == 2 and err.splitlines()[-1].startswith(
+        "igkd: error: study 'igkd-search' in this storage searches grid kd over {'T': [1.0, 4.0]")
+    assert len(optuna.load_study(study_name="igkd-search", storage=url).trials) == 4
+    # the search never scores on the test split: no validation split, no search
+    code, _, err = igkd_main(capsys, "experiment", "search", "--config", cfg, "--out", tmp_path / "new",
+                             "--val-fraction", "0")
+    assert code == 2 and "scored on the validation split" in err and not (tmp_path / "new").exists()
+
+
+def test_search_requeues_the_point_of_a_dead_worker(exp_dir, tmp_path):
+    """A worker that died mid-trial (no heartbeat for 3 intervals) leaves its point to the next worker."""
+    optuna = pytest.importorskip("optuna")
+    from igkd.experiments.search import claim_waiting, make_storage, open_study, run_search, search_space
+    cfg = resolve("search", write_config(tmp_path / "s.yaml", {"search": {
+        "search_method": "kd", "T_values": [1], "alpha_values": [0.3, 0.7], "heartbeat": 1}}),
+        {"storage": f"sqlite:///{tmp_path / 'dead.db'}", "study": "dead-worker"})
+    storage = make_storage(cfg.storage, cfg.heartbeat)
+    study, created = open_study(cfg, storage, search_space(cfg), None)
+    assert created
+    claimed = claim_waiting(study)  # a worker takes a point, beats once, and dies
+    storage.record_heartbeat(claimed)
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].params == {} and len(study.trials) == 2
+    time.sleep(5)  # past the grace period of 3 heartbeats (the storage keeps whole seconds)
+    result = run_search(cfg, exp_dir, quiet=True)  # the runs exist already (the two-worker test): no training
+    states = sorted(t["state"] for t in result["trials"])
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+    done = sorted(t["params"]["alpha"] for t in result["trials"] if t["state"] == "COMPLETE")
+    assert done == [0.3, 0.7] and result["complete"] == 2
+
+
+def test_tpe_search_samples_within_the_ranges_up_to_the_trial_budget(exp_dir, tmp_path):
+    pytest.importorskip("optuna")
+    from igkd.experiments.search import run_search
+    cfg = resolve("search", write_config(tmp_path / "s.yaml", {"search": {
+        "sampler": "tpe", "trials": 2, "search_method": "kd", "T_values": [2], "alpha_values": [0.2, 0.8]}}),
+        {"storage": f"sqlite:///{tmp_path / 'tpe.db'}", "study": "tpe"})
+    result = run_search(cfg, exp_dir, quiet=True)
+    done = [t for t in result["trials"] if t["state"] == "COMPLETE"]
+    assert len(result["trials"]) == 2 and len(done) == 2
+    for t in done:
+        assert t["params"]["T"] == 2 and 0.2 <= t["params"]["alpha"] <= 0.8
+        summary = json.loads((exp_dir / t["run"] / "summary.json").read_text())
+        assert t["val_accuracy"] == summary["val_accuracy"]
+    assert run_search(cfg, exp_dir, quiet=True)["complete"] == 2  # the budget is spent: no third trial
+
+
+def test_missing_optuna_is_a_one_line_install_hint(monkeypatch):
+    from igkd.errors import UserError
+    from igkd.experiments.search import optuna_or_error
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what an environment without Optuna looks like
+    with pytest.raises(UserError, match=r'pip install "igkd\[search\]"'):
+        optuna_or_error()
+
+
+# ---------------------------------------------------------------- report
+def test_report_renders_every_section_with_plots(exp_dir):
+    if not (exp_dir / "search.json").exists() or not (exp_dir / "compression.json").exists():
+        pytest.skip("needs the Monte Carlo, compression and search tests of this module to have run")
+    r = igkd_cli("report", exp_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (exp_dir / "report.md").read_text()
+    for heading in ("## Monte Carlo", "## Compression sweep", "## Hyper-parameter search", "## Teacher IG maps",
+                    "## Training curves"):
+        assert heading in text
+    for png in ("montecarlo.png", "montecarlo_bars.png", "compression.png", "search.png", "gallery.png",
+                "curves.png"):
+        assert f"({png})" in text
+        with Image.open(exp_dir / png) as im:
+            im.verify()
+    assert "| kd+ig - student |" in r.stdout and "## Compression sweep" in r.stdout  # terminal summary
+
+
+def test_report_hook_takes_extra_sections(exp_dir, tmp_path):
+    from igkd import report
+    (tmp_path / "summary.json").write_text(json.dumps({"method": "kd", "model": "m", "params": 10, "best_epoch": 1,
+                                                       "val_accuracy": 50.0, "test_accuracy": 40.0,
+                                                       "dataset": "demo", "epochs": 1}))
+    sections = report.SECTIONS + [("deployment", lambda d: "## Deployment\n\nfrom a hook\n")]
+    text = report.write_report(tmp_path, sections)
+    assert "## Run" in text and "| kd | m | 10 | 1 | 50.00 | 40.00 |" in text and text.rstrip().endswith("from a hook")
+
+
+# ---------------------------------------------------------------- configs, keys, errors
+def test_run_key_ignores_speed_fields_and_fields_the_method_does_not_use():
+    base = ExperimentConfig(**TINY)
+    student = distill_config(base, method="student")
+    assert run_key(student) == run_key(distill_config(base, method="student", alpha=0.9, T=7, threads=2,
+                                                      eval_batch_size=7, teacher=""))
+    kd = distill_config(base, method="kd")
+    assert run_key(kd) != run_key(distill_config(base, method="kd", alpha=0.9))
+    assert run_key(kd) == run_key(distill_config(base, method="kd", p=0.9, ig_steps=5, store="/elsewhere"))
+    assert run_key(kd) != run_key(distill_config(base, method="kd", seed=1))
+    assert run_key(distill_config(base, method="kd+ig")) != run_key(distill_config(base, method="kd+ig", p=0.2))
+    assert run_key(distill_config(base, subset=0.5, subset_seed=1)) != run_key(distill_config(base, subset=0.5))
+    # a run recorded before an option existed matches when the option is at its default
+    now = semantic_config(distill_config(base, method="kd", subset=1.0))
+    older = {k: v for k, v in now.items() if k != "subset"}
+    assert same_run(older, now) and not same_run(older, {**now, "subset": 0.5})
+    assert not same_run({**older, "alpha": 0.1}, now)
+
+
+def test_shipped_configs_resolve_for_every_experiment():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("cifar10_paper.yaml", "demo_experiments.yaml"):
+        for kind in ("ablation", "montecarlo", "compression", "search"):
+            resolve(kind, root / name)
+    paper = {k: resolve(k, root / "cifar10_paper.yaml") for k in ("ablation", "montecarlo", "compression", "search")}
+    assert paper["montecarlo"].mc_subset == 0.8 and paper["montecarlo"].epochs == 100
+    assert paper["compression"].depths == "3,5,7,9,11,13,15,17"
+    from igkd.experiments.search import grid_points, search_space
+    assert 5 <= len(search_space(paper["search"])["T"]) <= 9 and len(grid_points(search_space(paper["search"]))) > 100
+    assert "2.5" in paper["search"].T_values.split(",") and "0.01" in paper["search"].alpha_values.split(",")
+
+
+def test_experiment_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    cfg = write_config(tmp_path / "e.yaml")
+    r = igkd_cli("experiment", "ablation", "--config", cfg, "--out", tmp_path / "a", "--methods", "student,kd+xx")
+    assert r.returncode == 2 and r.stderr.startswith("igkd: error: unknown method 'kd+xx'") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "a").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("x")
+    for kind in ("ablation", "montecarlo", "compression", "search"):
+        code, _, err = igkd_main(capsys, "experiment", kind, "--config", cfg, "--out", foreign)
+        assert code == 2 and err.startswith("igkd: error: ") and "not an igkd experiment folder" in err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    for args, message in ((["compression", "--depths", "3,x"], "--depths '3,x' must be comma-separated int"),
+                          (["montecarlo", "--runs", "1"], "--runs 1 is out of range"),
+                          (["montecarlo", "--mc-subset", "0"], "--mc-subset 0.0 is out of range"),
+                          (["search", "--sampler", "random"], "--sampler 'random' is not one of grid, tpe"),
+                          (["search", "--search-method", "student"], "nothing to search for method 'student'"),
+                          (["ablation", "--teacher", tmp_path / "none.safetensors"], "none.safetensors")):
+        code, _, err = igkd_main(capsys, "experiment", args[0], "--config", cfg, "--out", tmp_path / "x", *args[1:])
+        assert code == 2 and err.startswith("igkd: error: ") and message in err, err
+        assert err.count("\n") == 1 and not (tmp_path / "x").exists()
+    code, _, err = igkd_main(capsys, "report", tmp_path / "nothing")
+    assert code == 2 and err.startswith("igkd: error:")

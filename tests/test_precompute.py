@@ -73,8 +73,9 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_store(small_real, single_sto
 
 def test_error_estimate_falls_with_steps_and_is_zero_at_the_reference():
     data, teacher = tiny_dataset(), tiny_teacher()
-    est = {s: estimate_error(teacher, data, PrecomputeConfig(ig_steps=s, check_images=6, check_steps=64),
-                             torch.device("cpu"))["median"] for s in (2, 8, 64)}
+    est = {s: estimate_error(teacher, data, PrecomputeConfig(ig_steps=s, ig_method="gausslegendre", check_images=6,
+                                                             check_steps=64), torch.device("cpu"))["median"]
+           for s in (2, 8, 64)}
     assert est[64] == 0.0  # the same computation as the reference
     assert est[2] > est[8] > 0.0
     assert estimate_error(teacher, data, PrecomputeConfig(check_images=0), torch.device("cpu")) is None

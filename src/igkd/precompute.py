@@ -102,14 +102,14 @@ def compute_chunk(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor
     scale = m.flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
     unit = m / scale[:, None, None]
     maps = unit.mul(255).round_().to(torch.uint8) if cfg.map_dtype == "uint8" else unit.half()
+    logits = _logits(teacher, x, 256)
     if cfg.attribution == "ig":
         gap = attr.flatten(1).sum(1, dtype=torch.float64) - delta.double()
-    else:
-        with torch.no_grad():
-            ends = _logits(teacher, torch.cat([x, torch.zeros_like(x)]), 256).gather(1, y.repeat(2).view(-1, 1))
-        gap = (ends[:len(x), 0] - ends[len(x):, 0]).double()
+    else:  # F_y(x) - F_y(black image), from the logits above and one more pass
+        rows = y.view(-1, 1)
+        gap = (logits.gather(1, rows) - _logits(teacher, torch.zeros_like(x), 256).gather(1, rows))[:, 0].double()
     return {
-        "logits": _logits(teacher, x, 256).float().cpu().numpy(),
+        "logits": logits.float().cpu().numpy(),
         "maps": maps.cpu().numpy(),
         "map_scale": scale.float().cpu().numpy(),
         "delta": delta.float().cpu().numpy(),

@@ -179,16 +179,16 @@ def terminal_summary(markdown: str) -> str:
     return "\n".join(out).strip("\n")
 
 
-def _read_json(path: Path):
-    return json.loads(path.read_text())
+def read_json(path: Path) -> dict | None:
+    """A results file of a run folder, or None when it is not there."""
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def run_section(run_dir: Path) -> str | None:
     """A single training run folder (igkd train / distill): its summary."""
-    path = run_dir / "summary.json"
-    if not path.exists():
+    s = read_json(run_dir / "summary.json")
+    if s is None:
         return None
-    s = _read_json(path)
     rows = [[s.get("method", "train"), s["model"], s["params"], s["best_epoch"], s["val_accuracy"],
              s["test_accuracy"]]]
     comp = f" Compression {s['compression']:.2f}x against the teacher." if s.get("compression") else ""
@@ -202,9 +202,9 @@ def gallery_section(run_dir: Path) -> str | None:
     from .store import open_store
     ctx = None
     for kind in ("ablation", "montecarlo", "compression", "search"):
-        path = run_dir / f"{kind}.json"
-        if path.exists() and _read_json(path).get("store"):
-            ctx = _read_json(path)
+        result = read_json(run_dir / f"{kind}.json")
+        if result and result.get("store"):
+            ctx = result
             break
     if ctx is None:
         return None
@@ -237,11 +237,11 @@ def curves_section(run_dir: Path) -> str | None:
     """Validation accuracy and training loss per epoch, averaged over the runs of each method."""
     groups: dict[str, list[list[dict]]] = {}
     if (run_dir / "metrics.jsonl").exists():
-        groups[_read_json(run_dir / "summary.json").get("method", "run") if (run_dir / "summary.json").exists()
-               else "run"] = [[json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n")
-                               if x.strip()]]
+        summary = read_json(run_dir / "summary.json") or {}
+        groups[summary.get("method", "run")] = [[json.loads(x) for x in (run_dir / "metrics.jsonl").read_text()
+                                                  .split("\n") if x.strip()]]
     runs = sorted((run_dir / "runs").glob("*/run.json")) if (run_dir / "runs").is_dir() else []
-    tagged = [(p.parent, _read_json(p).get("tags", {})) for p in runs if (p.parent / "metrics.jsonl").exists()]
+    tagged = [(p.parent, read_json(p).get("tags", {})) for p in runs if (p.parent / "metrics.jsonl").exists()]
     plain = [(d, t) for d, t in tagged if "model" not in t and "T" not in t] or tagged
     for d, t in plain:
         name = t.get("method", d.name) + (f" {t['model']}" if "model" in t else "")

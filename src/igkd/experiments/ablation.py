@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import accuracy_bars, markdown_table
+from ..report import accuracy_bars, markdown_table, read_json
 from .common import baseline_of, methods_of, save_results, setup
 from .config import ExperimentConfig, distill_config
 from .runs import Job, run_jobs, run_record
@@ -63,11 +63,9 @@ def ablation_table(result: dict) -> str:
 
 def section(run_dir: Path) -> str | None:
     """Report section: the table and a bar chart (95% CI error bars when seeds >= 2)."""
-    import json
-    path = run_dir / "ablation.json"
-    if not path.exists():
+    result = read_json(run_dir / "ablation.json")
+    if result is None:
         return None
-    result = json.loads(path.read_text())
     rows = result["rows"]
     several = result["seeds"] > 1
     errors = [(r["mean"] - r["ci_low"], r["ci_high"] - r["mean"]) for r in rows] if several else None

@@ -12,14 +12,13 @@ Cost is measured on the bare network (no preprocessing), the same for every meth
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..data import load_dataset
 from ..evaluate.cost import count_macs, measure_latency
 from ..models import bare, build_model, count_parameters
 from ..progress import log
-from ..report import _plt, _save, markdown_table
+from ..report import _plt, _save, markdown_table, read_json
 from ..spec import Spec, parse_spec
 from .common import methods_of, save_results, setup
 from .config import ExperimentConfig, distill_config, split_list
@@ -142,10 +141,9 @@ def curves(path: Path, result: dict) -> Path:
 
 
 def section(run_dir: Path) -> str | None:
-    path = run_dir / "compression.json"
-    if not path.exists():
+    r = read_json(run_dir / "compression.json")
+    if r is None:
         return None
-    r = json.loads(path.read_text())
     curves(run_dir / "compression.png", r)
     lat = r["teacher_cost"].get("latency")
     how = (f"latency: eager PyTorch on CPU, batch {lat['batch']}, {lat['threads']} thread(s), 10 warm-up calls then "

@@ -12,10 +12,9 @@ training set once; subsets keep the samples' own indices, so every run reads ali
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..report import accuracy_bars, markdown_table, _plt, _save
+from ..report import _plt, _save, accuracy_bars, markdown_table, read_json
 from .common import baseline_of, methods_of, save_results, setup
 from .config import ExperimentConfig, distill_config
 from .runs import Job, run_jobs, run_record
@@ -96,10 +95,9 @@ def distribution_plot(path: Path, result: dict) -> Path:
 
 
 def section(run_dir: Path) -> str | None:
-    path = run_dir / "montecarlo.json"
-    if not path.exists():
+    r = read_json(run_dir / "montecarlo.json")
+    if r is None:
         return None
-    r = json.loads(path.read_text())
     distribution_plot(run_dir / "montecarlo.png", r)
     s = r["summary"]
     accuracy_bars(run_dir / "montecarlo_bars.png", r["methods"], [s[m]["mean"] for m in r["methods"]],

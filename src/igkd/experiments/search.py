@@ -41,7 +41,7 @@ from ..distill.methods import parse_method
 from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
 from ..progress import log
-from ..report import _plt, _save, markdown_table
+from ..report import _plt, _save, markdown_table, read_json
 from .common import save_results, setup
 from .config import ExperimentConfig, distill_config, split_list
 from .runs import Job, prepare_out, run_jobs, run_record
@@ -362,10 +362,9 @@ def heat_map(path: Path, result: dict) -> Path | None:
 
 
 def section(run_dir: Path) -> str | None:
-    path = run_dir / "search.json"
-    if not path.exists():
+    r = read_json(run_dir / "search.json")
+    if r is None:
         return None
-    r = json.loads(path.read_text())
     img = heat_map(run_dir / "search.png", r)
     best = r["best"]
     best_text = ("Best by validation accuracy: trial {} ({}), val {:.2f}%, test {:.2f}%.".format(

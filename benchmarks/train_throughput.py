@@ -1,24 +1,29 @@
 """Training throughput: igkd's batched pipeline against a reference-style one, same run.
 
-Three ways to train the paper's 4.12x student (``mobilenetv2:drop=5``) with KD + IG
-overlay on the same machine, batch, threads and data, measured in one process:
+Ways to train the paper's 4.12x student (``mobilenetv2:drop=5``) with KD + IG overlay on
+the same machine, batch, threads and data:
 
 (a) reference style, as the paper's code does it: a ``torch.utils.data.Dataset`` whose
     ``__getitem__`` overlays the sample's IG map, pads and crops (F.pad + slicing) and
     flips in Python, fed by a DataLoader (num_workers 2, as the paper's code, and 0);
-    eager NCHW model, torch's default Adam;
+    eager NCHW model with torch's own ``nn.ReLU6(inplace=True)`` (as torchvision's
+    MobileNetV2, which the paper's code uses), torch's default Adam. Timed twice:
+    in this process, with igkd's glibc malloc tuning (``igkd.runtime.tune_malloc``, what
+    the ``igkd`` command applies), and as the paper's code runs, with glibc's default
+    malloc settings, in a child process (mallopt is process-wide);
 (b) igkd: ``Trainer.batches`` (uint8 split on the device, a seeded permutation, the
     overlay and crop/flip as batched tensor ops) and ``Trainer.train_step`` (KD on
-    precomputed logits, channels_last, fused Adam);
-(c) the compute limit: ``Trainer.train_step`` on batches made beforehand.
+    precomputed logits, channels_last, igkd's copy-free in-place ReLU6, fused Adam);
+(c) the compute limit: ``Trainer.train_step`` on batches made beforehand;
+(d) the compute limit with torch's ``nn.ReLU6`` instead of igkd's (what that change buys).
 
 Data: the JPEG CIFAR-10 (``shared/data/cifar10-jpg.tar.gz``, unpacked once into
 /tmp/igkd-test-data/cifar10-jpg) when present, else random 32x32 images; IG maps and
 teacher logits are random (throughput does not depend on their values). Each variant
 runs ``--warmup`` steps, then ``--steps`` timed steps; the variants take turns for
-``--rounds`` rounds and the median images/s is reported. glibc malloc tuning
-(``igkd.runtime.tune_malloc``, applied by the ``igkd`` command) is on for all variants.
-Check that nothing else loads the CPU (``uptime``) before trusting the numbers.
+``--rounds`` rounds and the median images/s is reported (the child process times its
+variants the same way, before the others). Check that nothing else loads the CPU
+(``uptime``) before trusting the numbers.
 
     python benchmarks/train_throughput.py [--steps 30] [--batch 128] [--threads N] [--device cpu]
 """
@@ -27,10 +32,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import random
 import statistics
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -86,6 +94,15 @@ class ReferenceDataset(torch.utils.data.Dataset):
         return x, self.labels[i], self.logits[i]
 
 
+def torch_relu6(model):
+    """``model`` with torch's own ``nn.ReLU6(inplace=True)`` in place of igkd's copy-free one."""
+    for mod in list(model.modules()):
+        for name, child in mod.named_children():
+            if isinstance(child, torch.nn.ReLU6) and type(child) is not torch.nn.ReLU6:
+                setattr(mod, name, torch.nn.ReLU6(inplace=child.inplace))
+    return model
+
+
 def forever(make):
     while True:
         yield from make()
@@ -117,6 +134,11 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps before each timing (default 5)")
     ap.add_argument("--p", type=float, default=0.1, help="overlay probability (default 0.1, the paper's)")
     ap.add_argument("--workers", default="2,0", help="DataLoader workers of the reference runs (default 2,0)")
+    ap.add_argument("--no-child", action="store_true",
+                    help="skip timing the reference with glibc's default malloc settings (child process)")
+    ap.add_argument("--reference-only", action="store_true",
+                    help="time only the reference variants, glibc malloc as is, and print their images/s as JSON "
+                    "(the child process the benchmark starts)")
     args = ap.parse_args(argv)
 
     from igkd.config import DistillConfig, build
@@ -125,7 +147,14 @@ def main(argv=None):
     from igkd.models import build_model, count_parameters
     from igkd.runtime import tune_malloc
 
-    tune_malloc()
+    untuned: dict[str, float] = {}
+    if not args.reference_only and not args.no_child and args.device == "cpu":
+        # the reference as the paper's code runs: glibc's default malloc (mallopt is process-wide)
+        own = argv if argv is not None else sys.argv[1:]
+        child = subprocess.run([sys.executable, __file__, "--reference-only", *own],
+                               capture_output=True, text=True, check=True)
+        untuned = json.loads(child.stdout.strip().splitlines()[-1])
+    tuned = False if args.reference_only else tune_malloc()
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     device = torch.device(args.device)
@@ -139,16 +168,21 @@ def main(argv=None):
     cfg = build(DistillConfig, dict(model=MODEL, normalize="none", method="kd+ig", batch_size=args.batch,
                                     optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant",
                                     warmup_epochs=0, T=T, alpha=ALPHA, p=args.p, device=args.device))
-    torch.manual_seed(0)
-    trainer = Trainer(cfg, build_model(MODEL, len(data.classes), data.channels), data, "/nonexistent",
-                      device, store=store, quiet=True)
+
+    def make_trainer(stock_relu6: bool = False):
+        torch.manual_seed(0)
+        net = build_model(MODEL, len(data.classes), data.channels)
+        return Trainer(cfg, torch_relu6(net) if stock_relu6 else net, data, "/nonexistent", device, store=store,
+                       quiet=True)
+
+    trainer = make_trainer()
     trainer.train_model.train()
     epochs = itertools.count(1)
     igkd_batches = forever(lambda: trainer.batches(next(epochs)))
     premade = [next(igkd_batches) for _ in range(args.steps + args.warmup)]
 
     torch.manual_seed(0)
-    ref_model = build_model(MODEL, len(data.classes), data.channels).to(device).train()
+    ref_model = torch_relu6(build_model(MODEL, len(data.classes), data.channels)).to(device).train()
     ref_opt = torch.optim.Adam(ref_model.parameters(), lr=1e-3)
     ref_data = ReferenceDataset(data.train.images[trainer.train_idx.cpu()], data.train.labels[trainer.train_idx.cpu()],
                                 maps[trainer.train_idx.cpu()], logits[trainer.train_idx.cpu()], args.p)
@@ -169,26 +203,42 @@ def main(argv=None):
             ref_data, batch_size=args.batch, shuffle=True, num_workers=w, drop_last=True,
             pin_memory=device.type == "cuda", persistent_workers=w > 0)
         variants[f"(a) reference, DataLoader workers={w}"] = (ref_step, forever(loader))
-    variants["(b) igkd Trainer.batches + train_step"] = (igkd_step, igkd_batches)
-    variants["(c) compute limit, pre-made batches"] = (igkd_step, itertools.cycle(premade))
+    if not args.reference_only:
+        stock = make_trainer(stock_relu6=True)
+        stock.train_model.train()
+        variants["(b) igkd Trainer.batches + train_step"] = (igkd_step, igkd_batches)
+        variants["(c) compute limit, pre-made batches"] = (igkd_step, itertools.cycle(premade))
+        variants["(d) (c) with torch's nn.ReLU6"] = (lambda b: stock.train_step(*b), itertools.cycle(premade))
 
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):
         for name, (step, batches) in variants.items():
             rates[name].append(timed(step, batches, args.warmup, args.steps, args.batch, device))
     med = {k: statistics.median(v) for k, v in rates.items()}
+    if args.reference_only:
+        print(json.dumps(med))
+        return med
 
     params = count_parameters(trainer.model)
     print(f"training throughput: {MODEL} ({params:,} params), batch {args.batch}, {threads} threads, {device}, "
           f"{what} ({n:,} images), KD+IG (T {T}, alpha {ALPHA}, p {args.p}), Adam; {args.steps} timed steps after "
-          f"{args.warmup} warm-up, {args.rounds} rounds, median")
+          f"{args.warmup} warm-up, {args.rounds} rounds, median; glibc malloc tuning {'on' if tuned else 'off'} "
+          f"except where marked")
     for k, v in med.items():
-        print(f"  {k:<40} {v:8.1f} img/s   (rounds: {', '.join(f'{r:.1f}' for r in rates[k])})")
-    b, c = med["(b) igkd Trainer.batches + train_step"], med["(c) compute limit, pre-made batches"]
+        print(f"  {k:<44} {v:8.1f} img/s   (rounds: {', '.join(f'{r:.1f}' for r in rates[k])})")
+    for k, v in untuned.items():
+        print(f"  {k + ', glibc malloc defaults':<44} {v:8.1f} img/s   (child process: the paper's code as it runs)")
+    b, c, d = (med[k] for k in ("(b) igkd Trainer.batches + train_step", "(c) compute limit, pre-made batches",
+                                "(d) (c) with torch's nn.ReLU6"))
     for k, v in med.items():
         if k.startswith("(a)"):
-            print(f"  (b)/{k.split(',')[1].strip()}: {b / v:.2f}x")
+            w = k.split(",")[1].strip()
+            line = f"  (b)/(a) {w}: {b / v:.2f}x"
+            if k in untuned:
+                line += f" (malloc tuning in both); {b / untuned[k]:.2f}x against the reference as it runs"
+            print(line)
     print(f"  (b)/(c): {100 * b / c:.1f}% of the compute limit")
+    print(f"  (c)/(d): {c / d:.2f}x from igkd's copy-free in-place ReLU6")
     return med
 
 

@@ -244,6 +244,17 @@ def test_fast_path_on_small_net(small):
     assert rel_fro(fast, exact) <= 2e-3
 
 
+def test_fast_path_gives_torchs_relu6_the_copy_free_one_without_touching_the_model(small):
+    net, x, y = small
+    stock = copy.deepcopy(net)
+    for parent in list(stock.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.ReLU6):
+                setattr(parent, name, torch.nn.ReLU6(inplace=True))
+    assert torch.equal(integrated_gradients(stock, x, y, n_steps=8), integrated_gradients(net, x, y, n_steps=8))
+    assert sum(type(m) is torch.nn.ReLU6 and m.inplace for m in stock.modules()) > 0  # the caller's, unchanged
+
+
 # --------------------------------------------------------------------------- completeness
 def _relative_delta(model, x, y, n_steps: int) -> float:
     """sum |delta| / sum |F(x) - F(x')| over the images (a per-image ratio is meaningless

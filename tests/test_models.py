@@ -86,3 +86,43 @@ def test_published_checkpoints_load_into_the_truncated_student_with_same_keys(na
     assert set(model.state_dict()) == set(state)
     model, meta = load_model(path, "mobilenetv2:drop=5")
     assert count_parameters(model) == 543_498 and meta["preprocessing"] == {"normalize": "none"}
+
+
+def _stock_relu6(model):
+    """The same network with torch's own nn.ReLU6(inplace=True) in place of igkd's."""
+    for mod in list(model.modules()):
+        for name, child in mod.named_children():
+            if type(child).__name__ == "ReLU6" and type(child) is not torch.nn.ReLU6:
+                setattr(mod, name, torch.nn.ReLU6(inplace=True))
+    return model
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_inplace_relu6_trains_bitwise_like_torchs_without_copying_activations(channels_last):
+    from torch.profiler import ProfilerActivity, profile
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    x = (torch.randn(8, 3, 16, 16) * 4).contiguous(memory_format=fmt)  # wide range: both clamps bite
+    nets = []
+    for stock in (False, True):
+        torch.manual_seed(1)
+        net = build_model("mobilenetv2:width=0.25,drop=12", 10, 3)
+        nets.append((_stock_relu6(net) if stock else net).to(memory_format=fmt).train())
+    ours, theirs = nets
+    relus = sum(type(m) is torch.nn.ReLU6 for m in theirs.modules())
+    assert relus > 0
+    clones = []
+    for net in nets:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = net(x)
+            out.square().sum().backward()
+        clones.append(sum(e.count for e in prof.key_averages() if e.key == "aten::clone"))
+    assert clones == [0, relus]  # torch copies every in-place ReLU6's input aside; igkd does not
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(a.grad, b.grad), k
+    for (k, a), b in zip(ours.named_buffers(), theirs.buffers()):
+        assert torch.equal(a, b), k
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+        assert torch.equal(torch.jit.script(ours)(x), theirs(x))  # still scriptable

@@ -227,3 +227,49 @@ def test_amp_is_gpu_only_and_optimizer_kernels_agree(tmp_path):
     for k in final["loop"]:
         torch.testing.assert_close(final["fused"][k], final["loop"][k], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(final["foreach"][k], final["loop"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_distill_killed_with_sigkill_resumes_to_the_same_weights(small_real, tmp_path):
+    """A real `igkd distill` process killed (SIGKILL, no clean-up) after its first epoch and
+    rerun with --resume ends with the weights, best epoch and test accuracy of a run that was
+    never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    args = [sys.executable, "-m", "igkd.cli", "distill", "--data", f"imagefolder:{small_real / 'data'},gray=1",
+            "--teacher", str(small_real / "teacher.safetensors"), "--method", "kd+ig",
+            "--model", "mobilenetv2:width=0.25,drop=14", "--epochs", "4", "--threads", "1", "--ig-steps", "2",
+            "--batch-size", "32", "--lr", "0.05", "--p", "0.5", "--quiet"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    whole = subprocess.run([*args, "--out", str(tmp_path / "whole")], capture_output=True, text=True, env=env,
+                           timeout=300)  # also builds the store the killed run reuses
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    deadline = time.monotonic() + 120
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+    done = torch.load(run / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 4
+    resumed = subprocess.run([*args, "--out", str(run), "--resume"], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True) for r in ("whole", "killed"))
+    assert a["epoch"] == b["epoch"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, state in a["optimizer"]["state"].items():  # Adam's moments and step counts
+        for k, v in state.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+    assert a["scheduler"] == b["scheduler"]
+    sa, sb = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("whole", "killed"))
+    assert (sa["best_epoch"], sa["test_accuracy"]) == (sb["best_epoch"], sb["test_accuracy"])
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import UserError
+from ..models.mobilenetv2 import copy_free_relu6
 from ..models.preprocess import Normalized
 from .quadrature import check_method, quadrature
 
@@ -128,9 +129,10 @@ def _prepare(model: nn.Module, inputs: torch.Tensor, fast: bool) -> tuple[nn.Mod
         if net is not None:
             net.eval()
             _fold_batchnorm(net)
-            for m in net.modules():  # in-place activations cost a copy under autograd (~7% of a pass)
-                if isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
+            for m in net.modules():  # torch's in-place hardtanh_ copies its input under autograd
+                if isinstance(m, (nn.ReLU, nn.Hardtanh)) and not isinstance(m, nn.ReLU6):
                     m.inplace = False
+            copy_free_relu6(net)  # in place without the copy: 3-7% faster than out of place
             for p in net.parameters():
                 p.requires_grad_(False)
             if inputs.device.type == "cpu" or _channels_last(model):

@@ -130,3 +130,33 @@ def test_inplace_relu6_trains_bitwise_like_torchs_without_copying_activations(ch
         with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, still used by some
             warnings.simplefilter("ignore", DeprecationWarning)
             assert torch.equal(torch.jit.script(ours)(x), theirs(x))  # still scriptable
+
+
+def test_copy_free_relu6_keeps_each_flag_and_leaves_subclasses_alone():
+    from igkd.models.mobilenetv2 import ReLU6, copy_free_relu6
+
+    class Skip(torch.nn.Module):  # the activation's input is used again: must stay out of place
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.act = torch.nn.ReLU6(inplace=False)
+            self.inplace_act = torch.nn.ReLU6(inplace=True)
+            self.custom = type("MyReLU6", (torch.nn.ReLU6,), {})()
+
+        def forward(self, x):
+            h = self.conv(x) * 4
+            return self.custom(self.inplace_act(h + self.act(h)))
+
+    torch.manual_seed(0)
+    net, x = Skip(), torch.randn(2, 3, 8, 8)
+    expected = net(x)
+    expected.sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    assert copy_free_relu6(net) == 2
+    assert type(net.act) is ReLU6 and not net.act.inplace and type(net.inplace_act) is ReLU6 and net.inplace_act.inplace
+    assert type(net.custom).__name__ == "MyReLU6"
+    out = net(x)
+    out.sum().backward()
+    assert torch.equal(out, expected)
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads))

@@ -67,14 +67,19 @@ class _ReLU6InPlace(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0)
 
 
+def _tracing_or_compiling() -> bool:
+    compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return torch.jit.is_tracing() or bool(compiling and compiling())
+
+
 class ReLU6(nn.ReLU6):
     """``nn.ReLU6`` (same name, no state, same checkpoints and exports) whose in-place form
     under autograd skips the input copy torch makes (:class:`_ReLU6InPlace`). Out of place,
     without gradients, traced or compiled, it is ``nn.ReLU6``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            if self.inplace and x.requires_grad and torch.is_grad_enabled():
+        if not torch.jit.is_scripting():
+            if self.inplace and x.requires_grad and torch.is_grad_enabled() and not _tracing_or_compiling():
                 return self._copy_free(x)
         return F.hardtanh(x, self.min_val, self.max_val, self.inplace)
 
@@ -84,16 +89,15 @@ class ReLU6(nn.ReLU6):
 
 
 def copy_free_relu6(module: nn.Module) -> int:
-    """Turn every ReLU6 in ``module`` into igkd's in place one (no input copy under
-    autograd); returns how many there are. Outputs and gradients are unchanged."""
+    """Replace every plain ``nn.ReLU6`` in ``module`` by igkd's :class:`ReLU6` with the same
+    ``inplace`` flag (so in place ones stop copying their input under autograd; out of
+    place ones stay out of place, since their input may be used elsewhere). Subclasses
+    are left alone. Returns how many were replaced; outputs and gradients are unchanged."""
     n = 0
     for parent in list(module.modules()):
         for name, child in parent.named_children():
-            if isinstance(child, nn.ReLU6):
-                if type(child) is not ReLU6:
-                    setattr(parent, name, ReLU6(inplace=True))
-                else:
-                    child.inplace = True
+            if type(child) is nn.ReLU6:
+                setattr(parent, name, ReLU6(inplace=child.inplace))
                 n += 1
     return n
 

@@ -94,15 +94,6 @@ class ReferenceDataset(torch.utils.data.Dataset):
         return x, self.labels[i], self.logits[i]
 
 
-def torch_relu6(model):
-    """``model`` with torch's own ``nn.ReLU6(inplace=True)`` in place of igkd's copy-free one."""
-    for mod in list(model.modules()):
-        for name, child in mod.named_children():
-            if isinstance(child, torch.nn.ReLU6) and type(child) is not torch.nn.ReLU6:
-                setattr(mod, name, torch.nn.ReLU6(inplace=child.inplace))
-    return model
-
-
 def forever(make):
     while True:
         yield from make()
@@ -145,6 +136,7 @@ def main(argv=None):
     from igkd.distill import Trainer
     from igkd.distill.losses import kd_loss
     from igkd.models import build_model, count_parameters
+    from igkd.models.mobilenetv2 import torch_relu6
     from igkd.runtime import tune_malloc
 
     untuned: dict[str, float] = {}

@@ -41,6 +41,7 @@ from igkd.attribution import (METHODS, attribution_map, input_x_gradient, integr
                               quadrature, saliency)
 from igkd.errors import UserError
 from igkd.models import Normalized, build_model, load_model
+from igkd.models.mobilenetv2 import torch_relu6
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STUDENT = SHARED / "checkpoints" / "nordlinglab" / "CIFAR10_KD_IG_T2.5_alpha0.01_p0.1_gamma0_TestAcc92.28.pt"
@@ -246,11 +247,7 @@ def test_fast_path_on_small_net(small):
 
 def test_fast_path_gives_torchs_relu6_the_copy_free_one_without_touching_the_model(small):
     net, x, y = small
-    stock = copy.deepcopy(net)
-    for parent in list(stock.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, torch.nn.ReLU6):
-                setattr(parent, name, torch.nn.ReLU6(inplace=True))
+    stock = torch_relu6(copy.deepcopy(net))
     assert torch.equal(integrated_gradients(stock, x, y, n_steps=8), integrated_gradients(net, x, y, n_steps=8))
     assert sum(type(m) is torch.nn.ReLU6 and m.inplace for m in stock.modules()) > 0  # the caller's, unchanged
 

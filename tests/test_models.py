@@ -6,6 +6,7 @@ import torch
 from igkd.errors import UserError
 from igkd.models import (MobileNetV2, Normalized, build_model, count_parameters, load_model, load_weights,
                          read_metadata, save_checkpoint)
+from igkd.models.mobilenetv2 import torch_relu6
 from conftest import shared_or_skip
 
 # METHOD.md section 2, exactly
@@ -90,15 +91,6 @@ def test_published_checkpoints_load_into_the_truncated_student_with_same_keys(na
     assert count_parameters(model) == 543_498 and meta["preprocessing"] == {"normalize": "none"}
 
 
-def _stock_relu6(model):
-    """The same network with torch's own nn.ReLU6(inplace=True) in place of igkd's."""
-    for mod in list(model.modules()):
-        for name, child in mod.named_children():
-            if type(child).__name__ == "ReLU6" and type(child) is not torch.nn.ReLU6:
-                setattr(mod, name, torch.nn.ReLU6(inplace=True))
-    return model
-
-
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_inplace_relu6_trains_bitwise_like_torchs_without_copying_activations(channels_last):
     from torch.profiler import ProfilerActivity, profile
@@ -109,7 +101,7 @@ def test_inplace_relu6_trains_bitwise_like_torchs_without_copying_activations(ch
     for stock in (False, True):
         torch.manual_seed(1)
         net = build_model("mobilenetv2:width=0.25,drop=12", 10, 3)
-        nets.append((_stock_relu6(net) if stock else net).to(memory_format=fmt).train())
+        nets.append((torch_relu6(net) if stock else net).to(memory_format=fmt).train())
     ours, theirs = nets
     relus = sum(type(m) is torch.nn.ReLU6 for m in theirs.modules())
     assert relus > 0

@@ -11,6 +11,7 @@ import os
 import pickle
 import socket
 import tarfile
+import tempfile
 import threading
 from pathlib import Path
 
@@ -80,12 +81,21 @@ def check_cifar(ds: Dataset, written: dict) -> None:
 
 def test_cifar10_from_local_archive(tmp_path):
     written = write_cifar_archive(tmp_path / "cifar-10-python.tar.gz")
-    ds = load_dataset(f"cifar10:{tmp_path},download=0")
-    assert ds.spec == f"cifar10:{tmp_path},download=0"
+    # an archive found in DIR must have the official md5 too (only downloads were checked before)
+    with pytest.raises(UserError, match=r"cifar-10-python.tar.gz has md5 \w+, not the official "
+                       r"c58f30108f718f92721af3b95e74349a.*verify=0"):
+        load_dataset(f"cifar10:{tmp_path},download=0")
+    assert not (tmp_path / "cifar-10-batches-py").exists()  # refused before extracting
+    ds = load_dataset(f"cifar10:{tmp_path},download=0,verify=0")
+    assert ds.spec == f"cifar10:{tmp_path},download=0,verify=0"
     check_cifar(ds, written)
     assert (tmp_path / "cifar-10-batches-py" / "batches.meta").is_file()
+    # extracted files are checked against the release's per-file md5 as well
+    with pytest.raises(UserError, match=r"batches.meta has md5 \w+, not the official release's "
+                       r"5ff9c542aee3614f3951f8cda6e48888"):
+        load_dataset(f"cifar10:{tmp_path}")
+    check_cifar(load_dataset(f"cifar10:{tmp_path},verify=0"), written)  # the extracted folder is reused
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no extraction leftovers
-    check_cifar(load_dataset(f"cifar10:{tmp_path}"), written)  # the extracted folder is reused
 
 
 @pytest.fixture
@@ -116,7 +126,7 @@ def test_cifar10_download_over_http(tmp_path, http_dir, capsys):
     assert folder == root / "cifar-10-batches-py"
     assert "downloading" in capsys.readouterr().err
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
-    check_cifar(load_dataset(f"cifar10:{root},download=0"), written)
+    check_cifar(load_dataset(f"cifar10:{root},download=0,verify=0"), written)
 
 
 def test_cifar10_md5_mismatch_deletes_download(tmp_path, http_dir):
@@ -158,9 +168,73 @@ def test_cifar10_no_download_missing_dir_and_unsafe_archive(tmp_path):
     with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
         info = tarfile.TarInfo("../evil")
         tar.addfile(info, io.BytesIO(b""))
-    with pytest.raises(UserError, match="unsafe entry '../evil'"):
+    with pytest.raises(UserError, match="md5"):
         load_dataset(f"cifar10:{tmp_path}")
+    with pytest.raises(UserError, match="unsafe entry '../evil'"):
+        load_dataset(f"cifar10:{tmp_path},verify=0")
     assert not (tmp_path.parent / "evil").exists()
+
+
+class _Hostile:
+    """Pickles to a call of os.system: what a poisoned dataset file would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar10_hostile_pickles_run_nothing(tmp_path):
+    """A pickle that would run a command, in an extracted folder or a local archive, with or
+    without md5 verification: one-line error, and the command never ran."""
+    marker = tmp_path / "PWNED"
+    evil = pickle.dumps({b"label_names": [_Hostile(marker)]}, protocol=2)
+    # 1. pre-extracted folder; also a plain pickle of another callable (builtins.eval)
+    folder_root = tmp_path / "extracted"
+    write_cifar_archive(tmp_path / "src.tar.gz")
+    with tarfile.open(tmp_path / "src.tar.gz") as tar:
+        tar.extractall(folder_root, filter="data")
+    (folder_root / "cifar-10-batches-py" / "batches.meta").write_bytes(evil)
+    for spec in (f"cifar10:{folder_root}", f"cifar10:{folder_root},verify=0"):
+        with pytest.raises(UserError) as e:
+            load_dataset(spec)
+        assert "\n" not in str(e.value) and "batches.meta" in str(e.value)
+    assert "os.system" in str(e.value) or "posix.system" in str(e.value)  # verify=0: the unpickler refused it
+    # 2. inside a local archive
+    archive_root = tmp_path / "archive"
+    archive_root.mkdir()
+    with tarfile.open(archive_root / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for name, raw in [("batches.meta", evil)] + [(n, pickle.dumps({}, protocol=2)) for n in
+                                                      [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]]:
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    with pytest.raises(UserError, match="md5"):
+        load_dataset(f"cifar10:{archive_root}")
+    with pytest.raises(UserError, match="not a plain CIFAR-10 batch.*nothing in it was run"):
+        load_dataset(f"cifar10:{archive_root},verify=0")
+    assert not marker.exists()
+    # a batch whose data is not a uint8 array is refused too, before any use
+    d = folder_root / "cifar-10-batches-py"
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in CIFAR_CLASSES]}, protocol=2))
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": [1, 2], b"labels": [0]}, protocol=2))
+    with pytest.raises(UserError, match="test_batch is not a valid CIFAR-10 batch"):
+        load_dataset(f"cifar10:{folder_root},verify=0").test
+
+
+def test_safe_pickle_reads_what_numpy_writes():
+    """Arrays pickled at protocols 2 to 5 (numpy 1 and 2 module names) come back equal."""
+    from igkd.data.safe_pickle import load_data_pickle
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 12)
+    for protocol in (2, 3, 4, 5):
+        raw = pickle.dumps({b"data": arr, b"labels": [1, 2], b"name": b"x"}, protocol=protocol)
+        for variant in (raw, raw.replace(b"numpy._core", b"numpy.core")):
+            f = Path(tempfile.mkstemp()[1])
+            f.write_bytes(variant)
+            d = load_data_pickle(f, "batch", "fix it")
+            f.unlink()
+            assert np.array_equal(d[b"data"], arr) and d[b"labels"] == [1, 2] and d[b"name"] == b"x"
 
 
 # ---------------------------------------------------------------- imagefolder

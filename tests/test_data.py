@@ -239,6 +239,36 @@ def test_safe_pickle_reads_what_numpy_writes():
 
 # ---------------------------------------------------------------- imagefolder
 
+def test_imagefolder_scales_16_bit_and_float_images_by_their_range(tmp_path):
+    """16-bit PNGs and float TIFFs become 8 bits by their format's range, not clipped
+    (Pillow's convert made a 16-bit PNG 99.6% white and a [0, 1] float TIFF black)."""
+    v16 = (np.arange(64, dtype=np.uint32).reshape(8, 8) * 1040).astype(np.uint16)  # 0 .. 65520
+    vf = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+        Image.fromarray(v16).save(tmp_path / split / "a" / "deep.png")
+        Image.fromarray(vf).save(tmp_path / split / "b" / "float.tif")
+    assert Image.open(tmp_path / "train" / "a" / "deep.png").mode == "I;16"
+    assert Image.open(tmp_path / "train" / "b" / "float.tif").mode == "F"
+    want16 = np.floor(v16.astype(np.float64) * 255 / 65535 + 0.5)
+    wantf = np.floor(vf.astype(np.float64) * 255 + 0.5)
+    assert want16[0, 1] == 4 and want16[7, 7] == 255 and wantf[3, 0] == 97  # by hand: 1040 / 257 = 4.05, 24 / 63 * 255 = 97.1
+    for gray in (1, 0):
+        ds = load_dataset(f"imagefolder:{tmp_path},gray={gray},cache=0")
+        images = ds.train.images.numpy()
+        assert images.shape == (2, 1 if gray else 3, 8, 8)
+        for c in range(images.shape[1]):
+            assert np.array_equal(images[0, c], want16) and np.array_equal(images[1, c], wantf)
+    # out of range floats and modes igkd cannot decode faithfully: one line naming the file
+    Image.fromarray(vf * 3).save(tmp_path / "train" / "b" / "float.tif")
+    with pytest.raises(UserError, match=r"float image .*float.tif has values outside \[0, 1\]"):
+        _ = load_dataset(f"imagefolder:{tmp_path},cache=0").train
+    Image.fromarray(vf).save(tmp_path / "train" / "b" / "float.tif")
+    Image.new("I;16B", (8, 8)).save(tmp_path / "test" / "b" / "float.tif")  # still a 16-bit mode: decodes
+    _ = load_dataset(f"imagefolder:{tmp_path},cache=0").test
+
+
 CLASSES = ["ant", "cat", "dog"]  # written in another order below; loaded sorted
 
 

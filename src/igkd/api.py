@@ -44,6 +44,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool =
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dataset = load_dataset(cfg.data)
+    _ = dataset.train, dataset.test  # a bad test image is found now, not after every epoch has run
     torch.manual_seed(cfg.seed)  # initialisation follows the seed
     net = build_model(cfg.model, len(dataset.classes), dataset.channels)
     model = with_preprocessing(net, preprocessing_for(cfg.normalize, dataset))

@@ -9,7 +9,12 @@ Two layouts:
 Classes are the sorted subfolder names; files (.jpg .jpeg .png .bmp .gif .webp .tif
 .tiff .ppm .pgm) are sorted by name within each class, so sample indices are stable.
 Images are decoded with Pillow as RGB (``gray=1``: as L) and, with ``size``, resized
-bilinearly; without it all images must share one size. Decoded arrays are cached as
+bilinearly; without it all images must share one size. 8-bit files (L, P, RGB, RGBA,
+CMYK...) convert as Pillow does (alpha is dropped). Deeper files are scaled to 8 bits by
+their format's range, never clipped: 16-bit integers (mode I;16*, or I with values in
+0..65535) as round(v * 255 / 65535); floats (mode F) must lie in [0, 1] and become
+round(v * 255). A float image outside [0, 1], or a mode igkd cannot decode faithfully, is
+refused with one line naming the file. Decoded arrays are cached as
 .npz under ``$IGKD_CACHE_DIR/datasets`` (default ``~/.cache/igkd/datasets``), keyed by the folder,
 the options and every file's name, size and mtime; ``cache=0`` turns that off.
 """
@@ -40,7 +45,7 @@ from .splits import stratified_split
 log = logging.getLogger(__name__)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 OPTIONS = ["size", "gray", "test", "seed", "cache"]
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit and float images scaled by their range (were clipped)
 
 
 @dataclass
@@ -95,6 +100,36 @@ def _peek_size(path: Path) -> tuple[int, int]:
         raise UserError(f"cannot read image {path} ({e}); remove or replace the file") from None
 
 
+# modes Pillow converts to L/RGB exactly (8 bits per channel, palettes, alpha dropped)
+EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def _to_mode(im: Image.Image, mode: str, path: Path) -> Image.Image:
+    """``im`` as an 8-bit ``mode`` (L or RGB) image, scaling deep images by their range.
+
+    Pillow's ``convert`` clips a 16-bit value to 255 (a 16-bit PNG came out 99.6% white)
+    and truncates a float in [0, 1] to 0 (a float TIFF came out black)."""
+    if im.mode == mode:
+        return im
+    if im.mode in EIGHT_BIT_MODES:
+        return im.convert(mode)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im)
+        if im.mode == "F":
+            if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+                raise UserError(f"float image {path} has values outside [0, 1] (min {np.nanmin(a):.4g}, max "
+                                f"{np.nanmax(a):.4g}); save it scaled to [0, 1] or as 8/16-bit integers")
+            out = np.rint(a.astype(np.float64) * 255)
+        else:
+            if a.min() < 0 or a.max() > 65535:
+                raise UserError(f"32-bit image {path} has values outside 0..65535; save it as 8- or 16-bit")
+            out = np.rint(a.astype(np.float64) * (255 / 65535))
+        gray = Image.fromarray(out.astype(np.uint8), "L")
+        return gray if mode == "L" else gray.convert(mode)
+    raise UserError(f"image {path} has pixel mode {im.mode}, which igkd cannot decode faithfully; "
+                    "convert it to an 8-bit (or 16-bit gray) PNG or JPEG")
+
+
 def _decode(part: _Part, mode: str, size: tuple[int, int], resize: bool, ref: Path) -> np.ndarray:
     """All images of ``part`` as uint8 N x H x W (x 3 for RGB), decoded by a thread pool;
     without ``resize`` each must be ``size`` (that of the image ``ref``)."""
@@ -110,10 +145,13 @@ def _decode(part: _Part, mode: str, size: tuple[int, int], resize: bool, ref: Pa
             path = part.folder / part.files[i]
             try:
                 with Image.open(path) as im:
-                    im = im if im.mode == mode else im.convert(mode)
+                    im = _to_mode(im, mode, path)
                     if resize and im.size != (w, h):
                         im = im.resize((w, h), Image.BILINEAR)
                     arr = np.asarray(im)
+            except UserError:
+                failed.set()
+                raise
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 failed.set()
                 raise UserError(f"cannot read image {path} ({e}); remove or replace the file") from None

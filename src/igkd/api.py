@@ -17,6 +17,7 @@ from .data import Dataset, load_dataset
 from .distill import Trainer, choose_layers, parallel, parse_method
 from .distill.speed import amp_dtype
 from .errors import UserError
+from .fileio import writable_dir
 from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
 from .models import (build_model, count_parameters, load_model, read_metadata, weights_fingerprint,
@@ -33,9 +34,7 @@ def preprocessing_for(normalize: str, dataset: Dataset) -> dict:
 
 
 def _check_out(out: str | Path | None) -> Path:
-    if not out:
-        raise UserError("no output directory given; pass --out DIR")
-    return Path(out)
+    return writable_dir(out or "", "--out")
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
@@ -62,7 +61,7 @@ def load_teacher(path: str | Path, dataset: Dataset, spec: str = "") -> tuple[nn
     if meta.get("in_channels") and meta["in_channels"] != dataset.channels:
         raise UserError(f"teacher {path} takes {meta['in_channels']}-channel images but {dataset.spec} has "
                         f"{dataset.channels}; use a teacher trained on this dataset")
-    teacher, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels)
+    teacher, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels, flag="--teacher-model")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher, meta
@@ -75,6 +74,8 @@ def precompute(teacher_path: str | Path, data: str, cfg: PrecomputeConfig | None
 
     Under torchrun the processes share the work (chunk i on rank i % N, gloo on CPU, nccl
     on CUDA) and write one store; every rank returns it opened."""
+    if store:
+        writable_dir(store, "--store")
     env = parallel.init(device)
     try:
         if not threads and env.world > 1 and env.device.type == "cpu":
@@ -97,6 +98,8 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
     first, the other ranks then read them; rank 0 alone writes the run directory.
     """
     out = _check_out(out)
+    if cfg.store:
+        writable_dir(cfg.store, "--store")
     method = parse_method(cfg.method)
     env = parallel.init(cfg.device)
     try:

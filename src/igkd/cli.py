@@ -6,12 +6,14 @@ Errors a user can fix print one line ``igkd: error: ...`` and exit with status 2
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import sys
 
 from . import __version__
 from .config import DistillConfig, PrecomputeConfig, TrainConfig, add_arguments, build, load_yaml, overrides_from
+from .cli_types import NON_NEGATIVE, POSITIVE, Parser
 from .errors import UserError
+from .fileio import dumps
 
 SPEC_HELP = """\
 spec strings:
@@ -44,7 +46,7 @@ def _resolve(args, cls, section: str):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="igkd", description="Compress an image classifier by knowledge distillation with integrated-gradient "
         "overlays. Run 'igkd demo' for a five-minute tour, 'igkd COMMAND --help' for a command's options.",
         epilog=SPEC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +71,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="SPEC", help="dataset spec")
     p.add_argument("--store", default="", metavar="DIR", help="store directory (default: fingerprinted cache folder)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: 0 = torch's default; "
+    p.add_argument("--threads", type=NON_NEGATIVE, default=0, help="CPU threads for torch (default: 0 = torch's default; "
                    "under torchrun on CPU: cores // processes per machine)")
 
     _config_parser(sub, "distill", DistillConfig, "train a student with CE / KD / IG overlays / AT",
@@ -90,7 +92,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="input preprocessing: auto = as the checkpoint's metadata says (none for foreign files), "
                    "none = raw [0,1] pixels, dataset = train-set mean/std (default: auto)")
     p.add_argument("--teacher", default="", metavar="CKPT|SPEC", help="teacher, to report the compression factor")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
+    p.add_argument("--batch-size", type=POSITIVE, default=128, help="images per forward pass (default: 128)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--class-map", default=None, metavar="FILE", help="JSON/YAML mapping of the data's class names "
@@ -104,7 +106,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="igkd-demo", metavar="DIR", help="report directory (default: igkd-demo)")
     p.add_argument("--config", default="", metavar="YAML", help="demo recipe (default: the shipped configs/demo.yaml)")
     p.add_argument("--train-teacher", action="store_true", help="train the teacher instead of using the shipped one")
-    p.add_argument("--epochs", type=int, default=None, help="student epochs (default: from the recipe)")
+    p.add_argument("--epochs", type=POSITIVE, default=None, help="student epochs (default: from the recipe)")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
 
     # --- deployment commands (issue 6): bench latency, export, audit ---
@@ -145,7 +147,7 @@ def run(argv: list[str] | None = None) -> int:
         r = api.evaluate(args.weights, args.data, args.model, args.normalize, args.teacher, args.batch_size,
                          args.device, class_map=args.class_map)
         if args.json:
-            print(json.dumps(r, indent=2))
+            print(dumps(r, indent=2))
         else:
             print(format_evaluation(r))
     elif args.command == "demo":
@@ -184,6 +186,16 @@ def main(argv: list[str] | None = None) -> None:
         code = run(argv)
     except UserError as e:
         print(f"igkd: error: {e}", file=sys.stderr)
+        code = 2
+    except OSError as e:  # the user's file system: a full disk, a path that cannot be read or written
+        if e.errno == errno.ENOSPC:
+            print(f"igkd: error: disk full at {e.filename or 'the output folder'}; free space and rerun (finished "
+                  "work is kept)", file=sys.stderr)
+        elif e.filename:
+            print(f"igkd: error: cannot use {e.filename} ({e.strerror or e}); check the path and its permissions",
+                  file=sys.stderr)
+        else:
+            raise
         code = 2
     except KeyboardInterrupt:
         print("igkd: interrupted; finished epochs/chunks are kept: rerun the same command (with --resume for "

@@ -4,7 +4,8 @@ argument parsing only; the work is in :mod:`igkd.deploy`."""
 from __future__ import annotations
 
 import argparse
-import json
+
+from .cli_types import NON_NEGATIVE, POSITIVE, float_range, int_range
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -27,18 +28,18 @@ def add_deploy_commands(sub, epilog: str = "") -> None:
                    help="checkpoints, one per --model (or alone, with igkd metadata); they give the size on disk "
                    "(default: none, untrained weights: latency does not depend on their values)")
     p.add_argument("--batch", default="1", metavar="N[,N...]", help="batch sizes (default: 1)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads: torch.set_num_threads and ONNX Runtime "
+    p.add_argument("--threads", type=POSITIVE, default=1, help="CPU threads: torch.set_num_threads and ONNX Runtime "
                    "intra_op_num_threads (default: 1)")
     p.add_argument("--runtime", default="eager", metavar="R[,R...]",
                    help="eager (PyTorch), compiled (torch.compile, compiled during warm-up) and/or onnxruntime "
                    "(exported to ONNX; needs igkd[export]) (default: eager)")
     p.add_argument("--input", default="3x32x32", metavar="CxHxW",
                    help="image shape for models given by spec (default: 3x32x32; checkpoints use their metadata)")
-    p.add_argument("--classes", type=int, default=10, help="classes of models given by spec (default: 10)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed calls first (default: 10)")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls at least (default: 1.0)")
-    p.add_argument("--min-reps", type=int, default=10, help="timed calls at least (default: 10)")
-    p.add_argument("--max-reps", type=int, default=10000, help="timed calls at most (default: 10000)")
+    p.add_argument("--classes", type=POSITIVE, default=10, help="classes of models given by spec (default: 10)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=10, help="untimed calls first (default: 10)")
+    p.add_argument("--min-time", type=float_range(0.0), default=1.0, help="seconds of timed calls at least (default: 1.0)")
+    p.add_argument("--min-reps", type=POSITIVE, default=10, help="timed calls at least (default: 10)")
+    p.add_argument("--max-reps", type=POSITIVE, default=10000, help="timed calls at most (default: 10000)")
     p.add_argument("--out", default="", metavar="DIR", help="run directory to write latency.json to (default: none)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -63,15 +64,15 @@ def add_deploy_commands(sub, epilog: str = "") -> None:
     p.add_argument("--normalize", default="auto", choices=["auto", "none", "dataset"],
                    help="preprocessing: auto = as the checkpoint's metadata says (none for foreign files), "
                    "none = raw [0,1] pixels, dataset = train-set mean/std (default: auto)")
-    p.add_argument("--images", type=int, default=0, help="parity on the first N test images; 0 = all (default: 0)")
-    p.add_argument("--atol", type=float, default=1e-3, help="largest allowed |logit difference| (default: 0.001)")
-    p.add_argument("--min-agreement", type=float, default=99.9,
+    p.add_argument("--images", type=NON_NEGATIVE, default=0, help="parity on the first N test images; 0 = all (default: 0)")
+    p.add_argument("--atol", type=float_range(0.0), default=1e-3, help="largest allowed |logit difference| (default: 0.001)")
+    p.add_argument("--min-agreement", type=float_range(0.0, 100.0), default=99.9,
                    help="least top-1 agreement with PyTorch, percent (default: 99.9)")
     p.add_argument("--int8", action="store_true", help="write a static int8 model (ONNX Runtime QDQ, per-channel)")
-    p.add_argument("--calibration-images", type=int, default=256,
+    p.add_argument("--calibration-images", type=POSITIVE, default=256,
                    help="training images to calibrate int8 activation ranges on (default: 256)")
-    p.add_argument("--threads", type=int, default=1, help="threads for the int8 vs fp32 latency (default: 1)")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds per latency measurement (default: 1.0)")
+    p.add_argument("--threads", type=POSITIVE, default=1, help="threads for the int8 vs fp32 latency (default: 1)")
+    p.add_argument("--min-time", type=float_range(0.0), default=1.0, help="seconds per latency measurement (default: 1.0)")
     p.add_argument("--report-dir", default="", metavar="DIR",
                    help="run directory to write export.json to (default: none)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -92,16 +93,16 @@ def add_deploy_commands(sub, epilog: str = "") -> None:
     p.add_argument("--student-model", default="", metavar="SPEC",
                    help="architecture of foreign student files, e.g. mobilenetv2:drop=5 for the paper's "
                    "(default: from their metadata)")
-    p.add_argument("--images", type=int, default=64, help="test images, evenly spaced over the split (default: 64)")
+    p.add_argument("--images", type=POSITIVE, default=64, help="test images, evenly spaced over the split (default: 64)")
     p.add_argument("--target", default="label", choices=["label", "predicted"],
                    help="class each model attributes: the true label (the same question for all) or its own "
                    "prediction (default: label)")
-    p.add_argument("--topk", type=float, default=10.0, help="percent of pixels in the top-k overlap (default: 10)")
-    p.add_argument("--steps", type=int, default=32, help="IG steps, Gauss-Legendre (default: 32)")
+    p.add_argument("--topk", type=float_range(0.0, 100.0), default=10.0, help="percent of pixels in the top-k overlap (default: 10)")
+    p.add_argument("--steps", type=int_range(1, 4096), default=32, help="IG steps, Gauss-Legendre (default: 32)")
     p.add_argument("--baseline", default="black", choices=["black", "zero", "blur"],
                    help="IG baseline, the same pixels for every model unless zero (= each model's normalised "
                    "zero) (default: black)")
-    p.add_argument("--gallery", type=int, default=8, help="rows (images) in audit.png; 0 = none (default: 8)")
+    p.add_argument("--gallery", type=NON_NEGATIVE, default=8, help="rows (images) in audit.png; 0 = none (default: 8)")
     p.add_argument("--out", default="", metavar="DIR", help="directory for audit.json and audit.png (default: none)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -110,20 +111,21 @@ def add_deploy_commands(sub, epilog: str = "") -> None:
 def run_deploy(args) -> bool:
     """Run a deployment command; False when ``args.command`` is not one of them."""
     from . import deploy
+    from .fileio import dumps
     if args.command == "bench":
         r = deploy.bench_latency(args.model, args.weights, args.batch, args.threads, args.runtime, args.input,
                                  args.classes, args.warmup, args.min_time, args.min_reps, args.max_reps, args.out,
                                  args.quiet)
-        print(json.dumps(r, indent=2) if args.json else deploy.latency_table(r))
+        print(dumps(r, indent=2) if args.json else deploy.latency_table(r))
     elif args.command == "export":
         r = deploy.export_model(args.weights, args.out, args.format, args.model, args.data, args.normalize, args.int8,
                                 args.images, args.calibration_images, args.atol, args.min_agreement, args.threads,
                                 args.min_time, args.report_dir, args.quiet)
-        print(json.dumps(r, indent=2) if args.json else deploy.export_summary(r))
+        print(dumps(r, indent=2) if args.json else deploy.export_summary(r))
     elif args.command == "audit":
         r = deploy.audit(args.teacher, args.student, args.data, args.teacher_model, args.student_model, args.images,
                          args.target, args.topk, args.steps, args.baseline, args.gallery, args.out, args.quiet)
-        print(json.dumps(r, indent=2) if args.json else deploy.audit_table(r))
+        print(dumps(r, indent=2) if args.json else deploy.audit_table(r))
     else:
         return False
     return True

@@ -169,21 +169,39 @@ def validate(cfg) -> Any:
     return cfg
 
 
-def load_yaml(path: str | Path, section: str | None) -> dict:
-    """Read a YAML config; take ``section`` if the file has one, else the whole mapping."""
+SECTIONS = ("train", "precompute", "distill", "experiment", "demo")
+
+
+def read_yaml_file(path: str | Path, what: str = "config file"):
+    """The parsed YAML (or JSON) document in ``path``, or a one-line UserError: missing file,
+    a folder, not UTF-8, not valid YAML. ``safe_load``: no tags, no code."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"config file {path} does not exist; see configs/ for examples")
+    if not path.is_file():
+        raise UserError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}; give a YAML file "
+                        "(see 'configs/' for examples)")
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def load_yaml(path: str | Path, section: str | None) -> dict:
+    """Read a YAML config; take ``section`` if the file has one, else the whole mapping.
+
+    A section that is there but not a mapping (``distill: 5``) is an error: read as absent,
+    it silently gave a run with every default."""
+    doc = read_yaml_file(path) or {}
     if not isinstance(doc, dict):
         raise UserError(f"config file {path} must hold a mapping of option: value")
-    if section and isinstance(doc.get(section), dict):
+    for name in SECTIONS:
+        if name in doc and not isinstance(doc[name], dict):
+            raise UserError(f"section '{name}:' in {path} holds {doc[name]!r}, not a mapping of option: value; "
+                            f"indent its options under '{name}:'")
+    if section and section in doc:
         return dict(doc[section])
-    sections = {"train", "precompute", "distill", "experiment"}
-    return {k: v for k, v in doc.items() if k not in sections}
+    return {k: v for k, v in doc.items() if k not in SECTIONS}
 
 
 def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, source: str = "config"):

@@ -14,13 +14,12 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-import yaml
 
 from . import api
-from .config import DistillConfig, PrecomputeConfig, TrainConfig, build
+from .config import DistillConfig, PrecomputeConfig, TrainConfig, build, read_yaml_file
 from .data import load_dataset
 from .errors import UserError
-from .fileio import write_json, write_text
+from .fileio import writable_dir, write_json, write_text
 from .models import count_parameters
 from .precompute import precompute
 from .progress import log
@@ -34,14 +33,18 @@ def asset(name: str) -> Path:
 
 def load_recipe(path: str | Path | None) -> dict:
     path = Path(path) if path else asset("demo.yaml")
-    if not path.exists():
-        raise UserError(f"demo recipe {path} does not exist")
-    return yaml.safe_load(path.read_text())
+    recipe = read_yaml_file(path, "demo recipe") or {}
+    if not isinstance(recipe, dict):
+        raise UserError(f"demo recipe {path} must hold a mapping of sections (train:, precompute:, distill:, demo:)")
+    for name, section in recipe.items():
+        if not isinstance(section, dict):
+            raise UserError(f"section '{name}:' in demo recipe {path} is not a mapping of option: value")
+    return recipe
 
 
 def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teacher: bool = False,
              epochs: int | None = None, quiet: bool = False) -> dict:
-    out = Path(out)
+    out = writable_dir(out, "--out")
     if out.exists() and any(out.iterdir()) and not (out / "demo.json").exists():
         raise UserError(f"{out} exists and is not an igkd demo directory; choose another --out")
     started = time.perf_counter()

@@ -9,6 +9,7 @@ commands write into a run directory as Markdown for the report.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ from .evaluate import predict
 from .evaluate.agreement import spearman, topk_iou
 from .evaluate.cost import RUNTIMES, check_budget, count_macs, measure_latency, weights_bytes
 from .export import load_runner, logits_of, onnx_bytes, parity, quantize_int8, require_onnxruntime, torchscript_module
-from .fileio import atomic_path, write_json
+from .fileio import atomic_path, writable_dir, writable_file, write_json
 from .models import build_model, count_parameters, load_model, read_metadata
 from .models.checkpoint import file_sha256
 from .progress import Progress, log
@@ -93,6 +94,8 @@ def bench_latency(models: str | list[str] = "", weights: str | list[str] = "", b
     reference's median latency over the model's, at the same runtime and batch.
     Writes ``out/latency.json`` when ``out`` is given.
     """
+    if out:
+        writable_dir(out, "--out")
     specs, files = split_specs(models), split_list(weights)
     if not specs and not files:
         raise UserError("no model to measure; pass --model SPEC[,SPEC...] and/or --weights FILE[,FILE...]")
@@ -185,7 +188,13 @@ def export_model(weights: str | Path, out: str | Path, format: str = "onnx", mod
     """
     if format not in FORMATS:
         raise UserError(f"unknown export format '{format}'; use one of {', '.join(FORMATS)}")
-    out = Path(out)
+    out = writable_file(out, "--out")
+    if report_dir:
+        writable_dir(report_dir, "--report-dir")
+    if not (math.isfinite(atol) and atol >= 0):
+        raise UserError(f"--atol {atol} is not a tolerance; give a finite number >= 0 (default 0.001)")
+    if not (math.isfinite(min_agreement) and 0 <= min_agreement <= 100):
+        raise UserError(f"--min-agreement {min_agreement} is out of range; give a percentage in [0, 100]")
     if (out.suffix == ".onnx") != (format == "onnx") or out.suffix == ".json":
         raise UserError(f"--out {out} does not fit --format {format}; name ONNX files *.onnx and TorchScript "
                         "files e.g. *.pt")
@@ -317,6 +326,8 @@ def audit(teacher: str, students: str | list[str], data: str, teacher_model: str
     predictions (plus both accuracies on these images). Writes ``out/audit.json`` and a
     gallery ``out/audit.png`` (image | teacher map | student maps, one row per image).
     """
+    if out:
+        writable_dir(out, "--out")
     from .attribution import attribution_map, integrated_gradients
     from .attribution.ig import BASELINES
     paths = split_list(students)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -45,6 +46,7 @@ from .splits import stratified_split
 log = logging.getLogger(__name__)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 OPTIONS = ["size", "gray", "test", "seed", "cache"]
+MAX_SIDE = 8192  # pixels; larger images are not classifier inputs
 CACHE_VERSION = 2  # 2: 16-bit and float images scaled by their range (were clipped)
 
 
@@ -60,6 +62,13 @@ class _Part:
 
 
 def _scan(folder: Path) -> _Part:
+    try:
+        return _scan_entries(folder)
+    except OSError as e:  # a symlink loop, a dangling link, an unreadable folder
+        raise UserError(f"cannot read {e.filename or folder} ({e.strerror or e}); fix or remove it") from None
+
+
+def _scan_entries(folder: Path) -> _Part:
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise UserError(f"{folder} has no class subfolders; put images in {folder}/<class>/")
@@ -88,6 +97,8 @@ def _parse_size(spec: Spec, raw: str | None) -> tuple[int, int] | None:
         size = (0, 0)
     if min(size) < 1:
         raise UserError(f"size={raw} in dataset spec '{spec}' is not valid; use size=N or size=HxW (pixels)")
+    if max(size) > MAX_SIDE:
+        raise UserError(f"size={raw} in dataset spec '{spec}' is too large; use at most {MAX_SIDE} pixels a side")
     return size
 
 
@@ -135,7 +146,12 @@ def _decode(part: _Part, mode: str, size: tuple[int, int], resize: bool, ref: Pa
     without ``resize`` each must be ``size`` (that of the image ``ref``)."""
     h, w = size
     n = len(part.files)
-    out = np.empty((n, h, w, 3) if mode == "RGB" else (n, h, w), dtype=np.uint8)
+    shape = (n, h, w, 3) if mode == "RGB" else (n, h, w)
+    need, have = math.prod(shape), _memory_bytes()
+    if need > have:
+        raise UserError(f"decoding {part.folder} at {w}x{h} needs {need / 2**30:.1f} GiB, more than the "
+                        f"{have / 2**30:.1f} GiB of memory available; add ',size=N' with a smaller N to the spec")
+    out = np.empty(shape, dtype=np.uint8)
     failed = threading.Event()
 
     def work(start: int, stop: int) -> None:
@@ -169,6 +185,21 @@ def _decode(part: _Part, mode: str, size: tuple[int, int], resize: bool, ref: Pa
             f.result()
             progress.update(futures[f])
     return out
+
+
+def _memory_bytes() -> int:
+    """Memory this process can still have: Linux's MemAvailable, else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return 1 << 62
 
 
 def _cache_path(part: _Part, mode: str, size: tuple[int, int], resize: bool) -> Path:

@@ -26,9 +26,9 @@ The step's speed switches (fused optimizers, AMP on CUDA, torch.compile) are in
 
 from __future__ import annotations
 
-import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ from ..config import DistillConfig, TrainConfig, to_dict
 from ..data import Dataset, stratified_split, subset_indices
 from ..errors import UserError
 from ..evaluate import classification_metrics, predict
-from ..fileio import atomic_path, write_json, write_text
+from ..fileio import atomic_path, dumps, write_json, write_text
 from ..models import Normalized, bare, count_parameters, load_weights, save_checkpoint
 from ..progress import Progress, fmt_seconds, log
 from .attention import FeatureHook, StopForward, choose_layers
@@ -52,6 +52,8 @@ from .speed import amp_dtype, autocast, lr_lambda, make_optimizer, maybe_compile
 
 CHECK_EVERY = 20  # steps between finite-loss checks (one tiny all-reduce under DDP)
 RESUME_FREE = ("epochs", "threads", "compile")  # options a resumed run may change
+# what a last.pt written by Trainer.state always holds
+RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best", "history", "torch_rng", "config"}
 
 
 class TrainingDiverged(UserError):
@@ -283,7 +285,16 @@ class Trainer:
 
     def load_state(self) -> list:
         path = self.out / "last.pt"
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs from the file
+            if not isinstance(state, dict) or not RESUME_KEYS <= state.keys():
+                raise ValueError("not a state igkd wrote")
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file, whatever torch raises
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise UserError(f"cannot resume {self.out}: {path} is damaged or not igkd's ({first}); restore it, or "
+                            "delete it to start the run over") from None
         defaults = to_dict(type(self.cfg)())  # options added since the run started take their defaults
         saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k not in RESUME_FREE}
         now = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUME_FREE}
@@ -322,6 +333,9 @@ class Trainer:
         if resume and (self.out / "last.pt").exists():
             history = self.load_state()
             log(f"resuming {self.out} after epoch {self.epoch}", self.quiet)
+        elif resume and (self.out / "summary.json").exists():
+            raise UserError(f"run {self.out} has finished (summary.json) and has no last.pt to resume from; "
+                            "choose another --out for a new run")
         elif (self.out / "summary.json").exists() or (self.out / "last.pt").exists():
             raise UserError(f"run directory {self.out} already holds a run; pass --resume to continue it "
                             "or choose another --out")
@@ -363,7 +377,7 @@ class Trainer:
             history.append(row)
             if rank0:  # metrics rewritten whole from the saved history: no duplicate or lost rows on resume
                 self.save_state(history)
-                write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+                write_text(self.out / "metrics.jsonl", "".join(dumps(r) + "\n" for r in history))
             eta = (time.perf_counter() - start) / (epoch - first) * (cfg.epochs - epoch)
             log(f"epoch {epoch}/{cfg.epochs}: loss {stats['loss']:.4f}"
                 + "".join(f", {k} {stats[k]:.4g}" for k in ("ce", "kd", "at") if k in stats and len(stats) > 4)

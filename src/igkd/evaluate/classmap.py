@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
+from ..config import read_yaml_file
 from ..errors import UserError
 
 
@@ -39,14 +39,7 @@ def read_class_map(source: str | Path | dict) -> ClassMap:
     if isinstance(source, dict):
         doc = source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise UserError(f"class map {path} does not exist; give a JSON or YAML file mapping folder classes to "
-                            "model classes")
-        try:
-            doc = yaml.safe_load(path.read_text())  # JSON is YAML
-        except yaml.YAMLError as e:
-            raise UserError(f"class map {path} is not valid JSON or YAML: {str(e).splitlines()[0]}") from None
+        doc = read_yaml_file(source, "class map")  # JSON is YAML
     if not isinstance(doc, dict) or not doc:
         raise UserError(f"{name} must be a non-empty mapping of folder class: model class")
     classes = None

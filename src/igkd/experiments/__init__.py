@@ -28,7 +28,8 @@ RUNNERS = {"ablation": run_ablation, "montecarlo": run_montecarlo, "compression"
 
 def run_experiment(kind: str, cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> dict:
     """Run experiment ``kind`` (ablation, montecarlo, compression or search) into ``out``."""
-    return RUNNERS[kind](cfg, out, quiet=quiet)
+    from ..fileio import writable_dir
+    return RUNNERS[kind](cfg, writable_dir(out, "--out"), quiet=quiet)
 
 
 __all__ = ["ExperimentConfig", "KINDS", "RUNNERS", "resolve", "run_ablation", "run_compression", "run_experiment",

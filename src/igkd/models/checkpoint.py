@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,9 +62,45 @@ def read_metadata(path: str | Path) -> dict | None:
     if not meta_path.exists():
         return None
     try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"metadata file {meta_path} is not valid JSON ({e}); restore it or re-export the model") from None
+    check_metadata(meta, meta_path)
+    return meta
+
+
+def check_metadata(meta, where) -> None:
+    """One-line UserError unless ``meta`` has the shape igkd writes (fields may be absent)."""
+    def bad(what: str):
+        raise UserError(f"metadata {where} {what}; restore the file igkd wrote, or delete it and name the "
+                        "architecture with --model")
+
+    if not isinstance(meta, dict):
+        bad(f"holds a JSON {type(meta).__name__}, not an object")
+    if "model" in meta and not (isinstance(meta["model"], str) and meta["model"].strip()):
+        bad(f"has model {meta['model']!r}, not a spec string such as 'mobilenetv2:drop=5'")
+    for key in ("num_classes", "in_channels"):
+        if key in meta and not (isinstance(meta[key], int) and not isinstance(meta[key], bool) and meta[key] >= 1):
+            bad(f"has {key} {meta[key]!r}, not a positive integer")
+    if "classes" in meta and not (isinstance(meta["classes"], list) and all(isinstance(c, str) for c in meta["classes"])):
+        bad("has classes that are not a list of names")
+    pre = meta.get("preprocessing")
+    if pre is None:
+        return
+    if not isinstance(pre, dict) or pre.get("normalize", "none") not in ("none", "dataset"):
+        bad(f"has preprocessing {pre!r}; expected {{'normalize': 'none'}} or {{'normalize': 'dataset', 'mean': "
+            "[...], 'std': [...]}")
+    if pre.get("normalize") == "dataset":
+        channels = meta.get("in_channels")
+        for key in ("mean", "std"):
+            v = pre.get(key)
+            if not (isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                       and math.isfinite(x) for x in v)):
+                bad(f"has preprocessing {key} {v!r}, not a list of numbers")
+            if channels and len(v) != channels:
+                bad(f"has a preprocessing {key} of {len(v)} value(s) for {channels} input channel(s)")
+        if len(pre["mean"]) != len(pre["std"]) or min(pre["std"]) <= 0:
+            bad("has a preprocessing mean and std of different lengths, or a std <= 0")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -75,9 +113,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path), device="cpu")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. about pickle protocols; a failure is reported below
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any decode failure is the file's fault
-        raise UserError(f"cannot read weights from {path} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+        first = (str(e).strip().splitlines() or ["empty or unreadable file"])[0][:160]
+        raise UserError(f"cannot read weights from {path} ({type(e).__name__}: {first}); "
                         "give a .safetensors file or a PyTorch state dict saved with torch.save") from None
     for key in ("state_dict", "model_state_dict", "model", "student"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -88,7 +129,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
 
-def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") -> nn.Module:
+def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", flag: str = "--model") -> nn.Module:
     """Load weights into ``model`` (its bare network), strictly, with a one-line error."""
     state = read_state_dict(path)
     net = bare(model)
@@ -106,29 +147,37 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") ->
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
         meta = read_metadata(path)
-        hint = f" (its metadata says --model {meta['model']})" if meta and "model" in meta else ""
-        raise UserError(f"weights {path} do not fit {spec}: {'; '.join(detail)}; pass the --model they were trained with{hint}")
+        hint = f" (its metadata says {flag} {meta['model']})" if meta and "model" in meta else ""
+        raise UserError(f"weights {path} do not fit {spec}: {'; '.join(detail)}; pass the {flag} they were trained "
+                        f"with{hint}")
     net.load_state_dict(state)
     return model
 
 
 def load_model(path: str | Path, spec: str | None = None, num_classes: int | None = None,
-               in_channels: int | None = None, preprocessing: dict | None = None) -> tuple[nn.Module, dict]:
+               in_channels: int | None = None, preprocessing: dict | None = None,
+               flag: str = "--model") -> tuple[nn.Module, dict]:
     """Build and load a model. igkd checkpoints describe themselves; foreign files need
-    ``spec`` (and ``num_classes``/``in_channels`` when not 10 and 3).
+    ``spec`` (and ``num_classes``/``in_channels`` when not 10 and 3). ``flag`` is the
+    option that gives the spec, named in errors (``--teacher-model`` for a teacher).
 
     Returns ``(model in eval mode, wrapped with its preprocessing; metadata dict)``.
     """
     meta = dict(read_metadata(path) or {})
     spec = spec or meta.get("model")
     if spec is None:
-        raise UserError(f"{path} has no igkd metadata; say which architecture it is with --model SPEC")
+        if not Path(path).exists():
+            raise UserError(f"weights file {path} does not exist; check the path")
+        raise UserError(f"{path} has no igkd metadata; say which architecture it is with {flag} SPEC")
     meta.setdefault("model", spec)
     num_classes = num_classes or meta.get("num_classes") or 10
     in_channels = in_channels or meta.get("in_channels") or 3
     net = build_model(spec, num_classes, in_channels)
-    load_weights(net, path, f"model '{spec}'")
+    load_weights(net, path, f"model '{spec}'", flag)
     pre = preprocessing if preprocessing is not None else meta.get("preprocessing")
+    if pre and pre.get("normalize") == "dataset" and len(pre["mean"]) != in_channels:
+        raise UserError(f"{path}: its preprocessing has {len(pre['mean'])} channel mean(s) but the data has "
+                        f"{in_channels} channel(s); use the dataset the model was trained on")
     meta.update(num_classes=num_classes, in_channels=in_channels, preprocessing=pre or {"normalize": "none"})
     return with_preprocessing(net, pre).eval(), meta
 

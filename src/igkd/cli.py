@@ -18,7 +18,7 @@ from .fileio import dumps
 SPEC_HELP = """\
 spec strings:
   datasets  demo                       small Fashion-MNIST subset shipped in the package
-            cifar10:DIR[,download=0]   official python archive layout (downloads when missing)
+            cifar10:DIR[,download=0][,verify=0]   official python archive (downloaded when missing; md5-checked)
             imagefolder:DIR[,size=N][,test=F][,gray=1]   DIR/train/<class>/*, DIR/test/<class>/*
             fashion-mnist[:DIR]        IDX files (default /usr/share/datasets/fashion-mnist)
   models    mobilenetv2                CIFAR MobileNetV2 teacher (2,236,682 params at 10 classes)

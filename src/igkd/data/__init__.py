@@ -2,7 +2,7 @@
 
 Known kinds (see each module's docstring for what it expects on disk):
 
-    cifar10:DIR[,download=0]         official python-pickle release (downloaded if absent)
+    cifar10:DIR[,download=0][,verify=0]   official python-pickle release (downloaded if absent)
     imagefolder:DIR[,size=N|HxW][,gray=1][,test=0.2,seed=0][,cache=0]
     fashion-mnist[:DIR]              IDX files (default: Debian's dataset-fashion-mnist)
     demo                             3,000 Fashion-MNIST images shipped with igkd

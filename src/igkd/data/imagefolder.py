@@ -213,7 +213,7 @@ def _load(part: _Part, mode: str, size: tuple[int, int], resize: bool, ref: Path
     path = _cache_path(part, mode, size, resize) if use_cache else None
     if path is not None and path.is_file():
         try:
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 images, labels = z["images"], z["labels"]
             if len(images) == len(part.files) and np.array_equal(labels, part.labels):
                 return Split(torch.from_numpy(images), torch.from_numpy(labels))

@@ -229,7 +229,8 @@ def test_safe_pickle_reads_what_numpy_writes():
     arr = np.arange(24, dtype=np.uint8).reshape(2, 12)
     for protocol in (2, 3, 4, 5):
         raw = pickle.dumps({b"data": arr, b"labels": [1, 2], b"name": b"x"}, protocol=protocol)
-        for variant in (raw, raw.replace(b"numpy._core", b"numpy.core")):
+        # the official files (Python 2, protocol 2) name numpy.core: text GLOBAL opcodes, safe to rename
+        for variant in (raw, raw.replace(b"numpy._core", b"numpy.core")) if protocol == 2 else (raw,):
             f = Path(tempfile.mkstemp()[1])
             f.write_bytes(variant)
             d = load_data_pickle(f, "batch", "fix it")

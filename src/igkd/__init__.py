@@ -9,24 +9,26 @@ Library first; the ``igkd`` command is a thin layer over these functions::
     igkd.distill(igkd.DistillConfig(data="demo", teacher="teacher/model.safetensors"), out="runs/kdig")
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
-from .api import distill, evaluate, load_teacher, precompute, train  # noqa: E402
-from .attribution import attribution_map, integrated_gradients  # noqa: E402
-from .config import DistillConfig, PrecomputeConfig, TrainConfig  # noqa: E402
-from .data import load_dataset  # noqa: E402
-from .deploy import audit, bench_latency, deployment_section, export_model  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .experiments import (ExperimentConfig, run_ablation, run_compression, run_experiment,  # noqa: E402
-                          run_montecarlo, run_search)
-from .models import build_model, count_parameters, load_model  # noqa: E402
-from .report import write_report  # noqa: E402
+from ._lazy import lazy_package
 
-__all__ = [
-    "DistillConfig", "PrecomputeConfig", "TrainConfig", "UserError", "attribution_map", "build_model",
-    "count_parameters", "distill", "evaluate", "integrated_gradients", "load_dataset", "load_model",
-    "load_teacher", "precompute", "train",
-]
-__all__ += ["audit", "bench_latency", "deployment_section", "export_model"]  # deployment (issue 6)
-__all__ += ["ExperimentConfig", "run_ablation", "run_compression", "run_experiment", "run_montecarlo",  # issue 5
-            "run_search", "write_report"]
+try:  # one version source: pyproject.toml, as installed
+    __version__ = version("igkd")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+_API = {
+    "distill": ".api", "evaluate": ".api", "load_teacher": ".api", "precompute": ".api", "train": ".api",
+    "attribution_map": ".attribution", "integrated_gradients": ".attribution",
+    "DistillConfig": ".config", "PrecomputeConfig": ".config", "TrainConfig": ".config",
+    "load_dataset": ".data",
+    "audit": ".deploy", "bench_latency": ".deploy", "deployment_section": ".deploy", "export_model": ".deploy",
+    "UserError": ".errors",
+    "ExperimentConfig": ".experiments", "run_ablation": ".experiments", "run_compression": ".experiments",
+    "run_experiment": ".experiments", "run_montecarlo": ".experiments", "run_search": ".experiments",
+    "build_model": ".models", "count_parameters": ".models", "load_model": ".models",
+    "write_report": ".report",
+}
+lazy_package(__name__, _API)  # imported on first use: 'igkd --help' starts without torch
+__all__ = sorted(_API)

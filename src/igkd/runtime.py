@@ -7,8 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from .errors import UserError
 
 
@@ -33,7 +31,9 @@ def tune_malloc() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto"):
+    """The torch.device a name means, refusing CUDA where there is none."""
+    import torch  # here, not at import: the command line starts (--help, --version) without torch
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -46,6 +46,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def set_threads(n: int) -> None:
+    import torch
     if n and n > 0:
         torch.set_num_threads(n)
 

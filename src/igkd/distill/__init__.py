@@ -1,12 +1,14 @@
 """Distillation: method names, losses, batched augmentation with IG overlays, attention
 transfer hooks, the trainer, and its speed and multi-process switches."""
 
-from . import parallel
-from .attention import FeatureHook, choose_layers
-from .augment import crop_flip, ig_overlay
-from .losses import at_loss, attention_map, kd_kl, kd_loss
-from .methods import METHODS, Method, parse_method
-from .trainer import Trainer, TrainingDiverged
+from .._lazy import lazy_package
 
-__all__ = ["METHODS", "FeatureHook", "Method", "Trainer", "TrainingDiverged", "at_loss", "attention_map",
-           "choose_layers", "crop_flip", "ig_overlay", "kd_kl", "kd_loss", "parallel", "parse_method"]
+_NAMES = {
+    "parallel": ".parallel", "FeatureHook": ".attention", "choose_layers": ".attention",
+    "crop_flip": ".augment", "ig_overlay": ".augment",
+    "at_loss": ".losses", "attention_map": ".losses", "kd_kl": ".losses", "kd_loss": ".losses",
+    "METHODS": ".methods", "Method": ".methods", "parse_method": ".methods",
+    "Trainer": ".trainer", "TrainingDiverged": ".trainer",
+}
+lazy_package(__name__, _NAMES)  # the CLI reads method names without importing torch
+__all__ = sorted(_NAMES)

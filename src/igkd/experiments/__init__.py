@@ -16,21 +16,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .ablation import run_ablation
-from .compression import run_compression
-from .config import KINDS, ExperimentConfig, resolve
-from .montecarlo import run_montecarlo
-from .search import run_search
+from .._lazy import lazy_package
 
-RUNNERS = {"ablation": run_ablation, "montecarlo": run_montecarlo, "compression": run_compression,
-           "search": run_search}
+_NAMES = {
+    "run_ablation": ".ablation", "run_compression": ".compression", "KINDS": ".config",
+    "ExperimentConfig": ".config", "resolve": ".config", "run_montecarlo": ".montecarlo", "run_search": ".search",
+}
+lazy_package(__name__, _NAMES)  # 'igkd experiment --help' reads the config without scipy and torch
 
 
-def run_experiment(kind: str, cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> dict:
+def run_experiment(kind: str, cfg, out: str | Path, quiet: bool = False) -> dict:
     """Run experiment ``kind`` (ablation, montecarlo, compression or search) into ``out``."""
+    import importlib
+
     from ..fileio import writable_dir
-    return RUNNERS[kind](cfg, writable_dir(out, "--out"), quiet=quiet)
+    runner = getattr(importlib.import_module(__name__), f"run_{kind}")
+    return runner(cfg, writable_dir(out, "--out"), quiet=quiet)
 
 
-__all__ = ["ExperimentConfig", "KINDS", "RUNNERS", "resolve", "run_ablation", "run_compression", "run_experiment",
-           "run_montecarlo", "run_search"]
+__all__ = sorted(_NAMES) + ["run_experiment"]

@@ -27,8 +27,16 @@ def opt(default, help: str, *, choices=None, low=None, high=None, unit: str = ""
                                                 unit=unit, low_open=low_open))
 
 
+class _Validated:
+    """Configs check themselves when built, from the CLI, YAML or Python alike
+    (``DistillConfig(T=-1)`` raises instead of training with a negative temperature)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(_Validated):
     """Options shared by ``igkd train`` (teacher) and ``igkd distill`` (student)."""
 
     data: str = opt("demo", "dataset spec: demo, cifar10:DIR, imagefolder:DIR[,size=N], fashion-mnist[:DIR]")
@@ -72,7 +80,7 @@ class TrainConfig:
 
 
 @dataclass
-class PrecomputeConfig:
+class PrecomputeConfig(_Validated):
     """Options of ``igkd precompute``: teacher logits and IG maps for the training set."""
 
     ig_steps: int = opt(50, "integration steps of integrated gradients (the paper's 50)", low=1, high=4096)
@@ -143,6 +151,16 @@ def _field_help(f: dataclasses.Field) -> str:
     return text + f" (default: {f.default})"
 
 
+def _number(text: str):
+    """``text`` as an int or float where it spells one (``'1e-3'``, ``'64'``), else unchanged."""
+    for cast in (int, float):
+        try:
+            return cast(text.strip())
+        except ValueError:
+            pass
+    return text
+
+
 def validate(cfg) -> Any:
     """Check types and ranges; one-line UserError naming the field and the allowed values."""
     for f in fields(cfg):
@@ -154,6 +172,8 @@ def validate(cfg) -> Any:
             if not isinstance(value, bool):
                 raise UserError(f"{flag} must be true or false, got {value!r}")
         elif kind in (int, float):
+            if isinstance(value, str):  # YAML reads '1e-3' (no dot before e) as a string
+                value = _number(value)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
                 raise UserError(f"{flag} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
             value = kind(value)
@@ -227,8 +247,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                                help=_field_help(f))
         else:
-            group.add_argument(flag, dest=f.name, default=None, type=kind, metavar=f.name.upper(),
-                               help=_field_help(f))
+            choices = f.metadata.get("choices")
+            group.add_argument(flag, dest=f.name, default=None, type=kind, choices=choices,
+                               metavar=None if choices else f.name.upper(), help=_field_help(f))
 
 
 def overrides_from(args: argparse.Namespace, cls) -> dict:

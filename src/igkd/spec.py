@@ -6,7 +6,8 @@ Datasets and models are named by spec strings everywhere (command line, configs,
     mobilenetv2                      mobilenetv2:drop=5       mobilenetv2:width=0.5
 
 The part before the first ``:`` is the kind; after it comes an optional positional
-argument (a path for datasets) and ``key=value`` options, separated by commas.
+argument (a path for datasets) and ``key=value`` options, separated by commas. A path or
+value holding a comma is quoted: ``imagefolder:"/data/cats, dogs",size=64``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,37 @@ class Spec:
     options: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        parts = ([self.arg] if self.arg else []) + [f"{k}={v}" for k, v in self.options.items()]
+        parts = ([_quote(self.arg)] if self.arg else []) + [f"{k}={_quote(v)}" for k, v in self.options.items()]
         return self.kind + (":" + ",".join(parts) if parts else "")
+
+
+def _quote(text: str) -> str:
+    """``text`` quoted when a comma or quote in it would otherwise split or confuse the spec."""
+    if not any(c in text for c in ',"\''):
+        return text
+    return "'" + text + "'" if "'" not in text else '"' + text + '"'
+
+
+def _split(rest: str, text: str, what: str) -> list[str]:
+    """Split at commas outside single or double quotes; the quotes themselves are removed."""
+    items, current, quote = [], [], ""
+    for c in rest:
+        if quote:
+            if c == quote:
+                quote = ""
+            else:
+                current.append(c)
+        elif c in "'\"":
+            quote = c
+        elif c == ",":
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+    if quote:
+        raise UserError(f"unclosed {quote} quote in {what} '{text}'; close it, e.g. imagefolder:\"/data/a,b\"")
+    items.append("".join(current))
+    return items
 
 
 def parse_spec(text: str, what: str = "spec") -> Spec:
@@ -37,8 +67,9 @@ def parse_spec(text: str, what: str = "spec") -> Spec:
     arg: str | None = None
     options: dict[str, str] = {}
     if rest:
-        items = rest.split(",")
-        if "=" not in items[0]:
+        items = _split(rest, text, what)
+        first_quoted = rest.lstrip()[:1] in ("'", '"')
+        if first_quoted or "=" not in items[0]:
             arg = items.pop(0)
         for item in items:
             key, eq, value = item.partition("=")

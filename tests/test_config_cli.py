@@ -1,0 +1,83 @@
+"""Configs and the command line a user relies on (issue 17): YAML spellings, validation on
+construction, choices in --help, quoted spec paths, the lazy package, python -m igkd."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import igkd
+from igkd.config import DistillConfig, TrainConfig, build, load_yaml
+from igkd.errors import UserError
+from igkd.spec import parse_spec
+
+
+def test_yaml_numbers_in_any_spelling(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("distill:\n  lr: 1e-3\n  epochs: '3'\n  weight_decay: 5.0e-4\n")
+    values = load_yaml(cfg, "distill")
+    assert values["lr"] == "1e-3"  # PyYAML reads a mantissa without a dot as a string...
+    c = build(DistillConfig, values)
+    assert c.lr == 1e-3 and isinstance(c.lr, float) and c.epochs == 3 and isinstance(c.epochs, int)  # ...igkd not
+    with pytest.raises(UserError, match="--lr must be a number, got 'fast'"):
+        build(DistillConfig, {"lr": "fast"})
+    with pytest.raises(UserError, match="--epochs must be an integer"):
+        build(DistillConfig, {"epochs": "2.5"})
+
+
+def test_configs_validate_when_built_directly():
+    with pytest.raises(UserError, match=r"--T -1.0 is out of range"):
+        DistillConfig(T=-1)
+    with pytest.raises(UserError, match="--optimizer 'adamw' is not one of sgd, adam"):
+        TrainConfig(optimizer="adamw")
+    assert DistillConfig(T=4).T == 4.0
+
+
+def test_help_shows_choices_and_a_bad_choice_is_one_line(capsys):
+    from igkd.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--normalize {dataset,none}" in out and "--optimizer {sgd,adam}" in out
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--optimizer", "adamw", "--out", "x"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("igkd: error: argument --optimizer")
+
+
+def test_spec_paths_with_commas_are_quoted(tmp_path):
+    root = tmp_path / "cats, dogs"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / split / c / "0.png")
+    for spec in (f'imagefolder:"{root}",cache=0', f"imagefolder:'{root}',cache=0"):
+        ds = igkd.load_dataset(spec)
+        assert ds.classes == ["cat", "dog"] and len(ds.train) == 2
+        assert parse_spec(ds.spec) == parse_spec(spec)  # the spec it records reads back the same
+    assert parse_spec("py:pkg.mod:make,width=2") == parse_spec("py:pkg.mod:make,width=2")
+    with pytest.raises(UserError, match="unclosed"):
+        parse_spec('imagefolder:"/a,b')
+
+
+def test_api_names_stay_functions_whatever_is_imported():
+    """The package imports its API lazily; submodules named like functions must not shadow them."""
+    import igkd.distill.trainer  # noqa: F401
+    import igkd.evaluate.metrics  # noqa: F401
+    import igkd.precompute  # noqa: F401
+    assert callable(igkd.distill) and callable(igkd.precompute) and callable(igkd.evaluate)
+    assert igkd.distill.__module__ == "igkd.api" and igkd.precompute.__module__ == "igkd.api"
+    from igkd import distill, run_experiment
+    assert distill is igkd.distill and callable(run_experiment)
+    assert set(igkd.__all__) <= set(dir(igkd))
+
+
+def test_python_dash_m_and_version_without_torch():
+    r = subprocess.run([sys.executable, "-m", "igkd", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"igkd {igkd.__version__}" and igkd.__version__ != "0+unknown"
+    code = "import sys, igkd.cli; igkd.cli.make_parser(); print('torch' in sys.modules, 'scipy' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["False", "False"], r.stderr  # --help builds the parser without them

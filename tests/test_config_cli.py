@@ -81,3 +81,41 @@ def test_python_dash_m_and_version_without_torch():
     code = "import sys, igkd.cli; igkd.cli.make_parser(); print('torch' in sys.modules, 'scipy' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["False", "False"], r.stderr  # --help builds the parser without them
+
+
+def test_shipped_recipes_by_name(capsys):
+    from igkd.cli import main
+    from igkd.config import find_config, shipped_configs
+    assert {"demo", "cifar10_paper", "cifar10_strong", "demo_experiments"} <= set(shipped_configs())
+    values = load_yaml("cifar10_paper", "distill")
+    assert values["optimizer"] == "adam" and float(values["lr"]) == 1e-3  # the paper's recipe (METHOD.md 6)
+    assert find_config("demo").read_text() == shipped_configs()["demo"].read_text()
+    with pytest.raises(SystemExit):
+        main(["config", "show", "cifar10_paper"])
+    assert capsys.readouterr().out == shipped_configs()["cifar10_paper"].read_text()
+    with pytest.raises(UserError, match="neither a file nor a shipped recipe; shipped: cifar10_paper"):
+        load_yaml("cifar10_papr", "distill")
+
+
+def test_wheel_holds_license_types_configs_and_no_torch_cap(tmp_path):
+    """Built as a user's pip would (no isolation here: no network needed for setuptools)."""
+    import email
+    import zipfile
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path), str(repo)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("igkd-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        meta = email.message_from_bytes(z.read(meta_name))
+    assert "igkd/py.typed" in names and "igkd/__main__.py" in names
+    assert {f"igkd/configs/{n}.yaml" for n in ("demo", "cifar10_paper", "cifar10_strong", "demo_experiments")} <= set(names)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert meta["License-Expression"] == "Apache-2.0"
+    requires = meta.get_all("Requires-Dist")
+    torch_req = next(r for r in requires if r.startswith("torch"))
+    assert torch_req.replace(" ", "") == "torch>=2.2" and "<" not in torch_req
+    assert not any(r.startswith("captum") and "extra" not in r for r in requires)  # captum: test extra only

@@ -104,10 +104,16 @@ def make_parser() -> argparse.ArgumentParser:
                        "'student' and 'kd+ig' students with the same seed and budget, evaluates them and writes "
                        "report.md, metrics.json and gallery.png.")
     p.add_argument("--out", default="igkd-demo", metavar="DIR", help="report directory (default: igkd-demo)")
-    p.add_argument("--config", default="", metavar="YAML", help="demo recipe (default: the shipped configs/demo.yaml)")
+    p.add_argument("--config", default="", metavar="YAML", help="demo recipe, a file or a shipped name (default: demo, see 'igkd config show demo')")
     p.add_argument("--train-teacher", action="store_true", help="train the teacher instead of using the shipped one")
     p.add_argument("--epochs", type=POSITIVE, default=None, help="student epochs (default: from the recipe)")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
+
+    p = sub.add_parser("config", help="list or print the shipped YAML recipes",
+                       description="The recipes shipped inside igkd, usable by name with --config NAME: 'igkd "
+                       "config list' lists them, 'igkd config show NAME > my.yaml' copies one to edit.")
+    p.add_argument("action", choices=["list", "show"], help="list the recipes, or show one")
+    p.add_argument("name", nargs="?", default="", help="recipe name for 'show' (e.g. cifar10_paper)")
 
     # --- deployment commands (issue 6): bench latency, export, audit ---
     from .cli_deploy import add_deploy_commands
@@ -150,6 +156,8 @@ def run(argv: list[str] | None = None) -> int:
             print(dumps(r, indent=2))
         else:
             print(format_evaluation(r))
+    elif args.command == "config":
+        show_config(args.action, args.name)
     elif args.command == "demo":
         from .demo import run_demo
         run_demo(args.out, args.config or None, train_teacher=args.train_teacher, epochs=args.epochs,
@@ -161,6 +169,19 @@ def run(argv: list[str] | None = None) -> int:
         from .cli_experiments import run_experiment_command
         run_experiment_command(args)
     return 0
+
+
+def show_config(action: str, name: str) -> None:
+    from .config import shipped_configs
+    shipped = shipped_configs()
+    if action == "list":
+        for stem, path in shipped.items():
+            first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.strip()), "")
+            print(f"{stem:18s} {first}")
+        return
+    if name not in shipped:
+        raise UserError(f"no shipped recipe named '{name}'; known: {', '.join(shipped)} (igkd config list)")
+    print(shipped[name].read_text(), end="")
 
 
 def format_evaluation(r: dict) -> str:

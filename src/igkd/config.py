@@ -3,7 +3,7 @@
 A config is a dataclass whose fields each carry a help text, a unit and an allowed range
 or set of choices. The same description drives YAML loading, validation, the command
 line (every field is an option ``--field-name``) and ``--help``, so the three never
-disagree. YAML recipes live in ``configs/``; a file may hold one section per command
+disagree. Shipped YAML recipes live in ``igkd/configs/`` (``--config NAME``); a file may hold one section per command
 (``train:``, ``precompute:``, ``distill:``) or a flat mapping.
 """
 
@@ -198,7 +198,7 @@ def read_yaml_file(path: str | Path, what: str = "config file"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}; give a YAML file "
-                        "(see 'configs/' for examples)")
+                        "(igkd config list shows the shipped ones)")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -207,11 +207,31 @@ def read_yaml_file(path: str | Path, what: str = "config file"):
         raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The recipes inside the package (``igkd/configs/NAME.yaml``), by name."""
+    from importlib import resources
+    folder = Path(str(resources.files("igkd") / "configs"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def find_config(value: str | Path) -> Path:
+    """A ``--config`` value as a file: a path that exists, else a shipped recipe's name."""
+    path = Path(value)
+    if path.exists():
+        return path
+    shipped = shipped_configs()
+    if str(value) in shipped:
+        return shipped[str(value)]
+    raise UserError(f"config {value} is neither a file nor a shipped recipe; shipped: {', '.join(shipped)} "
+                    "(igkd config list)")
+
+
 def load_yaml(path: str | Path, section: str | None) -> dict:
     """Read a YAML config; take ``section`` if the file has one, else the whole mapping.
 
     A section that is there but not a mapping (``distill: 5``) is an error: read as absent,
     it silently gave a run with every default."""
+    path = find_config(path)
     doc = read_yaml_file(path) or {}
     if not isinstance(doc, dict):
         raise UserError(f"config file {path} must hold a mapping of option: value")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import api
-from .config import DistillConfig, PrecomputeConfig, TrainConfig, build, read_yaml_file
+from .config import DistillConfig, PrecomputeConfig, TrainConfig, build, find_config, read_yaml_file
 from .data import load_dataset
 from .errors import UserError
 from .fileio import writable_dir, write_json, write_text
@@ -32,7 +32,7 @@ def asset(name: str) -> Path:
 
 
 def load_recipe(path: str | Path | None) -> dict:
-    path = Path(path) if path else asset("demo.yaml")
+    path = find_config(path or "demo")
     recipe = read_yaml_file(path, "demo recipe") or {}
     if not isinstance(recipe, dict):
         raise UserError(f"demo recipe {path} must hold a mapping of sections (train:, precompute:, distill:, demo:)")

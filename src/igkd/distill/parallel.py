@@ -18,7 +18,7 @@ Multi-node: run the same torchrun on every node, e.g. 2 nodes x 4 GPUs::
 
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d \\
         --rdzv-endpoint=HOST0:29500 --rdzv-id=kdig1 -m igkd.cli distill \\
-        --config configs/cifar10_strong.yaml --teacher T.safetensors --method kd+ig \\
+        --config cifar10_strong --teacher T.safetensors --method kd+ig \\
         --out /shared/runs/kdig --store /shared/stores/c10
 
 Rank 0 writes the run directory and builds the precompute store while the other ranks

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 
-from ..config import DistillConfig, build, load_yaml, opt, read_yaml_file, validate
+from ..config import DistillConfig, build, find_config, load_yaml, opt, read_yaml_file, validate
 from ..distill.methods import parse_method
 from ..errors import UserError
 
@@ -87,7 +87,7 @@ def yaml_layers(path: str | Path | None, kind: str) -> dict:
     if not path:
         return {}
     flat = load_yaml(path, None)  # existence, syntax and mapping checks, with one-line errors
-    doc = read_yaml_file(path) or {}
+    doc = read_yaml_file(find_config(path)) or {}
     if not any(isinstance(doc.get(s), dict) for s in ("distill", "experiment")):
         return _flatten_lists(flat)
     exp = dict(doc.get("experiment") or {})

@@ -46,6 +46,23 @@ def test_count_macs_tiny_net_by_hand():
     assert net.training  # mode restored
 
 
+def test_count_macs_sees_functional_convolutions_and_matmuls():
+    """A user's model calling F.conv2d and a matmul directly (no Conv2d/Linear modules to hook)."""
+    import torch.nn.functional as F
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 3, 3, 3))
+            self.proj = nn.Parameter(torch.randn(6 * 4 * 4, 7))
+
+        def forward(self, x):
+            y = F.conv2d(x, self.w, stride=2, padding=1)   # 6x4x4 outputs, 3*3*3 MACs each
+            return y.flatten(1) @ self.proj                # 7 outputs, 96 MACs each
+
+    assert count_macs(Functional(), (3, 8, 8)) == 6 * 4 * 4 * 27 + 7 * 96
+
+
 def mobilenetv2_macs(width: float = 1.0, drop: int = 0, classes: int = 10, size: int = 32) -> int:
     """MACs of the CIFAR MobileNetV2 by formula, block by block (METHOD.md section 1)."""
     h = size

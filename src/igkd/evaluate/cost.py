@@ -21,39 +21,28 @@ from torch import nn
 
 from ..errors import UserError
 
-CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@torch.inference_mode()
+@torch.no_grad()
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """Multiply-accumulates of one forward pass of ONE image of shape (C, H, W).
 
-    Counted by forward hooks on convolutions (kernel volume x input channels per group x
-    output elements, so depthwise convolutions count once per channel) and linear layers
-    (in_features x output elements). Normalisation, activations, pooling and additions are
-    not counted (they are not multiply-accumulates and cost little).
+    Counted by torch's FlopCounterMode at the operator level (a convolution: kernel volume
+    x input channels per group x output elements, so depthwise convolutions count once per
+    channel; a matrix product: m x n x k), halving its FLOPs. Working below the modules, it
+    also counts functional convolutions and matmuls in users' own models, which module hooks
+    miss. Normalisation, activations, pooling, biases and additions are not counted (they are
+    not multiply-accumulates and cost little).
     """
-    total = 0
-
-    def hook(m: nn.Module, inputs, out: torch.Tensor) -> None:
-        nonlocal total
-        per_image = out.numel() // out.shape[0]
-        if isinstance(m, CONV):
-            total += per_image * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-        else:
-            total += per_image * m.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (*CONV, nn.Linear))]
+    from torch.utils.flop_counter import FlopCounterMode
     was_training = model.training
     model.eval()
     try:
         p = next(model.parameters(), None)
-        model(torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu"))
+        x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu")
+        with FlopCounterMode(display=False) as counter:
+            model(x)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    return total
+    return counter.get_total_flops() // 2
 
 
 def weights_bytes(model_or_path: nn.Module | str | os.PathLike) -> int:

@@ -334,17 +334,21 @@ def test_bad_numbers_config_sections_and_encodings(capsys, tmp_path, folder, tea
     assert not (tmp_path / "r").exists()
 
 
-def test_no_nan_in_json_outputs(tmp_path, folder):
+def test_no_nan_in_json_outputs(tmp_path, folder, capsys):
     """What broke #9: --val-fraction 0 wrote bare NaN tokens (not JSON) into summary.json."""
     import json
     from igkd.cli import main
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(["train", "--data", f"imagefolder:{folder}", "--model", "mobilenetv2:width=0.25,drop=12", "--epochs", "1",
-              "--val-fraction", "0", "--quiet", "--out", str(tmp_path / "r")])
+              "--val-fraction", "0", "--quiet", "--json", "--out", str(tmp_path / "r")])
     assert e.value.code == 0
 
     def refuse(token):
         raise ValueError(f"non-JSON token {token}")
+
+    printed = json.loads(capsys.readouterr().out, parse_constant=refuse)  # --json: stdout is strict JSON alone
+    assert printed["val_accuracy"] is None and printed["test_accuracy"] >= 0
 
     files = [p for p in (tmp_path / "r").iterdir() if p.suffix in (".json", ".jsonl")]
     assert {"summary.json", "metrics.jsonl"} <= {p.name for p in files}
@@ -352,3 +356,14 @@ def test_no_nan_in_json_outputs(tmp_path, folder):
         for line in (p.read_text().splitlines() if p.suffix == ".jsonl" else [p.read_text()]):
             json.loads(line, parse_constant=refuse)
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["val_accuracy"] is None
+
+
+@pytest.mark.parametrize("command", [["train"], ["distill"], ["precompute"], ["evaluate"], ["demo"],
+                                     ["bench", "latency"], ["export"], ["audit"], ["experiment", "ablation"],
+                                     ["experiment", "montecarlo"], ["experiment", "compression"],
+                                     ["experiment", "search"], ["report"]])
+def test_every_command_with_a_result_has_json(command, capsys):
+    from igkd.cli import main
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    assert "--json" in capsys.readouterr().out

@@ -36,6 +36,7 @@ def _config_parser(sub, name: str, cls, help: str, description: str, out_require
         p.add_argument("--out", metavar="DIR", required=True, help="run directory to write")
         p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors and the final summary")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON (progress stays on stderr)")
     add_arguments(p, cls)
     return p
 
@@ -108,6 +109,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-teacher", action="store_true", help="train the teacher instead of using the shipped one")
     p.add_argument("--epochs", type=POSITIVE, default=None, help="student epochs (default: from the recipe)")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
+    p.add_argument("--json", action="store_true", help="print the demo's metrics as JSON instead of the summary")
 
     p = sub.add_parser("config", help="list or print the shipped YAML recipes",
                        description="The recipes shipped inside igkd, usable by name with --config NAME: 'igkd "
@@ -127,12 +129,16 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_train_summary(s: dict) -> None:
+def _print_train_summary(s: dict, as_json: bool = False) -> None:
     from .progress import is_rank0
     if not is_rank0():  # under torchrun only rank 0 prints
         return
+    if as_json:
+        print(dumps(s, indent=2))
+        return
+    val = "n/a" if s["val_accuracy"] is None or s["val_accuracy"] != s["val_accuracy"] else f"{s['val_accuracy']:.2f}%"
     print(f"{s['method']}: {s['model']} ({s['params']:,} params) test accuracy {s['test_accuracy']:.2f}% "
-          f"(best epoch {s['best_epoch']}, val {s['val_accuracy']:.2f}%)")
+          f"(best epoch {s['best_epoch']}, val {val})")
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -141,14 +147,17 @@ def run(argv: list[str] | None = None) -> int:
     from .progress import is_rank0
 
     if args.command == "train":
-        _print_train_summary(api.train(_resolve(args, TrainConfig, "train"), args.out, args.resume, args.quiet))
+        _print_train_summary(api.train(_resolve(args, TrainConfig, "train"), args.out, args.resume, args.quiet),
+                             args.json)
     elif args.command == "distill":
-        _print_train_summary(api.distill(_resolve(args, DistillConfig, "distill"), args.out, args.resume, args.quiet))
+        _print_train_summary(api.distill(_resolve(args, DistillConfig, "distill"), args.out, args.resume, args.quiet),
+                             args.json)
     elif args.command == "precompute":
         store = api.precompute(args.teacher, args.data, _resolve(args, PrecomputeConfig, "precompute"), args.store,
                                args.teacher_model, args.device, args.quiet, args.threads)
         if is_rank0():
-            print(f"store: {store.path} ({len(store)} images)")
+            print(dumps({"store": str(store.path), "images": len(store), **store.manifest}, indent=2) if args.json
+                  else f"store: {store.path} ({len(store)} images)")
     elif args.command == "evaluate":
         r = api.evaluate(args.weights, args.data, args.model, args.normalize, args.teacher, args.batch_size,
                          args.device, class_map=args.class_map)
@@ -160,8 +169,10 @@ def run(argv: list[str] | None = None) -> int:
         show_config(args.action, args.name)
     elif args.command == "demo":
         from .demo import run_demo
-        run_demo(args.out, args.config or None, train_teacher=args.train_teacher, epochs=args.epochs,
-                 quiet=args.quiet)
+        metrics = run_demo(args.out, args.config or None, train_teacher=args.train_teacher, epochs=args.epochs,
+                           quiet=args.quiet or args.json, print_summary=not args.json)
+        if args.json:
+            print(dumps(metrics, indent=2))
     elif args.command in ("bench", "export", "audit"):  # deployment commands (issue 6)
         from .cli_deploy import run_deploy
         run_deploy(args)

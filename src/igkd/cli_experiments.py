@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from .config import add_arguments, overrides_from
+from .fileio import dumps
 
 EXPERIMENTS = {
     "ablation": ("every method, same budget, seeds and splits: the paper's table",
@@ -48,6 +49,7 @@ def add_experiment_commands(sub, spec_help: str) -> None:
                        f"and 'experiment: {kind}:' override; command-line options override the file")
         k.add_argument("--out", metavar="DIR", required=True, help="experiment folder (runs/, results, report)")
         k.add_argument("--quiet", action="store_true", help="print only errors and the final table")
+        k.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
         add_arguments(k, ExperimentConfig)
         for action in k._actions:  # experiments train several methods: --methods (and --search-method)
             if action.dest == "method":
@@ -58,14 +60,19 @@ def add_experiment_commands(sub, spec_help: str) -> None:
                        "bars, Monte Carlo distributions and tests, compression curves, search heat map, the "
                        "teacher's IG maps and overlays, training curves. Prints the tables.")
     p.add_argument("dir", metavar="DIR", help="folder written by 'igkd experiment ... --out DIR' or 'igkd distill'")
+    p.add_argument("--json", action="store_true", help="print the report's path and text as JSON")
 
 
 def run_experiment_command(args) -> None:
     if args.command == "report":
         from .report import terminal_summary, write_report
         text = write_report(args.dir)
+        path = f"{args.dir.rstrip('/')}/report.md"
+        if args.json:
+            print(dumps({"report": path, "markdown": text}, indent=2))
+            return
         print(terminal_summary(text))
-        print(f"\nreport: {args.dir.rstrip('/')}/report.md")
+        print(f"\nreport: {path}")
         return
     from .errors import UserError
     from .experiments import ExperimentConfig, resolve, run_experiment
@@ -73,6 +80,9 @@ def run_experiment_command(args) -> None:
         raise UserError("experiments train several methods: give them as --methods student,kd+ig "
                         "(search: --search-method)")
     cfg = resolve(args.kind, args.config, overrides_from(args, ExperimentConfig))
-    run_experiment(args.kind, cfg, args.out, quiet=args.quiet)
+    result = run_experiment(args.kind, cfg, args.out, quiet=args.quiet)
+    if args.json:
+        print(dumps(result, indent=2))
+        return
     print((Path(args.out) / f"{args.kind}.md").read_text().rstrip())
     print(f"{args.kind} done -> {args.out} (igkd report {args.out} renders report.md)")

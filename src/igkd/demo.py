@@ -43,7 +43,7 @@ def load_recipe(path: str | Path | None) -> dict:
 
 
 def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teacher: bool = False,
-             epochs: int | None = None, quiet: bool = False) -> dict:
+             epochs: int | None = None, quiet: bool = False, print_summary: bool = True) -> dict:
     out = writable_dir(out, "--out")
     if out.exists() and any(out.iterdir()) and not (out / "demo.json").exists():
         raise UserError(f"{out} exists and is not an igkd demo directory; choose another --out")
@@ -114,7 +114,8 @@ def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teach
     write_text(out / "report.md", render_report(metrics, dcfg))
     base = results[methods[0]]["test_accuracy"]
     summary = "; ".join(f"{m} {results[m]['test_accuracy']:.2f}%" for m in methods)
-    print(f"demo done in {seconds:.0f} s: teacher {teacher_eval['accuracy']:.2f}%; {summary} -> {out}/report.md")
+    if print_summary:
+        print(f"demo done in {seconds:.0f} s: teacher {teacher_eval['accuracy']:.2f}%; {summary} -> {out}/report.md")
     metrics["gain"] = {m: results[m]["test_accuracy"] - base for m in methods}
     return metrics
 

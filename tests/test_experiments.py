@@ -309,18 +309,52 @@ def test_missing_optuna_is_a_one_line_install_hint(monkeypatch):
 def test_report_renders_every_section_with_plots(exp_dir):
     if not (exp_dir / "search.json").exists() or not (exp_dir / "compression.json").exists():
         pytest.skip("needs the Monte Carlo, compression and search tests of this module to have run")
-    r = igkd_cli("report", exp_dir)
+    r = igkd_cli("report", exp_dir, "--format", "png,pdf,svg")
     assert r.returncode == 0, r.stderr[-2000:]
     text = (exp_dir / "report.md").read_text()
     for heading in ("## Monte Carlo", "## Compression sweep", "## Hyper-parameter search", "## Teacher IG maps",
                     "## Training curves"):
         assert heading in text
-    for png in ("montecarlo.png", "montecarlo_bars.png", "compression.png", "search.png", "gallery.png",
-                "curves.png"):
+    for png in ("montecarlo.png", "montecarlo_bars.png", "montecarlo_differences.png", "compression.png",
+                "search.png", "gallery.png", "curves.png"):
         assert f"({png})" in text
         with Image.open(exp_dir / png) as im:
             im.verify()
+        assert (exp_dir / png).with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+        assert b"<svg" in (exp_dir / png).with_suffix(".svg").read_bytes()[:2000]
     assert "| kd+ig - student |" in r.stdout and "## Compression sweep" in r.stdout  # terminal summary
+    # every table also as CSV (full precision) and LaTeX
+    import csv
+    mc = json.loads((exp_dir / "montecarlo.json").read_text())
+    rows = list(csv.reader((exp_dir / "tables" / "montecarlo.csv").open()))
+    assert rows[0][0] == "method" and float(rows[1][2]) == mc["summary"][rows[1][0]]["mean"]
+    assert "\\begin{tabular}" in (exp_dir / "tables" / "montecarlo.tex").read_text()
+    assert (exp_dir / "tables" / "montecarlo_2.csv").exists() and (exp_dir / "tables" / "compression.csv").exists()
+    # curves grouped by experiment, method and budget: Monte Carlo and compression runs apart
+    from igkd.report import curve_groups
+    groups = curve_groups(exp_dir)
+    assert any(g.startswith("montecarlo: kd+ig (1 ep)") for g in groups), list(groups)
+    assert any(g.startswith("compression: ") for g in groups) and not any(g.startswith("search") for g in groups)
+    assert all(len({len(h) for h in hs}) == 1 for hs in groups.values())  # runs of one budget only
+
+
+def test_curves_keep_experiments_and_budgets_apart(tmp_path):
+    """One-epoch ablation runs and three-epoch Monte Carlo runs of one method are two curves, not
+    one mean cut to the shortest run."""
+    from igkd.report import curve_groups, curves_section
+    for name, experiment, epochs in [("a0", "ablation", 1), ("m0", "montecarlo", 3), ("m1", "montecarlo", 3)]:
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"tags": {"method": "kd"}, "experiment": experiment,
+                                                "config": {"epochs": epochs}}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "val_accuracy": 50.0 + e + (name == "m1"),
+                                                             "loss": 1.0 / e}) + "\n" for e in range(1, epochs + 1)))
+    groups = curve_groups(tmp_path)
+    assert sorted(groups) == ["ablation: kd (1 ep)", "montecarlo: kd (3 ep)"]
+    assert [len(h) for h in groups["montecarlo: kd (3 ep)"]] == [3, 3]
+    assert "+/- one standard deviation" in curves_section(tmp_path)
+    with Image.open(tmp_path / "curves.png") as im:
+        im.verify()
 
 
 def test_report_hook_takes_extra_sections(exp_dir, tmp_path):
@@ -353,11 +387,10 @@ def test_run_key_ignores_speed_fields_and_fields_the_method_does_not_use():
 
 
 def test_shipped_configs_resolve_for_every_experiment():
-    root = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("cifar10_paper.yaml", "demo_experiments.yaml"):
+    for name in ("cifar10_paper", "demo_experiments"):  # shipped recipes, by name
         for kind in ("ablation", "montecarlo", "compression", "search"):
-            resolve(kind, root / name)
-    paper = {k: resolve(k, root / "cifar10_paper.yaml") for k in ("ablation", "montecarlo", "compression", "search")}
+            resolve(kind, name)
+    paper = {k: resolve(k, "cifar10_paper") for k in ("ablation", "montecarlo", "compression", "search")}
     assert paper["montecarlo"].mc_subset == 0.8 and paper["montecarlo"].epochs == 100
     assert paper["compression"].depths == "3,5,7,9,11,13,15,17"
     from igkd.experiments.search import grid_points, search_space
@@ -380,7 +413,7 @@ def test_experiment_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     for args, message in ((["compression", "--depths", "3,x"], "--depths '3,x' must be comma-separated int"),
                           (["montecarlo", "--runs", "1"], "--runs 1 is out of range"),
                           (["montecarlo", "--mc-subset", "0"], "--mc-subset 0.0 is out of range"),
-                          (["search", "--sampler", "random"], "--sampler 'random' is not one of grid, tpe"),
+                          (["search", "--sampler", "random"], "argument --sampler: invalid choice: 'random'"),
                           (["search", "--search-method", "student"], "nothing to search for method 'student'"),
                           (["ablation", "--teacher", tmp_path / "none.safetensors"], "none.safetensors")):
         code, _, err = igkd_main(capsys, "experiment", args[0], "--config", cfg, "--out", tmp_path / "x", *args[1:])

@@ -61,12 +61,15 @@ def add_experiment_commands(sub, spec_help: str) -> None:
                        "teacher's IG maps and overlays, training curves. Prints the tables.")
     p.add_argument("dir", metavar="DIR", help="folder written by 'igkd experiment ... --out DIR' or 'igkd distill'")
     p.add_argument("--json", action="store_true", help="print the report's path and text as JSON")
+    p.add_argument("--format", default="png", metavar="F[,F...]",
+                   help="figure formats: png (linked from report.md), pdf, svg; tables are always also written as "
+                   "tables/*.csv and tables/*.tex (default: png)")
 
 
 def run_experiment_command(args) -> None:
     if args.command == "report":
         from .report import terminal_summary, write_report
-        text = write_report(args.dir)
+        text = write_report(args.dir, formats=args.format)
         path = f"{args.dir.rstrip('/')}/report.md"
         if args.json:
             print(dumps({"report": path, "markdown": text}, indent=2))

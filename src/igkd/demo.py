@@ -23,7 +23,7 @@ from .fileio import writable_dir, write_json, write_text
 from .models import count_parameters
 from .precompute import precompute
 from .progress import log
-from .report import accuracy_bars, gallery, markdown_table, training_curves
+from .report import accuracy_points, gallery, markdown_table, training_curves
 from .runtime import resolve_device
 
 
@@ -98,7 +98,7 @@ def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teach
     histories = {m: [json.loads(line) for line in (out / "runs" / m / "metrics.jsonl").read_text().splitlines()]
                  for m in methods}
     training_curves(out / "curves.png", histories)
-    accuracy_bars(out / "accuracy.png", methods, [results[m]["test_accuracy"] for m in methods],
+    accuracy_points(out / "accuracy.png", methods, [results[m]["test_accuracy"] for m in methods],
                   teacher_eval["accuracy"])
     seconds = time.perf_counter() - started
     metrics = {

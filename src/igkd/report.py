@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +19,54 @@ def _plt():
     return plt
 
 
+# While write_report runs, every table and figure is also kept for CSV/LaTeX and the
+# extra figure formats; outside it (the demo, a caller's own plots) nothing is collected.
+_REPORT: dict | None = None
+
+
+def _cell(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return "" if v is None else str(v)
+    if isinstance(v, float):
+        return "n/a" if v != v else f"{v:.2f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.2f}"
-        if isinstance(v, int):
-            return f"{v:,}"
-        return str(v)
+    if _REPORT is not None:
+        _REPORT["tables"].append((_REPORT["section"], header, rows))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def table_csv(header: list[str], rows: list[list]) -> str:
+    """The table as CSV, numbers at full precision (for spreadsheets and scripts)."""
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows([["" if v is None else v for v in row] for row in rows])
+    return buf.getvalue()
+
+
+def table_latex(header: list[str], rows: list[list]) -> str:
+    """The table as a LaTeX tabular (booktabs rules), numbers as in the Markdown."""
+    def esc(text: str) -> str:
+        for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
+                     ("$", "\\$"), ("{", "\\{"), ("}", "\\}"), ("~", "\\textasciitilde{}"),
+                     ("^", "\\textasciicircum{}")):
+            text = text.replace(a, b)
+        return text
+    align = "".join("r" if rows and isinstance(rows[0][i], (int, float)) and not isinstance(rows[0][i], bool)
+                    else "l" for i in range(len(header)))
+    lines = [f"\\begin{{tabular}}{{{align}}}", "\\toprule", " & ".join(esc(h) for h in header) + " \\\\",
+             "\\midrule"]
+    lines += [" & ".join(esc(_cell(v)) for v in row) + " \\\\" for row in rows]
+    return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n"
 
 
 def overlay_examples(images: torch.Tensor, maps: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -66,50 +103,96 @@ def gallery(path: str | Path, images: torch.Tensor, maps: torch.Tensor, labels: 
     return _save(fig, path)
 
 
-def training_curves(path: str | Path, histories: dict[str, list[dict]]) -> Path:
-    """Validation accuracy and training loss per epoch, one line per run."""
+def training_curves(path: str | Path, histories: dict[str, list[dict] | list[list[dict]]]) -> Path:
+    """Validation accuracy and training loss per epoch: per group, the mean over its runs
+    and (with two or more runs) a band of +/- one standard deviation; integer epoch ticks."""
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for name, hist in histories.items():
-        ep = [r["epoch"] for r in hist]
-        a.plot(ep, [r["val_accuracy"] for r in hist], marker="o", ms=3, label=name)
-        b.plot(ep, [r["loss"] for r in hist], marker="o", ms=3, label=name)
-    a.set_xlabel("epoch")
-    a.set_ylabel("validation accuracy (%)")
-    b.set_xlabel("epoch")
-    b.set_ylabel("training loss")
-    a.legend()
-    a.grid(alpha=0.3)
-    b.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, runs in histories.items():
+        runs = [runs] if runs and isinstance(runs[0], dict) else runs
+        for ax, key in ((a, "val_accuracy"), (b, "loss")):
+            series = [{r["epoch"]: r.get(key) for r in h} for h in runs]
+            epochs = sorted(set().union(*series))
+            values = [[s[e] for s in series if s.get(e) is not None] for e in epochs]
+            keep = [i for i, v in enumerate(values) if v]
+            ep = [epochs[i] for i in keep]
+            mean = np.array([np.mean(values[i]) for i in keep])
+            line, = ax.plot(ep, mean, marker="o", ms=3, label=f"{name} ({len(runs)} run{'s' * (len(runs) > 1)})")
+            if len(runs) > 1:
+                sd = np.array([np.std(values[i]) for i in keep])
+                ax.fill_between(ep, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, lw=0)
+    for ax, label in ((a, "validation accuracy (%)"), (b, "training loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return _save(fig, path)
 
 
-def accuracy_bars(path: str | Path, names: list[str], accuracies: list[float], reference: float | None = None,
-                  errors: list[tuple[float, float]] | None = None) -> Path:
-    """Bars of test accuracy, the teacher as a dashed line; ``errors`` gives (below, above)
-    error-bar lengths per bar (e.g. a confidence interval)."""
+def accuracy_points(path: str | Path, names: list[str], accuracies: list[float], reference: float | None = None,
+                    errors: list[tuple[float, float]] | None = None, what: str = "test accuracy (%)") -> Path:
+    """One point per method with its error bar (``errors``: (below, above) lengths, e.g. a
+    95% CI), the teacher as a dashed line. Points, not bars: a bar's length reads as the
+    value, so bars on an axis that starts near the smallest one exaggerate differences
+    (1.8 points looked 25% taller in the demo), and bars from 0 hide them."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.2))
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2.5, 3.2))
+    x = np.arange(len(names))
     yerr = np.array(errors, dtype=float).T if errors else None
-    ax.bar(names, accuracies, color="#4c72b0", yerr=yerr, capsize=4 if errors else 0)
+    ax.errorbar(x, accuracies, yerr=yerr, fmt="o", color="#4c72b0", capsize=4, ms=6,
+                label="mean, 95% CI" if errors else "accuracy")
+    for i, v in enumerate(accuracies):
+        ax.annotate(f"{v:.2f}", (i, v), xytext=(8, 0), textcoords="offset points", va="center", fontsize=8)
     if reference is not None:
         ax.axhline(reference, color="k", ls="--", lw=1, label="teacher")
-        ax.legend()
-    lows = [v - (e[0] if errors else 0) for v, e in zip(accuracies, errors or [(0, 0)] * len(accuracies))]
-    lo = min(lows + ([reference] if reference is not None else []))
-    ax.set_ylim(max(0, math.floor(lo - 5)), 100)
-    for i, v in enumerate(accuracies):
-        ax.text(i + (0.05 if errors else 0), v + 0.3, f"{v:.2f}", ha="left" if errors else "center", fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_xticks(x, names, rotation=20 if max(map(len, names)) > 10 else 0, ha="right" if max(map(len, names)) > 10
+                  else "center")
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_ylabel(what)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def paired_differences(path: str | Path, comparisons: list[tuple[str, list[float], dict]]) -> Path:
+    """Per comparison 'a - b': every run's paired difference as a dot, the mean with its 95%
+    CI, and zero: what the paired tests are about (a difference is significant where its
+    interval leaves zero)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.4 * len(comparisons) + 2.5, 3.4))
+    cmap = plt.get_cmap("tab10")
+    for i, (name, diffs, t) in enumerate(comparisons):
+        n = len(diffs)
+        xs = [i + (j - (n - 1) / 2) * min(0.05, 0.3 / max(1, n)) for j in range(n)]
+        ax.scatter(xs, diffs, s=14, c=[cmap(j % 10) for j in range(n)], zorder=3,
+                   label="runs (same colour = same run)" if i == 0 else None)
+        if t.get("ci_low") is not None and t["ci_low"] == t["ci_low"]:
+            ax.errorbar([i + 0.3], [t["mean_diff"]], yerr=[[t["mean_diff"] - t["ci_low"]], [t["ci_high"] - t["mean_diff"]]],
+                        fmt="D", color="k", capsize=4, ms=5, label="mean, 95% CI" if i == 0 else None)
+    ax.axhline(0, color="gray", lw=1)
+    ax.set_xticks(range(len(comparisons)), [c[0] for c in comparisons], rotation=20, ha="right")
+    ax.set_ylabel("paired difference (points)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+FORMATS = ("png", "pdf", "svg")
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write ``path`` (PNG, linked from report.md) and, inside a report asked for them, the
+    same figure as PDF/SVG beside it (vector formats for papers)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    formats = _REPORT["formats"] if _REPORT is not None else ("png",)
+    for fmt in dict.fromkeys(("png", *formats)):
+        with atomic_path(path.with_suffix(f".{fmt}")) as tmp:
+            fig.savefig(tmp, dpi=110, format=fmt)
     _plt().close(fig)
     return path
 
@@ -141,19 +224,40 @@ def _renderer(ref):
     return getattr(importlib.import_module(module), name)
 
 
-def write_report(run_dir: str | Path, sections: list[tuple[str, object]] | None = None) -> str:
-    """Render every section that has data in ``run_dir`` into ``run_dir/report.md``; return the text."""
+def write_report(run_dir: str | Path, sections: list[tuple[str, object]] | None = None,
+                 formats: str | list[str] = ("png",)) -> str:
+    """Render every section that has data in ``run_dir`` into ``run_dir/report.md``; return the text.
+
+    Figures are PNG (linked from report.md) plus any other of ``formats`` (pdf, svg) beside
+    them; every table is also written as ``tables/SECTION[_N].csv`` and ``.tex``."""
+    global _REPORT
     from .errors import UserError
     from .fileio import write_text
     run_dir = Path(run_dir)
+    formats = [f.strip().lower() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UserError(f"--format {','.join(bad) or '(empty)'} is not known; use a comma list of {', '.join(FORMATS)}")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a folder; give an experiment folder (igkd experiment ... --out DIR) "
                         "or a run folder (igkd distill --out DIR)")
     parts = []
-    for _, ref in sections or SECTIONS:
-        text = _renderer(ref)(run_dir)
-        if text:
-            parts.append(text.rstrip() + "\n")
+    _REPORT = {"formats": formats, "tables": [], "section": ""}
+    try:
+        for name, ref in sections or SECTIONS:
+            _REPORT["section"] = name
+            text = _renderer(ref)(run_dir)
+            if text:
+                parts.append(text.rstrip() + "\n")
+        tables = _REPORT["tables"]
+    finally:
+        _REPORT = None
+    seen: dict[str, int] = {}
+    for section, header, rows in tables:
+        seen[section] = seen.get(section, 0) + 1
+        stem = section + (f"_{seen[section]}" if seen[section] > 1 else "")
+        write_text(run_dir / "tables" / f"{stem}.csv", table_csv(header, rows))
+        write_text(run_dir / "tables" / f"{stem}.tex", table_latex(header, rows))
     if not parts:
         raise UserError(f"{run_dir} holds no experiment results (ablation.json, montecarlo.json, ...) and no run "
                         "(summary.json); run 'igkd experiment' or 'igkd distill' into it first")
@@ -226,32 +330,43 @@ def gallery_section(run_dir: Path) -> str | None:
             f"baseline `{ig.get('baseline')}`) and the overlay (p = 1).{err}\n\n![gallery](gallery.png)\n")
 
 
-def _mean_history(histories: list[list[dict]]) -> list[dict]:
-    n = min(len(h) for h in histories)
-    return [{"epoch": histories[0][i]["epoch"],
-             "val_accuracy": float(np.mean([h[i]["val_accuracy"] for h in histories])),
-             "loss": float(np.mean([h[i]["loss"] for h in histories]))} for i in range(n)]
+def curve_groups(run_dir: Path) -> dict[str, list[list[dict]]]:
+    """Histories of the runs in ``run_dir``, grouped by experiment, method, student and epoch
+    budget: only runs of one kind are averaged (one-epoch ablation runs were averaged with
+    three-epoch Monte Carlo runs, and every curve cut to the shortest)."""
+    groups: dict[str, list[list[dict]]] = {}
+
+    def history(d: Path) -> list[dict]:
+        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+    if (run_dir / "metrics.jsonl").exists():
+        summary = read_json(run_dir / "summary.json") or {}
+        groups[f"{summary.get('method', 'run')} ({summary.get('epochs', '?')} ep)"] = [history(run_dir)]
+    runs = sorted((run_dir / "runs").glob("*/run.json")) if (run_dir / "runs").is_dir() else []
+    for p in runs:
+        if not (p.parent / "metrics.jsonl").exists():
+            continue
+        info = read_json(p)
+        tags, cfg = info.get("tags", {}), info.get("config", {})
+        if "T" in tags:  # search trials: one curve each would be noise; the search section shows them
+            continue
+        experiment = info.get("experiment") or "runs"
+        name = (f"{experiment}: {tags.get('method', p.parent.name)}" + (f" {tags['model']}" if "model" in tags else "")
+                + f" ({cfg.get('epochs', '?')} ep)")
+        hist = history(p.parent)
+        if hist:
+            groups.setdefault(name, []).append(hist)
+    return groups
 
 
 def curves_section(run_dir: Path) -> str | None:
-    """Validation accuracy and training loss per epoch, averaged over the runs of each method."""
-    groups: dict[str, list[list[dict]]] = {}
-    if (run_dir / "metrics.jsonl").exists():
-        summary = read_json(run_dir / "summary.json") or {}
-        groups[summary.get("method", "run")] = [[json.loads(x) for x in (run_dir / "metrics.jsonl").read_text()
-                                                  .split("\n") if x.strip()]]
-    runs = sorted((run_dir / "runs").glob("*/run.json")) if (run_dir / "runs").is_dir() else []
-    tagged = [(p.parent, read_json(p).get("tags", {})) for p in runs if (p.parent / "metrics.jsonl").exists()]
-    plain = [(d, t) for d, t in tagged if "model" not in t and "T" not in t] or tagged
-    for d, t in plain:
-        name = t.get("method", d.name) + (f" {t['model']}" if "model" in t else "")
-        hist = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        if hist:
-            groups.setdefault(name, []).append(hist)
+    """Validation accuracy and training loss per epoch: mean and spread of each group of runs."""
+    groups = curve_groups(run_dir)
     if not groups:
         return None
     names = list(groups)[:MAX_CURVES]
-    training_curves(run_dir / "curves.png", {n: _mean_history(groups[n]) for n in names})
+    training_curves(run_dir / "curves.png", {n: groups[n] for n in names})
     counts = ", ".join(f"{n} ({len(groups[n])})" for n in names)
     more = f" ({len(groups) - len(names)} more groups not drawn)" if len(groups) > len(names) else ""
-    return (f"## Training curves\n\nMean over runs (count in brackets): {counts}{more}.\n\n![curves](curves.png)\n")
+    return (f"## Training curves\n\nMean over the runs of each experiment, method and epoch budget (count in "
+            f"brackets), band: +/- one standard deviation: {counts}{more}.\n\n![curves](curves.png)\n")

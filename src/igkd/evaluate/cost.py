@@ -7,7 +7,6 @@ median and spread (p10, p90) of the per-call times are reported.
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time

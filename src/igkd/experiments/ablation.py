@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import accuracy_bars, markdown_table, read_json
+from ..report import accuracy_points, markdown_table, read_json
 from .common import baseline_of, methods_of, save_results, setup
 from .config import ExperimentConfig, distill_config
 from .runs import Job, run_jobs, run_record
@@ -62,7 +62,7 @@ def ablation_table(result: dict) -> str:
 
 
 def section(run_dir: Path) -> str | None:
-    """Report section: the table and a bar chart (95% CI error bars when seeds >= 2)."""
+    """Report section: the table and a plot of the accuracies (95% CIs when seeds >= 2)."""
     result = read_json(run_dir / "ablation.json")
     if result is None:
         return None
@@ -70,7 +70,7 @@ def section(run_dir: Path) -> str | None:
     several = result["seeds"] > 1
     errors = [(r["mean"] - r["ci_low"], r["ci_high"] - r["mean"]) for r in rows] if several else None
     t = result["teacher"]
-    accuracy_bars(run_dir / "ablation.png", [r["method"] for r in rows], [r["mean"] for r in rows],
+    accuracy_points(run_dir / "ablation.png", [r["method"] for r in rows], [r["mean"] for r in rows],
                   t["test_accuracy"] if t else None, errors=errors)
     runs = "single runs" if not several else f"mean of {result['seeds']} seeds, error bars: 95% t-interval"
     return (f"## Ablation\n\nStudent `{result['model']}` on `{result['data']}`, every method with the same "

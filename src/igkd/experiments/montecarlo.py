@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import _plt, _save, accuracy_bars, markdown_table, read_json
+from ..report import _plt, _save, accuracy_points, markdown_table, paired_differences, read_json
 from .common import baseline_of, methods_of, save_results, setup
 from .config import ExperimentConfig, distill_config
 from .runs import Job, run_jobs, run_record
@@ -100,9 +100,13 @@ def section(run_dir: Path) -> str | None:
         return None
     distribution_plot(run_dir / "montecarlo.png", r)
     s = r["summary"]
-    accuracy_bars(run_dir / "montecarlo_bars.png", r["methods"], [s[m]["mean"] for m in r["methods"]],
-                  r["teacher"]["test_accuracy"] if r.get("teacher") else None,
-                  errors=[(s[m]["mean"] - s[m]["ci_low"], s[m]["ci_high"] - s[m]["mean"]) for m in r["methods"]])
+    accuracy_points(run_dir / "montecarlo_bars.png", r["methods"], [s[m]["mean"] for m in r["methods"]],
+                    r["teacher"]["test_accuracy"] if r.get("teacher") else None,
+                    errors=[(s[m]["mean"] - s[m]["ci_low"], s[m]["ci_high"] - s[m]["mean"]) for m in r["methods"]])
+    acc = r["accuracy"]
+    paired_differences(run_dir / "montecarlo_differences.png",
+                       [(f"{c['a']} - {c['b']}", [x - y for x, y in zip(acc[c["a"]], acc[c["b"]])], c["t"])
+                        for c in r["comparisons"]])
     n = r["runs_count"]
     note = (f" With {n} runs a Wilcoxon test cannot give a two-sided p below {2 / 2 ** n:.3f}; the t-test assumes "
             "roughly normal differences." if n < 10 else "")
@@ -111,7 +115,8 @@ def section(run_dir: Path) -> str | None:
             f"validation split) with seed {r['seed']}+r, shared by all methods of that run; {r['epochs']} epochs; "
             f"accuracy on the test split. Paired tests on the per-run differences, Holm-corrected over the "
             f"{len(r['comparisons'])} comparisons.{note}\n\n{montecarlo_tables(r)}\n\n"
-            "![Monte Carlo distribution](montecarlo.png)\n\n![means with 95% CI](montecarlo_bars.png)\n")
+            "![Monte Carlo distribution](montecarlo.png)\n\n![means with 95% CI](montecarlo_bars.png)\n\n"
+            "![paired differences, every run and the mean with its 95% CI](montecarlo_differences.png)\n")
 
 
 __all__ = ["montecarlo_jobs", "montecarlo_tables", "run_montecarlo", "section"]

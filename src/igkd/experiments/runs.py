@@ -173,7 +173,7 @@ def run_jobs(jobs: list[Job], out: Path, what: str, quiet: bool = False, train_q
         resume = (path / "last.pt").exists()
         log(f"{head}: {'resuming' if resume else 'training'} in {path}", quiet)
         write_json(path / "run.json", {"key": job.key, "label": job.label, "tags": job.tags,
-                                       "config": semantic_config(job.cfg)})
+                                       "experiment": what.split()[0], "config": semantic_config(job.cfg)})
         start = time.perf_counter()
         summary = api.distill(job.cfg, path, resume=resume, quiet=train_quiet)
         trained += 1

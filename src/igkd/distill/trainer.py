@@ -51,7 +51,7 @@ from .parallel import Dist, sync_batchnorm
 from .speed import amp_dtype, autocast, lr_lambda, make_optimizer, maybe_compile
 
 CHECK_EVERY = 20  # steps between finite-loss checks (one tiny all-reduce under DDP)
-RESUME_FREE = ("epochs", "threads", "compile")  # options a resumed run may change
+RESUME_FREE = ("epochs", "threads", "compile", "verify_store")  # options a resumed run may change
 # what a last.pt written by Trainer.state always holds
 RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best", "history", "torch_rng", "config"}
 

@@ -168,6 +168,20 @@ def test_verify_modes_hash_what_changed_since_last_verified(tmp_path, monkeypatc
         open_store(store, verify="always")
 
 
+def test_store_without_verification_record_is_hashed_once(tmp_path, monkeypatch):
+    """Stores written before verified.json existed (or whose record is damaged): auto
+    hashes every array on first use, records it, then trusts the record."""
+    store = precompute(tiny_teacher(), tiny_dataset(), CFG, tmp_path / "s", quiet=True).path
+    (store / VERIFIED).write_text("{ damaged")
+    hashed = []
+    real = hashlib.sha256
+    monkeypatch.setattr(store_module.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a))
+    open_store(store)
+    assert len(hashed) == len(FILES)
+    open_store(store)
+    assert len(hashed) == len(FILES)
+
+
 def test_verify_store_is_an_option_and_not_part_of_the_identity(reference, teacher_ckpt, folder, tmp_path):
     store = copy_store(reference, tmp_path)
     flip_bytes(store / "maps.npy")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .fileio import is_disk_full
+from .fileio import disk_full_names, is_disk_full
 from .progress import log
 
 LOCK_NAME = ".igkd.lock"
@@ -108,8 +108,13 @@ class DirLock:
         self.fd = fd
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:500]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        try:
+            with disk_full_names(self.path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except BaseException:
+            self.release()
+            raise
         return self
 
     def release(self) -> None:

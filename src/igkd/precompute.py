@@ -188,11 +188,11 @@ def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | Non
             lock.release()
 
 
-def _reuse_or_clear(path: Path, identity: dict, mode: str) -> bool:
+def _reuse_or_clear(path: Path, identity: dict, mode: str, quiet: bool) -> bool:
     """Rank 0, holding the lock: True when ``path`` holds a finished store that passes
     verification; a damaged one is deleted (warning on stderr) so that it is recomputed."""
     for tmp in remove_temporaries(path) + remove_temporaries(path / "chunks"):
-        log(f"precompute: removed {tmp.name}, left behind by a killed writer")
+        log(f"precompute: removed {tmp.name}, left behind by a killed writer", quiet)
     if not (path / "manifest.json").exists():
         return False
     try:
@@ -209,7 +209,7 @@ def _reuse_or_clear(path: Path, identity: dict, mode: str) -> bool:
 
 def _precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, path: Path, identity: dict,
                 device: torch.device, quiet: bool, env: Dist, chunks: list[int] | None) -> Store | None:
-    reuse = env.rank == 0 and _reuse_or_clear(path, identity, cfg.verify_store)
+    reuse = env.rank == 0 and _reuse_or_clear(path, identity, cfg.verify_store, quiet)
     if reuse:
         log(f"precompute: reusing store {path}: it is complete"
             + (" and verified" if cfg.verify_store != "never" else " (--verify-store never: size and header checked)"),

@@ -278,9 +278,10 @@ def test_stale_lock_of_a_killed_process_is_taken_over(folder, tmp_path):
     assert dead.wait(timeout=120) == -signal.SIGKILL
     info = json.loads((out / LOCK_NAME).read_text())  # the lock file outlives its owner
     assert info["pid"] == dead.pid and info["host"] == socket.gethostname()
+    (out / ".last.pt.k1ll3d00.tmp").write_bytes(b"half a checkpoint")  # as a run killed mid-save leaves it
     r = igkd(*train_args(folder, out, "--epochs", 1))
     assert r.returncode == 0, r.stderr
-    assert (out / "summary.json").exists() and not (out / LOCK_NAME).exists()
+    assert (out / "summary.json").exists() and not (out / LOCK_NAME).exists() and not temporaries(out)
 
 
 # ------------------------------------------------------------------ disk full

@@ -41,7 +41,7 @@ from ..config import DistillConfig, TrainConfig, to_dict
 from ..data import Dataset, stratified_split, subset_indices
 from ..errors import UserError
 from ..evaluate import classification_metrics, predict
-from ..fileio import dumps, write_bytes, write_json, write_text
+from ..fileio import dumps, remove_temporaries, write_bytes, write_json, write_text
 from ..lock import DirLock
 from ..models import Normalized, bare, count_parameters, load_weights, save_checkpoint
 from ..progress import Progress, fmt_seconds, log
@@ -343,6 +343,8 @@ class Trainer:
         refused = self.dist.broadcast_object(refused)
         if refused:
             raise UserError(refused)
+        if lock is not None:  # a killed run's half-written last.pt etc.; safe only under the lock
+            remove_temporaries(self.out)
         try:
             return self._fit(resume)
         finally:

@@ -162,7 +162,8 @@ def check_array(path: Path, name: str, manifest: dict) -> os.stat_result:
     except FileNotFoundError:
         raise StoreDamaged(path, file, "is missing") from None
     except (OSError, ValueError, EOFError, SyntaxError) as e:
-        raise StoreDamaged(path, file, f"has no valid .npy header ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise StoreDamaged(path, file, f"has no valid .npy header ({why})") from None
     dtypes, ndim = LAYOUT[name]
     n = manifest["num_samples"]
     recorded = (manifest.get("arrays") or {}).get(name)
@@ -374,7 +375,8 @@ class StoreWriter:
             "identity": self.identity,
             "num_samples": self.num_samples,
             "files": {f"{k}.npy": v for k, v in outs.items()},
-            "arrays": {k: {"dtype": np.dtype(d).str, "shape": [self.num_samples, *row]} for k, (d, row) in layout.items()},
+            "arrays": {k: {"dtype": np.dtype(d).str, "shape": [self.num_samples, *row]}
+                       for k, (d, row) in layout.items()},
             "completeness_delta": summarize_delta(np.concatenate(delta).astype(np.float64),
                                                   np.concatenate(gap).astype(np.float64)),
             **(extra or {}),

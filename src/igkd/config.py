@@ -106,6 +106,10 @@ class PrecomputeConfig(_Validated):
                             "a --check-steps reference on this many images (0 = skip)", low=0, high=4096,
                             unit="images")
     check_steps: int = opt(256, "integration steps of the reference for the error estimate", low=2, high=65536)
+    verify_store: str = opt("auto", "check a finished store before using it: auto (sha256 of arrays changed since "
+                            "last verified; always the cheap size and header check), always (sha256 of every "
+                            "array), never (size and header only). A store that fails is recomputed",
+                            choices=["always", "auto", "never"])
 
 
 @dataclass

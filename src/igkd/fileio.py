@@ -1,13 +1,23 @@
-"""Atomic file writing: nothing half-written is ever left under a final name."""
+"""Atomic, durable file writing: nothing half-written is ever left under a final name.
+
+A file is written to a temporary ``.NAME.*.tmp`` beside its final name, flushed to disk
+(fsync), renamed over the final name, and the directory is fsynced so the rename itself
+survives a crash. A full disk (ENOSPC, EDQUOT) raised while writing is re-raised with
+the final path as ``OSError.filename``, so the command line can say where the disk is
+full; the temporary is removed either way.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _umask() -> int:
@@ -16,20 +26,75 @@ def _umask() -> int:
     return mask
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a directory's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot fsync a directory; the data fsync already happened
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF) or Path(path).is_file():
+            raise
+    finally:
+        os.close(fd)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_FULL
+
+
+@contextmanager
+def disk_full_names(path: str | os.PathLike):
+    """Re-raise a disk-full OSError that does not name its file with ``path`` as its filename."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL and not e.filename:
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from e
+        raise
+
+
+def is_temporary(name: str) -> bool:
+    """True for the temporaries :func:`atomic_path` creates (``.NAME.XXXXXXXX.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete leftover temporaries of killed writers in ``folder`` (not recursive). Only call
+    this while holding the folder's lock (:mod:`igkd.lock`): a live writer's temporary
+    looks the same."""
+    folder = Path(folder)
+    gone = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if is_temporary(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                gone.append(p)
+    return gone
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it over ``path`` on success only."""
+    """Yield a temporary path beside ``path``; on success fsync it, rename it over ``path`` and
+    fsync the directory. On failure the temporary is removed and ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with disk_full_names(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+            yield Path(tmp)
+            fsync_path(tmp)  # data on disk before the rename makes it visible (no empty file after a crash)
+            os.replace(tmp, path)
+            fsync_path(path.parent)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def finite(obj):
@@ -53,13 +118,11 @@ def dumps(obj, indent: int | None = None) -> str:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(dumps(obj, indent=2) + "\n")
+    write_bytes(path, (dumps(obj, indent=2) + "\n").encode())
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_bytes(path, text.encode())
 
 
 # Pseudo file systems: creating a folder there fails in odd ways (ENOENT in /proc, EPERM in /sys)

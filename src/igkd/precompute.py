@@ -11,11 +11,19 @@ assembles the final arrays once every rank is done. Chunks are a pure function o
 images they cover, so the store is the same however many processes built it (byte for
 byte at equal CPU thread counts). On several machines the store directory must be on a
 filesystem they all see.
+
+Rank 0 holds the store's lock (:mod:`igkd.lock`) from the first look at the store to
+the last write, so a second precompute of the same store (or a distill that needs it)
+waits, then reuses what the first built; the other ranks of one torchrun group work
+under rank 0's lock. A finished store is verified (``--verify-store``) before it is
+used, and one that fails is recomputed with a warning (see :mod:`igkd.store`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, replace
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +36,11 @@ from .config import PrecomputeConfig
 from .data import Dataset
 from .distill.parallel import Dist
 from .models import Normalized, weights_fingerprint
+from .fileio import remove_temporaries
+from .lock import DirLock
 from .progress import Progress, log
 from .runtime import cache_dir
-from .store import Store, StoreWriter, open_store, store_key
+from .store import Store, StoreDamaged, StoreWriter, open_store, remove_store_files, store_key
 
 CHECK_SEED = 0x16C0  # which training images the error estimate looks at (evenly spaced, fixed)
 
@@ -168,10 +178,45 @@ def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | Non
     teacher = teacher.to(device).eval()
     identity = store_identity(teacher, dataset, cfg)
     path = Path(store_dir) if store_dir else default_store_dir(identity)
-    if (path / "manifest.json").exists():
-        store = open_store(path, identity)
-        log(f"precompute: reusing store {path}", quiet)
-        return store
+    lock = None
+    if env.rank == 0:  # one writer per store; the other ranks of this group work under rank 0's lock
+        lock = DirLock(path, "store", "wait for it to finish").acquire(wait=True, quiet=quiet)
+    try:
+        return _precompute(teacher, dataset, cfg, path, identity, device, quiet, env, chunks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _reuse_or_clear(path: Path, identity: dict, mode: str, quiet: bool) -> bool:
+    """Rank 0, holding the lock: True when ``path`` holds a finished store that passes
+    verification; a damaged one is deleted (warning on stderr) so that it is recomputed."""
+    for tmp in remove_temporaries(path) + remove_temporaries(path / "chunks"):
+        log(f"precompute: removed {tmp.name}, left behind by a killed writer", quiet)
+    if not (path / "manifest.json").exists():
+        return False
+    try:
+        open_store(path, identity, mode)
+    except StoreDamaged as e:
+        print(f"igkd: warning: store {path}: {e.file} {e.problem}; recomputing the store", file=sys.stderr,
+              flush=True)
+        remove_store_files(path)
+        return False
+    if (path / "chunks").exists():  # a finalisation killed after the manifest was written
+        shutil.rmtree(path / "chunks")
+    return True
+
+
+def _precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, path: Path, identity: dict,
+                device: torch.device, quiet: bool, env: Dist, chunks: list[int] | None) -> Store | None:
+    reuse = env.rank == 0 and _reuse_or_clear(path, identity, cfg.verify_store, quiet)
+    if reuse:
+        log(f"precompute: reusing store {path}: it is complete"
+            + (" and verified" if cfg.verify_store != "never" else " (--verify-store never: size and header checked)"),
+            quiet)
+    env.barrier(long=True)
+    if (path / "manifest.json").exists():  # rank 0 verified it under the lock (or deleted it)
+        return open_store(path, identity, "never")
     train = dataset.train
     estimate = None
     if env.rank == 0:  # creates the store's plan; the other ranks then check theirs against it
@@ -206,7 +251,8 @@ def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | Non
     if chunks is not None:
         return None
     if env.rank == 0:
-        store = writer.finalize(extra={"settings": asdict(cfg), "dataset_spec": dataset.spec,
+        settings = {k: v for k, v in asdict(cfg).items() if k != "verify_store"}  # how to read it, not what it is
+        store = writer.finalize(extra={"settings": settings, "dataset_spec": dataset.spec,
                                        "classes": dataset.classes, "error_estimate": estimate,
                                        "processes": env.world})
         d = store.manifest["completeness_delta"]
@@ -215,7 +261,7 @@ def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | Non
                 f"{100 * d['median_relative']:.1f}%, p90 {100 * d['p90_relative']:.1f}% (more --ig-steps lowers it)",
                 quiet)
     env.barrier(long=True)
-    return open_store(path, identity)
+    return open_store(path, identity, "never")  # verified while written
 
 
 def bytes_per_image(num_classes: int, height: int, width: int, map_dtype: str = "float16") -> int:

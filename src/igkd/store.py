@@ -21,6 +21,34 @@ keeps float16 accurate.
 A chunk is written to a temporary name and renamed, with its sha256 beside it, so a
 killed run leaves only whole chunks; on resume every chunk is re-hashed and a corrupt
 or truncated one is recomputed, never used.
+
+Finalisation streams the chunks into each array with ordinary writes (no memory map:
+a full disk is an ENOSPC error naming the file, not a SIGBUS), fsyncs it, renames it
+into place, fsyncs the directory, and writes manifest.json last: a store is complete
+exactly when its manifest exists.
+
+Verification on open (``verify``: always | auto | never, ``--verify-store``):
+
+* always, whatever the mode: manifest.json is valid and of this format, and every array
+  exists, has a valid .npy header, the dtype and shape the manifest implies (N rows,
+  float32 logits with one column per class, float16 or uint8 maps...) and exactly the
+  file size that header implies. Cheap: no array data is read.
+* auto (default): also the sha256 of every array not verified since it last changed.
+  ``verified.json`` records, per array, the size, mtime_ns, ctime_ns and inode it had
+  when its sha256 was last checked (by the writer at write time, or by a later check);
+  an array whose record differs (rewritten, edited, copied, touched) is hashed again.
+* always: the sha256 of every array on every open. never: the cheap check only.
+
+A store that fails is never used. :func:`igkd.precompute.precompute` (``igkd precompute``
+and ``igkd distill``) then deletes the damaged store's arrays and manifest, warns on
+stderr naming the file and the fault, and computes the store again: a store is a pure
+function of its teacher, data and settings, so recomputing gives the same arrays. A
+manifest that is not valid JSON, or of another format, is refused with one line instead
+(igkd cannot tell what the folder was for, and deletes nothing it cannot identify).
+
+Writers hold the store's lock (:mod:`igkd.lock`, ``.igkd.lock``); a second precompute
+of the same store waits for the first, then reuses its result. Leftover temporaries
+(``.*.tmp``) of a killed writer are removed by the next writer.
 """
 
 from __future__ import annotations
@@ -28,17 +56,34 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
-from .fileio import atomic_path, write_json
+from .fileio import atomic_path, disk_full_names, fsync_path, write_json
+from .lock import LOCK_NAME
 
 FORMAT = "igkd-store/1"
 ARRAYS = ("logits", "maps", "map_scale", "delta", "gap")
+VERIFIED = "verified.json"
+VERIFY_MODES = ("always", "auto", "never")
+# dtypes and dimensions every store array must have (maps: --map-dtype)
+LAYOUT = {"logits": (("<f4",), 2), "maps": (("<f2", "|u1"), 3), "map_scale": (("<f4",), 1),
+          "delta": (("<f4",), 1), "gap": (("<f4",), 1)}
+
+
+class StoreDamaged(UserError):
+    """An array of a store is missing, truncated, malformed or changed since it was written."""
+
+    def __init__(self, path: Path, file: str, problem: str):
+        self.path, self.file, self.problem = Path(path), file, problem
+        super().__init__(f"store {path}: {file} {problem}; run 'igkd precompute' with the same options to "
+                         "recompute it (or delete the store)")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -74,24 +119,140 @@ class Store:
         return int(self.manifest["num_samples"])
 
 
-def open_store(path: str | Path, identity: dict | None = None, verify: bool = False) -> Store:
-    """Open a complete store; refuse one made for another teacher, dataset or settings."""
-    path = Path(path)
+def read_manifest(path: Path) -> dict:
+    """manifest.json of the store at ``path``, checked to be a manifest of this format."""
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
         raise UserError(f"{path} is not a complete igkd store (no manifest.json); run 'igkd precompute' to build it")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path} has store format {manifest.get('format')!r}, expected {FORMAT}; rebuild it")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"store {path}: manifest.json is unreadable or not valid JSON ({type(e).__name__}); "
+                        f"delete {path} and run 'igkd precompute' again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise UserError(f"{path} has store format {fmt!r}, expected {FORMAT}; rebuild it")
+    files, n = manifest.get("files"), manifest.get("num_samples")
+    if not (isinstance(files, dict) and all(isinstance(files.get(f"{a}.npy"), str) and len(files[f"{a}.npy"]) == 64
+                                            for a in ARRAYS)
+            and isinstance(n, int) and n >= 0 and isinstance(manifest.get("identity"), dict)):
+        raise UserError(f"store {path}: manifest.json is damaged (no num_samples, identity or sha256 of every "
+                        f"array); delete {path} and run 'igkd precompute' again")
+    return manifest
+
+
+def _npy_header(f) -> tuple[tuple, bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f".npy version {version}")
+
+
+def check_array(path: Path, name: str, manifest: dict) -> os.stat_result:
+    """The cheap check of one array (see the module docstring); returns its stat."""
+    file = f"{name}.npy"
+    f = path / file
+    try:
+        with open(f, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            shape, fortran, dtype = _npy_header(fh)
+            offset = fh.tell()
+    except FileNotFoundError:
+        raise StoreDamaged(path, file, "is missing") from None
+    except (OSError, ValueError, EOFError, SyntaxError) as e:
+        why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise StoreDamaged(path, file, f"has no valid .npy header ({why})") from None
+    dtypes, ndim = LAYOUT[name]
+    n = manifest["num_samples"]
+    recorded = (manifest.get("arrays") or {}).get(name)
+    classes = manifest.get("classes")
+    if (fortran or dtype.str not in dtypes or len(shape) != ndim or shape[0] != n
+            or (recorded is not None and (recorded.get("dtype") != dtype.str or list(shape) != recorded.get("shape")))
+            or (name == "logits" and isinstance(classes, list) and shape[1] != len(classes))):
+        raise StoreDamaged(path, file, f"holds {dtype.str} {tuple(shape)}{' (Fortran order)' if fortran else ''}, "
+                                       f"not the layout its manifest gives ({n} rows)")
+    size = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if st.st_size != size:
+        raise StoreDamaged(path, file, f"is {'truncated' if st.st_size < size else 'too long'}: {st.st_size} bytes, "
+                                       f"its header says {size}")
+    return st
+
+
+def _record(st: os.stat_result, sha: str) -> dict:
+    """What verified.json keeps of an array whose sha256 was checked: any change re-checks it."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino,
+            "sha256": sha}
+
+
+def _read_verified(path: Path) -> dict:
+    try:
+        records = json.loads((path / VERIFIED).read_text()).get("arrays", {})
+        return records if isinstance(records, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}  # absent or damaged: everything counts as unverified
+
+
+def _write_verified(path: Path, records: dict) -> None:
+    try:
+        write_json(path / VERIFIED, {"arrays": records})
+    except OSError:
+        pass  # a read-only or full store: it is verified again next time, nothing is lost
+
+
+def verify_store(path: str | Path, manifest: dict, mode: str = "auto") -> None:
+    """Check the store's arrays as ``mode`` says (see the module docstring); raise StoreDamaged."""
+    if mode not in VERIFY_MODES:
+        raise UserError(f"--verify-store {mode!r} is not one of {', '.join(VERIFY_MODES)}")
+    path = Path(path)
+    stats = {name: check_array(path, name, manifest) for name in ARRAYS}
+    if mode == "never":
+        return
+    old = _read_verified(path)
+    records = {}
+    for name, st in stats.items():
+        file, want = f"{name}.npy", manifest["files"][f"{name}.npy"]
+        rec = _record(st, want)
+        if mode == "auto" and old.get(file) == rec:
+            records[file] = rec
+            continue
+        with open(path / file, "rb") as fh:
+            before = os.fstat(fh.fileno())
+            h = hashlib.sha256()
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+            after = os.fstat(fh.fileno())
+        if h.hexdigest() != want:
+            raise StoreDamaged(path, file, "does not match its checksum (the sha256 in the manifest; changed since it "
+                                           "was written)")
+        if _record(before, want) == _record(after, want):  # not written to while we read it
+            records[file] = _record(after, want)
+    if records != old:
+        _write_verified(path, records)
+
+
+def open_store(path: str | Path, identity: dict | None = None, verify: str | bool = "auto") -> Store:
+    """Open a complete store after verifying it (``verify``: always | auto | never, see the
+    module docstring; True/False mean always/never); refuse one made for another teacher,
+    dataset or settings. A damaged array raises :class:`StoreDamaged`, other faults UserError."""
+    path = Path(path)
+    mode = {True: "always", False: "never"}.get(verify, verify)
+    manifest = read_manifest(path)
     if identity is not None:
         check_identity(path, manifest["identity"], identity)
-    arrays = {}
-    for name in ARRAYS:
-        f = path / f"{name}.npy"
-        if verify and sha256_file(f) != manifest["files"][f"{name}.npy"]:
-            raise UserError(f"{f} does not match its checksum; delete {path} and run 'igkd precompute' again")
-        arrays[name] = np.load(f, mmap_mode="r")
+    verify_store(path, manifest, mode)
+    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
     return Store(path, manifest, **arrays)
+
+
+def remove_store_files(path: Path) -> None:
+    """Delete a finished store's files (not the folder, not what igkd did not write): the
+    arrays and verified.json first, manifest.json last, so that a kill in between leaves a
+    store that fails verification again rather than a folder igkd no longer recognises."""
+    for name in (*(f"{a}.npy" for a in ARRAYS), VERIFIED, "manifest.json"):
+        (path / name).unlink(missing_ok=True)
+    fsync_path(path)
 
 
 def check_identity(path: Path, have: dict, want: dict) -> None:
@@ -114,7 +275,7 @@ class StoreWriter:
         self.chunk_dir = self.path / "chunks"
         if (self.path / "manifest.json").exists():
             raise UserError(f"store {self.path} is already complete; open it instead of writing it")
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and any(p.name != LOCK_NAME for p in self.path.iterdir()):
             plan = self.chunk_dir / "plan.json"
             if not plan.exists():
                 raise UserError(f"{self.path} exists and is not an igkd store; choose an empty or new --store directory")
@@ -172,36 +333,64 @@ class StoreWriter:
             tmp.write_bytes(data)
 
     def finalize(self, extra: dict | None = None) -> Store:
-        """Assemble verified chunks into the final arrays and write the manifest last."""
+        """Assemble verified chunks into the final arrays and write the manifest last.
+
+        Each array is streamed chunk by chunk into a temporary file with ordinary writes
+        (hashed on the way), fsynced and renamed; nothing is memory-mapped, so a full disk
+        is an OSError(ENOSPC) naming the array, and the temporaries are removed."""
         missing = self.pending()
         if missing:
             raise RuntimeError(f"cannot finalize {self.path}: {len(missing)} chunk(s) missing, e.g. {missing[0]}")
-        first = np.load(self._chunk_file(0))
-        outs = {}
-        for name in ARRAYS:
-            shape = (self.num_samples,) + first[name].shape[1:]
-            with atomic_path(self.path / f"{name}.npy") as tmp:
-                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=first[name].dtype, shape=shape)
-                for i in range(self.num_chunks):
-                    lo, hi = self.chunk_range(i)
-                    with np.load(self._chunk_file(i)) as z:
-                        arr[lo:hi] = z[name]
-                arr.flush()
-                del arr
-            outs[name] = sha256_file(self.path / f"{name}.npy")
-        delta = np.load(self.path / "delta.npy", mmap_mode="r")
-        gap = np.load(self.path / "gap.npy", mmap_mode="r")
+        with np.load(self._chunk_file(0)) as first:
+            layout = {name: (first[name].dtype, first[name].shape[1:]) for name in ARRAYS}
+        hashes = {name: hashlib.sha256() for name in ARRAYS}
+        delta, gap = [], []
+        with ExitStack() as stack:
+            tmps = {name: stack.enter_context(atomic_path(self.path / f"{name}.npy")) for name in ARRAYS}
+            # unbuffered: every write reaches the file now, so an ENOSPC surfaces at the write naming its
+            # array, never later in a close
+            files = {name: stack.enter_context(open(tmps[name], "wb", buffering=0)) for name in ARRAYS}
+            for name, (dtype, row) in layout.items():
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                              "fortran_order": False,
+                                                              "shape": (self.num_samples, *row)})
+                self._write(files[name], hashes[name], header.getvalue(), name)
+            for i in range(self.num_chunks):
+                with np.load(self._chunk_file(i)) as z:
+                    for name, (dtype, row) in layout.items():
+                        a = z[name]
+                        if a.dtype != dtype or a.shape[1:] != row:
+                            raise RuntimeError(f"chunk {i} of {self.path} holds {name} {a.dtype} {a.shape}")
+                        self._write(files[name], hashes[name], np.ascontiguousarray(a).tobytes(), name)
+                    delta.append(z["delta"])
+                    gap.append(z["gap"])
+            for f in files.values():
+                f.close()  # atomic_path then fsyncs and renames each, last array first
+        outs = {name: h.hexdigest() for name, h in hashes.items()}
+        # written and hashed just now: verified at write time (see verify_store)
+        _write_verified(self.path, {f"{n}.npy": _record(os.stat(self.path / f"{n}.npy"), outs[n]) for n in ARRAYS})
         manifest = {
             "format": FORMAT,
             "identity": self.identity,
             "num_samples": self.num_samples,
             "files": {f"{k}.npy": v for k, v in outs.items()},
-            "completeness_delta": summarize_delta(np.asarray(delta, dtype=np.float64), np.asarray(gap, np.float64)),
+            "arrays": {k: {"dtype": np.dtype(d).str, "shape": [self.num_samples, *row]}
+                       for k, (d, row) in layout.items()},
+            "completeness_delta": summarize_delta(np.concatenate(delta).astype(np.float64),
+                                                  np.concatenate(gap).astype(np.float64)),
             **(extra or {}),
         }
         write_json(self.path / "manifest.json", manifest)
         shutil.rmtree(self.chunk_dir, ignore_errors=True)
-        return open_store(self.path)
+        return open_store(self.path, verify="never")  # just verified while written
+
+    def _write(self, f, h, data: bytes, name: str) -> None:
+        view = memoryview(data)
+        with disk_full_names(self.path / f"{name}.npy"):
+            while view:  # a raw write may take only part of the buffer
+                view = view[f.write(view):]
+        h.update(data)
 
 
 def summarize_delta(delta: np.ndarray, gap: np.ndarray) -> dict | None:

@@ -26,6 +26,7 @@ The step's speed switches (fused optimizers, AMP on CUDA, torch.compile) are in
 
 from __future__ import annotations
 
+import io
 import os
 import time
 import warnings
@@ -40,7 +41,8 @@ from ..config import DistillConfig, TrainConfig, to_dict
 from ..data import Dataset, stratified_split, subset_indices
 from ..errors import UserError
 from ..evaluate import classification_metrics, predict
-from ..fileio import atomic_path, dumps, write_json, write_text
+from ..fileio import dumps, remove_temporaries, write_bytes, write_json, write_text
+from ..lock import DirLock
 from ..models import Normalized, bare, count_parameters, load_weights, save_checkpoint
 from ..progress import Progress, fmt_seconds, log
 from .attention import FeatureHook, StopForward, choose_layers
@@ -51,7 +53,7 @@ from .parallel import Dist, sync_batchnorm
 from .speed import amp_dtype, autocast, lr_lambda, make_optimizer, maybe_compile
 
 CHECK_EVERY = 20  # steps between finite-loss checks (one tiny all-reduce under DDP)
-RESUME_FREE = ("epochs", "threads", "compile")  # options a resumed run may change
+RESUME_FREE = ("epochs", "threads", "compile", "verify_store")  # options a resumed run may change
 # what a last.pt written by Trainer.state always holds
 RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best", "history", "torch_rng", "config"}
 
@@ -280,8 +282,9 @@ class Trainer:
         return state
 
     def save_state(self, history: list) -> None:
-        with atomic_path(self.out / "last.pt") as tmp:
-            torch.save(self.state(history), tmp)
+        buf = io.BytesIO()  # serialised in memory: torch.save turns a full disk into an opaque RuntimeError
+        torch.save(self.state(history), buf)
+        write_bytes(self.out / "last.pt", buf.getbuffer())
 
     def load_state(self) -> list:
         path = self.out / "last.pt"
@@ -328,6 +331,27 @@ class Trainer:
 
     # ---------------------------------------------------------------- fit
     def fit(self, resume: bool = False) -> dict:
+        """Train (or resume) and finish the run. Rank 0, the only writer, holds the run
+        directory's lock (:mod:`igkd.lock`) throughout: a second run into the same --out is
+        refused with one line naming this one, on every rank of its group."""
+        lock, refused = None, None
+        if self.rank == 0:
+            try:
+                lock = DirLock(self.out, "run directory", "wait for it to finish or choose another --out").acquire()
+            except UserError as e:
+                refused = str(e)
+        refused = self.dist.broadcast_object(refused)
+        if refused:
+            raise UserError(refused)
+        if lock is not None:  # a killed run's half-written last.pt etc.; safe only under the lock
+            remove_temporaries(self.out)
+        try:
+            return self._fit(resume)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, resume: bool) -> dict:
         cfg, rank0 = self.cfg, self.rank == 0
         history: list = []
         if resume and (self.out / "last.pt").exists():

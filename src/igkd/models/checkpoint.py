@@ -18,11 +18,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..errors import UserError
-from ..fileio import atomic_path, write_json
+from ..fileio import write_bytes, write_json
 from .preprocess import bare, with_preprocessing
 from .registry import build_model
 
@@ -39,8 +39,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
     """Write ``path`` (.safetensors) and its .json; returns the .safetensors path."""
     weights, meta_path = _paths(path)
     state = {k: v.detach().cpu().contiguous() for k, v in bare(model).state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp))
+    # serialised in memory and written by Python: safetensors' own writer reports a full disk as an
+    # opaque SafetensorError, a Python write as OSError(ENOSPC) naming the file
+    write_bytes(weights, save(state))
     write_json(meta_path, {"format": FORMAT, **meta, "sha256": file_sha256(weights)})
     return weights
 

@@ -10,6 +10,7 @@ full; the temporary is removed either way.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -90,6 +91,15 @@ def atomic_path(path: str | os.PathLike):
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks (never whole into memory)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -65,7 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .fileio import atomic_path, disk_full_names, fsync_path, write_json
+from .fileio import atomic_path, disk_full_names, file_digest, fsync_path, write_json
 from .lock import LOCK_NAME
 
 FORMAT = "igkd-store/1"
@@ -91,11 +91,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def store_key(identity: dict) -> str:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..fileio import file_digest
 from ..spec import Spec, reject_leftovers, take_option
 from .base import Dataset, Split, existing_dir, flag
 from .safe_pickle import load_data_pickle
@@ -134,11 +135,7 @@ def _safe_extract(archive: Path, root: Path) -> None:
 
 
 def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def _unpickle(path: Path, verify: bool) -> dict:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from ..errors import UserError
-from ..fileio import write_bytes, write_json
+from ..fileio import file_digest, write_bytes, write_json
 from .preprocess import bare, with_preprocessing
 from .registry import build_model
 
@@ -47,11 +47,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def read_metadata(path: str | Path) -> dict | None:

@@ -11,6 +11,7 @@ CUDA-saved files open on CPU-only machines.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 from ..errors import UserError
 from ..fileio import atomic_path, write_json
 from .preprocess import bare, with_preprocessing
-from .registry import build_model
+from .registry import build_model, family_of
 
 FORMAT = "igkd-checkpoint/1"
 
@@ -74,8 +75,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         path = _paths(path)[0]
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path), device="cpu")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = _torch_load(path)
     except Exception as e:  # noqa: BLE001 - any decode failure is the file's fault
         raise UserError(f"cannot read weights from {path} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                         "give a .safetensors file or a PyTorch state dict saved with torch.save") from None
@@ -85,7 +87,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} does not hold a state dict of tensors; save one with torch.save(model.state_dict())")
+    # DDP's module. and torch.compile's _orig_mod. prefixes
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def _torch_load(path: Path):
+    # torchvision's reference scripts store their argparse arguments beside the model:
+    # a Namespace only sets attributes, so it is allowed; anything else is still refused
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") -> nn.Module:
@@ -115,10 +125,13 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") ->
 def load_model(path: str | Path, spec: str | None = None, num_classes: int | None = None,
                in_channels: int | None = None, preprocessing: dict | None = None) -> tuple[nn.Module, dict]:
     """Build and load a model. igkd checkpoints describe themselves; foreign files need
-    ``spec`` (and ``num_classes``/``in_channels`` when not 10 and 3).
+    ``spec`` (and ``num_classes``/``in_channels`` when not 10 and 3). A spec that holds its
+    own weights (``torchscript:FILE``) may be given as ``path`` itself.
 
     Returns ``(model in eval mode, wrapped with its preprocessing; metadata dict)``.
     """
+    if not spec and str(path).startswith("torchscript:"):
+        spec = str(path)
     meta = dict(read_metadata(path) or {})
     spec = spec or meta.get("model")
     if spec is None:
@@ -127,7 +140,8 @@ def load_model(path: str | Path, spec: str | None = None, num_classes: int | Non
     num_classes = num_classes or meta.get("num_classes") or 10
     in_channels = in_channels or meta.get("in_channels") or 3
     net = build_model(spec, num_classes, in_channels)
-    load_weights(net, path, f"model '{spec}'")
+    if not family_of(spec).own_weights:
+        load_weights(net, path, f"model '{spec}'")
     pre = preprocessing if preprocessing is not None else meta.get("preprocessing")
     meta.update(num_classes=num_classes, in_channels=in_channels, preprocessing=pre or {"normalize": "none"})
     return with_preprocessing(net, pre).eval(), meta

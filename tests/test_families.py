@@ -164,3 +164,53 @@ def test_bad_family_specs_are_one_line(bad, words):
     with pytest.raises(UserError, match=re.escape(words)) as e:
         build_model(bad)
     assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- IG of every family
+class TinyCNN(torch.nn.Module):
+    """A user's own network (the py: family), with a conv+BN pair outside any Sequential."""
+
+    def __init__(self, num_classes=10, in_channels=3, width=8):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(width)
+        self.head = torch.nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _trained_like(net):
+    """Random BatchNorm statistics and affine terms, so folding them is not a no-op."""
+    g = torch.Generator().manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("spec,size", [("resnet:depth=20", 16), ("resnet:depth=8,width=4", 16),
+                                       ("wrn:depth=16,k=2", 16), ("resnet18", 32), ("resnet50", 32),
+                                       ("mobilenetv2_imagenet", 32), ("mobilenetv2:width=0.5,drop=9", 16),
+                                       ("py:test_families:TinyCNN,width=6", 12)])
+def test_ig_of_every_family_agrees_with_captum(spec, size, monkeypatch):
+    from captum.attr import IntegratedGradients
+
+    from igkd.attribution.ig import _fold_batchnorm, integrated_gradients
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    torch.manual_seed(0)
+    net = _trained_like(build_model(spec, 5, 3))
+    x, y = torch.rand(2, 3, size, size), torch.tensor([1, 3])
+    theirs = IntegratedGradients(net).attribute(x, target=y, n_steps=8)
+    exact = integrated_gradients(net, x, y, n_steps=8, fast=False)
+    fast = integrated_gradients(net, x, y, n_steps=8)  # BatchNorm folded, channels_last
+    scale = theirs.abs().max()
+    assert (exact - theirs).abs().max() <= 1e-5 * scale
+    assert torch.linalg.norm(fast - theirs) <= 2e-3 * torch.linalg.norm(theirs)
+    copy_ = __import__("copy").deepcopy(net)
+    with torch.enable_grad():
+        folded = _fold_batchnorm(copy_, x[:1])
+    assert folded >= 1 and not torch.equal(fast, exact)  # the fast path really folded something

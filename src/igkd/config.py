@@ -124,6 +124,9 @@ class DistillConfig(TrainConfig, PrecomputeConfig):
                                 "the student's feature-map size (any architecture)")
     at_student_layer: str = opt("auto", "student layer for attention transfer; auto: its last block in the "
                                 "second-largest spatial stage (16x16 for 32x32 inputs; any architecture)")
+    init: str = opt("scratch", "student initialisation: scratch (random, from --seed) or teacher (copy every teacher "
+                    "tensor whose name and shape the student has: a truncated or same-family student)",
+                    choices=["scratch", "teacher"])
     scale_lr: bool = opt(False, "under torchrun: multiply lr by the number of processes (linear scaling rule; "
                          "the global batch is batch-size x processes)")
     sync_bn: bool = opt(True, "under torchrun: BatchNorm statistics over the global batch, so N processes train "

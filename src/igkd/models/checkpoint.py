@@ -155,3 +155,17 @@ def weights_fingerprint(model: nn.Module) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
     return h.hexdigest()
+
+
+def copy_matching(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Copy into ``student`` every tensor of ``teacher``'s state dict (bare networks, buffers
+    included) whose name and shape the student also has: a truncated or narrower student
+    of the same family starts from the teacher's layers. Returns the copied names; a
+    student that shares none is a one-line UserError."""
+    own, theirs = bare(student).state_dict(), bare(teacher).state_dict()
+    names = [k for k, v in own.items() if k in theirs and tuple(theirs[k].shape) == tuple(v.shape)]
+    if not names:
+        raise UserError("--init teacher: the student shares no tensor (same name and shape) with the teacher; "
+                        "use a student of the teacher's family (e.g. a truncated one) or --init scratch")
+    bare(student).load_state_dict({k: theirs[k] for k in names}, strict=False)
+    return names

@@ -184,3 +184,35 @@ def test_python_api_takes_modules_for_teacher_and_student(data, tmp_path):
                      student=small_net(3, 3, 4))
     assert s["model"] == "module:Sequential" and (s["at"]["teacher_layer"], s["at"]["student_layer"]) == ("layer2.2", "4")
     assert s["params"] == sum(p.numel() for p in small_net(3, 3, 4).parameters())
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_new_families_export_with_parity_and_audit(data, tmp_path, fmt):
+    import igkd
+    wrn, resnet = teacher(data["root"], "wrn:depth=16,k=2"), teacher(data["root"], "resnet:depth=20")
+    r = igkd.export_model(wrn, tmp_path / f"m.{fmt}", fmt, data=data[32], quiet=True)
+    assert r["parity"]["images"] == 24 and r["parity"]["max_abs_diff"] <= 1e-3
+    if fmt == "onnx":  # audit: IG agreement of a ResNet student with a WRN teacher, and with itself
+        a = igkd.audit(str(wrn), f"{wrn},{resnet}", data[32], images=4, steps=4, gallery_images=1, quiet=True)
+        same, other = a["students"]
+        assert same["spearman_mean"] == pytest.approx(1.0) and other["model"] == "resnet:depth=20"
+
+
+@pytest.mark.parametrize("spec,gmacs", [("resnet18", 1.81), ("resnet34", 3.66), ("resnet50", 4.09),
+                                        ("mobilenetv2_imagenet", 0.30)])
+def test_macs_match_torchvisions_published_gflops(spec, gmacs):
+    from igkd.evaluate.cost import count_macs
+    assert round(count_macs(build_model(spec, 1000, 3), (3, 224, 224)) / 1e9, 2) == gmacs
+
+
+def test_compression_sweep_walks_any_familys_knobs_and_explicit_students():
+    from igkd.experiments.compression import student_specs
+    from igkd.experiments.config import resolve
+    cfg = resolve("compression", overrides=dict(sweep_base="wrn:depth=40,k=2", depths="16,28", widths="1",
+                                                students="resnet:depth=20;mobilenetv2:drop=5"))
+    assert student_specs(cfg) == [("depth", 16, "wrn:depth=16,k=2"), ("depth", 28, "wrn:depth=28,k=2"),
+                                  ("width", 1.0, "wrn:depth=40,k=1"), ("spec", 0, "resnet:depth=20"),
+                                  ("spec", 1, "mobilenetv2:drop=5")]
+    cfg = resolve("compression", overrides=dict(sweep_base="resnet18", depths="", widths="0.5"))
+    with pytest.raises(UserError, match="model 'resnet18' has no width knob"):
+        student_specs(cfg)

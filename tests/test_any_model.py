@@ -182,7 +182,8 @@ def test_python_api_takes_modules_for_teacher_and_student(data, tmp_path):
     torch.manual_seed(0)
     s = igkd.distill(cfg, tmp_path / "run", quiet=True, teacher=build_model("resnet:depth=20", 3, 3),
                      student=small_net(3, 3, 4))
-    assert s["model"] == "module:Sequential" and (s["at"]["teacher_layer"], s["at"]["student_layer"]) == ("layer2.2", "4")
+    assert s["model"] == "module:Sequential"
+    assert (s["at"]["teacher_layer"], s["at"]["student_layer"]) == ("layer2.2", "4")
     assert s["params"] == sum(p.numel() for p in small_net(3, 3, 4).parameters())
 
 
@@ -216,3 +217,11 @@ def test_compression_sweep_walks_any_familys_knobs_and_explicit_students():
     cfg = resolve("compression", overrides=dict(sweep_base="resnet18", depths="", widths="0.5"))
     with pytest.raises(UserError, match="model 'resnet18' has no width knob"):
         student_specs(cfg)
+
+
+def test_a_module_is_recorded_as_a_py_spec_only_when_its_class_rebuilds_it():
+    from igkd.api import module_spec
+    from test_families import TinyCNN
+    assert module_spec(TinyCNN(5, 3), 5, 3) == "py:test_families:TinyCNN"
+    assert module_spec(TinyCNN(5, 3, width=6), 5, 3) == "module:TinyCNN"  # the defaults build width 8
+    assert module_spec(small_net(5, 3), 5, 3) == "module:Sequential"

@@ -22,8 +22,8 @@ from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
 from .models import (bare, build_model, copy_matching, count_parameters, load_model, read_metadata,
                      weights_fingerprint, with_preprocessing)
-from .progress import log
 from .precompute import precompute as _precompute
+from .progress import log
 from .runtime import resolve_device, set_threads
 
 
@@ -101,10 +101,11 @@ def load_teacher(path: str | Path, dataset: Dataset, spec: str = "") -> tuple[nn
     return teacher, meta
 
 
-def precompute(teacher_path: str | Path, data: str, cfg: PrecomputeConfig | None = None,
+def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeConfig | None = None,
                store: str | Path | None = None, teacher_model: str = "", device: str = "auto",
                quiet: bool = False, threads: int = 0):
-    """Compute (or reuse, or resume) the store of teacher logits and IG maps.
+    """Compute (or reuse, or resume) the store of teacher logits and IG maps of a teacher
+    checkpoint (or spec holding its weights, or an ``nn.Module`` taking [0, 1] pixels).
 
     Under torchrun the processes share the work (chunk i on rank i % N, gloo on CPU, nccl
     on CUDA) and write one store; every rank returns it opened."""
@@ -116,7 +117,8 @@ def precompute(teacher_path: str | Path, data: str, cfg: PrecomputeConfig | None
         with env.rank0_first():
             dataset = load_dataset(data)
             _ = dataset.train  # decoded (and cached) by rank 0 first
-        teacher, _ = load_teacher(teacher_path, dataset, teacher_model)
+        teacher = teacher_path.eval() if isinstance(teacher_path, nn.Module) else \
+            load_teacher(teacher_path, dataset, teacher_model)[0]
         return _precompute(teacher, dataset, cfg or PrecomputeConfig(), store, env.device, quiet, dist=env)
     finally:
         parallel.shutdown(env)

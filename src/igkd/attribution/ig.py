@@ -36,8 +36,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import UserError
-from ..models.mobilenetv2 import ReLU6, copy_free_relu6
-from ..models.preprocess import Normalized, bare
+from ..models import Normalized, ReLU6, bare, copy_free_relu6
 from .quadrature import check_method, quadrature
 
 BASELINES = ("zero", "black", "blur")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .family import Family, options, out_of_range
+from .family import Family, options
 
 
 def _downsample(cin: int, cout: int, stride: int) -> nn.Module | None:

@@ -52,7 +52,7 @@ def _folder(root: Path, train: int, test: int) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("any-model")
-    return {32: f"imagefolder:{_folder(root / 'small', 48, 24)},size=32",
+    return {32: f"imagefolder:{_folder(root / 'small', 24, 12)},size=32",
             224: f"imagefolder:{_folder(root / 'large', 3, 3)},size=224", "root": root}
 
 
@@ -141,7 +141,7 @@ def test_torchscript_teacher_gives_the_same_ig_and_distills(data, tmp_path, caps
     x, y = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), eager(x))
-    ours, theirs = integrated_gradients(scripted, x, y, n_steps=16), integrated_gradients(eager, x, y, n_steps=16)
+    ours, theirs = integrated_gradients(scripted, x, y, n_steps=8), integrated_gradients(eager, x, y, n_steps=8)
     assert torch.linalg.norm(ours - theirs) <= 2e-3 * torch.linalg.norm(theirs)
     ts = f"torchscript:{tmp_path / 't.pt'}"
     assert run(distill_args(data[32], ts, "resnet:depth=8", tmp_path / "run", "kd+ig")) == 0
@@ -164,13 +164,15 @@ def test_init_teacher_copies_exactly_the_matching_tensors(data, tmp_path):
     assert set(copied) == set(before) - {"classifier.1.weight"}
     for k, v in s.state_dict().items():
         assert torch.equal(v, t.state_dict()[k] if k in copied else before[k]), k
-    assert run(distill_args(data[32], teacher(data["root"], "mobilenetv2"), "mobilenetv2:drop=5", tmp_path / "r",
-                            "student", "--init", "teacher")) == 0
+    # through the command, on a narrow pair (the same structure, cheaper to train)
+    narrow, student = "mobilenetv2:width=0.25", "mobilenetv2:width=0.25,drop=5"
+    assert run(distill_args(data[32], teacher(data["root"], narrow), student, tmp_path / "r", "student",
+                            "--init", "teacher")) == 0
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["init"] == {
         "from": "teacher", "copied": len(copied), "of": len(before)}
     with pytest.raises(UserError, match="shares no tensor") as e:
-        run(distill_args(data[32], teacher(data["root"], "mobilenetv2"), "resnet:depth=20", tmp_path / "n",
-                         "student", "--init", "teacher"))
+        run(distill_args(data[32], teacher(data["root"], narrow), "resnet:depth=20", tmp_path / "n", "student",
+                         "--init", "teacher"))
     assert "\n" not in str(e.value) and not (tmp_path / "n").exists()
 
 
@@ -192,7 +194,7 @@ def test_new_families_export_with_parity_and_audit(data, tmp_path, fmt):
     import igkd
     wrn, resnet = teacher(data["root"], "wrn:depth=16,k=2"), teacher(data["root"], "resnet:depth=20")
     r = igkd.export_model(wrn, tmp_path / f"m.{fmt}", fmt, data=data[32], quiet=True)
-    assert r["parity"]["images"] == 24 and r["parity"]["max_abs_diff"] <= 1e-3
+    assert r["parity"]["images"] == 12 and r["parity"]["max_abs_diff"] <= 1e-3
     if fmt == "onnx":  # audit: IG agreement of a ResNet student with a WRN teacher, and with itself
         a = igkd.audit(str(wrn), f"{wrn},{resnet}", data[32], images=4, steps=4, gallery_images=1, quiet=True)
         same, other = a["students"]

@@ -70,6 +70,17 @@ def test_auto_layers_for_the_papers_networks():
     assert got[:2] == ("features.9", "features.13")  # the student's last 8x8 block
 
 
+@pytest.mark.parametrize("teacher,student,size,want", [
+    ("resnet:depth=56", "resnet:depth=20", 32, ("layer2.8", "layer2.2")),
+    ("wrn:depth=40,k=2", "wrn:depth=16,k=2", 32, ("block2.layer", "block2.layer")),
+    ("mobilenetv2", "resnet:depth=20", 32, ("features.6", "layer2.2")),
+    ("resnet50", "mobilenetv2_imagenet", 64, ("layer1.2", "features.3")),
+])
+def test_auto_layers_for_any_family_from_feature_map_sizes(teacher, student, size, want):
+    t, s = build_model(teacher, 10, 3), build_model(student, 10, 3)
+    got = choose_layers(t, s, "auto", "auto", (3, size, size))
+    assert got[:2] == want and got[2][1:] == got[3][1:]
+
 def test_mismatched_spatial_sizes_are_a_one_line_user_error():
     with pytest.raises(UserError) as e:
         choose_layers(tiny_teacher(4, 3), build_model(STUDENT, 4, 3), "features.6", "features.2", (3, 16, 16))
@@ -81,8 +92,9 @@ def test_mismatched_spatial_sizes_are_a_one_line_user_error():
 def test_unknown_layer_is_a_user_error_listing_valid_names():
     with pytest.raises(UserError, match=r"unknown student layer 'features\.30'.*features\.0, features\.1"):
         choose_layers(tiny_teacher(4, 3), build_model(STUDENT, 4, 3), "auto", "features.30", (3, 16, 16))
-    with pytest.raises(UserError, match="MobileNetV2 models only"):
-        choose_layers(tiny_teacher(4, 3), torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), "auto", "auto", (3, 16, 16))
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+    with pytest.raises(UserError, match="no block of the student gives a C x H x W feature map"):
+        choose_layers(tiny_teacher(4, 3), flat, "auto", "auto", (3, 16, 16))
 
 
 @pytest.mark.parametrize("method", METHODS)

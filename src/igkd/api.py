@@ -7,6 +7,7 @@ and calls these.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -20,9 +21,10 @@ from .errors import UserError
 from .fileio import writable_dir
 from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
-from .models import (build_model, count_parameters, load_model, read_metadata, weights_fingerprint,
-                     with_preprocessing)
+from .models import (bare, build_model, copy_matching, count_parameters, load_model, read_metadata,
+                     weights_fingerprint, with_preprocessing)
 from .precompute import precompute as _precompute
+from .progress import log
 from .runtime import resolve_device, set_threads
 
 
@@ -37,16 +39,48 @@ def _check_out(out: str | Path | None) -> Path:
     return writable_dir(out or "", "--out")
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
-    """Train a model from scratch with cross-entropy (a teacher, or a plain student)."""
+def _state_shapes(net: nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def module_spec(net: nn.Module, num_classes: int, in_channels: int) -> str:
+    """The spec recorded for a network given as an ``nn.Module``: ``py:MODULE:CLASS`` when
+    that rebuilds the same state dict names and shapes (so evaluate, export and audit need
+    no --model), else ``module:CLASS`` (they then need --model)."""
+    cls = type(bare(net))
+    spec = f"py:{cls.__module__}:{cls.__qualname__}"
+    if cls.__module__ != "__main__" and "<locals>" not in cls.__qualname__:
+        try:
+            if _state_shapes(build_model(spec, num_classes, in_channels)) == _state_shapes(bare(net)):
+                return spec
+        except Exception:  # noqa: BLE001 - any failure means: not rebuildable from its class
+            pass
+    return f"module:{cls.__qualname__}"
+
+
+def _student(cfg, dataset: Dataset, model: nn.Module | None):
+    """(cfg with the spec of a given module, the network wrapped with its preprocessing)."""
+    torch.manual_seed(cfg.seed)  # initialisation follows the seed
+    if model is None:
+        net = build_model(cfg.model, len(dataset.classes), dataset.channels)
+    else:
+        if not isinstance(model, nn.Module):
+            raise UserError(f"the student must be a model spec or a torch.nn.Module, got {type(model).__name__}")
+        net = bare(model)
+        cfg = dataclasses.replace(cfg, model=module_spec(net, len(dataset.classes), dataset.channels))
+    return cfg, with_preprocessing(net, preprocessing_for(cfg.normalize, dataset))
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool = False,
+          model: nn.Module | None = None) -> dict:
+    """Train a model from scratch with cross-entropy (a teacher, or a plain student);
+    ``model``, an ``nn.Module`` taking [0, 1] pixels, replaces ``cfg.model``."""
     out = _check_out(out)
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dataset = load_dataset(cfg.data)
     _ = dataset.train, dataset.test  # a bad test image is found now, not after every epoch has run
-    torch.manual_seed(cfg.seed)  # initialisation follows the seed
-    net = build_model(cfg.model, len(dataset.classes), dataset.channels)
-    model = with_preprocessing(net, preprocessing_for(cfg.normalize, dataset))
+    cfg, model = _student(cfg, dataset, model)
     return Trainer(cfg, model, dataset, out, device, quiet=quiet).fit(resume)
 
 
@@ -67,10 +101,11 @@ def load_teacher(path: str | Path, dataset: Dataset, spec: str = "") -> tuple[nn
     return teacher, meta
 
 
-def precompute(teacher_path: str | Path, data: str, cfg: PrecomputeConfig | None = None,
+def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeConfig | None = None,
                store: str | Path | None = None, teacher_model: str = "", device: str = "auto",
                quiet: bool = False, threads: int = 0):
-    """Compute (or reuse, or resume) the store of teacher logits and IG maps.
+    """Compute (or reuse, or resume) the store of teacher logits and IG maps of a teacher
+    checkpoint (or spec holding its weights, or an ``nn.Module`` taking [0, 1] pixels).
 
     Under torchrun the processes share the work (chunk i on rank i % N, gloo on CPU, nccl
     on CUDA) and write one store; every rank returns it opened."""
@@ -84,14 +119,21 @@ def precompute(teacher_path: str | Path, data: str, cfg: PrecomputeConfig | None
         with env.rank0_first():
             dataset = load_dataset(data)
             _ = dataset.train  # decoded (and cached) by rank 0 first
-        teacher, _ = load_teacher(teacher_path, dataset, teacher_model)
+        teacher = teacher_path.eval() if isinstance(teacher_path, nn.Module) else \
+            load_teacher(teacher_path, dataset, teacher_model)[0]
         return _precompute(teacher, dataset, cfg or PrecomputeConfig(), store, env.device, quiet, dist=env)
     finally:
         parallel.shutdown(env)
 
 
-def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
+def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bool = False,
+            teacher: nn.Module | None = None, student: nn.Module | None = None) -> dict:
     """Train a student with CE / KD / IG overlay / AT as ``cfg.method`` says.
+
+    ``teacher`` and ``student``, ``nn.Module`` s taking [0, 1] pixels (a teacher that
+    normalises does so inside), replace ``cfg.teacher`` and ``cfg.model``. With
+    ``cfg.init == "teacher"`` the student starts from the teacher's matching tensors
+    (:func:`igkd.models.copy_matching`).
 
     Under torchrun (WORLD_SIZE > 1) this process joins the group (gloo on CPU, nccl on
     CUDA, see :mod:`igkd.distill.parallel`); rank 0 loads the data and builds the store
@@ -112,14 +154,26 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
         with env.rank0_first():
             dataset = load_dataset(cfg.data)
             _ = dataset.train, dataset.test  # decoded (and cached) by rank 0 first
-            teacher, meta = None, {"method": method.name}
-            if method.needs_teacher:
+            meta = {"method": method.name}
+            if teacher is not None:
+                if not isinstance(teacher, nn.Module):
+                    raise UserError(f"the teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+                teacher = teacher.eval()
+                meta["teacher"] = {"path": None, "model": module_spec(teacher, len(dataset.classes), dataset.channels)}
+            elif method.needs_teacher or cfg.init == "teacher":
                 teacher, tmeta = load_teacher(cfg.teacher, dataset, cfg.teacher_model)
-                meta["teacher"] = {"path": str(cfg.teacher), "model": tmeta.get("model"),
-                                   "params": count_parameters(teacher), "fingerprint": weights_fingerprint(teacher)}
-        torch.manual_seed(cfg.seed)  # initialisation follows the seed
-        net = build_model(cfg.model, len(dataset.classes), dataset.channels)
-        model = with_preprocessing(net, preprocessing_for(cfg.normalize, dataset))
+                meta["teacher"] = {"path": str(cfg.teacher), "model": tmeta.get("model")}
+            if teacher is not None:
+                meta["teacher"].update(params=count_parameters(teacher), fingerprint=weights_fingerprint(teacher))
+        cfg, model = _student(cfg, dataset, student)
+        net = bare(model)
+        if cfg.init == "teacher":  # (a resumed run then loads its own weights over these)
+            copied = copy_matching(net, teacher)
+            meta["init"] = {"from": "teacher", "copied": len(copied), "of": len(net.state_dict())}
+            log(f"--init teacher: copied {len(copied)} of {len(net.state_dict())} student tensors from the teacher",
+                quiet or env.rank > 0)
+        if not method.needs_teacher:
+            teacher = None
         if method.at:  # bad layer names fail now, not after the precompute
             choose_layers(teacher, model, cfg.at_teacher_layer, cfg.at_student_layer,
                           (dataset.channels, *dataset.image_size))
@@ -185,4 +239,4 @@ def evaluate(weights: str | Path, data: str, model: str = "", normalize: str = "
     return result
 
 
-__all__ = ["distill", "evaluate", "load_teacher", "precompute", "train"]
+__all__ = ["distill", "evaluate", "load_teacher", "module_spec", "precompute", "train"]

@@ -24,6 +24,12 @@ spec strings:
   models    mobilenetv2                CIFAR MobileNetV2 teacher (2,236,682 params at 10 classes)
             mobilenetv2:drop=K         paper's student: last K feature blocks removed (K=5: 4.12x)
             mobilenetv2:width=W        width-multiplied student (e.g. 0.5, 0.35)
+            mobilenetv2_imagenet       torchvision's ImageNet MobileNetV2, 224-pixel images (same options)
+            resnet:depth=D[,width=W]   CIFAR ResNet, D = 6n+2 (20, 32, 44, 56, 110); depth=8,width=4: ResNet8x4
+            wrn:depth=D,k=K            Wide ResNet WRN-D-K (wrn:depth=40,k=2, wrn:depth=16,k=2)
+            resnet18 resnet34 resnet50 ImageNet ResNets with torchvision's state_dict keys
+            py:MODULE:CALLABLE[,k=v]   your factory(num_classes=, in_channels=, **options); MODULE may be a .py file
+            torchscript:FILE           a TorchScript teacher (--teacher torchscript:FILE; no hooks, so no 'at')
 """
 
 

@@ -132,10 +132,13 @@ class DistillConfig(TrainConfig, PrecomputeConfig):
     gamma: float = opt(0.8, "weight of the attention-transfer term gamma * mean((A_t - A_s)^2) (methods with at)",
                        low=0.0, high=1e6)
     at_teacher_layer: str = opt("auto", "teacher layer whose output gives the attention map, a name of the bare "
-                                "network's named_modules() (e.g. features.6); auto: MobileNetV2 only, the block "
-                                "matching the student's")
-    at_student_layer: str = opt("auto", "student layer for attention transfer; auto: MobileNetV2 only, its last "
-                                "block in the second-largest spatial stage (16x16 for 32x32 inputs)")
+                                "network's named_modules() (e.g. features.6, layer2.8); auto: the last block with "
+                                "the student's feature-map size (any architecture)")
+    at_student_layer: str = opt("auto", "student layer for attention transfer; auto: its last block in the "
+                                "second-largest spatial stage (16x16 for 32x32 inputs; any architecture)")
+    init: str = opt("scratch", "student initialisation: scratch (random, from --seed) or teacher (copy every teacher "
+                    "tensor whose name and shape the student has: a truncated or same-family student)",
+                    choices=["scratch", "teacher"])
     scale_lr: bool = opt(False, "under torchrun: multiply lr by the number of processes (linear scaling rule; "
                          "the global batch is batch-size x processes)")
     sync_bn: bool = opt(True, "under torchrun: BatchNorm statistics over the global batch, so N processes train "
@@ -187,6 +190,10 @@ def validate(cfg) -> Any:
                 lo = "(" if m.get("low_open") else "["
                 raise UserError(f"{flag} {value} is out of range; use a value in {lo}{m['low']}, {m['high']}]")
         elif not isinstance(value, str):
+            if f.name in ("teacher", "model") and callable(getattr(value, "state_dict", None)):
+                keyword = "teacher" if f.name == "teacher" else "student"
+                raise UserError(f"{flag} takes a spec or a checkpoint path; pass a torch.nn.Module as "
+                                f"igkd.distill(cfg, out, {keyword}=module) (igkd.train(cfg, out, model=module))")
             raise UserError(f"{flag} must be a string, got {value!r}")
         if m.get("choices") and value not in m["choices"]:
             raise UserError(f"{flag} {value!r} is not one of {', '.join(map(str, m['choices']))}")

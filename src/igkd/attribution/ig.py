@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -35,8 +36,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import UserError
-from ..models.mobilenetv2 import ReLU6, copy_free_relu6
-from ..models.preprocess import Normalized
+from ..models import Normalized, ReLU6, bare, copy_free_relu6
 from .quadrature import check_method, quadrature
 
 BASELINES = ("zero", "black", "blur")
@@ -83,21 +83,54 @@ def _channels_last(model: nn.Module) -> bool:
     return False
 
 
-def _fold_batchnorm(module: nn.Module) -> int:
-    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d inside an
-    ``nn.Sequential`` into that convolution (in place); returns how many were folded."""
+def _fold_batchnorm(net: nn.Module, probe: torch.Tensor) -> int:
+    """Fold every eval-mode BatchNorm2d whose input is the output of a Conv2d that nothing
+    else uses into that convolution (in place); returns how many were folded.
+
+    Pairs are found on any architecture by one forward pass of ``probe`` with hooks: the
+    BatchNorm's input must be the very tensor the convolution returned (not modified in
+    place since), each module must run once, and the autograd graph must show no other
+    consumer of that tensor (a residual branch, say), or folding would change the function.
+    """
+    outputs, pairs, calls = {}, [], Counter()
+
+    def on_conv(m, inputs, out):
+        calls[m] += 1
+        outputs[id(out)] = (m, out, out.grad_fn)
+
+    def on_bn(m, inputs):
+        calls[m] += 1
+        x = inputs[0]
+        hit = outputs.get(id(x))
+        if hit is not None and hit[1] is x and x.grad_fn is hit[2]:
+            pairs.append((hit[0], m, x.grad_fn))
+
+    handles = [m.register_forward_hook(on_conv) for m in net.modules() if type(m) is nn.Conv2d]
+    handles += [m.register_forward_pre_hook(on_bn) for m in net.modules()
+                if type(m) is nn.BatchNorm2d and m.running_mean is not None and m.running_var is not None]
+    try:
+        out = net(probe.detach().requires_grad_(True))
+    finally:
+        for h in handles:
+            h.remove()
+    uses, stack, seen = Counter(), [out.grad_fn] if isinstance(out, torch.Tensor) else [], set()
+    while stack:  # how many autograd nodes consume each node's output
+        node = stack.pop()
+        for nxt, _ in node.next_functions if node is not None else ():
+            if nxt is not None:
+                uses[nxt] += 1
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+    names = {m: n for n, m in net.named_modules()}
     folded = 0
-    for child in module.children():
-        folded += _fold_batchnorm(child)
-    if isinstance(module, nn.Sequential):
-        items = list(module)
-        for i in range(len(items) - 1):
-            conv, bn = items[i], items[i + 1]
-            if (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.running_mean is not None
-                    and bn.running_var is not None and conv.out_channels == bn.num_features):
-                module[i] = fuse_conv_bn_eval(conv.eval(), bn.eval())
-                module[i + 1] = nn.Identity()
-                folded += 1
+    for conv, bn, node in pairs:
+        if calls[conv] == 1 and calls[bn] == 1 and uses[node] == 1 and conv.out_channels == bn.num_features:
+            fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+            for module, new in ((conv, fused), (bn, nn.Identity())):
+                parent, _, attr = names[module].rpartition(".")
+                setattr(net.get_submodule(parent), attr, new)
+            folded += 1
     return folded
 
 
@@ -111,7 +144,8 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 def _prepare(model: nn.Module, inputs: torch.Tensor, fast: bool) -> tuple[nn.Module, torch.memory_format]:
     """The network to differentiate and the memory format to feed it.
 
-    ``fast``: an eval-mode copy with BatchNorm folded into the convolutions, activations
+    ``fast``: an eval-mode copy with BatchNorm folded into the convolutions that feed it
+    (:func:`_fold_batchnorm`, any architecture), activations
     out of place and, on CPU, channels_last weights (about 2x faster for MobileNetV2 on CPU; the same function up
     to float rounding). The caller's model is never modified. Falls back to the model
     itself when it cannot be copied.
@@ -121,14 +155,14 @@ def _prepare(model: nn.Module, inputs: torch.Tensor, fast: bool) -> tuple[nn.Mod
     sensitive to rounding, see :func:`integrated_gradients`), or channels_last for a
     channels_last model.
     """
-    if fast:
+    if fast and not isinstance(bare(model), torch.jit.ScriptModule):  # scripted: no hooks, run as is
         try:
             net = copy.deepcopy(model)
         except Exception:  # noqa: BLE001 - e.g. modules holding non-copyable handles
             net = None
         if net is not None:
             net.eval()
-            _fold_batchnorm(net)
+            _fold_batchnorm(net, inputs[:1])
             # torch's in-place activations cost a copy of their input under autograd (~7% of a
             # pass), so they run out of place, except ReLU6, which has a copy-free in-place form
             # (3-7% faster than out of place); only ReLU6s the model had in place stay in place

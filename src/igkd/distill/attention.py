@@ -7,18 +7,22 @@ bare network (``igkd.models.bare``: through the ``Normalized`` wrapper), e.g.
 ``gamma * mean((A_t - A_s)^2)`` with ``A = l2-normalise(flatten(mean_c(F^2)))``
 (:func:`igkd.distill.losses.at_loss`).
 
-``auto`` layer choice, for MobileNetV2 models (the paper's teacher and students):
+``auto`` layer choice, for any architecture: the candidate blocks are the network's
+top-level modules and the children of top-level containers (``features.N`` of MobileNetV2,
+``layer2.1`` of a ResNet, ``block2`` of a WRN), in the order their forward passes end;
+of several returning the same tensor (``features`` and its last block) the deepest
+counts. Outputs with a 1x1 or no spatial extent are not candidates.
 
-* both auto: the student's last ``features.N`` block in its second-largest spatial
-  stage (the 16x16 stage for 32x32 inputs; the only stage if it has one), and the
-  teacher's last ``features.M`` block of that spatial size. For the CIFAR teacher and
-  the paper's 4.12x student that is ``features.6`` in both (32 channels, 16x16).
-* one side auto: that side's last ``features.N`` block with the other side's spatial size.
+* both auto: the student's last block in its second-largest spatial stage (the 16x16
+  stage for 32x32 inputs; the only stage if it has one), and the teacher's last block of
+  that spatial size. For the CIFAR teacher and the paper's 4.12x student that is
+  ``features.6`` in both (32 channels, 16x16); for ResNet-56 -> ResNet-20, ``layer2.8``
+  and ``layer2.2``.
+* one side auto: that side's last block with the other side's spatial size.
 
-Other models need explicit names (``--at-teacher-layer``, ``--at-student-layer``).
 Sizes are found by one probe forward pass of a zero batch in eval mode (no training
 state or random numbers are touched). A named layer's output must not be modified in
-place by later layers (true of every MobileNetV2 block).
+place by later layers. TorchScript modules take no hooks, so they are refused.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import MobileNetV2, bare
+from ..models import bare
 
 
 class StopForward(Exception):
@@ -64,6 +68,10 @@ def layer_names(model: nn.Module) -> list[str]:
 
 def resolve_layer(model: nn.Module, name: str, who: str = "model") -> nn.Module:
     """The sub-module ``name`` of the bare network; a UserError listing valid names otherwise."""
+    if isinstance(bare(model), torch.jit.ScriptModule):
+        raise UserError(f"the {who} is a TorchScript module, which cannot take the forward hooks attention "
+                        "transfer needs; use a method without 'at', or give the network as Python code "
+                        "(py:MODULE:CALLABLE)")
     modules = dict(bare(model).named_modules())
     if name in modules and name:
         return modules[name]
@@ -76,24 +84,44 @@ def resolve_layer(model: nn.Module, name: str, who: str = "model") -> nn.Module:
 @torch.no_grad()
 def probe_shapes(model: nn.Module, names: list[str], input_shape: tuple[int, int, int],
                  device: torch.device | str = "cpu", who: str = "model") -> dict[str, tuple[int, ...]]:
-    """Output shape (C, H, W) of each named layer for one zero image, in eval mode."""
-    hooks = {n: FeatureHook(model, n, who) for n in names}
+    """Output shape (C, H, W) of each named layer for one zero image, in eval mode, in the
+    order the layers' forward passes end; of layers returning the same tensor only the
+    deepest (ties: the last to end) is kept."""
+    modules = {n: resolve_layer(model, n, who) for n in names}
+    ends: list[tuple[str, object]] = []
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: ends.append((n, o))) for n, m in modules.items()]
     was_training = model.training
     model.eval()
     try:
         model(torch.zeros(1, *input_shape, device=device))
     finally:
         model.train(was_training)
-        for h in hooks.values():
+        for h in handles:
             h.remove()
-    return {n: tuple(h.features.shape[1:]) for n, h in hooks.items() if h.features is not None}
+    last = {n: (pos, o) for pos, (n, o) in enumerate(ends)}  # each layer at its last call
+    in_order = sorted(last, key=lambda n: last[n][0])
+    owner: dict[int, str] = {}  # id(output) -> the deepest layer returning it (ties: the last)
+    for n in in_order:
+        other = owner.get(id(last[n][1]))
+        if other is None or n.count(".") >= other.count("."):
+            owner[id(last[n][1])] = n
+    keep = set(owner.values())
+    return {n: tuple(last[n][1].shape[1:]) if isinstance(last[n][1], torch.Tensor) else ()
+            for n in in_order if n in keep}
 
 
 def _blocks(model: nn.Module) -> list[str]:
+    """Candidate blocks: top-level modules and the children of top-level containers."""
     net = bare(model)
-    if not isinstance(net, MobileNetV2):
-        return []
-    return [f"features.{i}" for i in range(len(net.features))]
+    names = []
+    for name, child in net.named_children():
+        names.append(name)
+        names += [f"{name}.{n}" for n, _ in child.named_children()]
+    return names
+
+
+def _spatial(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    return {n: s for n, s in shapes.items() if len(s) == 3 and s[-2:] != (1, 1)}
 
 
 def _last_with_size(shapes: dict[str, tuple], size: tuple[int, int]) -> str | None:
@@ -107,15 +135,8 @@ def choose_layers(teacher: nn.Module, student: nn.Module, teacher_layer: str, st
 
     Returns (teacher layer, student layer, teacher shape C x H x W, student shape).
     """
-    def need_auto(model, who, flag):
-        if not _blocks(model):
-            raise UserError(f"--{flag} auto works for MobileNetV2 models only; name the {who} layer "
-                            f"(e.g. --{flag} {layer_names(model)[0] if layer_names(model) else 'NAME'})")
-
-    if teacher_layer == "auto":
-        need_auto(teacher, "teacher", "at-teacher-layer")
-    if student_layer == "auto":
-        need_auto(student, "student", "at-student-layer")
+    for model, who in ((teacher, "teacher"), (student, "student")):
+        resolve_layer(model, "", who) if isinstance(bare(model), torch.jit.ScriptModule) else None
     t_shapes = probe_shapes(teacher, _blocks(teacher) if teacher_layer == "auto" else [teacher_layer],
                             input_shape, device, "teacher")
     s_shapes = probe_shapes(student, _blocks(student) if student_layer == "auto" else [student_layer],
@@ -124,7 +145,13 @@ def choose_layers(teacher: nn.Module, student: nn.Module, teacher_layer: str, st
         if name != "auto" and len(shapes.get(name, ())) != 3:
             raise UserError(f"{who} layer {name} gives {'no output' if name not in shapes else f'shape {shapes[name]}'}"
                             ", not a C x H x W feature map; pick a convolutional block (e.g. features.6)")
+    if teacher_layer == "auto":
+        t_shapes = _spatial(t_shapes)
     if student_layer == "auto":
+        s_shapes = _spatial(s_shapes)
+        if not s_shapes:
+            raise UserError("no block of the student gives a C x H x W feature map for attention transfer; name "
+                            "the layers with --at-teacher-layer and --at-student-layer, or use a method without 'at'")
         sizes = list(dict.fromkeys(s[-2:] for s in s_shapes.values()))  # distinct, network order
         if teacher_layer != "auto":
             sizes = [t_shapes[teacher_layer][-2:]]

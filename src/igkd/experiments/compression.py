@@ -1,8 +1,10 @@
 """``igkd experiment compression``: accuracy against compression factor, MACs and latency.
 
-Students are the ``sweep_base`` spec with ``drop=K`` for each truncation depth K (the
-paper's sweep, K = 3 ... 17: 2.2x to 1122x for the CIFAR teacher) and with ``width=W``
-for each width multiplier W. Truncation removes parameters but few multiply-adds (the
+Students are the ``sweep_base`` spec with its family's depth knob set to each of
+``depths`` (for MobileNetV2 the truncation ``drop=K``: the paper's sweep, K = 3 ... 17,
+2.2x to 1122x for the CIFAR teacher; ``depth`` for ResNets and WRNs), with its width knob
+set to each of ``widths`` (``width``, or a WRN's ``k``), and any ``students`` given as specs
+of any family. Truncation removes parameters but few multiply-adds (the
 removed blocks run at low resolution); width multipliers cut both, so the sweep reports
 parameters, MACs (:func:`igkd.evaluate.cost.count_macs`) and measured CPU latency
 (:func:`igkd.evaluate.cost.measure_latency`: warm-up, repeated calls, median and p10/p90,
@@ -16,7 +18,8 @@ from pathlib import Path
 
 from ..data import load_dataset
 from ..evaluate.cost import count_macs, measure_latency
-from ..models import bare, build_model, count_parameters
+from ..errors import UserError
+from ..models import bare, build_model, count_parameters, family_of
 from ..progress import log
 from ..report import _plt, _save, markdown_table, read_json
 from ..spec import Spec, parse_spec
@@ -26,17 +29,22 @@ from .runs import Job, run_jobs, run_record
 
 
 def student_specs(cfg: ExperimentConfig) -> list[tuple[str, float, str]]:
-    """(axis, value, model spec) of every student of the sweep, depth students first."""
+    """(axis, value, model spec) of every student of the sweep: depth students, width
+    students, then the explicit ones (axis "spec", value = their position)."""
     base = parse_spec(cfg.sweep_base, "model spec")
+    family = family_of(base)
     out = []
-    for k in split_list(cfg.depths, int, "--depths"):
-        out.append(("depth", k, str(Spec(base.kind, base.arg, {**base.options, "drop": str(k)}))))
-    for w in split_list(cfg.widths, float, "--widths"):
-        opts = {k: v for k, v in base.options.items() if k not in ("width", "drop")}
-        out.append(("width", w, str(Spec(base.kind, base.arg, {**opts, "width": f"{w:g}"}))))
+    for axis, flag, knob, cast in (("depth", "--depths", family.depth_knob, int),
+                                   ("width", "--widths", family.width_knob, float)):
+        values = split_list(getattr(cfg, flag[2:]), cast, flag)
+        if values and knob is None:
+            raise UserError(f"model '{base.kind}' has no {axis} knob to sweep; give students with --students "
+                            f"and empty {flag}")
+        for v in values:
+            out.append((axis, v, str(Spec(base.kind, base.arg, {**base.options, knob: f"{v:g}"}))))
+    out += [("spec", i, s) for i, s in enumerate(s.strip() for s in cfg.students.split(";")) if s]
     if not out:
-        from ..errors import UserError
-        raise UserError("the sweep is empty; give --depths and/or --widths")
+        raise UserError("the sweep is empty; give --depths, --widths and/or --students")
     return out
 
 
@@ -120,12 +128,12 @@ def curves(path: Path, result: dict) -> Path:
 
     for ax, (what, label) in zip(axes[0], panels):
         for i, m in enumerate(result["methods"]):
-            for axis, style in (("depth", "-o"), ("width", "--s")):
+            for axis, style in (("depth", "-o"), ("width", "--s"), ("spec", "^")):
                 rows = sorted((r for r in result["runs"] if r["method"] == m and r["axis"] == axis),
                               key=lambda r: xval(r, what))
                 if rows:
                     ax.plot([xval(r, what) for r in rows], [r["test_accuracy"] for r in rows], style, ms=4,
-                            color=cmap(i % 10), label=f"{m} ({'truncation' if axis == 'depth' else 'width'})")
+                            color=cmap(i % 10), label=f"{m} ({axis})")
         ax.axhline(t["test_accuracy"], color="k", ls=":", lw=1, label="teacher")
         if what != "compression":
             ax.plot([xval({**result["teacher_cost"], "latency": result["teacher_cost"].get("latency")}, what)],
@@ -149,7 +157,7 @@ def section(run_dir: Path) -> str | None:
     how = (f"latency: eager PyTorch on CPU, batch {lat['batch']}, {lat['threads']} thread(s), 10 warm-up calls then "
            "repeated calls, median and p10-p90" if lat else "latency not measured (--no-latency)")
     c, h, w = r["input_shape"]
-    return (f"## Compression sweep\n\nStudents by truncation (`drop=K`) and width (`width=W`) on `{r['data']}`, "
+    return (f"## Compression sweep\n\nStudents by depth, width or spec on `{r['data']}`, "
             f"{r['epochs']} epochs, seed {r['seed']}; MACs per {c}x{h}x{w} image; {how}. Truncation cuts "
             f"parameters but few MACs; width cuts both.\n\n{compression_table(r)}\n\n![compression](compression.png)\n")
 

@@ -40,11 +40,14 @@ class ExperimentConfig(DistillConfig):
                     "set with seed seed+r, shared by all methods of that run", low=2, high=10000)
     mc_subset: float = opt(0.8, "montecarlo: stratified share of the training set each run trains on (the "
                            "paper's 80%%)", low=0.0, high=1.0, low_open=True)
-    depths: str = opt("3,5,7,9,11,13,15,17", "compression: truncation depths K (students BASE,drop=K); empty for "
-                      "none")
-    widths: str = opt("0.75,0.5,0.35,0.25", "compression: width multipliers W (students BASE,width=W); empty for "
-                      "none")
-    sweep_base: str = opt("mobilenetv2", "compression: model spec the drop=K / width=W options are set on")
+    depths: str = opt("3,5,7,9,11,13,15,17", "compression: values of the base family's depth knob (mobilenetv2: "
+                      "truncation drop=K; resnet, wrn: depth); empty for none")
+    widths: str = opt("0.75,0.5,0.35,0.25", "compression: values of the base family's width knob (mobilenetv2, "
+                      "resnet: width; wrn: k); empty for none")
+    sweep_base: str = opt("mobilenetv2", "compression: model spec whose size knobs --depths and --widths set "
+                          "(mobilenetv2: drop=K and width=W; resnet: depth and width; wrn: depth and k)")
+    students: str = opt("", "compression: further student specs, any family, separated by ';' (a list in YAML), "
+                        "e.g. 'resnet:depth=20;wrn:depth=16,k=2'")
     latency: bool = opt(True, "compression: measure CPU latency of the teacher and every student (batch "
                         "--latency-batch, --latency-threads threads, median of repeated calls)")
     latency_batch: int = opt(1, "compression: images per timed call", low=1, high=65536, unit="images")
@@ -79,7 +82,9 @@ def split_list(text: str, cast=str, flag: str = "") -> list:
 
 
 def _flatten_lists(values: dict) -> dict:
-    return {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
+    # model specs hold commas themselves, so a list of students is joined with ';'
+    return {k: (";" if k == "students" else ",").join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            for k, v in values.items()}
 
 
 def yaml_layers(path: str | Path | None, kind: str) -> dict:

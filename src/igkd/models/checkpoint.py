@@ -11,6 +11,7 @@ CUDA-saved files open on CPU-only machines.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -24,7 +25,7 @@ from torch import nn
 from ..errors import UserError
 from ..fileio import file_digest, write_bytes, write_json
 from .preprocess import bare, with_preprocessing
-from .registry import build_model
+from .registry import build_model, family_of
 
 FORMAT = "igkd-checkpoint/1"
 
@@ -109,10 +110,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         path = _paths(path)[0]
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path), device="cpu")
-        with warnings.catch_warnings():  # e.g. about pickle protocols; a failure is reported below
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = _torch_load(path)
     except Exception as e:  # noqa: BLE001 - any decode failure is the file's fault
         first = (str(e).strip().splitlines() or ["empty or unreadable file"])[0][:160]
         raise UserError(f"cannot read weights from {path} ({type(e).__name__}: {first}); "
@@ -123,7 +123,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} does not hold a state dict of tensors; save one with torch.save(model.state_dict())")
+    # DDP's module. and torch.compile's _orig_mod. prefixes
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def _torch_load(path: Path):
+    # torchvision's reference scripts store their argparse arguments beside the model:
+    # a Namespace only sets attributes, so it is allowed; anything else is still refused
+    with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. about pickle protocols; a failure is reported by the caller
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", flag: str = "--model") -> nn.Module:
@@ -155,11 +164,14 @@ def load_model(path: str | Path, spec: str | None = None, num_classes: int | Non
                in_channels: int | None = None, preprocessing: dict | None = None,
                flag: str = "--model") -> tuple[nn.Module, dict]:
     """Build and load a model. igkd checkpoints describe themselves; foreign files need
-    ``spec`` (and ``num_classes``/``in_channels`` when not 10 and 3). ``flag`` is the
+    ``spec`` (and ``num_classes``/``in_channels`` when not 10 and 3). A spec that holds its
+    own weights (``torchscript:FILE``) may be given as ``path`` itself. ``flag`` is the
     option that gives the spec, named in errors (``--teacher-model`` for a teacher).
 
     Returns ``(model in eval mode, wrapped with its preprocessing; metadata dict)``.
     """
+    if not spec and str(path).startswith("torchscript:"):
+        spec = str(path)
     meta = dict(read_metadata(path) or {})
     spec = spec or meta.get("model")
     if spec is None:
@@ -170,7 +182,8 @@ def load_model(path: str | Path, spec: str | None = None, num_classes: int | Non
     num_classes = num_classes or meta.get("num_classes") or 10
     in_channels = in_channels or meta.get("in_channels") or 3
     net = build_model(spec, num_classes, in_channels)
-    load_weights(net, path, f"model '{spec}'", flag)
+    if not family_of(spec).own_weights:
+        load_weights(net, path, f"model '{spec}'", flag)
     pre = preprocessing if preprocessing is not None else meta.get("preprocessing")
     if pre and pre.get("normalize") == "dataset" and len(pre["mean"]) != in_channels:
         raise UserError(f"{path}: its preprocessing has {len(pre['mean'])} channel mean(s) but the data has "
@@ -187,3 +200,17 @@ def weights_fingerprint(model: nn.Module) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
     return h.hexdigest()
+
+
+def copy_matching(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Copy into ``student`` every tensor of ``teacher``'s state dict (bare networks, buffers
+    included) whose name and shape the student also has: a truncated or narrower student
+    of the same family starts from the teacher's layers. Returns the copied names; a
+    student that shares none is a one-line UserError."""
+    own, theirs = bare(student).state_dict(), bare(teacher).state_dict()
+    names = [k for k, v in own.items() if k in theirs and tuple(theirs[k].shape) == tuple(v.shape)]
+    if not names:
+        raise UserError("--init teacher: the student shares no tensor (same name and shape) with the teacher; "
+                        "use a student of the teacher's family (e.g. a truncated one) or --init scratch")
+    bare(student).load_state_dict({k: theirs[k] for k in names}, strict=False)
+    return names

@@ -13,6 +13,10 @@ Students (METHOD.md section 2):
 
 Both compose: ``mobilenetv2:width=0.5,drop=5``.
 
+``imagenet=True`` is torchvision's ImageNet MobileNetV2 for 224-pixel images (stride 2 in
+the stem and the second stage, a 1280-channel head for every width <= 1): the same keys
+and shapes as torchvision's ``mobilenet_v2``, 3,504,872 parameters at 1000 classes.
+
 The activations are :class:`ReLU6`, an ``nn.ReLU6`` whose in-place form does not copy its
 input under autograd (bitwise the same outputs and gradients, training 7-9% faster).
 """
@@ -33,6 +37,8 @@ CIFAR_SETTINGS = [
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 ]
+# torchvision's ImageNet settings: stem and second stage with stride 2 (224 -> 7 at the end)
+IMAGENET_SETTINGS = [CIFAR_SETTINGS[0], (6, 24, 2, 2), *CIFAR_SETTINGS[2:]]
 NUM_FEATURE_BLOCKS = 19  # stem + 17 inverted residuals + last 1x1 conv
 
 
@@ -156,6 +162,7 @@ class MobileNetV2(nn.Module):
         width: float = 1.0,
         drop: int = 0,
         dropout: float = 0.2,
+        imagenet: bool = False,
     ):
         super().__init__()
         if not 0 <= drop < NUM_FEATURE_BLOCKS:
@@ -164,13 +171,13 @@ class MobileNetV2(nn.Module):
             raise ValueError(f"width must be > 0, got {width}")
         self.width, self.drop = width, drop
         cin = make_divisible(32 * width)
-        blocks: list[nn.Module] = [ConvBNReLU(in_channels, cin, stride=1)]
-        for t, c, n, s in CIFAR_SETTINGS:
+        blocks: list[nn.Module] = [ConvBNReLU(in_channels, cin, stride=2 if imagenet else 1)]
+        for t, c, n, s in IMAGENET_SETTINGS if imagenet else CIFAR_SETTINGS:
             cout = make_divisible(c * width)
             for i in range(n):
                 blocks.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
                 cin = cout
-        last = make_divisible(1280 * width)
+        last = make_divisible(1280 * (max(1.0, width) if imagenet else width))
         blocks.append(ConvBNReLU(cin, last, kernel=1))
         blocks = blocks[: NUM_FEATURE_BLOCKS - drop]
         self.features = nn.Sequential(*blocks)

@@ -1,54 +1,74 @@
-"""Model spec strings -> ``nn.Module``.
+"""Model spec strings -> ``nn.Module``: one line per family in :data:`MODELS`.
 
 ``mobilenetv2``                 the CIFAR MobileNetV2 teacher (2,236,682 params at 10 classes)
 ``mobilenetv2:drop=5``          the paper's 4.12x student (last 5 feature blocks removed)
 ``mobilenetv2:width=0.35``      a width-multiplied student (fewer channels everywhere)
-``mobilenetv2:width=0.5,drop=3``  both
+``mobilenetv2:width=0.5,drop=3``  both (options: drop 0-18, width > 0, dropout)
+``mobilenetv2_imagenet``        torchvision's ImageNet MobileNetV2, 224-pixel images (same options)
+``resnet:depth=20``             CIFAR ResNet, depth 6n+2 (20, 32, 44, 56, 110)
+``resnet:depth=8,width=4``      the KD benchmarks' ResNet8x4 (``depth=32,width=4``: ResNet32x4)
+``wrn:depth=40,k=2``            Wide ResNet WRN-40-2 (``depth=16,k=2``: WRN-16-2)
+``resnet18`` ``resnet34`` ``resnet50``  ImageNet ResNets, torchvision's state_dict keys
+``py:MODULE:CALLABLE[,key=value...]``  your factory, called with num_classes, in_channels, options
+``torchscript:FILE``            a TorchScript file (a teacher; no Python code needed)
 
-Options: ``drop`` (int, 0-18, default 0), ``width`` (float > 0, default 1.0),
-``dropout`` (teacher head dropout, default 0.2). The number of classes and input
-channels come from the dataset, not the spec. Any other ``nn.Module`` can be used
-through the Python API.
+The number of classes and input channels come from the dataset, not the spec. A new
+family is one module under ``models/`` that builds from a :class:`~.family.Family` and
+one line here; the rest of igkd asks the family (its size knobs, whether it takes hooks)
+instead of testing names.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 from torch import nn
 
 from ..errors import UserError
-from ..spec import Spec, parse_spec, reject_leftovers, take_option
+from ..spec import Spec, parse_spec
+from . import resnet, resnet_cifar, user, wrn
+from .family import Family, options, out_of_range
 from .mobilenetv2 import NUM_FEATURE_BLOCKS, MobileNetV2
 
 
-def _mobilenetv2(spec: Spec, num_classes: int, in_channels: int) -> nn.Module:
-    opts = dict(spec.options)
-    what = "model spec"
-    if spec.arg:
-        raise UserError(f"model spec '{spec}' takes no positional argument; use e.g. 'mobilenetv2:drop=5'")
-    drop = take_option(spec, opts, "drop", int, 0, what)
-    width = take_option(spec, opts, "width", float, 1.0, what)
-    dropout = take_option(spec, opts, "dropout", float, 0.2, what)
-    reject_leftovers(spec, opts, ["drop", "width", "dropout"], what)
-    if not 0 <= drop < NUM_FEATURE_BLOCKS:
-        raise UserError(f"drop={drop} in '{spec}' is out of range; use 0 (teacher) to {NUM_FEATURE_BLOCKS - 1}")
-    if not 0 < width <= 4:
-        raise UserError(f"width={width} in '{spec}' is out of range; use a multiplier in (0, 4]")
-    if not 0 <= dropout < 1:
-        raise UserError(f"dropout={dropout} in '{spec}' is out of range; use [0, 1)")
-    return MobileNetV2(num_classes, in_channels, width=width, drop=drop, dropout=dropout)
+def _mobilenetv2(imagenet: bool):
+    def build(spec: Spec, num_classes: int, in_channels: int) -> nn.Module:
+        o = options(spec, {"drop": (int, 0), "width": (float, 1.0), "dropout": (float, 0.2)}, "mobilenetv2:drop=5")
+        if not 0 <= o["drop"] < NUM_FEATURE_BLOCKS:
+            raise out_of_range(spec, f"drop={o['drop']}", f"use 0 (teacher) to {NUM_FEATURE_BLOCKS - 1}")
+        if not 0 < o["width"] <= 4:
+            raise out_of_range(spec, f"width={o['width']}", "use a multiplier in (0, 4]")
+        if not 0 <= o["dropout"] < 1:
+            raise out_of_range(spec, f"dropout={o['dropout']}", "use [0, 1)")
+        return MobileNetV2(num_classes, in_channels, imagenet=imagenet, **o)
+    return build
 
 
-MODELS: dict[str, Callable[[Spec, int, int], nn.Module]] = {"mobilenetv2": _mobilenetv2}
+MODELS: dict[str, Family] = {
+    "mobilenetv2": Family(_mobilenetv2(False), "CIFAR MobileNetV2: drop=K truncation, width=W",
+                          depth_knob="drop", width_knob="width"),
+    "mobilenetv2_imagenet": Family(_mobilenetv2(True), "torchvision's ImageNet MobileNetV2 (224-pixel images)",
+                                   depth_knob="drop", width_knob="width"),
+    "resnet": resnet_cifar.FAMILY,
+    "wrn": wrn.FAMILY,
+    "resnet18": resnet.family(18),
+    "resnet34": resnet.family(34),
+    "resnet50": resnet.family(50),
+    "py": user.PY,
+    "torchscript": user.TORCHSCRIPT,
+}
+
+
+def family_of(spec: str | Spec) -> Family:
+    """The :class:`Family` a spec names; one-line UserError for an unknown one."""
+    spec = spec if isinstance(spec, Spec) else parse_spec(spec, "model spec")
+    if spec.kind not in MODELS:
+        raise UserError(f"unknown model '{spec.kind}' in spec '{spec}'; known models: {', '.join(sorted(MODELS))}")
+    return MODELS[spec.kind]
 
 
 def build_model(spec: str | Spec, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """Build an untrained model from its spec string."""
     spec = spec if isinstance(spec, Spec) else parse_spec(spec, "model spec")
-    if spec.kind not in MODELS:
-        raise UserError(f"unknown model '{spec.kind}' in spec '{spec}'; known models: {', '.join(sorted(MODELS))}")
-    return MODELS[spec.kind](spec, num_classes, in_channels)
+    return family_of(spec).build(spec, num_classes, in_channels)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,43 @@
+"""What a model family declares to the rest of igkd (see :mod:`.registry`).
+
+A family is a builder ``(Spec, num_classes, in_channels) -> nn.Module`` plus the names of
+its size options, so code outside ``models/`` (the compression sweep) can make smaller
+members without knowing the family: ``depth_knob`` is the option a ``--depths`` value
+sets (``drop`` for MobileNetV2 truncation, ``depth`` for ResNets), ``width_knob`` the one
+a ``--widths`` value sets. ``own_weights``: the spec itself holds the weights
+(TorchScript), so no separate weights file is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from ..errors import UserError
+from ..spec import Spec, reject_leftovers, take_option
+
+
+@dataclass(frozen=True)
+class Family:
+    build: Callable[[Spec, int, int], nn.Module]
+    summary: str = ""
+    depth_knob: str | None = None
+    width_knob: str | None = None
+    own_weights: bool = False
+
+
+def options(spec: Spec, schema: dict[str, tuple[type, object]], example: str) -> dict:
+    """The spec's options cast as ``schema`` says ({name: (type, default)}); one-line
+    errors for a positional argument or an unknown option."""
+    if spec.arg:
+        raise UserError(f"model spec '{spec}' takes no positional argument; use e.g. '{example}'")
+    opts = dict(spec.options)
+    out = {k: take_option(spec, opts, k, cast, default, "model spec") for k, (cast, default) in schema.items()}
+    reject_leftovers(spec, opts, list(schema), "model spec")
+    return out
+
+
+def out_of_range(spec: Spec, what: str, fix: str) -> UserError:
+    return UserError(f"{what} in '{spec}' is out of range; {fix}")

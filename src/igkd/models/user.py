@@ -1,0 +1,97 @@
+"""Bring your own model: ``py:MODULE:CALLABLE[,key=value...]`` and ``torchscript:FILE``.
+
+``py:`` imports ``MODULE`` (a module name, found on ``sys.path`` or in the current
+directory, or a ``.py`` file path) and calls ``CALLABLE(num_classes=..., in_channels=...,
+**options)``; option values are read as int, float, true/false, or else kept as text.
+The spec string is recorded in the checkpoint's metadata, so ``evaluate``, ``export``
+and ``audit`` rebuild the network from it without being told again.
+
+``torchscript:FILE`` loads a scripted or traced network (``torch.jit.load``, on the CPU)
+with its weights inside: a teacher without any Python code. Gradients flow through it,
+so IG, KD and the overlay work; it cannot take forward hooks, so attention transfer
+refuses it (:mod:`igkd.distill.attention`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..spec import Spec
+from .family import Family
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _import(module: str, spec: Spec):
+    try:
+        if module.endswith(".py") or "/" in module:
+            path = Path(module)
+            loader = importlib.util.spec_from_file_location(path.stem, path)
+            if loader is None or not path.exists():
+                raise FileNotFoundError(f"no file {path}")
+            mod = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(mod)
+            return mod
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:  # the `igkd` script's path lacks the cwd
+            sys.path.append(str(Path.cwd()))
+        return importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure to import is the user's module's
+        raise UserError(f"cannot import module '{module}' of model spec '{spec}' ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''}); check the name and that it is "
+                        "importable (on PYTHONPATH or in the current directory)") from None
+
+
+def _build_py(spec: Spec, num_classes: int, in_channels: int) -> nn.Module:
+    module, _, name = (spec.arg or "").rpartition(":")
+    if not module or not name:
+        raise UserError(f"model spec '{spec}' needs a module and a callable: py:MODULE:CALLABLE[,key=value...]")
+    factory = getattr(_import(module, spec), name, None)
+    if not callable(factory):
+        raise UserError(f"module '{module}' has no callable '{name}' (model spec '{spec}'); name the function or "
+                        "class that builds your network")
+    kwargs = {"num_classes": num_classes, "in_channels": in_channels,
+              **{k: _value(v) for k, v in spec.options.items()}}
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:
+        raise UserError(f"{module}:{name} cannot be called with {', '.join(kwargs)} ({e}); igkd passes num_classes, "
+                        "in_channels and the spec's options as keyword arguments") from None
+    except ValueError:  # no signature (a builtin): just call it
+        pass
+    net = factory(**kwargs)
+    if not isinstance(net, nn.Module):
+        raise UserError(f"{module}:{name} returned {type(net).__name__}, not a torch.nn.Module; make it return "
+                        "the network")
+    return net
+
+
+def _build_torchscript(spec: Spec, num_classes: int, in_channels: int) -> nn.Module:
+    if not spec.arg or spec.options:
+        raise UserError(f"model spec '{spec}' must be torchscript:FILE (a file written by torch.jit.save)")
+    path = Path(spec.arg)
+    if not path.is_file():
+        raise UserError(f"TorchScript file {path} does not exist; check the path")
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any decode failure is the file's fault
+        raise UserError(f"{path} is not a TorchScript file ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        "write one with torch.jit.save(torch.jit.script(model), FILE) or torch.jit.trace") from None
+
+
+PY = Family(_build_py, "your factory: py:MODULE:CALLABLE[,key=value...]")
+TORCHSCRIPT = Family(_build_torchscript, "a TorchScript file, weights inside (teacher)", own_weights=True)

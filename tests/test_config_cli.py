@@ -119,3 +119,12 @@ def test_wheel_holds_license_types_configs_and_no_torch_cap(tmp_path):
     torch_req = next(r for r in requires if r.startswith("torch"))
     assert torch_req.replace(" ", "") == "torch>=2.2" and "<" not in torch_req
     assert not any(r.startswith("captum") and "extra" not in r for r in requires)  # captum: test extra only
+
+
+def test_a_module_in_a_config_field_names_the_api_keyword():
+    """DistillConfig(teacher=<nn.Module>) raised a raw TypeError; modules go to igkd.distill."""
+    from torch import nn
+    with pytest.raises(UserError, match=r"igkd.distill\(cfg, out, teacher=module\)"):
+        DistillConfig(teacher=nn.Linear(2, 2))
+    with pytest.raises(UserError, match=r"student=module"):
+        DistillConfig(model=nn.Linear(2, 2))

@@ -291,7 +291,7 @@ def user_error(capsys, *argv) -> str:
     (["--weights", "/nonexistent/w.safetensors"], ["does not exist"]),
     (["--model", "mobilenetv2", "--weights", "a.pt,b.pt"], ["one file per model"]),
     (["--model", "mobilenetv2", "--input", "32x32"], ["CxHxW"]),
-    (["--model", "mobilenetv2", "--min-reps", "0"], ["timing budget"]),
+    (["--model", "mobilenetv2", "--min-reps", "0"], ["--min-reps", "out of range"]),
 ])
 def test_bench_latency_errors(capsys, tmp_path, args, words):
     line = user_error(capsys, "bench", "latency", *args, "--out", tmp_path / "run")

@@ -191,7 +191,7 @@ def test_method_defaults_are_the_papers_and_the_paper_recipe_pins_its_ig():
     cfg = PrecomputeConfig()  # igkd's fast IG default, as accurate as the paper's (benchmarks/ig_throughput.py)
     assert (cfg.ig_steps, cfg.ig_method, cfg.ig_baseline) == (50, "riemann_middle", "zero")
     for section in ("precompute", "distill"):
-        paper = load_yaml(str(REPO / "configs" / "cifar10_paper.yaml"), section)
+        paper = load_yaml("cifar10_paper", section)  # the shipped recipe, by name
         assert (paper["ig_steps"], paper["ig_method"], paper["ig_baseline"]) == (50, "gausslegendre", "zero")
     d = DistillConfig()
     assert (d.T, d.alpha, d.p, d.model) == (2.5, 0.01, 0.1, "mobilenetv2:drop=5")

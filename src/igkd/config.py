@@ -233,8 +233,8 @@ def find_config(value: str | Path) -> Path:
     shipped = shipped_configs()
     if str(value) in shipped:
         return shipped[str(value)]
-    raise UserError(f"config {value} is neither a file nor a shipped recipe; shipped: {', '.join(shipped)} "
-                    "(igkd config list)")
+    raise UserError(f"config file {value} does not exist and is not a shipped recipe either (shipped: "
+                    f"{', '.join(shipped)}; igkd config list)")
 
 
 def load_yaml(path: str | Path, section: str | None) -> dict:

@@ -62,6 +62,15 @@ class DirLock:
         except (OSError, ValueError):
             return None
 
+    def _owner_soon(self, seconds: float = 2.0) -> dict | None:
+        """The holder's info, allowing it the moment between taking the lock and writing it."""
+        deadline = time.monotonic() + seconds
+        while True:
+            info = self.owner()
+            if (info and "pid" in info) or time.monotonic() > deadline:
+                return info
+            time.sleep(0.02)
+
     def acquire(self, wait: bool = False, quiet: bool = False) -> "DirLock":
         if self.fd is not None:
             raise RuntimeError(f"{self.path} is already held by this object")
@@ -84,7 +93,7 @@ class DirLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = describe_owner(self.owner())
+                holder = describe_owner(self._owner_soon())
                 if not wait:
                     os.close(fd)
                     raise UserError(f"{self.what} {self.folder} is being written by {holder}; {self.advice}") \
@@ -110,8 +119,9 @@ class DirLock:
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:500]}
         try:
             with disk_full_names(self.path):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+                data = (json.dumps(info) + "\n").encode()
+                os.pwrite(fd, data, 0)  # then cut: the file is never empty while a reader looks
+                os.ftruncate(fd, len(data))
         except BaseException:
             self.release()
             raise

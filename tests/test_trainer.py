@@ -273,3 +273,48 @@ def test_distill_killed_with_sigkill_resumes_to_the_same_weights(small_real, tmp
     sa, sb = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("whole", "killed"))
     assert (sa["best_epoch"], sa["test_accuracy"]) == (sb["best_epoch"], sb["test_accuracy"])
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
+
+
+def test_log_csv_writes_per_step_rows_and_a_resume_logs_no_step_twice(tmp_path):
+    """--log csv: one row per logged step (the mean over --log-every steps) and per epoch, appended;
+    metrics.jsonl is appended too. An interrupted run resumed logs every step exactly once."""
+    import csv
+    a = trainer(tmp_path / "a", "kd+ig", epochs=2, log="csv", log_every=1)
+    steps_per_epoch = a.steps_per_epoch
+    a.fit()
+    run = tmp_path / "a" / "run"
+    steps = list(csv.DictReader((run / "log" / "steps.csv").open()))
+    assert [int(r["step"]) for r in steps] == list(range(1, 2 * steps_per_epoch + 1))
+    assert {"epoch", "loss", "ce", "kd", "lr"} <= set(steps[0])
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    sizes = [len(b[0]) for b in a.batches(1)]  # every step's images: the epoch loss is their weighted mean
+    for e in (1, 2):
+        rows = [float(r["loss"]) for r in steps if int(r["epoch"]) == e]
+        assert abs(sum(r * n for r, n in zip(rows, sizes)) / sum(sizes) - metrics[e - 1]["loss"]) < 1e-5
+    epochs = list(csv.DictReader((run / "log" / "epochs.csv").open()))
+    assert [float(r["val_accuracy"]) for r in epochs] == [m["val_accuracy"] for m in metrics]
+    # interrupted in epoch 2 after logging some of its steps, then resumed
+    b = trainer(tmp_path / "b", "kd+ig", epochs=2, log="csv", log_every=1)
+    real_step, calls = b.train_step, [0]
+
+    def dies_in_epoch_2(*args):
+        calls[0] += 1
+        if calls[0] == steps_per_epoch + 2:
+            raise KeyboardInterrupt
+        return real_step(*args)
+    b.train_step = dies_in_epoch_2
+    with pytest.raises(KeyboardInterrupt):
+        b.fit()
+    assert len(list(csv.DictReader((tmp_path / "b" / "run" / "log" / "steps.csv").open()))) == steps_per_epoch + 1
+    trainer(tmp_path / "b", "kd+ig", epochs=2, log="csv", log_every=1).fit(resume=True)
+    resumed = list(csv.DictReader((tmp_path / "b" / "run" / "log" / "steps.csv").open()))
+    assert [int(r["step"]) for r in resumed] == list(range(1, 2 * steps_per_epoch + 1))
+    assert [float(r["loss"]) for r in resumed] == [float(r["loss"]) for r in steps]  # exact resume, same rows
+    assert (tmp_path / "b" / "run" / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_log_refuses_unknown_trackers_before_writing_anything(tmp_path):
+    with pytest.raises(UserError, match="--log nope is not known"):
+        trainer(tmp_path, "student", log="csv,nope").fit()
+    assert not (tmp_path / "run").exists()

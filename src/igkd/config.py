@@ -75,6 +75,10 @@ class TrainConfig(_Validated):
                               " or loop (one parameter at a time)", choices=["auto", "fused", "foreach", "loop"])
     amp: str = opt("auto", "mixed precision autocast, GPU only: auto (bf16 on CUDA, off on CPU), off, bf16, fp16 "
                    "(with loss scaling)", choices=["auto", "off", "bf16", "fp16"])
+    log: str = opt("", "experiment trackers, a comma list of csv (RUN/log/*.csv), tensorboard, wandb, mlflow: "
+                   "per-step and per-epoch scalars, rank 0 only (default: none)")
+    log_every: int = opt(20, "optimisation steps between logged per-step scalars (the mean over them)", low=1,
+                         high=1 << 20, unit="steps")
     compile: bool = opt(False, "torch.compile the training forward (slower on 2 CPU cores and ~70 s to compile; "
                         "for GPUs)")
 

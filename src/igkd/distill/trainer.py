@@ -41,7 +41,8 @@ from ..config import DistillConfig, TrainConfig, to_dict
 from ..data import Dataset, stratified_split, subset_indices
 from ..errors import UserError
 from ..evaluate import classification_metrics, predict
-from ..fileio import dumps, remove_temporaries, write_bytes, write_json, write_text
+from ..loggers import Trackers, parse_loggers
+from ..fileio import disk_full_names, dumps, remove_temporaries, write_bytes, write_json, write_text
 from ..lock import DirLock
 from ..models import Normalized, bare, count_parameters, load_weights, save_checkpoint
 from ..progress import Progress, fmt_seconds, log
@@ -53,7 +54,7 @@ from .parallel import Dist, sync_batchnorm
 from .speed import amp_dtype, autocast, lr_lambda, make_optimizer, maybe_compile
 
 CHECK_EVERY = 20  # steps between finite-loss checks (one tiny all-reduce under DDP)
-RESUME_FREE = ("epochs", "threads", "compile", "verify_store")  # options a resumed run may change
+RESUME_FREE = ("epochs", "threads", "compile", "verify_store", "log", "log_every")  # options a resumed run may change
 # what a last.pt written by Trainer.state always holds
 RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best", "history", "torch_rng", "config"}
 
@@ -95,6 +96,8 @@ class Trainer:
         self.dist = dist or Dist(device=device)
         self.rank, self.world = self.dist.rank, self.dist.world
         self.out = Path(out_dir)
+        parse_loggers(cfg.log)  # an unknown tracker or a missing package: refused before anything is written
+        self.trackers = Trackers()  # fit() starts the real ones (rank 0)
         self.meta = dict(meta or {})
         self.method = parse_method(cfg.method) if isinstance(cfg, DistillConfig) else parse_method("student")
         self.model = model.to(device)
@@ -227,6 +230,10 @@ class Trainer:
         cfg = self.cfg
         self.train_model.train()
         acc, names, seen = None, [], 0
+        # losses are synced every CHECK_EVERY steps; with trackers also every log_every steps
+        # (decided by the config, not by rank, so that every rank joins each all-reduce)
+        every = min(CHECK_EVERY, cfg.log_every) if cfg.log else CHECK_EVERY
+        logged = (0, None)  # (images seen, summed losses) at the last logged step
         start = time.perf_counter()
         with Progress(self.steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", "step",
                       quiet=self.quiet or not _is_tty()) as bar:
@@ -237,9 +244,17 @@ class Trainer:
                 acc = vals if acc is None else acc + vals
                 seen += len(idx)
                 extra = ""
-                if (s + 1) % CHECK_EVERY == 0 or s + 1 == self.steps_per_epoch:
+                if (s + 1) % every == 0 or s + 1 == self.steps_per_epoch:
                     total = self._checked(acc, epoch)
                     extra = f"loss {total[0] / (seen * self.world):.3f}"
+                    if self.trackers:
+                        n0, t0 = logged
+                        part = [a - (b if t0 else 0) for a, b in zip(total, t0 or total)]
+                        count = (seen - n0) * self.world
+                        self.trackers.step({"step": (epoch - 1) * self.steps_per_epoch + s + 1, "epoch": epoch,
+                                            **{k: v / count for k, v in zip(names, part)},
+                                            "lr": self.scheduler.get_last_lr()[0]})
+                        logged = (seen, total)
                 bar.update(1, extra=extra)
         dt = time.perf_counter() - start
         seen *= self.world
@@ -368,6 +383,10 @@ class Trainer:
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            # the rows last.pt knows, then one appended line per epoch (tail -f works); a row
+            # written after the last saved state is dropped here, so none is ever doubled
+            write_text(self.out / "metrics.jsonl", "".join(dumps(r) + "\n" for r in history))
+        self.trackers = Trackers(cfg.log, self.out, to_dict(cfg), self.epoch, active=rank0)
         params = count_parameters(bare(self.model))
         procs = f" x {self.world} processes = {self.batch * self.world}" if self.world > 1 else ""
         at = self.meta.get("at")
@@ -383,6 +402,7 @@ class Trainer:
         finally:
             for hook in self.at_hooks or ():  # the caller's teacher and student come back unhooked
                 hook.remove()
+            self.trackers.close()
         return self.finish(history, time.perf_counter() - start)
 
     def _epochs(self, history: list, start: float, first: int) -> None:
@@ -399,9 +419,11 @@ class Trainer:
                     save_checkpoint(self.out / "model", self.model, self.model_meta())
             row = {"epoch": epoch, **stats, "val_accuracy": val, "lr": self.scheduler.get_last_lr()[0]}
             history.append(row)
-            if rank0:  # metrics rewritten whole from the saved history: no duplicate or lost rows on resume
+            if rank0:  # state first: a row is in metrics.jsonl only once last.pt holds it
                 self.save_state(history)
-                write_text(self.out / "metrics.jsonl", "".join(dumps(r) + "\n" for r in history))
+                with disk_full_names(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(dumps(row) + "\n")
+                self.trackers.epoch(row)
             eta = (time.perf_counter() - start) / (epoch - first) * (cfg.epochs - epoch)
             log(f"epoch {epoch}/{cfg.epochs}: loss {stats['loss']:.4f}"
                 + "".join(f", {k} {stats[k]:.4g}" for k in ("ce", "kd", "at") if k in stats and len(stats) > 4)

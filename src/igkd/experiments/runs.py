@@ -33,7 +33,7 @@ from ..store import sha256_file
 
 # fields that do not change what a run computes (speed, placement, bookkeeping)
 NON_SEMANTIC = ("threads", "device", "store", "eval_batch_size", "channels_last", "optimizer_impl", "compile",
-                "chunk_size", "ig_batch", "check_images", "check_steps", "verify_store")
+                "chunk_size", "ig_batch", "check_images", "check_steps", "verify_store", "log", "log_every")
 KD_FIELDS = ("T", "alpha", "logits")
 # the overlay probability and every setting of the stored maps (attribution, steps, baseline, ...)
 IG_FIELDS = ("p", *(f.name for f in fields(PrecomputeConfig)))

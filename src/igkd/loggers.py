@@ -1,0 +1,181 @@
+"""Experiment trackers: ``--log csv,tensorboard,wandb,mlflow`` (off by default).
+
+Every tracker receives the same rows: per-step scalars (``step`` = global optimisation step,
+the mean loss and its parts over the last ``--log-every`` steps, the learning rate) and one
+row per epoch (the ``metrics.jsonl`` row). A tracker is one class with ``step``, ``epoch``
+and ``close`` plus one line in :data:`LOGGERS`; trackers other than csv import their
+package only when asked for, and a missing one is a one-line error naming the extra.
+Only rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .errors import UserError
+
+
+class CsvLogger:
+    """``log/steps.csv`` and ``log/epochs.csv`` in the run directory, appended row by row
+    (``tail -f`` works). A resumed run first drops the rows after the epoch it resumes from,
+    so no step is logged twice."""
+
+    def __init__(self, out: Path, run: dict, resume_epoch: int):
+        self.folder = out / "log"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.files = {}
+        for name in ("steps", "epochs"):
+            path = self.folder / f"{name}.csv"
+            if path.exists():
+                rows = list(csv.DictReader(path.open(newline="")))
+                keep = [r for r in rows if int(float(r["epoch"])) <= resume_epoch]
+                if len(keep) != len(rows):
+                    self._rewrite(path, keep)
+            self.files[name] = path
+
+    @staticmethod
+    def _rewrite(path: Path, rows: list[dict]) -> None:
+        from .fileio import atomic_path
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            if rows:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+
+    def _append(self, name: str, row: dict) -> None:
+        # a run logs the same columns every time (resuming needs the same config, hence method)
+        path = self.files[name]
+        new = not path.exists() or path.stat().st_size == 0
+        fields = list(row) if new else next(csv.reader(path.open(newline="")))
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+            f.flush()
+
+    def step(self, row: dict) -> None:
+        self._append("steps", row)
+
+    def epoch(self, row: dict) -> None:
+        self._append("epochs", row)
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardLogger:
+    """Event files in ``log/tensorboard`` (``tensorboard --logdir RUN/log``)."""
+
+    def __init__(self, out: Path, run: dict, resume_epoch: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--log tensorboard needs the tensorboard package: pip install \"igkd[tensorboard]\"") from None
+        self.writer = SummaryWriter(str(out / "log" / "tensorboard"), purge_step=None)
+        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in run.items()))
+
+    def step(self, row: dict) -> None:
+        for k, v in row.items():
+            if k not in ("step", "epoch"):
+                self.writer.add_scalar(f"train/{k}", v, row["step"])
+
+    def epoch(self, row: dict) -> None:
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, (int, float)) and v == v:
+                self.writer.add_scalar(f"epoch/{k}", v, row["epoch"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    """A Weights & Biases run (project ``igkd``, or $WANDB_PROJECT), resumed by the run's folder name."""
+
+    def __init__(self, out: Path, run: dict, resume_epoch: int):
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--log wandb needs the wandb package: pip install wandb") from None
+        self.wandb = wandb
+        self.run = wandb.init(project=None, name=out.name, dir=str(out / "log"), config=run, resume="allow")
+
+    def step(self, row: dict) -> None:
+        self.run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def epoch(self, row: dict) -> None:
+        self.run.log({f"epoch/{k}": v for k, v in row.items()})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowLogger:
+    """An MLflow run (tracking URI from $MLFLOW_TRACKING_URI, else ./mlruns)."""
+
+    def __init__(self, out: Path, run: dict, resume_epoch: int):
+        try:
+            import mlflow
+        except ImportError:
+            raise UserError("--log mlflow needs the mlflow package: pip install mlflow") from None
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=out.name)
+        mlflow.log_params({k: v for k, v in run.items() if isinstance(v, (str, int, float, bool))})
+
+    def step(self, row: dict) -> None:
+        self.mlflow.log_metrics({f"train_{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def epoch(self, row: dict) -> None:
+        self.mlflow.log_metrics({f"epoch_{k}": v for k, v in row.items() if k != "epoch" and v == v},
+                                step=row["epoch"])
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+LOGGERS = {"csv": CsvLogger, "tensorboard": TensorBoardLogger, "wandb": WandbLogger, "mlflow": MlflowLogger}
+
+
+# the package each tracker needs, and how to install it
+PACKAGES = {"tensorboard": ("tensorboard", 'pip install "igkd[tensorboard]"'), "wandb": ("wandb", "pip install wandb"),
+            "mlflow": ("mlflow", "pip install mlflow")}
+
+
+def parse_loggers(value: str) -> list[str]:
+    """The tracker names of a ``--log`` value; a one-line error for unknown ones or ones
+    whose package is missing (checked before any run folder is written)."""
+    import importlib.util
+    names = [v.strip().lower() for v in (value or "").split(",") if v.strip()]
+    bad = [n for n in names if n not in LOGGERS]
+    if bad:
+        raise UserError(f"--log {','.join(bad)} is not known; use a comma list of {', '.join(LOGGERS)} (or nothing)")
+    for n in names:
+        if n in PACKAGES and importlib.util.find_spec(PACKAGES[n][0]) is None:
+            raise UserError(f"--log {n} needs the {PACKAGES[n][0]} package: {PACKAGES[n][1]}")
+    return list(dict.fromkeys(names))
+
+
+class Trackers:
+    """All trackers of a run as one: rank 0 builds it, other ranks (and runs without
+    ``--log``) get an empty one."""
+
+    def __init__(self, value: str = "", out: Path | None = None, run: dict | None = None, resume_epoch: int = 0,
+                 active: bool = True):
+        names = parse_loggers(value) if active else []
+        self.items = [LOGGERS[n](out, run or {}, resume_epoch) for n in names]
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def step(self, row: dict) -> None:
+        for t in self.items:
+            t.step(row)
+
+    def epoch(self, row: dict) -> None:
+        for t in self.items:
+            t.epoch(row)
+
+    def close(self) -> None:
+        for t in self.items:
+            t.close()

@@ -238,7 +238,7 @@ def open_store(path: str | Path, identity: dict | None = None, verify: str | boo
     if identity is not None:
         check_identity(path, manifest["identity"], identity)
     verify_store(path, manifest, mode)
-    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ARRAYS}
     return Store(path, manifest, **arrays)
 
 

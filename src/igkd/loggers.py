@@ -3,8 +3,9 @@
 Every tracker receives the same rows: per-step scalars (``step`` = global optimisation step,
 the mean loss and its parts over the last ``--log-every`` steps, the learning rate) and one
 row per epoch (the ``metrics.jsonl`` row). A tracker is one class with ``step``, ``epoch``
-and ``close`` plus one line in :data:`LOGGERS`; trackers other than csv import their
-package only when asked for, and a missing one is a one-line error naming the extra.
+and ``close`` plus one line in :data:`LOGGERS` (and :data:`PACKAGES` when it needs one);
+trackers other than csv import their package only when asked for, and :func:`parse_loggers`
+refuses a missing one in one line, before any run folder is written.
 Only rank 0 logs.
 """
 
@@ -69,11 +70,8 @@ class TensorBoardLogger:
     """Event files in ``log/tensorboard`` (``tensorboard --logdir RUN/log``)."""
 
     def __init__(self, out: Path, run: dict, resume_epoch: int):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("--log tensorboard needs the tensorboard package: pip install \"igkd[tensorboard]\"") from None
-        self.writer = SummaryWriter(str(out / "log" / "tensorboard"), purge_step=None)
+        from torch.utils.tensorboard import SummaryWriter  # present: parse_loggers checked the package
+        self.writer = SummaryWriter(str(out / "log" / "tensorboard"))
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in run.items()))
 
     def step(self, row: dict) -> None:
@@ -91,15 +89,14 @@ class TensorBoardLogger:
 
 
 class WandbLogger:
-    """A Weights & Biases run (project ``igkd``, or $WANDB_PROJECT), resumed by the run's folder name."""
+    """A Weights & Biases run named after the run folder, in project $WANDB_PROJECT (default igkd)."""
 
     def __init__(self, out: Path, run: dict, resume_epoch: int):
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--log wandb needs the wandb package: pip install wandb") from None
-        self.wandb = wandb
-        self.run = wandb.init(project=None, name=out.name, dir=str(out / "log"), config=run, resume="allow")
+        import os
+
+        import wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "igkd"), name=out.name, dir=str(out / "log"),
+                              config=run)
 
     def step(self, row: dict) -> None:
         self.run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
@@ -115,10 +112,7 @@ class MlflowLogger:
     """An MLflow run (tracking URI from $MLFLOW_TRACKING_URI, else ./mlruns)."""
 
     def __init__(self, out: Path, run: dict, resume_epoch: int):
-        try:
-            import mlflow
-        except ImportError:
-            raise UserError("--log mlflow needs the mlflow package: pip install mlflow") from None
+        import mlflow
         self.mlflow = mlflow
         mlflow.start_run(run_name=out.name)
         mlflow.log_params({k: v for k, v in run.items() if isinstance(v, (str, int, float, bool))})

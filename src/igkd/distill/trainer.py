@@ -249,7 +249,7 @@ class Trainer:
                     extra = f"loss {total[0] / (seen * self.world):.3f}"
                     if self.trackers:
                         n0, t0 = logged
-                        part = [a - (b if t0 else 0) for a, b in zip(total, t0 or total)]
+                        part = [a - b for a, b in zip(total, t0 or [0.0] * len(total))]
                         count = (seen - n0) * self.world
                         self.trackers.step({"step": (epoch - 1) * self.steps_per_epoch + s + 1, "epoch": epoch,
                                             **{k: v / count for k, v in zip(names, part)},

@@ -421,3 +421,11 @@ def test_experiment_errors_are_one_line_and_write_nothing(tmp_path, capsys):
         assert err.count("\n") == 1 and not (tmp_path / "x").exists()
     code, _, err = igkd_main(capsys, "report", tmp_path / "nothing")
     assert code == 2 and err.startswith("igkd: error:")
+
+
+def test_latex_tables_escape_each_special_character_once():
+    from igkd.report import table_csv, table_latex
+    tex = table_latex(["method_name", "acc (%)"], [["kd+ig \\ {x}", 91.234]])
+    assert "method\\_name & acc (\\%) \\\\" in tex and "{lr}" in tex
+    assert "kd+ig \\textbackslash{} \\{x\\} & 91.23 \\\\" in tex  # not \textbackslash\{\}
+    assert table_csv(["m", "acc"], [["kd", 91.234], ["x", None]]) == "m,acc\nkd,91.234\nx,\n"

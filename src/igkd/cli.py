@@ -6,14 +6,13 @@ Errors a user can fix print one line ``igkd: error: ...`` and exit with status 2
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 
 from . import __version__
 from .config import DistillConfig, PrecomputeConfig, TrainConfig, add_arguments, build, load_yaml, overrides_from
 from .cli_types import NON_NEGATIVE, POSITIVE, Parser
 from .errors import UserError
-from .fileio import dumps
+from .fileio import dumps, is_disk_full
 
 SPEC_HELP = """\
 spec strings:
@@ -226,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"igkd: error: {e}", file=sys.stderr)
         code = 2
     except OSError as e:  # the user's file system: a full disk, a path that cannot be read or written
-        if e.errno == errno.ENOSPC:
+        if is_disk_full(e):  # ENOSPC or EDQUOT, as fileio's writers name them
             print(f"igkd: error: disk full at {e.filename or 'the output folder'}; free space and rerun (finished "
                   "work is kept)", file=sys.stderr)
         elif e.filename:

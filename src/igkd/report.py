@@ -55,12 +55,11 @@ def table_csv(header: list[str], rows: list[list]) -> str:
 
 def table_latex(header: list[str], rows: list[list]) -> str:
     """The table as a LaTeX tabular (booktabs rules), numbers as in the Markdown."""
-    def esc(text: str) -> str:
-        for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
-                     ("$", "\\$"), ("{", "\\{"), ("}", "\\}"), ("~", "\\textasciitilde{}"),
-                     ("^", "\\textasciicircum{}")):
-            text = text.replace(a, b)
-        return text
+    special = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "_": "\\_", "#": "\\#", "$": "\\$",
+               "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}"}
+
+    def esc(text: str) -> str:  # one pass: a replacement's own braces must not be escaped again
+        return "".join(special.get(c, c) for c in text)
     align = "".join("r" if rows and isinstance(rows[0][i], (int, float)) and not isinstance(rows[0][i], bool)
                     else "l" for i in range(len(header)))
     lines = [f"\\begin{{tabular}}{{{align}}}", "\\toprule", " & ".join(esc(h) for h in header) + " \\\\",

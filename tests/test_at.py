@@ -9,7 +9,9 @@ import torch
 
 from igkd.config import DistillConfig, build
 from igkd.data import Dataset, Split, load_dataset
-from igkd.distill import METHODS, FeatureHook, Trainer, at_loss, choose_layers, parse_method
+from igkd.api import needs_store
+from igkd.distill import METHODS, MODERN_METHODS, FeatureHook, Trainer, at_loss, choose_layers, parse_method
+from igkd.distill.parts import Batch
 from igkd.errors import UserError
 from igkd.models import Normalized, bare, build_model
 from igkd.precompute import precompute
@@ -57,9 +59,9 @@ def test_trainer_at_term_equals_hand_computation(tmp_path, demo_subset):
         ft = bare(t).features[:7]((x - t.mean) / t.std)
         fs = s.features[:5](x)  # train mode: the same batch statistics the step uses
     want = at_loss(fs, ft).item()
-    _, parts = tr.train_step(idx, x, y)
+    _, parts = tr.train_step(Batch(idx, x, y))
     assert parts["at"].item() == pytest.approx(want, rel=1e-5)
-    assert tr.at_hooks[0].features is None  # popped; the teacher stopped after its AT layer
+    assert tr.teacher_hooks[0].features is None  # popped; the teacher stopped after its AT layer
 
 
 def test_auto_layers_for_the_papers_networks():
@@ -97,19 +99,33 @@ def test_unknown_layer_is_a_user_error_listing_valid_names():
         choose_layers(tiny_teacher(4, 3), flat, "auto", "auto", (3, 16, 16))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_runs_an_epoch_on_real_data(tmp_path, demo_subset, method):
+TERMS = {"kd": ["kd"], "dkd": ["tckd", "nckd"], "dist": ["inter", "intra"], "explain": ["explain"], "at": ["at"]}
+# every method (the paper's, the modern baselines and controls) and every part option that changes the code path
+CASES = [(m, {}) for m in METHODS + MODERN_METHODS] + [
+    ("kd", {"kd_standardize": True}), ("dkd", {"dkd_standardize": True, "dkd_warmup": 0}),
+    ("explain", {"explain_method": "input_x_gradient"}), ("explain", {"explain_layer": "features.3"}),
+    ("ig", {"blend": 0.3, "exponent_min": 0.5, "exponent_max": 3.0}), ("kd+cutmix+explain", {"cutmix_p": 1.0}),
+    ("kd", {"logits": "online"})]
+
+
+@pytest.mark.parametrize("method,options", CASES, ids=[f"{m}{'-' + '-'.join(o) if o else ''}" for m, o in CASES])
+def test_every_method_runs_an_epoch_on_real_data(tmp_path, demo_subset, method, options):
     cfg = build(DistillConfig, dict(model=STUDENT, normalize="none", method=method, epochs=1, batch_size=32,
                                     val_fraction=0.25, warmup_epochs=0, ig_steps=2, chunk_size=256, T=2.0,
-                                    alpha=0.5, p=0.5, crop_padding=2, eval_batch_size=128))
+                                    alpha=0.5, p=0.5, crop_padding=2, eval_batch_size=128, **options))
     teacher, m = tiny_teacher(), parse_method(method)
-    store = precompute(teacher, demo_subset, cfg, tmp_path / "store", quiet=True) if m.ig or m.kd else None
+    store = precompute(teacher, demo_subset, cfg, tmp_path / "store", quiet=True) if needs_store(m, cfg) else None
     torch.manual_seed(0)
     summary = Trainer(cfg, build_model(STUDENT, 10, 1), demo_subset, tmp_path / "run", torch.device("cpu"),
                       teacher=teacher if m.needs_teacher else None, store=store, quiet=True).fit()
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert summary["method"] == method and 0 <= summary["test_accuracy"] <= 100
-    assert ("kd" in row, "at" in row) == (m.kd, m.at) and row["loss"] == row["loss"]
-    if m.at:
+    want = {"ce", *(t for p in m.part_names for t in TERMS.get(p, []))}
+    assert {k for k in row if k not in ("epoch", "loss", "images_per_s", "seconds", "val_accuracy", "lr")} == want
+    assert all(row[k] == row[k] and abs(row[k]) < 1e4 for k in want)  # finite
+    if m.has("at"):
         assert 0 < row["at"] < 1 and summary["at"]["student_layer"] == "features.4"
-        assert not any(mod._forward_hooks for mod in teacher.modules())  # hooks removed after training
+    if m.has("explain"):
+        assert 0 <= row["explain"] <= 2  # a cosine distance
+    # hooks removed after training: the caller's networks come back as they were given
+    assert not any(mod._forward_hooks for net in (teacher,) for mod in net.modules())

@@ -9,7 +9,9 @@ import torch
 
 from igkd.config import DistillConfig, PrecomputeConfig, build, load_yaml
 from igkd.data import Dataset, Split
-from igkd.distill.trainer import METHODS, Trainer, parse_method, shuffled_map_index
+from igkd.distill.methods import METHODS, parse_method
+from igkd.distill.parts.overlay import shuffled_map_index
+from igkd.distill.trainer import Trainer
 from igkd.errors import UserError
 from igkd.models import Normalized, build_model
 from igkd.precompute import precompute
@@ -72,11 +74,12 @@ def test_overlay_and_logits_follow_sample_index_whatever_the_order(tmp_path, met
     tr = trainer(tmp_path, method, data=data, p=1.0, crop_padding=0, flip=False)
     n = len(data.train)
     tr.maps = marked_maps(n)
+    tr.part_state(method.split("+")[1])["maps"] = tr.maps
     seen = []
     for epoch in (1, 2):
         for idx, x, _ in tr.batches(epoch):
             seen.append(idx)
-            owner = tr.map_index[idx] if method.endswith("shuffled") else idx
+            owner = tr.part_state("ig-shuffled")["index"][idx] if method.endswith("shuffled") else idx
             assert torch.equal(holes(x), owner)  # image idx[b] got the map of sample owner[b]
             assert method.endswith("shuffled") != torch.equal(owner, idx)
             torch.testing.assert_close(tr.teacher_logits(idx, x), tr.logits[idx])
@@ -94,6 +97,7 @@ def test_map_follows_its_image_through_crop_and_flip(tmp_path):
     data = Dataset("zeros", data.classes, 3, (12, 12), zeros, zeros)
     tr = trainer(tmp_path, "ig", data=data, p=1.0, crop_padding=3, flip=True)
     tr.maps = marked_maps(len(data.train))
+    tr.part_state("ig")["maps"] = tr.maps
     from igkd.distill.trainer import epoch_seed
     for idx, x, _ in tr.batches(1):
         # replay the epoch's random draws: the overlay's two, then crop offsets and flips
@@ -128,7 +132,7 @@ def test_every_method_trains_and_writes_a_run(tmp_path, method):
     assert summary["method"] == method and 0 <= summary["test_accuracy"] <= 100
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
-    assert ("kd" in rows[0]) == parse_method(method).kd
+    assert ("kd" in rows[0]) == parse_method(method).has("kd")
 
 
 def test_training_learns(tmp_path):
@@ -183,7 +187,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(tmp_path)
 
 
 def test_unknown_method_is_a_user_error():
-    with pytest.raises(UserError, match="choose one of"):
+    with pytest.raises(UserError, match=r"unknown method 'kd\+magic': unknown method part 'magic'; parts are kd, dkd"):
         parse_method("kd+magic")
 
 
@@ -198,11 +202,13 @@ def test_method_defaults_are_the_papers_and_the_paper_recipe_pins_its_ig():
 
 
 def test_method_names_are_canonical_and_cover_the_eight_combinations():
-    assert parse_method("at+kd").name == "kd+at" and parse_method("KD+IG+AT").at
+    assert parse_method("at+kd").name == "kd+at" and parse_method("KD+IG+AT").has("at")
     assert {m for m in METHODS if "shuffled" not in m} == {"student", "kd", "ig", "at", "kd+ig", "kd+at", "ig+at",
                                                           "kd+ig+at"}
-    for bad in ("ig+ig-shuffled", "kd+kd", "at+student"):
-        with pytest.raises(UserError, match="choose one of"):
+    for bad, why in (("ig+ig-shuffled", "which do the same job"), ("kd+kd", "names a part twice"),
+                     ("at+student", "unknown method part 'student'"), ("kd+dkd", "which do the same job"),
+                     ("kd+", "empty part")):
+        with pytest.raises(UserError, match=why):
             parse_method(bad)
 
 
@@ -288,7 +294,7 @@ def test_log_csv_writes_per_step_rows_and_a_resume_logs_no_step_twice(tmp_path):
     assert {"epoch", "loss", "ce", "kd", "lr"} <= set(steps[0])
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
-    sizes = [len(b[0]) for b in a.batches(1)]  # every step's images: the epoch loss is their weighted mean
+    sizes = [len(b.idx) for b in a.batches(1)]  # every step's images: the epoch loss is their weighted mean
     for e in (1, 2):
         rows = [float(r["loss"]) for r in steps if int(r["epoch"]) == e]
         assert abs(sum(r * n for r, n in zip(rows, sizes)) / sum(sizes) - metrics[e - 1]["loss"]) < 1e-5

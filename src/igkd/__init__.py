@@ -23,6 +23,7 @@ _API = {
     "attribution_map": ".attribution", "integrated_gradients": ".attribution",
     "DistillConfig": ".config", "PrecomputeConfig": ".config", "TrainConfig": ".config",
     "load_dataset": ".data",
+    "Part": ".distill.parts", "register_part": ".distill.parts",
     "audit": ".deploy", "bench_latency": ".deploy", "deployment_section": ".deploy", "export_model": ".deploy",
     "UserError": ".errors",
     "ExperimentConfig": ".experiments", "run_ablation": ".experiments", "run_compression": ".experiments",

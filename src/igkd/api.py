@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import DistillConfig, PrecomputeConfig, TrainConfig
 from .data import Dataset, load_dataset
-from .distill import Trainer, choose_layers, parallel, parse_method
+from .distill import Trainer, parallel, parse_method
 from .distill.speed import amp_dtype
 from .errors import UserError
 from .fileio import writable_dir
@@ -128,7 +128,8 @@ def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeC
 
 def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bool = False,
             teacher: nn.Module | None = None, student: nn.Module | None = None) -> dict:
-    """Train a student with CE / KD / IG overlay / AT as ``cfg.method`` says.
+    """Train a student with the parts of ``cfg.method`` (CE, KD, DKD, DIST, IG overlay,
+    explanation matching, AT, CutMix...; :mod:`igkd.distill.parts`).
 
     ``teacher`` and ``student``, ``nn.Module`` s taking [0, 1] pixels (a teacher that
     normalises does so inside), replace ``cfg.teacher`` and ``cfg.model``. With
@@ -174,22 +175,28 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
                 quiet or env.rank > 0)
         if not method.needs_teacher:
             teacher = None
-        if method.at:  # bad layer names fail now, not after the precompute
-            choose_layers(teacher, model, cfg.at_teacher_layer, cfg.at_student_layer,
-                          (dataset.channels, *dataset.image_size))
+        for part in method.parts:  # bad layer names and the like fail now, not after the precompute
+            part.check(cfg, teacher, model, (dataset.channels, *dataset.image_size))
         store = None
-        if method.ig or (method.kd and cfg.logits == "precomputed"):
+        if needs_store(method, cfg):
             store = _precompute(teacher, dataset, cfg, cfg.store or None, device, quiet or env.rank > 0, dist=env)
         if teacher is not None:
             meta["compression"] = meta["teacher"]["params"] / count_parameters(net)
-        if method.kd:
-            meta.update(T=cfg.T, alpha=cfg.alpha, logits=cfg.logits)
-        if method.ig:
-            meta.update(p=cfg.p, ig={"steps": cfg.ig_steps, "method": cfg.ig_method, "baseline": cfg.ig_baseline})
+        meta.update({name: getattr(cfg, name) for name in sorted(method.fields)})
+        if method.needs_logits:
+            meta["logits"] = "online" if method.online_teacher else cfg.logits
+        if method.needs_maps:
+            meta["ig"] = {"steps": cfg.ig_steps, "method": cfg.ig_method, "baseline": cfg.ig_baseline,
+                          "attribution": cfg.attribution}
         return Trainer(cfg, model, dataset, out, device, teacher=teacher, store=store, meta=meta,
                        quiet=quiet, dist=env).fit(resume)
     finally:
         parallel.shutdown(env)
+
+
+def needs_store(method, cfg) -> bool:
+    """Whether a run of ``method`` reads the precompute store: maps, or precomputed logits."""
+    return method.needs_maps or (method.needs_logits and cfg.logits == "precomputed" and not method.online_teacher)
 
 
 def _model_params(teacher: str) -> int:

@@ -80,9 +80,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=NON_NEGATIVE, default=0, help="CPU threads for torch (default: 0 = torch's default; "
                    "under torchrun on CPU: cores // processes per machine)")
 
-    _config_parser(sub, "distill", DistillConfig, "train a student with CE / KD / IG overlays / AT",
-                   "Train a student from scratch with the chosen method (student, kd, ig, at, kd+ig, kd+at, ig+at, "
-                   "kd+ig+at, or the controls ig-shuffled, kd+ig-shuffled, ig-shuffled+at, kd+ig-shuffled+at). "
+    _config_parser(sub, "distill", DistillConfig, "train a student with KD, IG overlays, DKD, DIST, AT, ...",
+                   "Train a student from scratch with the chosen method: parts joined with '+' (kd+ig is the "
+                   "paper's; 'igkd methods' lists every part with its formula, options and defaults). "
                    "Teacher logits and IG maps come from the precompute store, built on first use. Under "
                    "'torchrun --nproc_per_node=N -m igkd.cli distill ...' N processes train with DDP "
                    "(--batch-size per process).")
@@ -115,6 +115,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=POSITIVE, default=None, help="student epochs (default: from the recipe)")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     p.add_argument("--json", action="store_true", help="print the demo's metrics as JSON instead of the summary")
+
+    p = sub.add_parser("methods", help="list the method parts: formula, options, defaults, search lists",
+                       description="Every registered method part (built in, or from a package's 'igkd.parts' entry "
+                       "point): what it adds to the loss or the batch, its options with their defaults, and the "
+                       "values 'igkd experiment search' tries by default. A method joins parts with '+'.")
+    p.add_argument("--json", action="store_true", help="print the parts as JSON")
 
     p = sub.add_parser("config", help="list or print the shipped YAML recipes",
                        description="The recipes shipped inside igkd, usable by name with --config NAME: 'igkd "
@@ -170,6 +176,8 @@ def run(argv: list[str] | None = None) -> int:
             print(dumps(r, indent=2))
         else:
             print(format_evaluation(r))
+    elif args.command == "methods":
+        show_methods(args.json)
     elif args.command == "config":
         show_config(args.action, args.name)
     elif args.command == "demo":
@@ -185,6 +193,28 @@ def run(argv: list[str] | None = None) -> int:
         from .cli_experiments import run_experiment_command
         run_experiment_command(args)
     return 0
+
+
+def show_methods(as_json: bool) -> None:
+    import json
+    from dataclasses import fields
+    from .distill.parts import parts
+    defaults = {f.name: f.default for f in fields(DistillConfig)}
+    rows = [{"part": p.name, "help": p.help, "formula": p.formula, "reference": p.reference,
+             "options": {k: defaults[k] for k in p.fields}, "search": p.search,
+             "needs": [n for n in ("teacher", "logits", "maps") if getattr(p, f"needs_{n}")]
+             + (["online teacher"] if p.online_teacher else [])} for p in parts().values()]
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        print(f"{r['part']}: {r['help']}\n    loss/batch: {r['formula']}\n    from: {r['reference']}")
+        if r["options"]:
+            print("    options: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["options"].items()))
+        if r["search"]:
+            print("    search: " + "; ".join(f"{k}={','.join(map(str, v))}" for k, v in r["search"].items()))
+    print("\nA method joins parts with '+', e.g. kd+ig (the paper's), dkd+ig, kd+cutmix; 'student' is "
+          "cross-entropy alone.")
 
 
 def show_config(action: str, name: str) -> None:

@@ -12,19 +12,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import UserError
+from .options import opt
 
 
-def opt(default, help: str, *, choices=None, low=None, high=None, unit: str = "", low_open=False):
-    """A config field with its documentation and range."""
-    return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high,
-                                                unit=unit, low_open=low_open))
 
 
 class _Validated:
@@ -117,29 +114,18 @@ class PrecomputeConfig(_Validated):
 
 
 @dataclass
-class DistillConfig(TrainConfig, PrecomputeConfig):
-    """Options of ``igkd distill``; defaults are the paper's method settings."""
+class _DistillBase(TrainConfig, PrecomputeConfig):
+    """The options of ``igkd distill`` that belong to no method part."""
 
     model: str = opt("mobilenetv2:drop=5", "student architecture spec (the paper's 4.12x student by default)")
     normalize: str = opt("none", "student input preprocessing: 'none' (the paper's, raw [0,1] pixels) or "
                          "'dataset'", choices=["dataset", "none"])
-    method: str = opt("kd+ig", "student (CE only), kd, ig, at, kd+ig, kd+at, ig+at, kd+ig+at, or the controls "
-                      "ig-shuffled, kd+ig-shuffled (+at): overlays with maps of other images")
     teacher: str = opt("", "teacher checkpoint (.safetensors from igkd train, or .pt with --teacher-model)")
     teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata")
-    T: float = opt(2.5, "distillation temperature", low=0.0, high=100.0, low_open=True)
-    alpha: float = opt(0.01, "weight of the KD term; (1 - alpha) weighs cross-entropy", low=0.0, high=1.0)
-    p: float = opt(0.1, "probability of overlaying a sample's IG map", low=0.0, high=1.0)
     logits: str = opt("precomputed", "teacher logits: precomputed once on clean images (by sample index) or "
-                      "online on each augmented batch", choices=["precomputed", "online"])
+                      "online on each augmented batch (always online with a mixing part such as cutmix)",
+                      choices=["precomputed", "online"])
     store: str = opt("", "precompute store directory (default: a fingerprinted folder in the cache)")
-    gamma: float = opt(0.8, "weight of the attention-transfer term gamma * mean((A_t - A_s)^2) (methods with at)",
-                       low=0.0, high=1e6)
-    at_teacher_layer: str = opt("auto", "teacher layer whose output gives the attention map, a name of the bare "
-                                "network's named_modules() (e.g. features.6, layer2.8); auto: the last block with "
-                                "the student's feature-map size (any architecture)")
-    at_student_layer: str = opt("auto", "student layer for attention transfer; auto: its last block in the "
-                                "second-largest spatial stage (16x16 for 32x32 inputs; any architecture)")
     init: str = opt("scratch", "student initialisation: scratch (random, from --seed) or teacher (copy every teacher "
                     "tensor whose name and shape the student has: a truncated or same-family student)",
                     choices=["scratch", "teacher"])
@@ -147,6 +133,26 @@ class DistillConfig(TrainConfig, PrecomputeConfig):
                          "the global batch is batch-size x processes)")
     sync_bn: bool = opt(True, "under torchrun: BatchNorm statistics over the global batch, so N processes train "
                         "like one process with N times the batch")
+
+
+def _distill_config() -> type:
+    """DistillConfig: the base options, ``method``, and the options of every registered
+    method part (:mod:`igkd.distill.parts`), so a part brings its own options, help and
+    ranges to the CLI, YAML and the API."""
+    import importlib
+    registry = importlib.import_module("igkd.distill.parts")
+    method = opt("kd+ig", "parts joined with '+' (student = cross-entropy alone; e.g. kd+ig, the paper's): "
+                 + registry.methods_help())
+    extra = [("method", str, method)] + [(name, type(f.default), f)
+                                         for name, f in registry.config_fields(freeze=True).items()]
+    cls = dataclasses.make_dataclass("DistillConfig", extra, bases=(_DistillBase,))
+    cls.__module__, cls.__qualname__ = __name__, "DistillConfig"  # pickles and prints as igkd.config's
+    cls.__doc__ = ("Options of ``igkd distill``; defaults are the paper's method settings. The fields of "
+                   "each method part come from its module in igkd/distill/parts/.")
+    return cls
+
+
+DistillConfig = _distill_config()
 
 
 def _field_help(f: dataclasses.Field) -> str:

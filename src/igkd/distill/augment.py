@@ -1,9 +1,11 @@
-"""Batched augmentation as tensor ops: IG overlay, random crop with zero padding, flip.
+"""Batched augmentation as tensor ops: the overlay, random crop with zero padding, flip.
 
-No per-sample Python: a whole batch is transformed by indexing. The IG overlay
+No per-sample Python: a whole batch is transformed by indexing. The overlay
 (METHOD.md section 4) is applied to the full clean image before crop and flip; since
-zero-padded cropping and flipping are linear, ``crop(0.5 x + 0.5 M') = 0.5 crop(x) +
-0.5 crop(M')``: the map is cropped and flipped exactly with its image.
+zero-padded cropping and flipping are linear, ``crop((1-w) x + w M') = (1-w) crop(x) +
+w crop(M')``: the map is cropped and flipped exactly with its image. Maps that a loss
+compares with the student (``explain``) go through :func:`crop_flip` with their images
+as one more channel, so they take the very same crop and flip.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import torch
 
 
-def _draw(fn, n: int, shard: tuple[int, int] | None, device) -> torch.Tensor:
+def draw(fn, n: int, shard: tuple[int, int] | None, device) -> torch.Tensor:
     """``fn(size, device)`` for a batch of n. With ``shard=(rank, world)`` the batch is slice
     ``rank`` of ``world`` equal slices of a global batch (DDP): the numbers are drawn for the
     global batch, the same stream as one process, and this rank's slice is returned."""
@@ -21,29 +23,41 @@ def _draw(fn, n: int, shard: tuple[int, int] | None, device) -> torch.Tensor:
     return fn((n * world,), device)[rank * n:(rank + 1) * n]
 
 
-def ig_overlay(x: torch.Tensor, maps: torch.Tensor, p: float, generator: torch.Generator,
-               shard: tuple[int, int] | None = None) -> torch.Tensor:
-    """x: N x C x H x W in [0, 1]; maps: N x H x W (any non-negative scale); ``shard``: see ``_draw``.
+def uniform(n: int, generator: torch.Generator, shard, device) -> torch.Tensor:
+    """n numbers in [0, 1) for this rank's slice of the global batch, on ``device``."""
+    rand = lambda size, dev: torch.rand(size, generator=generator, device=dev)  # noqa: E731
+    return draw(rand, n, shard, generator.device).to(device)
 
-    For each sample independently: g = exp(U(ln 1, ln 2)); M' = M ** g, min-max
-    normalised over the image to [0, 1]; with probability p, x <- 0.5 x + 0.5 M'.
+
+def ig_overlay(x: torch.Tensor, maps: torch.Tensor, p: float, generator: torch.Generator,
+               shard: tuple[int, int] | None = None, blend: float = 0.5,
+               exponents: tuple[float, float] = (1.0, 2.0), constant: bool = False) -> torch.Tensor:
+    """x: N x C x H x W in [0, 1]; maps: N x H x W (any non-negative scale); ``shard``: see ``draw``.
+
+    For each sample independently: g = exp(U(ln lo, ln hi)) with ``exponents`` = (lo, hi)
+    ((1, 2) in the paper); M' = M ** g, min-max normalised over the image to [0, 1]; with
+    probability p, x <- (1 - blend) x + blend M' (blend 0.5 in the paper). ``constant``:
+    the overlay's control: blend toward the constant image of M''s mean instead, the same
+    shift in brightness and loss of contrast without the map's spatial layout.
     The random draws happen for every sample whatever p is, so the stream of random
     numbers (and hence the other augmentations) does not depend on p.
     """
     n = x.shape[0]
-    rand = lambda size, dev: torch.rand(size, generator=generator, device=dev)  # noqa: E731
-    u = _draw(rand, n, shard, generator.device).to(x.device)
-    pick = _draw(rand, n, shard, generator.device).to(x.device) < p
+    u = uniform(n, generator, shard, x.device)
+    pick = uniform(n, generator, shard, x.device) < p
     if not bool(pick.any()):
         return x
     m = maps[pick].float()
-    g = torch.exp(u[pick] * math.log(2.0))
+    lo, hi = math.log(exponents[0]), math.log(exponents[1])
+    g = torch.exp(u[pick] * (hi - lo) + lo)
     m = m.clamp_min(0).pow(g[:, None, None])
-    lo = m.flatten(1).amin(1)[:, None, None]
-    hi = m.flatten(1).amax(1)[:, None, None]
-    m = (m - lo) / (hi - lo).clamp_min(1e-12)
+    low = m.flatten(1).amin(1)[:, None, None]
+    high = m.flatten(1).amax(1)[:, None, None]
+    m = (m - low) / (high - low).clamp_min(1e-12)
+    if constant:
+        m = m.mean((1, 2), keepdim=True).expand_as(m)
     out = x.clone()
-    out[pick] = 0.5 * x[pick] + 0.5 * m[:, None]
+    out[pick] = (1 - blend) * x[pick] + blend * m[:, None]
     return out
 
 
@@ -55,8 +69,8 @@ def crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Genera
     rand = lambda size, d: torch.rand(size, generator=generator, device=d)  # noqa: E731
     offset = lambda size, d: torch.randint(0, 2 * padding + 1, size, generator=generator, device=d)  # noqa: E731
     if padding > 0:
-        dy = _draw(offset, n, shard, dev).to(x.device)
-        dx = _draw(offset, n, shard, dev).to(x.device)
+        dy = draw(offset, n, shard, dev).to(x.device)
+        dx = draw(offset, n, shard, dev).to(x.device)
         padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # N,1,H,1
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # N,1,1,W
@@ -64,6 +78,6 @@ def crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Genera
         chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = padded[batch, chans, rows, cols]
     if flip:
-        mask = _draw(rand, n, shard, dev).to(x.device) < 0.5
+        mask = draw(rand, n, shard, dev).to(x.device) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x

@@ -1,7 +1,13 @@
-"""Losses of METHOD.md section 5, as plain functions (checked against hand computations).
+"""Losses of the method parts, as plain functions (checked against hand computations and
+the papers' formulas in tests/test_losses_augment.py).
 
-KD:  L = (1 - alpha) * CE(s, y) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T)),  KL batch-mean.
-AT:  A = l2-normalise(flatten(mean_c(F^2)));  L_AT = gamma * mean((A_t - A_s)^2).
+KD:   L = (1 - alpha) * CE(s, y) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T)),  KL batch-mean.
+AT:   A = l2-normalise(flatten(mean_c(F^2)));  L_AT = gamma * mean((A_t - A_s)^2).
+DKD:  TCKD = T^2 KL(b_t || b_s), b = (p_y, 1 - p_y);  NCKD = T^2 KL(q_t || q_s), q = softmax over
+      the non-target classes alone (Zhao et al. 2022).
+DIST: 1 - Pearson correlation of softmax(s/T) and softmax(t/T), per sample (inter) and per
+      class over the batch (intra) (Huang et al. 2022).
+Explanation matching: 1 - cos(E_s, E_t) per sample (e2KD, Parchami-Araghi et al. 2024).
 """
 
 from __future__ import annotations
@@ -39,3 +45,51 @@ def at_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> t
         raise ValueError(f"attention transfer needs equal spatial sizes, got student "
                          f"{tuple(student_features.shape[-2:])} vs teacher {tuple(teacher_features.shape[-2:])}")
     return (attention_map(teacher_features) - attention_map(student_features)).pow(2).mean()
+
+
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardisation (Sun et al. 2024): z-scores over the classes (unbiased std, as
+    their code)."""
+    z = logits.float()
+    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + eps)
+
+
+def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+              T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(TCKD, NCKD) of decoupled KD, each T^2-scaled and batch-mean. Log-probabilities
+    throughout (log-sum-exp for 1 - p_y, the target column removed for the non-target
+    distribution) rather than the paper code's probabilities and -1000 masking, so
+    confident teachers give no log(0)."""
+    s, t = student_logits.float() / T, teacher_logits.float() / T
+    n, c = s.shape
+    gt = F.one_hot(labels, c).bool()
+    log_ps, log_pt = F.log_softmax(s, 1), F.log_softmax(t, 1)
+
+    def binary(log_p):  # log (p_y, 1 - p_y)
+        other = log_p.masked_fill(gt, float("-inf")).logsumexp(1)
+        return torch.stack([log_p[gt], other], 1)
+
+    tckd = F.kl_div(binary(log_ps), binary(log_pt), reduction="batchmean", log_target=True) * (T * T)
+    rest = lambda z: F.log_softmax(z[~gt].view(n, c - 1), 1)  # noqa: E731
+    nckd = F.kl_div(rest(s), rest(t), reduction="batchmean", log_target=True) * (T * T)
+    return tckd, nckd
+
+
+def _pearson_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """mean over rows of 1 - Pearson correlation (centred cosine), as DIST's code."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return 1 - F.cosine_similarity(a, b, dim=1, eps=eps).mean()
+
+
+def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inter, intra) relation distances of DIST, unscaled (the part multiplies by T^2)."""
+    ps = F.softmax(student_logits.float() / T, 1)
+    pt = F.softmax(teacher_logits.float() / T, 1)
+    return _pearson_distance(ps, pt), _pearson_distance(ps.t(), pt.t())
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """mean over samples of 1 - cos(flatten(a_i), flatten(b_i))."""
+    return 1 - F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1, eps=eps).mean()

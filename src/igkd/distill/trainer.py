@@ -1,10 +1,19 @@
-"""Training loop for teachers (cross-entropy) and students (CE / KD / IG overlay / AT).
+"""Training loop for teachers (cross-entropy) and students (cross-entropy plus the terms
+and batch transforms of their method's parts, :mod:`igkd.distill.parts`).
 
 The data path follows the fast CIFAR trainers: the whole training split lives as a
 uint8 tensor on the training device next to its labels, IG maps and teacher logits,
 all aligned by sample index; each batch is the images at a slice of a seeded
 permutation, augmented as tensor ops (:mod:`igkd.distill.augment`). There is no
 DataLoader and no per-sample Python.
+
+The trainer knows no method by name. Each batch is the images at the step's indices,
+then the transforms of the parts at stage ``overlay`` (clean images), crop and flip (with
+the maps of the samples as one more channel when a part compares maps), then the
+transforms at stage ``mix``. The teacher runs when a part needs its logits online
+(``--logits online``, or a mixing part) or hooks one of its layers; otherwise logits come
+from the store by sample index. The loss is ``w_ce CE + sum of w_term term`` over the
+parts' named terms; the terms are logged unweighted.
 
 A run directory holds::
 
@@ -34,10 +43,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from ..config import DistillConfig, TrainConfig, to_dict
+from ..config import TrainConfig, to_dict
 from ..data import Dataset, stratified_split, subset_indices
 from ..errors import UserError
 from ..evaluate import classification_metrics, predict
@@ -46,11 +56,10 @@ from ..fileio import disk_full_names, dumps, remove_temporaries, write_bytes, wr
 from ..lock import DirLock
 from ..models import Normalized, bare, count_parameters, load_weights, save_checkpoint
 from ..progress import Progress, fmt_seconds, log
-from .attention import FeatureHook, StopForward, choose_layers
-from .augment import crop_flip, ig_overlay
-from .losses import at_loss, kd_loss
-from .methods import METHODS, Method, parse_method
+from .attention import FeatureHook, StopForward
+from .augment import crop_flip
 from .parallel import Dist, sync_batchnorm
+from .parts import PLAIN, Batch, Step, parse_method
 from .speed import amp_dtype, autocast, lr_lambda, make_optimizer, maybe_compile
 
 CHECK_EVERY = 20  # steps between finite-loss checks (one tiny all-reduce under DDP)
@@ -65,19 +74,6 @@ class TrainingDiverged(UserError):
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63 - 1)
-
-
-def shuffled_map_index(n: int, seed: int) -> torch.Tensor:
-    """A fixed derangement-like permutation: sample i gets the map of sample perm[i] != i."""
-    g = torch.Generator().manual_seed(epoch_seed(seed, -1))
-    perm = torch.randperm(n, generator=g)
-    same = perm == torch.arange(n)
-    if n > 1 and bool(same.any()):  # move fixed points one step along
-        fixed = same.nonzero().flatten()
-        perm[fixed] = perm[torch.roll(fixed, 1)] if len(fixed) > 1 else perm[(fixed + 1) % n]
-        if len(fixed) == 1:
-            perm[(fixed + 1) % n] = fixed
-    return perm
 
 
 class Trainer:
@@ -99,7 +95,7 @@ class Trainer:
         parse_loggers(cfg.log)  # an unknown tracker or a missing package: refused before anything is written
         self.trackers = Trackers()  # fit() starts the real ones (rank 0)
         self.meta = dict(meta or {})
-        self.method = parse_method(cfg.method) if isinstance(cfg, DistillConfig) else parse_method("student")
+        self.method = parse_method(cfg.method) if hasattr(cfg, "method") else PLAIN  # a teacher's TrainConfig
         self.model = model.to(device)
         self.sync_bn = self.dist.active and getattr(cfg, "sync_bn", True)
         if self.sync_bn:
@@ -118,14 +114,18 @@ class Trainer:
         self.teacher = teacher.to(device).eval() if teacher is not None else None
         if self.teacher is not None and cfg.channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        m = self.method
         self.maps = self.logits = None
-        if self.method.ig:
+        if m.needs_maps:
             self.maps = torch.from_numpy(np.array(store.maps)).to(device)
-            if self.method.shuffled:
-                self.map_index = shuffled_map_index(len(train), cfg.seed).to(device)
-        if self.method.kd and cfg.logits == "precomputed":
+        if m.needs_logits and cfg.logits == "precomputed" and not m.online_teacher:
             self.logits = torch.from_numpy(np.array(store.logits)).to(device)
-        self.at_hooks = self._attention_hooks() if self.method.at else None
+        self.aligned_maps = any(p.aligned_maps for p in m.parts)
+        self.teacher_hooks: list[FeatureHook] = []
+        self.student_hooks: list[FeatureHook] = []
+        self.input_grad = False  # a part's setup sets it when its loss differentiates the input
+        self.current_epoch = 0
+        self.parts = [(part, part.setup(self)) for part in m.parts]
         n = len(self.train_idx)
         self.batch = min(cfg.batch_size, n // self.world)
         if self.batch < 1:
@@ -145,71 +145,97 @@ class Trainer:
         self.epoch = 0
         self.best = {"val_accuracy": -1.0, "epoch": 0}
 
-    def _attention_hooks(self) -> tuple[FeatureHook, FeatureHook]:
-        cfg = self.cfg
-        shape = (self.dataset.channels, *self.dataset.image_size)
-        t_name, s_name, t_shape, s_shape = choose_layers(self.teacher, self.model, cfg.at_teacher_layer,
-                                                         cfg.at_student_layer, shape, self.device)
-        self.meta["at"] = {"gamma": cfg.gamma, "teacher_layer": t_name, "student_layer": s_name,
-                           "teacher_shape": list(t_shape), "student_shape": list(s_shape)}
-        return FeatureHook(self.teacher, t_name, "teacher"), FeatureHook(self.model, s_name, "student")
+    def hook_teacher(self, name: str) -> FeatureHook:
+        """A forward hook keeping the output of the teacher's layer ``name`` (for a part's setup)."""
+        hook = FeatureHook(self.teacher, name, "teacher")
+        self.teacher_hooks.append(hook)
+        return hook
+
+    def hook_student(self, name: str) -> FeatureHook:
+        hook = FeatureHook(self.model, name, "student")
+        self.student_hooks.append(hook)
+        return hook
+
+    def part_state(self, name: str):
+        """The state the part ``name`` of this run's method keeps (its setup's result)."""
+        return next(state for part, state in self.parts if part.name == name)
+
+    def _stage(self, stage: str):
+        return [(part, state) for part, state in self.parts if part.stage == stage]
 
     # ---------------------------------------------------------------- batches
     def batches(self, epoch: int):
-        """(sample indices, augmented float batch, labels) for each step of ``epoch``: this
-        rank's slice of each global batch (the whole batch in a single process)."""
+        """The :class:`~igkd.distill.parts.Batch` of each step of ``epoch`` (it unpacks as
+        ``idx, x, y``): this rank's slice of each global batch (the whole batch in a single
+        process). Random draws, in order: the permutation, the overlay stage's, crop and
+        flip, the mix stage's; all from one generator seeded by (seed, epoch)."""
         cfg, bs, shard = self.cfg, self.batch, (self.rank, self.world)
         gen = torch.Generator(device=self.device).manual_seed(epoch_seed(cfg.seed, epoch))
         order = self.train_idx[torch.randperm(len(self.train_idx), generator=gen, device=self.device)]
+        overlay, mix = self._stage("overlay"), self._stage("mix")
         for s in range(self.steps_per_epoch):
             start = (s * self.world + self.rank) * bs
             idx = order[start:start + bs]
-            x = self.images[idx].float().div_(255)
-            if self.method.ig:
-                map_idx = self.map_index[idx] if self.method.shuffled else idx
-                x = ig_overlay(x, self.maps[map_idx], cfg.p, gen, shard)
-            x = crop_flip(x, cfg.crop_padding, cfg.flip, gen, shard)
+            b = Batch(idx, self.images[idx].float().div_(255), self.labels[idx])
+            for part, state in overlay:
+                b = part.transform(state, b, gen, shard)
+            if self.aligned_maps:  # the maps take their images' crop and flip as one more channel
+                both = crop_flip(torch.cat([b.x, self.maps[idx].float()[:, None]], 1), cfg.crop_padding, cfg.flip,
+                                 gen, shard)
+                b.x, b.maps = both[:, :-1], both[:, -1]
+            else:
+                b.x = crop_flip(b.x, cfg.crop_padding, cfg.flip, gen, shard)
+            for part, state in mix:
+                b = part.transform(state, b, gen, shard)
             if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield idx, x, self.labels[idx]
+                b.x = b.x.contiguous(memory_format=torch.channels_last)
+            yield b
 
     # ---------------------------------------------------------------- step
-    def teacher_outputs(self, idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Teacher logits (precomputed by index, or online on ``x``) and, for AT, the teacher's
-        feature map on ``x``. The teacher runs in eval mode without gradients, and stops after
-        the AT layer when its logits are not needed."""
-        m = self.method
-        logits = self.logits[idx] if m.kd and self.logits is not None else None
-        online = m.kd and logits is None
-        if not (online or m.at):
-            return logits, None
-        if m.at:
-            self.at_hooks[0].stop = not online
+    def teacher_outputs(self, batch: Batch) -> torch.Tensor | None:
+        """The teacher's logits for the batch when a part needs them: precomputed by sample
+        index, or online on ``batch.x``. The teacher also runs (eval mode, no gradients) when
+        a part hooks one of its layers; with one hook and no online logits it stops there."""
+        need = self.method.needs_logits
+        logits = self.logits[batch.idx] if need and self.logits is not None and not batch.mixed else None
+        online = need and logits is None
+        hooks = self.teacher_hooks
+        if not (online or hooks):
+            return logits
+        if hooks:  # with no logits to compute, the teacher's one hooked layer ends its forward
+            hooks[0].stop = not online and len(hooks) == 1
         with torch.no_grad():
             try:
-                out = self.teacher(x)
+                out = self.teacher(batch.x.detach())
             except StopForward:
                 out = None
             finally:
-                if m.at:  # never leave a stopping hook on the caller's teacher
-                    self.at_hooks[0].stop = False
-        return (out.float() if online else logits), (self.at_hooks[0].pop() if m.at else None)
+                if hooks:  # never leave a stopping hook on the caller's teacher
+                    hooks[0].stop = False
+        return out.float() if online else logits
 
-    def teacher_logits(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        return self.teacher_outputs(idx, x)[0]
+    def teacher_logits(self, idx: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor | None:
+        return self.teacher_outputs(Batch(idx, x, None))
 
-    def train_step(self, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """One optimisation step on a batch; returns the loss and its parts (detached)."""
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """One optimisation step on a batch; returns the loss and its terms (detached)."""
         cfg = self.cfg
+        if self.input_grad:
+            batch.x.requires_grad_(True)
         with autocast(self.amp, self.device):
-            t_logits, t_features = self.teacher_outputs(idx, x)
-            out = self.train_model(x)
-        loss, parts = kd_loss(out, y, t_logits, getattr(cfg, "T", 1.0), getattr(cfg, "alpha", 0.0),
-                              cfg.label_smoothing)
-        if self.method.at:
-            at = at_loss(self.at_hooks[1].pop(), t_features)
-            loss = loss + cfg.gamma * at
-            parts["at"] = at.detach()
+            t_logits = self.teacher_outputs(batch)
+            out = self.train_model(batch.x)
+        target = batch.target if batch.target is not None else batch.y
+        ce = F.cross_entropy(out.float(), target, label_smoothing=cfg.label_smoothing)
+        weight = 1.0
+        for part, _ in self.parts:
+            weight *= part.ce_weight(cfg)
+        loss, terms = (ce if weight == 1.0 else weight * ce), {"ce": ce.detach()}
+        step = Step(cfg, self.current_epoch, batch, out, t_logits)
+        for part, state in self.parts:
+            for name, (w, value) in part.loss(state, step).items():
+                loss = loss + w * value
+                terms[name] = value.detach()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -219,7 +245,7 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
         self.scheduler.step()
-        return loss.detach(), parts
+        return loss.detach(), terms
 
     # ---------------------------------------------------------------- epochs
     def train_epoch(self, epoch: int) -> dict:
@@ -229,6 +255,7 @@ class Trainer:
         CHECK_EVERY steps, summed over ranks so that all ranks stop together."""
         cfg = self.cfg
         self.train_model.train()
+        self.current_epoch = epoch
         acc, names, seen = None, [], 0
         # losses are synced every CHECK_EVERY steps; with trackers also every log_every steps
         # (decided by the config, not by rank, so that every rank joins each all-reduce)
@@ -237,12 +264,12 @@ class Trainer:
         start = time.perf_counter()
         with Progress(self.steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", "step",
                       quiet=self.quiet or not _is_tty()) as bar:
-            for s, (idx, x, y) in enumerate(self.batches(epoch)):
-                loss, parts = self.train_step(idx, x, y)
-                names = ["loss", *parts]
-                vals = torch.stack([loss.float(), *(v.float() for v in parts.values())]) * len(idx)
+            for s, batch in enumerate(self.batches(epoch)):
+                loss, terms = self.train_step(batch)
+                names = ["loss", *terms]
+                vals = torch.stack([loss.float(), *(v.float() for v in terms.values())]) * len(batch.idx)
                 acc = vals if acc is None else acc + vals
-                seen += len(idx)
+                seen += len(batch.idx)
                 extra = ""
                 if (s + 1) % every == 0 or s + 1 == self.steps_per_epoch:
                     total = self._checked(acc, epoch)
@@ -260,6 +287,20 @@ class Trainer:
         seen *= self.world
         return {**{k: float(v) / max(1, seen) for k, v in zip(names, total)}, "images_per_s": seen / dt,
                 "seconds": dt}
+
+    @staticmethod
+    def _term_names(stats: dict) -> list[str]:
+        """The loss terms of an epoch's stats worth printing (none when CE is all there is)."""
+        terms = [k for k in stats if k not in ("loss", "images_per_s", "seconds")]
+        return terms if len(terms) > 1 else []
+
+    def close(self) -> None:
+        """Remove the parts' hooks: the caller's teacher and student come back unhooked."""
+        for part, state in self.parts:
+            part.close(state)
+        for hook in self.teacher_hooks + self.student_hooks:
+            hook.remove()
+        self.teacher_hooks, self.student_hooks = [], []
 
     def _checked(self, acc: torch.Tensor, epoch: int) -> list[float]:
         total = self.dist.all_reduce(acc.clone()).tolist()
@@ -389,19 +430,17 @@ class Trainer:
         self.trackers = Trackers(cfg.log, self.out, to_dict(cfg), self.epoch, active=rank0)
         params = count_parameters(bare(self.model))
         procs = f" x {self.world} processes = {self.batch * self.world}" if self.world > 1 else ""
-        at = self.meta.get("at")
+        words = [w for w in (part.describe(state) for part, state in self.parts) if w]
         log(f"training {cfg.model} ({params:,} params) with {self.method.name} on {self.dataset.spec}: "
             f"{len(self.train_idx)} train / {len(self.val_idx)} val images, {cfg.epochs} epochs, "
             f"batch {self.batch}{procs}, {cfg.optimizer} lr {self.lr:g}, device {self.device}"
             + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else "")
-            + (f", AT teacher {at['teacher_layer']} / student {at['student_layer']} "
-               f"({at['student_shape'][1]}x{at['student_shape'][2]}), gamma {at['gamma']}" if at else ""), self.quiet)
+            + "".join(f", {w}" for w in words), self.quiet)
         start, first = time.perf_counter(), self.epoch
         try:
             self._epochs(history, start, first)
         finally:
-            for hook in self.at_hooks or ():  # the caller's teacher and student come back unhooked
-                hook.remove()
+            self.close()
             self.trackers.close()
         return self.finish(history, time.perf_counter() - start)
 
@@ -426,7 +465,7 @@ class Trainer:
                 self.trackers.epoch(row)
             eta = (time.perf_counter() - start) / (epoch - first) * (cfg.epochs - epoch)
             log(f"epoch {epoch}/{cfg.epochs}: loss {stats['loss']:.4f}"
-                + "".join(f", {k} {stats[k]:.4g}" for k in ("ce", "kd", "at") if k in stats and len(stats) > 4)
+                + "".join(f", {k} {stats[k]:.4g}" for k in self._term_names(stats))
                 + f", val {val:.2f}%{' *' if improved else ''}, {stats['images_per_s']:.0f} img/s, "
                 f"ETA {fmt_seconds(eta)}", self.quiet)
 
@@ -459,4 +498,4 @@ def _is_tty() -> bool:
     return sys.stderr.isatty()
 
 
-__all__ = ["METHODS", "Method", "Trainer", "TrainingDiverged", "parse_method"]
+__all__ = ["Trainer", "TrainingDiverged", "epoch_seed"]

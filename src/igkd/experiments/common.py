@@ -42,7 +42,7 @@ def setup(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str],
     ctx: dict = {"kind": kind, "data": cfg.data, "teacher": None, "store": None}
     if teacher:
         ctx["teacher"] = teacher_facts(cfg, out, quiet)
-    if any(m.ig or (m.kd and cfg.logits == "precomputed") for m in parsed):
+    if any(api.needs_store(m, cfg) for m in parsed):
         store = api.precompute(cfg.teacher, cfg.data, precompute_config(cfg), cfg.store or None, cfg.teacher_model,
                                cfg.device, quiet, threads=cfg.threads)
         ctx["store"] = str(Path(store.path).resolve())

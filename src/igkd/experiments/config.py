@@ -57,10 +57,16 @@ class ExperimentConfig(DistillConfig):
                                   low=0.0, high=3600.0, unit="s")
     sampler: str = opt("grid", "search: grid (every point of the value lists, each exactly once across workers) "
                        "or tpe (Optuna's TPE within the range of each list)", choices=["grid", "tpe"])
-    search_method: str = opt("kd+ig", "search: the method whose hyper-parameters are searched")
-    T_values: str = opt("1,2,2.5,4,8", "search: temperatures (grid points; tpe: the range, log scale)")
-    alpha_values: str = opt("0.01,0.1,0.5,0.9", "search: KD weights (grid points; tpe: the range)")
-    p_values: str = opt("0,0.1,0.25,0.5", "search: overlay probabilities (grid points; tpe: the range)")
+    search_method: str = opt("kd+ig", "search: the method whose hyper-parameters are searched (its parts give "
+                             "the default value lists)")
+    T_values: str = opt("", "search: temperatures of kd (grid points; tpe: the range, log scale); empty: kd's "
+                        "list 1,2,2.5,4,8")
+    alpha_values: str = opt("", "search: KD weights (grid points; tpe: the range); empty: kd's list 0.01,0.1,0.5,0.9")
+    p_values: str = opt("", "search: overlay probabilities (grid points; tpe: the range); empty: the overlay's "
+                        "list 0,0.1,0.25,0.5")
+    space: str = opt("", "search: value lists of any numeric option of the method's parts or the recipe, "
+                     "'NAME=v1,v2;NAME=...' (e.g. 'blend=0.25,0.5,0.75' for the overlay's blend weight, "
+                     "'dkd_beta=2,8'); replaces the parts' default lists (`igkd methods` shows them)")
     lr_values: str = opt("", "search: learning rates (grid points; tpe: the range, log scale); empty: the base "
                          "--lr only")
     trials: int = opt(20, "search with tpe: total trials over all workers (grid: all points)", low=1, high=100000)
@@ -82,9 +88,16 @@ def split_list(text: str, cast=str, flag: str = "") -> list:
 
 
 def _flatten_lists(values: dict) -> dict:
-    # model specs hold commas themselves, so a list of students is joined with ';'
-    return {k: (";" if k == "students" else ",").join(map(str, v)) if isinstance(v, (list, tuple)) else v
-            for k, v in values.items()}
+    # model specs hold commas themselves, so a list of students is joined with ';'; a search
+    # space may be a mapping NAME: [values] in YAML
+    def flat(k, v):
+        if k == "space" and isinstance(v, dict):
+            return ";".join(f"{n}=" + ",".join(map(str, vals if isinstance(vals, (list, tuple)) else [vals]))
+                            for n, vals in v.items())
+        if isinstance(v, (list, tuple)):
+            return (";" if k == "students" else ",").join(map(str, v))
+        return v
+    return {k: flat(k, v) for k, v in values.items()}
 
 
 def yaml_layers(path: str | Path | None, kind: str) -> dict:

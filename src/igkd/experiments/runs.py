@@ -3,7 +3,8 @@
 Every training run of an experiment is one :class:`~igkd.config.DistillConfig`. Its key is
 the sha256 of that config with the fields that cannot change the result removed (threads,
 device, store location, evaluation batch, speed switches) and the fields its method does
-not use removed too (a ``student`` run ignores T, alpha, p, the teacher...); the teacher
+not use removed too (the options of parts not in its method, the store's settings unless
+it reads maps, the teacher unless it needs one); the teacher
 is named by the sha256 of its file, not its path. A run lives in
 ``OUT/runs/<label>--<key>/``:
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from .. import api
 from ..config import DistillConfig, PrecomputeConfig, to_dict
-from ..distill.methods import parse_method
+from ..distill.parts import config_fields as part_config_fields, parse_method
 from ..errors import UserError
 from ..fileio import write_json
 from ..progress import fmt_seconds, log
@@ -34,10 +35,8 @@ from ..store import sha256_file
 # fields that do not change what a run computes (speed, placement, bookkeeping)
 NON_SEMANTIC = ("threads", "device", "store", "eval_batch_size", "channels_last", "optimizer_impl", "compile",
                 "chunk_size", "ig_batch", "check_images", "check_steps", "verify_store", "log", "log_every")
-KD_FIELDS = ("T", "alpha", "logits")
-# the overlay probability and every setting of the stored maps (attribution, steps, baseline, ...)
-IG_FIELDS = ("p", *(f.name for f in fields(PrecomputeConfig)))
-AT_FIELDS = ("gamma", "at_teacher_layer", "at_student_layer")
+# every setting of the stored maps (attribution, steps, baseline, ...): they matter to methods using maps
+STORE_FIELDS = tuple(f.name for f in fields(PrecomputeConfig))
 TEACHER_FIELDS = ("teacher", "teacher_model")
 MARKER = "experiment.json"
 
@@ -59,12 +58,11 @@ def semantic_config(cfg: DistillConfig) -> dict:
     d = to_dict(cfg)
     d["method"] = method.name
     drop = set(NON_SEMANTIC)
-    if not method.kd:
-        drop.update(KD_FIELDS)
-    if not method.ig:
-        drop.update(IG_FIELDS)
-    if not method.at:
-        drop.update(AT_FIELDS)
+    drop.update(name for name in part_config_fields() if name not in method.fields)  # other parts' options
+    if not method.needs_logits:
+        drop.add("logits")
+    if not method.needs_maps:
+        drop.update(STORE_FIELDS)
     if not method.needs_teacher:
         drop.update(TEACHER_FIELDS)
     elif cfg.teacher and Path(cfg.teacher).is_file():

@@ -1,4 +1,5 @@
-"""``igkd experiment search``: grid or TPE search over T, alpha, p and the learning rate.
+"""``igkd experiment search``: grid or TPE search over the options of a method's parts
+(T, alpha, p, the overlay's blend weight, DKD's beta, ...) and the learning rate.
 
 Scored on the validation split (carved from the training set, ``--val-fraction``); the
 test accuracy of each trial is recorded for the report but never used to choose.
@@ -27,7 +28,6 @@ from __future__ import annotations
 import fcntl
 import inspect
 import json
-import math
 import os
 import socket
 import threading
@@ -37,7 +37,10 @@ from contextlib import contextmanager
 from itertools import product
 from pathlib import Path
 
-from ..distill.methods import parse_method
+from dataclasses import fields
+
+from ..config import DistillConfig, TrainConfig
+from ..distill.parts import parse_method
 from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
 from ..progress import log
@@ -46,8 +49,10 @@ from .common import save_results, setup
 from .config import ExperimentConfig, distill_config, split_list
 from .runs import Job, prepare_out, run_jobs, run_record
 
-PARAMS = ("T", "alpha", "p", "lr")
-LOG_SCALE = ("T", "lr")
+# the pre-parts options for value lists: option -> its flag (--space covers every other)
+LEGACY_LISTS = {"T": "--T-values", "alpha": "--alpha-values", "p": "--p-values", "lr": "--lr-values"}
+# bookkeeping numbers that are not hyper-parameters
+NOT_SEARCHABLE = {"epochs", "seed", "subset_seed", "threads", "eval_batch_size", "log_every", "val_fraction", "subset"}
 
 
 def optuna_or_error():
@@ -61,30 +66,62 @@ def optuna_or_error():
 
 
 def search_space(cfg: ExperimentConfig) -> dict[str, list[float]]:
-    """The value list of each searched parameter (only those the method uses)."""
+    """The value list of each searched option. Defaults come from the parts of
+    ``--search-method`` (each part's ``search`` lists: kd's T and alpha, the overlay's p,
+    ...); ``--T-values``, ``--alpha-values``, ``--p-values`` and ``--lr-values`` replace
+    theirs, and ``--space "NAME=v1,v2;NAME=..."`` sets any numeric option of the method's
+    parts or of the training recipe (``blend=0.25,0.5,0.75`` asks the blend-weight
+    question). An empty list drops an option."""
     method = parse_method(cfg.search_method)
-    space = {}
-    if method.kd:
-        space["T"] = split_list(cfg.T_values, float, "--T-values")
-        space["alpha"] = split_list(cfg.alpha_values, float, "--alpha-values")
-    if method.ig:
-        space["p"] = split_list(cfg.p_values, float, "--p-values")
-    lrs = split_list(cfg.lr_values, float, "--lr-values")
-    if lrs:
-        space["lr"] = lrs
-    for name, values in list(space.items()):
-        if not values:
-            del space[name]
-    checks = {"T": (0, math.inf, True), "alpha": (0, 1, False), "p": (0, 1, False), "lr": (0, 10, True)}
+    space: dict[str, list[float]] = {}
+    for part in method.parts:
+        space.update({k: [float(v) for v in vals] for k, vals in part.search.items()})
+    for name, flag in LEGACY_LISTS.items():
+        text = getattr(cfg, name + "_values")
+        if text.strip() and (name in space or name == "lr"):
+            space[name] = split_list(text, float, flag)
+    space.update(parse_space(cfg.space, method))
+    space = {k: v for k, v in space.items() if v}
+    fields_by_name = {f.name: f for f in fields(DistillConfig)}
     for name, values in space.items():
-        lo, hi, open_lo = checks[name]
+        m = fields_by_name[name].metadata
         for v in values:
-            if v < lo or v > hi or (open_lo and v == lo):
-                raise UserError(f"--{name}-values contains {v}, out of range for {name}")
+            if m.get("low") is not None and (v < m["low"] or v > m["high"] or (m.get("low_open") and v == m["low"])):
+                raise UserError(f"search value {v:g} is out of range for {name}; use values in "
+                                f"{'(' if m.get('low_open') else '['}{m['low']}, {m['high']}]")
     if not space:
-        raise UserError(f"nothing to search for method {cfg.search_method!r}: give --T-values/--alpha-values (kd), "
-                        "--p-values (ig) or --lr-values")
+        raise UserError(f"nothing to search for method {cfg.search_method!r}: give --space NAME=v1,v2 (any numeric "
+                        "option of its parts, or lr) or --lr-values")
     return space
+
+
+def searchable(method) -> dict[str, type]:
+    """Numeric options a search of ``method`` may vary: its parts' and the training recipe's."""
+    base = {f.name for f in fields(TrainConfig)}
+    return {f.name: type(f.default) for f in fields(DistillConfig)
+            if (f.name in method.fields or f.name in base) and type(f.default) in (int, float)
+            and f.name not in NOT_SEARCHABLE}
+
+
+def parse_space(text: str, method) -> dict[str, list[float]]:
+    """``"blend=0.25,0.5;lr=0.01,0.05"`` -> {"blend": [0.25, 0.5], "lr": [0.01, 0.05]}."""
+    out: dict[str, list[float]] = {}
+    allowed = searchable(method)
+    for item in filter(None, (t.strip() for t in text.replace("\n", ";").split(";"))):
+        name, eq, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not eq:
+            raise UserError(f"--space item {item!r} must be NAME=v1,v2,...")
+        if name not in allowed:
+            raise UserError(f"--space: {name!r} is not a numeric option of {method.name} or the training recipe; "
+                            f"choose from {', '.join(sorted(allowed))}")
+        out[name] = split_list(values, float, f"--space {name}")
+    return out
+
+
+def log_scale(name: str, cfg: ExperimentConfig) -> bool:
+    """TPE samples these on a log scale: the learning rate and what the parts declare (temperatures...)."""
+    return name == "lr" or any(name in p.log_scale for p in parse_method(cfg.search_method).parts)
 
 
 def grid_points(space: dict[str, list[float]]) -> list[dict[str, float]]:
@@ -225,7 +262,7 @@ def suggest(trial, cfg: ExperimentConfig, space: dict) -> dict[str, float]:
         if cfg.sampler == "grid" or min(values) == max(values):
             params[name] = float(trial.suggest_categorical(name, sorted(set(values))))
         else:
-            params[name] = float(trial.suggest_float(name, min(values), max(values), log=name in LOG_SCALE))
+            params[name] = float(trial.suggest_float(name, min(values), max(values), log=log_scale(name, cfg)))
     return params
 
 

@@ -1,0 +1,89 @@
+"""``explain``: explanation matching (e2KD, Parchami-Araghi et al., "Good teachers
+explain", ECCV 2024), the overlay's closest competitor.
+
+Instead of blending the teacher's map into the image, the student is trained so that its
+own explanation of the label agrees with the teacher's precomputed map of the same
+sample index (which follows the batch's crop, flip and mixing):
+L = CE + lambda (1 - cos(E_s, M_t)) per sample, batch mean.
+
+The student's explanation is differentiable (a second-order gradient flows into its
+weights):
+
+* ``gradcam`` (default): ReLU(sum_k mean_hw(dy/dA_k) A_k) at a hooked layer A
+  (``--explain-layer``; auto: the attribution registry's Grad-CAM choice), the
+  teacher's map average-pooled to that layer's size;
+* ``input_x_gradient``: sum_c |x dy/dx| at full resolution.
+"""
+
+from __future__ import annotations
+
+from ...options import opt
+from .base import Part
+
+
+class Explain(Part):
+    name = "explain"
+    help = "e2KD explanation matching, CE + lambda (1 - cos(student Grad-CAM, teacher map)) (lambda 1)"
+    formula = "CE(s, y) + lambda (1 − cos(E_s(x), M_t)), E_s: Grad-CAM or input × gradient of the label logit"
+    reference = "Parchami-Araghi et al., Good Teachers Explain, ECCV 2024"
+    order = 30
+    fields = {
+        "explain_lambda": opt(1.0, "explain: weight of the explanation distance", low=0.0, high=1e6),
+        "explain_method": opt("gradcam", "explain: the student's explanation, Grad-CAM at --explain-layer or "
+                              "input x gradient", choices=["gradcam", "input_x_gradient"]),
+        "explain_layer": opt("auto", "explain: student layer of its Grad-CAM, a name of the bare network's "
+                             "named_modules(); auto: the last block of its smallest spatial stage"),
+    }
+    search = {"explain_lambda": [0.1, 1, 10]}
+    log_scale = ("explain_lambda",)
+    needs_teacher = aligned_maps = True
+
+    def check(self, cfg, teacher, student, input_shape) -> None:
+        if cfg.explain_method == "gradcam":
+            self._layer(cfg, student, input_shape)
+
+    @staticmethod
+    def _layer(cfg, student, input_shape, device="cpu") -> str:
+        if cfg.explain_layer != "auto":
+            from ..attention import resolve_layer
+            resolve_layer(student, cfg.explain_layer, "student")
+            return cfg.explain_layer
+        from ...attribution.gradcam import auto_layer
+        return auto_layer(student, input_shape, device, who="student")
+
+    def setup(self, run):
+        cfg = run.cfg
+        state = {"layer": None, "hook": None}
+        if cfg.explain_method == "gradcam":
+            shape = (run.dataset.channels, *run.dataset.image_size)
+            state["layer"] = self._layer(cfg, run.model, shape, run.device)
+            state["hook"] = run.hook_student(state["layer"])
+            run.meta["explain"] = {"method": "gradcam", "student_layer": state["layer"]}
+        else:
+            run.input_grad = True
+            run.meta["explain"] = {"method": "input_x_gradient"}
+        return state
+
+    def loss(self, state, step):
+        import torch
+        import torch.nn.functional as F
+        from ..losses import cosine_distance
+        score = step.logits.float().gather(1, step.batch.y[:, None]).sum()
+        maps = step.batch.maps.float()
+        if state["hook"] is not None:
+            from ...attribution.gradcam import gradcam_map
+            acts = state["hook"].pop()
+            grads, = torch.autograd.grad(score, acts, create_graph=True)
+            mine = gradcam_map(acts, grads)
+            maps = F.adaptive_avg_pool2d(maps[:, None], mine.shape[-2:])[:, 0]
+        else:
+            x = step.batch.x
+            grads, = torch.autograd.grad(score, x, create_graph=True)
+            mine = (x * grads).abs().sum(1)
+        return {"explain": (step.cfg.explain_lambda, cosine_distance(mine, maps))}
+
+    def describe(self, state) -> str:
+        return f"explain: student Grad-CAM at {state['layer']}" if state["layer"] else "explain: input x gradient"
+
+
+PARTS = [Explain()]

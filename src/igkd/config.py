@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .attribution import registry as attributions
 from .errors import UserError
 
 
@@ -97,10 +98,8 @@ class PrecomputeConfig(_Validated):
     ig_batch: int = opt(0, "interpolated images per teacher forward+backward (0 = automatic)", low=0,
                         high=1 << 20, unit="images")
     chunk_size: int = opt(1024, "images per resumable chunk of the store", low=1, high=1 << 24, unit="images")
-    attribution: str = opt("ig", "overlay attribution: ig (integrated gradients, the paper's), or the cheaper "
-                           "saliency (|gradient|, 1 pass), input_x_gradient (1 pass), smoothgrad "
-                           "(--smoothgrad-samples passes)",
-                           choices=["ig", "saliency", "input_x_gradient", "smoothgrad"])
+    attribution: str = opt(attributions.DEFAULT, "overlay attribution: " + attributions.help_text(),
+                           choices=list(attributions.NAMES))
     smoothgrad_samples: int = opt(16, "noisy copies per image for smoothgrad", low=1, high=4096, unit="passes")
     smoothgrad_sigma: float = opt(0.15, "noise standard deviation for smoothgrad, in [0, 1] pixel units",
                                   low=0.0, high=10.0)

@@ -103,6 +103,9 @@ class PrecomputeConfig(_Validated):
     smoothgrad_samples: int = opt(16, "noisy copies per image for smoothgrad", low=1, high=4096, unit="passes")
     smoothgrad_sigma: float = opt(0.15, "noise standard deviation for smoothgrad, in [0, 1] pixel units",
                                   low=0.0, high=10.0)
+    gradcam_layer: str = opt("auto", "teacher layer for gradcam, a name of the bare network's named_modules() "
+                             "(e.g. features.18, layer3.2); auto: the last block of the smallest spatial stage "
+                             "larger than 1x1, i.e. the last convolutional block (any architecture)")
     map_dtype: str = opt("float16", "how maps are stored: float16 (2 bytes/pixel) or uint8 (1 byte/pixel, "
                          "quantised to 1/255 of the image's maximum)", choices=["float16", "uint8"])
     check_images: int = opt(8, "before a new store is computed, estimate the map error of these settings against "

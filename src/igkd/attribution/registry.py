@@ -43,6 +43,7 @@ MODULES: dict[str, str] = {
     "saliency": ".saliency",
     "input_x_gradient": ".input_x_gradient",
     "smoothgrad": ".smoothgrad",
+    "gradcam": ".gradcam",
 }
 NAMES: tuple[str, ...] = tuple(MODULES)
 DEFAULT = "ig"

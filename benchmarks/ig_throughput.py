@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
     import igkd
     from igkd.attribution import attribution_map, input_x_gradient, integrated_gradients, saliency, smoothgrad
-    from igkd.attribution.ig import _prepare
+    from igkd.attribution.engine import _prepare
     from igkd.config import PrecomputeConfig
     from igkd.precompute import relative_l1
     from igkd.runtime import tune_malloc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from .attribution import registry as attribution_registry
 from .cli_types import NON_NEGATIVE, POSITIVE, float_range, int_range
 
 RAW = argparse.RawDescriptionHelpFormatter
@@ -99,6 +100,10 @@ def add_deploy_commands(sub, epilog: str = "") -> None:
                    "prediction (default: label)")
     p.add_argument("--topk", type=float_range(0.0, 100.0), default=10.0, help="percent of pixels in the top-k overlap (default: 10)")
     p.add_argument("--steps", type=int_range(1, 4096), default=32, help="IG steps, Gauss-Legendre (default: 32)")
+    p.add_argument("--attribution", default=attribution_registry.DEFAULT, choices=list(attribution_registry.NAMES),
+                   help="attribution whose maps are compared: " + attribution_registry.help_text()
+                   + "; --steps and --baseline apply to ig, the others take precompute's defaults and gradcam "
+                   "each model's auto layer (default: ig)")
     p.add_argument("--baseline", default="black", choices=["black", "zero", "blur"],
                    help="IG baseline, the same pixels for every model unless zero (= each model's normalised "
                    "zero) (default: black)")
@@ -124,7 +129,8 @@ def run_deploy(args) -> bool:
         print(dumps(r, indent=2) if args.json else deploy.export_summary(r))
     elif args.command == "audit":
         r = deploy.audit(args.teacher, args.student, args.data, args.teacher_model, args.student_model, args.images,
-                         args.target, args.topk, args.steps, args.baseline, args.gallery, args.out, args.quiet)
+                         args.target, args.topk, args.steps, args.baseline, args.gallery, args.out, args.quiet,
+                         args.attribution)
         print(dumps(r, indent=2) if args.json else deploy.audit_table(r))
     else:
         return False

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .attribution import registry as attributions
 from .errors import UserError
 from .options import opt
 
@@ -94,13 +95,14 @@ class PrecomputeConfig(_Validated):
     ig_batch: int = opt(0, "interpolated images per teacher forward+backward (0 = automatic)", low=0,
                         high=1 << 20, unit="images")
     chunk_size: int = opt(1024, "images per resumable chunk of the store", low=1, high=1 << 24, unit="images")
-    attribution: str = opt("ig", "overlay attribution: ig (integrated gradients, the paper's), or the cheaper "
-                           "saliency (|gradient|, 1 pass), input_x_gradient (1 pass), smoothgrad "
-                           "(--smoothgrad-samples passes)",
-                           choices=["ig", "saliency", "input_x_gradient", "smoothgrad"])
+    attribution: str = opt(attributions.DEFAULT, "overlay attribution: " + attributions.help_text(),
+                           choices=list(attributions.NAMES))
     smoothgrad_samples: int = opt(16, "noisy copies per image for smoothgrad", low=1, high=4096, unit="passes")
     smoothgrad_sigma: float = opt(0.15, "noise standard deviation for smoothgrad, in [0, 1] pixel units",
                                   low=0.0, high=10.0)
+    gradcam_layer: str = opt("auto", "teacher layer for gradcam, a name of the bare network's named_modules() "
+                             "(e.g. features.18, layer3.2); auto: the last block of the smallest spatial stage "
+                             "larger than 1x1, i.e. the last convolutional block (any architecture)")
     map_dtype: str = opt("float16", "how maps are stored: float16 (2 bytes/pixel) or uint8 (1 byte/pixel, "
                          "quantised to 1/255 of the image's maximum)", choices=["float16", "uint8"])
     check_images: int = opt(8, "before a new store is computed, estimate the map error of these settings against "

@@ -315,11 +315,15 @@ def _load_checked(path: str, spec: str, dataset: Dataset) -> tuple[nn.Module, di
 def audit(teacher: str, students: str | list[str], data: str, teacher_model: str = "", student_model: str = "",
           images: int = 64, target: str = "label", topk: float = 10.0, steps: int = 32,
           baseline: str = "black", gallery_images: int = 8, out: str | Path | None = None,
-          quiet: bool = False) -> dict:
-    """Do the students attribute like the teacher? IG maps (sum over channels of |IG|) of
-    the teacher and each student on the same ``images`` test images (evenly spaced over
-    the test split), each model attributing the true label (``target="label"``, the same
-    question for all) or its own prediction (``"predicted"``), same baseline and steps.
+          quiet: bool = False, attribution: str = "ig") -> dict:
+    """Do the students attribute like the teacher? Attribution maps (IG by default: sum
+    over channels of |IG|) of the teacher and each student on the same ``images`` test
+    images (evenly spaced over the test split), each model attributing the true label
+    (``target="label"``, the same question for all) or its own prediction
+    (``"predicted"``), same baseline and steps. ``attribution``: any name of
+    :mod:`igkd.attribution.registry` (IG with Gauss-Legendre ``steps`` and ``baseline``;
+    the others with precompute's defaults for their options, Grad-CAM at each model's
+    ``auto`` layer).
 
     Per student: mean Spearman rank correlation of its maps with the teacher's, mean IoU
     of their top ``topk`` percent pixels, and top-1 agreement with the teacher's
@@ -328,8 +332,9 @@ def audit(teacher: str, students: str | list[str], data: str, teacher_model: str
     """
     if out:
         writable_dir(out, "--out")
-    from .attribution import attribution_map, integrated_gradients
-    from .attribution.ig import BASELINES
+    from .attribution import BASELINES, attribution_map, registry
+    from .config import PrecomputeConfig
+    entry = registry.get(attribution)
     paths = split_list(students)
     if not paths:
         raise UserError("no student to audit; pass --student CKPT[,CKPT...]")
@@ -339,6 +344,7 @@ def audit(teacher: str, students: str | list[str], data: str, teacher_model: str
         raise UserError(f"--baseline {baseline!r} is not one of {', '.join(BASELINES)}")
     if images <= 0 or steps <= 0 or gallery_images < 0 or not 0 < topk <= 100:
         raise UserError("--images and --steps must be > 0, --gallery >= 0, --topk a percentage in (0, 100]")
+    cfg = PrecomputeConfig(attribution=attribution, ig_steps=steps, ig_method="gausslegendre", ig_baseline=baseline)
     dataset = load_dataset(data)
     models = [(teacher, *_load_checked(teacher, teacher_model, dataset))]
     models += [(p, *_load_checked(p, student_model, dataset)) for p in paths]
@@ -347,13 +353,13 @@ def audit(teacher: str, students: str | list[str], data: str, teacher_model: str
     x_u8, labels = test.images[idx], test.labels[idx]
     x = x_u8.float() / 255
     maps, preds = [], []
-    with Progress(len(models) * len(idx), "audit (IG)", "img", quiet) as progress:
+    with Progress(len(models) * len(idx), f"audit ({attribution})", "img", quiet) as progress:
         for _, net, _ in models:
             pred = predict(net, x_u8).argmax(1)
             tgt = labels if target == "label" else pred
             chunks = []
             for i in range(0, len(x), 16):
-                attr = integrated_gradients(net, x[i:i + 16], tgt[i:i + 16], baseline=baseline, n_steps=steps)
+                attr = entry.compute(net, x[i:i + 16], tgt[i:i + 16], cfg, first_index=int(idx[i]))[0]
                 chunks.append(attribution_map(attr).float())
                 progress.update(len(attr))
             maps.append(torch.cat(chunks))
@@ -371,6 +377,7 @@ def audit(teacher: str, students: str | list[str], data: str, teacher_model: str
     result = {"teacher": {"weights": teacher, "model": models[0][2]["model"], "params": count_parameters(models[0][1]),
                           "accuracy": accuracy(preds[0])},
               "data": dataset.spec, "images": len(idx), "indices": idx.tolist(), "target": target,
+              "attribution": attribution, "description": entry.description(cfg),
               "ig": {"steps": steps, "method": "gausslegendre", "baseline": baseline}, "topk_percent": topk,
               "students": rows}
     if out:
@@ -421,8 +428,10 @@ def audit_table(result: dict) -> str:
     return (markdown_table(["student", "model", "params", "Spearman rho", f"top-{result['topk_percent']:g}% IoU",
                             "top-1 agreement", "accuracy"], rows)
             + f"\n\nteacher {_label(t['weights'])} ({t['model']}, accuracy {t['accuracy']:.1f}%); "
-            f"{result['images']} test images of {result['data']}; IG of the {result['target']} class, "
-            f"{result['ig']['steps']} steps, {result['ig']['baseline']} baseline")
+            f"{result['images']} test images of {result['data']}; "
+            + (f"{result['description']}, of the {result['target']} class" if "description" in result else
+               f"IG of the {result['target']} class, {result['ig']['steps']} steps, {result['ig']['baseline']} "
+               "baseline"))  # audit.json written before attributions were named
 
 
 # ---------------------------------------------------------------- report

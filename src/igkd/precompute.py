@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attribution import (attribution_map, input_x_gradient, integrated_gradients, make_baseline, saliency,
-                          smoothgrad)
+from .attribution import attribution_map
+from .attribution import registry
 from .config import PrecomputeConfig
 from .data import Dataset
 from .distill.parallel import Dist
@@ -46,13 +46,9 @@ CHECK_SEED = 0x16C0  # which training images the error estimate looks at (evenly
 
 
 def attribution_settings(cfg: PrecomputeConfig) -> dict:
-    """The settings that determine the maps (part of the store's identity)."""
-    if cfg.attribution == "ig":
-        s = {"ig_steps": cfg.ig_steps, "ig_method": cfg.ig_method, "ig_baseline": cfg.ig_baseline}
-    elif cfg.attribution == "smoothgrad":
-        s = {"attribution": "smoothgrad", "samples": cfg.smoothgrad_samples, "sigma": cfg.smoothgrad_sigma}
-    else:
-        s = {"attribution": cfg.attribution}
+    """The settings that determine the maps (part of the store's identity): the
+    attribution's own (its registry entry's ``settings``), the target and the map format."""
+    s = registry.get(cfg.attribution).settings(cfg)
     return {**s, "target": "label", "map": f"sum_c|IG| / max, {cfg.map_dtype}"}
 
 
@@ -76,30 +72,15 @@ def _logits(teacher: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([teacher(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def _baseline(teacher: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
-    mean = teacher.mean if isinstance(teacher, Normalized) else None
-    std = teacher.std if isinstance(teacher, Normalized) else None
-    return make_baseline(kind, x, mean=mean, std=std)
-
-
 def attributions(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PrecomputeConfig,
                  first_index: int = 0, n_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attributions of ``cfg.attribution`` for [0, 1] images ``x`` with labels ``y``, and
     the completeness delta (NaN for the attributions that have none). ``first_index``:
     the dataset index of ``x[0]`` (seeds SmoothGrad's noise, so a chunk is the same
-    whoever computes it); ``n_steps`` overrides ``cfg.ig_steps``."""
-    if cfg.attribution == "ig":
-        return integrated_gradients(teacher, x, y, baseline=_baseline(teacher, x, cfg.ig_baseline),
-                                    n_steps=n_steps or cfg.ig_steps, method=cfg.ig_method,
-                                    batch_size=cfg.ig_batch or None, return_delta=True)
-    nan = torch.full((len(x),), float("nan"))
-    if cfg.attribution == "saliency":
-        return saliency(teacher, x, y, batch_size=cfg.ig_batch or None), nan
-    if cfg.attribution == "input_x_gradient":
-        return input_x_gradient(teacher, x, y, batch_size=cfg.ig_batch or None), nan
-    g = torch.Generator().manual_seed(first_index)
-    return smoothgrad(teacher, x, y, cfg.smoothgrad_samples, cfg.smoothgrad_sigma, generator=g,
-                      batch_size=cfg.ig_batch or None), nan
+    whoever computes it); ``n_steps`` overrides the step count of those that have one
+    (``cfg.ig_steps``). The attribution is its registry entry's ``compute``
+    (:mod:`igkd.attribution.registry`); ``attribution_map`` of the result is the map."""
+    return registry.get(cfg.attribution).compute(teacher, x, y, cfg, first_index, n_steps)
 
 
 def compute_chunk(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PrecomputeConfig,
@@ -107,13 +88,14 @@ def compute_chunk(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor
     """Logits, normalised maps, scales and deltas for one block of clean images."""
     x = images.to(device).float().div_(255)
     y = labels.to(device)
-    attr, delta = attributions(teacher, x, y, cfg, first_index)
+    entry = registry.get(cfg.attribution)
+    attr, delta = entry.compute(teacher, x, y, cfg, first_index)
     m = attribution_map(attr)
     scale = m.flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
     unit = m / scale[:, None, None]
     maps = unit.mul(255).round_().to(torch.uint8) if cfg.map_dtype == "uint8" else unit.half()
     logits = _logits(teacher, x, 256)
-    if cfg.attribution == "ig":
+    if entry.completeness:  # sum(attr) - delta = F_y(x) - F_y(baseline)
         gap = attr.flatten(1).sum(1, dtype=torch.float64) - delta.double()
     else:  # F_y(x) - F_y(black image), from the logits above and one more pass
         rows = y.view(-1, 1)
@@ -134,9 +116,10 @@ def relative_l1(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def estimate_error(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, device: torch.device,
                    images: int | None = None, reference_steps: int | None = None) -> dict | None:
-    """Map error of ``cfg``'s attribution against IG with ``reference_steps`` Gauss-Legendre
-    steps (same baseline), on ``images`` evenly spaced training images: what choosing
-    these settings costs in accuracy, known before the full run. None when skipped."""
+    """Map error of ``cfg``'s attribution against IG (``attribution.registry.REFERENCE``)
+    with ``reference_steps`` Gauss-Legendre steps (same baseline), on ``images`` evenly
+    spaced training images: what choosing these settings costs in accuracy, known before
+    the full run. None when skipped."""
     k = min(cfg.check_images if images is None else images, len(dataset.train))
     steps = reference_steps or cfg.check_steps
     if k <= 0:
@@ -145,20 +128,12 @@ def estimate_error(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, 
     idx = torch.linspace(0, len(train) - 1, k).round().long()
     x = train.images[idx].to(device).float().div_(255)
     y = train.labels[idx].to(device)
-    ref_cfg = replace(cfg, attribution="ig", ig_method="gausslegendre")  # cfg may be a DistillConfig
+    ref_cfg = replace(cfg, attribution=registry.REFERENCE, ig_method="gausslegendre")  # cfg may be a DistillConfig
     ref = attribution_map(attributions(teacher, x, y, ref_cfg, n_steps=steps)[0])
     ours = attribution_map(attributions(teacher, x, y, cfg, first_index=CHECK_SEED)[0])
     err = relative_l1(ours, ref).cpu()
     return {"images": k, "reference_steps": steps, "median": float(err.median()), "max": float(err.max()),
             "mean": float(err.mean())}
-
-
-def _describe(cfg: PrecomputeConfig) -> str:
-    if cfg.attribution == "ig":
-        return f"IG {cfg.ig_method} x {cfg.ig_steps} steps, baseline {cfg.ig_baseline}"
-    if cfg.attribution == "smoothgrad":
-        return f"smoothgrad x {cfg.smoothgrad_samples} samples, sigma {cfg.smoothgrad_sigma}"
-    return cfg.attribution
 
 
 def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | None = None,
@@ -225,7 +200,7 @@ def _precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, pat
         pending = writer.pending(wanted)  # re-hashes finished chunks, removes bad ones
         todo = [i for i in pending if i % env.world == 0]
         if pending:
-            log(f"precompute: {len(train)} images, {_describe(cfg)} -> {path}"
+            log(f"precompute: {len(train)} images, {registry.get(cfg.attribution).description(cfg)} -> {path}"
                 + (f" (resuming: {len(wanted) - len(pending)} of {len(wanted)} chunks done)"
                    if len(pending) < len(wanted) else "")
                 + (f" on {env.world} processes" if env.world > 1 else ""), quiet)
@@ -256,7 +231,7 @@ def _precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, pat
                                        "classes": dataset.classes, "error_estimate": estimate,
                                        "processes": env.world})
         d = store.manifest["completeness_delta"]
-        if cfg.attribution == "ig":
+        if registry.get(cfg.attribution).completeness:
             log(f"precompute: done; IG completeness error |delta| / |F(x) - F(x')|: median "
                 f"{100 * d['median_relative']:.1f}%, p90 {100 * d['p90_relative']:.1f}% (more --ig-steps lowers it)",
                 quiet)

@@ -66,18 +66,20 @@ def layer_names(model: nn.Module) -> list[str]:
     return [n for n, _ in bare(model).named_modules() if n]
 
 
-def resolve_layer(model: nn.Module, name: str, who: str = "model") -> nn.Module:
-    """The sub-module ``name`` of the bare network; a UserError listing valid names otherwise."""
+def resolve_layer(model: nn.Module, name: str, who: str = "model", purpose: str = "attention transfer",
+                  instead: str = "use a method without 'at'") -> nn.Module:
+    """The sub-module ``name`` of the bare network; a UserError listing valid names otherwise.
+    ``purpose`` (what needs the layer) and ``instead`` (the way around a TorchScript model)
+    word the errors."""
     if isinstance(bare(model), torch.jit.ScriptModule):
-        raise UserError(f"the {who} is a TorchScript module, which cannot take the forward hooks attention "
-                        "transfer needs; use a method without 'at', or give the network as Python code "
-                        "(py:MODULE:CALLABLE)")
+        raise UserError(f"the {who} is a TorchScript module, which cannot take the forward hooks {purpose} "
+                        f"needs; {instead}, or give the network as Python code (py:MODULE:CALLABLE)")
     modules = dict(bare(model).named_modules())
     if name in modules and name:
         return modules[name]
     top = [n for n in layer_names(model) if n.count(".") <= 1]
     shown = top if len(top) <= 12 else top[:6] + ["..."] + top[-4:]
-    raise UserError(f"unknown {who} layer '{name}' for attention transfer; valid names include "
+    raise UserError(f"unknown {who} layer '{name}' for {purpose}; valid names include "
                     f"{', '.join(shown)} (any name of named_modules() of the bare network)")
 
 
@@ -110,8 +112,9 @@ def probe_shapes(model: nn.Module, names: list[str], input_shape: tuple[int, int
             for n in in_order if n in keep}
 
 
-def _blocks(model: nn.Module) -> list[str]:
-    """Candidate blocks: top-level modules and the children of top-level containers."""
+def candidate_blocks(model: nn.Module) -> list[str]:
+    """Candidate blocks: top-level modules and the children of top-level containers
+    (names of the bare network's ``named_modules()``, in definition order)."""
     net = bare(model)
     names = []
     for name, child in net.named_children():
@@ -120,13 +123,20 @@ def _blocks(model: nn.Module) -> list[str]:
     return names
 
 
-def _spatial(shapes: dict[str, tuple]) -> dict[str, tuple]:
+def spatial_only(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """The entries of ``shapes`` (from :func:`probe_shapes`) that are C x H x W feature
+    maps larger than 1x1."""
     return {n: s for n, s in shapes.items() if len(s) == 3 and s[-2:] != (1, 1)}
 
 
-def _last_with_size(shapes: dict[str, tuple], size: tuple[int, int]) -> str | None:
+def last_with_size(shapes: dict[str, tuple], size: tuple[int, int]) -> str | None:
+    """The last layer of ``shapes`` (in order) whose output is ``size`` (H, W), or None."""
     found = [n for n, s in shapes.items() if s[-2:] == size]
     return found[-1] if found else None
+
+
+# the names these helpers had while attention transfer alone used them
+_blocks, _spatial, _last_with_size = candidate_blocks, spatial_only, last_with_size
 
 
 def choose_layers(teacher: nn.Module, student: nn.Module, teacher_layer: str, student_layer: str,
@@ -137,28 +147,28 @@ def choose_layers(teacher: nn.Module, student: nn.Module, teacher_layer: str, st
     """
     for model, who in ((teacher, "teacher"), (student, "student")):
         resolve_layer(model, "", who) if isinstance(bare(model), torch.jit.ScriptModule) else None
-    t_shapes = probe_shapes(teacher, _blocks(teacher) if teacher_layer == "auto" else [teacher_layer],
+    t_shapes = probe_shapes(teacher, candidate_blocks(teacher) if teacher_layer == "auto" else [teacher_layer],
                             input_shape, device, "teacher")
-    s_shapes = probe_shapes(student, _blocks(student) if student_layer == "auto" else [student_layer],
+    s_shapes = probe_shapes(student, candidate_blocks(student) if student_layer == "auto" else [student_layer],
                             input_shape, device, "student")
     for name, shapes, who in ((teacher_layer, t_shapes, "teacher"), (student_layer, s_shapes, "student")):
         if name != "auto" and len(shapes.get(name, ())) != 3:
             raise UserError(f"{who} layer {name} gives {'no output' if name not in shapes else f'shape {shapes[name]}'}"
                             ", not a C x H x W feature map; pick a convolutional block (e.g. features.6)")
     if teacher_layer == "auto":
-        t_shapes = _spatial(t_shapes)
+        t_shapes = spatial_only(t_shapes)
     if student_layer == "auto":
-        s_shapes = _spatial(s_shapes)
+        s_shapes = spatial_only(s_shapes)
         if not s_shapes:
             raise UserError("no block of the student gives a C x H x W feature map for attention transfer; name "
                             "the layers with --at-teacher-layer and --at-student-layer, or use a method without 'at'")
         sizes = list(dict.fromkeys(s[-2:] for s in s_shapes.values()))  # distinct, network order
         if teacher_layer != "auto":
             sizes = [t_shapes[teacher_layer][-2:]]
-        student_layer = _last_with_size(s_shapes, sizes[1] if len(sizes) > 1 else sizes[0]) or student_layer
+        student_layer = last_with_size(s_shapes, sizes[1] if len(sizes) > 1 else sizes[0]) or student_layer
     if teacher_layer == "auto":
         size = s_shapes[student_layer][-2:] if student_layer in s_shapes else (0, 0)
-        teacher_layer = _last_with_size(t_shapes, size) or teacher_layer
+        teacher_layer = last_with_size(t_shapes, size) or teacher_layer
     for name, who in ((teacher_layer, "teacher"), (student_layer, "student")):
         if name == "auto":
             raise UserError(f"no {who} block has the spatial size of the other network's layer; name both "
@@ -176,4 +186,5 @@ def _fmt(shape: tuple) -> str:
     return f"{shape[0]} x {shape[1]} x {shape[2]} (C x H x W)"
 
 
-__all__ = ["FeatureHook", "StopForward", "choose_layers", "layer_names", "probe_shapes", "resolve_layer"]
+__all__ = ["FeatureHook", "StopForward", "candidate_blocks", "choose_layers", "last_with_size", "layer_names",
+           "probe_shapes", "resolve_layer", "spatial_only"]

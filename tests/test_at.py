@@ -104,7 +104,7 @@ TERMS = {"kd": ["kd"], "dkd": ["tckd", "nckd"], "dist": ["inter", "intra"], "exp
 CASES = [(m, {}) for m in METHODS + MODERN_METHODS] + [
     ("kd", {"kd_standardize": True}), ("dkd", {"dkd_standardize": True, "dkd_warmup": 0}),
     ("explain", {"explain_method": "input_x_gradient"}), ("explain", {"explain_layer": "features.3"}),
-    ("ig", {"blend": 0.3, "exponent_min": 0.5, "exponent_max": 3.0}), ("kd+cutmix+explain", {"cutmix_p": 1.0}),
+    ("ig", {"blend": 0.3, "exponent_min": 0.5, "exponent_max": 3.0}), ("kd+explain+cutmix", {"cutmix_p": 1.0}),
     ("kd", {"logits": "online"})]
 
 

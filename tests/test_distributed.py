@@ -62,7 +62,7 @@ def test_threads_are_split_between_processes():
 
 def test_two_gloo_processes_train_like_one(small_real, tmp_path):
     args = ["distill", "--data", f"imagefolder:{small_real / 'data'},gray=1", "--teacher",
-            str(small_real / "teacher.safetensors"), "--method", "kd+ig+at", "--model", STUDENT, "--epochs", "2",
+            str(small_real / "teacher.safetensors"), "--method", "kd+ig+at+cutmix", "--model", STUDENT, "--epochs", "2",
             "--threads", "1", "--ig-steps", "2", "--warmup-epochs", "0", "--lr", "0.05", "--p", "0.5",
             "--alpha", "0.5", "--no-channels-last", "--val-fraction", "0.1"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -116,6 +116,44 @@ def test_cosine_distance():
     assert cosine_distance(a, b).item() == pytest.approx((1 + 0) / 2)
 
 
+def explain_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(4, 6, 3, padding=1, stride=2), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("how", ["gradcam", "input_x_gradient"])
+def test_explain_term_equals_grad_cam_or_input_x_gradient_written_out(how):
+    from igkd.distill.attention import FeatureHook
+    net, part = explain_net(), get_part("explain")
+    g = torch.Generator().manual_seed(1)
+    x, maps, y = torch.rand(5, 1, 8, 8, generator=g), torch.rand(5, 8, 8, generator=g), torch.tensor([0, 1, 2, 0, 1])
+    cfg = DistillConfig(method="explain", explain_lambda=2.0, explain_method=how)
+    hook = FeatureHook(net, "3", "student") if how == "gradcam" else None
+    x.requires_grad_(how == "input_x_gradient")
+    out = net(x)
+    weight, value = part.loss({"hook": hook, "layer": "3"}, Step(cfg, 1, Batch(torch.arange(5), x, y, maps=maps),
+                                                                 out, None))["explain"]
+    # by hand
+    xx = x.detach().clone().requires_grad_(True)
+    acts = net[:4](xx)
+    score = net[4:](acts).gather(1, y[:, None]).sum()
+    if how == "gradcam":
+        grads, = torch.autograd.grad(score, acts)
+        mine = torch.relu((grads.mean((2, 3), keepdim=True) * acts).sum(1))  # 4 x 4
+        theirs = maps.view(5, 4, 2, 4, 2).mean((2, 4))  # the teacher's map, 2 x 2 average-pooled
+    else:
+        grads, = torch.autograd.grad(score, xx)
+        mine, theirs = (xx * grads).abs().sum(1), maps
+    want = 1 - F.cosine_similarity(mine.flatten(1), theirs.flatten(1), dim=1).mean()
+    assert weight == 2.0 and value.item() == pytest.approx(want.item(), rel=1e-5)
+    value.backward()  # a second-order gradient reaches the student's weights
+    assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0
+    if hook:
+        hook.remove()
+
+
 # ---------------------------------------------------------------- batch transforms
 def test_overlay_constant_blends_toward_the_maps_mean_with_the_same_draws():
     x = torch.rand(6, 3, 5, 5)

@@ -140,13 +140,14 @@ def test_training_learns(tmp_path):
     assert s["val_accuracy"] > 60  # 4 classes: chance is 25%
 
 
-def test_same_seed_same_weights_and_resume_is_exact(tmp_path):
-    a = trainer(tmp_path / "a", "kd+ig", epochs=3)
+@pytest.mark.parametrize("method", ["kd+ig", "kd+cutmix"])  # an overlay, and a mix that changes the labels
+def test_same_seed_same_weights_and_resume_is_exact(tmp_path, method):
+    a = trainer(tmp_path / "a", method, epochs=3)
     a.fit()
-    again = trainer(tmp_path / "again", "kd+ig", epochs=3)
+    again = trainer(tmp_path / "again", method, epochs=3)
     again.fit()
     # a run interrupted during epoch 2 (Ctrl-C), then resumed with the same command
-    b = trainer(tmp_path / "b", "kd+ig", epochs=3)
+    b = trainer(tmp_path / "b", method, epochs=3)
     real = b.train_epoch
 
     def interrupted(epoch):
@@ -157,7 +158,7 @@ def test_same_seed_same_weights_and_resume_is_exact(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         b.fit()
     assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["epoch"] == 1
-    trainer(tmp_path / "b", "kd+ig", epochs=3).fit(resume=True)
+    trainer(tmp_path / "b", method, epochs=3).fit(resume=True)
     final = {name: torch.load(tmp_path / name / "run" / "last.pt", weights_only=True)["model"]
              for name in ("a", "again", "b")}
     for k in final["a"]:

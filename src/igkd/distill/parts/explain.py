@@ -46,10 +46,14 @@ class Explain(Part):
     def _layer(cfg, student, input_shape, device="cpu") -> str:
         if cfg.explain_layer != "auto":
             from ..attention import resolve_layer
-            resolve_layer(student, cfg.explain_layer, "student")
+            resolve_layer(student, cfg.explain_layer, "student", "explanation matching", "use a method without 'explain'")
             return cfg.explain_layer
         from ...attribution.gradcam import auto_layer
-        return auto_layer(student, input_shape, device, who="student")
+        from ...errors import UserError
+        try:
+            return auto_layer(student, input_shape, device)
+        except UserError as e:
+            raise UserError(str(e).replace("--gradcam-layer", "--explain-layer")) from None
 
     def setup(self, run):
         cfg = run.cfg

@@ -396,6 +396,10 @@ def test_shipped_configs_resolve_for_every_experiment():
     from igkd.experiments.search import grid_points, search_space
     assert 5 <= len(search_space(paper["search"])["T"]) <= 9 and len(grid_points(search_space(paper["search"]))) > 100
     assert "2.5" in paper["search"].T_values.split(",") and "0.01" in paper["search"].alpha_values.split(",")
+    demo = resolve("ablation", "demo_experiments")  # the overlay against modern baselines and its controls
+    from igkd.experiments.common import methods_of
+    assert {"kd", "dkd", "dist", "kd+ig", "dkd+ig", "explain", "kd+cutmix", "kd+ig-shuffled",
+            "kd+overlay-constant"} <= set(methods_of(demo)) and demo.dkd_warmup == 2
 
 
 def test_experiment_errors_are_one_line_and_write_nothing(tmp_path, capsys):

@@ -133,8 +133,9 @@ def test_explain_term_equals_grad_cam_or_input_x_gradient_written_out(how):
     hook = FeatureHook(net, "3", "student") if how == "gradcam" else None
     x.requires_grad_(how == "input_x_gradient")
     out = net(x)
-    weight, value = part.loss({"hook": hook, "layer": "3"}, Step(cfg, 1, Batch(torch.arange(5), x, y, maps=maps),
-                                                                 out, None))["explain"]
+    from igkd.distill.parts.explain import STUDENT_EXPLANATIONS
+    state = {"how": STUDENT_EXPLANATIONS[how], "hook": hook, "layer": "3"}
+    weight, value = part.loss(state, Step(cfg, 1, Batch(torch.arange(5), x, y, maps=maps), out, None))["explain"]
     # by hand
     xx = x.detach().clone().requires_grad_(True)
     acts = net[:4](xx)
@@ -316,3 +317,18 @@ def test_a_part_from_outside_the_package_runs_through_the_command(tmp_path, smal
     bad = subprocess.run([sys.executable, "-m", "igkd", "distill", "--method", "kd+toy2", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "unknown method part 'toy2'" in bad.stderr and "toy" in bad.stderr
+
+
+def test_no_branch_on_an_attribution_or_part_name_outside_its_registry():
+    from igkd.attribution.registry import entries
+    attributions = [e.name for e in entries()]
+    assert "gradcam" in attributions
+    src = REPO / "src" / "igkd"
+    for path in src.rglob("*.py"):
+        rel = path.relative_to(src).as_posix()
+        text = path.read_text()
+        names = ([] if rel.startswith("attribution/") else attributions) + \
+            ([] if rel.startswith("distill/parts/") else list(parts()))
+        for n in names:
+            branch = rf"""(==|!=)\s*["']{re.escape(n)}["']|["']{re.escape(n)}["']\s*(==|!=)|\bin\s*\(["']{re.escape(n)}["']"""
+            assert not re.search(branch, text), f"{rel} branches on {n!r}"

@@ -21,6 +21,71 @@ from ...options import opt
 from .base import Part
 
 
+def _gradcam_layer(cfg, student, input_shape, device="cpu") -> str:
+    if cfg.explain_layer != "auto":
+        from ..attention import resolve_layer
+        resolve_layer(student, cfg.explain_layer, "student", "explanation matching", "use a method without 'explain'")
+        return cfg.explain_layer
+    from ...attribution.gradcam import auto_layer
+    from ...errors import UserError
+    try:
+        return auto_layer(student, input_shape, device)
+    except UserError as e:
+        raise UserError(str(e).replace("--gradcam-layer", "--explain-layer")) from None
+
+
+class GradCAM:
+    """The student's Grad-CAM of the label logit at a hooked layer; the teacher's map
+    average-pooled to that layer's size."""
+
+    def check(self, cfg, student, input_shape) -> None:
+        _gradcam_layer(cfg, student, input_shape)
+
+    def setup(self, run) -> dict:
+        shape = (run.dataset.channels, *run.dataset.image_size)
+        layer = _gradcam_layer(run.cfg, run.model, shape, run.device)
+        run.meta["explain"] = {"method": run.cfg.explain_method, "student_layer": layer}
+        return {"layer": layer, "hook": run.hook_student(layer)}
+
+    def pair(self, state, step, score, maps):
+        import torch
+        import torch.nn.functional as F
+        from ...attribution.gradcam import gradcam_map
+        acts = state["hook"].pop()
+        grads, = torch.autograd.grad(score, acts, create_graph=True)
+        mine = gradcam_map(acts, grads)
+        return mine, F.adaptive_avg_pool2d(maps[:, None], mine.shape[-2:])[:, 0]
+
+    def describe(self, state) -> str:
+        return f"explain: student Grad-CAM at {state['layer']}"
+
+
+class InputXGradient:
+    """sum_c |x dy/dx| of the student at full resolution (the input requires grad)."""
+
+    def check(self, cfg, student, input_shape) -> None:
+        pass
+
+    def setup(self, run) -> dict:
+        run.input_grad = True
+        run.meta["explain"] = {"method": run.cfg.explain_method}
+        return {}
+
+    def pair(self, state, step, score, maps):
+        import torch
+        x = step.batch.x
+        grads, = torch.autograd.grad(score, x, create_graph=True)
+        return (x * grads).abs().sum(1), maps
+
+    def describe(self, state) -> str:
+        return "explain: student input x gradient"
+
+
+# the student's explanation, by --explain-method (differentiable, one backward: not the
+# precompute's attribution registry, whose IG would need 50 passes per step)
+STUDENT_EXPLANATIONS = {"gradcam": GradCAM(), "input_x_gradient": InputXGradient()}
+
+
 class Explain(Part):
     name = "explain"
     help = "e2KD explanation matching, CE + lambda (1 - cos(student Grad-CAM, teacher map)) (lambda 1)"
@@ -30,7 +95,7 @@ class Explain(Part):
     fields = {
         "explain_lambda": opt(1.0, "explain: weight of the explanation distance", low=0.0, high=1e6),
         "explain_method": opt("gradcam", "explain: the student's explanation, Grad-CAM at --explain-layer or "
-                              "input x gradient", choices=["gradcam", "input_x_gradient"]),
+                              "input x gradient", choices=list(STUDENT_EXPLANATIONS)),
         "explain_layer": opt("auto", "explain: student layer of its Grad-CAM, a name of the bare network's "
                              "named_modules(); auto: the last block of its smallest spatial stage"),
     }
@@ -39,55 +104,20 @@ class Explain(Part):
     needs_teacher = aligned_maps = True
 
     def check(self, cfg, teacher, student, input_shape) -> None:
-        if cfg.explain_method == "gradcam":
-            self._layer(cfg, student, input_shape)
-
-    @staticmethod
-    def _layer(cfg, student, input_shape, device="cpu") -> str:
-        if cfg.explain_layer != "auto":
-            from ..attention import resolve_layer
-            resolve_layer(student, cfg.explain_layer, "student", "explanation matching", "use a method without 'explain'")
-            return cfg.explain_layer
-        from ...attribution.gradcam import auto_layer
-        from ...errors import UserError
-        try:
-            return auto_layer(student, input_shape, device)
-        except UserError as e:
-            raise UserError(str(e).replace("--gradcam-layer", "--explain-layer")) from None
+        STUDENT_EXPLANATIONS[cfg.explain_method].check(cfg, student, input_shape)
 
     def setup(self, run):
-        cfg = run.cfg
-        state = {"layer": None, "hook": None}
-        if cfg.explain_method == "gradcam":
-            shape = (run.dataset.channels, *run.dataset.image_size)
-            state["layer"] = self._layer(cfg, run.model, shape, run.device)
-            state["hook"] = run.hook_student(state["layer"])
-            run.meta["explain"] = {"method": "gradcam", "student_layer": state["layer"]}
-        else:
-            run.input_grad = True
-            run.meta["explain"] = {"method": "input_x_gradient"}
-        return state
+        how = STUDENT_EXPLANATIONS[run.cfg.explain_method]
+        return {"how": how, **how.setup(run)}
 
     def loss(self, state, step):
-        import torch
-        import torch.nn.functional as F
         from ..losses import cosine_distance
         score = step.logits.float().gather(1, step.batch.y[:, None]).sum()
-        maps = step.batch.maps.float()
-        if state["hook"] is not None:
-            from ...attribution.gradcam import gradcam_map
-            acts = state["hook"].pop()
-            grads, = torch.autograd.grad(score, acts, create_graph=True)
-            mine = gradcam_map(acts, grads)
-            maps = F.adaptive_avg_pool2d(maps[:, None], mine.shape[-2:])[:, 0]
-        else:
-            x = step.batch.x
-            grads, = torch.autograd.grad(score, x, create_graph=True)
-            mine = (x * grads).abs().sum(1)
+        mine, maps = state["how"].pair(state, step, score, step.batch.maps.float())
         return {"explain": (step.cfg.explain_lambda, cosine_distance(mine, maps))}
 
     def describe(self, state) -> str:
-        return f"explain: student Grad-CAM at {state['layer']}" if state["layer"] else "explain: input x gradient"
+        return state["how"].describe(state)
 
 
 PARTS = [Explain()]

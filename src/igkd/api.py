@@ -182,7 +182,6 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
             store = _precompute(teacher, dataset, cfg, cfg.store or None, device, quiet or env.rank > 0, dist=env)
         if teacher is not None:
             meta["compression"] = meta["teacher"]["params"] / count_parameters(net)
-        meta.update({name: getattr(cfg, name) for name in sorted(method.fields)})
         if method.needs_logits:
             meta["logits"] = "online" if method.online_teacher else cfg.logits
         if method.needs_maps:

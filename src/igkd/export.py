@@ -15,6 +15,12 @@ model. The batch dimension is dynamic.
   ORT's fast x86 kernels: on the development machine (AVX-512 VNNI) int8 activations
   ("S8S8") ran the CIFAR student slower than fp32, U8S8 faster than fp32.
 
+The export's metadata (spec, classes, input, preprocessing, parity, source checkpoint)
+is written beside the file (``FILE.json``) and also inside it (:func:`embed_metadata`):
+ONNX ``metadata_props`` (key ``igkd``: the JSON; plus ``classes`` and ``model`` as plain
+entries for tools that show them), TorchScript an extra file ``igkd.json`` in the archive.
+:func:`read_export_metadata` reads it from the file alone.
+
 onnx/onnxruntime are the optional extra ``igkd[export]``.
 """
 
@@ -137,6 +143,53 @@ def quantize_int8(fp32: bytes, out: str | Path, calibration_images: torch.Tensor
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
+META_KEY = "igkd"
+
+
+def embed_metadata(path: str | Path, meta: dict, format: str | None = None) -> None:
+    """Write ``meta`` into the exported file at ``path`` (in place; see the module docstring)."""
+    import json
+    path = Path(path)
+    text = json.dumps(meta, allow_nan=False)
+    if _format(path, format) == "onnx":
+        require_onnxruntime()
+        import onnx
+        model = onnx.load(str(path))
+        props = {META_KEY: text, "model": str(meta.get("model", "")), "classes": json.dumps(meta.get("classes", []))}
+        del model.metadata_props[:]
+        for key, value in props.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        path.write_bytes(model.SerializeToString())
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        module = torch.jit.load(str(path), map_location="cpu")
+        torch.jit.save(module, str(path), _extra_files={f"{META_KEY}.json": text})
+
+
+def read_export_metadata(path: str | Path, format: str | None = None) -> dict | None:
+    """The metadata :func:`embed_metadata` put in an exported file, or None (a file
+    exported before igkd embedded it, or by another tool)."""
+    import json
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"exported model {path} does not exist; check the path")
+    if _format(path, format) == "onnx":
+        text = ort_session(path).get_modelmeta().custom_metadata_map.get(META_KEY)
+    else:
+        extra = {f"{META_KEY}.json": ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        text = extra[f"{META_KEY}.json"] or None
+    return json.loads(text) if text else None
+
+
+def _format(path: Path, format: str | None) -> str:
+    return format or ("onnx" if path.suffix == ".onnx" else "torchscript")
+
+
 def parity(reference: torch.Tensor, exported: torch.Tensor) -> dict:
     """Max |difference| of logits and top-1 agreement (percent) of two models."""
     return {"max_abs_diff": float((reference - exported).abs().max()) if len(reference) else 0.0,
@@ -144,5 +197,5 @@ def parity(reference: torch.Tensor, exported: torch.Tensor) -> dict:
             "images": int(len(reference))}
 
 
-__all__ = ["INSTALL_HINT", "load_runner", "logits_of", "onnx_bytes", "ort_runner", "ort_session", "parity",
+__all__ = ["INSTALL_HINT", "embed_metadata", "load_runner", "read_export_metadata", "logits_of", "onnx_bytes", "ort_runner", "ort_session", "parity",
            "quantize_int8", "require_onnxruntime", "torchscript_module"]

@@ -52,8 +52,9 @@ from ..data import Dataset, stratified_split, subset_indices
 from ..errors import UserError
 from ..evaluate import classification_metrics, predict
 from ..loggers import Trackers, parse_loggers
-from ..fileio import disk_full_names, dumps, remove_temporaries, write_bytes, write_json, write_text
+from ..fileio import disk_full_names, dumps, finite, remove_temporaries, write_bytes, write_json, write_text
 from ..lock import DirLock
+from ..modelcard import model_card
 from ..models import Normalized, bare, count_parameters, load_weights, save_checkpoint
 from ..progress import Progress, fmt_seconds, log
 from .attention import FeatureHook, StopForward
@@ -125,6 +126,7 @@ class Trainer:
         self.student_hooks: list[FeatureHook] = []
         self.input_grad = False  # a part's setup sets it when its loss differentiates the input
         self.current_epoch = 0
+        self.meta.update({name: getattr(cfg, name) for name in sorted(m.fields)})  # the parts' options
         self.parts = [(part, part.setup(self)) for part in m.parts]
         n = len(self.train_idx)
         self.batch = min(cfg.batch_size, n // self.world)
@@ -488,6 +490,7 @@ class Trainer:
                                                      "test_accuracy": test["accuracy"], "epoch": self.best["epoch"]}}
             save_checkpoint(self.out / "model", self.model, meta)
             write_json(self.out / "summary.json", summary)
+            write_text(self.out / "README.md", model_card(finite(summary), meta))
             log(f"done: best epoch {self.best['epoch']} (val {self.best['val_accuracy']:.2f}%), "
                 f"test accuracy {test['accuracy']:.2f}% -> {self.out}", self.quiet)
         return self.dist.broadcast_object(summary)

@@ -3,6 +3,10 @@
 ``NAME.safetensors`` holds the bare network's state dict; ``NAME.json`` holds what is
 needed to use it: the architecture spec, number of classes and input channels, class
 names, image size, preprocessing, and where it came from (teacher fingerprint, metrics).
+The same metadata (less the file's own sha256) is also in the safetensors header, under
+the key ``igkd`` (a JSON string; safetensors metadata values are strings), so a
+checkpoint copied without its .json still loads with its architecture, classes and
+preprocessing. The .json, when present, is what is read.
 
 Foreign PyTorch files (``.pt``/``.pth``, e.g. the paper's published students) are read
 with ``weights_only=True`` and ``map_location="cpu"``: no code runs on load, and
@@ -19,15 +23,17 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
 from ..errors import UserError
-from ..fileio import file_digest, write_bytes, write_json
+from ..fileio import dumps, file_digest, write_bytes, write_json
 from .preprocess import bare, with_preprocessing
 from .registry import build_model, family_of
 
 FORMAT = "igkd-checkpoint/1"
+HEADER_KEY = "igkd"  # safetensors header metadata key holding the JSON metadata
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -42,9 +48,28 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in bare(model).state_dict().items()}
     # serialised in memory and written by Python: safetensors' own writer reports a full disk as an
     # opaque SafetensorError, a Python write as OSError(ENOSPC) naming the file
-    write_bytes(weights, save(state))
+    header = {HEADER_KEY: dumps({"format": FORMAT, **meta})}
+    write_bytes(weights, save(state, metadata=header))
     write_json(meta_path, {"format": FORMAT, **meta, "sha256": file_sha256(weights)})
     return weights
+
+
+def header_metadata(path: str | Path) -> dict | None:
+    """igkd's metadata from a .safetensors header (read without loading the tensors), or None."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get(HEADER_KEY)
+    except Exception:  # noqa: BLE001 - not a safetensors file: read_state_dict reports it
+        return None
+    if text is None:
+        return None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"the igkd metadata in the header of {path} is not valid JSON ({e}); re-save the model "
+                        "or give its .json beside it") from None
+    check_metadata(meta, f"in the header of {path}")
+    return meta
 
 
 def file_sha256(path: str | Path) -> str:
@@ -52,13 +77,14 @@ def file_sha256(path: str | Path) -> str:
 
 
 def read_metadata(path: str | Path) -> dict | None:
-    """The JSON metadata beside a .safetensors file, or None for foreign files."""
+    """The JSON metadata beside a .safetensors file, else the copy in its header; None for
+    foreign files."""
     path = Path(path)
     if path.suffix not in (".safetensors", ".json"):
         return None
-    meta_path = _paths(path)[1]
+    weights, meta_path = _paths(path)
     if not meta_path.exists():
-        return None
+        return header_metadata(weights) if weights.exists() else None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

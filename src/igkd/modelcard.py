@@ -1,0 +1,81 @@
+"""A short model card (``README.md``) for each training run: what was trained, on which
+data, with which method and teacher, how accurate it is, and how to load it.
+
+Written by the trainer next to ``model.safetensors`` from the run's summary, so a run
+folder copied elsewhere explains itself.
+"""
+
+from __future__ import annotations
+
+from .distill.parts import parse_method
+
+# summary keys that are the run's bookkeeping, not the method's options
+_NOT_OPTIONS = {"method", "model", "dataset", "params", "best_epoch", "val_accuracy", "test_accuracy", "test",
+                "epochs", "train_seconds", "train_images", "val_images", "processes", "global_batch", "lr",
+                "teacher", "compression", "ig", "at", "init", "logits", "explain"}
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:.2f}%"
+
+
+def model_card(summary: dict, meta: dict) -> str:
+    """Markdown text of the card; ``meta`` is the checkpoint's metadata (classes, preprocessing...)."""
+    method = summary.get("method", "student")
+    parts = parse_method(method).parts
+    teacher = summary.get("teacher") or {}
+    test = summary.get("test") or {}
+    classes = meta.get("classes") or []
+    pre = meta.get("preprocessing") or {}
+    lines = [f"# {summary['model']} trained with `{method}` on `{summary['dataset']}`", ""]
+    what = f"- **Model:** `{summary['model']}`, {summary['params']:,} parameters"
+    if summary.get("compression"):
+        what += f", {summary['compression']:.2f}x fewer than its teacher"
+    lines.append(what)
+    shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
+    lines.append(f"- **Data:** `{summary['dataset']}`: {summary.get('train_images', '?')} training and "
+                 f"{summary.get('val_images', '?')} validation images, {len(classes)} classes ({shown}), "
+                 f"{meta.get('in_channels', '?')} x {' x '.join(map(str, meta.get('image_size', [])))} inputs")
+    norm = ("raw pixels in [0, 1]" if pre.get("normalize", "none") == "none" else
+            f"pixels in [0, 1], normalised inside the model with mean {pre.get('mean')} and std {pre.get('std')}")
+    lines.append(f"- **Input:** float32 NCHW {norm}")
+    if parts:
+        lines.append(f"- **Method:** `{method}` = cross-entropy" + "".join(f" + {p.name} ({p.help})" for p in parts))
+        options = {k: v for k, v in summary.items() if k not in _NOT_OPTIONS and not isinstance(v, (dict, list))}
+        if options:
+            lines.append("- **Method options:** " + ", ".join(f"{k} = {v}" for k, v in sorted(options.items())))
+        if summary.get("logits"):
+            lines.append(f"- **Teacher logits:** {summary['logits']}")
+        if summary.get("ig"):
+            ig = summary["ig"]
+            lines.append(f"- **Teacher maps:** {ig.get('attribution', 'ig')}, {ig.get('steps')} steps "
+                         f"{ig.get('method')}, baseline {ig.get('baseline')}")
+    else:
+        lines.append("- **Method:** cross-entropy alone")
+    if teacher:
+        lines.append(f"- **Teacher:** `{teacher.get('model')}` from `{teacher.get('path')}`, "
+                     f"{teacher.get('params', 0):,} parameters, weights fingerprint `{teacher.get('fingerprint', '?')}`")
+    kappa = f"{test['kappa']:.3f}" if isinstance(test.get("kappa"), float) else "n/a"
+    lines += ["", "## Accuracy", "",
+              "| split | accuracy | balanced accuracy | Cohen's kappa | images |", "|---|---:|---:|---:|---:|",
+              f"| test | {_pct(summary.get('test_accuracy'))} | {_pct(test.get('balanced_accuracy'))} | {kappa} | "
+              f"{test.get('total', '?')} |",
+              f"| validation (best epoch, {summary.get('best_epoch')} of {summary.get('epochs')}) | "
+              f"{_pct(summary.get('val_accuracy'))} | | | {summary.get('val_images', '?')} |", "",
+              f"Trained for {summary.get('epochs')} epochs ({summary.get('train_seconds', 0):.0f} s, "
+              f"{summary.get('processes', 1)} process(es), global batch {summary.get('global_batch')}, lr "
+              f"{summary.get('lr', 0):g}); `model.safetensors` holds the best epoch by validation accuracy.", "",
+              "## Use it", "", "```python", "import igkd", "",
+              'model, meta = igkd.load_model("model.safetensors")  # architecture, classes, preprocessing from the file',
+              "logits = model(images)  # float32 N x C x H x W in [0, 1]", 'print(meta["classes"])', "```", "",
+              "```bash",
+              f"igkd evaluate --weights model.safetensors --data {summary['dataset']}",
+              "igkd export --weights model.safetensors --format onnx --out model.onnx",
+              "```", "",
+              "Files: `model.safetensors` (weights; its header also holds the metadata), `model.json` (metadata), "
+              "`config.yaml` (the resolved options), `metrics.jsonl` (one line per epoch), `summary.json`, "
+              "`last.pt` (the state `--resume` continues from).", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["model_card"]

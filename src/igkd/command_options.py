@@ -64,10 +64,11 @@ class LatencyConfig(_Validated):
     weights: str = opt("", "checkpoints, one per --model (or alone, with igkd metadata); they give the size on "
                        "disk (default: none, untrained weights; latency does not depend on their values)",
                        metavar="FILE[,FILE...]", repeat=True)
-    batch_size: str = opt("1", "batch sizes, a comma list", metavar="N[,N...]")
+    batch_size: str = opt("1", "batch sizes, a comma list; repeatable", metavar="N[,N...]", repeat=True)
     threads: int = opt(1, LATENCY_THREADS_HELP, low=1, high=1024)
     runtime: str = opt("eager", "eager (PyTorch), compiled (torch.compile, compiled during warm-up) and/or "
-                       "onnxruntime (exported to ONNX; needs igkd[export]), a comma list", metavar="R[,R...]")
+                       "onnxruntime (exported to ONNX; needs igkd[export]), a comma list; repeatable",
+                       metavar="R[,R...]", repeat=True)
     input: str = opt("3x32x32", "image shape of models given by spec (checkpoints use their metadata)",
                      metavar="CxHxW")
     classes: int = opt(10, "classes of models given by spec", low=1, high=1 << 20)

@@ -287,9 +287,12 @@ def _flag(name: str) -> str:
 
 
 def _joined(f: dataclasses.Field, value):
-    """A repeatable option's values (repeated flags, a YAML list) as one comma list."""
+    """A repeatable option's values (repeated flags, a YAML list) as one comma list; a YAML
+    number given for a text option (``batch_size: 32`` of bench, a list of sizes) as text."""
     if f.metadata.get("repeat") and isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
+    if isinstance(f.default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     return value
 
 
@@ -311,21 +314,30 @@ def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, s
             raise UserError(f"unknown option '{k}' in {source}; known options: {', '.join(sorted(by_name))}")
         values[key] = _joined(by_name[key], v)
     values.update({k: _joined(by_name[k], v) for k, v in (overrides or {}).items() if v is not None})
+    cfg = validate(cls(**values))  # a bad value is named first, then a missing one
     if cli:
         for f in fields(cls):
             if f.metadata.get("required") and values.get(f.name) in (None, ""):
                 raise UserError(f"{_flag(f.name)} is required; pass {_flag(f.name)} {_metavar(f)} or give "
                                 f"'{f.name}:' in the --config YAML")
-    return validate(cls(**values))
+    return cfg
 
 
 def _metavar(f: dataclasses.Field) -> str:
     return f.metadata.get("metavar") or f.name.upper()
 
 
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)  # nan and inf too: validate() names the range they are out of
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def _value_type(kind):
-    from .cli_types import float_range, int_range
-    return int_range() if kind is int else float_range() if kind is float else kind
+    """How an option's text becomes its value; a bad one is a one-line argparse error."""
+    from .cli_types import int_range
+    return int_range() if kind is int else _parse_float if kind is float else kind
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, main: tuple[str, ...] = ()) -> None:

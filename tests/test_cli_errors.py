@@ -82,7 +82,7 @@ def test_missing_dataset_directory(tmp_path):
     (["--model", "mobilenetv2:drop=40"], ["out of range"]),
 ])
 def test_unknown_specs(tmp_path, args, words):
-    r = igkd("train", *args, "--out", tmp_path / "run", "--epochs", 1)
+    r = igkd("train", "--data", "demo", *args, "--out", tmp_path / "run", "--epochs", 1)  # a later --data wins
     assert_user_error(r, *words)
     assert not (tmp_path / "run").exists()
 

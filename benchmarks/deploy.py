@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     cold = {spec: cold_call_ms(spec) for spec in ("mobilenetv2", "mobilenetv2:drop=5")}
-    lat = igkd.bench_latency(MODELS, batches="1,32", threads=args.threads, runtimes="eager,onnxruntime",
+    lat = igkd.bench_latency(MODELS, batch_size="1,32", threads=args.threads, runtime="eager,onnxruntime",
                              min_time=args.min_time)
     print(igkd.deploy.latency_table(lat))
 

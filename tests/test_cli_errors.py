@@ -82,7 +82,7 @@ def test_missing_dataset_directory(tmp_path):
     (["--model", "mobilenetv2:drop=40"], ["out of range"]),
 ])
 def test_unknown_specs(tmp_path, args, words):
-    r = igkd("train", *args, "--out", tmp_path / "run", "--epochs", 1)
+    r = igkd("train", "--data", "demo", *args, "--out", tmp_path / "run", "--epochs", 1)  # a later --data wins
     assert_user_error(r, *words)
     assert not (tmp_path / "run").exists()
 
@@ -238,8 +238,8 @@ def test_output_folders_that_cannot_be_written(capsys, tmp_path, afile, folder, 
 
 def test_export_out_that_is_a_folder(capsys, tmp_path, folder, teacher_ckpt):
     line = main_error(capsys, "export", "--weights", teacher_ckpt, "--data", f"imagefolder:{folder}",
-                      "--out", tmp_path)
-    assert "--out" in line and "is a folder" in line
+                      "--output", tmp_path)
+    assert "--output" in line and "is a folder" in line
 
 
 def _with_metadata(tmp_path, teacher_ckpt, text: str):
@@ -332,11 +332,11 @@ def test_bad_numbers_config_sections_and_encodings(capsys, tmp_path, folder, tea
     data = f"imagefolder:{folder}"
     for args, words in [
         (["evaluate", "--weights", teacher_ckpt, "--data", data, "--batch-size", 0], ["--batch-size", "out of range"]),
-        (["export", "--weights", teacher_ckpt, "--data", data, "--out", tmp_path / "m.onnx", "--atol", "nan"],
+        (["export", "--weights", teacher_ckpt, "--data", data, "--output", tmp_path / "m.onnx", "--atol", "nan"],
          ["--atol", "finite"]),
-        (["export", "--weights", teacher_ckpt, "--data", data, "--out", tmp_path / "m.onnx", "--min-agreement", 101],
+        (["export", "--weights", teacher_ckpt, "--data", data, "--output", tmp_path / "m.onnx", "--min-agreement", 101],
          ["--min-agreement"]),
-        (["audit", "--teacher", teacher_ckpt, "--student", teacher_ckpt, "--data", data, "--steps", 0], ["--steps"]),
+        (["audit", "--teacher", teacher_ckpt, "--student", teacher_ckpt, "--data", data, "--ig-steps", 0], ["--ig-steps"]),
         (["bench", "latency", "--model", "mobilenetv2", "--threads", "x"], ["--threads", "not an integer"]),
     ]:
         line = main_error(capsys, *args)

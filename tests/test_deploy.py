@@ -127,7 +127,7 @@ def test_measure_latency_compiled():  # torch.compile takes ~20 s on 2 cores
 
 def test_bench_latency_table_json_and_report(tmp_path):
     models = f"{TINY},mobilenetv2:width=0.25,drop=12"  # the comma list holds two specs with options
-    r = igkd.bench_latency(models, batches="1,2", threads=1, runtimes="eager,onnxruntime", input_shape="3x16x16",
+    r = igkd.bench_latency(models, batch_size="1,2", threads=1, runtime="eager,onnxruntime", input="3x16x16",
                            warmup=1, min_time=0.0, min_reps=3, out=tmp_path, quiet=True)
     assert len(r["rows"]) == 2 * 2 * 2 and r["reference"] == TINY and r["threads"] == 1
     for row in r["rows"]:
@@ -253,7 +253,7 @@ def test_audit_self_is_one_unrelated_model_falls(tmp_path):
     torch.manual_seed(1)
     rand = save_checkpoint(tmp_path / "random" / "model", build_model(meta["model"], 10, 1),
                            {k: meta[k] for k in ("model", "num_classes", "in_channels", "classes", "preprocessing")})
-    r = igkd.audit(str(DEMO_TEACHER), f"{DEMO_TEACHER},{rand}", "demo", images=16, steps=8, gallery_images=3,
+    r = igkd.audit(str(DEMO_TEACHER), f"{DEMO_TEACHER},{rand}", "demo", images=16, ig_steps=8, gallery=3,
                    out=tmp_path / "run", quiet=True)
     same, other = r["students"]
     assert r["images"] == 16 and r["target"] == "label"
@@ -283,8 +283,8 @@ def user_error(capsys, *argv) -> str:
 
 @pytest.mark.parametrize("args,words", [
     (["--model", "mobilenetv2", "--runtime", "tpu"], ["unknown runtime 'tpu'", "eager"]),
-    (["--model", "mobilenetv2", "--batch", "0"], ["positive"]),
-    (["--model", "mobilenetv2", "--batch", "1,x"], ["whole numbers"]),
+    (["--model", "mobilenetv2", "--batch-size", "0"], ["--batch-size", "positive"]),
+    (["--model", "mobilenetv2", "--batch-size", "1,x"], ["whole numbers"]),
     (["--model", "mobilenetv2", "--threads", "0"], ["--threads"]),
     (["--model", "resnet9"], ["unknown model 'resnet9'"]),
     (["--model", "mobilenetv2:drop=99"], ["out of range"]),
@@ -300,17 +300,17 @@ def test_bench_latency_errors(capsys, tmp_path, args, words):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--weights", "/nonexistent/w.safetensors", "--out", "{tmp}/m.onnx"], ["does not exist"]),
-    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.onnx", "--format", "torchscript"], ["does not fit --format"]),
-    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.pt"], ["does not fit --format"]),
-    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.pt", "--format", "torchscript", "--int8"], ["--int8 needs"]),
-    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.onnx", "--data", "mnist9"], ["unknown dataset kind"]),
-    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.onnx", "--atol", "0", "--quiet"],
+    (["--weights", "/nonexistent/w.safetensors", "--output", "{tmp}/m.onnx"], ["does not exist"]),
+    (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.onnx", "--format", "torchscript"], ["does not fit --format"]),
+    (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.pt"], ["does not fit --format"]),
+    (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.pt", "--format", "torchscript", "--int8"], ["--int8 needs"]),
+    (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.onnx", "--data", "mnist9"], ["unknown dataset kind"]),
+    (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.onnx", "--atol", "0", "--quiet"],
      ["parity check failed", "nothing written"]),
-    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.onnx", "--threads", "0"], ["--threads"]),
-    (["--weights", DEMO_TEACHER, "--out", "{tmp}/m.onnx", "--images", "-1"], ["--images"]),
-    (["--weights", "{tmp}/foreign.pt", "--out", "{tmp}/m.onnx"], ["names no dataset", "--data"]),
-    (["--weights", "{tmp}/foreign.pt", "--out", "{tmp}/m.onnx", "--data", "demo"], ["no igkd metadata", "--model"]),
+    (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.onnx", "--threads", "0"], ["--threads"]),
+    (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.onnx", "--images", "-1"], ["--images"]),
+    (["--weights", "{tmp}/foreign.pt", "--output", "{tmp}/m.onnx"], ["names no dataset", "--data"]),
+    (["--weights", "{tmp}/foreign.pt", "--output", "{tmp}/m.onnx", "--data", "demo"], ["no igkd metadata", "--model"]),
 ])
 def test_export_errors(capsys, tmp_path, args, words):
     torch.save(build_model(TINY, 10, 1).state_dict(), tmp_path / "foreign.pt")
@@ -333,7 +333,7 @@ def test_audit_errors(capsys, tmp_path, args, words):
 
 def test_missing_onnxruntime_says_how_to_install(tmp_path):
     code = ("import sys; sys.modules['onnxruntime'] = None; from igkd.cli import main; "
-            f"main(['export', '--weights', {str(DEMO_TEACHER)!r}, '--out', {str(tmp_path / 'm.onnx')!r}])")
+            f"main(['export', '--weights', {str(DEMO_TEACHER)!r}, '--output', {str(tmp_path / 'm.onnx')!r}])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -349,8 +349,8 @@ def test_help_gives_every_option_a_default(capsys, argv):
         parser = sub.choices[name]
     for action in parser._actions:
         flag = isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction))
-        if action.option_strings and not flag and not action.required:
-            assert "(default:" in action.help, action.option_strings
+        if action.option_strings and not flag and not action.required and action.help != argparse.SUPPRESS:
+            assert "(default:" in action.help or action.help.endswith("(required)"), action.option_strings
     with pytest.raises(SystemExit) as e:
         main([*argv, "--help"])
     assert e.value.code == 0 and "(default: " in capsys.readouterr().out

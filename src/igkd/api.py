@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .command_options import EvaluateConfig, api_config
 from .config import DistillConfig, PrecomputeConfig, TrainConfig
 from .data import Dataset, load_dataset
 from .distill import Trainer, parallel, parse_method
@@ -205,16 +206,34 @@ def _model_params(teacher: str) -> int:
     return count_parameters(build_model(spec, (meta or {}).get("num_classes", 10), (meta or {}).get("in_channels", 3)))
 
 
-def evaluate(weights: str | Path, data: str, model: str = "", normalize: str = "auto", teacher: str = "",
-             batch_size: int = 128, device: str = "auto", class_map: str | Path | dict | None = None) -> dict:
+def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
+             class_map: str | Path | dict | None = None, **options) -> dict:
     """Accuracy, per-class accuracy, confusion matrix, parameters (and compression factor)
     of a checkpoint on a dataset's test split.
+
+    The options (``model``, ``normalize``, ``teacher``, ``batch_size``, ``device``,
+    ``threads``) are the fields of :class:`igkd.command_options.EvaluateConfig`, given as
+    keywords or as ``config``: one dataclass gives ``igkd evaluate``'s options, the YAML
+    section ``evaluate:`` and these defaults, so they cannot disagree.
 
     ``class_map`` (a JSON/YAML file or dict, see :mod:`igkd.evaluate.classmap`) scores the
     model on a dataset with other class names: its classes are mapped onto the model's,
     images of unmapped classes are dropped and counted."""
-    if normalize not in ("auto", "none", "dataset"):
-        raise UserError(f"--normalize {normalize!r} is not one of auto, none, dataset")
+    if class_map is not None and not isinstance(class_map, dict):
+        options["class_map"] = class_map
+        class_map = None
+    cfg = api_config(EvaluateConfig, config, {"weights": weights, "data": data, **options}, "evaluate")
+    if class_map is None and cfg.class_map:
+        class_map = cfg.class_map
+    weights, data, model, normalize = cfg.weights, cfg.data, cfg.model, cfg.normalize
+    if not weights:
+        raise UserError("no checkpoint to evaluate; pass --weights FILE")
+    if not data:
+        raise UserError("no dataset to evaluate on; pass --data SPEC")
+    if not Path(weights).exists() or Path(weights).is_dir():  # named before a dataset is loaded (or downloaded)
+        raise UserError(f"weights file {weights} {'is a folder' if Path(weights).is_dir() else 'does not exist'}; "
+                        "check the path")
+    set_threads(cfg.threads)
     dataset = load_dataset(data)
     meta = read_metadata(weights) or {}
     cmap = read_class_map(class_map) if class_map is not None else None
@@ -224,7 +243,7 @@ def evaluate(weights: str | Path, data: str, model: str = "", normalize: str = "
                         "evaluate it on the dataset it was trained for (or map the classes with --class-map)")
     pre = None if normalize == "auto" else preprocessing_for(normalize, dataset)
     net, meta = load_model(weights, model or None, len(classes), dataset.channels, pre)
-    dev = resolve_device(device)
+    dev = resolve_device(cfg.device)
     test = dataset.test
     images, labels, mapped = test.images, test.labels, None
     if cmap:
@@ -232,14 +251,15 @@ def evaluate(weights: str | Path, data: str, model: str = "", normalize: str = "
         images, labels = test.images[mapped["keep"]], mapped["labels"]
         if not len(labels):
             raise UserError(f"no test image of {dataset.spec} belongs to a class named in {cmap.source}")
-    logits = predict(net.to(dev), images, batch_size, dev)
+    logits = predict(net.to(dev), images, cfg.batch_size, dev)
     result = {"weights": str(weights), "model": meta["model"], "data": dataset.spec, "split": "test",
               "preprocessing": meta["preprocessing"], "params": count_parameters(net),
               **classification_metrics(logits, labels, classes)}
     if mapped:
         result["class_map"] = {"source": cmap.source, "map": cmap.mapping, "dropped_images": mapped["dropped_images"],
                                "dropped_classes": mapped["dropped_classes"]}
-    if teacher:
+    if cfg.teacher:
+        teacher = cfg.teacher
         tparams = _model_params(teacher)
         result.update(teacher=teacher, teacher_params=tparams, compression=tparams / result["params"])
     return result

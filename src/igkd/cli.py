@@ -9,8 +9,9 @@ import argparse
 import sys
 
 from . import __version__
-from .config import DistillConfig, PrecomputeConfig, TrainConfig, add_arguments, build, load_yaml, overrides_from
-from .cli_types import NON_NEGATIVE, POSITIVE, Parser
+from .command_options import EvaluateConfig
+from .config import DistillConfig, PrecomputeConfig, TrainConfig
+from .cli_types import NON_NEGATIVE, POSITIVE, Parser, config_command, resolve
 from .errors import UserError
 from .fileio import dumps, is_disk_full
 
@@ -33,22 +34,12 @@ spec strings:
 
 
 def _config_parser(sub, name: str, cls, help: str, description: str, out_required: bool = True):
-    p = sub.add_parser(name, help=help, description=description, epilog=SPEC_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="YAML", help=f"YAML recipe (its '{name}:' section if it has one, "
-                   "else the whole file); command-line options override it")
+    p = config_command(sub, name, cls, help=help, description=description, epilog=SPEC_HELP,
+                       main=("data", "teacher", "model", "method"))
     if out_required:
         p.add_argument("--out", metavar="DIR", required=True, help="run directory to write")
         p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors and the final summary")
-    p.add_argument("--json", action="store_true", help="print the final summary as JSON (progress stays on stderr)")
-    add_arguments(p, cls)
     return p
-
-
-def _resolve(args, cls, section: str):
-    values = load_yaml(args.config, section) if args.config else {}
-    return build(cls, values, overrides_from(args, cls), source=args.config or "options")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -87,23 +78,10 @@ def make_parser() -> argparse.ArgumentParser:
                    "'torchrun --nproc_per_node=N -m igkd.cli distill ...' N processes train with DDP "
                    "(--batch-size per process).")
 
-    p = sub.add_parser("evaluate", help="score a checkpoint on a dataset's test split",
-                       description="Accuracy, per-class accuracy, confusion matrix and parameter count of a "
-                       "checkpoint on the test split of a dataset.", epilog=SPEC_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, metavar="FILE", help=".safetensors (igkd) or .pt/.pth state dict")
-    p.add_argument("--model", default="", metavar="SPEC", help="architecture (required for files without igkd metadata)")
-    p.add_argument("--data", required=True, metavar="SPEC", help="dataset spec; its test split is scored")
-    p.add_argument("--normalize", default="auto", choices=["auto", "none", "dataset"],
-                   help="input preprocessing: auto = as the checkpoint's metadata says (none for foreign files), "
-                   "none = raw [0,1] pixels, dataset = train-set mean/std (default: auto)")
-    p.add_argument("--teacher", default="", metavar="CKPT|SPEC", help="teacher, to report the compression factor")
-    p.add_argument("--batch-size", type=POSITIVE, default=128, help="images per forward pass (default: 128)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    p.add_argument("--class-map", default=None, metavar="FILE", help="JSON/YAML mapping of the data's class names "
-                   "to the model's (with 'classes:' for checkpoints without metadata); images of unmapped classes "
-                   "are dropped and counted (default: none, the classes must match)")
+    config_command(sub, "evaluate", EvaluateConfig, main=("weights", "data", "model"), epilog=SPEC_HELP,
+                   help="score a checkpoint on a dataset's test split",
+                   description="Accuracy, per-class accuracy, confusion matrix and parameter count of a checkpoint "
+                   "on the test split of a dataset.")
 
     p = sub.add_parser("demo", help="the whole method on the embedded dataset, CPU, a few minutes",
                        description="Loads the shipped demo teacher (or trains one), precomputes IG maps, trains "
@@ -158,20 +136,19 @@ def run(argv: list[str] | None = None) -> int:
     from .progress import is_rank0
 
     if args.command == "train":
-        _print_train_summary(api.train(_resolve(args, TrainConfig, "train"), args.out, args.resume, args.quiet),
+        _print_train_summary(api.train(resolve(args, TrainConfig, "train"), args.out, args.resume, args.quiet),
                              args.json)
     elif args.command == "distill":
-        _print_train_summary(api.distill(_resolve(args, DistillConfig, "distill"), args.out, args.resume, args.quiet),
-                             args.json)
+        _print_train_summary(api.distill(resolve(args, DistillConfig, "distill"), args.out, args.resume,
+                                         args.quiet), args.json)
     elif args.command == "precompute":
-        store = api.precompute(args.teacher, args.data, _resolve(args, PrecomputeConfig, "precompute"), args.store,
+        store = api.precompute(args.teacher, args.data, resolve(args, PrecomputeConfig, "precompute"), args.store,
                                args.teacher_model, args.device, args.quiet, args.threads)
         if is_rank0():
             print(dumps({"store": str(store.path), "images": len(store), **store.manifest}, indent=2) if args.json
                   else f"store: {store.path} ({len(store)} images)")
     elif args.command == "evaluate":
-        r = api.evaluate(args.weights, args.data, args.model, args.normalize, args.teacher, args.batch_size,
-                         args.device, class_map=args.class_map)
+        r = api.evaluate(config=resolve(args, EvaluateConfig, "evaluate"))
         if args.json:
             print(dumps(r, indent=2))
         else:

@@ -82,7 +82,7 @@ def run_experiment_command(args) -> None:
     if args.method is not None:
         raise UserError("experiments train several methods: give them as --methods student,kd+ig "
                         "(search: --search-method)")
-    cfg = resolve(args.kind, args.config, overrides_from(args, ExperimentConfig))
+    cfg = resolve(args.kind, args.config, overrides_from(args, ExperimentConfig), cli=True)
     result = run_experiment(args.kind, cfg, args.out, quiet=args.quiet)
     if args.json:
         print(dumps(result, indent=2))

@@ -1,4 +1,4 @@
-"""Argument types and the parser class of the command line.
+"""Argument types, the parser class and config-driven subcommands of the command line.
 
 Every numeric option outside the config dataclasses (which validate their own ranges) is
 parsed by one of these, so a bad value is one line naming the option and the allowed
@@ -49,3 +49,41 @@ def float_range(lo: float | None = None, hi: float | None = None):
 
 POSITIVE = int_range(1)
 NON_NEGATIVE = int_range(0)
+
+
+class Deprecated(argparse.Action):
+    """An old option name kept for one release: sets the new option's value and prints
+    one warning line (``igkd: warning: --steps is deprecated; use --ig-steps``)."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .options import deprecation_warning
+        deprecation_warning(option_string, self.new)
+        setattr(namespace, self.dest, values)
+
+
+def config_command(sub, name: str, cls, *, help: str, description: str, epilog: str = "",
+                   section: str | None = None, main: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A subcommand whose options are the fields of the config dataclass ``cls``, with
+    ``--config YAML`` (its ``section:``, default ``name``) and ``--quiet``/``--json``;
+    the caller adds what is not an option of the work (where to write)."""
+    from .config import add_arguments
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="YAML", help=f"YAML recipe, a file or a shipped name (its '{section or name}:' "
+                   "section if it has one, else the whole file); command-line options override it (default: none)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors and the final summary")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (progress stays on stderr)")
+    add_arguments(p, cls, main)
+    return p
+
+
+def resolve(args: argparse.Namespace, cls, section: str):
+    """The config of a command: defaults <- ``--config`` YAML section <- options, with the
+    options the command line requires checked (one line naming the option)."""
+    from .config import build, load_yaml, overrides_from
+    values = load_yaml(args.config, section) if args.config else {}
+    return build(cls, values, overrides_from(args, cls), source=args.config or "options", cli=True)

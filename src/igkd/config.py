@@ -20,9 +20,7 @@ import yaml
 
 from .attribution import registry as attributions
 from .errors import UserError
-from .options import opt
-
-
+from .options import deprecation_warning, opt
 
 
 class _Validated:
@@ -37,8 +35,10 @@ class _Validated:
 class TrainConfig(_Validated):
     """Options shared by ``igkd train`` (teacher) and ``igkd distill`` (student)."""
 
-    data: str = opt("demo", "dataset spec: demo, cifar10:DIR, imagefolder:DIR[,size=N], fashion-mnist[:DIR]")
-    model: str = opt("mobilenetv2", "architecture spec, e.g. mobilenetv2, mobilenetv2:drop=5, mobilenetv2:width=0.5")
+    data: str = opt("demo", "dataset spec: demo, cifar10:DIR, imagefolder:DIR[,size=N], fashion-mnist[:DIR] "
+                    "(the Python API's TrainConfig defaults to demo)", required=True, metavar="SPEC")
+    model: str = opt("mobilenetv2", "architecture spec, e.g. mobilenetv2, mobilenetv2:drop=5, mobilenetv2:width=0.5",
+                     metavar="SPEC")
     normalize: str = opt("dataset", "input preprocessing baked into the model: 'dataset' mean/std or 'none' "
                          "(the paper's students take raw [0,1] pixels)", choices=["dataset", "none"])
     epochs: int = opt(30, "training epochs", low=1, high=100000)
@@ -74,7 +74,7 @@ class TrainConfig(_Validated):
     amp: str = opt("auto", "mixed precision autocast, GPU only: auto (bf16 on CUDA, off on CPU), off, bf16, fp16 "
                    "(with loss scaling)", choices=["auto", "off", "bf16", "fp16"])
     log: str = opt("", "experiment trackers, a comma list of csv (RUN/log/*.csv), tensorboard, wandb, mlflow: "
-                   "per-step and per-epoch scalars, rank 0 only (default: none)")
+                   "per-step and per-epoch scalars, rank 0 only")
     log_every: int = opt(20, "optimisation steps between logged per-step scalars (the mean over them)", low=1,
                          high=1 << 20, unit="steps")
     compile: bool = opt(False, "torch.compile the training forward (slower on 2 CPU cores and ~70 s to compile; "
@@ -119,10 +119,12 @@ class PrecomputeConfig(_Validated):
 class _DistillBase(TrainConfig, PrecomputeConfig):
     """The options of ``igkd distill`` that belong to no method part."""
 
-    model: str = opt("mobilenetv2:drop=5", "student architecture spec (the paper's 4.12x student by default)")
+    model: str = opt("mobilenetv2:drop=5", "student architecture spec (the paper's 4.12x student by default)",
+                     metavar="SPEC")
     normalize: str = opt("none", "student input preprocessing: 'none' (the paper's, raw [0,1] pixels) or "
                          "'dataset'", choices=["dataset", "none"])
-    teacher: str = opt("", "teacher checkpoint (.safetensors from igkd train, or .pt with --teacher-model)")
+    teacher: str = opt("", "teacher checkpoint (.safetensors from igkd train, or .pt with --teacher-model)",
+                       metavar="CKPT")
     teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata")
     logits: str = opt("precomputed", "teacher logits: precomputed once on clean images (by sample index) or "
                       "online on each augmented batch (always online with a mixing part such as cutmix)",
@@ -167,7 +169,11 @@ def _field_help(f: dataclasses.Field) -> str:
         text += f" {lo}{m['low']}, {m['high']}]"
     if m.get("unit"):
         text += f" ({m['unit']})"
-    return text + f" (default: {f.default})"
+    if m.get("required"):
+        return text + " (required)"
+    if "(default:" in text:  # the help says what the default means (e.g. 'from the metadata')
+        return text
+    return text + f" (default: {'none' if f.default == '' else f.default})"
 
 
 def _number(text: str):
@@ -197,7 +203,10 @@ def validate(cfg) -> Any:
                 raise UserError(f"{flag} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
             value = kind(value)
             setattr(cfg, f.name, value)
-            if math.isnan(value) or (m.get("low") is not None and (
+            if not math.isfinite(value):
+                raise UserError(f"{flag} {value} is out of range; use a finite number"
+                                + (f" in [{m['low']}, {m['high']}]" if m.get("low") is not None else ""))
+            if (m.get("low") is not None and (
                     value < m["low"] or value > m["high"] or (m.get("low_open") and value == m["low"]))):
                 lo = "(" if m.get("low_open") else "["
                 raise UserError(f"{flag} {value} is out of range; use a value in {lo}{m['low']}, {m['high']}]")
@@ -212,7 +221,7 @@ def validate(cfg) -> Any:
     return cfg
 
 
-SECTIONS = ("train", "precompute", "distill", "experiment", "demo")
+SECTIONS = ("train", "precompute", "distill", "experiment", "demo", "evaluate", "bench", "export", "audit")
 
 
 def read_yaml_file(path: str | Path, what: str = "config file"):
@@ -267,32 +276,102 @@ def load_yaml(path: str | Path, section: str | None) -> dict:
     return {k: v for k, v in doc.items() if k not in SECTIONS}
 
 
-def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, source: str = "config"):
-    """Defaults <- YAML values <- command-line overrides, then validate."""
-    names = {f.name for f in fields(cls)}
+def renamed(cls) -> dict[str, str]:
+    """Old field name -> new one, for a config's options renamed within the last release
+    (``cls.RENAMED``): still accepted on the command line and in YAML, with a warning."""
+    return dict(getattr(cls, "RENAMED", {}))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _joined(f: dataclasses.Field, value):
+    """A repeatable option's values (repeated flags, a YAML list) as one comma list; a YAML
+    number given for a text option (``batch_size: 32`` of bench, a list of sizes) as text."""
+    if f.metadata.get("repeat") and isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(f.default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, source: str = "config",
+          cli: bool = False):
+    """Defaults <- YAML values <- command-line overrides, then validate.
+
+    ``cli``: also require the fields marked ``required`` (the command line has no
+    default for them, whatever the dataclass says) in one line naming the option."""
+    by_name = {f.name: f for f in fields(cls)}
+    old_names = renamed(cls)
     values: dict[str, Any] = {}
     for k, v in (yaml_values or {}).items():
         key = k.replace("-", "_")
-        if key not in names:
-            raise UserError(f"unknown option '{k}' in {source}; known options: {', '.join(sorted(names))}")
-        values[key] = v
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return validate(cls(**values))
+        if key not in by_name and key in old_names:
+            deprecation_warning(f"'{k}'", f"'{old_names[key]}'", f" in {source}")
+            key = old_names[key]
+        if key not in by_name:
+            raise UserError(f"unknown option '{k}' in {source}; known options: {', '.join(sorted(by_name))}")
+        values[key] = _joined(by_name[key], v)
+    values.update({k: _joined(by_name[k], v) for k, v in (overrides or {}).items() if v is not None})
+    cfg = validate(cls(**values))  # a bad value is named first, then a missing one
+    if cli:
+        for f in fields(cls):
+            if f.metadata.get("required") and values.get(f.name) in (None, ""):
+                raise UserError(f"{_flag(f.name)} is required; pass {_flag(f.name)} {_metavar(f)} or give "
+                                f"'{f.name}:' in the --config YAML")
+    return cfg
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--field-name`` option per config field; None means 'not given'."""
+def _metavar(f: dataclasses.Field) -> str:
+    return f.metadata.get("metavar") or f.name.upper()
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)  # nan and inf too: validate() names the range they are out of
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _value_type(kind):
+    """How an option's text becomes its value; a bad one is a one-line argparse error."""
+    from .cli_types import int_range
+    return int_range() if kind is int else _parse_float if kind is float else kind
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, main: tuple[str, ...] = ()) -> None:
+    """One ``--field-name`` option per config field; None means 'not given'.
+
+    The fields named in ``main`` come first, in that order, in a group 'main options'
+    shown before every other group of ``--help``; old names of renamed fields
+    (``cls.RENAMED``) are hidden options that warn and set the new field."""
+    from .cli_types import Deprecated
+    by_name = {f.name: f for f in fields(cls)}
     group = parser.add_argument_group(f"{cls.__name__} options (also settable in --config YAML)")
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+    ordered = [by_name[n] for n in main if n in by_name] + [f for f in fields(cls) if f.name not in main]
+    first = None
+    if any(n in by_name for n in main):
+        first = parser.add_argument_group("main options")
+        parser._action_groups.remove(first)  # shown first, before --help and the command's own options
+        parser._action_groups.insert(0, first)
+    for f in ordered:
+        target = first if f.name in main else group
+        flag = _flag(f.name)
         kind = type(f.default)
         if kind is bool:
-            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                               help=_field_help(f))
+            target.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=_field_help(f))
         else:
             choices = f.metadata.get("choices")
-            group.add_argument(flag, dest=f.name, default=None, type=kind, choices=choices,
-                               metavar=None if choices else f.name.upper(), help=_field_help(f))
+            extra = {"action": "append"} if f.metadata.get("repeat") else {}
+            target.add_argument(flag, dest=f.name, default=None, type=_value_type(kind), choices=choices,
+                                metavar=None if choices else _metavar(f), help=_field_help(f), **extra)
+    for old, new in renamed(cls).items():
+        f = by_name[new]
+        parser.add_argument(_flag(old), dest=new, default=None, type=_value_type(type(f.default)),
+                            choices=f.metadata.get("choices"), action=Deprecated, new=_flag(new),
+                            help=argparse.SUPPRESS)
 
 
 def overrides_from(args: argparse.Namespace, cls) -> dict:

@@ -117,9 +117,11 @@ def yaml_layers(path: str | Path | None, kind: str) -> dict:
     return _flatten_lists({**(doc.get("distill") or {}), **exp, **specific})
 
 
-def resolve(kind: str, config: str | Path | None = None, overrides: dict | None = None) -> ExperimentConfig:
-    """Defaults <- YAML layers <- overrides, validated; methods and lists checked too."""
-    cfg = build(ExperimentConfig, yaml_layers(config, kind), overrides, source=str(config or "options"))
+def resolve(kind: str, config: str | Path | None = None, overrides: dict | None = None,
+            cli: bool = False) -> ExperimentConfig:
+    """Defaults <- YAML layers <- overrides, validated; methods and lists checked too.
+    ``cli``: the command line's required options (--data) must be given."""
+    cfg = build(ExperimentConfig, yaml_layers(config, kind), overrides, source=str(config or "options"), cli=cli)
     return check(cfg)
 
 

@@ -1,0 +1,173 @@
+"""Options of ``igkd evaluate``, ``igkd bench latency``, ``igkd export`` and ``igkd audit``.
+
+One dataclass per command, built with :func:`igkd.options.opt` like
+:class:`igkd.config.TrainConfig`: each field is the command's option ``--field-name``
+(help, choices, range, unit and default in ``--help``), a key of the command's YAML
+section (``evaluate:``, ``bench:``, ``export:``, ``audit:``) and a keyword of the API
+function (``igkd.evaluate``, ``igkd.bench_latency``, ``igkd.export_model``,
+``igkd.audit``), whose defaults are these. No torch here: ``igkd --help`` stays fast.
+
+Where an option is written (a file, a run folder) and how much is printed are not
+options of the work and stay arguments of the command and the function, as for train.
+
+Thread counts: 0 means torch's default in every command, except where the command
+measures latency (``bench latency``, ``export --int8``): there one thread by default,
+so numbers are comparable between runs and machines whatever else is running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from .attribution import registry as attributions
+from .config import _Validated, renamed
+from .options import opt
+
+NORMALIZE_HELP = ("input preprocessing: auto = as the checkpoint's metadata says (none for foreign files), none = "
+                  "raw [0,1] pixels, dataset = train-set mean/std")
+THREADS_HELP = "CPU threads for torch (0 = torch's default)"
+LATENCY_THREADS_HELP = ("CPU threads while timing: torch.set_num_threads and ONNX Runtime intra_op_num_threads; "
+                        "one by default, unlike other commands' 0 (torch's default), so latencies are comparable "
+                        "between runs and machines")
+
+
+@dataclass
+class EvaluateConfig(_Validated):
+    """Options of ``igkd evaluate``: score a checkpoint on a dataset's test split."""
+
+    weights: str = opt("", ".safetensors (igkd) or .pt/.pth state dict", required=True, metavar="FILE")
+    data: str = opt("", "dataset spec; its test split is scored", required=True, metavar="SPEC")
+    model: str = opt("", "architecture spec, required for files without igkd metadata (default: from the "
+                     "metadata)", metavar="SPEC")
+    normalize: str = opt("auto", NORMALIZE_HELP, choices=["auto", "none", "dataset"])
+    teacher: str = opt("", "teacher checkpoint or spec, to report the compression factor", metavar="CKPT|SPEC")
+    batch_size: int = opt(128, "images per forward pass", low=1, high=65536, unit="images")
+    device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    threads: int = opt(0, THREADS_HELP, low=0, high=1024)
+    class_map: str = opt("", "JSON/YAML file mapping the data's class names to the model's (with 'classes:' for "
+                         "checkpoints without metadata); images of unmapped classes are dropped and counted "
+                         "(default: none, the classes must match)", metavar="FILE")
+
+
+@dataclass
+class LatencyConfig(_Validated):
+    """Options of ``igkd bench latency`` (YAML section ``bench:``)."""
+
+    RENAMED: ClassVar[dict] = {"batch": "batch_size"}
+
+    model: str = opt("", "model specs, the reference (teacher) first; repeatable (default: none, from --weights "
+                     "metadata)", metavar="SPEC[,SPEC...]", repeat=True)
+    weights: str = opt("", "checkpoints, one per --model (or alone, with igkd metadata); they give the size on "
+                       "disk (default: none, untrained weights; latency does not depend on their values)",
+                       metavar="FILE[,FILE...]", repeat=True)
+    batch_size: str = opt("1", "batch sizes, a comma list; repeatable", metavar="N[,N...]", repeat=True)
+    threads: int = opt(1, LATENCY_THREADS_HELP, low=1, high=1024)
+    runtime: str = opt("eager", "eager (PyTorch), compiled (torch.compile, compiled during warm-up) and/or "
+                       "onnxruntime (exported to ONNX; needs igkd[export]), a comma list; repeatable",
+                       metavar="R[,R...]", repeat=True)
+    input: str = opt("3x32x32", "image shape of models given by spec (checkpoints use their metadata)",
+                     metavar="CxHxW")
+    classes: int = opt(10, "classes of models given by spec", low=1, high=1 << 20)
+    warmup: int = opt(10, "untimed calls first", low=0, high=1 << 20, unit="calls")
+    min_time: float = opt(1.0, "timed calls last at least this long", low=0.0, high=86400.0, unit="seconds")
+    min_reps: int = opt(10, "timed calls at least", low=1, high=1 << 24, unit="calls")
+    max_reps: int = opt(10000, "timed calls at most", low=1, high=1 << 24, unit="calls")
+
+
+@dataclass
+class ExportConfig(_Validated):
+    """Options of ``igkd export`` (the file written is ``--output``, not an option of the export)."""
+
+    weights: str = opt("", ".safetensors (igkd) or .pt/.pth state dict", required=True, metavar="FILE")
+    format: str = opt("onnx", "output format", choices=["onnx", "torchscript"])
+    model: str = opt("", "architecture spec, required for files without igkd metadata (default: from the "
+                     "metadata)", metavar="SPEC")
+    data: str = opt("", "dataset for the parity check (its test split) and int8 calibration (its training "
+                    "split) (default: none, the dataset named in the checkpoint's metadata)", metavar="SPEC")
+    normalize: str = opt("auto", NORMALIZE_HELP, choices=["auto", "none", "dataset"])
+    images: int = opt(0, "parity on the first N test images; 0 = all", low=0, high=1 << 30, unit="images")
+    atol: float = opt(1e-3, "largest allowed |logit difference| between the export and PyTorch", low=0.0,
+                      high=1e6)
+    min_agreement: float = opt(99.9, "least top-1 agreement with PyTorch", low=0.0, high=100.0, unit="percent")
+    int8: bool = opt(False, "write a static int8 model (ONNX Runtime QDQ, per-channel) instead of fp32")
+    calibration_images: int = opt(256, "training images to calibrate int8 activation ranges on", low=1,
+                                  high=1 << 20, unit="images")
+    threads: int = opt(1, LATENCY_THREADS_HELP + " (the int8 vs fp32 latency)", low=1, high=1024)
+    min_time: float = opt(1.0, "timed calls per latency measurement last at least this long", low=0.0,
+                          high=86400.0, unit="seconds")
+
+
+@dataclass
+class AuditConfig(_Validated):
+    """Options of ``igkd audit``: do students attribute like their teacher?"""
+
+    RENAMED: ClassVar[dict] = {"steps": "ig_steps", "baseline": "ig_baseline"}
+
+    teacher: str = opt("", "teacher checkpoint", required=True, metavar="CKPT")
+    student: str = opt("", "student checkpoints (e.g. a KD+IG one and a plain one); repeatable", required=True,
+                       metavar="CKPT[,CKPT...]", repeat=True)
+    data: str = opt("", "dataset spec; images come from its test split", required=True, metavar="SPEC")
+    teacher_model: str = opt("", "architecture of a foreign teacher file (default: from its metadata)",
+                             metavar="SPEC")
+    student_model: str = opt("", "architecture of foreign student files, e.g. mobilenetv2:drop=5 for the "
+                             "paper's (default: from their metadata)", metavar="SPEC")
+    images: int = opt(64, "test images, evenly spaced over the split", low=1, high=1 << 20, unit="images")
+    target: str = opt("label", "class each model attributes: the true label (the same question for all) or its "
+                      "own prediction", choices=["label", "predicted"])
+    topk: float = opt(10.0, "share of pixels in the top-k overlap", low=0.0, high=100.0, low_open=True,
+                      unit="percent")
+    attribution: str = opt(attributions.DEFAULT, "attribution whose maps are compared: " + attributions.help_text()
+                           + "; --ig-steps and --ig-baseline apply to ig, the others take precompute's defaults "
+                           "and gradcam each model's auto layer", choices=list(attributions.NAMES))
+    ig_steps: int = opt(32, "integration steps of integrated gradients (Gauss-Legendre)", low=1, high=4096)
+    ig_baseline: str = opt("black", "IG baseline, the same pixels for every model unless zero (= each model's "
+                           "normalised zero)", choices=["black", "zero", "blur"])
+    gallery: int = opt(8, "rows (images) in audit.png; 0 = none", low=0, high=10000, unit="images")
+    threads: int = opt(0, THREADS_HELP, low=0, high=1024)
+
+
+# Keyword names the API functions took before their options became these dataclasses.
+API_RENAMED = {
+    "LatencyConfig": {"models": "model", "batches": "batch_size", "runtimes": "runtime", "input_shape": "input",
+                      "num_classes": "classes"},
+    "AuditConfig": {"students": "student", "gallery_images": "gallery"},
+}
+
+
+def api_config(cls, config, options: dict, function: str):
+    """The config of an API call: ``config`` (default: the dataclass's defaults) with
+    ``options`` (field names; ``None`` = not given) replaced and validated.
+
+    Old keyword names (``steps=`` for ``ig_steps=``) still work with a DeprecationWarning;
+    paths may be ``Path`` objects, list options lists."""
+    if config is not None and not isinstance(config, cls):
+        raise TypeError(f"{function}(config=...) takes an {cls.__name__}, got {type(config).__name__}")
+    by_name = {f.name: f for f in fields(cls)}
+    old = {**renamed(cls), **API_RENAMED.get(cls.__name__, {})}
+    values = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key not in by_name and key in old:
+            warnings.warn(f"{function}({key}=...) is deprecated; use {old[key]}=...", DeprecationWarning,
+                          stacklevel=3)
+            key = old[key]
+        if key not in by_name:
+            raise TypeError(f"{function}() got an unexpected keyword argument '{key}' (its options: "
+                            f"{', '.join(by_name)})")
+        kind = type(by_name[key].default)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        elif kind is str and isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        elif kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        values[key] = value
+    return dataclasses.replace(config, **values) if config is not None else cls(**values)
+
+
+__all__ = ["API_RENAMED", "AuditConfig", "EvaluateConfig", "ExportConfig", "LatencyConfig", "api_config"]

@@ -1,0 +1,142 @@
+"""``igkd audit``: do students attribute like their teacher? Attribution maps of the
+teacher and each student on the same test images, compared by rank correlation, top-k
+overlap and top-1 agreement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..command_options import AuditConfig, api_config
+from ..data import Dataset, load_dataset
+from ..errors import UserError
+from ..evaluate import predict
+from ..evaluate.agreement import spearman, topk_iou
+from ..fileio import writable_dir, write_json
+from ..models import count_parameters, load_model, read_metadata
+from ..progress import Progress
+from ..runtime import set_threads
+from .common import existing, split_list
+from .plots import audit_gallery
+
+TARGETS = ("label", "predicted")
+
+
+def _load_checked(path: str, spec: str, dataset: Dataset) -> tuple[nn.Module, dict]:
+    meta = read_metadata(path) or {}
+    if meta.get("classes") and meta["classes"] != dataset.classes:
+        raise UserError(f"{path} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
+                        "audit models on the dataset they were trained for")
+    net, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, meta
+
+
+def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None = None,
+          out: str | Path | None = None, quiet: bool = False, **options) -> dict:
+    """Do the students attribute like the teacher? Attribution maps (IG by default: sum
+    over channels of |IG|) of the teacher and each student (``student``: checkpoints, a
+    comma list or a list) on the same ``images`` test images of ``data`` (evenly spaced
+    over the test split), each model attributing the true label (``target="label"``, the
+    same question for all) or its own prediction (``"predicted"``), same baseline and
+    steps. ``attribution``: any name of :mod:`igkd.attribution.registry` (IG with
+    Gauss-Legendre ``ig_steps`` and ``ig_baseline``; the others with precompute's defaults
+    for their options, Grad-CAM at each model's ``auto`` layer).
+
+    Per student: mean Spearman rank correlation of its maps with the teacher's, mean IoU
+    of their top ``topk`` percent pixels, and top-1 agreement with the teacher's
+    predictions (plus both accuracies on these images). Writes ``out/audit.json`` and a
+    gallery ``out/audit.png`` (image | teacher map | student maps, one row per image,
+    ``gallery`` rows).
+
+    The options are the fields of :class:`igkd.command_options.AuditConfig`, as keywords
+    or ``config``: one dataclass gives the command line, the YAML section ``audit:`` and
+    these defaults. Old keywords (``students``, ``steps``, ``baseline``,
+    ``gallery_images``) still work, with a DeprecationWarning.
+    """
+    cfg = api_config(AuditConfig, config, {"teacher": teacher, "student": student, "data": data, **options},
+                     "audit")
+    if out:
+        writable_dir(out, "--out")
+    from ..attribution import attribution_map, registry
+    from ..config import PrecomputeConfig
+    entry = registry.get(cfg.attribution)
+    paths = split_list(cfg.student)
+    if not cfg.teacher:
+        raise UserError("no teacher to audit against; pass --teacher CKPT")
+    if not paths:
+        raise UserError("no student to audit; pass --student CKPT[,CKPT...]")
+    if not cfg.data:
+        raise UserError("no dataset to audit on; pass --data SPEC")
+    for path in [cfg.teacher, *paths]:  # a missing file is named before the dataset is loaded
+        existing(path, "checkpoint")
+    set_threads(cfg.threads)
+    pcfg = PrecomputeConfig(attribution=cfg.attribution, ig_steps=cfg.ig_steps, ig_method="gausslegendre",
+                            ig_baseline=cfg.ig_baseline)
+    dataset = load_dataset(cfg.data)
+    models = [(cfg.teacher, *_load_checked(cfg.teacher, cfg.teacher_model, dataset))]
+    models += [(p, *_load_checked(p, cfg.student_model, dataset)) for p in paths]
+    test = dataset.test
+    idx = torch.linspace(0, len(test) - 1, min(cfg.images, len(test))).round().long().unique()
+    x_u8, labels = test.images[idx], test.labels[idx]
+    x = x_u8.float() / 255
+    maps, preds = [], []
+    with Progress(len(models) * len(idx), f"audit ({cfg.attribution})", "img", quiet) as progress:
+        for _, net, _ in models:
+            pred = predict(net, x_u8).argmax(1)
+            tgt = labels if cfg.target == "label" else pred
+            chunks = []
+            for i in range(0, len(x), 16):
+                attr = entry.compute(net, x[i:i + 16], tgt[i:i + 16], pcfg, first_index=int(idx[i]))[0]
+                chunks.append(attribution_map(attr).float())
+                progress.update(len(attr))
+            maps.append(torch.cat(chunks))
+            preds.append(pred)
+    accuracy = lambda p: 100.0 * float((p == labels).float().mean())  # noqa: E731
+    rows = []
+    for (path, net, meta), m, p in zip(models[1:], maps[1:], preds[1:]):
+        # pixels equal to the baseline get exactly zero attribution from every model (IG is
+        # (x - x') times an average gradient): left out, they would count as agreement
+        rho, iou = spearman(maps[0], m, (maps[0] != 0) | (m != 0)), topk_iou(maps[0], m, cfg.topk / 100)
+        rows.append({"weights": path, "model": meta["model"], "params": count_parameters(net),
+                     "spearman_mean": float(rho.nanmean()), "topk_iou_mean": float(iou.mean()),
+                     "top1_agreement": 100.0 * float((p == preds[0]).float().mean()), "accuracy": accuracy(p),
+                     "per_image": {"spearman": rho.tolist(), "topk_iou": iou.tolist()}})
+    result = {"teacher": {"weights": cfg.teacher, "model": models[0][2]["model"],
+                          "params": count_parameters(models[0][1]), "accuracy": accuracy(preds[0])},
+              "data": dataset.spec, "images": len(idx), "indices": idx.tolist(), "target": cfg.target,
+              "attribution": cfg.attribution, "description": entry.description(pcfg),
+              "ig": {"steps": cfg.ig_steps, "method": "gausslegendre", "baseline": cfg.ig_baseline},
+              "topk_percent": cfg.topk, "students": rows}
+    if out:
+        if cfg.gallery:
+            n = min(cfg.gallery, len(idx))
+            names = [label(p) for p, _, _ in models]
+            audit_gallery(Path(out) / "audit.png", x_u8[:n], [m[:n] for m in maps], names,
+                          [dataset.classes[int(c)] for c in labels[:n]])
+            result["gallery"] = "audit.png"
+        write_json(Path(out) / "audit.json", result)
+    return result
+
+
+def label(path: str | Path) -> str:
+    """A checkpoint's short name: its stem, with its folder when the stem is igkd's 'model'."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.stem}" if path.stem == "model" and path.parent.name else path.stem
+
+
+def audit_table(result: dict) -> str:
+    from ..report import markdown_table
+    t = result["teacher"]
+    rows = [[label(s["weights"]), s["model"], s["params"], f"{s['spearman_mean']:.3f}", f"{s['topk_iou_mean']:.3f}",
+             f"{s['top1_agreement']:.1f}%", f"{s['accuracy']:.1f}%"] for s in result["students"]]
+    return (markdown_table(["student", "model", "params", "Spearman rho", f"top-{result['topk_percent']:g}% IoU",
+                            "top-1 agreement", "accuracy"], rows)
+            + f"\n\nteacher {label(t['weights'])} ({t['model']}, accuracy {t['accuracy']:.1f}%); "
+            f"{result['images']} test images of {result['data']}; "
+            + (f"{result['description']}, of the {result['target']} class" if "description" in result else
+               f"IG of the {result['target']} class, {result['ig']['steps']} steps, {result['ig']['baseline']} "
+               "baseline"))  # audit.json written before attributions were named

@@ -1,0 +1,156 @@
+"""``igkd export``: a checkpoint to ONNX or TorchScript (optionally int8), preprocessing
+inside the graph, written only when it passes a parity check against PyTorch.
+
+The exporters themselves (ONNX bytes, TorchScript module, int8 quantisation, runners)
+are the library module :mod:`igkd.export`; this is the command around them."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..api import preprocessing_for
+from ..command_options import ExportConfig, api_config
+from ..data import Dataset, load_dataset
+from ..errors import UserError
+from ..evaluate import predict
+from ..evaluate.cost import check_budget, measure_latency
+from ..export import load_runner, logits_of, onnx_bytes, parity, quantize_int8, require_onnxruntime, torchscript_module
+from ..fileio import atomic_path, writable_dir, writable_file, write_json
+from ..models import load_model, read_metadata
+from ..models.checkpoint import file_sha256
+from ..progress import log
+from .common import existing
+
+FORMATS = ("onnx", "torchscript")
+
+
+def export_model(weights=None, output: str | Path | None = None, format: str | None = None, *,
+                 config: ExportConfig | None = None, report_dir: str | Path | None = None, quiet: bool = False,
+                 out: str | Path | None = None, **options) -> dict:
+    """Export a checkpoint to ONNX or TorchScript, preprocessing included, and check it.
+
+    Parity: the exported model and PyTorch run the test split of ``data`` (the first
+    ``images`` when > 0; default the dataset named in the checkpoint's metadata); the export
+    is kept only if max |logit difference| <= ``atol`` and top-1 agrees on >=
+    ``min_agreement`` percent. With ``int8`` (ONNX only) the written model is quantised
+    (ONNX Runtime static QDQ, per-channel, calibrated on ``calibration_images`` training
+    images); its accuracy, agreement and latency are reported next to the fp32 export's.
+    Writes ``output`` and ``output.json`` (input shape, dtype, value range,
+    preprocessing, class names, parity), and ``report_dir/export.json`` when given.
+
+    The options are the fields of :class:`igkd.command_options.ExportConfig`, as keywords
+    or ``config``: one dataclass gives the command line, the YAML section ``export:`` and
+    these defaults. ``out=`` is the old name of ``output`` (DeprecationWarning).
+    """
+    if out is not None:
+        warnings.warn("export_model(out=...) is deprecated; use output=...", DeprecationWarning, stacklevel=2)
+        output = output if output is not None else out
+    if output is None:
+        raise UserError("no file to write; pass --output FILE (*.onnx for ONNX, e.g. *.pt for TorchScript)")
+    cfg = api_config(ExportConfig, config, {"weights": weights, "format": format, **options}, "export_model")
+    if not cfg.weights:
+        raise UserError("no checkpoint to export; pass --weights FILE")
+    weights, format, int8 = cfg.weights, cfg.format, cfg.int8
+    output = writable_file(output, "--output")
+    if report_dir:
+        writable_dir(report_dir, "--report-dir")
+    if (output.suffix == ".onnx") != (format == "onnx") or output.suffix == ".json":
+        raise UserError(f"--output {output} does not fit --format {format}; name ONNX files *.onnx and TorchScript "
+                        "files e.g. *.pt")
+    if int8 and format != "onnx":
+        raise UserError("--int8 needs --format onnx (ONNX Runtime quantisation)")
+    check_budget(1, 1, cfg.min_time, 1, 10000)
+    meta = read_metadata(existing(weights, "weights file")) or {}
+    if format == "onnx":
+        require_onnxruntime()
+    data = cfg.data or meta.get("dataset", "")
+    if not data:
+        raise UserError(f"{weights} names no dataset; pass --data SPEC for the parity check (its test split)")
+    dataset = load_dataset(data)
+    if meta.get("classes") and meta["classes"] != dataset.classes:
+        raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
+                        "pass the --data it was trained on")
+    pre = None if cfg.normalize == "auto" else preprocessing_for(cfg.normalize, dataset)
+    net, meta = load_model(weights, cfg.model or None, len(dataset.classes), dataset.channels, pre)
+    shape = (dataset.channels, *dataset.image_size)
+    test = dataset.test if not cfg.images else dataset.test.subset(torch.arange(min(cfg.images, len(dataset.test))))
+    log(f"export: {meta['model']} -> {output} ({format}{', int8' if int8 else ''}), parity on {len(test)} test "
+        "images", quiet)
+    reference = predict(net, test.images)
+    accuracy = lambda logits: 100.0 * float((logits.argmax(1) == test.labels).float().mean())  # noqa: E731
+    result: dict = {"out": str(output), "format": format, "int8": int8, "weights": str(weights),
+                    "model": meta["model"], "data": dataset.spec, "accuracy_pytorch": accuracy(reference)}
+    atol, min_agreement = cfg.atol, cfg.min_agreement
+    with atomic_path(output) as tmp:
+        if format == "onnx":
+            fp32 = onnx_bytes(net, shape)
+            tmp.write_bytes(fp32)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+                torch.jit.save(torchscript_module(net, shape), str(tmp))
+        exported = logits_of(load_runner(tmp, format=format), test.images)
+        check = {**parity(reference, exported), "atol": atol, "min_agreement": min_agreement}
+        if check["max_abs_diff"] > atol or check["top1_agreement"] < min_agreement:
+            raise UserError(f"parity check failed: max |logit diff| {check['max_abs_diff']:.3g} (allowed {atol}), "
+                            f"top-1 agreement {check['top1_agreement']:.2f}% (needed {min_agreement}); nothing written")
+        result["parity"] = check
+        if int8:
+            calib = _calibration_set(dataset, cfg.calibration_images)
+            quantize_int8(fp32, tmp, calib)
+            q = logits_of(load_runner(tmp, format=format), test.images)
+            fp32_lat = measure_latency(fp32, shape, 1, cfg.threads, 10, cfg.min_time, runtime="onnxruntime")
+            int8_lat = measure_latency(tmp, shape, 1, cfg.threads, 10, cfg.min_time, runtime="onnxruntime")
+            result["int8_check"] = {
+                **parity(reference, q), "calibration_images": len(calib), "accuracy_fp32": accuracy(exported),
+                "accuracy_int8": accuracy(q), "accuracy_change": accuracy(q) - accuracy(exported),
+                "latency_fp32_ms": fp32_lat["median_ms"], "latency_int8_ms": int8_lat["median_ms"],
+                "speedup": fp32_lat["median_ms"] / int8_lat["median_ms"], "threads": cfg.threads, "batch": 1}
+        result["bytes"] = tmp.stat().st_size
+    sidecar = _sidecar(output, format, int8, weights, meta, dataset, shape, result)
+    write_json(Path(f"{output}.json"), sidecar)
+    result["sidecar"] = f"{output}.json"
+    if report_dir:
+        write_json(Path(report_dir) / "export.json", result)
+    return result
+
+
+def _calibration_set(dataset: Dataset, n: int) -> torch.Tensor:
+    """``n`` training images, a seeded random choice (calibration never sees the test split)."""
+    train = dataset.train
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
+    return train.images[idx]
+
+
+def _sidecar(out: Path, format: str, int8: bool, weights, meta: dict, dataset: Dataset, shape, result: dict) -> dict:
+    pre = meta["preprocessing"]
+    return {
+        "format": "igkd-export/1", "file": out.name, "runtime_format": format, "int8": int8,
+        "model": meta["model"], "source": {"weights": str(weights), "sha256": file_sha256(weights)},
+        "input": {"name": "images", "shape": ["batch", *shape], "dtype": "float32", "layout": "NCHW",
+                  "value_range": [0.0, 1.0], "channels": "grayscale" if shape[0] == 1 else "RGB"},
+        "output": {"name": "logits", "shape": ["batch", len(dataset.classes)],
+                   "meaning": "unnormalised class scores; softmax gives probabilities"},
+        "preprocessing": {**pre, "in_graph": True, "note": "pixels / 255 -> [0, 1] is the caller's job; "
+                          "any mean/std normalisation listed here is inside the exported graph"},
+        "classes": dataset.classes, "parity": result["parity"],
+        **({"int8_check": result["int8_check"]} if int8 else {}),
+    }
+
+
+def export_summary(r: dict) -> str:
+    p = r["parity"]
+    lines = [f"{r['model']} -> {r['out']} ({r['format']}{', int8' if r['int8'] else ''}, {r['bytes']:,} bytes; "
+             f"metadata {r['sidecar']})",
+             f"parity (fp32 export vs PyTorch, {p['images']} test images of {r['data']}): max |logit diff| "
+             f"{p['max_abs_diff']:.2e} (<= {p['atol']}), top-1 agreement {p['top1_agreement']:.2f}%"]
+    if r["int8"]:
+        q = r["int8_check"]
+        lines.append(f"int8: accuracy {q['accuracy_int8']:.2f}% vs fp32 {q['accuracy_fp32']:.2f}% "
+                     f"({q['accuracy_change']:+.2f} points), top-1 agreement with PyTorch {q['top1_agreement']:.2f}%, "
+                     f"latency batch 1 ({q['threads']} thread(s)) {q['latency_int8_ms']:.3f} ms vs "
+                     f"{q['latency_fp32_ms']:.3f} ms: {q['speedup']:.2f}x")
+    return "\n".join(lines)

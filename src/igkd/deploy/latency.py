@@ -1,0 +1,102 @@
+"""``igkd bench latency``: latency, throughput, parameters, MACs and weight size of
+models side by side, measured in one run at the same runtime, batch and threads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..command_options import LatencyConfig, api_config
+from ..errors import UserError
+from ..evaluate.cost import RUNTIMES, check_budget, count_macs, measure_latency, weights_bytes
+from ..export import require_onnxruntime
+from ..fileio import writable_dir, write_json
+from ..models import build_model, count_parameters, load_model, read_metadata
+from ..progress import Progress
+from .common import environment, existing, parse_ints, parse_shape, split_list, split_specs
+
+
+def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = None,
+                  out: str | Path | None = None, quiet: bool = False, **options) -> dict:
+    """Latency, throughput, parameters, MACs and weight size of models side by side.
+
+    ``model``: specs (the first is the reference, normally the teacher); ``weights``:
+    checkpoint files, one per model (their metadata gives the spec when ``model`` is
+    empty; weights do not change the latency but give the size on disk). Every (model,
+    runtime, batch size) is measured in this run with ``threads`` threads; ``speedup`` is
+    the reference's median latency over the model's, at the same runtime and batch size.
+    Writes ``out/latency.json`` when ``out`` is given.
+
+    The options are the fields of :class:`igkd.command_options.LatencyConfig`, given as
+    keywords (``batch_size="1,32"``, ``runtime="eager,onnxruntime"``) or as ``config``:
+    one dataclass gives the command line, the YAML section ``bench:`` and these defaults,
+    so they cannot disagree. Comma lists may also be Python lists. The keywords this
+    function took before (``batches``, ``runtimes``, ``input_shape``, ``num_classes``,
+    ``models``) still work, with a DeprecationWarning.
+    """
+    cfg = api_config(LatencyConfig, config, {"model": model, "weights": weights, **options}, "bench_latency")
+    if out:
+        writable_dir(out, "--out")
+    specs, files = split_specs(cfg.model), split_list(cfg.weights)
+    if not specs and not files:
+        raise UserError("no model to measure; pass --model SPEC[,SPEC...] and/or --weights FILE[,FILE...]")
+    if files and specs and len(files) != len(specs):
+        raise UserError(f"{len(specs)} --model specs but {len(files)} --weights files; give one file per model "
+                        "or leave --model out (checkpoints with metadata name their architecture)")
+    batch_sizes = parse_ints(cfg.batch_size, "--batch-size")
+    runtime_list = split_list(cfg.runtime)
+    for r in runtime_list:
+        if r not in RUNTIMES:
+            raise UserError(f"unknown runtime '{r}'; use one of {', '.join(RUNTIMES)}")
+    if "onnxruntime" in runtime_list:
+        require_onnxruntime()
+    check_budget(1, cfg.warmup, cfg.min_time, cfg.min_reps, cfg.max_reps)
+    shape = parse_shape(cfg.input)
+    for f in files:  # every missing file named before any model is built
+        existing(f, "weights file")
+    entries: list[tuple[str, nn.Module, tuple[int, int, int], int, str]] = []
+    for i in range(max(len(specs), len(files))):
+        spec = specs[i] if specs else None
+        if files:
+            own = read_metadata(files[i])  # foreign files: --classes and --input
+            net, meta = load_model(files[i], spec, None if own else cfg.classes, None if own else shape[0])
+            in_shape = (meta["in_channels"], *meta.get("image_size", shape[1:]))
+            entries.append((meta["model"], net, in_shape, weights_bytes(files[i]), files[i]))
+        else:
+            net = build_model(spec, cfg.classes, shape[0]).eval()
+            entries.append((spec, net, shape, weights_bytes(net), ""))
+    rows = []
+    total = len(entries) * len(runtime_list) * len(batch_sizes)
+    with Progress(total, "latency", "config", quiet) as progress:
+        for runtime in runtime_list:
+            for batch in batch_sizes:
+                for spec, net, in_shape, size, file in entries:
+                    r = measure_latency(net, in_shape, batch, cfg.threads, cfg.warmup, cfg.min_time, cfg.min_reps,
+                                        cfg.max_reps, runtime)
+                    rows.append({"model": spec, "weights": file, "params": count_parameters(net),
+                                 "macs": count_macs(net, in_shape), "weights_bytes": size, **r})
+                    progress.update(1, f"{spec} {runtime} batch {batch}")
+    by_key = {(r["runtime"], r["batch"]): r for r in rows if r["model"] == entries[0][0]}
+    for r in rows:
+        ref = by_key[(r["runtime"], r["batch"])]
+        r.update(speedup=ref["median_ms"] / r["median_ms"], param_ratio=ref["params"] / r["params"],
+                 mac_ratio=ref["macs"] / r["macs"])
+    result = {"reference": entries[0][0], "threads": cfg.threads, "input_shape": list(entries[0][2]),
+              "warmup": cfg.warmup, "min_time": cfg.min_time, "min_reps": cfg.min_reps, "rows": rows,
+              "environment": environment("onnxruntime" in runtime_list)}
+    if out:
+        write_json(Path(out) / "latency.json", result)
+    return result
+
+
+def latency_table(result: dict) -> str:
+    from ..report import markdown_table
+    rows = [[r["model"], r["runtime"], r["batch"], r["params"], f"{r['macs'] / 1e6:.1f}M",
+             f"{r['weights_bytes'] / 2**20:.2f} MiB", f"{r['median_ms']:.3f}",
+             f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}", f"{r['images_per_s']:.1f}", f"{r['param_ratio']:.2f}x",
+             f"{r['mac_ratio']:.2f}x", f"{r['speedup']:.2f}x"] for r in result["rows"]]
+    return (markdown_table(["model", "runtime", "batch", "params", "MACs/img", "weights", "median ms", "p10-p90 ms",
+                            "img/s", "fewer params", "fewer MACs", "speed-up"], rows)
+            + f"\n\nratios against {result['reference']}, same runtime and batch; {result['threads']} thread(s), "
+            f"input {'x'.join(map(str, result['input_shape']))}")

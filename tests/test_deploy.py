@@ -176,6 +176,10 @@ def test_export_onnx_parity_demo_teacher(tmp_path, demo):
     assert meta["preprocessing"]["normalize"] == "dataset" and meta["preprocessing"]["in_graph"] is True
     assert json.loads((tmp_path / "export.json").read_text())["parity"] == p
     assert "### Export" in igkd.deployment_section(tmp_path)
+    # the same metadata travels inside the file: the sidecar deleted, ONNX metadata_props still have it
+    from igkd.export import read_export_metadata
+    Path(f"{out}.json").unlink()
+    assert read_export_metadata(out) == meta and sess.get_modelmeta().custom_metadata_map["model"] == meta["model"]
 
 
 def test_export_torchscript_parity_demo_teacher(tmp_path, demo):
@@ -187,6 +191,11 @@ def test_export_torchscript_parity_demo_teacher(tmp_path, demo):
     x = demo.test.images[:32]
     with torch.inference_mode():
         assert torch.allclose(module(x.float() / 255), predict(net, x), atol=1e-4)
+    from igkd.export import read_export_metadata
+    beside = json.loads(Path(f"{out}.json").read_text())
+    Path(f"{out}.json").unlink()
+    inside = read_export_metadata(out)
+    assert inside == beside and inside["classes"] == demo.classes and inside["runtime_format"] == "torchscript"
 
 
 def test_export_int8_demo_teacher(tmp_path, demo):

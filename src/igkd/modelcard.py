@@ -70,7 +70,7 @@ def model_card(summary: dict, meta: dict) -> str:
               "logits = model(images)  # float32 N x C x H x W in [0, 1]", 'print(meta["classes"])', "```", "",
               "```bash",
               f"igkd evaluate --weights model.safetensors --data {summary['dataset']}",
-              "igkd export --weights model.safetensors --format onnx --out model.onnx",
+              "igkd export --weights model.safetensors --format onnx --output model.onnx",
               "```", "",
               "Files: `model.safetensors` (weights; its header also holds the metadata), `model.json` (metadata), "
               "`config.yaml` (the resolved options), `metrics.jsonl` (one line per epoch), `summary.json`, "

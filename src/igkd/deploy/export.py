@@ -17,8 +17,8 @@ from ..data import Dataset, load_dataset
 from ..errors import UserError
 from ..evaluate import predict
 from ..evaluate.cost import check_budget, measure_latency
-from ..export import load_runner, logits_of, onnx_bytes, parity, quantize_int8, require_onnxruntime, torchscript_module
-from ..fileio import atomic_path, writable_dir, writable_file, write_json
+from ..export import embed_metadata, load_runner, logits_of, onnx_bytes, parity, quantize_int8, require_onnxruntime, torchscript_module
+from ..fileio import atomic_path, finite, writable_dir, writable_file, write_json
 from ..models import load_model, read_metadata
 from ..models.checkpoint import file_sha256
 from ..progress import log
@@ -109,8 +109,9 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
                 "accuracy_int8": accuracy(q), "accuracy_change": accuracy(q) - accuracy(exported),
                 "latency_fp32_ms": fp32_lat["median_ms"], "latency_int8_ms": int8_lat["median_ms"],
                 "speedup": fp32_lat["median_ms"] / int8_lat["median_ms"], "threads": cfg.threads, "batch": 1}
+        sidecar = _sidecar(output, format, int8, weights, meta, dataset, shape, result)
+        embed_metadata(tmp, finite(sidecar), format)  # inside the file too: it travels without the .json
         result["bytes"] = tmp.stat().st_size
-    sidecar = _sidecar(output, format, int8, weights, meta, dataset, shape, result)
     write_json(Path(f"{output}.json"), sidecar)
     result["sidecar"] = f"{output}.json"
     if report_dir:

@@ -275,3 +275,14 @@ def test_api_function_with_old_keyword_and_config(tmp_path):
     assert r["ig"]["steps"] == 2
     with pytest.raises(igkd.UserError, match="does not exist"):
         igkd.evaluate(tmp_path / "missing.pt", "demo")
+
+
+def test_precompute_options_come_from_one_config():
+    from dataclasses import fields
+    from igkd.command_options import PrecomputeCommandConfig
+    from igkd.config import PrecomputeConfig
+    cfg = PrecomputeCommandConfig(teacher="t.safetensors", data="demo", ig_steps=7, threads=2)
+    settings = cfg.settings()  # the store's identity is made of the settings alone
+    assert type(settings) is PrecomputeConfig and settings.ig_steps == 7
+    assert {f.name for f in fields(PrecomputeCommandConfig)} - {f.name for f in fields(PrecomputeConfig)} == {
+        "teacher", "teacher_model", "data", "store", "device", "threads"}

@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from . import __version__
-from .command_options import EvaluateConfig
-from .config import DistillConfig, PrecomputeConfig, TrainConfig
-from .cli_types import NON_NEGATIVE, POSITIVE, Parser, config_command, resolve
+from .command_options import EvaluateConfig, PrecomputeCommandConfig
+from .config import DistillConfig, TrainConfig
+from .cli_types import POSITIVE, Parser, config_command, resolve
 from .errors import UserError
 from .fileio import dumps, is_disk_full
 
@@ -55,21 +55,13 @@ def make_parser() -> argparse.ArgumentParser:
                    "Train a model from scratch with cross-entropy, random crop and flip. Writes a checkpoint "
                    "(model.safetensors + model.json), metrics.jsonl and summary.json to --out.")
 
-    p = _config_parser(sub, "precompute", PrecomputeConfig, "compute teacher logits and IG maps once",
+    p = _config_parser(sub, "precompute", PrecomputeCommandConfig, "compute teacher logits and IG maps once",
                        "Compute teacher logits and integrated-gradient maps for every training image "
                        "(clean, by sample index) into a fingerprinted, resumable store: rerunning the same "
                        "command after an interruption continues where it stopped. Before a new store is "
                        "computed, the map error of the chosen settings is estimated on a few images "
                        "(--check-images). Under 'torchrun --nproc_per_node=N -m igkd.cli precompute ...' N "
                        "processes share the chunks (gloo on CPU, nccl on GPU).", out_required=False)
-    p.add_argument("--teacher", required=True, metavar="CKPT", help="teacher checkpoint")
-    p.add_argument("--teacher-model", default="", metavar="SPEC",
-                   help="architecture of a foreign teacher checkpoint without igkd metadata")
-    p.add_argument("--data", required=True, metavar="SPEC", help="dataset spec")
-    p.add_argument("--store", default="", metavar="DIR", help="store directory (default: fingerprinted cache folder)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--threads", type=NON_NEGATIVE, default=0, help="CPU threads for torch (default: 0 = torch's default; "
-                   "under torchrun on CPU: cores // processes per machine)")
 
     _config_parser(sub, "distill", DistillConfig, "train a student with KD, IG overlays, DKD, DIST, AT, ...",
                    "Train a student from scratch with the chosen method: parts joined with '+' (kd+ig is the "
@@ -142,8 +134,9 @@ def run(argv: list[str] | None = None) -> int:
         _print_train_summary(api.distill(resolve(args, DistillConfig, "distill"), args.out, args.resume,
                                          args.quiet), args.json)
     elif args.command == "precompute":
-        store = api.precompute(args.teacher, args.data, resolve(args, PrecomputeConfig, "precompute"), args.store,
-                               args.teacher_model, args.device, args.quiet, args.threads)
+        cfg = resolve(args, PrecomputeCommandConfig, "precompute")
+        store = api.precompute(cfg.teacher, cfg.data, cfg.settings(), cfg.store, cfg.teacher_model, cfg.device,
+                               args.quiet, cfg.threads)
         if is_rank0():
             print(dumps({"store": str(store.path), "images": len(store), **store.manifest}, indent=2) if args.json
                   else f"store: {store.path} ({len(store)} images)")

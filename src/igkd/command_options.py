@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from .attribution import registry as attributions
-from .config import _Validated, renamed
+from .config import PrecomputeConfig, _Validated, renamed
 from .options import opt
 
 NORMALIZE_HELP = ("input preprocessing: auto = as the checkpoint's metadata says (none for foreign files), none = "
@@ -33,6 +33,26 @@ THREADS_HELP = "CPU threads for torch (0 = torch's default)"
 LATENCY_THREADS_HELP = ("CPU threads while timing: torch.set_num_threads and ONNX Runtime intra_op_num_threads; "
                         "one by default, unlike other commands' 0 (torch's default), so latencies are comparable "
                         "between runs and machines")
+
+
+@dataclass
+class PrecomputeCommandConfig(PrecomputeConfig):
+    """Options of ``igkd precompute``: the store's settings (:class:`PrecomputeConfig`,
+    what the maps depend on) and where the teacher, the data and the store are."""
+
+    teacher: str = opt("", "teacher checkpoint (.safetensors from igkd train, or .pt with --teacher-model)",
+                       required=True, metavar="CKPT")
+    teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata",
+                             metavar="SPEC")
+    data: str = opt("", "dataset spec; the maps are of its training split", required=True, metavar="SPEC")
+    store: str = opt("", "store directory (default: a fingerprinted folder in the cache)", metavar="DIR")
+    device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    threads: int = opt(0, THREADS_HELP + "; under torchrun on CPU: cores // processes per machine", low=0,
+                       high=1024)
+
+    def settings(self) -> PrecomputeConfig:
+        """The store's settings alone (what its identity and manifest are made of)."""
+        return PrecomputeConfig(**{f.name: getattr(self, f.name) for f in fields(PrecomputeConfig)})
 
 
 @dataclass

@@ -104,6 +104,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", default=None, metavar="FILE", help="JSON/YAML mapping of the data's class names "
                    "to the model's (with 'classes:' for checkpoints without metadata); images of unmapped classes "
                    "are dropped and counted (default: none, the classes must match)")
+    p.add_argument("--teacher-correct", default=None, metavar="CKPT", help="teacher-correct protocol: run this "
+                   "teacher (with the same --class-map applied to its classes) on the test images and score the "
+                   "model only on the images the teacher classifies correctly; reports how many that leaves and "
+                   "the teacher's accuracy (default: off, every image is scored)")
+    p.add_argument("--teacher-correct-model", default="", metavar="SPEC", help="architecture of the "
+                   "--teacher-correct checkpoint when it has no igkd metadata (foreign .pt; fed raw [0,1] pixels) "
+                   "(default: none, from its metadata)")
 
     p = sub.add_parser("demo", help="the whole method on the embedded dataset, CPU, a few minutes",
                        description="Loads the shipped demo teacher (or trains one), precomputes IG maps, trains "
@@ -165,7 +172,8 @@ def run(argv: list[str] | None = None) -> int:
                   else f"store: {store.path} ({len(store)} images)")
     elif args.command == "evaluate":
         r = api.evaluate(args.weights, args.data, args.model, args.normalize, args.teacher, args.batch_size,
-                         args.device, class_map=args.class_map)
+                         args.device, class_map=args.class_map, teacher_correct=args.teacher_correct,
+                         teacher_correct_model=args.teacher_correct_model)
         if args.json:
             print(dumps(r, indent=2))
         else:
@@ -204,6 +212,8 @@ def format_evaluation(r: dict) -> str:
     lines = [f"{r['model']} on {r['data']} ({r['split']}, {r['total']} images, preprocessing "
              f"{r['preprocessing'].get('normalize', 'none')})",
              f"accuracy: {r['accuracy']:.2f}% ({r['correct']}/{r['total']})",
+             f"balanced accuracy: {_figure(r['balanced_accuracy'], '.2f', '%')}, Cohen's kappa: "
+             f"{_figure(r['kappa'], '.4f')}",
              f"parameters: {r['params']:,}"]
     if "compression" in r:
         lines.append(f"compression: {r['compression']:.2f}x (teacher {r['teacher_params']:,} params)")
@@ -212,8 +222,17 @@ def format_evaluation(r: dict) -> str:
         lines.append(f"class map {cm['source']}: {len(cm['map'])} class(es) mapped, {cm['dropped_images']} image(s) "
                      f"of {len(cm['dropped_classes'])} unmapped class(es) dropped"
                      + (f" ({', '.join(cm['dropped_classes'][:5])})" if cm["dropped_classes"] else ""))
+    if "teacher_correct" in r:
+        tc = r["teacher_correct"]
+        lines.append(f"teacher-correct: scored on the {tc['images']} of {tc['of']} image(s) that teacher {tc['teacher']} "
+                     f"classifies correctly (teacher accuracy {tc['teacher_accuracy']:.2f}%)")
     lines.append("per class: " + ", ".join(f"{c} {a:.1f}" for c, a in r["per_class"].items() if a is not None))
     return "\n".join(lines)
+
+
+def _figure(value, fmt: str, unit: str = "") -> str:
+    """A metric for the text output; 'undefined' for None or NaN (e.g. kappa with one class)."""
+    return "undefined" if value is None or value != value else f"{value:{fmt}}{unit}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -120,6 +120,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="", metavar="YAML", help="demo recipe, a file or a shipped name (default: demo, see 'igkd config show demo')")
     p.add_argument("--train-teacher", action="store_true", help="train the teacher instead of using the shipped one")
     p.add_argument("--epochs", type=POSITIVE, default=None, help="student epochs (default: from the recipe)")
+    p.add_argument("--ig-steps", type=POSITIVE, default=None, help="integrated-gradients steps of the precomputed "
+                   "maps (more: a smaller quadrature error, a slower precompute) (default: from the recipe)")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     p.add_argument("--json", action="store_true", help="print the demo's metrics as JSON instead of the summary")
 
@@ -183,6 +185,7 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from .demo import run_demo
         metrics = run_demo(args.out, args.config or None, train_teacher=args.train_teacher, epochs=args.epochs,
+                           ig_steps=args.ig_steps,
                            quiet=args.quiet or args.json, print_summary=not args.json)
         if args.json:
             print(dumps(metrics, indent=2))

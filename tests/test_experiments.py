@@ -23,11 +23,13 @@ from igkd.experiments.runs import run_key, same_run, semantic_config
 
 TEACHER = Path(igkd.__file__).parent / "assets" / "demo_teacher.safetensors"
 # one epoch on a tenth of the demo set, one IG step: every run takes seconds; all tests of
-# this module share one store (same teacher, data and IG settings)
+# this module share one store (same teacher, data and IG settings), built once by the
+# shared_store fixture; no map-error estimate (check_images 0: a 256-step IG of 8 images,
+# as long as the store itself, that these tests do not look at; test_precompute does)
 TINY = {"data": "demo", "teacher": str(TEACHER), "model": "mobilenetv2:width=0.5,drop=9", "normalize": "none",
         "epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 0.002, "crop_padding": 2, "subset": 0.1,
         "val_fraction": 0.1, "seed": 0, "T": 2.5, "alpha": 0.5, "p": 0.5, "ig_steps": 1, "threads": 1,
-        "eval_batch_size": 500}
+        "eval_batch_size": 500, "check_images": 0}
 
 
 def write_config(path: Path, experiment: dict | None = None, **distill) -> Path:
@@ -56,13 +58,31 @@ def igkd_main(capsys, *args) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def exp_dir(tmp_path_factory):
+def shared_store(tmp_path_factory):
+    """The store every run of this module reuses (teacher logits and IG maps of the 2,000 demo
+    training images), built here with all the cores instead of inside the first run, whose
+    processes use one thread (threads: 1, as two search workers share the machine)."""
+    import torch
+    from igkd.config import DistillConfig, PrecomputeConfig, build
+    cfg = build(DistillConfig, TINY)
+    pcfg = build(PrecomputeConfig, {f: getattr(cfg, f) for f in PrecomputeConfig.__dataclass_fields__})
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as env:  # the session's cache, as conftest's _isolated_cache sets it
+        env.setenv("IGKD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "igkd-cache"))
+        try:
+            return igkd.precompute(TEACHER, "demo", pcfg, threads=min(2, os.cpu_count() or 1), quiet=True).path
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def exp_dir(tmp_path_factory, shared_store):
     """One experiment folder the Monte Carlo, compression and search tests fill, and the report reads."""
     return tmp_path_factory.mktemp("experiments") / "exp"
 
 
 # ---------------------------------------------------------------- ablation, kill and restart
-def test_ablation_killed_then_restarted_retrains_only_unfinished_runs(tmp_path):
+def test_ablation_killed_then_restarted_retrains_only_unfinished_runs(tmp_path, capsys, shared_store):
     cfg = write_config(tmp_path / "exp.yaml", {"methods": ["student", "kd+ig"]}, epochs=2)
     out = tmp_path / "abl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -94,6 +114,7 @@ def test_ablation_killed_then_restarted_retrains_only_unfinished_runs(tmp_path):
         assert f"in {out / 'runs' / name}" not in log
     assert log.count("finished earlier") == len(finished)
     assert f"resuming in {out / 'runs' / interrupted[0]}" in log and "resuming" in log and "after epoch 1" in log
+    assert f"reusing store {shared_store}" in log and "precompute: 2000 images" not in log
     metrics = [json.loads(x) for x in (out / "runs" / interrupted[0] / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2] and metrics[0] == first_epoch  # continued, not restarted
 
@@ -111,9 +132,10 @@ def test_ablation_killed_then_restarted_retrains_only_unfinished_runs(tmp_path):
     configs = [yaml.safe_load((out / run["run"] / "config.yaml").read_text()) for run in result["runs"]]
     assert {(c["seed"], c["epochs"], c["subset"], c["val_fraction"]) for c in configs} == {(0, 2, 0.1, 0.1)}
     assert len({run["train_images"] for run in result["runs"]}) == 1
-    # a third invocation trains nothing
-    again = igkd_cli("experiment", "ablation", "--config", cfg, "--out", out, "--quiet")
-    assert again.returncode == 0 and "| kd+ig |" in again.stdout
+    # a third invocation (in this process) trains nothing
+    code, stdout, _ = igkd_main(capsys, "experiment", "ablation", "--config", cfg, "--out", out, "--quiet")
+    assert code == 0 and "| kd+ig |" in stdout
+    assert all((out / "runs" / name / "summary.json").stat().st_mtime_ns == finished[name] for name in finished)
 
 
 # ---------------------------------------------------------------- Monte Carlo

@@ -131,6 +131,8 @@ def test_every_kind_of_method_trains_and_writes_a_run(tmp_path, method):
     for f in ("config.yaml", "metrics.jsonl", "last.pt", "model.safetensors", "model.json", "summary.json"):
         assert (run / f).exists(), f
     assert summary["method"] == method and 0 <= summary["test_accuracy"] <= 100
+    test = json.loads((run / "summary.json").read_text())["test"]  # evaluate's metrics, kappa null if undefined
+    assert test["accuracy"] == summary["test_accuracy"] and {"balanced_accuracy", "kappa"} <= test.keys()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
     assert ("kd" in rows[0]) == parse_method(method).has("kd")

@@ -208,8 +208,8 @@ def _model_params(teacher: str) -> int:
 
 def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
              class_map: str | Path | dict | None = None, **options) -> dict:
-    """Accuracy, per-class accuracy, confusion matrix, parameters (and compression factor)
-    of a checkpoint on a dataset's test split.
+    """Accuracy, balanced accuracy, Cohen's kappa, per-class accuracy, confusion matrix,
+    parameters (and compression factor) of a checkpoint on a dataset's test split.
 
     The options (``model``, ``normalize``, ``teacher``, ``batch_size``, ``device``,
     ``threads``) are the fields of :class:`igkd.command_options.EvaluateConfig`, given as
@@ -218,7 +218,13 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
 
     ``class_map`` (a JSON/YAML file or dict, see :mod:`igkd.evaluate.classmap`) scores the
     model on a dataset with other class names: its classes are mapped onto the model's,
-    images of unmapped classes are dropped and counted."""
+    images of unmapped classes are dropped and counted.
+
+    ``teacher_correct`` (a teacher checkpoint; ``teacher_correct_model`` its spec when it has
+    no igkd metadata) applies the teacher-correct protocol: the teacher, with the same class
+    map applied to its classes, is run on the (mapped) test images and the model is scored
+    only on the images the teacher classifies correctly. ``result["teacher_correct"]`` says
+    how many images that leaves, of how many, and the teacher's accuracy on all of them."""
     if class_map is not None and not isinstance(class_map, dict):
         options["class_map"] = class_map
         class_map = None
@@ -226,6 +232,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     if class_map is None and cfg.class_map:
         class_map = cfg.class_map
     weights, data, model, normalize = cfg.weights, cfg.data, cfg.model, cfg.normalize
+    teacher_correct, teacher_correct_model = cfg.teacher_correct or None, cfg.teacher_correct_model
     if not weights:
         raise UserError("no checkpoint to evaluate; pass --weights FILE")
     if not data:
@@ -233,6 +240,10 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     if not Path(weights).exists() or Path(weights).is_dir():  # named before a dataset is loaded (or downloaded)
         raise UserError(f"weights file {weights} {'is a folder' if Path(weights).is_dir() else 'does not exist'}; "
                         "check the path")
+    if teacher_correct is not None and not str(teacher_correct).startswith("torchscript:") \
+            and not Path(teacher_correct).is_file():
+        raise UserError(f"--teacher-correct {teacher_correct} does not exist (or is not a file); give the teacher's "
+                        "checkpoint")
     set_threads(cfg.threads)
     dataset = load_dataset(data)
     meta = read_metadata(weights) or {}
@@ -251,6 +262,11 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         images, labels = test.images[mapped["keep"]], mapped["labels"]
         if not len(labels):
             raise UserError(f"no test image of {dataset.spec} belongs to a class named in {cmap.source}")
+    protocol = None
+    if teacher_correct is not None:
+        keep, protocol = _teacher_correct(str(teacher_correct), teacher_correct_model, dataset, cmap, images,
+                                          cfg.batch_size, dev)
+        images, labels = images[keep], labels[keep]
     logits = predict(net.to(dev), images, cfg.batch_size, dev)
     result = {"weights": str(weights), "model": meta["model"], "data": dataset.spec, "split": "test",
               "preprocessing": meta["preprocessing"], "params": count_parameters(net),
@@ -258,11 +274,46 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     if mapped:
         result["class_map"] = {"source": cmap.source, "map": cmap.mapping, "dropped_images": mapped["dropped_images"],
                                "dropped_classes": mapped["dropped_classes"]}
+    if protocol:
+        result["teacher_correct"] = protocol
     if cfg.teacher:
         teacher = cfg.teacher
         tparams = _model_params(teacher)
         result.update(teacher=teacher, teacher_params=tparams, compression=tparams / result["params"])
     return result
+
+
+def _teacher_correct(path: str, spec: str, dataset: Dataset, cmap, images: torch.Tensor, batch_size: int,
+                     dev: torch.device) -> tuple[torch.Tensor, dict]:
+    """Indices (into ``images``, the mapped test images) that the teacher classifies
+    correctly, and the protocol's figures. The teacher's labels come from the same class
+    map applied to its own classes (which need not be in the student's order)."""
+    tmeta = read_metadata(path) or {}
+    if cmap:
+        tclasses = model_classes(cmap, tmeta.get("classes"), path)
+    else:
+        tclasses = dataset.classes
+        if tmeta.get("classes") and tmeta["classes"] != dataset.classes:
+            raise UserError(f"--teacher-correct {path} was trained on classes {tmeta['classes'][:3]}..., not those "
+                            f"of {dataset.spec}; use the teacher of this dataset (or map the classes with --class-map)")
+    if tmeta.get("in_channels") and tmeta["in_channels"] != dataset.channels:
+        raise UserError(f"--teacher-correct {path} takes {tmeta['in_channels']}-channel images but {dataset.spec} "
+                        f"has {dataset.channels}; use a teacher of this kind of image")
+    labels = dataset.test.labels
+    if cmap:
+        missing = sorted(set(cmap.mapping.values()) - set(tclasses))
+        if missing:
+            raise UserError(f"{cmap.source} maps to {missing[:3]}, not classes of the teacher {path} "
+                            f"({', '.join(tclasses[:10])}); use a teacher with the student's classes")
+        labels = remap(labels, dataset.classes, cmap, tclasses)["labels"]
+    net, tmeta = load_model(path, spec or None, len(tclasses), dataset.channels, flag="--teacher-correct-model")
+    right = predict(net.to(dev), images, batch_size, dev).argmax(1) == labels
+    keep = torch.nonzero(right).reshape(-1)
+    if not len(keep):
+        raise UserError(f"the --teacher-correct teacher {path} classifies none of the {len(labels)} test images "
+                        "correctly; nothing is left to score (check the teacher, the data and the class map)")
+    return keep, {"teacher": path, "model": tmeta["model"], "images": int(len(keep)), "of": int(len(labels)),
+                  "teacher_accuracy": 100.0 * len(keep) / len(labels)}
 
 
 __all__ = ["distill", "evaluate", "load_teacher", "module_spec", "precompute", "train"]

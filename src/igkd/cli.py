@@ -83,6 +83,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="", metavar="YAML", help="demo recipe, a file or a shipped name (default: demo, see 'igkd config show demo')")
     p.add_argument("--train-teacher", action="store_true", help="train the teacher instead of using the shipped one")
     p.add_argument("--epochs", type=POSITIVE, default=None, help="student epochs (default: from the recipe)")
+    p.add_argument("--ig-steps", type=POSITIVE, default=None, help="integrated-gradients steps of the precomputed "
+                   "maps (more: a smaller quadrature error, a slower precompute) (default: from the recipe)")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     p.add_argument("--json", action="store_true", help="print the demo's metrics as JSON instead of the summary")
 
@@ -153,6 +155,7 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from .demo import run_demo
         metrics = run_demo(args.out, args.config or None, train_teacher=args.train_teacher, epochs=args.epochs,
+                           ig_steps=args.ig_steps,
                            quiet=args.quiet or args.json, print_summary=not args.json)
         if args.json:
             print(dumps(metrics, indent=2))
@@ -204,6 +207,8 @@ def format_evaluation(r: dict) -> str:
     lines = [f"{r['model']} on {r['data']} ({r['split']}, {r['total']} images, preprocessing "
              f"{r['preprocessing'].get('normalize', 'none')})",
              f"accuracy: {r['accuracy']:.2f}% ({r['correct']}/{r['total']})",
+             f"balanced accuracy: {_figure(r['balanced_accuracy'], '.2f', '%')}, Cohen's kappa: "
+             f"{_figure(r['kappa'], '.4f')}",
              f"parameters: {r['params']:,}"]
     if "compression" in r:
         lines.append(f"compression: {r['compression']:.2f}x (teacher {r['teacher_params']:,} params)")
@@ -212,8 +217,17 @@ def format_evaluation(r: dict) -> str:
         lines.append(f"class map {cm['source']}: {len(cm['map'])} class(es) mapped, {cm['dropped_images']} image(s) "
                      f"of {len(cm['dropped_classes'])} unmapped class(es) dropped"
                      + (f" ({', '.join(cm['dropped_classes'][:5])})" if cm["dropped_classes"] else ""))
+    if "teacher_correct" in r:
+        tc = r["teacher_correct"]
+        lines.append(f"teacher-correct: scored on the {tc['images']} of {tc['of']} image(s) that teacher {tc['teacher']} "
+                     f"classifies correctly (teacher accuracy {tc['teacher_accuracy']:.2f}%)")
     lines.append("per class: " + ", ".join(f"{c} {a:.1f}" for c, a in r["per_class"].items() if a is not None))
     return "\n".join(lines)
+
+
+def _figure(value, fmt: str, unit: str = "") -> str:
+    """A metric for the text output; 'undefined' for None or NaN (e.g. kappa with one class)."""
+    return "undefined" if value is None or value != value else f"{value:{fmt}}{unit}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,6 +71,13 @@ class EvaluateConfig(_Validated):
     class_map: str = opt("", "JSON/YAML file mapping the data's class names to the model's (with 'classes:' for "
                          "checkpoints without metadata); images of unmapped classes are dropped and counted "
                          "(default: none, the classes must match)", metavar="FILE")
+    teacher_correct: str = opt("", "teacher-correct protocol: run this teacher (with the same --class-map applied to "
+                               "its classes) on the test images and score the model only on the images the "
+                               "teacher classifies correctly; reports how many that leaves and the teacher's "
+                               "accuracy (default: off, every image is scored)", metavar="CKPT")
+    teacher_correct_model: str = opt("", "architecture of the --teacher-correct checkpoint when it has no igkd "
+                                     "metadata (foreign .pt; fed raw [0,1] pixels) (default: from its metadata)",
+                                     metavar="SPEC")
 
 
 @dataclass

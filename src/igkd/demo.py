@@ -43,18 +43,25 @@ def load_recipe(path: str | Path | None) -> dict:
 
 
 def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teacher: bool = False,
-             epochs: int | None = None, quiet: bool = False, print_summary: bool = True) -> dict:
+             epochs: int | None = None, quiet: bool = False, print_summary: bool = True,
+             ig_steps: int | None = None) -> dict:
+    """Run the demo into ``out``; ``epochs`` and ``ig_steps`` override the recipe's student
+    epochs and IG steps (of the precompute and the students alike). A rerun into the same
+    ``out`` reuses finished work, so it must use the same recipe and budget."""
     out = writable_dir(out, "--out")
     if out.exists() and any(out.iterdir()) and not (out / "demo.json").exists():
         raise UserError(f"{out} exists and is not an igkd demo directory; choose another --out")
     started = time.perf_counter()
     recipe = load_recipe(recipe_path)
     source = str(recipe_path or "demo.yaml")
-    dcfg = build(DistillConfig, recipe.get("distill", {}), {"epochs": epochs}, source)
-    pcfg = build(PrecomputeConfig, recipe.get("precompute", {}), None, source)
+    budget = {"epochs": epochs, "ig_steps": ig_steps}
+    dcfg = build(DistillConfig, recipe.get("distill", {}), budget, source)
+    pcfg = build(PrecomputeConfig, recipe.get("precompute", {}), {"ig_steps": ig_steps}, source)
     settings = recipe.get("demo", {})
     methods = settings.get("methods", ["student", "kd+ig"])
-    write_json(out / "demo.json", {"recipe": recipe, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    resolved = {"epochs": dcfg.epochs, "ig_steps": pcfg.ig_steps}
+    check_same_demo(out, recipe, resolved)
+    write_json(out / "demo.json", {"recipe": recipe, **resolved, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     dataset = load_dataset(dcfg.data)
 
     # 1. teacher
@@ -79,7 +86,7 @@ def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teach
     results = {}
     for method in methods:
         cfg = build(DistillConfig, {**recipe.get("distill", {}), "method": method, "teacher": str(teacher_path),
-                                    "store": str(out / "store")}, {"epochs": epochs}, source)
+                                    "store": str(out / "store")}, budget, source)
         run_dir = out / "runs" / method
         if (run_dir / "summary.json").exists():
             results[method] = json.loads((run_dir / "summary.json").read_text())
@@ -118,6 +125,26 @@ def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teach
         print(f"demo done in {seconds:.0f} s: teacher {teacher_eval['accuracy']:.2f}%; {summary} -> {out}/report.md")
     metrics["gain"] = {m: results[m]["test_accuracy"] - base for m in methods}
     return metrics
+
+
+def check_same_demo(out: Path, recipe: dict, resolved: dict) -> None:
+    """A rerun reuses the store and the finished students of ``out``: refuse one with another
+    recipe, --epochs or --ig-steps (it would report them as trained with the new budget)."""
+    path = out / "demo.json"
+    if not path.exists():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # unreadable: rewritten below; the store and runs check their own state
+    if not isinstance(before, dict):
+        return
+    diff = [f"--{k.replace('_', '-')} {before[k]}" for k in resolved if k in before and before[k] != resolved[k]]
+    if "recipe" in before and before["recipe"] != recipe:
+        diff.append("another recipe")
+    if diff:
+        raise UserError(f"{out} holds a demo run with {', '.join(diff)}; rerun with the same options to reuse it, "
+                        "or choose another --out")
 
 
 def render_report(m: dict, cfg: DistillConfig) -> str:

@@ -1,5 +1,5 @@
-"""Evaluation: metrics (accuracy, per class, confusion) of a model on a split."""
+"""Evaluation: metrics (accuracy, balanced accuracy, Cohen's kappa, per class, confusion) of a model on a split."""
 
-from .metrics import classification_metrics, predict
+from .metrics import classification_metrics, cohen_kappa, predict
 
-__all__ = ["classification_metrics", "predict"]
+__all__ = ["classification_metrics", "cohen_kappa", "predict"]

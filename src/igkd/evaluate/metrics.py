@@ -26,18 +26,45 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, devic
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    """Accuracy (percent), per-class accuracy (percent) and confusion matrix (rows = true class)."""
+    """Accuracy (percent), balanced accuracy (percent), Cohen's kappa, per-class accuracy
+    (percent) and confusion matrix (rows = true class).
+
+    Balanced accuracy is the mean per-class recall over the classes present in ``labels``
+    (classes without images are left out, not counted as 0). Cohen's kappa is
+    (p_o - p_e) / (1 - p_e) from the confusion matrix: p_o the observed agreement (the
+    accuracy), p_e the agreement expected by chance from the row and column totals."""
     k = len(classes)
     pred = logits.argmax(1)
     labels = labels.to(pred.device)
-    confusion = torch.bincount(labels * k + pred, minlength=k * k).view(k, k)
+    confusion = torch.bincount(labels * k + pred, minlength=k * k).view(k, k).cpu()
     support = confusion.sum(1)
     per_class = {c: (100.0 * confusion[i, i].item() / support[i].item()) if support[i] else None
                  for i, c in enumerate(classes)}
+    correct = int(confusion.diagonal().sum())
+    present = [v for v in per_class.values() if v is not None]
     return {
-        "accuracy": 100.0 * int((pred == labels).sum()) / len(labels) if len(labels) else float("nan"),
-        "correct": int((pred == labels).sum()),
+        "accuracy": 100.0 * correct / len(labels) if len(labels) else float("nan"),
+        "correct": correct,
         "total": int(len(labels)),
+        "balanced_accuracy": sum(present) / len(present) if present else None,
+        "kappa": cohen_kappa(confusion),
         "per_class": per_class,
         "confusion": confusion.tolist(),
     }
+
+
+def cohen_kappa(confusion: torch.Tensor) -> float | None:
+    """Cohen's kappa of a k x k confusion matrix of counts (rows = true, columns = predicted).
+
+    With n images, row totals r_c and column totals p_c: p_o = trace / n and
+    p_e = sum_c r_c p_c / n^2, so kappa = (n trace - sum_c r_c p_c) / (n^2 - sum_c r_c p_c),
+    computed here in exact integers. It is undefined (None, JSON null) when p_e == 1, that
+    is when every label and every prediction is one and the same class (one class present
+    and always predicted): chance alone then explains all the agreement and the ratio is
+    0/0. It is None for no images too."""
+    c = confusion.to(torch.int64)
+    n = int(c.sum())
+    chance = int((c.sum(1) * c.sum(0)).sum())  # n^2 p_e
+    if n == 0 or chance == n * n:
+        return None
+    return (n * int(c.diagonal().sum()) - chance) / (n * n - chance)

@@ -46,7 +46,8 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
 
 def weights_bytes(model_or_path: nn.Module | str | os.PathLike) -> int:
     """Size on disk of the weights: of the file given, or of the model's state dict as a
-    float32 .safetensors file (what ``save_checkpoint`` writes)."""
+    float32 .safetensors file without header metadata (``save_checkpoint`` adds igkd's
+    metadata to the header: a few hundred bytes more)."""
     if isinstance(model_or_path, (str, os.PathLike)):
         return Path(model_or_path).stat().st_size
     from ..models import bare

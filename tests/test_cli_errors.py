@@ -26,6 +26,7 @@ import yaml
 from PIL import Image
 
 import igkd.store as store_module
+from helpers_cli import run_igkd
 from igkd.lock import LOCK_NAME, DirLock
 from igkd.models import build_model, save_checkpoint
 from igkd.precompute import precompute
@@ -33,10 +34,9 @@ from igkd.store import ARRAYS, VERIFIED, StoreDamaged, open_store
 from test_store import CFG, tiny_dataset, tiny_teacher
 
 
-def igkd(*args, cwd=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "igkd.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+def igkd(*args, cwd=None, process=False):
+    """In this process unless the test is about processes (see helpers_cli)."""
+    return run_igkd(*args, cwd=cwd, process=process, module="igkd.cli")
 
 
 def assert_user_error(result, *words):
@@ -201,7 +201,7 @@ def test_hostile_cifar_pickles_run_nothing_through_the_command(tmp_path):
                               {"model": "mobilenetv2:width=0.25,drop=12"})
     for root in (extracted.parent, archived):
         for spec in (f"cifar10:{root}", f"cifar10:{root},verify=0"):
-            assert_user_error(igkd("evaluate", "--weights", weights, "--data", spec))
+            assert_user_error(igkd("evaluate", "--weights", weights, "--data", spec, process=True))
     assert not marker.exists()
 
 
@@ -627,7 +627,7 @@ def test_two_trainings_into_one_out_leave_one_consistent_run(folder, tmp_path):
 def test_run_directory_being_written_is_refused_in_one_line(folder, tmp_path):
     out = tmp_path / "run"
     with DirLock(out, "run directory").acquire():
-        r = igkd(*train_args(folder, out, "--epochs", 1))
+        r = igkd(*train_args(folder, out, "--epochs", 1), process=True)
         assert_user_error(r, f"run directory {out} is being written by igkd pid {os.getpid()} on host "
                              f"{socket.gethostname()}", "choose another --out")
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # it wrote nothing
@@ -643,7 +643,7 @@ def test_stale_lock_of_a_killed_process_is_taken_over(folder, tmp_path):
     info = json.loads((out / LOCK_NAME).read_text())  # the lock file outlives its owner
     assert info["pid"] == dead.pid and info["host"] == socket.gethostname()
     (out / ".last.pt.k1ll3d00.tmp").write_bytes(b"half a checkpoint")  # as a run killed mid-save leaves it
-    r = igkd(*train_args(folder, out, "--epochs", 1))
+    r = igkd(*train_args(folder, out, "--epochs", 1), process=True)
     assert r.returncode == 0, r.stderr
     assert (out / "summary.json").exists() and not (out / LOCK_NAME).exists() and not temporaries(out)
 
@@ -676,20 +676,20 @@ def test_full_disk_during_precompute_is_one_line_and_resumes_to_the_same_store(s
             f"imagefolder:{small_real / 'data'},gray=1", "--threads", 1, "--ig-steps", 2, "--chunk-size", 32,
             "--check-images", 0, "--quiet"]
     ref = tmp_path / "ref"
-    assert igkd(*args, "--store", ref).returncode == 0
+    assert igkd(*args, "--store", ref, process=True).returncode == 0
     need = store_bytes(ref)  # ~0.8 MB; the chunks take about as much again, plus a 4 KiB page per small file
     with tmpfs(tmp_path / "disk", f"{need // 3 // 1024}k") as resize:
         store = tmp_path / "disk" / "store"
-        r = igkd(*args, "--store", store)  # full while writing the chunks
+        r = igkd(*args, "--store", store, process=True)  # full while writing the chunks
         assert_user_error(r, "disk full at", str(store / "chunks"), "free space and rerun")
         assert not temporaries(tmp_path / "disk") and not (store / "manifest.json").exists()
         resize(f"{(need * 3 // 2 + 160 * 1024) // 1024}k")  # the chunks fit, the final arrays do not
-        r = igkd(*args, "--store", store)
+        r = igkd(*args, "--store", store, process=True)
         assert_user_error(r, "disk full at", str(store), ".npy", "free space and rerun")
         assert not temporaries(tmp_path / "disk") and not (store / "manifest.json").exists()
         assert len(list((store / "chunks").glob("*.npz"))) == 16  # finished work is kept
         resize("16m")
-        r = igkd(*args, "--store", store)
+        r = igkd(*args, "--store", store, process=True)
         assert r.returncode == 0, r.stderr
         assert arrays(store) == arrays(ref) and not (store / "chunks").exists() and not temporaries(store)
 
@@ -697,7 +697,7 @@ def test_full_disk_during_precompute_is_one_line_and_resumes_to_the_same_store(s
 def test_full_disk_during_training_is_one_line(folder, tmp_path):
     with tmpfs(tmp_path / "disk", "12k"):  # three 4 KiB pages: the lock, config.yaml, then nothing
         out = tmp_path / "disk" / "run"
-        r = igkd(*train_args(folder, out, "--epochs", 1))
+        r = igkd(*train_args(folder, out, "--epochs", 1), process=True)
         assert_user_error(r, "disk full at", str(out), "free space and rerun")
         assert not temporaries(tmp_path / "disk") and not (out / LOCK_NAME).exists()
 

@@ -5,7 +5,6 @@ command line; missing weights files named. CLI behaviour through real `python -m
 processes."""
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import igkd
+from helpers_cli import run_igkd
 from igkd.command_options import AuditConfig, EvaluateConfig, ExportConfig, LatencyConfig, api_config
 
 DEMO_TEACHER = Path(igkd.__file__).parent / "assets" / "demo_teacher.safetensors"
@@ -21,10 +21,8 @@ TINY = "mobilenetv2:width=0.25,drop=14"
 FAST_BENCH = ["--warmup", "0", "--min-time", "0", "--min-reps", "2", "--input", "1x8x8", "--quiet"]
 
 
-def igkd_cli(*args, cwd=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "igkd", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+def igkd_cli(*args, cwd=None, process=False):
+    return run_igkd(*args, cwd=cwd, process=process)
 
 
 def stderr_lines(r) -> list[str]:
@@ -106,7 +104,7 @@ def test_data_is_required_in_one_line(capsys, tmp_path, argv):
 
 
 def test_data_required_as_a_process_and_precompute_too(tmp_path):
-    one_line_error(igkd_cli("train", "--out", tmp_path / "r", "--epochs", 1), "--data is required")
+    one_line_error(igkd_cli("train", "--out", tmp_path / "r", "--epochs", 1, process=True), "--data is required")
     one_line_error(igkd_cli("precompute", "--teacher", DEMO_TEACHER), "--data")
     # data from the YAML section is enough (here it fails later, on the bad value, not as missing)
     (tmp_path / "c.yaml").write_text("train:\n  data: mnist9\n")
@@ -133,7 +131,7 @@ def test_missing_weights_file_is_named(capsys, tmp_path, argv):
 
 
 def test_missing_evaluate_weights_as_a_process(tmp_path):
-    one_line_error(igkd_cli("evaluate", "--weights", tmp_path / "missing.pt", "--data", "demo"),
+    one_line_error(igkd_cli("evaluate", "--weights", tmp_path / "missing.pt", "--data", "demo", process=True),
                    "missing.pt does not exist")
 
 

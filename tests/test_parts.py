@@ -314,7 +314,8 @@ def test_a_part_from_outside_the_package_runs_through_the_command(tmp_path, smal
     assert row["toy"] > 0 and row["loss"] == pytest.approx(row["ce"] + 0.25 * row["toy"], rel=1e-4)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "toy" and summary["toy_weight"] == 0.25
-    bad = subprocess.run([sys.executable, "-m", "igkd", "distill", "--method", "kd+toy2", "--out", str(tmp_path / "x")],
+    bad = subprocess.run([sys.executable, "-m", "igkd", "distill", "--data", "demo", "--method", "kd+toy2",
+                          "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "unknown method part 'toy2'" in bad.stderr and "toy" in bad.stderr
 

@@ -186,7 +186,9 @@ def test_quadrature_matches_captum_definitions():
 
 
 # --------------------------------------------------------------------------- agreement with captum
-@pytest.mark.parametrize("method", METHODS)
+# every rule is checked on the small trained net below; on the published student (6-7 s each) the
+# paper's rule and igkd's default
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_middle"])
 def test_matches_captum_on_published_student(student, cifar, method):
     x, y = cifar
     ig = IntegratedGradients(student)
@@ -286,7 +288,10 @@ def test_batch_size_chunking_gives_same_result(small, fast):
     for batch_size in (None, 7, 20, 40, 1000):  # 7 < n_steps: an image's steps split over passes
         other, d_other = integrated_gradients(net, x, y, baseline=base, n_steps=20, batch_size=batch_size,
                                               return_delta=True, fast=fast)
-        assert_matches_captum(other, one)
+        # the same sums in other batch shapes: the convolution kernels oneDNN picks per shape round
+        # differently (the BN-folded fast path ran up to 8e-6 of a 4e-3 maximum apart in one full-suite
+        # order); a chunking error would be of the order of the attributions themselves
+        torch.testing.assert_close(other, one, rtol=1e-3, atol=1e-4 * one.abs().max().item())
         torch.testing.assert_close(d_other, d_one, rtol=0, atol=1e-5 * one.abs().sum().item())
 
 

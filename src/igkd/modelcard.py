@@ -9,12 +9,6 @@ from __future__ import annotations
 
 from .distill.parts import parse_method
 
-# summary keys that are the run's bookkeeping, not the method's options
-_NOT_OPTIONS = {"method", "model", "dataset", "params", "best_epoch", "val_accuracy", "test_accuracy", "test",
-                "epochs", "train_seconds", "train_images", "val_images", "processes", "global_batch", "lr",
-                "teacher", "compression", "ig", "at", "init", "logits", "explain"}
-
-
 def _pct(v) -> str:
     return "n/a" if v is None or v != v else f"{v:.2f}%"
 
@@ -22,7 +16,8 @@ def _pct(v) -> str:
 def model_card(summary: dict, meta: dict) -> str:
     """Markdown text of the card; ``meta`` is the checkpoint's metadata (classes, preprocessing...)."""
     method = summary.get("method", "student")
-    parts = parse_method(method).parts
+    parsed = parse_method(method)
+    parts = parsed.parts
     teacher = summary.get("teacher") or {}
     test = summary.get("test") or {}
     classes = meta.get("classes") or []
@@ -41,7 +36,8 @@ def model_card(summary: dict, meta: dict) -> str:
     lines.append(f"- **Input:** float32 NCHW {norm}")
     if parts:
         lines.append(f"- **Method:** `{method}` = cross-entropy" + "".join(f" + {p.name} ({p.help})" for p in parts))
-        options = {k: v for k, v in summary.items() if k not in _NOT_OPTIONS and not isinstance(v, (dict, list))}
+        # the trainer records the options of the method's parts in the summary
+        options = {k: summary[k] for k in sorted(parsed.fields) if k in summary}
         if options:
             lines.append("- **Method options:** " + ", ".join(f"{k} = {v}" for k, v in sorted(options.items())))
         if summary.get("logits"):

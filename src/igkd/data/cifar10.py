@@ -25,7 +25,7 @@ import torch
 from ..errors import UserError
 from ..spec import Spec, reject_leftovers, take_option
 from .base import Dataset, Split, existing_dir, flag
-from .cifar_archive import VERIFY_HINT, Release, class_names, ensure_release, file_md5, unpickle  # noqa: F401
+from .cifar_archive import Release, class_names, ensure_release, unpickle
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

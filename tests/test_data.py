@@ -23,6 +23,7 @@ from PIL import Image
 from helpers_data import cifar10_jpg_dir
 from igkd.data import DATASETS, Dataset, Split, load_dataset, stratified_split
 from igkd.data.cifar10 import ensure_cifar10
+from igkd.data.cifar100 import ensure_cifar100
 from igkd.data.fashion_mnist import DEFAULT_DIR as FMNIST_DIR
 from igkd.errors import UserError
 
@@ -35,9 +36,9 @@ def _cache_dir(tmp_path, monkeypatch):
 
 
 def test_unknown_kind_lists_known_kinds():
-    with pytest.raises(UserError, match="unknown dataset kind 'mnist'.*cifar10, imagefolder, fashion-mnist, demo"):
+    with pytest.raises(UserError, match="unknown dataset kind 'mnist'.*cifar10, cifar100, imagefolder, fashion-mnist, demo"):
         load_dataset("mnist:/data")
-    assert set(DATASETS) == {"cifar10", "imagefolder", "fashion-mnist", "demo"}
+    assert set(DATASETS) == {"cifar10", "cifar100", "imagefolder", "fashion-mnist", "demo"}
 
 
 # ---------------------------------------------------------------- cifar10 (pickle)
@@ -236,6 +237,91 @@ def test_safe_pickle_reads_what_numpy_writes():
             d = load_data_pickle(f, "batch", "fix it")
             f.unlink()
             assert np.array_equal(d[b"data"], arr) and d[b"labels"] == [1, 2] and d[b"name"] == b"x"
+
+
+# ---------------------------------------------------------------- cifar100 (pickle)
+
+def write_cifar100_archive(path: Path, n_train: int = 30, n_test: int = 12, hostile_meta: bytes | None = None) -> dict:
+    """A cifar-100-python.tar.gz in the official layout (train, test, meta); returns what it holds."""
+    rng = np.random.default_rng(1)
+    written, members = {}, {}
+    for name, n in [("train", n_train), ("test", n_test)]:
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        fine = [int(x) for x in rng.integers(0, 100, size=n)]
+        coarse = [f // 5 for f in fine]
+        written[name] = (data, fine, coarse)
+        members[name] = {b"filenames": [f"{name}_{i}.png".encode() for i in range(n)], b"batch_label": name.encode(),
+                         b"fine_labels": fine, b"coarse_labels": coarse, b"data": data}
+    written["fine_names"] = [f"fine_{i:02d}" for i in range(100)]
+    written["coarse_names"] = [f"coarse_{i:02d}" for i in range(20)]
+    meta = {b"fine_label_names": [c.encode() for c in written["fine_names"]],
+            b"coarse_label_names": [c.encode() for c in written["coarse_names"]]}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in [*members.items(), ("meta", meta)]:
+            raw = hostile_meta if name == "meta" and hostile_meta is not None else pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return written
+
+
+def test_cifar100_fine_and_coarse_labels_from_the_official_layout(tmp_path):
+    written = write_cifar100_archive(tmp_path / "cifar-100-python.tar.gz")
+    with pytest.raises(UserError, match=r"cifar-100-python.tar.gz has md5 \w+, not the official "
+                       r"eb9058c3a382ffc7106e4002c42a8d85.*verify=0"):
+        load_dataset(f"cifar100:{tmp_path},download=0")
+    assert not (tmp_path / "cifar-100-python").exists()  # refused before extracting
+    ds = load_dataset(f"cifar100:{tmp_path},verify=0")
+    assert ds.classes == written["fine_names"] and ds.channels == 3 and ds.image_size == (32, 32)
+    for split, name in [(ds.train, "train"), (ds.test, "test")]:
+        data, fine, _ = written[name]
+        assert split.images.shape == (len(data), 3, 32, 32) and split.images.dtype == torch.uint8
+        assert np.array_equal(split.images.numpy().reshape(len(data), -1), data) and split.labels.tolist() == fine
+    rows = written["train"][0]
+    for i, c, y, x in [(0, 0, 0, 0), (3, 1, 0, 31), (29, 2, 31, 0)]:  # channel-major, row by row, as CIFAR-10
+        assert ds.train.images[i, c, y, x].item() == rows[i, c * 1024 + y * 32 + x]
+    coarse = load_dataset(f"cifar100:{tmp_path},labels=coarse,verify=0")
+    assert coarse.classes == written["coarse_names"] and coarse.num_classes == 20
+    assert coarse.train.labels.tolist() == written["train"][2] and coarse.test.labels.tolist() == written["test"][2]
+    # the extracted files are checked against the release's per-file md5 too
+    with pytest.raises(UserError, match=r"meta has md5 \w+, not the official release's 7973b15100ade9c7d40fb424638fde48"):
+        load_dataset(f"cifar100:{tmp_path}")
+    with pytest.raises(UserError, match="labels=both .* use labels=fine .* or labels=coarse"):
+        load_dataset(f"cifar100:{tmp_path},labels=both")
+    # a batch without the label list asked for, or with labels out of range: one line, before any use
+    d = tmp_path / "cifar-100-python"
+    (d / "test").write_bytes(pickle.dumps({b"data": written["test"][0], b"fine_labels": [100] * 12}, protocol=2))
+    with pytest.raises(UserError, match="test has fine labels outside 0..99"):
+        load_dataset(f"cifar100:{tmp_path},verify=0").test
+    with pytest.raises(UserError, match="test is not a valid CIFAR-100 batch .*'coarse_labels'"):
+        load_dataset(f"cifar100:{tmp_path},verify=0,labels=coarse").test
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no extraction leftovers
+
+
+def test_cifar100_download_and_hostile_pickle(tmp_path, http_dir):
+    served, base = http_dir
+    written = write_cifar100_archive(served / "c100.tgz", n_train=5, n_test=5)
+    md5 = hashlib.md5((served / "c100.tgz").read_bytes()).hexdigest()
+    root = tmp_path / "data"
+    root.mkdir()
+    with pytest.raises(UserError, match="md5 .* expected 0{32}"):
+        ensure_cifar100(root, url=f"{base}/c100.tgz", md5="0" * 32, quiet=True)
+    assert list(root.iterdir()) == []  # the bad download is deleted
+    assert ensure_cifar100(root, url=f"{base}/c100.tgz", md5=md5, quiet=True) == root / "cifar-100-python"
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-100-python", "cifar-100-python.tar.gz"]
+    assert load_dataset(f"cifar100:{root},download=0,verify=0").test.labels.tolist() == written["test"][1]
+    # a meta file that would run a command: refused by the md5, and by the unpickler under verify=0
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    write_cifar100_archive(evil / "cifar-100-python.tar.gz", n_train=2, n_test=2,
+                           hostile_meta=pickle.dumps({b"fine_label_names": [_Hostile(marker)]}, protocol=2))
+    with pytest.raises(UserError, match="md5"):
+        load_dataset(f"cifar100:{evil}")
+    with pytest.raises(UserError, match=r"meta is not a plain CIFAR-100 batch \(it refers to (posix|os)\.system.*"
+                       "nothing in it was run") as e:
+        load_dataset(f"cifar100:{evil},verify=0")
+    assert "\n" not in str(e.value) and not marker.exists()
 
 
 # ---------------------------------------------------------------- imagefolder

@@ -3,6 +3,7 @@
 Known kinds (see each module's docstring for what it expects on disk):
 
     cifar10:DIR[,download=0][,verify=0]   official python-pickle release (downloaded if absent)
+    cifar100:DIR[,labels=fine|coarse][,download=0][,verify=0]   the same for CIFAR-100
     imagefolder:DIR[,size=N|HxW][,gray=1][,test=0.2,seed=0][,cache=0]
     fashion-mnist[:DIR]              IDX files (default: Debian's dataset-fashion-mnist)
     demo                             3,000 Fashion-MNIST images shipped with igkd
@@ -18,6 +19,7 @@ from ..errors import UserError
 from ..spec import Spec, parse_spec
 from .base import Dataset, Split
 from .cifar10 import load_cifar10
+from .cifar100 import load_cifar100
 from .demo import load_demo
 from .fashion_mnist import load_fashion_mnist
 from .imagefolder import load_imagefolder
@@ -25,6 +27,7 @@ from .splits import stratified_split, subset_indices
 
 DATASETS: dict[str, Callable[[Spec], Dataset]] = {
     "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
     "imagefolder": load_imagefolder,
     "fashion-mnist": load_fashion_mnist,
     "demo": load_demo,

@@ -1,16 +1,28 @@
-"""In-memory datasets: a :class:`Split` is two tensors, a :class:`Dataset` two lazy splits.
+"""Datasets: a :class:`Split` is images and labels, a :class:`Dataset` two lazy splits.
 
 Every source decodes to uint8 ``N x C x H x W`` images and int64 labels. A sample's index
 is its row position, fixed by the source's documented order, so artifacts computed per
 sample (teacher logits, IG maps) can be keyed by index and checked by :meth:`fingerprint`.
+
+Where the images are: ``Split.images`` is always a contiguous uint8 torch tensor, either
+in memory or, for an image folder larger than the memory budget (:func:`memory_budget`),
+a view over the memory-mapped decoded-image cache (:mod:`igkd.data.image_cache`), made by
+``torch.from_numpy`` of a copy-on-write ``np.memmap``: nothing is read until a row is
+indexed, and the pages read are file-backed page cache that the kernel can drop, not the
+process's own memory. ``Split.mapped`` names the file in that case (None in memory).
+Code that indexes rows (``images[idx]``, ``images[i:j]``) works unchanged on both and
+copies only those rows; code that needs every pixel goes through the images in row
+blocks (:meth:`Dataset.channel_stats`, :func:`content_digest`) so no whole-split copy is
+made. :meth:`Split.subset` copies its rows into memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -20,10 +32,17 @@ from ..errors import UserError
 
 @dataclass
 class Split:
-    """One split: ``images`` uint8 N x C x H x W (contiguous), ``labels`` int64 N."""
+    """One split: ``images`` uint8 N x C x H x W (contiguous), ``labels`` int64 N.
+
+    ``mapped``: the cache file ``images`` is a memory map of (see the module docstring),
+    None when the images are in memory. ``digest``: the split's :func:`content_digest`
+    when it is already known (checked against the cache it was read from), so that
+    :meth:`Dataset.fingerprint` need not read every pixel again; None otherwise."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    mapped: Optional[Path] = None
+    digest: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -36,9 +55,41 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def nbytes(self) -> int:
+        """Decoded size of the images in bytes (on disk when mapped)."""
+        return self.images.numel()
+
     def subset(self, idx: torch.Tensor) -> "Split":
-        """The rows ``idx`` (e.g. from :func:`stratified_split`), in that order."""
+        """The rows ``idx`` (e.g. from :func:`stratified_split`), in that order, copied into memory."""
         return Split(self.images[idx], self.labels[idx])
+
+
+# images per block when a whole split is read (digest, statistics): bounded memory on mapped splits
+BLOCK_BYTES = 64 << 20
+
+
+def _row_blocks(images: torch.Tensor):
+    step = max(1, BLOCK_BYTES // max(1, images[0].numel() if len(images) else 1))
+    for i in range(0, len(images), step):
+        yield images[i:i + step]
+
+
+def digest_prefix(shape: tuple[int, ...]) -> bytes:
+    """What :func:`content_digest` hashes before the pixels: both shapes (images ``shape``, labels N)."""
+    return f"{tuple(int(d) for d in shape)}|{(int(shape[0]),)}|".encode()
+
+
+def content_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 (hex) over the shapes, the image bytes (row-major) and the int64 label bytes.
+
+    Read in row blocks, so a memory-mapped split is never copied whole. The decoded-image
+    cache stores the same digest of its contents (:mod:`igkd.data.image_cache`)."""
+    h = hashlib.sha256(digest_prefix(tuple(images.shape)))
+    for block in _row_blocks(images):
+        h.update(block.contiguous().numpy().reshape(-1).data)
+    h.update(labels.to(torch.int64).contiguous().numpy().reshape(-1).data)
+    return h.hexdigest()
 
 
 SplitSource = Union[Split, Callable[[], Split]]
@@ -96,14 +147,10 @@ class Dataset:
             raise ValueError(f"{self.spec} {name}: labels outside 0..{len(self.classes) - 1}")
 
     def fingerprint(self, split: str = "train") -> str:
-        """sha256 (hex) over the split's shapes, image bytes and label bytes."""
+        """sha256 (hex) over the split's shapes, image bytes and label bytes (:func:`content_digest`)."""
         if split not in self._fingerprints:
             s = self._split(split)
-            h = hashlib.sha256()
-            h.update(f"{tuple(s.images.shape)}|{tuple(s.labels.shape)}|".encode())
-            h.update(s.images.numpy().reshape(-1).data)
-            h.update(s.labels.numpy().reshape(-1).data)
-            self._fingerprints[split] = h.hexdigest()
+            self._fingerprints[split] = s.digest or content_digest(s.images, s.labels)
         return self._fingerprints[split]
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
@@ -113,9 +160,14 @@ class Dataset:
         if self._stats is None:
             images = self.train.images
             values = torch.arange(256, dtype=torch.float64)
+            # in row blocks: images[:, c].reshape(-1) would copy a third of the split (all of a mapped one's pages)
+            hists = torch.zeros(images.shape[1], 256, dtype=torch.int64)
+            for block in _row_blocks(images):
+                for c in range(images.shape[1]):
+                    hists[c] += torch.bincount(block[:, c].reshape(-1), minlength=256)
             means, stds = [], []
             for c in range(images.shape[1]):
-                hist = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+                hist = hists[c].to(torch.float64)
                 n = hist.sum().clamp(min=1)
                 mean = (hist * values).sum() / n
                 var = (hist * (values - mean) ** 2).sum() / n
@@ -139,6 +191,50 @@ def cache_dir() -> Path:
     """Where decoded datasets are cached: ``$IGKD_CACHE_DIR/datasets`` (default
     ``~/.cache/igkd/datasets``), beside igkd's other caches."""
     return runtime.cache_dir("datasets")
+
+
+def available_memory() -> int:
+    """Memory this process can still have: Linux's MemAvailable, else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return 1 << 62
+
+
+MEMORY_ENV = "IGKD_DATA_MEMORY"
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"1500"``, ``"64k"``, ``"512M"``, ``"2G"``, ``"1.5g"`` (binary units) as bytes; ValueError otherwise."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    value = float(t[:len(t) - len(unit)])
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(text)
+    return int(value * _UNITS[unit])
+
+
+def memory_budget() -> int:
+    """Bytes of decoded images one split may hold in memory before it is memory-mapped instead.
+
+    ``$IGKD_DATA_MEMORY`` (e.g. ``8G``) when set, else half of :func:`available_memory`
+    at the time of the call (the other half is left to the model, maps and logits)."""
+    raw = os.environ.get(MEMORY_ENV)
+    if raw is None or not raw.strip():
+        return available_memory() // 2
+    try:
+        return parse_bytes(raw)
+    except ValueError:
+        raise UserError(f"{MEMORY_ENV}={raw!r} is not a size; use bytes or a number with K, M, G or T, "
+                        f"e.g. {MEMORY_ENV}=8G") from None
 
 
 def flag(value: str) -> bool:

@@ -9,10 +9,13 @@ import http.server
 import io
 import os
 import pickle
+import json
 import socket
+import subprocess
 import tarfile
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -428,6 +431,80 @@ def test_imagefolder_resize(split_folder):
         load_dataset(f"imagefolder:{root},size=0")
 
 
+def test_imagefolder_imagenet_layout(tmp_path):
+    """DIR/train/<wnid>/*.JPEG + DIR/val/<wnid>/*.JPEG: val/ is the test split; .JPEG matches."""
+    root = tmp_path / "imagenet"
+    rng = np.random.default_rng(5)
+    for split, n in [("train", 3), ("val", 2)]:
+        for wnid in ("n01530575", "n01440764"):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / wnid / f"{wnid}_{i}.JPEG", quality=90)
+    (root / "train" / "n01440764" / "notes.txt").write_text("not an image")
+    ds = load_dataset(f"imagefolder:{root}")
+    assert ds.classes == ["n01440764", "n01530575"] and ds.image_size == (8, 10)
+    for split, name, n in [(ds.train, "train", 3), (ds.test, "val", 2)]:
+        files = sorted((root / name).glob("*/*.JPEG"))  # class folders sorted, then names
+        want = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]).transpose(0, 3, 1, 2)
+        assert np.array_equal(split.images.numpy(), want) and split.labels.tolist() == [0] * n + [1] * n
+    with pytest.raises(UserError, match=r"already has train/ and val/; drop the test= and seed="):
+        load_dataset(f"imagefolder:{root},test=0.1")
+    for f in (root / "val" / "n01440764").iterdir():  # val/ as ImageNet ships it: loose images
+        f.rename(root / "val" / f.name)
+    for d in list((root / "val").iterdir()):
+        if d.is_dir():
+            for f in d.iterdir():
+                f.rename(root / "val" / f.name)
+            d.rmdir()
+    with pytest.raises(UserError, match=r"val has no class subfolders.*holds 4 images directly: sort them into "
+                       r"one folder per class"):
+        load_dataset(f"imagefolder:{root}").test
+    (root / "val").rename(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="has train/ but no test/ or val/"):
+        load_dataset(f"imagefolder:{root}")
+
+
+def test_imagefolder_resize_shorter_side_then_center_crop(tmp_path):
+    """Images of mixed sizes and aspect ratios, resized by hand with Pillow: the shorter side
+    to N (the longer to floor(long * N / short)), then the centre N x N (offset round(d / 2))."""
+    root = tmp_path / "mixed"
+    rng = np.random.default_rng(7)
+    sizes = {"a": (40, 30), "b": (30, 50), "c": (16, 16), "d": (17, 64)}  # (width, height)
+    originals = {}
+    for name, (w, h) in sizes.items():
+        (root / "train" / name).mkdir(parents=True)
+        (root / "test" / name).mkdir(parents=True)
+        originals[name] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(originals[name]).save(root / "train" / name / "x.png")
+        Image.fromarray(originals[name][:, ::-1]).save(root / "test" / name / "x.png")
+    # by hand, N = 16: landscape 40x30 -> 21x16 (21.3), crop left round(5 / 2) = 2 (half to even);
+    # portrait 30x50 -> 16x26 (26.7), top round(10 / 2) = 5; 16x16 untouched; 17x64 -> 16x60 (60.2), top 22
+    by_hand = {"a": ((21, 16), (2, 0, 18, 16)), "b": ((16, 26), (0, 5, 16, 21)), "c": (None, (0, 0, 16, 16)),
+               "d": ((16, 60), (0, 22, 16, 38))}
+    ds = load_dataset(f"imagefolder:{root},size=16,resize=shorter")
+    assert ds.image_size == (16, 16) and ds.train.images.shape == (4, 3, 16, 16)
+    for i, name in enumerate(sizes):
+        im = Image.fromarray(originals[name])
+        new, box = by_hand[name]
+        want = np.asarray((im.resize(new, Image.BILINEAR) if new else im).crop(box)).transpose(2, 0, 1)
+        assert np.array_equal(ds.train.images[i].numpy(), want), name
+    # H x W: scaled until both sides cover, 40x30 to 12x20 (HxW): width factor 0.5 > 0.4 -> 20x15, top round(1.5) = 2
+    ds = load_dataset(f"imagefolder:{root},size=12x20,resize=shorter")
+    want = np.asarray(Image.fromarray(originals["a"]).resize((20, 15), Image.BILINEAR).crop((0, 2, 20, 14)))
+    assert ds.image_size == (12, 20) and np.array_equal(ds.train.images[0].numpy(), want.transpose(2, 0, 1))
+    fixed = load_dataset(f"imagefolder:{root},size=12x20,resize=fixed").train  # the default: stretched
+    want = np.asarray(Image.fromarray(originals["b"]).resize((20, 12), Image.BILINEAR))
+    assert np.array_equal(fixed.images[1].numpy(), want.transpose(2, 0, 1))
+    assert torch.equal(fixed.images, load_dataset(f"imagefolder:{root},size=12x20").train.images)
+    with pytest.raises(UserError, match="images differ in size .* add ',size=N' .*',resize=shorter'"):
+        load_dataset(f"imagefolder:{root}").train
+    with pytest.raises(UserError, match="resize=shorter .* needs a size; add ',size=N'"):
+        load_dataset(f"imagefolder:{root},resize=shorter")
+    with pytest.raises(UserError, match="resize=crop .* use resize=fixed .* or resize=shorter"):
+        load_dataset(f"imagefolder:{root},size=8,resize=crop")
+
+
 def test_imagefolder_mixed_sizes_need_size_option(tmp_path):
     root = tmp_path / "mixed"
     write_folder(root, {"ant": 2})
@@ -453,8 +530,8 @@ def test_imagefolder_layout_errors(tmp_path, split_folder):
         load_dataset(f"imagefolder:{tmp_path / 'none'}")
     with pytest.raises(UserError, match="already has train/ and test/"):
         load_dataset(f"imagefolder:{root},test=0.2")
-    with pytest.raises(UserError, match="unknown option.*known options: size, gray"):
-        load_dataset(f"imagefolder:{root},resize=3")
+    with pytest.raises(UserError, match="unknown option.*known options: size, resize, gray, test, seed, cache, mmap"):
+        load_dataset(f"imagefolder:{root},crop=3")
     with pytest.raises(UserError, match="gray='maybe'.*not a valid flag"):
         load_dataset(f"imagefolder:{root},gray=maybe")
     (root / "test" / "eel").mkdir()
@@ -467,27 +544,168 @@ def test_imagefolder_layout_errors(tmp_path, split_folder):
         load_dataset(f"imagefolder:{only_train}")
 
 
-def test_imagefolder_cache(split_folder, tmp_path):
-    root, train, _ = split_folder
-    first = load_dataset(f"imagefolder:{root}")
-    a = first.train
-    cached = sorted((tmp_path / "cache" / "datasets").glob("imagefolder-*.npz"))
-    assert len(cached) == 1  # train only: the test split was not asked for
-    # Overwrite one image with garbage of the same size and mtime: the cache key is unchanged,
-    # so a second load can only succeed by reading the cache.
-    path = root / "train" / "cat" / "img_00.png"
-    st = path.stat()
+def same_size_garbage(path: Path) -> bytes:
+    """Overwrite ``path`` with zeros of the same size and mtime, so the cache key does not change
+    (a load can then only succeed by reading the cache); returns the original bytes."""
+    original, st = path.read_bytes(), path.stat()
     path.write_bytes(b"\0" * st.st_size)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    b = load_dataset(f"imagefolder:{root}").train
-    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    return original
+
+
+def restore(path: Path, data: bytes) -> None:
+    st = path.stat()
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def cache_folders(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "cache" / "datasets").glob("imagefolder-*"))
+
+
+def test_imagefolder_cache_is_checked_and_rebuilt(split_folder, tmp_path, caplog, monkeypatch):
+    """A cache is used only while it matches its folder and its own header and checksum;
+    otherwise one warning line names it and what is wrong, and it is rebuilt, never used."""
+    root, train, _ = split_folder
+    want, _ = stacked(train)
+    a = load_dataset(f"imagefolder:{root}").train
+    assert a.mapped is None and np.array_equal(a.images.numpy(), want)  # 9 tiny images: in memory
+    [folder] = cache_folders(tmp_path)  # train only: the test split was not asked for
+    assert sorted(p.name for p in folder.iterdir()) == ["images.bin", "images.bin.verified.json"]
+    cache = folder / "images.bin"
+    assert cache.stat().st_size == 4096 + (9 * 90 + 7) // 8 * 8 + 9 * 8  # header, images, int64 labels
+    assert a.digest == Dataset("x", CLASSES, 3, (6, 5), Split(a.images.clone(), a.labels), a).fingerprint()
+    path = root / "train" / "cat" / "img_00.png"
+    original = same_size_garbage(path)
+    assert np.array_equal(load_dataset(f"imagefolder:{root}").train.images.numpy(), want)  # read from the cache
     with pytest.raises(UserError, match="cannot read image"):
         load_dataset(f"imagefolder:{root},cache=0").train
-    # a real edit changes size/mtime, so the cache is bypassed
+    restore(path, original)
+
+    def reload(why: str) -> Split:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="igkd.data.image_cache"):
+            split = load_dataset(f"imagefolder:{root}").train
+        [line] = [r.getMessage() for r in caplog.records]
+        assert f"dataset cache {cache} {why}" in line and line.endswith("rebuilding it") and "\n" not in line
+        assert cache_folders(tmp_path) == [folder] and not list(folder.glob("*.partial*"))
+        return split
+
+    raw = cache.read_bytes()
+    for damage, why in [(raw[:-100], "is truncated"), (raw + b"\0", "is too long"),
+                        (b"[" + raw[1:], "has a damaged header"),
+                        (raw[:4500] + bytes([raw[4500] ^ 1]) + raw[4501:], "is corrupt")]:
+        cache.write_bytes(damage)
+        assert np.array_equal(reload(why).images.numpy(), want)
+        assert cache.read_bytes() == raw  # rebuilt to the same bytes
+    # memory-mapped, the checksum is checked whenever the file changed since its last check
+    cache.write_bytes(raw[:4500] + bytes([raw[4500] ^ 1]) + raw[4501:])
+    monkeypatch.setenv("IGKD_DATA_MEMORY", "500")  # bytes, below the split's 810
+    split = reload("is corrupt")
+    monkeypatch.delenv("IGKD_DATA_MEMORY")
+    assert split.mapped == cache and np.array_equal(split.images.numpy(), want)
+    # a real edit changes size/mtime: the cache no longer matches its folder
     Image.fromarray(np.full((6, 5, 3), 7, np.uint8)).save(path)
+    st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    c = load_dataset(f"imagefolder:{root}").train
-    assert (c.images[2] == 7).all() and torch.equal(c.images[3:], a.images[3:])
+    c = reload("no longer matches its image folder")
+    assert (c.images[2] == 7).all() and np.array_equal(c.images[3:].numpy(), want[3:])
+
+
+def test_imagefolder_memory_mapped_split(split_folder, tmp_path, monkeypatch):
+    """Above the memory budget a split is a tensor over a copy-on-write map of the cache file."""
+    root, train, test = split_folder
+    want, labels = stacked(train)
+    monkeypatch.setenv("IGKD_DATA_MEMORY", "500")  # bytes: the 810-byte train split is mapped
+    ds = load_dataset(f"imagefolder:{root}")
+    s = ds.train
+    [folder] = cache_folders(tmp_path)
+    assert s.mapped == folder / "images.bin" and s.images.dtype == torch.uint8 and s.images.is_contiguous()
+    assert np.array_equal(s.images.numpy(), want) and s.labels.tolist() == labels
+    assert ds.fingerprint() == Dataset("x", CLASSES, 3, (6, 5), Split(s.images.clone(), s.labels), s).fingerprint()
+    assert np.array_equal(s.subset(torch.tensor([4, 0])).images.numpy(), want[[4, 0]])
+    assert ds.channel_stats()[0][0] == pytest.approx(want[:, 0].mean() / 255, abs=1e-12)
+    before = s.mapped.read_bytes()
+    s.images[0] += 1  # a stray in-place write: private pages, never the file (a read-only map would SIGSEGV)
+    assert s.mapped.read_bytes() == before
+    assert load_dataset(f"imagefolder:{root},mmap=0").train.mapped is None  # forced into memory
+    monkeypatch.setenv("IGKD_DATA_MEMORY", "1G")
+    assert load_dataset(f"imagefolder:{root},mmap=1").test.mapped is not None  # forced onto the map
+    assert load_dataset(f"imagefolder:{root}").test.mapped is None
+    with pytest.raises(UserError, match="mmap=1 and cache=0 .* contradict"):
+        load_dataset(f"imagefolder:{root},mmap=1,cache=0")
+    with pytest.raises(UserError, match="mmap=sometimes .* use mmap=auto"):
+        load_dataset(f"imagefolder:{root},mmap=sometimes")
+    # a cache folder that cannot be created: in memory with a warning when it fits, else one line
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("IGKD_CACHE_DIR", str(tmp_path / "a-file"))
+    assert np.array_equal(load_dataset(f"imagefolder:{root}").train.images.numpy(), want)
+    with pytest.raises(UserError, match=r"cannot create the dataset cache .*a-file/datasets/imagefolder-\w+ .*; "
+                       r".*memory-mapped from that cache: set IGKD_CACHE_DIR to a writable folder"):
+        load_dataset(f"imagefolder:{root},mmap=1").train
+    monkeypatch.setenv("IGKD_DATA_MEMORY", "lots")
+    with pytest.raises(UserError, match="IGKD_DATA_MEMORY='lots' is not a size.*IGKD_DATA_MEMORY=8G"):
+        load_dataset(f"imagefolder:{root}").train
+
+
+def test_imagefolder_cache_build_resumes_after_it_stopped(tmp_path, monkeypatch):
+    """A build stopped by an image that cannot be decoded keeps its finished chunks in a
+    .partial file, never taken for a cache; rerun with the same files, it decodes only the rest."""
+    from igkd.data import image_cache
+    monkeypatch.setattr(image_cache, "CHUNK_BYTES", 4 * 90)  # 4 rows of 6x5 RGB a chunk: 3 chunks
+    root = tmp_path / "f"
+    written = write_folder(root / "train", {"ant": 4, "cat": 4, "dog": 4}, seed=3)
+    write_folder(root / "test", {"ant": 1, "cat": 1, "dog": 1}, seed=4)
+    want, _ = stacked(written)
+    bad = root / "train" / "dog" / "img_03.png"  # the last chunk
+    original = same_size_garbage(bad)
+    with pytest.raises(UserError, match=f"cannot read image {bad} ") as e:
+        load_dataset(f"imagefolder:{root}").train
+    assert "\n" not in str(e.value)
+    [folder] = cache_folders(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["images.bin.partial", "images.bin.progress.json"]
+    progress = json.loads((folder / "images.bin.progress.json").read_text())
+    assert progress["done"] == "010100" and progress["chunk_rows"] == 4  # chunks 0 and 1 were decoded
+    restore(bad, original)
+    # an image of chunk 0 that no longer decodes (same size and mtime): a resumed build never reads it again
+    same_size_garbage(root / "train" / "ant" / "img_01.png")
+    s = load_dataset(f"imagefolder:{root}").train
+    assert np.array_equal(s.images.numpy(), want)
+    assert sorted(p.name for p in folder.iterdir()) == ["images.bin", "images.bin.verified.json"]
+
+
+@contextmanager
+def tmpfs(path: Path, size: str):
+    """A size-limited filesystem at ``path`` (needs root; skips otherwise); yields a resize function."""
+    path.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}; needs root)")
+    try:
+        yield lambda new: subprocess.run(["mount", "-o", f"remount,size={new}", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_imagefolder_cache_on_a_full_disk(split_folder, tmp_path, monkeypatch):
+    """A disk too small for the cache, or one that fills during the build: one line, and no
+    file is left behind; once the cache is preallocated, nothing else can fill it."""
+    from igkd.data import image_cache
+    root, train, _ = split_folder
+    want, _ = stacked(train)
+    with tmpfs(tmp_path / "disk", "8k") as resize:  # two 4 KiB pages: the lock, then not the 4.9 KB cache
+        monkeypatch.setenv("IGKD_CACHE_DIR", str(tmp_path / "disk" / "cache"))
+        for pages, sync_s in [(2, 3.0), (3, 0.0)]:  # 3 pages: the cache fits, its first progress record does not
+            resize(f"{4 * pages}k")
+            monkeypatch.setattr(image_cache, "SYNC_SECONDS", sync_s)  # 0: a record after every chunk
+            with pytest.raises(UserError, match=r"disk full while writing the dataset cache .*imagefolder-\w+ "
+                               r"\(it needs 4.9 KiB\); free space .* or add ',cache=0'") as e:
+                load_dataset(f"imagefolder:{root}").train
+            assert "\n" not in str(e.value)
+            assert [p for p in (tmp_path / "disk").rglob("*") if not p.is_dir()] == []
+        monkeypatch.setattr(image_cache, "SYNC_SECONDS", 3.0)
+        assert np.array_equal(load_dataset(f"imagefolder:{root}").train.images.numpy(), want)  # 3 pages suffice
 
 
 def test_imagefolder_real_cifar10_jpg():

@@ -1,22 +1,49 @@
-"""``imagefolder:DIR[,size=N|HxW][,gray=1][,test=F,seed=S][,cache=0]``: folders of images.
+"""``imagefolder:DIR[,size=N|HxW][,resize=fixed|shorter][,gray=1][,test=F,seed=S][,cache=0][,mmap=auto|0|1]``.
 
-Two layouts:
+Three layouts:
 
 * ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (the same class folders in both);
+* the ImageNet layout ``DIR/train/<wnid>/*.JPEG`` and ``DIR/val/<wnid>/*.JPEG``: ``val/``
+  is the test split (used only when there is no ``test/``; igkd carves its own
+  validation split from train). A ``val/`` of loose images, as ImageNet ships it, must
+  first be sorted into one folder per class;
 * ``DIR/<class>/*`` with ``test=0.2``: a seeded stratified hold-out (``seed``, default 0)
   of each class becomes the test split.
 
 Classes are the sorted subfolder names; files (.jpg .jpeg .png .bmp .gif .webp .tif
-.tiff .ppm .pgm) are sorted by name within each class, so sample indices are stable.
-Images are decoded with Pillow as RGB (``gray=1``: as L) and, with ``size``, resized
-bilinearly; without it all images must share one size. 8-bit files (L, P, RGB, RGBA,
-CMYK...) convert as Pillow does (alpha is dropped). Deeper files are scaled to 8 bits by
-their format's range, never clipped: 16-bit integers (mode I;16*, or I with values in
-0..65535) as round(v * 255 / 65535); floats (mode F) must lie in [0, 1] and become
-round(v * 255). A float image outside [0, 1], or a mode igkd cannot decode faithfully, is
-refused with one line naming the file. Decoded arrays are cached as
-.npz under ``$IGKD_CACHE_DIR/datasets`` (default ``~/.cache/igkd/datasets``), keyed by the folder,
-the options and every file's name, size and mtime; ``cache=0`` turns that off.
+.tiff .ppm .pgm, in any letter case: ``.JPEG`` too) are sorted by name within each
+class, so sample indices are stable.
+
+Images are decoded with Pillow as RGB (``gray=1``: as L). Every image of a split must
+come out the same size, the stored size:
+
+* no ``size``: each image's own; they must all share one (a mismatch names the file);
+* ``size=N`` (N x N) or ``size=HxW`` with ``resize=fixed`` (the default): each image is
+  resized to exactly H x W, bilinearly, aspect ratio not kept;
+* ``size=...,resize=shorter``: each image is scaled, keeping its aspect ratio, to the
+  smallest size that covers H x W, then center-cropped to H x W. For ``size=N`` that is
+  the shorter side to N, the longer to ``floor(long * N / short)``, then an N x N crop at
+  offsets ``round((new - N) / 2)`` (Python's round), as torchvision's
+  ``Resize(N)`` + ``CenterCrop(N)`` on PIL images. For mixed sizes and aspect ratios
+  (ImageNet: ``size=256,resize=shorter`` or ``size=224,resize=shorter``).
+
+Bilinear is Pillow's (antialiased when shrinking); an image already at the target size is
+not resampled. 8-bit files (L, P, RGB, RGBA, CMYK...) convert as Pillow does (alpha is
+dropped). Deeper files are scaled to 8 bits by their format's range, never clipped:
+16-bit integers (mode I;16*, or I with values in 0..65535) as round(v * 255 / 65535);
+floats (mode F) must lie in [0, 1] and become round(v * 255). A float image outside
+[0, 1], a mode igkd cannot decode faithfully, or a file that cannot be decoded is refused
+with one line naming the file.
+
+Decoded images are cached on disk, one file per split, under ``$IGKD_CACHE_DIR/datasets``
+(default ``~/.cache/igkd/datasets``) in a folder named by the image folder, the split and
+the decoding options; the cache also records the fingerprint of every file's name, size
+and mtime and is rebuilt when the folder changes (:mod:`igkd.data.image_cache`: parallel,
+resumable, checksummed). A split whose decoded size fits the memory budget
+(:func:`igkd.data.base.memory_budget`: ``$IGKD_DATA_MEMORY``, default half the available
+memory) is read into memory; a larger one is memory-mapped from the cache (``mmap=auto``,
+the default; ``mmap=1`` always maps, ``mmap=0`` never does). ``cache=0`` decodes into
+memory with no cache (and cannot map). A test split is decoded only when first used.
 """
 
 from __future__ import annotations
@@ -24,11 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,28 +60,36 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..fileio import atomic_path
-from ..progress import Progress
 from ..spec import Spec, reject_leftovers, take_option
-from .base import Dataset, Split, cache_dir, existing_dir, flag
+from .base import Dataset, Split, available_memory, cache_dir, existing_dir, flag, memory_budget
+from .image_cache import CacheUnwritable, decode_in_memory, human_bytes, load_cached
 from .splits import stratified_split
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-OPTIONS = ["size", "gray", "test", "seed", "cache"]
+OPTIONS = ["size", "resize", "gray", "test", "seed", "cache", "mmap"]
+RESIZE = ("fixed", "shorter")
 MAX_SIDE = 8192  # pixels; larger images are not classifier inputs
-CACHE_VERSION = 2  # 2: 16-bit and float images scaled by their range (were clipped)
+# 2: 16-bit and float images scaled by their range (were clipped);
+# 3: one memory-mappable file per split (was an npz), resize=shorter, held-out splits decoded apart
+CACHE_VERSION = 3
 
 
 @dataclass
 class _Part:
-    """The files of one folder of class folders (``train/``, ``test/`` or DIR itself)."""
+    """The files of one split: a folder of class folders (``train/``, ``test/``, ``val/``, DIR),
+    or the held-out or kept rows of DIR (``role`` says which)."""
 
     folder: Path
     classes: list[str]
     files: list[str]        # relative to folder: "<class>/<name>"
     labels: np.ndarray      # int64, class index per file
     stats: list[tuple[int, int]]  # (size, mtime_ns) per file, for the cache key
+    role: str = ""
+
+    def take(self, idx: np.ndarray, role: str) -> "_Part":
+        return _Part(self.folder, self.classes, [self.files[i] for i in idx], self.labels[idx].copy(),
+                     [self.stats[i] for i in idx], role)
 
 
 def _scan(folder: Path) -> _Part:
@@ -71,7 +102,10 @@ def _scan(folder: Path) -> _Part:
 def _scan_entries(folder: Path) -> _Part:
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise UserError(f"{folder} has no class subfolders; put images in {folder}/<class>/")
+        loose = sum(1 for e in os.scandir(folder) if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTS)
+        hint = (f" (it holds {loose} images directly: sort them into one folder per class, e.g. "
+                f"{folder}/<wnid>/ for ImageNet's val/)") if loose else ""
+        raise UserError(f"{folder} has no class subfolders; put images in {folder}/<class>/{hint}")
     files, labels, stats = [], [], []
     for label, name in enumerate(classes):
         entries = sorted((e for e in os.scandir(folder / name) if e.is_file()
@@ -111,6 +145,22 @@ def _peek_size(path: Path) -> tuple[int, int]:
         raise UserError(f"cannot read image {path} ({e}); remove or replace the file") from None
 
 
+def shorter_geometry(w: int, h: int, out_h: int, out_w: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """``resize=shorter`` for a ``w x h`` image and an ``out_h x out_w`` target: the size
+    (width, height) to resize to and the crop box (left, top, right, bottom) after it.
+
+    The smallest aspect-keeping size covering the target: the side with the larger scale
+    factor becomes exactly its target, the other ``floor(side * factor)`` (integers, so
+    no float rounding); the crop is centred at ``round((new - out) / 2)`` as in
+    torchvision's CenterCrop."""
+    if out_w * h >= out_h * w:  # out_w / w >= out_h / h: the width reaches its target last
+        new_w, new_h = out_w, max(out_h, h * out_w // w)
+    else:
+        new_w, new_h = max(out_w, w * out_h // h), out_h
+    left, top = int(round((new_w - out_w) / 2)), int(round((new_h - out_h) / 2))
+    return (new_w, new_h), (left, top, left + out_w, top + out_h)
+
+
 # modes Pillow converts to L/RGB exactly (8 bits per channel, palettes, alpha dropped)
 EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
@@ -141,152 +191,150 @@ def _to_mode(im: Image.Image, mode: str, path: Path) -> Image.Image:
                     "convert it to an 8-bit (or 16-bit gray) PNG or JPEG")
 
 
-def _decode(part: _Part, mode: str, size: tuple[int, int], resize: bool, ref: Path) -> np.ndarray:
-    """All images of ``part`` as uint8 N x H x W (x 3 for RGB), decoded by a thread pool;
-    without ``resize`` each must be ``size`` (that of the image ``ref``)."""
+
+
+def _decode_one(path: Path, mode: str, size: tuple[int, int], resize: str | None, ref: Path) -> np.ndarray:
+    """One image as uint8 H x W (x 3), at ``size`` by the ``resize`` policy (None: as it is)."""
     h, w = size
-    n = len(part.files)
-    shape = (n, h, w, 3) if mode == "RGB" else (n, h, w)
-    need, have = math.prod(shape), _memory_bytes()
-    if need > have:
-        raise UserError(f"decoding {part.folder} at {w}x{h} needs {need / 2**30:.1f} GiB, more than the "
-                        f"{have / 2**30:.1f} GiB of memory available; add ',size=N' with a smaller N to the spec")
-    out = np.empty(shape, dtype=np.uint8)
-    failed = threading.Event()
+    try:
+        with Image.open(path) as im:
+            im = _to_mode(im, mode, path)
+            if resize == "fixed" and im.size != (w, h):
+                im = im.resize((w, h), Image.BILINEAR)
+            elif resize == "shorter" and im.size != (w, h):
+                new, box = shorter_geometry(im.size[0], im.size[1], h, w)
+                if im.size != new:
+                    im = im.resize(new, Image.BILINEAR)
+                im = im.crop(box)
+            arr = np.asarray(im)
+    except UserError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path} ({e}); remove or replace the file") from None
+    if arr.shape[:2] != (h, w):
+        raise UserError(f"images differ in size ({path} is {arr.shape[1]}x{arr.shape[0]}, {ref} is "
+                        f"{w}x{h}); add ',size=N' (or ',size=HxW', and ',resize=shorter' to keep aspect "
+                        f"ratios) to the spec to resize them all")
+    return arr
 
-    def work(start: int, stop: int) -> None:
-        for i in range(start, stop):
-            if failed.is_set():
-                return
-            path = part.folder / part.files[i]
+
+class _Loader:
+    """Decodes (or reads from the cache) the split of one :class:`_Part`."""
+
+    def __init__(self, mode: str, size: tuple[int, int], resize: str | None, ref: Path, use_cache: bool,
+                 mmap: str):
+        self.mode, self.size, self.resize, self.ref = mode, size, resize, ref
+        self.use_cache, self.mmap = use_cache, mmap
+
+    def decoder(self, part: _Part):
+        def decode(start: int, stop: int, out: np.ndarray) -> None:
+            for j in range(stop - start):
+                arr = _decode_one(part.folder / part.files[start + j], self.mode, self.size, self.resize, self.ref)
+                out[j] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return decode
+
+    def keys(self, part: _Part) -> tuple[str, str]:
+        """(cache folder name: what the cache is of; source fingerprint: what its bytes depend on)."""
+        what = [CACHE_VERSION, str(part.folder), part.role, self.mode, list(self.size), self.resize]
+        name = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
+        source = hashlib.sha256(json.dumps([what, part.classes, part.files, part.stats]).encode()).hexdigest()
+        return f"imagefolder-{name}", source
+
+    def __call__(self, part: _Part) -> Split:
+        h, w = self.size
+        shape = (len(part.files), 1 if self.mode == "L" else 3, h, w)
+        need = int(np.prod(shape))
+        desc = f"decoding {part.folder}" + (f" ({part.role})" if part.role else "")
+        mmap = self.mmap == "1" or (self.mmap == "auto" and self.use_cache and need > memory_budget())
+        if not mmap:
+            self._check_memory(part, need)
+        if self.use_cache:
+            name, source = self.keys(part)
             try:
-                with Image.open(path) as im:
-                    im = _to_mode(im, mode, path)
-                    if resize and im.size != (w, h):
-                        im = im.resize((w, h), Image.BILINEAR)
-                    arr = np.asarray(im)
-            except UserError:
-                failed.set()
-                raise
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                failed.set()
-                raise UserError(f"cannot read image {path} ({e}); remove or replace the file") from None
-            if arr.shape[:2] != (h, w):
-                failed.set()
-                raise UserError(f"images differ in size ({path} is {arr.shape[1]}x{arr.shape[0]}, {ref} is "
-                                f"{w}x{h}); add ',size=N' (or ',size=HxW') to the spec to resize them all")
-            out[i] = arr
+                return load_cached(cache_dir() / name, source, part.labels, shape, self.decoder(part), mmap, desc)
+            except CacheUnwritable as e:
+                if mmap:
+                    why = "mmap=1" if self.mmap == "1" else "more than the memory budget"
+                    raise UserError(f"{e}; {part.folder} ({human_bytes(need)} decoded, {why}) is to be "
+                                    f"memory-mapped from that cache: set IGKD_CACHE_DIR to a writable folder") from None
+                log.warning("%s; decoding into memory without a cache (set IGKD_CACHE_DIR to a writable folder "
+                            "to keep the decoded images)", e)
+        images = decode_in_memory(shape, self.decoder(part), desc)
+        return Split(torch.from_numpy(images), torch.from_numpy(part.labels.copy()))
 
-    chunk = 512
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
-            Progress(n, f"decoding {part.folder}", "img", quiet=n < 5000) as progress:
-        futures = {pool.submit(work, s, min(s + chunk, n)): min(chunk, n - s) for s in range(0, n, chunk)}
-        for f in as_completed(futures):
-            f.result()
-            progress.update(futures[f])
-    return out
+    def _check_memory(self, part: _Part, need: int) -> None:
+        have = available_memory()
+        if need > have:
+            h, w = self.size
+            fix = ("drop mmap=0 so it is memory-mapped from the disk cache" if self.use_cache
+                   else "drop cache=0 so it is memory-mapped from the disk cache")
+            raise UserError(f"decoding {part.folder} at {w}x{h} needs {need / 2**30:.1f} GiB, more than the "
+                            f"{have / 2**30:.1f} GiB of memory available; {fix}, or add ',size=N' with a smaller N")
 
 
-def _memory_bytes() -> int:
-    """Memory this process can still have: Linux's MemAvailable, else physical memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not POSIX: no check
-        return 1 << 62
-
-
-def _cache_path(part: _Part, mode: str, size: tuple[int, int], resize: bool) -> Path:
-    key = json.dumps([CACHE_VERSION, str(part.folder), mode, list(size), resize, part.classes,
-                      part.files, part.stats])
-    return cache_dir() / f"imagefolder-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
-
-
-def _load(part: _Part, mode: str, size: tuple[int, int], resize: bool, ref: Path, use_cache: bool) -> Split:
-    """Decode ``part`` (or read it from the cache) into a Split."""
-    path = _cache_path(part, mode, size, resize) if use_cache else None
-    if path is not None and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                images, labels = z["images"], z["labels"]
-            if len(images) == len(part.files) and np.array_equal(labels, part.labels):
-                return Split(torch.from_numpy(images), torch.from_numpy(labels))
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable or stale cache: decode again and overwrite it
-        log.warning("ignoring unusable dataset cache %s", path)
-    t0 = time.perf_counter()
-    arr = torch.from_numpy(_decode(part, mode, size, resize, ref))
-    images = arr.unsqueeze(1) if arr.dim() == 3 else arr.permute(0, 3, 1, 2).contiguous()
-    log.info("decoded %d images from %s in %.1f s", len(images), part.folder, time.perf_counter() - t0)
-    if path is not None:
-        try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, images=images.numpy(), labels=part.labels)
-        except OSError as e:
-            log.warning("could not write dataset cache %s (%s); set IGKD_CACHE_DIR or add cache=0", path, e)
-    return Split(images, torch.from_numpy(part.labels.copy()))
+def _layout(root: Path, spec: Spec, test: float | None, seed: int, seed_given: bool
+            ) -> tuple[dict[str, _Part], list[str]]:
+    """The train and test :class:`_Part` of ``root`` and the class names, by its layout."""
+    has = {name: (root / name).is_dir() for name in ("train", "test", "val")}
+    if any(has.values()):
+        held = "test" if has["test"] else "val" if has["val"] else None
+        if not has["train"] or held is None:
+            there = next(n for n in ("train", "test", "val") if has[n])
+            missing = "test/ or val/" if has["train"] else "train/"
+            raise UserError(f"{root} has {there}/ but no {missing}; add it, or point at a folder of class "
+                            f"folders and add ',test=0.2'")
+        if test is not None or seed_given:
+            raise UserError(f"{root} already has train/ and {held}/; drop the test= and seed= options")
+        parts = {"train": _scan(root / "train"), "test": _scan(root / held)}
+        classes = parts["train"].classes
+        if parts["test"].classes != classes:
+            a, b = set(classes), set(parts["test"].classes)
+            raise UserError(f"train/ and {held}/ in {root} have different class folders (only in train: "
+                            f"{sorted(a - b) or '-'}; only in {held}: {sorted(b - a) or '-'}); make them match")
+        return parts, classes
+    if test is None:
+        raise UserError(f"{root} has no train/ and test/ folders; add ',test=0.2' to hold out a fraction of each "
+                        f"class as the test split, or arrange it as train/<class>/ + test/<class>/ (or val/<class>/)")
+    if not 0 < test < 1:
+        raise UserError(f"test={test} in dataset spec '{spec}' is out of range; use a fraction in (0, 1)")
+    pool = _scan(root)
+    # split the file list, not decoded images: each side is decoded (and cached) on its own, on first use
+    keep, held_idx = stratified_split(torch.from_numpy(pool.labels), test, seed)
+    role = f"test={test!r},seed={seed}"
+    return {"train": pool.take(keep.numpy(), f"train of {role}"),
+            "test": pool.take(held_idx.numpy(), f"test of {role}")}, pool.classes
 
 
 def load_imagefolder(spec: Spec) -> Dataset:
     opts = dict(spec.options)
     what = "dataset spec"
     size = _parse_size(spec, take_option(spec, opts, "size", str, None, what))
+    resize = take_option(spec, opts, "resize", str, "fixed", what)
     mode = "L" if take_option(spec, opts, "gray", flag, False, what) else "RGB"
     test = take_option(spec, opts, "test", float, None, what)
     seed = take_option(spec, opts, "seed", int, 0, what)
     use_cache = take_option(spec, opts, "cache", flag, True, what)
+    mmap = take_option(spec, opts, "mmap", str, "auto", what).strip().lower()
     reject_leftovers(spec, opts, OPTIONS, what)
-    root = existing_dir(spec.arg, spec, "give a folder holding train/<class>/ and test/<class>/, "
+    if resize not in RESIZE:
+        raise UserError(f"resize={resize} in dataset spec '{spec}' is not valid; use resize=fixed (exactly "
+                        f"size=HxW) or resize=shorter (keep the aspect ratio, then center-crop)")
+    if "resize" in spec.options and size is None:
+        raise UserError(f"resize={resize} in dataset spec '{spec}' needs a size; add ',size=N' (or ',size=HxW')")
+    mmap = {"auto": "auto", "1": "1", "yes": "1", "true": "1", "on": "1", "0": "0", "no": "0", "false": "0",
+            "off": "0"}.get(mmap)
+    if mmap is None:
+        raise UserError(f"mmap={spec.options['mmap']} in dataset spec '{spec}' is not valid; use mmap=auto "
+                        f"(memory-map splits larger than the memory budget), mmap=1 or mmap=0")
+    if mmap == "1" and not use_cache:
+        raise UserError(f"mmap=1 and cache=0 in dataset spec '{spec}' contradict each other: a split is "
+                        f"memory-mapped from its disk cache; drop one of them")
+    root = existing_dir(spec.arg, spec, "give a folder holding train/<class>/ and test/<class>/ (or val/<class>/), "
                                         "or <class>/ folders plus ',test=0.2'")
-    has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
-    if has_train or has_test:
-        if not (has_train and has_test):
-            missing = "test" if has_train else "train"
-            raise UserError(f"{root} has {'train' if has_train else 'test'}/ but no {missing}/; add it, "
-                            f"or point at a folder of class folders and add ',test=0.2'")
-        if test is not None or "seed" in spec.options:
-            raise UserError(f"{root} already has train/ and test/; drop the test= and seed= options")
-        parts = {"train": _scan(root / "train"), "test": _scan(root / "test")}
-        classes = parts["train"].classes
-        if parts["test"].classes != classes:
-            a, b = set(classes), set(parts["test"].classes)
-            raise UserError(f"train/ and test/ in {root} have different class folders (only in train: "
-                            f"{sorted(a - b) or '-'}; only in test: {sorted(b - a) or '-'}); make them match")
-    else:
-        if test is None:
-            raise UserError(f"{root} has no train/ and test/ folders; add ',test=0.2' to hold out a "
-                            f"fraction of each class as the test split")
-        if not 0 < test < 1:
-            raise UserError(f"test={test} in dataset spec '{spec}' is out of range; use a fraction in (0, 1)")
-        parts = {"all": _scan(root)}
-        classes = parts["all"].classes
-    first = next(iter(parts.values()))
+    parts, classes = _layout(root, spec, test, seed, "seed" in spec.options)
+    first = parts["train"]
     ref = first.folder / first.files[0]
     image_size = size or _peek_size(ref)
-
-    def load(part: _Part) -> Split:
-        return _load(part, mode, image_size, size is not None, ref, use_cache)
-
-    if "all" in parts:
-        memo: dict = {}
-
-        def pooled(which: int) -> Split:  # decode once; forget the pool once both halves are taken
-            if "pool" not in memo:
-                pool = load(parts["all"])
-                memo.update(pool=pool, idx=stratified_split(pool.labels, test, seed), left={0, 1})
-            out = memo["pool"].subset(memo["idx"][which])
-            memo["left"].discard(which)
-            if not memo["left"]:
-                memo.clear()
-            return out
-
-        return Dataset(str(spec), classes, 1 if mode == "L" else 3, image_size,
-                       train=lambda: pooled(0), test=lambda: pooled(1))
+    load = _Loader(mode, image_size, resize if size is not None else None, ref, use_cache, mmap)
     return Dataset(str(spec), classes, 1 if mode == "L" else 3, image_size,
                    train=lambda: load(parts["train"]), test=lambda: load(parts["test"]))

@@ -4,11 +4,13 @@ Known kinds (see each module's docstring for what it expects on disk):
 
     cifar10:DIR[,download=0][,verify=0]   official python-pickle release (downloaded if absent)
     cifar100:DIR[,labels=fine|coarse][,download=0][,verify=0]   the same for CIFAR-100
-    imagefolder:DIR[,size=N|HxW][,gray=1][,test=0.2,seed=0][,cache=0]
+    imagefolder:DIR[,size=N|HxW][,resize=fixed|shorter][,gray=1][,test=0.2,seed=0][,cache=0][,mmap=auto|0|1]
     fashion-mnist[:DIR]              IDX files (default: Debian's dataset-fashion-mnist)
     demo                             3,000 Fashion-MNIST images shipped with igkd
 
-A new source is one function ``Spec -> Dataset`` added to :data:`DATASETS`.
+A new source is one function ``Spec -> Dataset`` added to :data:`DATASETS`. A source that
+decodes images can keep them in the memory-mappable on-disk cache of
+:mod:`igkd.data.image_cache`, as ``imagefolder`` does.
 """
 
 from __future__ import annotations

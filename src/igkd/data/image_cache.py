@@ -336,7 +336,8 @@ def _fill(partial: Path, progress_file: Path, plan: dict, lay: dict, done: bytea
     """Decode every chunk not yet ``done`` into ``partial``, recording progress as it goes."""
     shape = tuple(lay["shape"])
     fd = os.open(partial, os.O_RDWR | os.O_CLOEXEC)
-    last = [time.monotonic()]
+    started = time.monotonic()
+    last = [started]
 
     def sync() -> None:  # data first, then the record that says it is there
         os.fdatasync(fd)
@@ -366,7 +367,10 @@ def _fill(partial: Path, progress_file: Path, plan: dict, lay: dict, done: bytea
                 except OSError:
                     pass  # the last record stands: it names only chunks whose data was synced before it
                 raise
-            os.fsync(fd)
+            if time.monotonic() - started > SYNC_SECONDS:
+                sync()  # a long build: a kill while it is hashed below must not cost the last chunks
+            else:
+                os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -39,7 +39,8 @@ def _cache_dir(tmp_path, monkeypatch):
 
 
 def test_unknown_kind_lists_known_kinds():
-    with pytest.raises(UserError, match="unknown dataset kind 'mnist'.*cifar10, cifar100, imagefolder, fashion-mnist, demo"):
+    with pytest.raises(UserError, match="unknown dataset kind 'mnist'.*cifar10, cifar100, imagefolder, "
+                       "fashion-mnist, demo"):
         load_dataset("mnist:/data")
     assert set(DATASETS) == {"cifar10", "cifar100", "imagefolder", "fashion-mnist", "demo"}
 
@@ -287,7 +288,8 @@ def test_cifar100_fine_and_coarse_labels_from_the_official_layout(tmp_path):
     assert coarse.classes == written["coarse_names"] and coarse.num_classes == 20
     assert coarse.train.labels.tolist() == written["train"][2] and coarse.test.labels.tolist() == written["test"][2]
     # the extracted files are checked against the release's per-file md5 too
-    with pytest.raises(UserError, match=r"meta has md5 \w+, not the official release's 7973b15100ade9c7d40fb424638fde48"):
+    with pytest.raises(UserError, match=r"meta has md5 \w+, not the official release's "
+                       r"7973b15100ade9c7d40fb424638fde48"):
         load_dataset(f"cifar100:{tmp_path}")
     with pytest.raises(UserError, match="labels=both .* use labels=fine .* or labels=coarse"):
         load_dataset(f"cifar100:{tmp_path},labels=both")

@@ -454,6 +454,25 @@ def test_shipped_configs_resolve_for_every_experiment():
             "kd+overlay-constant"} <= set(methods_of(demo)) and demo.dkd_warmup == 2
 
 
+def test_gpu_evidence_config_loads_and_validates():
+    """cifar10_evidence_gpu (issue 15): the paper's full protocol for the evidence comparison on a GPU;
+    every one of its 60 runs builds a valid distill config (nothing is trained or loaded here)."""
+    from igkd.evaluate.corruptions import NAMES
+    from igkd.experiments.common import methods_of
+    from igkd.experiments.config import corruption_names
+    from igkd.experiments.montecarlo import montecarlo_jobs
+    mc = resolve("montecarlo", "cifar10_evidence_gpu")
+    assert methods_of(mc) == ["student", "kd", "kd+ig", "kd+ig-shuffled", "ig", "kd+overlay-constant"]
+    assert (mc.runs, mc.mc_subset, mc.epochs, mc.batch_size, mc.optimizer, mc.lr) == (10, 1.0, 100, 64, "adam", 0.001)
+    assert corruption_names(mc) == list(NAMES) and mc.corruption_images == 0 and mc.device == "cuda"
+    assert mc.teacher.endswith("CIFAR10_KD_IG_T2.5_alpha0.01_p0.1_gamma0_TestAcc92.28.pt")
+    assert mc.teacher_model == "mobilenetv2:drop=5" and mc.normalize == "none"
+    jobs = montecarlo_jobs(mc, methods_of(mc))
+    assert len(jobs) == 60 and len({j.key for j in jobs}) == 60
+    assert {j.cfg.subset for j in jobs} == {1.0} and {j.cfg.seed for j in jobs} == set(range(10))
+    assert resolve("ablation", "cifar10_evidence_gpu").seeds == 1
+
+
 def test_experiment_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     cfg = write_config(tmp_path / "e.yaml")
     r = igkd_cli("experiment", "ablation", "--config", cfg, "--out", tmp_path / "a", "--methods", "student,kd+xx")

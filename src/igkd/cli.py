@@ -195,9 +195,10 @@ def show_config(action: str, name: str) -> None:
     from .config import shipped_configs
     shipped = shipped_configs()
     if action == "list":
+        width = max(map(len, shipped), default=0)  # names in one column, however long the longest
         for stem, path in shipped.items():
             first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.strip()), "")
-            print(f"{stem:18s} {first}")
+            print(f"{stem:{width}s}  {first}")
         return
     if name not in shipped:
         raise UserError(f"no shipped recipe named '{name}'; known: {', '.join(shipped)} (igkd config list)")

@@ -181,7 +181,7 @@ def test_evaluate_corruptions_on_the_command_line(small_real):
     assert "  contrast" in text and "(factor 0.75/0.5/0.4/0.3/0.15)" in text
 
 
-def test_unknown_corruption_is_one_line_listing_the_valid_names(capsys):
+def test_unknown_corruption_is_one_line_listing_the_valid_names():
     r = run_igkd("evaluate", "--weights", "missing.safetensors", "--data", "demo", "--corruptions", "contrast,fog")
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr

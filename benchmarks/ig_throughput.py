@@ -1,6 +1,6 @@
 """IG precompute throughput: igkd against the paper's captum setting, in one process.
 
-    python benchmarks/ig_throughput.py [--images 64] [--threads 2] [--weights FILE --model SPEC]
+    python benchmarks/ig_throughput.py [--images 64] [--threads 2] [--weights FILE --model SPEC] [--device cuda]
 
 On the same network (the CIFAR MobileNetV2 teacher by default) and the same real
 CIFAR-10 images it measures:
@@ -26,6 +26,10 @@ unless ``--no-malloc-tuning``. The reference is also timed as the paper's code r
 with glibc's default malloc settings, in a child process (mallopt is process-wide):
 its 400-image passes then page-fault on every activation. Prints images/s, the ratios
 and the errors.
+
+``--device cuda`` runs every side on the GPU (models, images and the error check), with
+the device synchronised around each timing; the glibc-malloc child is skipped there
+(host malloc does not hold GPU activations).
 """
 
 from __future__ import annotations
@@ -57,11 +61,22 @@ def load_images(n: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor
     return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work: CUDA calls return before their kernels finish."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(fn, repeats: int = 1) -> float:
     times = []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -86,6 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--error-model", default="", help="model spec for the error check (default: --model)")
     ap.add_argument("--error-weights", default="", help="weights for the error check (default: --weights)")
     ap.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc as is (all sides)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where every side runs (default cpu)")
     ap.add_argument("--reference-only", action="store_true",
                     help="time only the reference and print images/s as JSON (the child process the benchmark "
                     "starts to time the paper's code as it runs: with glibc's default malloc settings)")
@@ -100,21 +116,27 @@ def main(argv=None) -> int:
     from igkd.precompute import relative_l1
     from igkd.runtime import tune_malloc
 
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA GPU is available")
     tuned = False if args.no_malloc_tuning else tune_malloc()
     torch.set_num_threads(args.threads)
     default = PrecomputeConfig()
 
     def load(spec, weights):
         if weights:
-            return igkd.load_model(weights, spec)[0].eval()
+            return igkd.load_model(weights, spec)[0].eval().to(DEVICE)
         torch.manual_seed(0)
-        return igkd.build_model(spec).eval()
+        return igkd.build_model(spec).eval().to(DEVICE)
 
     model = load(args.model, args.weights)
-    x, y = load_images(args.images)
+    x, y = (t.to(DEVICE) for t in load_images(args.images))
     n = len(x)
+    where = (f"{torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
     print(f"model {args.model}{' (' + args.weights + ')' if args.weights else ' (random init)'}, "
-          f"{igkd.count_parameters(model):,} params, {n} CIFAR-10 test images, {torch.get_num_threads()} threads, "
+          f"{igkd.count_parameters(model):,} params, {n} CIFAR-10 test images, {where}, "
           f"malloc tuning {'on' if tuned else 'off'} (all sides)", flush=True)
 
     def reference(net=model, xs=x, ys=y):
@@ -135,8 +157,8 @@ def main(argv=None) -> int:
             net, xs, ys, default.smoothgrad_samples, default.smoothgrad_sigma, torch.Generator().manual_seed(0)),
     }
 
-    fast_net, _ = _prepare(model, x, True)  # the network igkd differentiates
-    xb = x.repeat(-(-64 // n), 1, 1, 1)[:64].contiguous(memory_format=torch.channels_last)
+    fast_net, fmt = _prepare(model, x, True)  # the network igkd differentiates, in the format it is fed
+    xb = x.repeat(-(-64 // n), 1, 1, 1)[:64].contiguous(memory_format=fmt)
     yb = y.repeat(-(-64 // n))[:64]
 
     def bound_pass():
@@ -149,10 +171,12 @@ def main(argv=None) -> int:
         return 0
 
     # the paper's code as it runs (glibc malloc defaults): mallopt is process-wide, so in a child
-    child = subprocess.run([sys.executable, __file__, "--reference-only", "--no-malloc-tuning",
-                            *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-malloc-tuning"]],
-                           capture_output=True, text=True, check=True)
-    untuned_ips = json.loads(child.stdout.strip().splitlines()[-1])["images_per_s"]
+    untuned_ips = None
+    if DEVICE.type == "cpu":
+        child = subprocess.run([sys.executable, __file__, "--reference-only", "--no-malloc-tuning",
+                                *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-malloc-tuning"]],
+                               capture_output=True, text=True, check=True)
+        untuned_ips = json.loads(child.stdout.strip().splitlines()[-1])["images_per_s"]
 
     sides = {"reference": reference, "default": ours, "equal": ours_equal, **cheap}
     for fn in sides.values():  # warm-up
@@ -170,7 +194,7 @@ def main(argv=None) -> int:
     emodel = load(args.error_model or args.model, args.error_weights if args.error_model or args.error_weights
                   else args.weights)
     k = min(args.error_images, n)
-    xe, ye = load_images(k, "train")
+    xe, ye = (t.to(DEVICE) for t in load_images(k, "train"))
     exact = attribution_map(integrated_gradients(emodel, xe, ye, n_steps=512, fast=False))
     maps = {"reference": reference, "default": ours, "equal": ours_equal, **cheap}
     maps = {name: attribution_map(fn(emodel, xe, ye)) for name, fn in maps.items()}
@@ -187,9 +211,10 @@ def main(argv=None) -> int:
             ("equal", f"igkd IG {REF_METHOD} {REF_STEPS}", REF_STEPS),
             *[(name, f"igkd {name}", default.smoothgrad_samples if name.startswith("smooth") else 1)
               for name in cheap]]
-    print(f"| captum IG {REF_METHOD} {REF_STEPS}, batch {REF_BATCH} (paper), glibc malloc defaults "
-          f"(child process) | {untuned_ips:.2f} | {untuned_ips / ips['reference']:.2f}x | {REF_STEPS} | "
-          f"{100 * untuned_ips * REF_STEPS / bound_pass_ips:.0f}% | = reference | = reference |")
+    if untuned_ips is not None:
+        print(f"| captum IG {REF_METHOD} {REF_STEPS}, batch {REF_BATCH} (paper), glibc malloc defaults "
+              f"(child process) | {untuned_ips:.2f} | {untuned_ips / ips['reference']:.2f}x | {REF_STEPS} | "
+              f"{100 * untuned_ips * REF_STEPS / bound_pass_ips:.0f}% | = reference | = reference |")
     for key, label, passes in rows:
         eff = ips[key] * passes / bound_pass_ips
         e = err[key] if key in ("reference", "default", "equal") else relative_l1(unit(maps[key]), unit(exact)).mean()
@@ -201,9 +226,11 @@ def main(argv=None) -> int:
     print(f"errors on {args.error_model or args.model}"
           f"{' (' + (args.error_weights or args.weights) + ')' if (args.error_weights or args.weights) else ' (random init)'}"
           f", {k} CIFAR-10 train images")
-    print(f"RESULT default/reference {ips['default'] / ips['reference']:.2f}x (reference with igkd's malloc "
-          f"tuning), {ips['default'] / untuned_ips:.2f}x (reference as the paper's code runs, glibc defaults); "
-          f"engine at equal steps "
+    as_runs = (f", {ips['default'] / untuned_ips:.2f}x (reference as the paper's code runs, glibc defaults)"
+               if untuned_ips is not None else "")
+    on = "" if DEVICE.type == "cpu" else f" {DEVICE}:"  # the CPU line reads as it always did
+    print(f"RESULT{on} default/reference {ips['default'] / ips['reference']:.2f}x (reference with igkd's "
+          f"malloc tuning){as_runs}; engine at equal steps "
           f"{ips['equal'] / ips['reference']:.2f}x, efficiency at equal steps "
           f"{100 * ips['equal'] * REF_STEPS / bound_pass_ips:.0f}%, errors: reference {100 * err['reference']:.2f}% "
           f"default {100 * err['default']:.2f}%", flush=True)

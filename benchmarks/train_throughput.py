@@ -187,7 +187,7 @@ def main(argv=None):
         ref_opt.step()
 
     def igkd_step(b):
-        trainer.train_step(*b)
+        trainer.train_step(b)
 
     variants = {}
     for w in [int(v) for v in args.workers.split(",") if v != ""]:
@@ -200,7 +200,7 @@ def main(argv=None):
         stock.train_model.train()
         variants["(b) igkd Trainer.batches + train_step"] = (igkd_step, igkd_batches)
         variants["(c) compute limit, pre-made batches"] = (igkd_step, itertools.cycle(premade))
-        variants["(d) (c) with torch's nn.ReLU6"] = (lambda b: stock.train_step(*b), itertools.cycle(premade))
+        variants["(d) (c) with torch's nn.ReLU6"] = (lambda b: stock.train_step(b), itertools.cycle(premade))
 
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):

@@ -140,8 +140,11 @@ def test_ablation_killed_then_restarted_retrains_only_unfinished_runs(tmp_path, 
 
 # ---------------------------------------------------------------- Monte Carlo
 def test_montecarlo_runs_share_subset_and_seed_and_report_paired_statistics(exp_dir, tmp_path):
-    cfg = resolve("montecarlo", write_config(tmp_path / "mc.yaml", {"montecarlo": {"runs": 2, "mc_subset": 0.25}}),
-                  {"methods": "student,kd+ig"})
+    # every run's checkpoint is also scored under two corruptions, on 20 test images (item 2 of issue 15)
+    yaml_path = write_config(tmp_path / "mc.yaml", {"montecarlo": {"runs": 2, "mc_subset": 0.25},
+                                                    "corruptions": ["contrast", "gaussian_blur"],
+                                                    "corruption_images": 20})
+    cfg = resolve("montecarlo", yaml_path, {"methods": "student,kd+ig"})
     result = run_montecarlo(cfg, exp_dir, quiet=True)
     assert result["methods"] == ["student", "kd+ig"] and result["runs_count"] == 2
     runs = result["runs"]
@@ -166,6 +169,33 @@ def test_montecarlo_runs_share_subset_and_seed_and_report_paired_statistics(exp_
     assert "| student | 2 |" in table and "| kd+ig | 2 |" in table and "| kd+ig - student |" in table
     # subsets: 25% of 2,000 stratified = 500, minus the 10% validation split
     assert result["train_images"] == 450
+
+    # corrupted accuracy: per run from its corruptions.json, then the clean accuracy's statistics
+    c = result["corruptions"]
+    assert c["conditions"] == ["contrast", "gaussian_blur", "mean"] and c["images"] == 20
+    for x in runs:
+        saved = json.loads((exp_dir / x["run"] / "corruptions.json").read_text())
+        assert saved["key"]["names"] == ["contrast", "gaussian_blur"] and saved["result"]["images"] == 20
+        assert x["corruptions"]["mean"] == saved["result"]["mean"]
+        assert saved["result"]["mean"]["contrast"] == pytest.approx(np.mean(saved["result"]["accuracy"]["contrast"]))
+    per_run = {m: [x["corruptions"]["overall_mean"] for x in sorted(runs, key=lambda x: x["mc_run"])
+                   if x["method"] == m] for m in ("student", "kd+ig")}
+    assert c["accuracy"]["mean"] == per_run
+    assert c["stats"]["mean"]["summary"]["kd+ig"]["mean"] == pytest.approx(np.mean(per_run["kd+ig"]))
+    (blur,) = c["stats"]["gaussian_blur"]["comparisons"]
+    diff = np.subtract(c["accuracy"]["gaussian_blur"]["kd+ig"], c["accuracy"]["gaussian_blur"]["student"])
+    assert (blur["a"], blur["b"]) == ("kd+ig", "student") and blur["t"]["mean_diff"] == pytest.approx(diff.mean())
+    assert "| condition | difference |" in table and "| mean of corruptions | kd+ig - student |" in table
+
+    # the ablation of Monte Carlo run 0's subset and seed is the same two runs: trained and scored once
+    before = {p: p.stat().st_mtime_ns for p in exp_dir.glob("runs/*/corruptions.json")}
+    ablation = igkd.run_ablation(resolve("ablation", yaml_path, {"methods": "student,kd+ig", "subset": 0.25}),
+                                 exp_dir, quiet=True)
+    assert {p: p.stat().st_mtime_ns for p in exp_dir.glob("runs/*/corruptions.json")} == before
+    row0 = {x["method"]: x["corruptions"]["mean"]["contrast"] for x in runs if x["mc_run"] == 0}
+    assert {m: s["mean"] for m, s in ablation["corruptions"]["stats"]["contrast"]["summary"].items()} == row0
+    assert "| method | clean | clean, scored images | contrast | gaussian_blur | mean of corruptions |" in \
+        (exp_dir / "ablation.md").read_text()
 
 
 def test_subset_keeps_dataset_indices_so_store_rows_stay_aligned():
@@ -335,10 +365,10 @@ def test_report_renders_every_section_with_plots(exp_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     text = (exp_dir / "report.md").read_text()
     for heading in ("## Monte Carlo", "## Compression sweep", "## Hyper-parameter search", "## Teacher IG maps",
-                    "## Training curves"):
+                    "## Training curves", "### Under corruptions"):
         assert heading in text
     for png in ("montecarlo.png", "montecarlo_bars.png", "montecarlo_differences.png", "compression.png",
-                "search.png", "gallery.png", "curves.png"):
+                "search.png", "gallery.png", "curves.png", "montecarlo_corruptions.png", "ablation_corruptions.png"):
         assert f"({png})" in text
         with Image.open(exp_dir / png) as im:
             im.verify()
@@ -424,6 +454,25 @@ def test_shipped_configs_resolve_for_every_experiment():
             "kd+overlay-constant"} <= set(methods_of(demo)) and demo.dkd_warmup == 2
 
 
+def test_gpu_evidence_config_loads_and_validates():
+    """cifar10_evidence_gpu (issue 15): the paper's full protocol for the evidence comparison on a GPU;
+    every one of its 60 runs builds a valid distill config (nothing is trained or loaded here)."""
+    from igkd.evaluate.corruptions import NAMES
+    from igkd.experiments.common import methods_of
+    from igkd.experiments.config import corruption_names
+    from igkd.experiments.montecarlo import montecarlo_jobs
+    mc = resolve("montecarlo", "cifar10_evidence_gpu")
+    assert methods_of(mc) == ["student", "kd", "kd+ig", "kd+ig-shuffled", "ig", "kd+overlay-constant"]
+    assert (mc.runs, mc.mc_subset, mc.epochs, mc.batch_size, mc.optimizer, mc.lr) == (10, 1.0, 100, 64, "adam", 0.001)
+    assert corruption_names(mc) == list(NAMES) and mc.corruption_images == 0 and mc.device == "cuda"
+    assert mc.teacher.endswith("CIFAR10_KD_IG_T2.5_alpha0.01_p0.1_gamma0_TestAcc92.28.pt")
+    assert mc.teacher_model == "mobilenetv2:drop=5" and mc.normalize == "none"
+    jobs = montecarlo_jobs(mc, methods_of(mc))
+    assert len(jobs) == 60 and len({j.key for j in jobs}) == 60
+    assert {j.cfg.subset for j in jobs} == {1.0} and {j.cfg.seed for j in jobs} == set(range(10))
+    assert resolve("ablation", "cifar10_evidence_gpu").seeds == 1
+
+
 def test_experiment_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     cfg = write_config(tmp_path / "e.yaml")
     r = igkd_cli("experiment", "ablation", "--config", cfg, "--out", tmp_path / "a", "--methods", "student,kd+xx")
@@ -439,6 +488,8 @@ def test_experiment_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     for args, message in ((["compression", "--depths", "3,x"], "--depths '3,x' must be comma-separated int"),
                           (["montecarlo", "--runs", "1"], "--runs 1 is out of range"),
                           (["montecarlo", "--mc-subset", "0"], "--mc-subset 0.0 is out of range"),
+                          (["montecarlo", "--corruptions", "contrast,fog"], "unknown corruption 'fog'; use a comma "
+                           "list of gaussian_noise, gaussian_blur, contrast, brightness, jpeg, or all"),
                           (["search", "--sampler", "random"], "argument --sampler: invalid choice: 'random'"),
                           (["search", "--search-method", "student"], "nothing to search for method 'student'"),
                           (["ablation", "--teacher", tmp_path / "none.safetensors"], "none.safetensors")):

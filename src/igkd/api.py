@@ -22,6 +22,7 @@ from .errors import UserError
 from .fileio import writable_dir
 from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
+from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models import (bare, build_model, copy_matching, count_parameters, load_model, read_metadata,
                      weights_fingerprint, with_preprocessing)
 from .precompute import precompute as _precompute
@@ -207,7 +208,7 @@ def _model_params(teacher: str) -> int:
 
 
 def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
-             class_map: str | Path | dict | None = None, **options) -> dict:
+             class_map: str | Path | dict | None = None, quiet: bool = False, **options) -> dict:
     """Accuracy, balanced accuracy, Cohen's kappa, per-class accuracy, confusion matrix,
     parameters (and compression factor) of a checkpoint on a dataset's test split.
 
@@ -224,7 +225,15 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     no igkd metadata) applies the teacher-correct protocol: the teacher, with the same class
     map applied to its classes, is run on the (mapped) test images and the model is scored
     only on the images the teacher classifies correctly. ``result["teacher_correct"]`` says
-    how many images that leaves, of how many, and the teacher's accuracy on all of them."""
+    how many images that leaves, of how many, and the teacher's accuracy on all of them.
+
+    ``corruptions`` (names, a comma list, or ``"all"``; :mod:`igkd.evaluate.corruptions`)
+    also scores the model under those corruptions at CIFAR-10-C's five severities, on the
+    scored images (``corruption_images`` of them, evenly spaced, 0 = all), with noise seeded
+    by ``corruption_seed`` and each image's test index: ``result["corruptions"]`` holds the
+    accuracy per corruption and severity, the mean per corruption, the mean over the
+    corruptions (``overall_mean``) and the clean accuracy on the same images. ``quiet``:
+    no progress lines for that (on stderr)."""
     if class_map is not None and not isinstance(class_map, dict):
         options["class_map"] = class_map
         class_map = None
@@ -233,6 +242,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         class_map = cfg.class_map
     weights, data, model, normalize = cfg.weights, cfg.data, cfg.model, cfg.normalize
     teacher_correct, teacher_correct_model = cfg.teacher_correct or None, cfg.teacher_correct_model
+    corruption_names = parse_corruptions(cfg.corruptions)
     if not weights:
         raise UserError("no checkpoint to evaluate; pass --weights FILE")
     if not data:
@@ -257,16 +267,17 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     dev = resolve_device(cfg.device)
     test = dataset.test
     images, labels, mapped = test.images, test.labels, None
+    index = torch.arange(len(test.labels))  # each scored image's index in the test split (seeds corruption noise)
     if cmap:
         mapped = remap(test.labels, dataset.classes, cmap, classes)
-        images, labels = test.images[mapped["keep"]], mapped["labels"]
+        images, labels, index = test.images[mapped["keep"]], mapped["labels"], index[mapped["keep"]]
         if not len(labels):
             raise UserError(f"no test image of {dataset.spec} belongs to a class named in {cmap.source}")
     protocol = None
     if teacher_correct is not None:
         keep, protocol = _teacher_correct(str(teacher_correct), teacher_correct_model, dataset, cmap, images,
                                           cfg.batch_size, dev)
-        images, labels = images[keep], labels[keep]
+        images, labels, index = images[keep], labels[keep], index[keep]
     logits = predict(net.to(dev), images, cfg.batch_size, dev)
     result = {"weights": str(weights), "model": meta["model"], "data": dataset.spec, "split": "test",
               "preprocessing": meta["preprocessing"], "params": count_parameters(net),
@@ -276,6 +287,10 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
                                "dropped_classes": mapped["dropped_classes"]}
     if protocol:
         result["teacher_correct"] = protocol
+    if corruption_names:
+        pick = evenly_spaced(len(labels), cfg.corruption_images)
+        result["corruptions"] = evaluate_corruptions(net, images[pick], labels[pick], index[pick], corruption_names,
+                                                     cfg.corruption_seed, cfg.batch_size, dev, quiet)
     if cfg.teacher:
         teacher = cfg.teacher
         tparams = _model_params(teacher)

@@ -73,7 +73,8 @@ def make_parser() -> argparse.ArgumentParser:
     config_command(sub, "evaluate", EvaluateConfig, main=("weights", "data", "model"), epilog=SPEC_HELP,
                    help="score a checkpoint on a dataset's test split",
                    description="Accuracy, per-class accuracy, confusion matrix and parameter count of a checkpoint "
-                   "on the test split of a dataset.")
+                   "on the test split of a dataset; with --corruptions, also its accuracy under common corruptions "
+                   "(CIFAR-10-C's five severities, computed on the fly, seeded).")
 
     p = sub.add_parser("demo", help="the whole method on the embedded dataset, CPU, a few minutes",
                        description="Loads the shipped demo teacher (or trains one), precomputes IG maps, trains "
@@ -143,7 +144,7 @@ def run(argv: list[str] | None = None) -> int:
             print(dumps({"store": str(store.path), "images": len(store), **store.manifest}, indent=2) if args.json
                   else f"store: {store.path} ({len(store)} images)")
     elif args.command == "evaluate":
-        r = api.evaluate(config=resolve(args, EvaluateConfig, "evaluate"))
+        r = api.evaluate(config=resolve(args, EvaluateConfig, "evaluate"), quiet=args.quiet or args.json)
         if args.json:
             print(dumps(r, indent=2))
         else:
@@ -194,9 +195,10 @@ def show_config(action: str, name: str) -> None:
     from .config import shipped_configs
     shipped = shipped_configs()
     if action == "list":
+        width = max(map(len, shipped), default=0)  # names in one column, however long the longest
         for stem, path in shipped.items():
             first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.strip()), "")
-            print(f"{stem:18s} {first}")
+            print(f"{stem:{width}s}  {first}")
         return
     if name not in shipped:
         raise UserError(f"no shipped recipe named '{name}'; known: {', '.join(shipped)} (igkd config list)")
@@ -222,7 +224,23 @@ def format_evaluation(r: dict) -> str:
         lines.append(f"teacher-correct: scored on the {tc['images']} of {tc['of']} image(s) that teacher {tc['teacher']} "
                      f"classifies correctly (teacher accuracy {tc['teacher_accuracy']:.2f}%)")
     lines.append("per class: " + ", ".join(f"{c} {a:.1f}" for c, a in r["per_class"].items() if a is not None))
+    if "corruptions" in r:
+        lines += format_corruptions(r["corruptions"])
     return "\n".join(lines)
+
+
+def format_corruptions(c: dict) -> list[str]:
+    """Accuracy per corruption at severities 1-5 and the means, one line per corruption."""
+    width = max(len(n) for n in c["names"]) if c["names"] else 0
+    lines = [f"corruptions ({c['images']} images, seed {c['seed']}; clean accuracy on them {c['clean_accuracy']:.2f}%), "
+             f"accuracy % at severities 1-5 and their mean:"]
+    for name in c["names"]:
+        levels = c["levels"][name]
+        values = "/".join(f"{v:g}" for v in levels["values"])
+        lines.append(f"  {name:<{width}}  " + "  ".join(f"{a:6.2f}" for a in c["accuracy"][name])
+                     + f"  mean {c['mean'][name]:6.2f}   ({levels['parameter']} {values})")
+    lines.append(f"mean over {len(c['names'])} corruption(s): {c['overall_mean']:.2f}%")
+    return lines
 
 
 def _figure(value, fmt: str, unit: str = "") -> str:

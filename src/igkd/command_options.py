@@ -25,11 +25,15 @@ from typing import ClassVar
 
 from .attribution import registry as attributions
 from .config import PrecomputeConfig, _Validated, renamed
+from .evaluate import corruptions as corruption_registry
 from .options import opt
 
 NORMALIZE_HELP = ("input preprocessing: auto = as the checkpoint's metadata says (none for foreign files), none = "
                   "raw [0,1] pixels, dataset = train-set mean/std")
 THREADS_HELP = "CPU threads for torch (0 = torch's default)"
+CORRUPTIONS_HELP = ("accuracy also under these corruptions, computed on the fly, at the five severities of "
+                    "CIFAR-10-C (Hendrycks and Dietterich 2019), with the mean over the severities and over the "
+                    "corruptions: a comma list of " + corruption_registry.help_text() + "; or 'all' (default: none)")
 LATENCY_THREADS_HELP = ("CPU threads while timing: torch.set_num_threads and ONNX Runtime intra_op_num_threads; "
                         "one by default, unlike other commands' 0 (torch's default), so latencies are comparable "
                         "between runs and machines")
@@ -78,6 +82,16 @@ class EvaluateConfig(_Validated):
     teacher_correct_model: str = opt("", "architecture of the --teacher-correct checkpoint when it has no igkd "
                                      "metadata (foreign .pt; fed raw [0,1] pixels) (default: from its metadata)",
                                      metavar="SPEC")
+    corruptions: str = opt("", CORRUPTIONS_HELP, metavar="NAME[,NAME...]", repeat=True)
+    corruption_seed: int = opt(0, "seed of the corruptions' random numbers (per image, so independent of the batch "
+                               "size and device)", low=0, high=2**31 - 1)
+    corruption_images: int = opt(0, "score the corruptions on this many of the scored test images, evenly spaced "
+                                 "(0 = all); each corruption costs five passes over them, and the clean accuracy "
+                                 "on the same images is reported beside", low=0, high=1 << 30, unit="images")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        corruption_registry.parse(self.corruptions)  # an unknown name: one line listing the valid ones
 
 
 @dataclass

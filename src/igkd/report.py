@@ -157,6 +157,31 @@ def accuracy_points(path: str | Path, names: list[str], accuracies: list[float],
     return _save(fig, path)
 
 
+def condition_points(path: str | Path, conditions: list[str], points: dict[str, list[dict]],
+                     what: str = "test accuracy (%)") -> Path:
+    """Accuracy per condition (clean, each corruption, ...) on the x-axis, one series per
+    method: the mean (``points[method][i]["mean"]``) with its 95% CI where it has one
+    (``ci_low``/``ci_high`` not NaN), methods side by side within a condition."""
+    plt = _plt()
+    methods = list(points)
+    fig, ax = plt.subplots(figsize=(1.2 * len(conditions) + 3, 3.6))
+    x = np.arange(len(conditions))
+    width = 0.7 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        xs = x - 0.35 + width * (j + 0.5)
+        means = np.array([p["mean"] for p in points[m]], dtype=float)
+        lo = np.array([p.get("ci_low", float("nan")) for p in points[m]], dtype=float)
+        hi = np.array([p.get("ci_high", float("nan")) for p in points[m]], dtype=float)
+        yerr = np.nan_to_num(np.vstack([means - lo, hi - means]), nan=0.0)
+        ax.errorbar(xs, means, yerr=yerr, fmt="o", ms=4, capsize=2, label=m)
+    ax.set_xticks(x, conditions, rotation=20, ha="right")
+    ax.set_ylabel(what)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def paired_differences(path: str | Path, comparisons: list[tuple[str, list[float], dict]]) -> Path:
     """Per comparison 'a - b': every run's paired difference as a dot, the mean with its 95%
     CI, and zero: what the paired tests are about (a difference is significant where its

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 
 @torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, device: torch.device | str = "cpu",
-            channels_last: bool = True) -> torch.Tensor:
-    """Logits (float32, on CPU) of ``model`` for uint8 images N x C x H x W, in order."""
+            channels_last: bool = True, transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+            ) -> torch.Tensor:
+    """Logits (float32, on CPU) of ``model`` for uint8 images N x C x H x W, in order.
+
+    ``transform(x, start)``, when given, changes each batch ``x`` (float [0, 1] pixels on
+    ``device``, images ``start`` ... ``start + len(x) - 1``) before the model sees it (a
+    corruption, :mod:`igkd.evaluate.corruptions`)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -17,6 +24,8 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, devic
     try:
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
+            if transform is not None:
+                x = transform(x, i)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out.append(model(x).float().cpu())

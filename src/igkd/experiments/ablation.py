@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..report import accuracy_points, markdown_table, read_json
-from .common import baseline_of, methods_of, save_results, setup
-from .config import ExperimentConfig, distill_config
-from .runs import Job, run_jobs, run_record
+from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, setup
+from .config import ExperimentConfig, corruption_names, distill_config
+from .runs import Job, corruption_scores, run_jobs, run_record
 from .stats import describe
 
 
@@ -28,7 +28,9 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) ->
     out, ctx = setup(cfg, out, "ablation", methods, quiet)
     jobs = ablation_jobs(cfg, methods)
     summaries = run_jobs(jobs, out, "ablation", quiet)
-    runs = [run_record(s, j, out) for s, j in zip(summaries, jobs)]
+    names = corruption_names(cfg)
+    scores = corruption_scores(jobs, out, names, cfg.corruption_seed, cfg.corruption_images, "ablation", quiet)
+    runs = [run_record(s, j, out, c) for s, j, c in zip(summaries, jobs, scores)]
     base = baseline_of(methods)
     acc = {m: [r["test_accuracy"] for r in runs if r["method"] == m] for m in methods}
     teacher = ctx["teacher"]
@@ -42,7 +44,9 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) ->
                      "val_mean": describe([r["val_accuracy"] for r in runs if r["method"] == m])["mean"]})
     result = {**ctx, "baseline": base, "methods": methods, "seeds": cfg.seeds, "model": cfg.model,
               "epochs": cfg.epochs, "rows": rows, "runs": runs}
-    table = ablation_table(result)
+    if names:  # no paired tests here (single runs by default): the Monte Carlo has them
+        result["corruptions"] = corruption_summary(runs, methods, None, names, cfg)
+    table = ablation_table(result) + corruption_table(result)
     save_results(out, "ablation", result, table, cfg)
     return result
 
@@ -61,6 +65,22 @@ def ablation_table(result: dict) -> str:
     return markdown_table(header, rows)
 
 
+def corruption_table(result: dict) -> str:
+    """Clean and corrupted accuracy per method (the mean over seeds with 2 or more); empty
+    without corruptions."""
+    c = result.get("corruptions")
+    if not c:
+        return ""
+    several = result["seeds"] > 1
+
+    def cell(d: dict) -> str:
+        return f"{d['mean']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]" if several else f"{d['mean']:.2f}"
+    scored = ["clean, scored images"] if c.get("subset") else []
+    rows = [[r["method"], cell(r)] + ([cell(c["clean_on_scored_images"][r["method"]])] if scored else [])
+            + [cell(c["stats"][k]["summary"][r["method"]]) for k in c["conditions"]] for r in result["rows"]]
+    return "\n\n" + markdown_table(["method", "clean"] + scored + [c["labels"][k] for k in c["conditions"]], rows)
+
+
 def section(run_dir: Path) -> str | None:
     """Report section: the table and a plot of the accuracies (95% CIs when seeds >= 2)."""
     result = read_json(run_dir / "ablation.json")
@@ -73,9 +93,14 @@ def section(run_dir: Path) -> str | None:
     accuracy_points(run_dir / "ablation.png", [r["method"] for r in rows], [r["mean"] for r in rows],
                   t["test_accuracy"] if t else None, errors=errors)
     runs = "single runs" if not several else f"mean of {result['seeds']} seeds, error bars: 95% t-interval"
-    return (f"## Ablation\n\nStudent `{result['model']}` on `{result['data']}`, every method with the same "
+    text = (f"## Ablation\n\nStudent `{result['model']}` on `{result['data']}`, every method with the same "
             f"budget ({result['epochs']} epochs), seeds and splits; test split accuracy ({runs}).\n\n"
             f"{ablation_table(result)}\n\n![ablation](ablation.png)\n")
+    if result.get("corruptions"):
+        text += "\n" + corruption_section(run_dir, result, "ablation", corruption_table(result).strip(),
+                                          {r["method"]: r for r in rows},
+                                          f"mean [95% CI] of {result['seeds']} seeds" if several else "single runs")
+    return text
 
 
-__all__ = ["ablation_jobs", "ablation_table", "run_ablation", "section"]
+__all__ = ["ablation_jobs", "ablation_table", "corruption_table", "run_ablation", "section"]

@@ -81,4 +81,57 @@ def save_results(out: Path, kind: str, result: dict, table: str, cfg: Experiment
     write_text(out / f"{kind}.md", table + "\n")
 
 
-__all__ = ["baseline_of", "methods_of", "save_results", "setup", "teacher_facts"]
+MEAN = "mean"  # the condition averaging the corruptions (a corruption's own name is never this)
+
+
+def corruption_summary(runs: list[dict], methods: list[str], pairs: list[tuple[str, str]] | None, names: list[str],
+                       cfg: ExperimentConfig) -> dict:
+    """Per condition (each corruption: the mean over its five severities; ``mean``: the
+    mean over the corruptions) the runs' accuracies per method, in run order, and their
+    statistics: :func:`~igkd.experiments.stats.describe` per method and, with ``pairs``,
+    the paired tests of the clean accuracy (:func:`~igkd.experiments.stats.by_condition`).
+    ``runs`` carry ``corruptions`` from :func:`~igkd.experiments.runs.run_record`."""
+    from .stats import by_condition, describe
+    conds = [*names, MEAN]
+
+    def value(run: dict, cond: str) -> float:
+        c = run["corruptions"]
+        return c["overall_mean"] if cond == MEAN else c["mean"][cond]
+    acc = {k: {m: [value(r, k) for r in runs if r["method"] == m] for m in methods} for k in conds}
+    if pairs:
+        stats = by_condition(acc, pairs)
+    else:
+        stats = {k: {"summary": {m: describe(v) for m, v in groups.items()}} for k, groups in acc.items()}
+    severity = {n: {m: [sum(r["corruptions"]["accuracy"][n][s] for r in runs if r["method"] == m)
+                        / max(1, sum(r["method"] == m for r in runs)) for s in range(5)] for m in methods}
+                for n in names}
+    clean = {m: describe([r["corruptions"]["clean_accuracy"] for r in runs if r["method"] == m]) for m in methods}
+    return {"names": names, "seed": cfg.corruption_seed, "images": runs[0]["corruptions"]["images"],
+            "subset": bool(cfg.corruption_images), "conditions": conds,
+            "labels": {**{n: n for n in names}, MEAN: "mean of corruptions"}, "accuracy": acc, "stats": stats,
+            "severity_means": severity, "clean_on_scored_images": clean}
+
+
+def corruption_section(run_dir: Path, result: dict, kind: str, tables: str, clean: dict[str, dict],
+                       figures: str = "mean ± sd over the runs") -> str:
+    """The report's text and plot (``KIND_corruptions.png``) of accuracy under corruptions;
+    ``clean``: per method the clean accuracy's mean and interval (describe's keys)."""
+    from ..report import condition_points
+    c, methods = result["corruptions"], result["methods"]
+    conds = c["conditions"]
+    points = {m: [clean[m]] + [c["stats"][k]["summary"][m] for k in conds] for m in methods}
+    condition_points(run_dir / f"{kind}_corruptions.png", ["clean"] + [c["labels"][k] for k in conds], points)
+    tests = (" Paired tests as for the clean accuracy, Holm-corrected within each condition over its "
+             f"{len(c['stats'][conds[0]]['comparisons'])} comparisons." if "comparisons" in c["stats"][conds[0]] else "")
+    images = (f"{c['images']} test images, evenly spaced (clean accuracy on them in {kind}.json)" if c.get("subset")
+              else f"the {c['images']} test images")
+    return (f"### Under corruptions\n\nEvery run's best checkpoint scored on {images} under {', '.join(c['names'])} "
+            f"at the five severities of CIFAR-10-C (Hendrycks and Dietterich 2019), computed on the fly with noise "
+            f"seed {c['seed']}: every run and method sees the same corrupted images. A corruption's figure is the "
+            f"mean over its severities; 'mean of corruptions' averages those; 'clean' is the test accuracy above. "
+            f"Figures: {figures}; per-severity means in {kind}.json.{tests}\n\n{tables}\n\n"
+            f"![accuracy clean and under each corruption, mean and 95% CI]({kind}_corruptions.png)\n")
+
+
+__all__ = ["MEAN", "baseline_of", "corruption_section", "corruption_summary", "methods_of", "save_results", "setup",
+           "teacher_facts"]

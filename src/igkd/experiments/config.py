@@ -76,6 +76,20 @@ class ExperimentConfig(DistillConfig):
     heartbeat: int = opt(60, "search: seconds between a worker's heartbeats; a running trial silent for 3 "
                          "heartbeats is taken to be dead and its point is queued again", low=1, high=86400,
                          unit="s")
+    corruptions: str = opt("", "ablation, montecarlo: also score every run's best checkpoint under these "
+                           "corruptions (names as igkd evaluate --corruptions, or all; a YAML list too), cached in "
+                           "the run's corruptions.json; the tables add the mean over the five severities per "
+                           "corruption and over the corruptions, with the same paired statistics as the clean "
+                           "accuracy (default: none)", metavar="NAME[,NAME...]")
+    corruption_seed: int = opt(0, "ablation, montecarlo: seed of the corruptions' noise (the same corrupted images for "
+                               "every run and method)", low=0, high=2**31 - 1)
+    corruption_images: int = opt(0, "ablation, montecarlo: test images scored under corruptions, evenly spaced (0 = "
+                                 "all; each corruption costs five passes over them per run)", low=0, high=1 << 30,
+                                 unit="images")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        corruption_names(self)  # an unknown corruption: one line listing the valid ones, wherever built
 
 
 def split_list(text: str, cast=str, flag: str = "") -> list:
@@ -134,11 +148,18 @@ def check(cfg: ExperimentConfig) -> ExperimentConfig:
     if len(set(canon)) != len(canon):
         raise UserError(f"--methods {cfg.methods!r} names a method twice")
     parse_method(cfg.search_method)
+    corruption_names(cfg)
     for name in ("depths",):
         split_list(getattr(cfg, name), int, "--" + name)
     for name in ("widths", "T_values", "alpha_values", "p_values", "lr_values"):
         split_list(getattr(cfg, name), float, "--" + name.replace("_", "-"))
     return cfg
+
+
+def corruption_names(cfg: ExperimentConfig) -> list[str]:
+    """The corruptions every run is scored under (a one-line UserError names unknown ones)."""
+    from ..evaluate.corruptions import parse
+    return parse(cfg.corruptions)
 
 
 def base_fields() -> set[str]:
@@ -153,4 +174,5 @@ def distill_config(cfg: ExperimentConfig, **changes) -> DistillConfig:
     return validate(DistillConfig(**values))
 
 
-__all__ = ["ExperimentConfig", "KINDS", "check", "distill_config", "resolve", "split_list", "yaml_layers"]
+__all__ = ["ExperimentConfig", "KINDS", "check", "corruption_names", "distill_config", "resolve", "split_list",
+           "yaml_layers"]

@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..report import _plt, _save, accuracy_points, markdown_table, paired_differences, read_json
-from .common import baseline_of, methods_of, save_results, setup
-from .config import ExperimentConfig, distill_config
-from .runs import Job, run_jobs, run_record
+from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, setup
+from .config import ExperimentConfig, corruption_names, distill_config
+from .runs import Job, corruption_scores, run_jobs, run_record
 from .stats import compare, describe
 
 
@@ -32,7 +32,9 @@ def run_montecarlo(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) 
     out, ctx = setup(cfg, out, "montecarlo", methods, quiet)
     jobs = montecarlo_jobs(cfg, methods)
     summaries = run_jobs(jobs, out, "montecarlo", quiet)
-    runs = [run_record(s, j, out) for s, j in zip(summaries, jobs)]
+    names = corruption_names(cfg)
+    scores = corruption_scores(jobs, out, names, cfg.corruption_seed, cfg.corruption_images, "montecarlo", quiet)
+    runs = [run_record(s, j, out, c) for s, j, c in zip(summaries, jobs, scores)]
     acc = {m: [r["test_accuracy"] for r in sorted(runs, key=lambda r: r["mc_run"]) if r["method"] == m]
            for m in methods}
     base = baseline_of(methods)
@@ -43,6 +45,9 @@ def run_montecarlo(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) 
               "model": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
               "train_images": runs[0]["train_images"], "accuracy": acc, "summary": summary,
               "comparisons": compare({m: acc[m] for m in order}, pairs), "runs": runs}
+    if names:  # the same statistics for each corruption (mean over severities) and their mean
+        ordered = sorted(runs, key=lambda r: r["mc_run"])
+        result["corruptions"] = corruption_summary(ordered, order, pairs, names, cfg)
     table = montecarlo_tables(result)
     save_results(out, "montecarlo", result, table, cfg)
     return result
@@ -69,7 +74,35 @@ def montecarlo_tables(result: dict) -> str:
                      _p(w["p"]), _p(w["p_holm"]), f"{w['rank_biserial']:+.2f}"])
     tests = markdown_table(["difference", "mean", "95% CI", "t", "p (t)", "p Holm (t)", "d_z", "p (Wilcoxon)",
                             "p Holm (W)", "rank-biserial"], rows)
-    return per_method + "\n\n" + tests
+    return per_method + "\n\n" + tests + corruption_tables(result)
+
+
+def corruption_tables(result: dict) -> str:
+    """Clean and corrupted accuracy per method (mean and sd over the runs), then the paired
+    tests under each corruption and their mean; empty without corruptions."""
+    c = result.get("corruptions")
+    if not c:
+        return ""
+    conds = c["conditions"]
+    scored = ["clean, scored images"] if c.get("subset") else []  # the clean figure on the corrupted images' set
+    rows = [[m, result["summary"][m]["n"], _mean_sd(result["summary"][m])]
+            + ([_mean_sd(c["clean_on_scored_images"][m])] if scored else [])
+            + [_mean_sd(c["stats"][k]["summary"][m]) for k in conds] for m in result["methods"]]
+    per_method = markdown_table(["method", "runs", "clean"] + scored + [c["labels"][k] for k in conds], rows)
+    rows = []
+    for k in conds:
+        for row in c["stats"][k]["comparisons"]:
+            t, w = row["t"], row["wilcoxon"]
+            rows.append([c["labels"][k], f"{row['a']} - {row['b']}", f"{t['mean_diff']:+.2f}",
+                         f"[{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]", _p(t["p"]), _p(t["p_holm"]),
+                         f"{t['cohen_dz']:.2f}", _p(w["p"]), _p(w["p_holm"])])
+    tests = markdown_table(["condition", "difference", "mean", "95% CI", "p (t)", "p Holm (t)", "d_z", "p (Wilcoxon)",
+                            "p Holm (W)"], rows)
+    return "\n\n" + per_method + "\n\n" + tests
+
+
+def _mean_sd(d: dict) -> str:
+    return f"{d['mean']:.2f}" + ("" if d["std"] != d["std"] else f" ± {d['std']:.2f}")
 
 
 def distribution_plot(path: Path, result: dict) -> Path:
@@ -110,13 +143,16 @@ def section(run_dir: Path) -> str | None:
     n = r["runs_count"]
     note = (f" With {n} runs a Wilcoxon test cannot give a two-sided p below {2 / 2 ** n:.3f}; the t-test assumes "
             "roughly normal differences." if n < 10 else "")
-    return (f"## Monte Carlo\n\n{n} runs of student `{r['model']}` on `{r['data']}`: run r trains on its own stratified "
+    text = (f"## Monte Carlo\n\n{n} runs of student `{r['model']}` on `{r['data']}`: run r trains on its own stratified "
             f"{100 * r['subset']:.0f}% subset of the training set ({r['train_images']} training images after the "
             f"validation split) with seed {r['seed']}+r, shared by all methods of that run; {r['epochs']} epochs; "
             f"accuracy on the test split. Paired tests on the per-run differences, Holm-corrected over the "
-            f"{len(r['comparisons'])} comparisons.{note}\n\n{montecarlo_tables(r)}\n\n"
+            f"{len(r['comparisons'])} comparisons.{note}\n\n{montecarlo_tables({**r, 'corruptions': None})}\n\n"
             "![Monte Carlo distribution](montecarlo.png)\n\n![means with 95% CI](montecarlo_bars.png)\n\n"
             "![paired differences, every run and the mean with its 95% CI](montecarlo_differences.png)\n")
+    if r.get("corruptions"):
+        text += "\n" + corruption_section(run_dir, r, "montecarlo", corruption_tables(r).strip(), r["summary"])
+    return text
 
 
-__all__ = ["montecarlo_jobs", "montecarlo_tables", "run_montecarlo", "section"]
+__all__ = ["corruption_tables", "montecarlo_jobs", "montecarlo_tables", "run_montecarlo", "section"]

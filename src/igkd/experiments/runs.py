@@ -184,12 +184,62 @@ def run_jobs(jobs: list[Job], out: Path, what: str, quiet: bool = False, train_q
     return results
 
 
-def run_record(summary: dict, job: Job, out: Path) -> dict:
-    """The row an experiment keeps of one run (tags + the numbers that matter)."""
-    return {**job.tags, "label": job.label, "run": str(run_dir(out, job).relative_to(out)),
-            "test_accuracy": summary["test_accuracy"], "val_accuracy": summary["val_accuracy"],
-            "params": summary["params"], "best_epoch": summary["best_epoch"], "seed": job.cfg.seed,
-            "train_images": summary.get("train_images"), "train_seconds": summary.get("train_seconds")}
+def run_record(summary: dict, job: Job, out: Path, corruptions: dict | None = None) -> dict:
+    """The row an experiment keeps of one run (tags + the numbers that matter; with
+    ``corruptions``, the run's accuracies under them, :func:`corruption_scores`)."""
+    row = {**job.tags, "label": job.label, "run": str(run_dir(out, job).relative_to(out)),
+           "test_accuracy": summary["test_accuracy"], "val_accuracy": summary["val_accuracy"],
+           "params": summary["params"], "best_epoch": summary["best_epoch"], "seed": job.cfg.seed,
+           "train_images": summary.get("train_images"), "train_seconds": summary.get("train_seconds")}
+    if corruptions is not None:
+        row["corruptions"] = {k: corruptions[k] for k in ("images", "clean_accuracy", "accuracy", "mean", "overall_mean")}
+    return row
 
 
-__all__ = ["Job", "finished", "prepare_out", "run_dir", "run_jobs", "run_key", "run_record", "semantic_config"]
+CORRUPTIONS_FILE = "corruptions.json"
+
+
+def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, images: int, what: str,
+                      quiet: bool = False) -> list[dict | None]:
+    """Each finished run's best checkpoint scored under the corruptions ``names`` (None
+    each when there are none), as :func:`igkd.evaluate` reports them.
+
+    Kept in the run's ``corruptions.json`` with what it was computed from (the names,
+    seed, image count, dataset and the checkpoint's sha256): the runs' own files
+    (summary.json and the rest, the trainer's) stay as trained, a rerun scores nothing
+    twice, and other corruption settings score the same runs again without training."""
+    if not names:
+        return [None] * len(jobs)
+    from ..data import load_dataset
+    from ..evaluate.corruptions import evaluate_corruptions, evenly_spaced
+    from ..models import load_model
+    from ..runtime import resolve_device
+    rows, datasets = [], {}
+    for i, job in enumerate(jobs, 1):
+        d = run_dir(out, job)
+        weights = d / "model.safetensors"
+        key = {"names": list(names), "seed": seed, "images": images, "data": job.cfg.data,
+               "weights_sha256": file_sha256(weights)}
+        cached = json.loads((d / CORRUPTIONS_FILE).read_text()) if (d / CORRUPTIONS_FILE).exists() else {}
+        if cached.get("key") == key:
+            rows.append(cached["result"])
+            continue
+        start = time.perf_counter()
+        if job.cfg.data not in datasets:
+            datasets[job.cfg.data] = load_dataset(job.cfg.data)
+        dataset = datasets[job.cfg.data]
+        net, _ = load_model(weights, None, len(dataset.classes), dataset.channels)
+        device = resolve_device(job.cfg.device)
+        pick = evenly_spaced(len(dataset.test.labels), images)  # as igkd evaluate --corruption-images picks them
+        r = evaluate_corruptions(net.to(device), dataset.test.images[pick], dataset.test.labels[pick], pick, names,
+                                 seed, job.cfg.eval_batch_size, device)
+        write_json(d / CORRUPTIONS_FILE, {"key": key, "result": r})
+        log(f"{what} run {i}/{len(jobs)} {job.label}: mean accuracy under {len(names)} corruption(s) "
+            f"{r['overall_mean']:.2f}% (clean {r['clean_accuracy']:.2f}% on the same {r['images']} images) in "
+            f"{fmt_seconds(time.perf_counter() - start)}", quiet)
+        rows.append(r)
+    return rows
+
+
+__all__ = ["CORRUPTIONS_FILE", "Job", "corruption_scores", "finished", "prepare_out", "run_dir", "run_jobs", "run_key",
+           "run_record", "semantic_config"]

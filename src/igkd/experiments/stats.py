@@ -13,6 +13,8 @@ seed) are paired: the tests work on the per-run differences.
   ``r = (W+ - W-) / (W+ + W-)`` (+1: every run favours the first method).
 * :func:`holm`: Holm-Bonferroni step-down adjusted p-values.
 * :func:`compare`: every pair of methods, both tests, Holm-adjusted per test family.
+* :func:`by_condition`: the same for each of several conditions (accuracy under each
+  corruption and their mean), Holm within each condition.
 
 Degenerate cases are answered, not raised: identical results (all differences zero)
 give p = 1 and effect 0; a constant non-zero difference gives t = +/-inf, p = 0 for the
@@ -147,4 +149,16 @@ def compare(groups: dict[str, list[float]], pairs: list[tuple[str, str]] | None 
     return rows
 
 
-__all__ = ["compare", "describe", "holm", "paired_t", "signed_rank_sums", "wilcoxon"]
+def by_condition(values: dict[str, dict[str, list[float]]], pairs: list[tuple[str, str]] | None = None,
+                 confidence: float = 0.95) -> dict[str, dict]:
+    """:func:`describe` per method and :func:`compare` of ``pairs`` for each condition
+    (e.g. each corruption, and their mean): ``values[condition][method]`` holds the
+    per-run accuracies, paired across methods by run as for the clean accuracy. Holm's
+    correction runs within each condition over its pairs, the family the clean accuracy
+    is corrected over too: each condition is its own question (does the method help
+    under blur?), answered with the clean accuracy's error control."""
+    return {cond: {"summary": {m: describe(v) for m, v in groups.items()},
+                   "comparisons": compare(groups, pairs, confidence)} for cond, groups in values.items()}
+
+
+__all__ = ["by_condition", "compare", "describe", "holm", "paired_t", "signed_rank_sums", "wilcoxon"]

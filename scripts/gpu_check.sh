@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# One prepared check of igkd's GPU paths (issue 15), at most 8 minutes on one GPU:
+#
+#   1. the suite's GPU tests (pytest -m gpu: IG on CUDA against the CPU, bf16/fp16 autocast IG,
+#      distill with --amp, torchrun with nccl where there are 2 GPUs, export of a CUDA-trained
+#      checkpoint, a CUDA-saved checkpoint on a machine without a GPU), their measured figures
+#      in the JUnit XML;
+#   2. benchmarks/train_throughput.py --device cuda and benchmarks/ig_throughput.py --device cuda;
+#   3. one epoch of the evidence recipe's student (cifar10_evidence_gpu) on the full JPEG
+#      CIFAR-10 training set, for the time per epoch;
+#   4. as much of `igkd experiment montecarlo --config cifar10_evidence_gpu` as the minutes left
+#      allow (resumable: rerun it with the same --out to go on).
+#
+#   scripts/gpu_check.sh                       # outputs in $OUT if set, else ./gpu-check-out
+#   GPU_CHECK_SECONDS=480 OUT=/tmp/check scripts/gpu_check.sh
+#
+# Needs torch with CUDA, igkd's test extras (pytest, captum) and, for 3 and 4, the JPEG CIFAR-10
+# archive and the paper's published KD+IG student (../shared by default, IGKD_SHARED=DIR to
+# point elsewhere); without them those stages are skipped with the reason. Writes summary.md
+# (every stage: status, seconds, its figures) and one log per stage. Exit status 1 when a GPU
+# test or a benchmark failed (the evidence stage ending at its time limit is expected).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"  # igkd from this checkout, installed or not
+BUDGET=${GPU_CHECK_SECONDS:-480}
+OUT=${OUT:-$REPO/gpu-check-out}
+SHARED=${IGKD_SHARED:-$REPO/../shared}
+DATA=/tmp/igkd-test-data/cifar10-jpg   # where the benchmarks and tests look for the JPEG CIFAR-10
+TEACHER=$SHARED/checkpoints/nordlinglab/CIFAR10_KD_IG_T2.5_alpha0.01_p0.1_gamma0_TestAcc92.28.pt
+export IGKD_CACHE_DIR=${IGKD_CACHE_DIR:-/tmp/igkd-gpu-check-cache}  # decoded data and stores shared by stages
+mkdir -p "$OUT"
+START=$SECONDS
+STATUS=()
+FAILED=0
+
+left() { echo $((BUDGET - (SECONDS - START))); }
+
+# stage NAME LIMIT CMD...: run CMD with a time limit (at most what is left, less a margin for the
+# summary), its output in $OUT/NAME.log, and record the status and seconds
+stage() {
+  local name=$1 limit=$2 began=$SECONDS rc
+  shift 2
+  local room=$(($(left) - 20))
+  if [ "$room" -lt 30 ]; then
+    STATUS+=("$name|skipped: $(left) s left of $BUDGET|0")
+    return 0
+  fi
+  [ "$limit" -gt "$room" ] && limit=$room
+  echo "== $name (limit ${limit} s, $(left) s left)" >&2
+  timeout -s INT -k 20 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  local took=$((SECONDS - began))
+  if [ "$rc" -eq 0 ]; then
+    STATUS+=("$name|passed|$took")
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ]; then
+    STATUS+=("$name|stopped at its time limit (${limit} s)|$took")
+  else
+    STATUS+=("$name|FAILED (exit $rc), see $name.log|$took")
+  fi
+  return $rc
+}
+
+python - >"$OUT/device.txt" 2>&1 <<'EOF'
+import torch
+if not torch.cuda.is_available():
+    raise SystemExit("no CUDA GPU: torch.cuda.is_available() is False; nothing to check here")
+print(f"device: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, "
+      f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
+      f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, bf16 {torch.cuda.is_bf16_supported()}")
+EOF
+if [ $? -ne 0 ]; then
+  cat "$OUT/device.txt" >&2
+  exit 1
+fi
+cat "$OUT/device.txt" >&2
+
+# the JPEG CIFAR-10, unpacked once where tests/helpers_data.py and the benchmarks look
+if [ ! -d "$DATA/train" ] && [ -f "$SHARED/data/cifar10-jpg.tar.gz" ]; then
+  mkdir -p "$DATA.partial" && tar -xzf "$SHARED/data/cifar10-jpg.tar.gz" -C "$DATA.partial" && mv "$DATA.partial" "$DATA"
+fi
+
+# 1. the GPU tests (figures as JUnit properties: record_property needs the xunit1 family)
+stage gpu_tests 150 python -m pytest -m gpu -q -rs -p no:cacheprovider -o junit_family=xunit1 \
+  --junitxml="$OUT/gpu_tests.xml" tests || FAILED=1
+
+# the JPEG CIFAR-10 decoded once into the cache every later stage reads (not charged to a benchmark)
+if [ -d "$DATA/train" ]; then
+  stage decode_data 60 python -c "import igkd; d = igkd.load_dataset('imagefolder:$DATA'); print(len(d.train), len(d.test))"
+fi
+
+# 2. throughput on the GPU (short: fewer steps and rounds than the CPU figures in the README)
+stage train_throughput 70 python benchmarks/train_throughput.py --device cuda --steps 20 --rounds 2 || FAILED=1
+IG_ARGS=(--device cuda --images 64 --repeats 2 --error-images 16)
+if [ -f "$TEACHER" ]; then  # map errors on a trained network (a random one is nearly linear along the path)
+  IG_ARGS+=(--error-model mobilenetv2:drop=5 --error-weights "$TEACHER")
+fi
+stage ig_throughput 70 python benchmarks/ig_throughput.py "${IG_ARGS[@]}" || FAILED=1
+
+# 3. and 4. the evidence recipe on the real data, as far as the time goes
+if [ -d "$DATA/train" ] && [ -f "$TEACHER" ]; then
+  rm -rf "$OUT/epoch_probe"  # a run folder from an earlier check would be refused
+  stage epoch_probe 60 python -m igkd distill --config cifar10_evidence_gpu --data "imagefolder:$DATA" \
+    --method student --epochs 1 --out "$OUT/epoch_probe" --json
+  stage evidence 100000 python -m igkd experiment montecarlo --config cifar10_evidence_gpu \
+    --data "imagefolder:$DATA" --teacher "$TEACHER" --out "$OUT/evidence"
+else
+  STATUS+=("epoch_probe|skipped: no JPEG CIFAR-10 ($SHARED/data/cifar10-jpg.tar.gz) or teacher ($TEACHER)|0")
+  STATUS+=("evidence|skipped: as epoch_probe|0")
+fi
+
+# summary.md: every stage's status and the figures it produced
+printf '%s\n' "${STATUS[@]}" >"$OUT/.status"
+python - "$OUT" <<'EOF'
+import json, re, sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+out = Path(sys.argv[1])
+lines = ["# igkd GPU check", "", (out / "device.txt").read_text().strip(), "",
+         "| stage | status | seconds |", "|---|---|---:|"]
+for row in (out / ".status").read_text().splitlines():
+    name, status, took = row.split("|")
+    lines.append(f"| {name} | {status} | {took} |")
+
+
+def tail(name, pattern):
+    p = out / f"{name}.log"
+    return [l for l in p.read_text(errors="replace").splitlines() if re.search(pattern, l)] if p.exists() else []
+
+
+xml = out / "gpu_tests.xml"
+if xml.exists():
+    lines += ["", "## GPU tests", ""]
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        state = "failed" if case.find("failure") is not None or case.find("error") is not None else \
+            "skipped" if case.find("skipped") is not None else "passed"
+        why = case.find("skipped").get("message", "") if state == "skipped" else ""
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        figures = ", ".join(f"{k} {float(v):.4g}" if re.match(r"^-?[\d.e+-]+$", v or "") else f"{k} {v}"
+                            for k, v in props.items())
+        lines.append(f"- {case.get('name')}: {state}{' (' + why + ')' if why else ''}{': ' + figures if figures else ''}")
+for name, pattern in (("train_throughput", r"img/s|training throughput|\(b\)/|\(c\)/"),
+                      ("ig_throughput", r"^\||RESULT|bound:|^model")):
+    found = tail(name, pattern)
+    if found:
+        lines += ["", f"## {name}", "", "```", *found, "```"]
+probe = out / "epoch_probe" / "metrics.jsonl"
+rows = [json.loads(l) for l in probe.read_text().splitlines()] if probe.exists() else []
+epoch_s = rows[0]["seconds"] if rows else None
+if rows:
+    lines += ["", "## One epoch of the evidence student", "",
+              f"{rows[0]['images_per_s']:.0f} images/s, {epoch_s:.1f} s per epoch (student, full training set less "
+              f"the validation split); the recipe's 6 methods x 10 runs x 100 epochs: about "
+              f"{6 * 10 * 100 * epoch_s / 3600:.1f} h of training at this rate (overlay and KD add little per step; "
+              "the IG precompute and the corruption scoring come on top)."]
+runs = sorted((out / "evidence" / "runs").glob("*/metrics.jsonl")) if (out / "evidence" / "runs").exists() else []
+if (out / "evidence.log").exists():
+    done = [json.loads(l) for p in runs for l in p.read_text().splitlines()]
+    lines += ["", "## Evidence run (cifar10_evidence_gpu), as far as it got", "",
+              f"{len(runs)} run(s) started, {sum((p.parent / 'summary.json').exists() for p in runs)} finished, "
+              f"{len(done)} epoch(s) trained; resumable: rerun the same command with --out {out / 'evidence'}.", "",
+              "```", *tail("evidence", r"precompute|store|teacher|epoch|run \d|error")[-15:], "```"]
+(out / "summary.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+echo "gpu_check: $((SECONDS - START)) s; outputs in $OUT (summary.md)" >&2
+exit $FAILED

@@ -203,8 +203,8 @@ def main(argv=None) -> int:
     def unit(m):
         return m / m.flatten(1).sum(1).clamp_min(1e-30)[:, None, None]
 
-    print(f"\n| attribution | images/s | vs reference | passes/image | efficiency vs bound | map error vs IG-512 |"
-          f" rank corr. with IG-512 |")
+    print("\n| attribution | images/s | vs reference | passes/image | efficiency vs bound | map error vs IG-512 |"
+          " rank corr. with IG-512 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     rows = [("reference", f"captum IG {REF_METHOD} {REF_STEPS}, batch {REF_BATCH} (paper)", REF_STEPS),
             ("default", f"igkd IG {default.ig_method} {default.ig_steps} (default)", default.ig_steps),

@@ -215,8 +215,6 @@ def evaluate_corruptions(model: nn.Module, images: torch.Tensor, labels: torch.T
     ``{"names", "seed", "images", "clean_accuracy", "accuracy": {name: [5 values]},
     "mean": {name: value}, "overall_mean", "levels": {name: {"parameter", "values"}},
     "reference"}``."""
-    import torch
-
     from ..progress import Progress
     from .metrics import predict
     names = parse(list(names))

@@ -6,8 +6,12 @@
 For 64 evenly spaced training images: the map error (relative L1 of sum_c |IG|, mean
 over images) of captum's Gauss-Legendre x 50 (the paper's setting) and of igkd's
 integrated_gradients with each quadrature at several step counts, all against a
-512-step Gauss-Legendre reference. Accuracy only; no timing (1 thread, safe to run
-beside other work). Takes about 30 minutes on 1 CPU thread for ``student``.
+512-step Gauss-Legendre reference. ``--fitted 12,16,25``: also schedules fitted to the
+network (``--ig-method fitted``, :mod:`igkd.attribution.fitted`) on ``--fit-images``
+seeded training images that are none of the 64, so their errors are held out; each fit's
+time is printed. Accuracy only; no timing of the rules (1 thread, safe to run beside
+other work). Takes about 30 minutes on 1 CPU thread for ``student``, plus about 2 minutes
+per fitted schedule.
 """
 
 from __future__ import annotations
@@ -29,12 +33,18 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--steps", default="16,24,32,36,40,44,50")
     ap.add_argument("--methods", default="riemann_middle,gausslegendre,riemann_trapezoid")
+    ap.add_argument("--fitted", default="", help="step counts of fitted schedules, e.g. 12,16,25")
+    ap.add_argument("--fit-images", type=int, default=32)
+    ap.add_argument("--fit-reference", type=int, default=512)
     args = ap.parse_args(argv)
 
     from captum.attr import IntegratedGradients
 
     import igkd
+    import time
+
     from igkd.attribution import attribution_map, integrated_gradients
+    from igkd.attribution.fitted import fit_images, fit_schedule
     from igkd.precompute import relative_l1
     from igkd.runtime import tune_malloc
 
@@ -62,6 +72,17 @@ def main(argv=None) -> int:
         for steps in map(int, args.steps.split(",")):
             maps = attribution_map(integrated_gradients(model, x, y, n_steps=steps, method=method))
             print(f"{args.network}: igkd {method} x {steps} {err(maps):.2f}%", flush=True)
+    if args.fitted:
+        fit = torch.from_numpy(fit_images(len(data), args.fit_images, 0, idx.numpy()))
+        xf, yf = data.images[fit].float() / 255, data.labels[fit]
+        for steps in map(int, args.fitted.split(",")):
+            t0 = time.perf_counter()
+            # zero baseline, as the reference and the rules above (integrated_gradients' default)
+            s = fit_schedule(model, xf, yf, torch.zeros_like(xf), steps, args.fit_reference)
+            took = time.perf_counter() - t0
+            maps = attribution_map(integrated_gradients(model, x, y, schedule=(s.alphas, s.weights)))
+            print(f"{args.network}: igkd fitted x {steps} {err(maps):.2f}% (held out; fitted on {len(fit)} images "
+                  f"in {took:.0f} s on 1 thread)", flush=True)
     return 0
 
 

@@ -87,8 +87,19 @@ class PrecomputeConfig(_Validated):
 
     ig_steps: int = opt(50, "integration steps of integrated gradients (the paper's 50)", low=1, high=4096)
     ig_method: str = opt("riemann_middle", "quadrature rule; riemann_middle is more accurate than the paper's "
-                         "gausslegendre at equal steps on ReLU networks (README, 'The precompute')", choices=[
-        "gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"])
+                         "gausslegendre at equal steps on ReLU networks (README, 'The precompute'); fitted: "
+                         "--ig-steps points and weights fitted to the teacher on --ig-fit-images training images",
+                         choices=["gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
+                                  "riemann_trapezoid", "fitted"])
+    ig_schedule: str = opt("", "with --ig-method fitted: a schedule file to use (JSON, as precompute writes when it "
+                           "fits one); empty: fit one, or reuse the one already fitted for this teacher, data and "
+                           "settings", metavar="FILE")
+    ig_fit_images: int = opt(32, "with --ig-method fitted: training images the schedule is fitted on (a seeded "
+                             "sample, none of them among the --check-images the error check holds out)", low=1,
+                             high=4096, unit="images")
+    ig_fit_reference: int = opt(512, "with --ig-method fitted: candidate points and Gauss-Legendre reference steps "
+                                "of the fit (2 x this passes per fit image)", low=2, high=8192)
+    ig_fit_seed: int = opt(0, "with --ig-method fitted: seed of the fit images", low=0, high=2**31 - 1)
     ig_baseline: str = opt("zero", "IG baseline: zero (zeros in the teacher's normalised input space, as the "
                            "paper's code), black (zero pixels) or blur (blurred image)",
                            choices=["zero", "black", "blur"])

@@ -52,15 +52,31 @@ def attribution_settings(cfg: PrecomputeConfig) -> dict:
     return {**s, "target": "label", "map": f"sum_c|IG| / max, {cfg.map_dtype}"}
 
 
-def store_identity(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig) -> dict:
-    """What a store is for. Changing any of these gives another store."""
+def store_identity(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, settings: bool = True) -> dict:
+    """What a store is for. Changing any of these gives another store. ``settings=False``:
+    the teacher and the data alone."""
     pre = {"mean": teacher.mean.flatten().tolist(), "std": teacher.std.flatten().tolist()} \
         if isinstance(teacher, Normalized) else {"normalize": "none"}
-    return {
-        "dataset": dataset.fingerprint("train"),
-        "teacher": weights_fingerprint(teacher) + ":" + store_key(pre),
-        "settings": attribution_settings(cfg),
-    }
+    identity = {"dataset": dataset.fingerprint("train"), "teacher": weights_fingerprint(teacher) + ":" + store_key(pre)}
+    return {**identity, "settings": attribution_settings(cfg)} if settings else identity
+
+
+def prepare_settings(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, device: torch.device,
+                     quiet: bool = False, dist: Dist | None = None) -> PrecomputeConfig:
+    """``cfg`` with what its attribution resolves from the teacher and the data before a
+    store can be named (a fitted IG schedule; see the registry's ``prepare``). Under
+    torchrun rank 0 resolves first and the other ranks then find its result cached."""
+    entry = registry.get(cfg.attribution)
+    if entry.prepare is None:
+        return cfg
+    env = dist or Dist()
+    key = {k: v for k, v in store_identity(teacher, dataset, cfg, settings=False).items()}
+    if env.rank == 0:
+        cfg = entry.prepare(teacher, dataset, cfg, device, quiet, key)
+    env.barrier(long=True)
+    if env.rank != 0:
+        cfg = entry.prepare(teacher, dataset, cfg, device, True, key)
+    return cfg
 
 
 def default_store_dir(identity: dict) -> Path:
@@ -151,6 +167,7 @@ def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | Non
     env = dist or Dist()
     device = torch.device(device)
     teacher = teacher.to(device).eval()
+    cfg = prepare_settings(teacher, dataset, cfg, device, quiet, env)
     identity = store_identity(teacher, dataset, cfg)
     path = Path(store_dir) if store_dir else default_store_dir(identity)
     lock = None
@@ -245,4 +262,4 @@ def bytes_per_image(num_classes: int, height: int, width: int, map_dtype: str = 
 
 
 __all__ = ["attributions", "bytes_per_image", "compute_chunk", "estimate_error", "precompute", "relative_l1",
-           "store_identity"]
+           "prepare_settings", "store_identity"]

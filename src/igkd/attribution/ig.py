@@ -36,6 +36,7 @@ def integrated_gradients(
     batch_size: int | None = None,
     return_delta: bool = False,
     fast: bool = True,
+    schedule: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Integrated gradients of ``model``'s logit ``target`` w.r.t. ``inputs``.
 
@@ -66,6 +67,9 @@ def integrated_gradients(
             function with different float32 rounding (see "Precision" in :mod:`.engine`).
             ``fast=False`` runs ``model`` itself with captum's operations and memory
             format, and agrees with captum to rounding (~1e-7 of max|IG|).
+        schedule: ``(alphas, weights)``, explicit quadrature points in [0, 1] and their
+            weights (a fitted schedule, :mod:`igkd.attribution.fitted`); replaces
+            ``method`` and ``n_steps``.
 
     Returns:
         attributions shaped like ``inputs`` (its dtype), or ``(attributions, delta)``.
@@ -75,11 +79,13 @@ def integrated_gradients(
     from .baselines import _resolve_baseline
     from .engine import (_check_batch_size, _check_inputs, _eval_without_param_grads, _forward_selected,
                          _input_grads, _prepare, _targets)
-    from .quadrature import check_method, quadrature
+    from .quadrature import check_method, check_schedule, quadrature
 
     inputs = _check_inputs(inputs)
-    method = check_method(method)
-    alphas, weights = quadrature(method, n_steps)
+    if schedule is not None:
+        alphas, weights = check_schedule(schedule)
+    else:
+        alphas, weights = quadrature(check_method(method), n_steps)
     batch_size = _check_batch_size(batch_size, inputs)
     n, steps = inputs.shape[0], alphas.numel()
     dtype, device, item = inputs.dtype, inputs.device, inputs.shape[1:]
@@ -123,22 +129,95 @@ def integrated_gradients(
     return attributions, delta.to(dtype)
 
 
+def _schedule(cfg):
+    """The fitted schedule ``cfg`` names (``--ig-schedule``, filled in by :func:`_prepare`)."""
+    from ..errors import UserError
+    from .fitted import load
+    if not cfg.ig_schedule:
+        raise UserError("--ig-method fitted needs a schedule: run it through igkd precompute or distill (which fit "
+                        "one), or give --ig-schedule FILE")
+    return load(cfg.ig_schedule)
+
+
 def _compute(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, first_index: int = 0,
              n_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from .baselines import model_baseline
+    fitted = cfg.ig_method == "fitted" and not n_steps
+    schedule = _schedule(cfg) if fitted else None
     return integrated_gradients(teacher, x, y, baseline=model_baseline(teacher, x, cfg.ig_baseline),
-                                n_steps=n_steps or cfg.ig_steps, method=cfg.ig_method,
-                                batch_size=cfg.ig_batch or None, return_delta=True)
+                                n_steps=n_steps or cfg.ig_steps,
+                                method="gausslegendre" if cfg.ig_method == "fitted" else cfg.ig_method,
+                                batch_size=cfg.ig_batch or None, return_delta=True,
+                                schedule=(schedule.alphas, schedule.weights) if fitted else None)
+
+
+def _settings(cfg) -> dict:
+    s = {"ig_steps": cfg.ig_steps, "ig_method": cfg.ig_method, "ig_baseline": cfg.ig_baseline}
+    if cfg.ig_method == "fitted":  # the points and weights decide the maps, not where they were read from
+        schedule = _schedule(cfg)
+        s.update(ig_steps=schedule.steps, ig_schedule=schedule.identity())
+    return s
+
+
+def _prepare(teacher: nn.Module, dataset, cfg, device, quiet: bool, key: dict):
+    """With ``--ig-method fitted`` and no ``--ig-schedule``: the schedule fitted for this
+    teacher, data and fit settings, from the cache or fitted now (printed, with its time)."""
+    if cfg.ig_method != "fitted":
+        return cfg
+    if cfg.ig_schedule:
+        _schedule(cfg)  # a bad file is one line now, not after the store is planned
+        return cfg
+    from dataclasses import replace
+
+    import torch
+
+    from ..progress import log
+    from ..runtime import cache_dir
+    from ..store import store_key
+    from .baselines import model_baseline
+    from .fitted import VERSION, fit_images, fit_schedule, load, save
+
+    train = dataset.train
+    # the images precompute's error check uses (evenly spaced) stay out of the fit, so that
+    # check is on held-out images
+    held = torch.linspace(0, len(train) - 1, min(cfg.check_images, len(train))).round().long().numpy() \
+        if cfg.check_images else torch.zeros(0, dtype=torch.long).numpy()
+    settings = {"version": VERSION, "steps": cfg.ig_steps, "baseline": cfg.ig_baseline, "images": cfg.ig_fit_images,
+                "seed": cfg.ig_fit_seed, "reference_steps": cfg.ig_fit_reference,
+                "held_out": [int(i) for i in held]}
+    path = cache_dir("schedules") / f"{store_key({**key, **settings})}.json"
+    if path.exists():
+        try:
+            schedule = load(path)
+            log(f"precompute: reusing the fitted IG schedule {path}", quiet)
+            return replace(cfg, ig_schedule=str(path))
+        except Exception as e:  # a damaged cache entry is refitted, never used
+            log(f"precompute: refitting the IG schedule: {path} is unusable ({e})", quiet)
+    idx = torch.from_numpy(fit_images(len(train), cfg.ig_fit_images, cfg.ig_fit_seed, held))
+    x = train.images[idx].to(device).float().div_(255)
+    y = train.labels[idx].to(device)
+    log(f"precompute: fitting a {cfg.ig_steps}-point IG schedule on {len(idx)} training images "
+        f"({2 * cfg.ig_fit_reference * len(idx)} passes)", quiet)
+    schedule = fit_schedule(teacher, x, y, model_baseline(teacher, x, cfg.ig_baseline), cfg.ig_steps,
+                            cfg.ig_fit_reference, cfg.ig_batch or None)
+    schedule.fit.update(seed=cfg.ig_fit_seed, baseline=cfg.ig_baseline, image_indices=[int(i) for i in idx])
+    save(schedule, path)
+    f = schedule.fit
+    log(f"precompute: fitted in {f['seconds']:.0f} s -> {path} (relative L2 error on the fit images "
+        f"{100 * f['relative_l2']:.1f}%, midpoint x {cfg.ig_steps}: {100 * f['midpoint_relative_l2']:.1f}%)", quiet)
+    return replace(cfg, ig_schedule=str(path))
 
 
 ATTRIBUTION = Attribution(
     name="ig",
     help="integrated gradients, the paper's: --ig-steps passes",
-    options=("ig_steps", "ig_method", "ig_baseline"),
-    settings=lambda cfg: {"ig_steps": cfg.ig_steps, "ig_method": cfg.ig_method, "ig_baseline": cfg.ig_baseline},
+    options=("ig_steps", "ig_method", "ig_baseline", "ig_schedule", "ig_fit_images", "ig_fit_reference",
+             "ig_fit_seed"),
+    settings=_settings,
     compute=_compute,
     completeness=True,
     describe=lambda cfg: f"IG {cfg.ig_method} x {cfg.ig_steps} steps, baseline {cfg.ig_baseline}",
+    prepare=_prepare,
 )
 
 _MOVED = {"BASELINES": ".baselines", "gaussian_blur": ".baselines", "make_baseline": ".baselines",

@@ -68,3 +68,18 @@ def quadrature(method: str, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
             weights[0] /= 2
             weights[-1] /= 2
     return torch.from_numpy(np.ascontiguousarray(alphas)), torch.from_numpy(np.ascontiguousarray(weights))
+
+
+def check_schedule(schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alphas, weights)`` of an explicit schedule as float64 tensors, checked: equal
+    lengths, at least one point, alphas in [0, 1], all finite."""
+    try:
+        alphas, weights = (torch.as_tensor(np.asarray(v, dtype=np.float64)).reshape(-1) for v in schedule)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"a quadrature schedule is (alphas, weights), two lists of numbers: {e}") from None
+    if alphas.numel() == 0 or alphas.numel() != weights.numel():
+        raise UserError(f"a quadrature schedule needs as many weights as alphas (at least one); got "
+                        f"{alphas.numel()} alphas and {weights.numel()} weights")
+    if not (torch.isfinite(alphas).all() and torch.isfinite(weights).all()) or alphas.min() < 0 or alphas.max() > 1:
+        raise UserError("a quadrature schedule's alphas must lie in [0, 1] and its weights be finite")
+    return alphas, weights

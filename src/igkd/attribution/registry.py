@@ -27,6 +27,10 @@ What an entry declares:
   store's completeness gap is then read from the delta; without it, precompute runs one
   extra pass on black images for the gap ``F_y(x) - F_y(black)``.
 * ``describe(cfg) -> str``: a short phrase for progress lines.
+* ``prepare(teacher, dataset, cfg, device, quiet, key) -> cfg`` (optional): settings
+  resolved from the teacher and the data before the store's identity is taken (IG's
+  fitted schedule); ``key`` is the teacher's and the dataset's fingerprints, to cache
+  what it makes.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class Attribution:
     options: tuple[str, ...] = ()
     completeness: bool = False
     describe: Callable[[Any], str] | None = field(default=None)
+    prepare: Callable[..., Any] | None = field(default=None)
 
     def description(self, cfg) -> str:
         return self.describe(cfg) if self.describe is not None else self.name

@@ -86,3 +86,54 @@ def test_crop_flip_is_a_real_shifted_crop():
     flipped = crop_flip(x, 0, True, torch.Generator().manual_seed(0))
     for i in range(2):
         assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
+
+
+def test_random_resized_crop_boxes_follow_torchvision_rules_and_shards():
+    from igkd.distill.augment import resized_crop_boxes
+    g = torch.Generator().manual_seed(3)
+    boxes = resized_crop_boxes(256, 40, 30, (0.08, 1.0), (3 / 4, 4 / 3), g)
+    top, left, bh, bw = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + bh <= 40).all() and (left + bw <= 30).all()
+    area = (bh * bw).float() / (40 * 30)
+    # rounding of the sides moves area and ratio a little past the drawn ranges
+    assert area.min() > 0.06 and area.max() <= 1.0 and len(set(area.tolist())) > 100
+    ratio = bw.float() / bh.float()
+    assert ratio.min() > 0.75 * 0.8 and ratio.max() < 4 / 3 * 1.25
+    # a range no box can fit falls back to the centre crop clamped to the ratio range
+    fb = resized_crop_boxes(4, 40, 30, (1.0, 1.0), (2.0, 3.0), torch.Generator().manual_seed(0))
+    assert fb.tolist() == [[12, 0, 15, 30]] * 4
+    # rank r of 2 gets slice r of the single-process global batch
+    whole = resized_crop_boxes(8, 40, 30, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(5))
+    for r in range(2):
+        part = resized_crop_boxes(4, 40, 30, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(5), (r, 2))
+        assert torch.equal(part, whole[4 * r:4 * r + 4])
+
+
+def test_random_resized_crop_moves_the_map_with_its_image_pixel_by_pixel():
+    from igkd.distill.augment import resized_crop_boxes, resized_crop_flip
+    h, w, n = 24, 20, 16
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, h, w, generator=g)
+    # a constructed map: a ramp plus one hot pixel per image, so any misplacement shows
+    ramp = torch.arange(h * w, dtype=torch.float32).view(h, w) / (h * w)
+    maps = ramp.expand(n, h, w).clone()
+    maps[torch.arange(n), torch.arange(n) % h, (3 * torch.arange(n)) % w] = 5.0
+    out = resized_crop_flip(torch.cat([x, maps[:, None]], 1), (0.2, 1.0), (3 / 4, 4 / 3), True,
+                            torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    boxes = resized_crop_boxes(n, h, w, (0.2, 1.0), (3 / 4, 4 / 3), g)
+    flips = torch.rand(n, generator=g) < 0.5
+    for i in range(n):
+        top, left, bh, bw = boxes[i].tolist()
+        for c, plane in enumerate([*x[i], maps[i]]):
+            crop = plane[top:top + bh, left:left + bw][None, None]
+            want = F.interpolate(crop, (h, w), mode="bilinear", align_corners=False)[0, 0]
+            got = out[i, c].flip(1) if flips[i] else out[i, c]
+            # interpolate clamps to the box's edge where grid_sample blends in the pixel beyond
+            # it: the outermost output rows and columns are compared only where the box
+            # touches the image's edge
+            inner = (slice(1, -1), slice(1, -1))
+            assert torch.allclose(got[inner], want[inner], atol=1e-5), (i, c)
+            if (top, left, bh, bw) == (0, 0, h, w):
+                assert torch.allclose(got, want, atol=1e-5)
+    assert flips.any() and (~flips).any()

@@ -118,6 +118,29 @@ def test_map_follows_its_image_through_crop_and_flip(tmp_path):
         assert torch.equal(x[b, 0], want) and torch.equal(x[b, 2], want)
 
 
+def test_map_follows_its_image_through_random_resized_crop(tmp_path):
+    from igkd.distill.augment import resized_crop_flip
+    from igkd.distill.trainer import epoch_seed
+    data = dataset()
+    zeros = Split(torch.zeros_like(data.train.images), data.train.labels)
+    data = Dataset("zeros", data.classes, 3, (12, 12), zeros, zeros)
+    tr = trainer(tmp_path, "ig", data=data, p=1.0, augment="random-resized-crop", rrc_scale_min=0.3, flip=True)
+    tr.maps = marked_maps(len(data.train))
+    tr.part_state("ig")["maps"] = tr.maps
+    idx, x, _ = next(iter(tr.batches(1)))
+    # replay: the permutation, the overlay's two draws, then the crop boxes and flips
+    gen = torch.Generator().manual_seed(epoch_seed(tr.cfg.seed, 1))
+    order = tr.train_idx[torch.randperm(len(tr.train_idx), generator=gen)]
+    assert torch.equal(order[: len(idx)], idx)
+    torch.rand(len(idx), generator=gen), torch.rand(len(idx), generator=gen)
+    canvas = torch.full((len(idx), 1, 12, 12), 0.5)
+    for b, i in enumerate(idx.tolist()):
+        canvas[b, 0, i // 12, i % 12] = 0  # the hole of sample i's map, overlaid on a black image
+    want = resized_crop_flip(canvas, (0.3, 1.0), (3 / 4, 4 / 3), True, gen)
+    assert torch.allclose(x[:, 0], want[:, 0], atol=1e-6) and torch.allclose(x[:, 2], want[:, 0], atol=1e-6)
+    assert not torch.allclose(want, canvas)
+
+
 def test_shuffled_control_uses_other_images_maps():
     perm = shuffled_map_index(50, 0)
     assert sorted(perm.tolist()) == list(range(50)) and bool((perm != torch.arange(50)).all())

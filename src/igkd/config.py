@@ -52,8 +52,19 @@ class TrainConfig(_Validated):
                         choices=["cosine", "constant"])
     warmup_epochs: float = opt(1.0, "linear warm-up from 0 to lr", low=0.0, high=1000.0, unit="epochs")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy term", low=0.0, high=0.5)
+    augment: str = opt("pad-crop", "geometric augmentation: pad-crop (zero padding by --crop-padding and a random "
+                       "crop back, for CIFAR-sized images) or random-resized-crop (a random box of --rrc-scale-min/max area share "
+                       "and --rrc-ratio-min/max aspect, resized back to the image size, for 224-pixel-class images); maps "
+                       "compared by a loss take the same crop", choices=["pad-crop", "random-resized-crop"])
     crop_padding: int = opt(4, "random crop after zero padding by this many pixels (0 = off)", low=0, high=64,
                             unit="pixels")
+    rrc_scale_min: float = opt(0.08, "random-resized-crop: smallest area share of the box", low=0.0, high=1.0,
+                               low_open=True)
+    rrc_scale_max: float = opt(1.0, "random-resized-crop: largest area share of the box", low=0.0, high=1.0,
+                               low_open=True)
+    rrc_ratio_min: float = opt(0.75, "random-resized-crop: smallest aspect ratio (width / height) of the box",
+                               low=0.01, high=100.0)
+    rrc_ratio_max: float = opt(4 / 3, "random-resized-crop: largest aspect ratio of the box", low=0.01, high=100.0)
     flip: bool = opt(True, "random horizontal flip")
     val_fraction: float = opt(0.1, "stratified share of the training set held out for model selection",
                               low=0.0, high=0.5)
@@ -229,6 +240,10 @@ def validate(cfg) -> Any:
             raise UserError(f"{flag} must be a string, got {value!r}")
         if m.get("choices") and value not in m["choices"]:
             raise UserError(f"{flag} {value!r} is not one of {', '.join(map(str, m['choices']))}")
+    for lo, hi in (("rrc_scale_min", "rrc_scale_max"), ("rrc_ratio_min", "rrc_ratio_max")):
+        if hasattr(cfg, lo) and getattr(cfg, lo) > getattr(cfg, hi):
+            raise UserError(f"--{lo.replace('_', '-')} {getattr(cfg, lo)} is above --{hi.replace('_', '-')} "
+                            f"{getattr(cfg, hi)}; give a range with min <= max")
     return cfg
 
 

@@ -81,3 +81,67 @@ def crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Genera
         mask = draw(rand, n, shard, dev).to(x.device) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
+
+
+def resized_crop_boxes(n: int, h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       generator: torch.Generator, shard: tuple[int, int] | None = None) -> torch.Tensor:
+    """``N x 4`` integer boxes ``(top, left, height, width)`` of random resized crops, as
+    torchvision's ``RandomResizedCrop.get_params`` draws them, for a whole batch at once:
+    10 tries per image of an area share in ``scale`` and a log-uniform aspect ratio in
+    ``ratio``; the first try that fits the image is taken, else the centre crop of the
+    image clamped to the ratio range. Drawn for the global batch (see :func:`draw`)."""
+    tries = 10
+    dev = generator.device
+    rand = lambda size, d: torch.rand((size[0], tries), generator=generator, device=d)  # noqa: E731
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * draw(rand, n, shard, dev))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * draw(rand, n, shard, dev))
+    cw = torch.sqrt(area * aspect).round().long()
+    ch = torch.sqrt(area / aspect).round().long()
+    u, v = draw(rand, n, shard, dev), draw(rand, n, shard, dev)
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, device=dev))
+    pick = first.clamp_min(0)[:, None]
+    bh, bw = ch.gather(1, pick)[:, 0], cw.gather(1, pick)[:, 0]
+    # torch.randint(0, h - ch + 1) as a uniform draw: floor(u * (h - ch + 1))
+    top = (u.gather(1, pick)[:, 0] * (h - bh + 1)).floor().long().clamp_max(h - bh)
+    left = (v.gather(1, pick)[:, 0] * (w - bw + 1)).floor().long().clamp_max(w - bw)
+    # fallback (no try fitted): the centre crop at the nearest allowed aspect ratio
+    in_ratio = w / h
+    fw, fh = (w, int(round(w / ratio[0]))) if in_ratio < ratio[0] else \
+        ((int(round(h * ratio[1])), h) if in_ratio > ratio[1] else (w, h))
+    miss = first < 0
+    bh = torch.where(miss, torch.full_like(bh, fh), bh)
+    bw = torch.where(miss, torch.full_like(bw, fw), bw)
+    top = torch.where(miss, (h - bh) // 2, top)
+    left = torch.where(miss, (w - bw) // 2, left)
+    return torch.stack([top, left, bh, bw], 1)
+
+
+def resized_crop_flip(x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], flip: bool,
+                      generator: torch.Generator, shard: tuple[int, int] | None = None) -> torch.Tensor:
+    """Random resized crop back to the batch's H x W, and random horizontal flip, for the
+    whole batch in one ``grid_sample``: each image's box (:func:`resized_crop_boxes`)
+    becomes an affine sampling grid, bilinear, sampling pixel centres as
+    ``F.interpolate(crop, (H, W), mode="bilinear", align_corners=False)`` does, except
+    that a sample within half a pixel of the box's edge blends with the pixel outside
+    the box (interpolate clamps to the box) and there is no antialiasing when the box is
+    larger than the output (it never is: the box lies inside the H x W image); a flip
+    negates the grid's x. Every channel takes the same box, so a map passed as
+    one more channel follows its image exactly."""
+    n, _, h, w = x.shape
+    boxes = resized_crop_boxes(n, h, w, scale, ratio, generator, shard).to(x.device)
+    flips = torch.zeros(n, dtype=torch.bool, device=x.device)
+    if flip:
+        rand = lambda size, d: torch.rand(size, generator=generator, device=d)  # noqa: E731
+        flips = draw(rand, n, shard, generator.device).to(x.device) < 0.5
+    top, left, bh, bw = boxes.to(x.dtype).unbind(1)
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
+    # output pixel centre u in [-1, 1] (align_corners=False) maps to input centre
+    # left + (u + 1) / 2 * bw in pixels, i.e. (2 left + bw) / w - 1 + u * bw / w normalised
+    theta[:, 0, 0] = torch.where(flips, -bw / w, bw / w)
+    theta[:, 0, 2] = (2 * left + bw) / w - 1
+    theta[:, 1, 1] = bh / h
+    theta[:, 1, 2] = (2 * top + bh) / h - 1
+    grid = torch.nn.functional.affine_grid(theta, (n, x.shape[1], h, w), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

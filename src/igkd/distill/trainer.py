@@ -58,7 +58,7 @@ from ..modelcard import model_card
 from ..models import Normalized, bare, count_parameters, load_weights, save_checkpoint
 from ..progress import Progress, fmt_seconds, log
 from .attention import FeatureHook, StopForward
-from .augment import crop_flip
+from .augment import crop_flip, resized_crop_flip
 from .parallel import Dist, sync_batchnorm
 from .parts import PLAIN, Batch, Step, parse_method
 from .speed import amp_dtype, autocast, lr_lambda, make_optimizer, maybe_compile
@@ -182,16 +182,22 @@ class Trainer:
             for part, state in overlay:
                 b = part.transform(state, b, gen, shard)
             if self.aligned_maps:  # the maps take their images' crop and flip as one more channel
-                both = crop_flip(torch.cat([b.x, self.maps[idx].float()[:, None]], 1), cfg.crop_padding, cfg.flip,
-                                 gen, shard)
+                both = self._crop_flip(torch.cat([b.x, self.maps[idx].float()[:, None]], 1), gen, shard)
                 b.x, b.maps = both[:, :-1], both[:, -1]
             else:
-                b.x = crop_flip(b.x, cfg.crop_padding, cfg.flip, gen, shard)
+                b.x = self._crop_flip(b.x, gen, shard)
             for part, state in mix:
                 b = part.transform(state, b, gen, shard)
             if cfg.channels_last:
                 b.x = b.x.contiguous(memory_format=torch.channels_last)
             yield b
+
+    def _crop_flip(self, x: torch.Tensor, gen: torch.Generator, shard) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.augment == "random-resized-crop":
+            return resized_crop_flip(x, (cfg.rrc_scale_min, cfg.rrc_scale_max), (cfg.rrc_ratio_min, cfg.rrc_ratio_max),
+                                     cfg.flip, gen, shard)
+        return crop_flip(x, cfg.crop_padding, cfg.flip, gen, shard)
 
     # ---------------------------------------------------------------- step
     def teacher_outputs(self, batch: Batch) -> torch.Tensor | None:

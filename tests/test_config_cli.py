@@ -128,3 +128,19 @@ def test_a_module_in_a_config_field_names_the_api_keyword():
         DistillConfig(teacher=nn.Linear(2, 2))
     with pytest.raises(UserError, match=r"student=module"):
         DistillConfig(model=nn.Linear(2, 2))
+
+
+def test_every_shipped_recipe_section_builds():
+    """A typo in a shipped recipe fails here, not after a user's hours of training."""
+    from igkd.config import DistillConfig, PrecomputeConfig, TrainConfig, build, read_yaml_file, shipped_configs
+    sections = {"train": TrainConfig, "precompute": PrecomputeConfig, "distill": DistillConfig}
+    built = 0
+    for name, path in shipped_configs().items():
+        doc = read_yaml_file(path)
+        for section, cls in sections.items():
+            if section in doc:
+                build(cls, doc[section], {}, f"{name}:{section}")
+                built += 1
+    assert built >= 8
+    doc = read_yaml_file(shipped_configs()["imagefolder224"])
+    assert build(DistillConfig, doc["distill"], {}, "imagefolder224").augment == "random-resized-crop"

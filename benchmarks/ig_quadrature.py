@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fitted", default="", help="step counts of fitted schedules, e.g. 12,16,25")
     ap.add_argument("--fit-images", type=int, default=32)
     ap.add_argument("--fit-reference", type=int, default=512)
+    ap.add_argument("--map-sizes", default="", help="also the error of maps stored at these sizes (--map-size), "
+                    "e.g. 16,8: the default's maps and the reference itself, area-averaged and upsampled back")
     args = ap.parse_args(argv)
 
     from captum.attr import IntegratedGradients
@@ -72,6 +74,13 @@ def main(argv=None) -> int:
         for steps in map(int, args.steps.split(",")):
             maps = attribution_map(integrated_gradients(model, x, y, n_steps=steps, method=method))
             print(f"{args.network}: igkd {method} x {steps} {err(maps):.2f}%", flush=True)
+    if args.map_sizes:
+        from igkd.precompute import downsample_maps, upsample_maps
+        default = attribution_map(integrated_gradients(model, x, y, n_steps=50, method="riemann_middle"))
+        for size in map(int, args.map_sizes.split(",")):
+            back = lambda m: upsample_maps(downsample_maps(m, size), tuple(m.shape[-2:]))  # noqa: E731
+            print(f"{args.network}: maps stored at {size}x{size}: reference {err(back(ref)):.2f}%, igkd default "
+                  f"(midpoint x 50) {err(back(default)):.2f}%", flush=True)
     if args.fitted:
         fit = torch.from_numpy(fit_images(len(data), args.fit_images, 0, idx.numpy()))
         xf, yf = data.images[fit].float() / 255, data.labels[fit]

@@ -354,3 +354,23 @@ def test_log_refuses_unknown_trackers_before_writing_anything(tmp_path):
     with pytest.raises(UserError, match="--log nope is not known"):
         trainer(tmp_path, "student", log="csv,nope").fit()
     assert not (tmp_path / "run").exists()
+
+
+def test_maps_stored_smaller_are_area_means_and_come_back_at_the_image_size(tmp_path):
+    from igkd.precompute import downsample_maps, upsample_maps
+    full = trainer(tmp_path / "full", "kd+ig", ig_steps=2)
+    small = trainer(tmp_path / "small", "kd+ig", ig_steps=2, map_size=6)
+    stored = small.maps.stored
+    assert tuple(stored.shape) == (64, 6, 6) and small.maps.shape == (64, 12, 12)
+    # each stored pixel is the mean of the 2x2 image pixels it covers (float16 storage)
+    want = full.maps.float().view(64, 6, 2, 6, 2).mean((2, 4))
+    assert torch.allclose(stored.float(), want, atol=2e-3)
+    assert torch.allclose(downsample_maps(full.maps.float(), 6), want, atol=1e-6)
+    idx = torch.tensor([5, 0, 63])
+    got = small.maps[idx]
+    assert got.shape == (3, 12, 12) and torch.equal(got, upsample_maps(stored[idx], (12, 12)))
+    # bilinear at pixel centres: interior image pixels between stored centres are averages of them
+    assert torch.allclose(got[:, 1, 1], stored[idx, 0, 0].float() * 0.5625 + stored[idx, 0, 1].float() * 0.1875
+                          + stored[idx, 1, 0].float() * 0.1875 + stored[idx, 1, 1].float() * 0.0625, atol=1e-6)
+    # another map size is another store; the overlay runs on the upsampled maps
+    assert small.cfg.map_size == 6 and next(iter(small.batches(1))).x.shape[-2:] == (12, 12)

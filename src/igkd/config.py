@@ -127,6 +127,9 @@ class PrecomputeConfig(_Validated):
                              "larger than 1x1, i.e. the last convolutional block (any architecture)")
     map_dtype: str = opt("float16", "how maps are stored: float16 (2 bytes/pixel) or uint8 (1 byte/pixel, "
                          "quantised to 1/255 of the image's maximum)", choices=["float16", "uint8"])
+    map_size: int = opt(0, "store maps at N x N pixels (the area mean of the full map), upsampled bilinearly on the "
+                        "training device when used; 0 = the image size. 56 keeps 1/16 of a 224x224 map (README, "
+                        "'The precompute')", low=0, high=4096, unit="pixels")
     check_images: int = opt(8, "before a new store is computed, estimate the map error of these settings against "
                             "a --check-steps reference on this many images (0 = skip)", low=0, high=4096,
                             unit="images")

@@ -49,7 +49,8 @@ def attribution_settings(cfg: PrecomputeConfig) -> dict:
     """The settings that determine the maps (part of the store's identity): the
     attribution's own (its registry entry's ``settings``), the target and the map format."""
     s = registry.get(cfg.attribution).settings(cfg)
-    return {**s, "target": "label", "map": f"sum_c|IG| / max, {cfg.map_dtype}"}
+    size = f", area mean to {cfg.map_size}x{cfg.map_size}" if cfg.map_size else ""  # absent: keys as before
+    return {**s, "target": "label", "map": f"sum_c|IG| / max, {cfg.map_dtype}{size}"}
 
 
 def store_identity(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, settings: bool = True) -> dict:
@@ -109,6 +110,8 @@ def compute_chunk(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor
     m = attribution_map(attr)
     scale = m.flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
     unit = m / scale[:, None, None]
+    if cfg.map_size and tuple(unit.shape[-2:]) != (cfg.map_size, cfg.map_size):
+        unit = downsample_maps(unit, cfg.map_size)
     maps = unit.mul(255).round_().to(torch.uint8) if cfg.map_dtype == "uint8" else unit.half()
     logits = _logits(teacher, x, 256)
     if entry.completeness:  # sum(attr) - delta = F_y(x) - F_y(baseline)
@@ -123,6 +126,19 @@ def compute_chunk(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor
         "delta": delta.float().cpu().numpy(),
         "gap": gap.float().cpu().numpy(),
     }
+
+
+def downsample_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """``N x H x W`` maps as ``N x size x size`` area means (each stored pixel the mean of
+    the image pixels it covers: no aliasing of the map's fine detail into wrong places)."""
+    return torch.nn.functional.adaptive_avg_pool2d(maps[:, None].float(), size)[:, 0]
+
+
+def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Stored maps back at the image size: bilinear at pixel centres, float32."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps.float()
+    return torch.nn.functional.interpolate(maps[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def relative_l1(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -261,5 +277,5 @@ def bytes_per_image(num_classes: int, height: int, width: int, map_dtype: str = 
     return 4 * num_classes + (1 if map_dtype == "uint8" else 2) * height * width + 3 * 4
 
 
-__all__ = ["attributions", "bytes_per_image", "compute_chunk", "estimate_error", "precompute", "relative_l1",
+__all__ = ["attributions", "bytes_per_image", "compute_chunk", "downsample_maps", "upsample_maps", "estimate_error", "precompute", "relative_l1",
            "prepare_settings", "store_identity"]

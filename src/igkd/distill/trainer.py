@@ -73,6 +73,25 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class UpsampledMaps:
+    """Maps stored smaller than their images (``--map-size``), read by sample index at the
+    image size: only the batch's maps are upsampled, on the training device."""
+
+    def __init__(self, maps: torch.Tensor, size: tuple[int, int]):
+        self.stored, self.size = maps, size
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.stored), *self.size)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        from ..precompute import upsample_maps
+        return upsample_maps(self.stored[idx], self.size)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63 - 1)
 
@@ -119,6 +138,8 @@ class Trainer:
         self.maps = self.logits = None
         if m.needs_maps:
             self.maps = torch.from_numpy(np.array(store.maps)).to(device)
+            if tuple(self.maps.shape[-2:]) != tuple(train.images.shape[-2:]):  # stored at --map-size
+                self.maps = UpsampledMaps(self.maps, tuple(train.images.shape[-2:]))
         if m.needs_logits and cfg.logits == "precomputed" and not m.online_teacher:
             self.logits = torch.from_numpy(np.array(store.logits)).to(device)
         self.aligned_maps = any(p.aligned_maps for p in m.parts)

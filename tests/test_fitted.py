@@ -19,14 +19,14 @@ from igkd.store import open_store
 from helpers_cli import run_igkd
 from test_store import tiny_dataset, tiny_teacher
 
-R, N_STEPS = 16, 4
+R, N_STEPS = 8, 3
 
 
 @pytest.fixture(scope="module")
 def fit_case():
     data, teacher = tiny_dataset(), tiny_teacher()
-    x = data.train.images[:3].float() / 255
-    y = data.train.labels[:3]
+    x = data.train.images[:2].float() / 255
+    y = data.train.labels[:2]
     base = torch.zeros_like(x)
     return teacher, x, y, base
 
@@ -84,8 +84,8 @@ def test_fit_images_are_seeded_and_leave_out_the_check_images():
 
 def test_store_holds_the_schedule_reuses_it_and_refuses_another(tmp_path):
     data, teacher = tiny_dataset(), tiny_teacher()
-    cfg = PrecomputeConfig(ig_method="fitted", ig_steps=N_STEPS, ig_fit_images=3, ig_fit_reference=R,
-                           check_images=4, check_steps=32, chunk_size=10)
+    cfg = PrecomputeConfig(ig_method="fitted", ig_steps=N_STEPS, ig_fit_images=2, ig_fit_reference=R,
+                           check_images=4, check_steps=16, chunk_size=10)
     store = precompute(teacher, data, cfg, tmp_path / "s", quiet=True)
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     schedule_file = manifest["settings"]["ig_schedule"]
@@ -95,12 +95,12 @@ def test_store_holds_the_schedule_reuses_it_and_refuses_another(tmp_path):
     # held out: the error check's evenly spaced images are not among the fit images
     check = torch.linspace(0, len(data.train) - 1, 4).round().long()
     assert not set(schedule.fit["image_indices"]) & set(check.tolist())
-    # the estimate is the relative L1 of the fitted maps against a 32-step Gauss-Legendre IG on them
+    # the estimate is the relative L1 of the fitted maps against a 16-step Gauss-Legendre IG on them
     x, y = data.train.images[check].float() / 255, data.train.labels[check]
     base = torch.zeros_like(x) + torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)  # "zero" in the teacher's space
     ours = attribution_map(integrated_gradients(teacher, x, y, baseline=base, schedule=(schedule.alphas,
                                                                                          schedule.weights)))
-    ref = attribution_map(integrated_gradients(teacher, x, y, baseline=base, n_steps=32, method="gausslegendre"))
+    ref = attribution_map(integrated_gradients(teacher, x, y, baseline=base, n_steps=16, method="gausslegendre"))
     assert manifest["error_estimate"]["mean"] == pytest.approx(relative_l1(ours, ref).mean().item(), rel=1e-3)
     # the stored maps are those of the schedule
     row = attribution_map(integrated_gradients(teacher, x[:1], y[:1], baseline=base[:1],

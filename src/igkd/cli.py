@@ -19,7 +19,10 @@ SPEC_HELP = """\
 spec strings:
   datasets  demo                       small Fashion-MNIST subset shipped in the package
             cifar10:DIR[,download=0][,verify=0]   official python archive (downloaded when missing; md5-checked)
-            imagefolder:DIR[,size=N][,test=F][,gray=1]   DIR/train/<class>/*, DIR/test/<class>/*
+            cifar100:DIR[,labels=fine|coarse][,download=0][,verify=0]   the same for CIFAR-100 (100 or 20 classes)
+            imagefolder:DIR[,size=N|HxW][,resize=fixed|shorter][,test=F][,gray=1][,mmap=auto|0|1]
+                                       DIR/train/<class>/* with DIR/test/<class>/* or DIR/val/<class>/*
+                                       (ImageNet layout); resize=shorter: shorter side to N, centre crop
             fashion-mnist[:DIR]        IDX files (default /usr/share/datasets/fashion-mnist)
   models    mobilenetv2                CIFAR MobileNetV2 teacher (2,236,682 params at 10 classes)
             mobilenetv2:drop=K         paper's student: last K feature blocks removed (K=5: 4.12x)

@@ -35,7 +35,7 @@ class _Validated:
 class TrainConfig(_Validated):
     """Options shared by ``igkd train`` (teacher) and ``igkd distill`` (student)."""
 
-    data: str = opt("demo", "dataset spec: demo, cifar10:DIR, imagefolder:DIR[,size=N], fashion-mnist[:DIR] "
+    data: str = opt("demo", "dataset spec: demo, cifar10:DIR, cifar100:DIR, imagefolder:DIR[,size=N], fashion-mnist[:DIR] "
                     "(the Python API's TrainConfig defaults to demo)", required=True, metavar="SPEC")
     model: str = opt("mobilenetv2", "architecture spec, e.g. mobilenetv2, mobilenetv2:drop=5, mobilenetv2:width=0.5",
                      metavar="SPEC")

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from PIL import Image
 
 import igkd.store as store_module
 from helpers_cli import run_igkd
+from helpers_fs import tmpfs
 from igkd.lock import LOCK_NAME, DirLock
 from igkd.models import build_model, save_checkpoint
 from igkd.precompute import precompute
@@ -649,22 +649,7 @@ def test_stale_lock_of_a_killed_process_is_taken_over(folder, tmp_path):
 
 
 # ------------------------------------------------------------------ disk full
-@contextmanager
-def tmpfs(path: Path, size: str):
-    """A size-limited filesystem at ``path``; yields a function that resizes it."""
-    path.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}; needs root): "
-                    "test_disk_full_is_injected_at_the_write covers the code path")
-
-    def resize(new: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={new}", str(path)], check=True)
-    try:
-        yield resize
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
+OTHERWISE = "test_disk_full_is_injected_at_the_write covers the code path"
 
 
 def store_bytes(reference) -> int:
@@ -678,7 +663,7 @@ def test_full_disk_during_precompute_is_one_line_and_resumes_to_the_same_store(s
     ref = tmp_path / "ref"
     assert igkd(*args, "--store", ref, process=True).returncode == 0
     need = store_bytes(ref)  # ~0.8 MB; the chunks take about as much again, plus a 4 KiB page per small file
-    with tmpfs(tmp_path / "disk", f"{need // 3 // 1024}k") as resize:
+    with tmpfs(tmp_path / "disk", f"{need // 3 // 1024}k", OTHERWISE) as resize:
         store = tmp_path / "disk" / "store"
         r = igkd(*args, "--store", store, process=True)  # full while writing the chunks
         assert_user_error(r, "disk full at", str(store / "chunks"), "free space and rerun")
@@ -695,7 +680,7 @@ def test_full_disk_during_precompute_is_one_line_and_resumes_to_the_same_store(s
 
 
 def test_full_disk_during_training_is_one_line(folder, tmp_path):
-    with tmpfs(tmp_path / "disk", "12k"):  # three 4 KiB pages: the lock, config.yaml, then nothing
+    with tmpfs(tmp_path / "disk", "12k", OTHERWISE):  # three 4 KiB pages: the lock, config.yaml, then nothing
         out = tmp_path / "disk" / "run"
         r = igkd(*train_args(folder, out, "--epochs", 1), process=True)
         assert_user_error(r, "disk full at", str(out), "free space and rerun")

@@ -11,11 +11,9 @@ import os
 import pickle
 import json
 import socket
-import subprocess
 import tarfile
 import tempfile
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ import torch
 from PIL import Image
 
 from helpers_data import cifar10_jpg_dir
+from helpers_fs import tmpfs
 from igkd.data import DATASETS, Dataset, Split, load_dataset, stratified_split
 from igkd.data.cifar10 import ensure_cifar10
 from igkd.data.cifar100 import ensure_cifar100
@@ -674,20 +673,6 @@ def test_imagefolder_cache_build_resumes_after_it_stopped(tmp_path, monkeypatch)
     s = load_dataset(f"imagefolder:{root}").train
     assert np.array_equal(s.images.numpy(), want)
     assert sorted(p.name for p in folder.iterdir()) == ["images.bin", "images.bin.verified.json"]
-
-
-@contextmanager
-def tmpfs(path: Path, size: str):
-    """A size-limited filesystem at ``path`` (needs root; skips otherwise); yields a resize function."""
-    path.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}; needs root)")
-    try:
-        yield lambda new: subprocess.run(["mount", "-o", f"remount,size={new}", str(path)], check=True)
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
 
 
 def test_imagefolder_cache_on_a_full_disk(split_folder, tmp_path, monkeypatch):

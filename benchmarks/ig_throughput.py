@@ -102,6 +102,11 @@ def main(argv=None) -> int:
     ap.add_argument("--error-weights", default="", help="weights for the error check (default: --weights)")
     ap.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc as is (all sides)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where every side runs (default cpu)")
+    ap.add_argument("--fitted", type=int, default=0,
+                    help="also a schedule of this many points fitted to each network (--ig-method fitted) on "
+                    "--fit-images CIFAR-10 test images, its fitting time spread over --amortize images")
+    ap.add_argument("--fit-images", type=int, default=32)
+    ap.add_argument("--amortize", type=int, default=50000, help="images the fit is spread over (default 50000)")
     ap.add_argument("--reference-only", action="store_true",
                     help="time only the reference and print images/s as JSON (the child process the benchmark "
                     "starts to time the paper's code as it runs: with glibc's default malloc settings)")
@@ -178,7 +183,27 @@ def main(argv=None) -> int:
                                capture_output=True, text=True, check=True)
         untuned_ips = json.loads(child.stdout.strip().splitlines()[-1])["images_per_s"]
 
-    sides = {"reference": reference, "default": ours, "equal": ours_equal, **cheap}
+    fitted_sides, fit_seconds = {}, None
+    if args.fitted:
+        from igkd.attribution.fitted import fit_schedule
+
+        def fit(net):  # on test images: the error check below uses training images, so it is held out
+            xf, yf = (t.to(DEVICE) for t in load_images(args.fit_images, "test"))
+            sync()
+            t0 = time.perf_counter()
+            s = fit_schedule(net, xf, yf, torch.zeros_like(xf), args.fitted)
+            sync()
+            return s, time.perf_counter() - t0
+
+        schedule, fit_seconds = fit(model)
+        print(f"fitted {args.fitted} points on {args.fit_images} images in {fit_seconds:.1f} s "
+              f"({fit_seconds / args.amortize * 1000:.2f} ms per image over {args.amortize:,})", flush=True)
+
+        def ours_fitted(net=model, xs=x, ys=y, s=schedule):
+            return integrated_gradients(net, xs, ys, schedule=(s.alphas, s.weights))
+        fitted_sides = {"fitted": ours_fitted}
+
+    sides = {"reference": reference, "default": ours, "equal": ours_equal, **fitted_sides, **cheap}
     for fn in sides.values():  # warm-up
         fn(model, x[:REF_BATCH], y[:REF_BATCH])
     bound_pass()
@@ -188,6 +213,8 @@ def main(argv=None) -> int:
             times[k].append(timed(fn))
         times["bound"].append(timed(bound_pass, 3))
     ips = {k: n / statistics.median(v) for k, v in times.items() if k != "bound"}
+    if fit_seconds is not None:  # counted fairly: the fit's time spread over the images it serves
+        ips["fitted"] = 1 / (1 / ips["fitted"] + fit_seconds / args.amortize)
     bound_pass_ips = 64 / statistics.median(times["bound"])  # forward+backward images/s
 
     # errors against 512 steps, on the error network
@@ -197,6 +224,10 @@ def main(argv=None) -> int:
     xe, ye = (t.to(DEVICE) for t in load_images(k, "train"))
     exact = attribution_map(integrated_gradients(emodel, xe, ye, n_steps=512, fast=False))
     maps = {"reference": reference, "default": ours, "equal": ours_equal, **cheap}
+    if args.fitted:
+        eschedule = fit(emodel)[0] if emodel is not model else schedule
+        maps["fitted"] = lambda net, xs, ys, s=eschedule: integrated_gradients(net, xs, ys, schedule=(s.alphas,
+                                                                                                      s.weights))
     maps = {name: attribution_map(fn(emodel, xe, ye)) for name, fn in maps.items()}
     err = {name: relative_l1(m, exact).mean().item() for name, m in maps.items()}
 
@@ -209,6 +240,8 @@ def main(argv=None) -> int:
     rows = [("reference", f"captum IG {REF_METHOD} {REF_STEPS}, batch {REF_BATCH} (paper)", REF_STEPS),
             ("default", f"igkd IG {default.ig_method} {default.ig_steps} (default)", default.ig_steps),
             ("equal", f"igkd IG {REF_METHOD} {REF_STEPS}", REF_STEPS),
+            *([("fitted", f"igkd IG fitted {args.fitted}, fit time spread over {args.amortize:,} images",
+                args.fitted)] if args.fitted else []),
             *[(name, f"igkd {name}", default.smoothgrad_samples if name.startswith("smooth") else 1)
               for name in cheap]]
     if untuned_ips is not None:
@@ -217,9 +250,10 @@ def main(argv=None) -> int:
               f"{100 * untuned_ips * REF_STEPS / bound_pass_ips:.0f}% | = reference | = reference |")
     for key, label, passes in rows:
         eff = ips[key] * passes / bound_pass_ips
-        e = err[key] if key in ("reference", "default", "equal") else relative_l1(unit(maps[key]), unit(exact)).mean()
+        ig = key in ("reference", "default", "equal", "fitted")
+        e = err[key] if ig else relative_l1(unit(maps[key]), unit(exact)).mean()
         print(f"| {label} | {ips[key]:.2f} | {ips[key] / ips['reference']:.2f}x | {passes} | {100 * eff:.0f}% | "
-              f"{100 * float(e):.2f}%{'' if key in ('reference', 'default', 'equal') else ' (sum-normalised)'} | "
+              f"{100 * float(e):.2f}%{'' if ig else ' (sum-normalised)'} | "
               f"{rank_correlation(maps[key], exact):.3f} |")
     print(f"\nbound: forward+backward at batch 64 = {bound_pass_ips:.1f} images/s "
           f"({bound_pass_ips / REF_STEPS:.2f} IG-{REF_STEPS} images/s)")
@@ -234,6 +268,10 @@ def main(argv=None) -> int:
           f"{ips['equal'] / ips['reference']:.2f}x, efficiency at equal steps "
           f"{100 * ips['equal'] * REF_STEPS / bound_pass_ips:.0f}%, errors: reference {100 * err['reference']:.2f}% "
           f"default {100 * err['default']:.2f}%", flush=True)
+    if args.fitted:
+        as_runs = f", {ips['fitted'] / untuned_ips:.2f}x as the paper's code runs" if untuned_ips is not None else ""
+        print(f"RESULT{on} fitted {args.fitted} (fit included)/reference {ips['fitted'] / ips['reference']:.2f}x"
+              f"{as_runs}, error {100 * err['fitted']:.2f}%", flush=True)
     return 0
 
 

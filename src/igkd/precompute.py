@@ -71,7 +71,7 @@ def prepare_settings(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig
     if entry.prepare is None:
         return cfg
     env = dist or Dist()
-    key = {k: v for k, v in store_identity(teacher, dataset, cfg, settings=False).items()}
+    key = store_identity(teacher, dataset, cfg, settings=False)
     if env.rank == 0:
         cfg = entry.prepare(teacher, dataset, cfg, device, quiet, key)
     env.barrier(long=True)

@@ -188,7 +188,7 @@ def _prepare(teacher: nn.Module, dataset, cfg, device, quiet: bool, key: dict):
     path = cache_dir("schedules") / f"{store_key({**key, **settings})}.json"
     if path.exists():
         try:
-            schedule = load(path)
+            load(path)  # checked before it names the store
             log(f"precompute: reusing the fitted IG schedule {path}", quiet)
             return replace(cfg, ig_schedule=str(path))
         except Exception as e:  # a damaged cache entry is refitted, never used

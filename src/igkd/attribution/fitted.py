@@ -168,8 +168,17 @@ def _error(K: np.ndarray, b: np.ndarray, total: float, sets: np.ndarray) -> tupl
     kb, k1 = sol[..., 0], sol[..., 1]
     lam = (kb.sum(1) - 1) / k1.sum(1)
     w = kb - lam[:, None] * k1
-    err = total - 2 * np.einsum("sk,sk->s", w, bS) + np.einsum("sk,skl,sl->s", w, KS, w)
-    return w, err
+    return w, _squared_error(KS, bS, w, total)
+
+
+def _squared_error(KS: np.ndarray, bS: np.ndarray, w: np.ndarray, total: float) -> np.ndarray:
+    """``|sum_k w_k c_k - r|^2`` summed over the images, per row: ``total - 2 w.b + w K w``."""
+    return total - 2 * np.einsum("sk,sk->s", w, bS) + np.einsum("sk,skl,sl->s", w, KS, w)
+
+
+def _midpoints(n: int, R: int) -> np.ndarray:
+    """The candidates (of ``R`` midpoints) nearest the ``n``-point midpoint rule's points."""
+    return np.minimum(R - 1, np.floor((np.arange(n) + 0.5) / n * R)).astype(np.int64)
 
 
 def exchange(K: np.ndarray, b: np.ndarray, total: float, n: int, max_sweeps: int = 50) -> tuple[np.ndarray, np.ndarray, float]:
@@ -180,7 +189,7 @@ def exchange(K: np.ndarray, b: np.ndarray, total: float, n: int, max_sweeps: int
     if not 1 <= n <= R:
         raise UserError(f"a fitted schedule needs 1 to {R} points (--ig-fit-reference); got {n}")
     # midpoint rule snapped to the candidates: the best fixed rule on ReLU networks (README)
-    chosen = np.unique(np.minimum(R - 1, np.floor((np.arange(n) + 0.5) / n * R)).astype(np.int64))
+    chosen = np.unique(_midpoints(n, R))
     others = np.setdiff1d(np.arange(R), chosen)
     chosen = np.concatenate([chosen, others[:n - len(chosen)]])  # only when n is close to R
     _, err = _error(K, b, total, chosen[None])
@@ -212,19 +221,14 @@ def fit_schedule(model: nn.Module, x: torch.Tensor, y: torch.Tensor, baseline: t
     cand, K, b = gram(model, x, y, baseline, reference_steps, batch_size)
     total = float(x.shape[0])  # every image is scaled to unit reference norm
     idx, w, err = exchange(K, b, total, int(n_steps))
-    mid = np.minimum(reference_steps - 1, np.floor((np.arange(n_steps) + 0.5) / n_steps * reference_steps)).astype(np.int64)
-    mid_err = float(_plain_error(K, b, total, mid, np.full(n_steps, 1.0 / n_steps)))
+    mid = _midpoints(n_steps, reference_steps)
+    mid_err = float(_squared_error(K[np.ix_(mid, mid)][None], b[mid][None], np.full((1, n_steps), 1.0 / n_steps),
+                                   total)[0]) / total
     fit = {"images": int(x.shape[0]), "reference_steps": int(reference_steps),
            "candidates": f"riemann_middle x {reference_steps}", "target": f"gausslegendre x {reference_steps}",
            "relative_l2": math.sqrt(max(err, 0.0)), "midpoint_relative_l2": math.sqrt(max(mid_err, 0.0)),
            "seconds": round(time.perf_counter() - t0, 2)}
     return Schedule(cand[idx].tolist(), w.tolist(), fit)
-
-
-def _plain_error(K, b, total, idx, w) -> float:
-    """Relative squared error of fixed weights ``w`` on candidates ``idx``."""
-    KS = K[np.ix_(idx, idx)]
-    return (total - 2 * w @ b[idx] + w @ KS @ w) / total
 
 
 __all__ = ["Schedule", "exchange", "fit_images", "fit_schedule", "gram", "load", "save"]

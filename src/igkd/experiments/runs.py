@@ -33,7 +33,7 @@ from ..progress import fmt_seconds, log
 from ..store import sha256_file
 
 # fields that do not change what a run computes (speed, placement, bookkeeping)
-NON_SEMANTIC = ("threads", "device", "store", "eval_batch_size", "channels_last", "optimizer_impl", "compile",
+NON_SEMANTIC = ("threads", "stream", "device", "store", "eval_batch_size", "channels_last", "optimizer_impl", "compile",
                 "chunk_size", "ig_batch", "check_images", "check_steps", "verify_store", "log", "log_every")
 # every setting of the stored maps (attribution, steps, baseline, ...): they matter to methods using maps
 STORE_FIELDS = tuple(f.name for f in fields(PrecomputeConfig))

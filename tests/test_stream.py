@@ -25,7 +25,7 @@ def mapped_copy(data: Dataset, path) -> Dataset:
     return Dataset(data.spec, data.classes, data.channels, data.image_size, split, data.test)
 
 
-def pair(tmp_path, method, **kw):
+def pair(tmp_path, method, device="cpu", **kw):
     """Two trainers of the same run, one per data path; the streaming one reads mapped images."""
     data = dataset(n=80)
     cfg = config(method=method, subset=0.9, check_images=0, **kw)
@@ -36,7 +36,7 @@ def pair(tmp_path, method, **kw):
         torch.manual_seed(cfg.seed)
         student = build_model(cfg.model, 4, 3)
         c = config(method=method, subset=0.9, check_images=0, stream=stream, **kw)
-        runs.append(Trainer(c, student, d, tmp_path / f"run-{stream}", torch.device("cpu"), teacher=t, store=store,
+        runs.append(Trainer(c, student, d, tmp_path / f"run-{stream}", torch.device(device), teacher=t, store=store,
                             quiet=True))
     assert not runs[0].streaming and runs[1].streaming
     return runs
@@ -52,10 +52,7 @@ def batches(tr: Trainer, epoch: int) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("method,kw", [("kd+ig", {"p": 0.5}), ("kd+ig-shuffled", {"p": 0.5}),
-                                       ("kd+ig", {"p": 0.5, "map_size": 6}), ("explain", {})])
-def test_streaming_gives_the_in_memory_batches(tmp_path, method, kw):
-    memory, streamed = pair(tmp_path, method, **kw)
+def assert_same_batches(memory: Trainer, streamed: Trainer) -> None:
     for epoch in (1, 2):
         a, b = batches(memory, epoch), batches(streamed, epoch)
         assert len(a) == len(b) == memory.steps_per_epoch
@@ -67,6 +64,12 @@ def test_streaming_gives_the_in_memory_batches(tmp_path, method, kw):
                     assert torch.equal(x[key], y[key]), (epoch, key)
     # the batches use the overlay, the maps and the logits at all (not a vacuous comparison)
     assert any(v is not None for v in (a[0]["maps"], a[0]["logits"]))
+
+
+@pytest.mark.parametrize("method,kw", [("kd+ig", {"p": 0.5}), ("kd+ig-shuffled", {"p": 0.5}),
+                                       ("kd+ig", {"p": 0.5, "map_size": 6}), ("explain", {})])
+def test_streaming_gives_the_in_memory_batches(tmp_path, method, kw):
+    assert_same_batches(*pair(tmp_path, method, **kw))
 
 
 def test_streaming_trains_the_same_weights(tmp_path):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from igkd.data import Dataset, Split
-from igkd.distill.stream import IndexedRows, Prefetcher, Rows, choose
+from igkd.data import Dataset, RowView, Split
+from igkd.distill.stream import Prefetcher, Rows, choose
 from igkd.distill.trainer import Trainer
 from igkd.models import build_model
 from igkd.precompute import precompute
@@ -92,10 +92,12 @@ def test_rows_serve_the_prefetched_batch_and_gather_other_rows():
     assert rows.shape == (10, 4) and len(rows) == 10
 
 
-def test_indexed_rows_read_only_the_sliced_rows():
+def test_row_view_reads_only_the_sliced_rows():
     images = torch.arange(5 * 2).reshape(5, 2)
-    view = IndexedRows(images, torch.tensor([4, 0, 2]))
+    view = RowView(images, torch.tensor([4, 0, 2]))
     assert len(view) == 3 and torch.equal(view[1:3], images[[0, 2]])
+    narrower = view[torch.tensor([True, False, True])]  # a mask or indices: a view of those rows
+    assert len(narrower) == 2 and torch.equal(narrower[0:2], images[[4, 2]])
 
 
 def test_prefetcher_yields_in_order_and_stops_early():

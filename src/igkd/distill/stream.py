@@ -82,20 +82,6 @@ class Rows:
         return gather(self.source, idx.cpu().numpy()).to(self.device)
 
 
-class IndexedRows:
-    """``images[indices]`` without the copy: what :func:`igkd.evaluate.predict` slices
-    gathers only that batch's rows (validation rows of a memory-mapped split)."""
-
-    def __init__(self, images: torch.Tensor, indices: torch.Tensor):
-        self.images, self.indices = images, indices.cpu()
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        return self.images[self.indices[rows]]
-
-
 _END = object()
 
 
@@ -183,4 +169,4 @@ def choose(mode: str, images: torch.Tensor, mapped: bool, extra_bytes: int, devi
     return False, ""
 
 
-__all__ = ["DEPTH", "IndexedRows", "Prefetcher", "Rows", "as_numpy", "choose", "gather"]
+__all__ = ["DEPTH", "Prefetcher", "Rows", "as_numpy", "choose", "gather"]

@@ -50,7 +50,7 @@ import yaml
 from torch import nn
 
 from ..config import TrainConfig, to_dict
-from ..data import Dataset, stratified_split, subset_indices
+from ..data import Dataset, RowView, stratified_split, subset_indices
 from ..errors import UserError
 from ..evaluate import classification_metrics, predict
 from ..loggers import Trackers, parse_loggers
@@ -63,7 +63,7 @@ from .attention import FeatureHook, StopForward
 from .augment import crop_flip, resized_crop_flip
 from .parallel import Dist, sync_batchnorm
 from .parts import PLAIN, Batch, Step, parse_method
-from .stream import IndexedRows, Prefetcher, Rows
+from .stream import Prefetcher, Rows
 from .stream import choose as choose_stream
 from .speed import amp_dtype, autocast, lr_lambda, make_optimizer, maybe_compile
 
@@ -376,7 +376,7 @@ class Trainer:
     def evaluate(self, indices: torch.Tensor | None = None, split: str = "val") -> dict:
         data = self.dataset.train if split == "val" else self.dataset.test
         # validation rows are gathered batch by batch (a memory-mapped split is never copied whole)
-        images = data.images if indices is None else IndexedRows(data.images, indices)
+        images = data.images if indices is None else RowView(data.images, indices)
         labels = data.labels if indices is None else data.labels[indices]
         logits = predict(self.model, images, self.cfg.eval_batch_size, self.device, self.cfg.channels_last)
         return classification_metrics(logits, labels, self.dataset.classes)

@@ -210,7 +210,7 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
     twice, and other corruption settings score the same runs again without training."""
     if not names:
         return [None] * len(jobs)
-    from ..data import load_dataset
+    from ..data import RowView, load_dataset
     from ..evaluate.corruptions import evaluate_corruptions, evenly_spaced
     from ..models import load_model
     from ..runtime import resolve_device
@@ -231,7 +231,7 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
         net, _ = load_model(weights, None, len(dataset.classes), dataset.channels)
         device = resolve_device(job.cfg.device)
         pick = evenly_spaced(len(dataset.test.labels), images)  # as igkd evaluate --corruption-images picks them
-        r = evaluate_corruptions(net.to(device), dataset.test.images[pick], dataset.test.labels[pick], pick, names,
+        r = evaluate_corruptions(net.to(device), RowView(dataset.test.images, pick), dataset.test.labels[pick], pick, names,
                                  seed, job.cfg.eval_batch_size, device)
         write_json(d / CORRUPTIONS_FILE, {"key": key, "result": r})
         log(f"{what} run {i}/{len(jobs)} {job.label}: mean accuracy under {len(names)} corruption(s) "

@@ -25,7 +25,7 @@ def mapped_copy(data: Dataset, path) -> Dataset:
     return Dataset(data.spec, data.classes, data.channels, data.image_size, split, data.test)
 
 
-def pair(tmp_path, method, device="cpu", **kw):
+def pair(tmp_path, method, device="cpu", dist=None, **kw):
     """Two trainers of the same run, one per data path; the streaming one reads mapped images."""
     data = dataset(n=80)
     cfg = config(method=method, subset=0.9, check_images=0, **kw)
@@ -37,7 +37,7 @@ def pair(tmp_path, method, device="cpu", **kw):
         student = build_model(cfg.model, 4, 3)
         c = config(method=method, subset=0.9, check_images=0, stream=stream, **kw)
         runs.append(Trainer(c, student, d, tmp_path / f"run-{stream}", torch.device(device), teacher=t, store=store,
-                            quiet=True))
+                            quiet=True, dist=dist))
     assert not runs[0].streaming and runs[1].streaming
     return runs
 
@@ -70,6 +70,19 @@ def assert_same_batches(memory: Trainer, streamed: Trainer) -> None:
                                        ("kd+ig", {"p": 0.5, "map_size": 6}), ("explain", {})])
 def test_streaming_gives_the_in_memory_batches(tmp_path, method, kw):
     assert_same_batches(*pair(tmp_path, method, **kw))
+
+
+def test_each_rank_streams_only_its_slice_of_the_global_batch(tmp_path):
+    """Under torchrun (here: the rank and world a launcher would give, no process group)
+    rank r gathers its own slice of each global batch, as on the device-resident path."""
+    from igkd.distill.parallel import Dist
+    steps = {}
+    for rank in (0, 1):
+        memory, streamed = pair(tmp_path / str(rank), "kd+ig", dist=Dist(rank=rank, world=2), p=0.5)
+        assert_same_batches(memory, streamed)
+        steps[rank] = [b.idx for b in streamed.batches(1)]
+    for a, b in zip(steps[0], steps[1]):  # disjoint halves of one global batch
+        assert len(a) == len(b) and not set(a.tolist()) & set(b.tolist())
 
 
 def test_streaming_trains_the_same_weights(tmp_path):

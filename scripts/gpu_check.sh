@@ -5,7 +5,7 @@
 #      distill with --amp, torchrun with nccl where there are 2 GPUs, export of a CUDA-trained
 #      checkpoint, a CUDA-saved checkpoint on a machine without a GPU), their measured figures
 #      in the JUnit XML;
-#   2. benchmarks/train_throughput.py --device cuda and benchmarks/ig_throughput.py --device cuda;
+#   2. benchmarks/train_throughput.py, ig_throughput.py and data_throughput.py with --device cuda;
 #   3. one epoch of the evidence recipe's student (cifar10_evidence_gpu) on the full JPEG
 #      CIFAR-10 training set, for the time per epoch;
 #   4. as much of `igkd experiment montecarlo --config cifar10_evidence_gpu` as the minutes left
@@ -96,6 +96,7 @@ if [ -f "$TEACHER" ]; then  # map errors on a trained network (a random one is n
   IG_ARGS+=(--error-model mobilenetv2:drop=5 --error-weights "$TEACHER")
 fi
 stage ig_throughput 70 python benchmarks/ig_throughput.py "${IG_ARGS[@]}" || FAILED=1
+stage data_throughput 70 python benchmarks/data_throughput.py --device cuda --images 1000 --rounds 2 || FAILED=1
 
 # 3. and 4. the evidence recipe on the real data, as far as the time goes
 if [ -d "$DATA/train" ] && [ -f "$TEACHER" ]; then
@@ -141,7 +142,8 @@ if xml.exists():
                             for k, v in props.items())
         lines.append(f"- {case.get('name')}: {state}{' (' + why + ')' if why else ''}{': ' + figures if figures else ''}")
 for name, pattern in (("train_throughput", r"img/s|training throughput|\(b\)/|\(c\)/"),
-                      ("ig_throughput", r"^\||RESULT|bound:|^model")):
+                      ("ig_throughput", r"^\||RESULT|bound:|^model"),
+                      ("data_throughput", r"img/s|loader /|OK|NOT MET|training images")):
     found = tail(name, pattern)
     if found:
         lines += ["", f"## {name}", "", "```", *found, "```"]

@@ -239,3 +239,10 @@ def test_a_checkpoint_saved_from_cuda_loads_on_a_machine_without_one(amp_run, tm
     got = json.loads(r.stdout)
     want = igkd.evaluate(out / "model.safetensors", "demo", device="cpu")
     assert got["correct"] == want["correct"] and got["confusion"] == want["confusion"]
+
+
+def test_streamed_batches_on_cuda_equal_the_device_resident_ones(tmp_path):
+    """The streaming path on a GPU (pinned buffers, the side-stream copy one step ahead)
+    gives the batches of the device-resident path, maps and logits included."""
+    from test_stream import assert_same_batches, pair
+    assert_same_batches(*pair(tmp_path, "kd+ig", device="cuda", p=0.5))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from igkd.experiments.stats import compare, describe, holm, paired_t, signed_rank_sums, wilcoxon
+from igkd.experiments.stats import (compare, describe, detectable_difference, holm, paired_t, signed_rank_sums,
+                                    wilcoxon)
 
 
 def test_describe_matches_hand_values_and_scipy_interval():
@@ -98,3 +99,25 @@ def test_compare_pairs_tests_and_holm_family():
     assert first["t"]["p_holm"] == pytest.approx(holm([r["t"]["p"] for r in rows])[0])
     assert [r["wilcoxon"]["p_holm"] for r in rows] == pytest.approx(holm([r["wilcoxon"]["p"] for r in rows]))
     assert all(r["t"]["p_holm"] >= r["t"]["p"] for r in rows)
+
+
+@pytest.mark.parametrize("n,alpha", [(5, 0.05), (5, 0.05 / 15), (10, 0.05)])
+def test_detectable_difference_has_the_stated_power(n, alpha):
+    """Simulated paired t-tests with the returned true difference reject at the level in 80%
+    of the trials (the noncentral t, checked by drawing the runs)."""
+    delta = detectable_difference(2.0, n, alpha)
+    rng = np.random.default_rng(0)
+    d = rng.normal(delta, 2.0, (40000, n))
+    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+    assert abs(np.mean(np.abs(t) > sps.t.ppf(1 - alpha / 2, n - 1)) - 0.8) < 0.01
+    # scales with the spread, shrinks with more runs; nothing to detect without spread
+    assert detectable_difference(4.0, n, alpha) == pytest.approx(2 * delta)
+    assert detectable_difference(2.0, n + 5, alpha) < delta and detectable_difference(0.0, n, alpha) == 0.0
+
+
+def test_compare_reports_what_the_runs_could_detect():
+    rows = compare({"a": [1.0, 2.0, 3.0, 4.0], "b": [1.5, 2.0, 3.5, 4.0], "c": [0.0, 1.0, 1.0, 3.0]})
+    for r in rows:
+        t = r["t"]
+        assert t["detectable"] == pytest.approx(detectable_difference(t["sd_diff"], 4, 0.05))
+        assert t["detectable_holm"] == pytest.approx(detectable_difference(t["sd_diff"], 4, 0.05 / 3))

@@ -15,7 +15,7 @@ from torch import nn
 
 from .command_options import EvaluateConfig, api_config
 from .config import DistillConfig, PrecomputeConfig, TrainConfig
-from .data import Dataset, load_dataset
+from .data import Dataset, RowView, load_dataset
 from .distill import Trainer, parallel, parse_method
 from .distill.speed import amp_dtype
 from .errors import UserError
@@ -266,11 +266,13 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     net, meta = load_model(weights, model or None, len(classes), dataset.channels, pre)
     dev = resolve_device(cfg.device)
     test = dataset.test
-    images, labels, mapped = test.images, test.labels, None
+    # a view of the scored rows (class map, teacher-correct, corruption picks narrow it): read batch
+    # by batch, so a memory-mapped split is never copied
+    images, labels, mapped = RowView(test.images, torch.arange(len(test.labels))), test.labels, None
     index = torch.arange(len(test.labels))  # each scored image's index in the test split (seeds corruption noise)
     if cmap:
         mapped = remap(test.labels, dataset.classes, cmap, classes)
-        images, labels, index = test.images[mapped["keep"]], mapped["labels"], index[mapped["keep"]]
+        images, labels, index = images[mapped["keep"]], mapped["labels"], index[mapped["keep"]]
         if not len(labels):
             raise UserError(f"no test image of {dataset.spec} belongs to a class named in {cmap.source}")
     protocol = None

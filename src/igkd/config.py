@@ -78,6 +78,11 @@ class TrainConfig(_Validated):
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions on CPU and GPU)")
     eval_batch_size: int = opt(128, "images per forward pass when evaluating", low=1, high=65536, unit="images")
+    stream: str = opt("auto", "data path: off keeps the training images, maps and logits on the training device "
+                      "(CIFAR's fast path); on gathers each batch by sample index from memory (or the memory-mapped "
+                      "image cache and store) on a background thread; auto streams when the images are "
+                      "memory-mapped or images and maps exceed the memory budget (IGKD_DATA_MEMORY) or half of a "
+                      "GPU's free memory. Both paths give identical batches", choices=["auto", "on", "off"])
     threads: int = opt(0, "CPU threads for torch (0 = torch's default; under torchrun on CPU: cores // processes "
                        "per machine)", low=0, high=1024)
     optimizer_impl: str = opt("auto", "optimizer kernel: auto (fused where torch has it), fused, foreach (multi-tensor)"

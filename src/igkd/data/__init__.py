@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..errors import UserError
 from ..spec import Spec, parse_spec
-from .base import Dataset, Split
+from .base import Dataset, RowView, Split
 from .cifar10 import load_cifar10
 from .cifar100 import load_cifar100
 from .demo import load_demo
@@ -44,4 +44,4 @@ def load_dataset(spec: str) -> Dataset:
     return DATASETS[parsed.kind](parsed)
 
 
-__all__ = ["DATASETS", "Dataset", "Split", "load_dataset", "stratified_split", "subset_indices"]
+__all__ = ["DATASETS", "Dataset", "RowView", "Split", "load_dataset", "stratified_split", "subset_indices"]

@@ -13,7 +13,8 @@ process's own memory. ``Split.mapped`` names the file in that case (None in memo
 Code that indexes rows (``images[idx]``, ``images[i:j]``) works unchanged on both and
 copies only those rows; code that needs every pixel goes through the images in row
 blocks (:meth:`Dataset.channel_stats`, :func:`content_digest`) so no whole-split copy is
-made. :meth:`Split.subset` copies its rows into memory.
+made; :class:`RowView` scores chosen rows without copying them. :meth:`Split.subset`
+copies its rows into memory.
 """
 
 from __future__ import annotations
@@ -63,6 +64,23 @@ class Split:
     def subset(self, idx: torch.Tensor) -> "Split":
         """The rows ``idx`` (e.g. from :func:`stratified_split`), in that order, copied into memory."""
         return Split(self.images[idx], self.labels[idx])
+
+
+class RowView:
+    """``images[indices]`` without the copy: slicing it (as :func:`igkd.evaluate.predict`
+    does, batch by batch) gathers only that slice's rows; indexing it with a tensor gives a
+    narrower view. For scoring a chosen part of a split that may be memory-mapped."""
+
+    def __init__(self, images: torch.Tensor, indices: torch.Tensor):
+        self.images, self.indices = images, torch.as_tensor(indices).cpu()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key) -> "torch.Tensor | RowView":
+        if isinstance(key, slice):
+            return self.images[self.indices[key]]
+        return RowView(self.images, self.indices[torch.as_tensor(key).cpu()])
 
 
 # images per block when a whole split is read (digest, statistics): bounded memory on mapped splits

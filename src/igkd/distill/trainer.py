@@ -5,7 +5,9 @@ The data path follows the fast CIFAR trainers: the whole training split lives as
 uint8 tensor on the training device next to its labels, IG maps and teacher logits,
 all aligned by sample index; each batch is the images at a slice of a seeded
 permutation, augmented as tensor ops (:mod:`igkd.distill.augment`). There is no
-DataLoader and no per-sample Python.
+DataLoader and no per-sample Python. Data larger than memory (or ``--stream on``) takes
+the streaming path instead (:mod:`igkd.distill.stream`): the same indices, gathered from
+host memory or memory maps on a background thread, and identical batches.
 
 The trainer knows no method by name. Each batch is the images at the step's indices,
 then the transforms of the parts at stage ``overlay`` (clean images), crop and flip (with
@@ -48,7 +50,7 @@ import yaml
 from torch import nn
 
 from ..config import TrainConfig, to_dict
-from ..data import Dataset, stratified_split, subset_indices
+from ..data import Dataset, RowView, stratified_split, subset_indices
 from ..errors import UserError
 from ..evaluate import classification_metrics, predict
 from ..loggers import Trackers, parse_loggers
@@ -61,10 +63,12 @@ from .attention import FeatureHook, StopForward
 from .augment import crop_flip, resized_crop_flip
 from .parallel import Dist, sync_batchnorm
 from .parts import PLAIN, Batch, Step, parse_method
+from .stream import Prefetcher, Rows
+from .stream import choose as choose_stream
 from .speed import amp_dtype, autocast, lr_lambda, make_optimizer, maybe_compile
 
 CHECK_EVERY = 20  # steps between finite-loss checks (one tiny all-reduce under DDP)
-RESUME_FREE = ("epochs", "threads", "compile", "verify_store", "log", "log_every")  # options a resumed run may change
+RESUME_FREE = ("epochs", "threads", "stream", "compile", "verify_store", "log", "log_every")  # options a resumed run may change
 # what a last.pt written by Trainer.state always holds
 RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best", "history", "torch_rng", "config"}
 
@@ -123,7 +127,15 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         train = dataset.train
-        self.images = train.images.to(device)
+        m = self.method
+        maps_src = store.maps if m.needs_maps else None
+        logits_src = store.logits if m.needs_logits and cfg.logits == "precomputed" and not m.online_teacher else None
+        extra = sum(a.nbytes for a in (maps_src, logits_src) if a is not None)
+        self.streaming, self.stream_reason = choose_stream(getattr(cfg, "stream", "off"), train.images,
+                                                           train.mapped is not None, extra, device)
+        # streaming: images, maps and logits stay in host memory (or its memory maps) and each
+        # batch's rows are gathered ahead on a thread (distill/stream.py); else all on the device
+        self.images = train.images if self.streaming else train.images.to(device)
         self.labels = train.labels.to(device)
         # --subset first, then the validation split inside it; both are sample indices of the
         # whole training split, so maps and logits stored by index stay aligned
@@ -134,14 +146,13 @@ class Trainer:
         self.teacher = teacher.to(device).eval() if teacher is not None else None
         if self.teacher is not None and cfg.channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
-        m = self.method
         self.maps = self.logits = None
-        if m.needs_maps:
-            self.maps = torch.from_numpy(np.array(store.maps)).to(device)
+        if maps_src is not None:
+            self.maps = Rows(maps_src, device) if self.streaming else torch.from_numpy(np.array(maps_src)).to(device)
             if tuple(self.maps.shape[-2:]) != tuple(train.images.shape[-2:]):  # stored at --map-size
                 self.maps = UpsampledMaps(self.maps, tuple(train.images.shape[-2:]))
-        if m.needs_logits and cfg.logits == "precomputed" and not m.online_teacher:
-            self.logits = torch.from_numpy(np.array(store.logits)).to(device)
+        if logits_src is not None:
+            self.logits = Rows(logits_src, device) if self.streaming else torch.from_numpy(np.array(logits_src)).to(device)
         self.aligned_maps = any(p.aligned_maps for p in m.parts)
         self.teacher_hooks: list[FeatureHook] = []
         self.student_hooks: list[FeatureHook] = []
@@ -196,10 +207,10 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(epoch_seed(cfg.seed, epoch))
         order = self.train_idx[torch.randperm(len(self.train_idx), generator=gen, device=self.device)]
         overlay, mix = self._stage("overlay"), self._stage("mix")
-        for s in range(self.steps_per_epoch):
-            start = (s * self.world + self.rank) * bs
-            idx = order[start:start + bs]
-            b = Batch(idx, self.images[idx].float().div_(255), self.labels[idx])
+        starts = [(s * self.world + self.rank) * bs for s in range(self.steps_per_epoch)]
+        steps = [order[start:start + bs] for start in starts]
+        for idx, (images, labels) in zip(steps, self._rows(steps)):
+            b = Batch(idx, images.float().div_(255), labels)
             for part, state in overlay:
                 b = part.transform(state, b, gen, shard)
             if self.aligned_maps:  # the maps take their images' crop and flip as one more channel
@@ -212,6 +223,29 @@ class Trainer:
             if cfg.channels_last:
                 b.x = b.x.contiguous(memory_format=torch.channels_last)
             yield b
+
+    def _rows(self, steps: list[torch.Tensor]):
+        """Images and labels of each step's sample indices, in order. Streaming: gathered on
+        the prefetch thread with the maps and logits of the same rows, which are handed to
+        their lookups (:class:`~igkd.distill.stream.Rows`) for the step."""
+        if not self.streaming:
+            for idx in steps:
+                yield self.images[idx], self.labels[idx]
+            return
+        # one device-to-host copy of the epoch's indices, not one per step
+        host = [i.numpy() for i in torch.cat(steps).cpu().split([len(i) for i in steps])] if steps else []
+        maps = self.maps.stored if isinstance(self.maps, UpsampledMaps) else self.maps
+        sources = {"images": self.images, "labels": self.dataset.train.labels}
+        if maps is not None:
+            sources["maps"] = maps.source
+        if self.logits is not None:
+            sources["logits"] = self.logits.source
+        for idx, got in zip(steps, Prefetcher(sources, self.device).batches(host)):
+            if maps is not None:
+                maps.ready(idx, got["maps"])
+            if self.logits is not None:
+                self.logits.ready(idx, got["logits"])
+            yield got["images"], got["labels"]
 
     def _crop_flip(self, x: torch.Tensor, gen: torch.Generator, shard) -> torch.Tensor:
         cfg = self.cfg
@@ -341,7 +375,8 @@ class Trainer:
 
     def evaluate(self, indices: torch.Tensor | None = None, split: str = "val") -> dict:
         data = self.dataset.train if split == "val" else self.dataset.test
-        images = data.images if indices is None else data.images[indices]
+        # validation rows are gathered batch by batch (a memory-mapped split is never copied whole)
+        images = data.images if indices is None else RowView(data.images, indices)
         labels = data.labels if indices is None else data.labels[indices]
         logits = predict(self.model, images, self.cfg.eval_batch_size, self.device, self.cfg.channels_last)
         return classification_metrics(logits, labels, self.dataset.classes)
@@ -464,7 +499,8 @@ class Trainer:
             f"{len(self.train_idx)} train / {len(self.val_idx)} val images, {cfg.epochs} epochs, "
             f"batch {self.batch}{procs}, {cfg.optimizer} lr {self.lr:g}, device {self.device}"
             + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else "")
-            + "".join(f", {w}" for w in words), self.quiet)
+            + "".join(f", {w}" for w in words)
+            + (f"; streaming batches ({self.stream_reason})" if self.streaming else ""), self.quiet)
         start, first = time.perf_counter(), self.epoch
         try:
             self._epochs(history, start, first)

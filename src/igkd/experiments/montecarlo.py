@@ -71,10 +71,19 @@ def montecarlo_tables(result: dict) -> str:
         t, w = c["t"], c["wilcoxon"]
         rows.append([f"{c['a']} - {c['b']}", f"{t['mean_diff']:+.2f}", f"[{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]",
                      f"{t['t']:.2f}", _p(t["p"]), _p(t["p_holm"]), f"{t['cohen_dz']:.2f}",
-                     _p(w["p"]), _p(w["p_holm"]), f"{w['rank_biserial']:+.2f}"])
+                     _p(w["p"]), _p(w["p_holm"]), f"{w['rank_biserial']:+.2f}", _detectable(t, len(result["comparisons"]))])
     tests = markdown_table(["difference", "mean", "95% CI", "t", "p (t)", "p Holm (t)", "d_z", "p (Wilcoxon)",
-                            "p Holm (W)", "rank-biserial"], rows)
+                            "p Holm (W)", "rank-biserial", "detectable (5% / Holm)"], rows)
     return per_method + "\n\n" + tests + corruption_tables(result)
+
+
+def _detectable(t: dict, m: int) -> str:
+    """The smallest difference the paired t-test would detect with 80% power, at 5% and at
+    Holm's strictest level 5%/m (results written before it was stored: computed here)."""
+    from .stats import detectable_difference
+    a = t.get("detectable", detectable_difference(t["sd_diff"], t["n"], 0.05))
+    b = t.get("detectable_holm", detectable_difference(t["sd_diff"], t["n"], 0.05 / m))
+    return f"{a:.2f} / {b:.2f}"
 
 
 def corruption_tables(result: dict) -> str:
@@ -147,7 +156,10 @@ def section(run_dir: Path) -> str | None:
             f"{100 * r['subset']:.0f}% subset of the training set ({r['train_images']} training images after the "
             f"validation split) with seed {r['seed']}+r, shared by all methods of that run; {r['epochs']} epochs; "
             f"accuracy on the test split. Paired tests on the per-run differences, Holm-corrected over the "
-            f"{len(r['comparisons'])} comparisons.{note}\n\n{montecarlo_tables({**r, 'corruptions': None})}\n\n"
+            f"{len(r['comparisons'])} comparisons. 'detectable': the smallest true difference (points) the paired "
+            f"t-test would find with 80% power given the observed spread of the differences, at the 5% level and at "
+            f"Holm's strictest level (5% / {len(r['comparisons'])}); a difference not found may still exist below "
+            f"it.{note}\n\n{montecarlo_tables({**r, 'corruptions': None})}\n\n"
             "![Monte Carlo distribution](montecarlo.png)\n\n![means with 95% CI](montecarlo_bars.png)\n\n"
             "![paired differences, every run and the mean with its 95% CI](montecarlo_differences.png)\n")
     if r.get("corruptions"):

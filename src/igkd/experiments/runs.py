@@ -33,7 +33,7 @@ from ..progress import fmt_seconds, log
 from ..store import sha256_file
 
 # fields that do not change what a run computes (speed, placement, bookkeeping)
-NON_SEMANTIC = ("threads", "device", "store", "eval_batch_size", "channels_last", "optimizer_impl", "compile",
+NON_SEMANTIC = ("threads", "stream", "device", "store", "eval_batch_size", "channels_last", "optimizer_impl", "compile",
                 "chunk_size", "ig_batch", "check_images", "check_steps", "verify_store", "log", "log_every")
 # every setting of the stored maps (attribution, steps, baseline, ...): they matter to methods using maps
 STORE_FIELDS = tuple(f.name for f in fields(PrecomputeConfig))
@@ -210,7 +210,7 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
     twice, and other corruption settings score the same runs again without training."""
     if not names:
         return [None] * len(jobs)
-    from ..data import load_dataset
+    from ..data import RowView, load_dataset
     from ..evaluate.corruptions import evaluate_corruptions, evenly_spaced
     from ..models import load_model
     from ..runtime import resolve_device
@@ -231,7 +231,7 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
         net, _ = load_model(weights, None, len(dataset.classes), dataset.channels)
         device = resolve_device(job.cfg.device)
         pick = evenly_spaced(len(dataset.test.labels), images)  # as igkd evaluate --corruption-images picks them
-        r = evaluate_corruptions(net.to(device), dataset.test.images[pick], dataset.test.labels[pick], pick, names,
+        r = evaluate_corruptions(net.to(device), RowView(dataset.test.images, pick), dataset.test.labels[pick], pick, names,
                                  seed, job.cfg.eval_batch_size, device)
         write_json(d / CORRUPTIONS_FILE, {"key": key, "result": r})
         log(f"{what} run {i}/{len(jobs)} {job.label}: mean accuracy under {len(names)} corruption(s) "

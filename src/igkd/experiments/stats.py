@@ -12,6 +12,8 @@ seed) are paired: the tests work on the per-run differences.
   dropped) with the matched-pairs rank-biserial correlation
   ``r = (W+ - W-) / (W+ + W-)`` (+1: every run favours the first method).
 * :func:`holm`: Holm-Bonferroni step-down adjusted p-values.
+* :func:`detectable_difference`: the smallest mean difference the paired t-test detects
+  with 80% power given the observed spread (per comparison in :func:`compare`).
 * :func:`compare`: every pair of methods, both tests, Holm-adjusted per test family.
 * :func:`by_condition`: the same for each of several conditions (accuracy under each
   corruption and their mean), Holm within each condition.
@@ -82,6 +84,32 @@ def paired_t(a, b, confidence: float = 0.95) -> dict:
     return {**out, "t": float(res.statistic), "p": float(res.pvalue), "cohen_dz": mean / sd}
 
 
+def detectable_difference(sd_diff: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided paired t-test of ``n`` pairs at level
+    ``alpha`` detects with probability ``power``, when the differences have standard
+    deviation ``sd_diff``: ``delta = nc * sd / sqrt(n)``, with ``nc`` the noncentrality at
+    which the noncentral t (n - 1 degrees of freedom) exceeds the critical value with that
+    probability. With the observed sd, it says what the runs could have seen: a null
+    result rules out effects above it (at that power), not below."""
+    if n < 2:
+        return float("nan")
+    if sd_diff == 0:
+        return 0.0
+    from scipy.optimize import brentq
+    df = n - 1
+    crit = float(sps.t.ppf(1 - alpha / 2, df))
+
+    def short(nc: float) -> float:
+        lower = float(sps.nct.cdf(-crit, df, nc))  # the far tail; scipy gives NaN where it underflows
+        return float(sps.nct.sf(crit, df, nc)) + (lower if math.isfinite(lower) else 0.0) - power
+    hi = 2 * crit + 2.0
+    while short(hi) < 0:
+        hi *= 2
+        if hi > 1e4:
+            return float("nan")
+    return brentq(short, 0.0, hi) * sd_diff / math.sqrt(n)
+
+
 def signed_rank_sums(d) -> tuple[float, float, int]:
     """(W+, W-, number of non-zero differences): sums of the average ranks of |d| over the
     positive and the negative non-zero differences."""
@@ -146,6 +174,10 @@ def compare(groups: dict[str, list[float]], pairs: list[tuple[str, str]] | None 
     for test in ("t", "wilcoxon"):
         for row, adj in zip(rows, holm([r[test]["p"] for r in rows])):
             row[test]["p_holm"] = adj
+    for row in rows:  # what these runs could detect: at 5% per test, and at Holm's strictest level
+        t = row["t"]
+        t["detectable"] = detectable_difference(t["sd_diff"], t["n"], 0.05)
+        t["detectable_holm"] = detectable_difference(t["sd_diff"], t["n"], 0.05 / len(rows))
     return rows
 
 
@@ -161,4 +193,4 @@ def by_condition(values: dict[str, dict[str, list[float]]], pairs: list[tuple[st
                    "comparisons": compare(groups, pairs, confidence)} for cond, groups in values.items()}
 
 
-__all__ = ["by_condition", "compare", "describe", "holm", "paired_t", "signed_rank_sums", "wilcoxon"]
+__all__ = ["by_condition", "compare", "describe", "detectable_difference", "holm", "paired_t", "signed_rank_sums", "wilcoxon"]

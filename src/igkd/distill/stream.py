@@ -45,7 +45,7 @@ def as_numpy(source) -> np.ndarray:
         if source.device.type != "cpu":
             raise ValueError("streamed sources must be in host memory")
         return source.numpy()
-    return np.asarray(source) if not isinstance(source, np.ndarray) else source
+    return np.asarray(source)
 
 
 def gather(source: np.ndarray, idx: np.ndarray, pin: bool = False) -> torch.Tensor:
@@ -155,11 +155,10 @@ def choose(mode: str, images: torch.Tensor, mapped: bool, extra_bytes: int, devi
     from ..data.image_cache import human_bytes
     if mode in ("on", "off"):
         return mode == "on", f"--stream {mode}"
-    need = images.numel() + extra_bytes
     if mapped:
         return True, "the images are memory-mapped (larger than the memory budget)"
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        need, free = images.numel() + extra_bytes, torch.cuda.mem_get_info(device)[0]
         if need > free // 2:
             return True, f"images and maps ({human_bytes(need)}) exceed half the GPU's free memory"
         return False, ""

@@ -207,8 +207,7 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(epoch_seed(cfg.seed, epoch))
         order = self.train_idx[torch.randperm(len(self.train_idx), generator=gen, device=self.device)]
         overlay, mix = self._stage("overlay"), self._stage("mix")
-        starts = [(s * self.world + self.rank) * bs for s in range(self.steps_per_epoch)]
-        steps = [order[start:start + bs] for start in starts]
+        steps = [order[(s * self.world + self.rank) * bs:][:bs] for s in range(self.steps_per_epoch)]
         for idx, (images, labels) in zip(steps, self._rows(steps)):
             b = Batch(idx, images.float().div_(255), labels)
             for part, state in overlay:

@@ -56,17 +56,23 @@ def rss_anon(pid: int) -> int:
     return int(m.group(1)) * 1024 if m else 0
 
 
-def run_sampled(args: list[str], env: dict, cwd: Path) -> tuple[int, str, int]:
-    """Run ``python -m igkd ARGS``; return its status, output and peak RssAnon."""
+def run_sampled(args: list[str], env: dict, cwd: Path) -> tuple[int, str, int, str]:
+    """Run ``python -m igkd ARGS``; return its status, output, peak RssAnon and where the peak
+    came: its time and the last line the child had printed by then (which phase held it)."""
     with open(cwd / "child.log", "w+") as log:
         p = subprocess.Popen([sys.executable, "-m", "igkd", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
                              cwd=cwd)
-        peak = 0
+        t0, peak, at = time.monotonic(), 0, (0.0, 0)
         while p.poll() is None:
-            peak = max(peak, rss_anon(p.pid))
+            rss = rss_anon(p.pid)
+            if rss > peak:
+                peak, at = rss, (time.monotonic() - t0, os.lseek(log.fileno(), 0, os.SEEK_CUR))
             time.sleep(0.005)
         log.seek(0)
-        return p.returncode, log.read(), peak
+        out = log.read()
+        before = out.encode()[:at[1]].decode(errors="replace").strip().splitlines()
+        where = f"at {at[0]:.1f} s of {time.monotonic() - t0:.1f} s, after: {before[-1] if before else '(no output yet)'}"
+        return p.returncode, out, peak, where
 
 
 @pytest.mark.slow
@@ -87,12 +93,12 @@ def test_streaming_kd_ig_on_data_larger_than_memory_keeps_rss_bounded(tmp_path, 
     pre = subprocess.run([sys.executable, "-m", "igkd", "precompute", *common], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert pre.returncode == 0, pre.stderr[-2000:]
-    code, out, peak = run_sampled(["distill", *common, "--model", "py:tinynet.py:Net,width=4", "--method", "kd+ig",
+    code, out, peak, where = run_sampled(["distill", *common, "--model", "py:tinynet.py:Net,width=4", "--method", "kd+ig",
                                    "--stream", "on", "--epochs", "1", "--augment", "random-resized-crop",
                                    "--batch-size", "16", "--eval-batch-size", "16", "--out", "run"], env, tmp_path)
     assert code == 0, out[-2000:]
     assert "streaming batches" in out and (tmp_path / "run" / "summary.json").exists()
     record_property("peak_rss_anon_mib", round(peak / 2**20, 1))
-    print(f"peak RssAnon {peak / 2**20:.0f} MiB; limit {LIMIT / 2**20:.0f} MiB; data {decoded / 2**20:.0f} MiB")
+    print(f"peak RssAnon {peak / 2**20:.0f} MiB {where}; limit {LIMIT / 2**20:.0f} MiB; data {decoded / 2**20:.0f} MiB")
     # the trainer held less than both the limit and half the data
-    assert 0 < peak < min(LIMIT, decoded // 2), f"peak RssAnon {peak / 2**20:.0f} MiB"
+    assert 0 < peak < min(LIMIT, decoded // 2), f"peak RssAnon {peak / 2**20:.0f} MiB {where}"

@@ -17,10 +17,10 @@ import pytest
 SIZE = 224
 # IGKD_DATA_MEMORY, and the bound on the training process's RssAnon. torch itself takes ~145 MiB
 # after import and ~80 more once training starts (the optimizer's compiled-code machinery); the
-# whole run then holds 310-345 MiB (2026-12-06, about 20 runs), but one CI dry run of the full suite
-# peaked at 460 MiB, not seen again in those runs or another full suite: the limit leaves room
-# for that allocator variance while a copy of the images (1,550 MiB) or of the maps (1,034 MiB)
-# would still fail the test at least twice over
+# whole run then holds 317-343 MiB (2026-12-06, 30 runs). Before igkd.evaluate.predict filled one
+# output tensor in place, about 1 run in 6 grew by ~6 MiB per validation batch (glibc heap
+# fragmentation) to 470-730 MiB, and this test failed in CI. A copy of the images (1,550 MiB) or of
+# the maps (1,034 MiB) would fail it at least twice over.
 LIMIT = 512 << 20
 TRAIN = 10800  # 10,800 x 224 x 224 x 3 = 1,550 MiB decoded: 3x the limit
 

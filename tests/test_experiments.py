@@ -89,11 +89,14 @@ def test_ablation_killed_then_restarted_retrains_only_unfinished_runs(tmp_path, 
     proc = subprocess.Popen([sys.executable, "-m", "igkd.cli", "experiment", "ablation", "--config", str(cfg),
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
-    # kill it (SIGKILL, no clean-up) once the first run is finished and the second has a checkpoint
+    # kill it (SIGKILL, no clean-up) once the first run is finished and the second has a finished
+    # epoch: its metrics.jsonl has a row, which the trainer appends only after last.pt holds it (a
+    # kill between the two leaves last.pt without the row, which resuming writes back)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         done = sorted(p.parent.name for p in out.glob("runs/*/summary.json"))
-        partial = [p.parent for p in out.glob("runs/*/last.pt") if not (p.parent / "summary.json").exists()]
+        partial = [p.parent for p in out.glob("runs/*/metrics.jsonl")
+                   if p.read_text().strip() and not (p.parent / "summary.json").exists()]
         if done and partial:
             break
         time.sleep(0.05)

@@ -13,34 +13,62 @@
 #
 #   scripts/gpu_check.sh                       # outputs in $OUT if set, else ./gpu-check-out
 #   GPU_CHECK_SECONDS=480 OUT=/tmp/check scripts/gpu_check.sh
+#   GPU_CHECK_STAGES=gpu_tests,ig_throughput scripts/gpu_check.sh   # rerun only these stages
+#   GPU_CHECK_DEVICE=cpu scripts/gpu_check.sh  # rehearsal where there is no GPU: every stage on
+#                                              # the CPU (the gpu tests skip), to prove the script
+#                                              # itself before GPU minutes are spent on it
 #
-# Needs torch with CUDA, igkd's test extras (pytest, captum) and, for 3 and 4, the JPEG CIFAR-10
-# archive and the paper's published KD+IG student (../shared by default, IGKD_SHARED=DIR to
-# point elsewhere); without them those stages are skipped with the reason. Writes summary.md
-# (every stage: status, seconds, its figures) and one log per stage. Exit status 1 when a GPU
-# test or a benchmark failed (the evidence stage ending at its time limit is expected).
+# Stages: gpu_tests, decode_data, train_throughput, ig_throughput, data_throughput, epoch_probe,
+# evidence. Needs torch with CUDA, igkd's test extras (pytest, captum) and, for the last two, the
+# JPEG CIFAR-10 archive and the paper's published KD+IG student (../shared by default,
+# IGKD_SHARED=DIR to point elsewhere). A GPU machine that reaches neither ../shared nor PyPI gets
+# them from .gpu-carry/, which scripts/gpu_prepare.sh fills beforehand: wheels, installed only when
+# the image lacks captum, and a copy of the archive and the teacher. A stage whose inputs are
+# absent is skipped with the reason. Writes summary.md (every stage: status, seconds, its
+# figures), one log per stage, and gpu-check.tar.gz (every text output, no checkpoints: the one
+# file to bring back). Exit status 1 when a GPU test or a benchmark failed (the evidence stage
+# ending at its time limit is expected), 2 when there is no CUDA GPU and this is no rehearsal.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
+PY=${PYTHON:-python3}  # GPU images often have python3 and no python
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"  # igkd from this checkout, installed or not
 BUDGET=${GPU_CHECK_SECONDS:-480}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+STAGES=,${GPU_CHECK_STAGES:-all},
 OUT=${OUT:-$REPO/gpu-check-out}
-SHARED=${IGKD_SHARED:-$REPO/../shared}
+CARRY=$REPO/.gpu-carry
+if [ -n "${IGKD_SHARED:-}" ]; then SHARED=$IGKD_SHARED
+elif [ -d "$REPO/../shared" ]; then SHARED=$REPO/../shared
+else SHARED=$CARRY/shared; fi
 DATA=/tmp/igkd-test-data/cifar10-jpg   # where the benchmarks and tests look for the JPEG CIFAR-10
 TEACHER=$SHARED/checkpoints/nordlinglab/CIFAR10_KD_IG_T2.5_alpha0.01_p0.1_gamma0_TestAcc92.28.pt
 export IGKD_CACHE_DIR=${IGKD_CACHE_DIR:-/tmp/igkd-gpu-check-cache}  # decoded data and stores shared by stages
+case $DEVICE in
+  cuda|cpu) ;;
+  *) echo "gpu_check: GPU_CHECK_DEVICE must be cuda or cpu, not '$DEVICE'" >&2; exit 2;;
+esac
+for name in ${STAGES//,/ }; do
+  case $name in
+    all|gpu_tests|decode_data|train_throughput|ig_throughput|data_throughput|epoch_probe|evidence) ;;
+    *) echo "gpu_check: GPU_CHECK_STAGES names no stage '$name'; stages: gpu_tests, decode_data," \
+         "train_throughput, ig_throughput, data_throughput, epoch_probe, evidence (or all)" >&2; exit 2;;
+  esac
+done
 mkdir -p "$OUT"
 START=$SECONDS
 STATUS=()
 FAILED=0
 
 left() { echo $((BUDGET - (SECONDS - START))); }
+wanted() { [ "$STAGES" = ",all," ] || [[ $STAGES == *",$1,"* ]]; }
 
 # stage NAME LIMIT CMD...: run CMD with a time limit (at most what is left, less a margin for the
 # summary), its output in $OUT/NAME.log, and record the status and seconds
 stage() {
   local name=$1 limit=$2 began=$SECONDS rc
   shift 2
+  wanted "$name" || return 0  # not asked for (GPU_CHECK_STAGES): no line in the summary
   local room=$(($(left) - 20))
   if [ "$room" -lt 30 ]; then
     STATUS+=("$name|skipped: $(left) s left of $BUDGET|0")
@@ -61,17 +89,31 @@ stage() {
   return $rc
 }
 
-python - >"$OUT/device.txt" 2>&1 <<'EOF'
+# wheels carried from elsewhere (scripts/gpu_prepare.sh), installed only where captum is missing
+if [ -d "$CARRY/wheels" ] && ! "$PY" -c "import captum" 2>/dev/null; then
+  SITE=/tmp/igkd-gpu-check-site
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$CARRY"/wheels/*.whl >"$OUT/wheels.log" 2>&1 || { cat "$OUT/wheels.log" >&2; exit 1; }
+  export PYTHONPATH="$PYTHONPATH:$SITE"  # after the image's own packages: only what it lacks
+fi
+
+DEVICE=$DEVICE "$PY" - >"$OUT/device.txt" 2>&1 <<'EOF'
+import os, platform
 import torch
-if not torch.cuda.is_available():
-    raise SystemExit("no CUDA GPU: torch.cuda.is_available() is False; nothing to check here")
-print(f"device: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, "
-      f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
-      f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, bf16 {torch.cuda.is_bf16_supported()}")
+if os.environ["DEVICE"] == "cpu":
+    print(f"device: REHEARSAL on the CPU ({os.cpu_count()} cores, {platform.machine()}), not a GPU check: "
+          f"the gpu tests skip and every figure is a CPU one; torch {torch.__version__}")
+elif not torch.cuda.is_available():
+    raise SystemExit("gpu_check: no CUDA GPU (torch.cuda.is_available() is False); run it where there is one, "
+                     "or GPU_CHECK_DEVICE=cpu for a rehearsal of the script on the CPU")
+else:
+    print(f"device: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, "
+          f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
+          f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, bf16 {torch.cuda.is_bf16_supported()}")
 EOF
 if [ $? -ne 0 ]; then
   cat "$OUT/device.txt" >&2
-  exit 1
+  exit 2
 fi
 cat "$OUT/device.txt" >&2
 
@@ -81,38 +123,39 @@ if [ ! -d "$DATA/train" ] && [ -f "$SHARED/data/cifar10-jpg.tar.gz" ]; then
 fi
 
 # 1. the GPU tests (figures as JUnit properties: record_property needs the xunit1 family)
-stage gpu_tests 150 python -m pytest -m gpu -q -rs -p no:cacheprovider -o junit_family=xunit1 \
+stage gpu_tests 150 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider -o junit_family=xunit1 \
   --junitxml="$OUT/gpu_tests.xml" tests || FAILED=1
 
 # the JPEG CIFAR-10 decoded once into the cache every later stage reads (not charged to a benchmark)
 if [ -d "$DATA/train" ]; then
-  stage decode_data 60 python -c "import igkd; d = igkd.load_dataset('imagefolder:$DATA'); print(len(d.train), len(d.test))"
+  stage decode_data 60 "$PY" -c "import igkd; d = igkd.load_dataset('imagefolder:$DATA'); print(len(d.train), len(d.test))"
 fi
 
 # 2. throughput on the GPU (short: fewer steps and rounds than the CPU figures in the README)
-stage train_throughput 70 python benchmarks/train_throughput.py --device cuda --steps 20 --rounds 2 || FAILED=1
-IG_ARGS=(--device cuda --images 64 --repeats 2 --error-images 16)
+stage train_throughput 70 "$PY" benchmarks/train_throughput.py --device "$DEVICE" --steps 20 --rounds 2 || FAILED=1
+IG_ARGS=(--device "$DEVICE" --images 64 --repeats 2 --error-images 16)
 if [ -f "$TEACHER" ]; then  # map errors on a trained network (a random one is nearly linear along the path)
   IG_ARGS+=(--error-model mobilenetv2:drop=5 --error-weights "$TEACHER")
 fi
-stage ig_throughput 70 python benchmarks/ig_throughput.py "${IG_ARGS[@]}" || FAILED=1
-stage data_throughput 70 python benchmarks/data_throughput.py --device cuda --images 1000 --rounds 2 || FAILED=1
+stage ig_throughput 70 "$PY" benchmarks/ig_throughput.py "${IG_ARGS[@]}" || FAILED=1
+stage data_throughput 70 "$PY" benchmarks/data_throughput.py --device "$DEVICE" --images 1000 --rounds 2 || FAILED=1
 
 # 3. and 4. the evidence recipe on the real data, as far as the time goes
 if [ -d "$DATA/train" ] && [ -f "$TEACHER" ]; then
-  rm -rf "$OUT/epoch_probe"  # a run folder from an earlier check would be refused
-  stage epoch_probe 60 python -m igkd distill --config cifar10_evidence_gpu --data "imagefolder:$DATA" \
+  wanted epoch_probe && rm -rf "$OUT/epoch_probe"  # a run folder from an earlier check would be refused
+  stage epoch_probe 60 "$PY" -m igkd distill --config cifar10_evidence_gpu --device "$DEVICE" --data "imagefolder:$DATA" \
     --method student --epochs 1 --out "$OUT/epoch_probe" --json
-  stage evidence 100000 python -m igkd experiment montecarlo --config cifar10_evidence_gpu \
+  stage evidence 100000 "$PY" -m igkd experiment montecarlo --config cifar10_evidence_gpu --device "$DEVICE" \
     --data "imagefolder:$DATA" --teacher "$TEACHER" --out "$OUT/evidence"
 else
-  STATUS+=("epoch_probe|skipped: no JPEG CIFAR-10 ($SHARED/data/cifar10-jpg.tar.gz) or teacher ($TEACHER)|0")
-  STATUS+=("evidence|skipped: as epoch_probe|0")
+  why="no JPEG CIFAR-10 ($SHARED/data/cifar10-jpg.tar.gz) or teacher ($TEACHER): scripts/gpu_prepare.sh carries them"
+  wanted epoch_probe && STATUS+=("epoch_probe|skipped: $why|0")
+  wanted evidence && STATUS+=("evidence|skipped: $why|0")
 fi
 
 # summary.md: every stage's status and the figures it produced
 printf '%s\n' "${STATUS[@]}" >"$OUT/.status"
-python - "$OUT" <<'EOF'
+"$PY" - "$OUT" <<'EOF'
 import json, re, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -166,5 +209,9 @@ if (out / "evidence.log").exists():
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
-echo "gpu_check: $((SECONDS - START)) s; outputs in $OUT (summary.md)" >&2
+# every text output in one archive (no checkpoints, stores or decoded data): what comes back
+(cd "$OUT" && find . -path ./gpu-check.tar.gz -prune -o -type f \( -name '*.md' -o -name '*.txt' -o -name '*.log' \
+  -o -name '*.xml' -o -name '*.json' -o -name '*.jsonl' -o -name '*.yaml' -o -name '*.csv' -o -name '*.png' \
+  -o -name '.status' \) -print0 | tar -czf gpu-check.tar.gz --null -T -)
+echo "gpu_check: $((SECONDS - START)) s; outputs in $OUT (summary.md, all text in gpu-check.tar.gz)" >&2
 exit $FAILED

@@ -196,7 +196,7 @@ def test_new_families_export_with_parity_and_audit(data, tmp_path, fmt):
     r = igkd.export_model(wrn, tmp_path / f"m.{fmt}", fmt, data=data[32], quiet=True)
     assert r["parity"]["images"] == 12 and r["parity"]["max_abs_diff"] <= 1e-3
     if fmt == "onnx":  # audit: IG agreement of a ResNet student with a WRN teacher, and with itself
-        a = igkd.audit(str(wrn), f"{wrn},{resnet}", data[32], images=4, steps=4, gallery_images=1, quiet=True)
+        a = igkd.audit(str(wrn), f"{wrn},{resnet}", data[32], images=4, ig_steps=4, gallery=1, quiet=True)
         same, other = a["students"]
         assert same["spearman_mean"] == pytest.approx(1.0) and other["model"] == "resnet:depth=20"
 

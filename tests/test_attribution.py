@@ -188,7 +188,7 @@ def test_precompute_gradcam_writes_maps_per_image(tmp_path):
 
 
 def test_audit_takes_an_attribution_by_name(tmp_path):
-    r = igkd.audit(DEMO_TEACHER, DEMO_TEACHER, "demo", images=6, gallery_images=0, quiet=True,
+    r = igkd.audit(DEMO_TEACHER, DEMO_TEACHER, "demo", images=6, gallery=0, quiet=True,
                    attribution="gradcam")
     assert r["attribution"] == "gradcam" and r["description"].startswith("Grad-CAM")
     assert r["students"][0]["spearman_mean"] == pytest.approx(1.0)

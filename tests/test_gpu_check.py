@@ -8,6 +8,7 @@ what comes back from the GPU machine.
 
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -19,13 +20,9 @@ SCRIPT = REPO / "scripts" / "gpu_check.sh"
 
 
 def run_check(tmp_path, **env):
-    full = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": os.environ.get("PYTHON", _python()), **env}
+    """The script as a user runs it, with this interpreter (its torch, its packages)."""
+    full = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, **env}
     return subprocess.run(["bash", str(SCRIPT)], env=full, capture_output=True, text=True, timeout=600)
-
-
-def _python() -> str:
-    import sys
-    return sys.executable
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU here: the refusal is for machines without one")

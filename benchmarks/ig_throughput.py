@@ -27,6 +27,11 @@ with glibc's default malloc settings, in a child process (mallopt is process-wid
 its 400-image passes then page-fault on every activation. Prints images/s, the ratios
 and the errors.
 
+``--batch-sizes 1024,3200`` then times igkd's default IG at each number of interpolated
+samples per pass beside the engine's default for the device (64 at 32x32 on the CPU, 256 on
+CUDA, the latter chosen without a GPU), with the peak CUDA memory of one call; a size that
+does not fit is reported as out of memory. ``scripts/gpu_check.sh`` runs it on the GPU.
+
 ``--device cuda`` runs every side on the GPU (models, images and the error check), with
 the device synchronised around each timing; the glibc-malloc child is skipped there
 (host malloc does not hold GPU activations).
@@ -107,16 +112,26 @@ def main(argv=None) -> int:
                     "--fit-images CIFAR-10 test images, its fitting time spread over --amortize images")
     ap.add_argument("--fit-images", type=int, default=32)
     ap.add_argument("--amortize", type=int, default=50000, help="images the fit is spread over (default 50000)")
+    ap.add_argument("--batch-sizes", default="",
+                    help="comma-separated interpolated samples per pass to sweep after the main table, e.g. "
+                    "256,1024,4096: igkd's default IG at each, images/s and (CUDA) peak memory; the data for the "
+                    "engine's per-device default (256 on CUDA, chosen without a GPU)")
     ap.add_argument("--reference-only", action="store_true",
                     help="time only the reference and print images/s as JSON (the child process the benchmark "
                     "starts to time the paper's code as it runs: with glibc's default malloc settings)")
     args = ap.parse_args(argv)
+    try:
+        sweep = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--batch-sizes takes comma-separated positive integers, got {args.batch_sizes!r}")
+    if any(b < 1 for b in sweep):
+        ap.error(f"--batch-sizes takes positive integers, got {args.batch_sizes!r}")
 
     from captum.attr import IntegratedGradients
 
     import igkd
     from igkd.attribution import attribution_map, input_x_gradient, integrated_gradients, saliency, smoothgrad
-    from igkd.attribution.engine import _prepare
+    from igkd.attribution.engine import _default_batch_size, _prepare
     from igkd.config import PrecomputeConfig
     from igkd.precompute import relative_l1
     from igkd.runtime import tune_malloc
@@ -272,7 +287,47 @@ def main(argv=None) -> int:
         as_runs = f", {ips['fitted'] / untuned_ips:.2f}x as the paper's code runs" if untuned_ips is not None else ""
         print(f"RESULT{on} fitted {args.fitted} (fit included)/reference {ips['fitted'] / ips['reference']:.2f}x"
               f"{as_runs}, error {100 * err['fitted']:.2f}%", flush=True)
+    if sweep:
+        batch_sweep(model, x, y, default, sweep, args.repeats, _default_batch_size(x))
     return 0
+
+
+def batch_sweep(model, x, y, default, sizes, repeats, engine_default) -> None:
+    """igkd's default IG at each number of interpolated samples per pass: images/s and, on
+    CUDA, the peak memory of one call (what a larger default would cost)."""
+    from igkd.attribution import integrated_gradients
+    n = len(x)
+    print(f"\n| samples per pass | images/s | vs engine default ({engine_default}) | peak memory |")
+    print("|---:|---:|---:|---:|")
+    rows = []
+    for b in sorted({engine_default, *sizes}):
+        def run(b=b):
+            return integrated_gradients(model, x, y, n_steps=default.ig_steps, method=default.ig_method, batch_size=b)
+        try:
+            run()  # warm-up (cuDNN picks its kernels per shape)
+            peak = None
+            if DEVICE.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(DEVICE)
+                base = torch.cuda.memory_allocated(DEVICE)
+                run()
+                sync()
+                peak = (torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20
+            rows.append((b, n / timed(run, repeats), peak))
+        except torch.OutOfMemoryError:  # the size this device cannot take: a row, not the end of the sweep
+            torch.cuda.empty_cache()
+            rows.append((b, None, None))
+    at_default = next(ips for b, ips, _ in rows if b == engine_default) or float("nan")
+    for b, ips, peak in rows:
+        if ips is None:
+            print(f"| {b} | out of memory | | |")
+            continue
+        print(f"| {b} | {ips:.1f} | {ips / at_default:.2f}x | {'n/a (CPU)' if peak is None else f'{peak:.0f} MiB'} |")
+    fitting = [r for r in rows if r[1] is not None]
+    if fitting:
+        best = max(fitting, key=lambda r: r[1])
+        print(f"SWEEP{'' if DEVICE.type == 'cpu' else ' ' + str(DEVICE) + ':'} best {best[0]} samples per pass, "
+              f"{best[1] / at_default:.2f}x the engine default ({engine_default}), {n} images x "
+              f"{default.ig_steps} steps", flush=True)
 
 
 if __name__ == "__main__":

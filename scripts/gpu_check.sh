@@ -29,6 +29,11 @@
 # file to bring back). Exit status 1 when a GPU test or a benchmark failed (the evidence stage
 # ending at its time limit is expected), 2 when there is no CUDA GPU and this is no rehearsal.
 set -uo pipefail
+case "${1:-}" in  # settings come from the environment; the header above is the help
+  "") ;;
+  -h|--help) sed -n '2,/^set -/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0;;
+  *) echo "$(basename "$0"): takes no arguments, only environment settings, got '$1' (--help lists them)" >&2; exit 2;;
+esac
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PYTHON:-python3}  # GPU images often have python3 and no python

@@ -15,6 +15,11 @@
 # Then send the checkout with .gpu-carry to the GPU machine and run gpu_check.sh there (the
 # command it prints keeps what comes back to two files: summary.md and gpu-check.tar.gz).
 set -euo pipefail
+case "${1:-}" in  # settings come from the environment; the header above is the help
+  "") ;;
+  -h|--help) sed -n '2,/^set -/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0;;
+  *) echo "$(basename "$0"): takes no arguments, only environment settings, got '$1' (--help lists them)" >&2; exit 2;;
+esac
 cd "$(dirname "$0")/.."
 SHARED=${IGKD_SHARED:-../shared}
 CARRY=.gpu-carry

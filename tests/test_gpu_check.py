@@ -64,3 +64,17 @@ def test_rehearsal_of_the_test_stage(tmp_path):
     with tarfile.open(out / "gpu-check.tar.gz") as tar:
         members = {Path(m).name for m in tar.getnames()}
     assert {"summary.md", "gpu_tests.xml", "gpu_tests.log", "device.txt"} <= members, members
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_prepare.sh"])
+def test_help_and_a_stray_argument(script, tmp_path):
+    path = REPO / "scripts" / script
+    h = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, timeout=60)
+    assert h.returncode == 0 and "IGKD_SHARED" in h.stdout and not h.stdout.startswith("#"), h.stdout
+    if script == "gpu_check.sh":
+        assert all(k in h.stdout for k in ("GPU_CHECK_SECONDS", "GPU_CHECK_STAGES", "GPU_CHECK_DEVICE"))
+    r = subprocess.run(["bash", str(path), "--stages"], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == (f"{script}: takes no arguments, only environment settings, "
+                                                     "got '--stages' (--help lists them)"), r.stderr
+    assert not (REPO / ".gpu-carry.partial").exists()

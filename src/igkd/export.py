@@ -112,13 +112,8 @@ def load_runner(path: str | Path, threads: int | None = None,
 @torch.inference_mode()
 def logits_of(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Logits of uint8 images N x C x H x W through ``run`` (float32 [0, 1] inputs)."""
-    out = None  # filled in place, as igkd.evaluate.predict does (kept per-batch logits fragment the heap)
-    for i in range(0, len(images), batch_size):
-        logits = run(images[i:i + batch_size].float().div_(255))
-        if out is None:
-            out = torch.empty((len(images), *logits.shape[1:]), dtype=torch.float32)
-        out[i:i + len(logits)].copy_(logits)
-    return out if out is not None else torch.empty(0)
+    from .evaluate.metrics import fill_rows
+    return fill_rows(len(images), batch_size, lambda i: run(images[i:i + batch_size].float().div_(255)))
 
 
 def quantize_int8(fp32: bytes, out: str | Path, calibration_images: torch.Tensor, batch_size: int = 32) -> None:

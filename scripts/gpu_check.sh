@@ -29,11 +29,7 @@
 # file to bring back). Exit status 1 when a GPU test or a benchmark failed (the evidence stage
 # ending at its time limit is expected), 2 when there is no CUDA GPU and this is no rehearsal.
 set -uo pipefail
-case "${1:-}" in  # settings come from the environment; the header above is the help
-  "") ;;
-  -h|--help) sed -n '2,/^set -/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0;;
-  *) echo "$(basename "$0"): takes no arguments, only environment settings, got '$1' (--help lists them)" >&2; exit 2;;
-esac
+. "$(dirname "$0")/gpu_common.sh" "$@"  # GPU_ARCHIVE, GPU_TEACHER; --help; no arguments
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PYTHON:-python3}  # GPU images often have python3 and no python
@@ -47,7 +43,7 @@ if [ -n "${IGKD_SHARED:-}" ]; then SHARED=$IGKD_SHARED
 elif [ -d "$REPO/../shared" ]; then SHARED=$REPO/../shared
 else SHARED=$CARRY/shared; fi
 DATA=/tmp/igkd-test-data/cifar10-jpg   # where the benchmarks and tests look for the JPEG CIFAR-10
-TEACHER=$SHARED/checkpoints/nordlinglab/CIFAR10_KD_IG_T2.5_alpha0.01_p0.1_gamma0_TestAcc92.28.pt
+TEACHER=$SHARED/$GPU_TEACHER
 export IGKD_CACHE_DIR=${IGKD_CACHE_DIR:-/tmp/igkd-gpu-check-cache}  # decoded data and stores shared by stages
 case $DEVICE in
   cuda|cpu) ;;
@@ -123,8 +119,8 @@ fi
 cat "$OUT/device.txt" >&2
 
 # the JPEG CIFAR-10, unpacked once where tests/helpers_data.py and the benchmarks look
-if [ ! -d "$DATA/train" ] && [ -f "$SHARED/data/cifar10-jpg.tar.gz" ]; then
-  mkdir -p "$DATA.partial" && tar -xzf "$SHARED/data/cifar10-jpg.tar.gz" -C "$DATA.partial" && mv "$DATA.partial" "$DATA"
+if [ ! -d "$DATA/train" ] && [ -f "$SHARED/$GPU_ARCHIVE" ]; then
+  mkdir -p "$DATA.partial" && tar -xzf "$SHARED/$GPU_ARCHIVE" -C "$DATA.partial" && mv "$DATA.partial" "$DATA"
 fi
 
 # 1. the GPU tests (figures as JUnit properties: record_property needs the xunit1 family)
@@ -155,7 +151,7 @@ if [ -d "$DATA/train" ] && [ -f "$TEACHER" ]; then
   stage evidence 100000 "$PY" -m igkd experiment montecarlo --config cifar10_evidence_gpu --device "$DEVICE" \
     --data "imagefolder:$DATA" --teacher "$TEACHER" --out "$OUT/evidence"
 else
-  why="no JPEG CIFAR-10 ($SHARED/data/cifar10-jpg.tar.gz) or teacher ($TEACHER): scripts/gpu_prepare.sh carries them"
+  why="no JPEG CIFAR-10 ($SHARED/$GPU_ARCHIVE) or teacher ($TEACHER): scripts/gpu_prepare.sh carries them"
   wanted epoch_probe && STATUS+=("epoch_probe|skipped: $why|0")
   wanted evidence && STATUS+=("evidence|skipped: $why|0")
 fi

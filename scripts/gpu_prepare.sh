@@ -15,19 +15,13 @@
 # Then send the checkout with .gpu-carry to the GPU machine and run gpu_check.sh there (the
 # command it prints keeps what comes back to two files: summary.md and gpu-check.tar.gz).
 set -euo pipefail
-case "${1:-}" in  # settings come from the environment; the header above is the help
-  "") ;;
-  -h|--help) sed -n '2,/^set -/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0;;
-  *) echo "$(basename "$0"): takes no arguments, only environment settings, got '$1' (--help lists them)" >&2; exit 2;;
-esac
+. "$(dirname "$0")/gpu_common.sh" "$@"  # GPU_ARCHIVE, GPU_TEACHER; --help; no arguments
 cd "$(dirname "$0")/.."
 SHARED=${IGKD_SHARED:-../shared}
 CARRY=.gpu-carry
-ARCHIVE=data/cifar10-jpg.tar.gz
-TEACHER=checkpoints/nordlinglab/CIFAR10_KD_IG_T2.5_alpha0.01_p0.1_gamma0_TestAcc92.28.pt
 CAPTUM=${CAPTUM_VERSION:-0.9.0}
 
-for f in "$ARCHIVE" "$TEACHER"; do
+for f in "$GPU_ARCHIVE" "$GPU_TEACHER"; do
   if [ ! -f "$SHARED/$f" ]; then
     echo "gpu_prepare: $SHARED/$f is missing; set IGKD_SHARED to the folder that holds data/ and checkpoints/" >&2
     exit 2
@@ -37,8 +31,8 @@ done
 rm -rf "$CARRY.partial"
 mkdir -p "$CARRY.partial/wheels" "$CARRY.partial/shared/data" "$CARRY.partial/shared/checkpoints/nordlinglab"
 python3 -m pip download -q --no-deps --only-binary=:all: -d "$CARRY.partial/wheels" "captum==$CAPTUM"
-cp "$SHARED/$ARCHIVE" "$CARRY.partial/shared/$ARCHIVE"
-cp "$SHARED/$TEACHER" "$CARRY.partial/shared/$TEACHER"
+cp "$SHARED/$GPU_ARCHIVE" "$CARRY.partial/shared/$GPU_ARCHIVE"
+cp "$SHARED/$GPU_TEACHER" "$CARRY.partial/shared/$GPU_TEACHER"
 rm -rf "$CARRY" && mv "$CARRY.partial" "$CARRY"  # whole or not at all
 
 echo "gpu_prepare: $CARRY holds $(du -sh "$CARRY" | cut -f1):" >&2

@@ -4,6 +4,7 @@ with two worker processes on one SQLite study, and the report of it all."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,6 +190,15 @@ def test_montecarlo_runs_share_subset_and_seed_and_report_paired_statistics(exp_
     diff = np.subtract(c["accuracy"]["gaussian_blur"]["kd+ig"], c["accuracy"]["gaussian_blur"]["student"])
     assert (blur["a"], blur["b"]) == ("kd+ig", "student") and blur["t"]["mean_diff"] == pytest.approx(diff.mean())
     assert "| condition | difference |" in table and "| mean of corruptions | kd+ig - student |" in table
+
+    # one method alone, with corruptions: no pairs to test, and the tables still come (it
+    # crashed with a KeyError after all the training); a copy reuses the finished runs
+    one = tmp_path / "one"
+    shutil.copytree(exp_dir, one)
+    alone = run_montecarlo(resolve("montecarlo", yaml_path, {"methods": "student"}), one, quiet=True)
+    assert alone["comparisons"] == [] and alone["corruptions"]["stats"]["contrast"]["comparisons"] == []
+    assert alone["accuracy"]["student"] == acc["student"]
+    assert "| student | 2 |" in (one / "montecarlo.md").read_text()
 
     # the ablation of Monte Carlo run 0's subset and seed is the same two runs: trained and scored once
     before = {p: p.stat().st_mtime_ns for p in exp_dir.glob("runs/*/corruptions.json")}

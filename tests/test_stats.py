@@ -77,6 +77,22 @@ def test_wilcoxon_hand_values_and_scipy():
     assert none["p"] == 1.0 and none["n_nonzero"] == 0 and none["rank_biserial"] == 0
 
 
+def test_float_noise_does_not_split_ties_or_hide_a_constant_difference():
+    # 48.5 - 48.2 and 49.7 - 49.4 are both 0.3 points, but float subtraction gives
+    # 0.30000000000000426 and 0.30000000000000426 / 0.2999999999999972: the tie must stand
+    a, b = [48.5, 49.7, 50.2, 47.0, 48.0], [48.2, 49.4, 49.7, 46.3, 48.9]
+    assert len(set(np.array(a) - np.array(b))) == 5  # the raw floats look untied
+    r = wilcoxon(a, b)
+    # |d| = .3, .3, .5, .7, .9 -> ranks 1.5, 1.5, 3, 4, 5; W- = 5 (the -0.9), W+ = 10
+    assert (r["w_plus"], r["w_minus"]) == (10.0, 5.0)
+    assert r["method"].startswith("scipy default")  # not "exact" over ranks that are not there
+    assert r["p"] == pytest.approx(sps.wilcoxon([0.3, 0.3, 0.5, 0.7, -0.9]).pvalue)
+    assert r["rank_biserial"] == pytest.approx(1 / 3)
+    # a constant gain of 0.1 points in every run: an infinite t, as for exact inputs
+    shifted = paired_t([90.1, 90.2, 90.3], [90.0, 90.1, 90.2])
+    assert shifted["t"] == math.inf and shifted["sd_diff"] == 0
+
+
 def test_holm_hand_values():
     # sorted 0.005, 0.01, 0.03, 0.04 -> 4 x 0.005 = 0.02, 3 x 0.01 = 0.03, 2 x 0.03 = 0.06,
     # 1 x 0.04 = 0.04 raised to 0.06 (monotone); back in input order
@@ -121,3 +137,33 @@ def test_compare_reports_what_the_runs_could_detect():
         t = r["t"]
         assert t["detectable"] == pytest.approx(detectable_difference(t["sd_diff"], 4, 0.05))
         assert t["detectable_holm"] == pytest.approx(detectable_difference(t["sd_diff"], 4, 0.05 / 3))
+
+
+def test_committed_results_hold_the_statistics_of_their_own_runs():
+    # the Evidence section's files: every stored statistic is what the current stats code
+    # computes from the stored per-run accuracies (the report recomputes them the same way)
+    import json
+    from pathlib import Path
+    from igkd.experiments.montecarlo import statistics
+    root = Path(__file__).resolve().parent.parent / "results"
+    files = sorted(root.glob("*/montecarlo.json"))
+    assert len(files) >= 2
+    for f in files:
+        stored = json.loads(f.read_text())
+        assert _differences(statistics(stored), stored) == [], f
+
+
+def _differences(a, b, path="") -> list[str]:
+    """Where two JSON-like trees differ (floats to 1e-9 relative, NaN equal to NaN)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(a.keys() ^ b.keys())}"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        same = (a != a and b != b) or a == pytest.approx(b, rel=1e-9, abs=1e-12)
+        return [] if same else [f"{path}: {a} != {b}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]

@@ -122,7 +122,7 @@ def corruption_section(run_dir: Path, result: dict, kind: str, tables: str, clea
     points = {m: [clean[m]] + [c["stats"][k]["summary"][m] for k in conds] for m in methods}
     condition_points(run_dir / f"{kind}_corruptions.png", ["clean"] + [c["labels"][k] for k in conds], points)
     tests = (" Paired tests as for the clean accuracy, Holm-corrected within each condition over its "
-             f"{len(c['stats'][conds[0]]['comparisons'])} comparisons." if "comparisons" in c["stats"][conds[0]] else "")
+             f"{len(c['stats'][conds[0]]['comparisons'])} comparisons." if c["stats"][conds[0]].get("comparisons") else "")
     images = (f"{c['images']} test images, evenly spaced (clean accuracy on them in {kind}.json)" if c.get("subset")
               else f"the {c['images']} test images")
     return (f"### Under corruptions\n\nEvery run's best checkpoint scored on {images} under {', '.join(c['names'])} "

@@ -38,19 +38,40 @@ def run_montecarlo(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) 
     acc = {m: [r["test_accuracy"] for r in sorted(runs, key=lambda r: r["mc_run"]) if r["method"] == m]
            for m in methods}
     base = baseline_of(methods)
-    summary = {m: describe(acc[m]) for m in methods}
-    order = [base] + [m for m in methods if m != base]
-    pairs = [(m, base) for m in order[1:]] + [(b, a) for i, a in enumerate(order[1:], 1) for b in order[i + 1:]]
+    order, pairs = _order_and_pairs(methods, base)
     result = {**ctx, "baseline": base, "methods": methods, "runs_count": cfg.runs, "subset": cfg.mc_subset,
               "model": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
-              "train_images": runs[0]["train_images"], "accuracy": acc, "summary": summary,
-              "comparisons": compare({m: acc[m] for m in order}, pairs), "runs": runs}
+              "train_images": runs[0]["train_images"], "accuracy": acc, "runs": runs}
     if names:  # the same statistics for each corruption (mean over severities) and their mean
         ordered = sorted(runs, key=lambda r: r["mc_run"])
         result["corruptions"] = corruption_summary(ordered, order, pairs, names, cfg)
+    result = statistics(result)
     table = montecarlo_tables(result)
     save_results(out, "montecarlo", result, table, cfg)
     return result
+
+
+def _order_and_pairs(methods: list[str], base: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The baseline first; every method against it, then every later pair (later first)."""
+    order = [base] + [m for m in methods if m != base]
+    return order, [(m, base) for m in order[1:]] + [(b, a) for i, a in enumerate(order[1:], 1) for b in order[i + 1:]]
+
+
+def statistics(result: dict) -> dict:
+    """``result`` with its statistics (``summary``, ``comparisons`` and, under corruptions,
+    each condition's ``stats``) computed from its per-run accuracies alone. They are a pure
+    function of those numbers, so the report recomputes them with the current
+    :mod:`~igkd.experiments.stats` rather than trusting figures a results file stored."""
+    from .stats import by_condition
+    methods, acc = result["methods"], result["accuracy"]
+    order, pairs = _order_and_pairs(methods, result["baseline"])
+    out = {**result, "summary": {m: describe(acc[m]) for m in methods},
+           "comparisons": compare({m: acc[m] for m in order}, pairs)}
+    if out.get("corruptions"):
+        c = out["corruptions"]
+        out["corruptions"] = {**c, "stats": by_condition({k: {m: c["accuracy"][k][m] for m in order}
+                                                          for k in c["conditions"]}, pairs)}
+    return out
 
 
 def _p(p: float) -> str:
@@ -100,7 +121,7 @@ def corruption_tables(result: dict) -> str:
     per_method = markdown_table(["method", "runs", "clean"] + scored + [c["labels"][k] for k in conds], rows)
     rows = []
     for k in conds:
-        for row in c["stats"][k]["comparisons"]:
+        for row in c["stats"][k].get("comparisons", []):  # none with one method
             t, w = row["t"], row["wilcoxon"]
             rows.append([c["labels"][k], f"{row['a']} - {row['b']}", f"{t['mean_diff']:+.2f}",
                          f"[{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]", _p(t["p"]), _p(t["p_holm"]),
@@ -140,6 +161,7 @@ def section(run_dir: Path) -> str | None:
     r = read_json(run_dir / "montecarlo.json")
     if r is None:
         return None
+    r = statistics(r)
     distribution_plot(run_dir / "montecarlo.png", r)
     s = r["summary"]
     accuracy_points(run_dir / "montecarlo_bars.png", r["methods"], [s[m]["mean"] for m in r["methods"]],
@@ -167,4 +189,4 @@ def section(run_dir: Path) -> str | None:
     return text
 
 
-__all__ = ["corruption_tables", "montecarlo_jobs", "montecarlo_tables", "run_montecarlo", "section"]
+__all__ = ["corruption_tables", "montecarlo_jobs", "montecarlo_tables", "run_montecarlo", "section", "statistics"]

@@ -64,14 +64,20 @@ def _pair(a, b) -> np.ndarray:
         raise ValueError(f"paired samples must have the same length, got {len(a)} and {len(b)}")
     if len(a) < 2:
         raise ValueError("a paired test needs at least 2 pairs")
-    return a - b
+    # Accuracies are ratios of counts, so equal differences are common (two runs that each
+    # gain 0.68 points), but float subtraction gives 0.6799999999999926 and
+    # 0.6799999999999997: unrounded, the rank tests would see distinct |d| where there is a
+    # tie (and an "exact" p computed for the wrong ranks), and a constant difference would
+    # get a tiny sd and a huge finite t. Nine decimals keep every real digit of a percentage.
+    return np.round(a - b, 9)
 
 
 def paired_t(a, b, confidence: float = 0.95) -> dict:
     """Two-sided paired t-test of ``a - b``, Cohen's d_z and the CI of the mean difference."""
     d = _pair(a, b)
     n = len(d)
-    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    # a constant difference has sd 0 exactly (np.std of three 0.1s is 1.7e-17, not 0)
+    mean, sd = float(d.mean()), (0.0 if np.ptp(d) == 0 else float(d.std(ddof=1)))
     t_crit = float(sps.t.ppf(0.5 + confidence / 2, n - 1))
     half = t_crit * sd / math.sqrt(n)
     out = {"test": "paired t", "n": n, "df": n - 1, "mean_diff": mean, "sd_diff": sd,
@@ -80,7 +86,7 @@ def paired_t(a, b, confidence: float = 0.95) -> dict:
         if mean == 0:
             return {**out, "t": 0.0, "p": 1.0, "cohen_dz": 0.0}
         return {**out, "t": math.copysign(math.inf, mean), "p": 0.0, "cohen_dz": math.copysign(math.inf, mean)}
-    res = sps.ttest_rel(a, b)
+    res = sps.ttest_1samp(d, 0.0)  # ttest_rel(a, b) on the rounded differences
     return {**out, "t": float(res.statistic), "p": float(res.pvalue), "cohen_dz": mean / sd}
 
 
@@ -113,7 +119,7 @@ def detectable_difference(sd_diff: float, n: int, alpha: float = 0.05, power: fl
 def signed_rank_sums(d) -> tuple[float, float, int]:
     """(W+, W-, number of non-zero differences): sums of the average ranks of |d| over the
     positive and the negative non-zero differences."""
-    d = _array(d)
+    d = np.round(_array(d), 9)  # as _pair: float noise must not split tied or zero differences
     d = d[d != 0]
     if len(d) == 0:
         return 0.0, 0.0, 0

@@ -494,7 +494,7 @@ class Trainer:
         params = count_parameters(bare(self.model))
         procs = f" x {self.world} processes = {self.batch * self.world}" if self.world > 1 else ""
         words = [w for w in (part.describe(state) for part, state in self.parts) if w]
-        log(f"training {cfg.model} ({params:,} params) with {self.method.name} on {self.dataset.spec}: "
+        log(f"training {cfg.model} ({params:,} params) with method {self.method.name} on {self.dataset.spec}: "
             f"{len(self.train_idx)} train / {len(self.val_idx)} val images, {cfg.epochs} epochs, "
             f"batch {self.batch}{procs}, {cfg.optimizer} lr {self.lr:g}, device {self.device}"
             + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else "")

@@ -130,20 +130,22 @@ def test_measure_latency_compiled():  # torch.compile takes ~20 s on 2 cores
 
 
 def test_bench_latency_table_json_and_report(tmp_path):
-    models = f"{TINY},mobilenetv2:width=0.25,drop=12"  # the comma list holds two specs with options
+    # the comma list holds specs with options, and the reference's spec twice (two checkpoints
+    # of one architecture): ratios are against the first entry, by position
+    models = f"{TINY},mobilenetv2:width=0.25,drop=12,{TINY}"
     r = igkd.bench_latency(models, batch_size="1,2", threads=1, runtime="eager,onnxruntime", input="3x16x16",
                            warmup=1, min_time=0.0, min_reps=3, out=tmp_path, quiet=True)
-    assert len(r["rows"]) == 2 * 2 * 2 and r["reference"] == TINY and r["threads"] == 1
-    for row in r["rows"]:
+    assert len(r["rows"]) == 2 * 2 * 3 and r["reference"] == TINY and r["threads"] == 1
+    for i, row in enumerate(r["rows"]):
         assert {"model", "params", "macs", "weights_bytes", "runtime", "batch", "median_ms", "p10_ms", "p90_ms",
                 "images_per_s", "speedup", "param_ratio", "mac_ratio"} <= set(row)
-        if row["model"] == TINY:
+        ref = r["rows"][i - i % 3]  # the first entry measured with this runtime and batch
+        assert (ref["model"], ref["runtime"], ref["batch"]) == (TINY, row["runtime"], row["batch"])
+        assert row["speedup"] == pytest.approx(ref["median_ms"] / row["median_ms"])
+        if i % 3 == 0:
             assert row["speedup"] == 1.0 and row["param_ratio"] == 1.0
-        else:
+        elif row["model"] != TINY:
             assert row["param_ratio"] < 1 and row["mac_ratio"] < 1  # drop=12 keeps more blocks than drop=14
-            ref = next(x for x in r["rows"] if x["model"] == TINY and x["runtime"] == row["runtime"]
-                       and x["batch"] == row["batch"])
-            assert row["speedup"] == pytest.approx(ref["median_ms"] / row["median_ms"])
     assert json.loads((tmp_path / "latency.json").read_text()) == json.loads(json.dumps(r))
     section = igkd.deployment_section(tmp_path)
     assert section.startswith("## Deployment") and "### Latency" in section

@@ -77,9 +77,12 @@ def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = No
                     rows.append({"model": spec, "weights": file, "params": count_parameters(net),
                                  "macs": count_macs(net, in_shape), "weights_bytes": size, **r})
                     progress.update(1, f"{spec} {runtime} batch {batch}")
-    by_key = {(r["runtime"], r["batch"]): r for r in rows if r["model"] == entries[0][0]}
+    # the reference is the first entry by position: two checkpoints of one architecture share
+    # a spec, and keying by it took the last of them as the reference
+    n = len(entries)
+    reference = {(r["runtime"], r["batch"]): r for r in rows[::n]}
     for r in rows:
-        ref = by_key[(r["runtime"], r["batch"])]
+        ref = reference[(r["runtime"], r["batch"])]
         r.update(speedup=ref["median_ms"] / r["median_ms"], param_ratio=ref["params"] / r["params"],
                  mac_ratio=ref["macs"] / r["macs"])
     result = {"reference": entries[0][0], "threads": cfg.threads, "input_shape": list(entries[0][2]),

@@ -141,9 +141,16 @@ def test_map_follows_its_image_through_random_resized_crop(tmp_path):
     assert not torch.allclose(want, canvas)
 
 
-def test_shuffled_control_uses_other_images_maps():
+def test_shuffled_control_uses_other_images_maps(tmp_path):
     perm = shuffled_map_index(50, 0)
     assert sorted(perm.tolist()) == list(range(50)) and bool((perm != torch.arange(50)).all())
+    # in a run: training images trade maps among themselves, never with a validation image
+    t = trainer(tmp_path, "kd+ig-shuffled")
+    (state,) = [s for part, s in t.parts if part.name == "ig-shuffled"]
+    train, val = t.train_idx, t.val_idx
+    got = state["index"][train]
+    assert sorted(got.tolist()) == sorted(train.tolist()) and bool((got != train).all())
+    assert not set(got.tolist()) & set(val.tolist()) and len(val) > 0
 
 
 # every method runs an epoch in tests/test_at.py; here the run folder of three kinds of method

@@ -65,7 +65,16 @@ class Overlay(Part):
                             "give a range lo <= hi")
 
     def setup(self, run):
-        index = shuffled_map_index(len(run.dataset.train), run.cfg.seed).to(run.device) if self.shuffled else None
+        index = None
+        if self.shuffled:
+            # the run's training images trade maps among themselves: a derangement over the whole
+            # training split gave some of them the maps of validation images (and of images
+            # outside a Monte Carlo subset), showing held-out attributions to the student
+            import torch
+            train = run.train_idx.cpu()
+            index = torch.arange(len(run.dataset.train))
+            index[train] = train[shuffled_map_index(len(train), run.cfg.seed)]
+            index = index.to(run.device)
         return {"maps": run.maps, "index": index, "cfg": run.cfg}
 
     def transform(self, state, batch, gen, shard):

@@ -18,7 +18,7 @@ from conftest import shared_or_skip
 from helpers_data import cifar10_jpg_dir
 from igkd.cli import main, make_parser
 from igkd.evaluate import predict
-from igkd.evaluate.agreement import average_ranks, spearman, topk_iou
+from igkd.evaluate.agreement import average_ranks, spearman, top_fraction_mask, topk_iou
 from igkd.evaluate.cost import count_macs, measure_latency, weights_bytes
 from igkd.models import bare, build_model, save_checkpoint
 from igkd.models.mobilenetv2 import CIFAR_SETTINGS, make_divisible
@@ -261,6 +261,8 @@ def test_topk_iou_by_hand():
     # top 30%: {0, 1, 2} vs {0, 2, 4}: 2 shared of 4
     assert topk_iou(a, b, 0.3).item() == pytest.approx(0.5)
     assert topk_iou(a, a, 0.3).item() == 1.0
+    # 7% of 400 pixels is 28, though 0.07 * 400 is 28.000000000000004 in floats
+    assert int(top_fraction_mask(torch.rand(2, 20, 20), 0.07).sum()) == 2 * 28
 
 
 def test_audit_self_is_one_unrelated_model_falls(tmp_path):

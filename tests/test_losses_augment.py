@@ -137,3 +137,17 @@ def test_random_resized_crop_moves_the_map_with_its_image_pixel_by_pixel():
             if (top, left, bh, bw) == (0, 0, h, w):
                 assert torch.allclose(got, want, atol=1e-5)
     assert flips.any() and (~flips).any()
+
+
+def test_warm_up_never_exceeds_the_peak_and_reaches_it():
+    from igkd import DistillConfig
+    from igkd.distill.speed import lr_lambda
+    for warm_epochs, steps in [(0.5, 29), (1.5, 1), (1, 10), (0.01, 7)]:
+        cfg = DistillConfig(epochs=3, warmup_epochs=warm_epochs, schedule="cosine")
+        f = lr_lambda(cfg, steps)
+        factors = [f(i) for i in range(3 * steps)]
+        warm = max(1, round(warm_epochs * steps))  # whole steps
+        assert max(factors) == 1.0 and factors[warm - 1] == 1.0, (warm_epochs, steps)
+        assert factors[:warm] == sorted(factors[:warm]) and factors[warm:] == sorted(factors[warm:], reverse=True)
+    f = lr_lambda(DistillConfig(epochs=2, warmup_epochs=0, schedule="cosine"), 5)
+    assert f(0) == 1.0 and f(9) < f(1)

@@ -42,7 +42,9 @@ def make_optimizer(cfg, params: list, lr: float, device: torch.device) -> torch.
 def lr_lambda(cfg, steps_per_epoch: int):
     """Linear warm-up, then cosine decay to 0 or constant; per optimisation step."""
     total = cfg.epochs * steps_per_epoch
-    warm = cfg.warmup_epochs * steps_per_epoch
+    # whole steps: a fractional warm-up (0.5 epochs of 29 steps) gave its last step a factor
+    # (step + 1) / warm above 1, a learning rate over its peak
+    warm = max(1, round(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
 
     def f(step: int) -> float:
         if warm > 0 and step < warm:

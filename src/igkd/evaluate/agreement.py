@@ -48,7 +48,7 @@ def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def top_fraction_mask(maps: torch.Tensor, fraction: float) -> torch.Tensor:
     """Boolean mask of the ceil(fraction * pixels) largest values per row (N x ...)."""
     flat = maps.reshape(len(maps), -1)
-    k = max(1, math.ceil(fraction * flat.shape[1]))
+    k = max(1, math.ceil(round(fraction * flat.shape[1], 9)))  # 0.07 * 400 is 28.000000000000004, not 29
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask.scatter_(1, flat.topk(k, dim=1).indices, True)
     return mask

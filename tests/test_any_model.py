@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch import nn
 
@@ -170,6 +171,16 @@ def test_init_teacher_copies_exactly_the_matching_tensors(data, tmp_path):
                             "--init", "teacher")) == 0
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["init"] == {
         "from": "teacher", "copied": len(copied), "of": len(before)}
+    # the copied layers keep the input they were trained on: a teacher trained on normalised
+    # pixels (train's default) gives the student its normalisation, not distill's raw pixels
+    pre = {"normalize": "dataset", "mean": [0.25, 0.5, 0.75], "std": [0.5, 0.25, 0.125]}
+    torch.manual_seed(0)
+    normed = save_checkpoint(tmp_path / "normed", build_model(narrow, 3, 3), {
+        "model": narrow, "num_classes": 3, "in_channels": 3, "classes": CLASSES, "preprocessing": pre})
+    assert run(distill_args(data[32], normed, student, tmp_path / "rn", "student", "--init", "teacher")) == 0
+    assert json.loads((tmp_path / "rn" / "model.json").read_text())["preprocessing"] == pre
+    assert yaml.safe_load((tmp_path / "rn" / "config.yaml").read_text())["normalize"] == "dataset"
+    assert json.loads((tmp_path / "r" / "model.json").read_text())["preprocessing"] == {"normalize": "none"}
     with pytest.raises(UserError, match="shares no tensor") as e:
         run(distill_args(data[32], teacher(data["root"], narrow), "resnet:depth=20", tmp_path / "n", "student",
                          "--init", "teacher"))

@@ -25,6 +25,7 @@ from .evaluate.classmap import model_classes, read_class_map, remap
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models import (bare, build_model, copy_matching, count_parameters, load_model, read_metadata,
                      weights_fingerprint, with_preprocessing)
+from .models.preprocess import Normalized
 from .precompute import precompute as _precompute
 from .progress import log
 from .runtime import resolve_device, set_threads
@@ -35,6 +36,19 @@ def preprocessing_for(normalize: str, dataset: Dataset) -> dict:
         return {"normalize": "none"}
     mean, std = dataset.channel_stats()
     return {"normalize": "dataset", "mean": mean, "std": std}
+
+
+def teacher_preprocessing(teacher: nn.Module) -> dict:
+    """The preprocessing a loaded teacher applies (``with_preprocessing``'s argument)."""
+    if isinstance(teacher, Normalized):
+        return {"normalize": "dataset", "mean": teacher.mean.flatten().tolist(), "std": teacher.std.flatten().tolist()}
+    return {"normalize": "none"}
+
+
+def _describe_pre(pre: dict) -> str:
+    if pre["normalize"] == "none":
+        return "raw [0, 1] pixels"
+    return "mean " + ", ".join(f"{m:.3f}" for m in pre["mean"]) + "; std " + ", ".join(f"{v:.3f}" for v in pre["std"])
 
 
 def _check_out(out: str | Path | None) -> Path:
@@ -173,8 +187,14 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
         if cfg.init == "teacher":  # (a resumed run then loads its own weights over these)
             copied = copy_matching(net, teacher)
             meta["init"] = {"from": "teacher", "copied": len(copied), "of": len(net.state_dict())}
-            log(f"--init teacher: copied {len(copied)} of {len(net.state_dict())} student tensors from the teacher",
-                quiet or env.rank > 0)
+            # the copied layers expect the teacher's input: with the student's own (distill's
+            # default is raw pixels against a teacher trained on normalised ones) the first
+            # activations were off by the normalisation, a much worse start than intended
+            pre = teacher_preprocessing(teacher)
+            model = with_preprocessing(net, pre)
+            cfg = dataclasses.replace(cfg, normalize=pre["normalize"])
+            log(f"--init teacher: copied {len(copied)} of {len(net.state_dict())} student tensors from the teacher; "
+                f"the student takes the teacher's input normalisation ({_describe_pre(pre)})", quiet or env.rank > 0)
         if not method.needs_teacher:
             teacher = None
         for part in method.parts:  # bad layer names and the like fail now, not after the precompute

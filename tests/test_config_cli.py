@@ -25,6 +25,20 @@ def test_yaml_numbers_in_any_spelling(tmp_path):
         build(DistillConfig, {"lr": "fast"})
     with pytest.raises(UserError, match="--epochs must be an integer"):
         build(DistillConfig, {"epochs": "2.5"})
+    # YAML's .inf and .nan for an integer option: one line, not OverflowError / ValueError
+    cfg.write_text("distill:\n  epochs: .inf\n  batch_size: .nan\n")
+    with pytest.raises(UserError, match="--epochs inf is out of range; use a finite number"):
+        build(DistillConfig, load_yaml(cfg, "distill"))
+    with pytest.raises(UserError, match="--batch-size nan is out of range"):
+        build(DistillConfig, {"batch_size": float("nan")})
+    # options beside sections were dropped without a word (a typo too); now they are refused
+    cfg.write_text("lr: 0.123\nbogus_option: 7\ndistill:\n  epochs: 2\n")
+    for section in ("distill", "train", None):
+        with pytest.raises(UserError, match=r"has sections \(distill:\) and also options at its top level "
+                                            r"\(lr, bogus_option\); indent each option under the section"):
+            load_yaml(cfg, section)
+    cfg.write_text("lr: 0.123\nepochs: 2\n")  # a file of options alone is every command's
+    assert load_yaml(cfg, "distill") == {"lr": 0.123, "epochs": 2}
 
 
 def test_configs_validate_when_built_directly():

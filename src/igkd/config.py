@@ -229,13 +229,15 @@ def validate(cfg) -> Any:
         elif kind in (int, float):
             if isinstance(value, str):  # YAML reads '1e-3' (no dot before e) as a string
                 value = _number(value)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(f"{flag} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
-            value = kind(value)
-            setattr(cfg, f.name, value)
-            if not math.isfinite(value):
+            if not math.isfinite(value):  # before int(), which raises on inf and nan (YAML's .inf, .nan)
                 raise UserError(f"{flag} {value} is out of range; use a finite number"
                                 + (f" in [{m['low']}, {m['high']}]" if m.get("low") is not None else ""))
+            if kind is int and value != int(value):
+                raise UserError(f"{flag} must be an integer, got {value!r}")
+            value = kind(value)
+            setattr(cfg, f.name, value)
             if (m.get("low") is not None and (
                     value < m["low"] or value > m["high"] or (m.get("low_open") and value == m["low"]))):
                 lo = "(" if m.get("low_open") else "["
@@ -305,6 +307,13 @@ def load_yaml(path: str | Path, section: str | None) -> dict:
         if name in doc and not isinstance(doc[name], dict):
             raise UserError(f"section '{name}:' in {path} holds {doc[name]!r}, not a mapping of option: value; "
                             f"indent its options under '{name}:'")
+    loose = [k for k in doc if k not in SECTIONS]
+    sections = [k for k in doc if k in SECTIONS]
+    if loose and sections:  # which command would they be for? Read as absent, a typo'd or misplaced
+        # option silently gave a run with its default
+        raise UserError(f"{path} has sections ({', '.join(s + ':' for s in sections)}) and also options at its top "
+                        f"level ({', '.join(map(str, loose[:5]))}); indent each option under the section of the "
+                        "command it is for")
     if section and section in doc:
         return dict(doc[section])
     return {k: v for k, v in doc.items() if k not in SECTIONS}

@@ -119,7 +119,8 @@ def training_curves(path: str | Path, histories: dict[str, list[dict] | list[lis
             mean = np.array([np.mean(values[i]) for i in keep])
             line, = ax.plot(ep, mean, marker="o", ms=3, label=f"{name} ({len(runs)} run{'s' * (len(runs) > 1)})")
             if len(runs) > 1:
-                sd = np.array([np.std(values[i]) for i in keep])
+                # sample sd (n - 1), as every table's; an epoch only one run reached has no band
+                sd = np.array([np.std(values[i], ddof=1) if len(values[i]) > 1 else 0.0 for i in keep])
                 ax.fill_between(ep, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, lw=0)
     for ax, label in ((a, "validation accuracy (%)"), (b, "training loss")):
         ax.set_xlabel("epoch")

@@ -10,6 +10,7 @@ import io
 import os
 import pickle
 import json
+import logging
 import socket
 import tarfile
 import tempfile
@@ -577,11 +578,9 @@ def test_imagefolder_cache_is_checked_and_rebuilt(split_folder, tmp_path, caplog
     assert cache.stat().st_size == 4096 + (9 * 90 + 7) // 8 * 8 + 9 * 8  # header, images, int64 labels
     assert a.digest == Dataset("x", CLASSES, 3, (6, 5), Split(a.images.clone(), a.labels), a).fingerprint()
     path = root / "train" / "cat" / "img_00.png"
-    original = same_size_garbage(path)
+    built = (cache.stat().st_ino, cache.stat().st_mtime_ns)
     assert np.array_equal(load_dataset(f"imagefolder:{root}").train.images.numpy(), want)  # read from the cache
-    with pytest.raises(UserError, match="cannot read image"):
-        load_dataset(f"imagefolder:{root},cache=0").train
-    restore(path, original)
+    assert (cache.stat().st_ino, cache.stat().st_mtime_ns) == built  # not rebuilt
 
     def reload(why: str) -> Split:
         caplog.clear()
@@ -649,9 +648,10 @@ def test_imagefolder_memory_mapped_split(split_folder, tmp_path, monkeypatch):
         load_dataset(f"imagefolder:{root}").train
 
 
-def test_imagefolder_cache_build_resumes_after_it_stopped(tmp_path, monkeypatch):
+def test_imagefolder_cache_build_resumes_after_it_stopped(tmp_path, monkeypatch, caplog):
     """A build stopped by an image that cannot be decoded keeps its finished chunks in a
-    .partial file, never taken for a cache; rerun with the same files, it decodes only the rest."""
+    .partial file, never taken for a cache; rerun with the same files, it decodes only the rest;
+    once a file is replaced (size and mtime kept or not), it starts over."""
     from igkd.data import image_cache
     monkeypatch.setattr(image_cache, "CHUNK_BYTES", 4 * 90)  # 4 rows of 6x5 RGB a chunk: 3 chunks
     root = tmp_path / "f"
@@ -667,10 +667,18 @@ def test_imagefolder_cache_build_resumes_after_it_stopped(tmp_path, monkeypatch)
     assert sorted(p.name for p in folder.iterdir()) == ["images.bin.partial", "images.bin.progress.json"]
     progress = json.loads((folder / "images.bin.progress.json").read_text())
     assert progress["done"] == "010100" and progress["chunk_rows"] == 4  # chunks 0 and 1 were decoded
+    # rerun with the same files: chunks 0 and 1 are kept, only chunk 2 is decoded (and fails again)
+    with caplog.at_level(logging.INFO, logger="igkd.data.image_cache"):
+        with pytest.raises(UserError, match=f"cannot read image {bad} "):
+            load_dataset(f"imagefolder:{root}").train
+    assert "2 of 3 chunks were already decoded" in caplog.text
+    assert json.loads((folder / "images.bin.progress.json").read_text())["done"] == "010100"
+    # the image replaced: other files than the partial build's (even at the same size and mtime), so it starts over
     restore(bad, original)
-    # an image of chunk 0 that no longer decodes (same size and mtime): a resumed build never reads it again
-    same_size_garbage(root / "train" / "ant" / "img_01.png")
-    s = load_dataset(f"imagefolder:{root}").train
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="igkd.data.image_cache"):
+        s = load_dataset(f"imagefolder:{root}").train
+    assert "already decoded" not in caplog.text
     assert np.array_equal(s.images.numpy(), want)
     assert sorted(p.name for p in folder.iterdir()) == ["images.bin", "images.bin.verified.json"]
 

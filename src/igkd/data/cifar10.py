@@ -25,7 +25,7 @@ import torch
 from ..errors import UserError
 from ..spec import Spec, reject_leftovers, take_option
 from .base import Dataset, Split, existing_dir, flag
-from .cifar_archive import Release, class_names, ensure_release, unpickle
+from .cifar_archive import Release, class_names, ensure_release, label_array, unpickle
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -65,8 +65,8 @@ def _read_batches(folder: Path, names: list[str], verify: bool) -> Split:
         if data.ndim != 2 or data.shape[1] != 3072 or len(d.get(b"labels", [])) != len(data):
             raise UserError(f"{folder / name} is not a valid CIFAR-10 batch (data {data.shape}); "
                             f"re-extract {ARCHIVE}")
+        labels.append(label_array(RELEASE, d[b"labels"], 10, folder / name))
         images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(d[b"labels"], dtype=np.int64))
     return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
 

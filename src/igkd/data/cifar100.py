@@ -22,7 +22,7 @@ import torch
 from ..errors import UserError
 from ..spec import Spec, reject_leftovers, take_option
 from .base import Dataset, Split, existing_dir, flag
-from .cifar_archive import Release, class_names, ensure_release, unpickle
+from .cifar_archive import Release, class_names, ensure_release, label_array, unpickle
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -55,12 +55,7 @@ def _read(path: Path, kind: str, verify: bool) -> Split:
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise UserError(f"{path} is not a valid CIFAR-100 batch (data {data.shape}, {len(labels)} labels); "
                         f"re-extract {ARCHIVE}")
-    try:
-        y = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{path} has {kind} labels that are not integers; re-extract {ARCHIVE}") from None
-    if len(y) and not (0 <= y.min() and y.max() < LABELS[kind]):
-        raise UserError(f"{path} has {kind} labels outside 0..{LABELS[kind] - 1}; re-extract {ARCHIVE}")
+    y = label_array(RELEASE, labels, LABELS[kind], path, f"{kind} ")
     return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.from_numpy(y))
 
 

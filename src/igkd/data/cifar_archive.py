@@ -23,6 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import UserError
 from ..fileio import file_digest
 from .safe_pickle import load_data_pickle
@@ -150,3 +152,18 @@ def class_names(release: Release, meta: dict, key: bytes, path: Path, count: int
         raise UserError(f"{path} lists {len(classes)} class names under '{key.decode()}', expected {count}; "
                         f"re-extract {release.archive}")
     return classes
+
+
+def label_array(release: Release, labels: list, count: int, path: Path, kind: str = "") -> np.ndarray:
+    """``labels`` (a batch's list) as int64, each an integer in ``0..count - 1``; a one-line
+    UserError naming ``path`` otherwise (a re-packed ``verify=0`` copy is not checked by md5).
+    ``kind`` ("fine ", "coarse ") names which labels in the message."""
+    if not all(type(v) is int for v in labels):  # not bools or floats, which int64 would silently take
+        raise UserError(f"{path} has {kind}labels that are not integers; re-extract {release.archive}")
+    try:
+        y = np.asarray(labels, dtype=np.int64)
+    except OverflowError:
+        y = None
+    if y is None or (len(y) and not (0 <= y.min() and y.max() < count)):
+        raise UserError(f"{path} has {kind}labels outside 0..{count - 1}; re-extract {release.archive}")
+    return y

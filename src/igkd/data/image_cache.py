@@ -2,8 +2,8 @@
 
 A source that decodes images (today: image folders) hands :func:`load_cached` a cache
 folder, a *source fingerprint* (what the decoded bytes depend on: for an image folder
-every file's name, size and mtime plus the decoding options), the labels, the shape
-``N x C x H x W`` and a function that decodes rows ``[start, stop)`` into a buffer.
+every file's name, size, mtime, ctime and inode plus the decoding options), the labels,
+the shape ``N x C x H x W`` and a function that decodes rows ``[start, stop)`` into a buffer.
 
 File ``FOLDER/images.bin``::
 
@@ -31,10 +31,11 @@ the GIL) and writes each with ``pwrite`` at its offset. ``images.bin.progress.js
 lists the finished chunks; it is written (after an fdatasync of the data) every few
 seconds and when the build stops for any reason, so an interrupted build (Ctrl-C, a
 kill, an image that cannot be decoded) resumes where it stopped when rerun with the same
-source. When every chunk is there, the header with the sha256 is written, the file is
-fsynced and renamed to ``images.bin``: a partial file is never taken for a finished
-cache. A full disk removes the partial file and progress (the space is given back) and
-ends with one line.
+source (replacing the image that failed changes the source: that build starts over).
+When every chunk is there, the header with the sha256 is written, the file is fsynced
+and renamed to ``images.bin``: a partial file is never taken for a finished cache. A
+full disk removes the partial file and progress (the space is given back) and ends with
+one line.
 
 Memory-mapped splits are ``torch.from_numpy(np.memmap(..., mode="c"))``: a read-only map
 (``mode="r"``) works too, but torch warns that the tensor is not writable and any in-place

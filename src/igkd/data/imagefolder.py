@@ -37,9 +37,9 @@ with one line naming the file.
 
 Decoded images are cached on disk, one file per split, under ``$IGKD_CACHE_DIR/datasets``
 (default ``~/.cache/igkd/datasets``) in a folder named by the image folder, the split and
-the decoding options; the cache also records the fingerprint of every file's name, size
-and mtime and is rebuilt when the folder changes (:mod:`igkd.data.image_cache`: parallel,
-resumable, checksummed). A split whose decoded size fits the memory budget
+the decoding options; the cache also records the fingerprint of every file's name, size,
+mtime, ctime and inode and is rebuilt when the folder changes (:mod:`igkd.data.image_cache`:
+parallel, resumable, checksummed). A split whose decoded size fits the memory budget
 (:func:`igkd.data.base.memory_budget`: ``$IGKD_DATA_MEMORY``, default half the available
 memory) is read into memory; a larger one is memory-mapped from the cache (``mmap=auto``,
 the default; ``mmap=1`` always maps, ``mmap=0`` never does). ``cache=0`` decodes into
@@ -84,7 +84,7 @@ class _Part:
     classes: list[str]
     files: list[str]        # relative to folder: "<class>/<name>"
     labels: np.ndarray      # int64, class index per file
-    stats: list[tuple[int, int]]  # (size, mtime_ns) per file, for the cache key
+    stats: list[tuple[int, int, int, int]]  # (size, mtime_ns, ctime_ns, inode) per file, for the cache key
     role: str = ""
 
     def take(self, idx: np.ndarray, role: str) -> "_Part":
@@ -114,10 +114,16 @@ def _scan_entries(folder: Path) -> _Part:
         if not entries:
             raise UserError(f"class folder {folder / name} holds no images ({' '.join(sorted(IMAGE_EXTS))})")
         for e in entries:
-            st = e.stat()
             files.append(f"{name}/{e.name}")
             labels.append(label)
-            stats.append((st.st_size, st.st_mtime_ns))
+            # size and mtime alone miss a file replaced with both kept (cp -p, rsync -t, tar x of a
+            # fixed-size BMP): the cache would serve the old pixels under the old fingerprint. The
+            # ctime cannot be set back (utime sets it to now) and a replacing file is a new inode.
+            # The price: a folder copied back over the same path (new inodes), or files whose
+            # metadata changed (chmod, a new hard link), are decoded again once; a copy at another
+            # path has its own cache anyway (the path names it). Safe, if sometimes slower.
+            st = e.stat()  # of the image a symlink points at, so replacing the target counts too
+            stats.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
     return _Part(folder, classes, files, np.asarray(labels, dtype=np.int64), stats)
 
 
@@ -173,7 +179,10 @@ def _to_mode(im: Image.Image, mode: str, path: Path) -> Image.Image:
     if im.mode == mode:
         return im
     if im.mode in EIGHT_BIT_MODES:
-        return im.convert(mode)
+        try:
+            return im.convert(mode)
+        except ValueError:  # Pillow has no direct conversion for some pairs (LAB to L): go through RGB
+            return im.convert("RGB").convert(mode)
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         a = np.asarray(im)
         if im.mode == "F":
@@ -300,6 +309,19 @@ def _layout(root: Path, spec: Spec, test: float | None, seed: int, seed_given: b
     pool = _scan(root)
     # split the file list, not decoded images: each side is decoded (and cached) on its own, on first use
     keep, held_idx = stratified_split(torch.from_numpy(pool.labels), test, seed)
+    # a class of one image goes wholly to one side (the test side when test > 0.5): refuse a
+    # class with no training image, or a test split of none, rather than fail later with an
+    # IndexError or evaluate on nothing
+    trained = np.bincount(pool.labels[keep.numpy()], minlength=len(pool.classes))
+    missing = [c for c, n in zip(pool.classes, trained) if n == 0]
+    if missing:
+        names = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"test={test} leaves class{'es' if len(missing) > 1 else ''} {names} of {root} with no "
+                        f"training image (a class of one image is held out whole); add images to "
+                        f"{'those class folders' if len(missing) > 1 else 'that class folder'} or use test=0.5 or less")
+    if len(held_idx) == 0:
+        raise UserError(f"test={test} holds out no image of {root}: each of its {len(pool.classes)} classes has a "
+                        f"single image; add images (at least 2 per class, one for each split)")
     role = f"test={test!r},seed={seed}"
     return {"train": pool.take(keep.numpy(), f"train of {role}"),
             "test": pool.take(held_idx.numpy(), f"test of {role}")}, pool.classes

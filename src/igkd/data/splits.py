@@ -46,4 +46,10 @@ def subset_indices(labels: torch.Tensor, fraction: float, seed: int) -> torch.Te
         raise UserError(f"subset fraction {fraction} is out of range; use a value in (0, 1], e.g. 0.8")
     if fraction == 1:
         return torch.arange(len(labels))
-    return stratified_split(labels, 1 - fraction, seed)[0]
+    keep = stratified_split(labels, 1 - fraction, seed)[0]
+    # stratified_split holds out the one sample of a class when 1 - fraction > 0.5 (round(n * f)
+    # is 1): add such samples back. Classes of 2 or more keep exactly the rows they always kept
+    # (the generator draws the same), so earlier subsets, and results built on them, stand.
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    single = torch.nonzero(counts[inverse] == 1).reshape(-1)
+    return torch.unique(torch.cat([keep, single]))  # sorted

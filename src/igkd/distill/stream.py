@@ -97,20 +97,26 @@ class Prefetcher:
         self.cuda = device.type == "cuda"
 
     def _work(self, steps: Iterable[np.ndarray], out: queue.Queue, stop: threading.Event) -> None:
+        def put(message) -> bool:
+            """Queue ``message`` unless the consumer stops first. Every message, the end marker
+            and an error included, must give up on ``stop``: a consumer that stopped early (a
+            NaN loss a few steps before the end) no longer takes from the full queue, and
+            :meth:`batches` joins this thread."""
+            while not stop.is_set():
+                try:
+                    out.put(message, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         try:
             for idx in steps:
-                item = {name: gather(src, idx, pin=self.cuda) for name, src in self.sources.items()}
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put({name: gather(src, idx, pin=self.cuda) for name, src in self.sources.items()}):
                     return
-            out.put(_END)
+            put(_END)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer, with its traceback
-            out.put(e)
+            put(e)
 
     def batches(self, steps: Iterable[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
         q: queue.Queue = queue.Queue(maxsize=self.depth)

@@ -246,3 +246,27 @@ def test_streamed_batches_on_cuda_equal_the_device_resident_ones(tmp_path):
     gives the batches of the device-resident path, maps and logits included."""
     from test_stream import assert_same_batches, pair
     assert_same_batches(*pair(tmp_path, "kd+ig", device="cuda", p=0.5))
+
+
+def test_resume_on_cuda_restores_the_gpu_generator(tmp_path):
+    """Dropout on a GPU draws from the CUDA generator: last.pt keeps its state and a resumed
+    run continues it, as the CPU generator is (bitwise weights are not compared here: cuDNN's
+    backward kernels need not be deterministic)."""
+    from test_trainer import config, dataset, teacher as small_teacher
+    from igkd.distill import Trainer
+    from igkd.models import build_model
+    from igkd.precompute import precompute
+
+    def make():
+        cfg = config(method="kd", epochs=1, device="cuda")
+        data = dataset()
+        store = precompute(small_teacher(), data, cfg, tmp_path / "store", quiet=True)
+        torch.manual_seed(cfg.seed)
+        return Trainer(cfg, build_model(cfg.model, 4, 3), data, tmp_path / "run", torch.device("cuda"),
+                       teacher=small_teacher().cuda(), store=store, quiet=True)
+    make().fit()
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["cuda_rng"]
+    torch.cuda.manual_seed(12345)  # anything else
+    assert not torch.equal(torch.cuda.get_rng_state(), saved)
+    make().load_state()
+    assert torch.equal(torch.cuda.get_rng_state(), saved)

@@ -398,6 +398,8 @@ class Trainer:
                  "world_size": self.world}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.device.type == "cuda":  # dropout on a GPU draws from its own generator, not the CPU's
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def save_state(self, history: list) -> None:
@@ -435,6 +437,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best = state["epoch"], state["best"]
         torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         return state["history"]
 
     def model_meta(self) -> dict:

@@ -138,9 +138,33 @@ def quantize_int8(fp32: bytes, out: str | Path, calibration_images: torch.Tensor
         src.write_bytes(fp32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quant_pre_process(str(src), str(pre))
-            quantize_static(str(pre), str(out), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            try:
+                quant_pre_process(str(src), str(pre))
+            except (OSError, MemoryError):
+                raise
+            except Exception:  # noqa: BLE001
+                # ORT's symbolic shape inference asserts on graphs it cannot follow (e.g. the
+                # Reshape of nn.MultiheadAttention); it only adds shape hints, ONNX's own shape
+                # inference and the graph optimisation still run without it
+                _quantisation_step(lambda: quant_pre_process(str(src), str(pre), skip_symbolic_shape=True),
+                                   "preparing the graph (quant_pre_process)")
+            _quantisation_step(lambda: quantize_static(
+                str(pre), str(out), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8), "quantising (quantize_static)")
+
+
+def _quantisation_step(step: Callable[[], object], what: str) -> None:
+    """Run one step of ONNX Runtime's quantisation; a failure (ORT raises bare assertions and
+    the like on graphs it does not support) becomes one UserError naming the step and cause.
+    A full disk or exhausted memory is not the model's fault and is raised as it is."""
+    try:
+        step()
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any other failure is ORT's refusal of this graph
+        cause = (str(e).strip().splitlines() or [""])[-1][:160] or "no message"
+        raise UserError(f"int8 quantisation failed while {what}: {type(e).__name__}: {cause}; ONNX Runtime "
+                        "cannot quantise this model's graph: export it without --int8") from None
 
 
 META_KEY = "igkd"

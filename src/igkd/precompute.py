@@ -1,9 +1,10 @@
 """Precompute teacher logits and overlay maps for a training set (METHOD.md section 3).
 
 Everything is computed on the clean, un-augmented training images in index order and
-stored by sample index (see :mod:`igkd.store`), once per (teacher weights, dataset,
-attribution settings), and reused by every distillation run. This is what the paper's
-code got wrong: it computed through a shuffled, augmented loader and read back by index.
+stored by sample index (see :mod:`igkd.store`), once per (teacher architecture and
+weights, dataset, attribution settings), and reused by every distillation run. This is what
+the paper's code got wrong: it computed through a shuffled, augmented loader and read back
+by index.
 
 Sharding: under torchrun (WORLD_SIZE > 1) chunk i of the store is computed by rank
 i % WORLD_SIZE; the ranks write disjoint chunk files of one store directory, rank 0
@@ -35,7 +36,7 @@ from .attribution import registry
 from .config import PrecomputeConfig
 from .data import Dataset
 from .distill.parallel import Dist
-from .models import Normalized, weights_fingerprint
+from .models import Normalized, teacher_identity
 from .fileio import remove_temporaries
 from .lock import DirLock
 from .progress import Progress, log
@@ -58,7 +59,9 @@ def store_identity(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, 
     the teacher and the data alone."""
     pre = {"mean": teacher.mean.flatten().tolist(), "std": teacher.std.flatten().tolist()} \
         if isinstance(teacher, Normalized) else {"normalize": "none"}
-    identity = {"dataset": dataset.fingerprint("train"), "teacher": weights_fingerprint(teacher) + ":" + store_key(pre)}
+    # the teacher's architecture as well as its weights (models.teacher_identity): equal state dicts
+    # of different networks, or frozen TorchScript teachers (no state dict), must not share a store
+    identity = {"dataset": dataset.fingerprint("train"), "teacher": teacher_identity(teacher) + ":" + store_key(pre)}
     return {**identity, "settings": attribution_settings(cfg)} if settings else identity
 
 

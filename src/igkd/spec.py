@@ -24,15 +24,31 @@ class Spec:
     options: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        parts = ([_quote(self.arg)] if self.arg else []) + [f"{k}={_quote(v)}" for k, v in self.options.items()]
+        # quoted where needed so that parse_spec(str(spec)) == spec (a store's or checkpoint's
+        # recorded spec is parsed again later)
+        parts = ([_quote(self.arg, arg=True)] if self.arg is not None else []) + \
+            [f"{k}={_quote(v)}" for k, v in self.options.items()]
         return self.kind + (":" + ",".join(parts) if parts else "")
 
 
-def _quote(text: str) -> str:
-    """``text`` quoted when a comma or quote in it would otherwise split or confuse the spec."""
-    if not any(c in text for c in ',"\''):
+def _quote(text: str, arg: bool = False) -> str:
+    """``text`` quoted when it would otherwise be read back differently: a comma or quote
+    splits or confuses the spec, outer spaces are stripped, and in the positional argument an
+    ``=`` makes it an option (``key=value``) and an empty one vanishes. (``:`` needs no quotes:
+    only the first one, after the kind, separates.) A text holding both quote characters is
+    written as adjacent quoted runs (``'a"b'"c'd"``), which the parser joins."""
+    if not (any(c in text for c in ',"\'') or text != text.strip() or (arg and ("=" in text or not text))):
         return text
-    return "'" + text + "'" if "'" not in text else '"' + text + '"'
+    if not ("'" in text and '"' in text):
+        return "'" + text + "'" if "'" not in text else '"' + text + '"'
+    out, quote = [], ""
+    for c in text:
+        if c == quote or not quote:  # (re)open with the other quote character
+            out.append(quote)
+            quote = '"' if c == "'" else "'"
+            out.append(quote)
+        out.append(c)
+    return "".join(out) + quote
 
 
 def _split(rest: str, text: str, what: str) -> list[str]:
@@ -75,7 +91,10 @@ def parse_spec(text: str, what: str = "spec") -> Spec:
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise UserError(f"bad option '{item}' in {what} '{text}'; write options as key=value")
-            options[key.strip().lower()] = value.strip()
+            key = key.strip().lower()
+            if key in options:  # last-wins would silently drop one of two values the user wrote
+                raise UserError(f"option '{key}' is given twice in {what} '{text}'; keep one {key}=...")
+            options[key] = value.strip()
     return Spec(kind, arg, options)
 
 

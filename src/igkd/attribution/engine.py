@@ -31,16 +31,19 @@ results are float tensors shaped like ``inputs`` on the inputs' device.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import UserError
 from ..models import ReLU6, bare, copy_free_relu6
+from ..progress import log
 
 # Interpolated samples per forward pass at 32x32x3, scaled inversely with the input size.
 # CPU: small passes are fastest. Measured on the CIFAR MobileNetV2 teacher, 2 threads,
@@ -106,9 +109,14 @@ def _fold_batchnorm(net: nn.Module, probe: torch.Tensor) -> int:
         if hit is not None and hit[1] is x and x.grad_fn is hit[2]:
             pairs.append((hit[0], m, x.grad_fn))
 
-    handles = [m.register_forward_hook(on_conv) for m in net.modules() if type(m) is nn.Conv2d]
+    # a conv whose weight is made by a hook or a parametrization (weight_norm, spectral_norm)
+    # has no fixed weight to fold into (and deep-copying it mid-graph fails); a module with
+    # hooks of its own would lose them when replaced
+    handles = [m.register_forward_hook(on_conv) for m in net.modules()
+               if type(m) is nn.Conv2d and not _hooked(m) and not parametrize.is_parametrized(m)]
     handles += [m.register_forward_pre_hook(on_bn) for m in net.modules()
-                if type(m) is nn.BatchNorm2d and m.running_mean is not None and m.running_var is not None]
+                if type(m) is nn.BatchNorm2d and not _hooked(m) and m.running_mean is not None
+                and m.running_var is not None]
     try:
         out = net(probe.detach().requires_grad_(True))
     finally:
@@ -135,6 +143,10 @@ def _fold_batchnorm(net: nn.Module, probe: torch.Tensor) -> int:
     return folded
 
 
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_pre_hooks or m._forward_hooks)
+
+
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     """channels_last for an NHWC-strided 4-d tensor (e.g. images from ``permute``), else NCHW."""
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
@@ -149,7 +161,10 @@ def _prepare(model: nn.Module, inputs: torch.Tensor, fast: bool) -> tuple[nn.Mod
     (:func:`_fold_batchnorm`, any architecture), activations
     out of place and, on CPU, channels_last weights (about 2x faster for MobileNetV2 on CPU; the same function up
     to float rounding). The caller's model is never modified. Falls back to the model
-    itself when it cannot be copied.
+    itself when it cannot be copied or prepared, or when the copy's logits on the first
+    inputs differ from the model's beyond rounding (:func:`_same_function`): a model that
+    relies on an in-place activation's aliasing, or uses a convolution's output outside the
+    BatchNorm too (a mask, say), computes another function once changed so.
 
     Without ``fast``, the model itself, fed in the inputs' own memory format (as captum
     does: NCHW and NHWC convolutions round differently, and IG of a ReLU network is
@@ -157,26 +172,91 @@ def _prepare(model: nn.Module, inputs: torch.Tensor, fast: bool) -> tuple[nn.Mod
     channels_last model.
     """
     if fast and not isinstance(bare(model), torch.jit.ScriptModule):  # scripted: no hooks, run as is
-        try:
-            net = copy.deepcopy(model)
-        except Exception:  # noqa: BLE001 - e.g. modules holding non-copyable handles
-            net = None
-        if net is not None:
-            net.eval()
-            _fold_batchnorm(net, inputs[:1])
-            # torch's in-place activations cost a copy of their input under autograd (~7% of a
-            # pass), so they run out of place, except ReLU6, which has a copy-free in-place form
-            # (3-7% faster than out of place); only ReLU6s the model had in place stay in place
-            copy_free_relu6(net)
-            for m in net.modules():
-                if isinstance(m, (nn.ReLU, nn.Hardtanh)) and not isinstance(m, ReLU6):
-                    m.inplace = False
-            for p in net.parameters():
-                p.requires_grad_(False)
-            if inputs.device.type == "cpu" or _channels_last(model):
-                return net.to(memory_format=torch.channels_last), torch.channels_last
-            return net, _memory_format(inputs)
+        prepared = _fast_copy(model, inputs)
+        if prepared is not None and _same_function(model, *prepared, inputs[:_PROBE_IMAGES]):
+            return prepared
     return model, torch.channels_last if _channels_last(model) else _memory_format(inputs)
+
+
+# Images of the inputs on which the fast copy's logits are compared with the model's.
+_PROBE_IMAGES = 4
+_noted: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models already reported (once each, not per chunk)
+
+
+def _fast_copy(model: nn.Module, inputs: torch.Tensor) -> tuple[nn.Module, torch.memory_format] | None:
+    """The fast copy of :func:`_prepare` and its memory format, or None when any step fails
+    (a module that cannot be copied, a fold that cannot be done): the model itself is then
+    used, as it is always correct."""
+    try:
+        net = copy.deepcopy(model)
+        net.eval()
+        _fold_batchnorm(net, inputs[:1])
+        # torch's in-place activations cost a copy of their input under autograd (~7% of a
+        # pass), so they run out of place, except ReLU6, which has a copy-free in-place form
+        # (3-7% faster than out of place); only ReLU6s the model had in place stay in place
+        copy_free_relu6(net)
+        for m in net.modules():
+            if isinstance(m, (nn.ReLU, nn.Hardtanh)) and not isinstance(m, ReLU6):
+                m.inplace = False
+        for p in net.parameters():
+            p.requires_grad_(False)
+        if inputs.device.type == "cpu" or _channels_last(model):
+            return net.to(memory_format=torch.channels_last), torch.channels_last
+        return net, _memory_format(inputs)
+    except Exception:  # noqa: BLE001 - e.g. modules holding non-copyable handles; the model itself is correct
+        return None
+
+
+def _working_eps(t: torch.Tensor) -> float:
+    """The machine epsilon the model's arithmetic ran at for output ``t``: its dtype's, or
+    coarser where CUDA lets float32 convolutions and matmuls use TF32 (10-bit mantissa;
+    cuDNN's default for convolutions) or bfloat16 (``set_float32_matmul_precision("medium")``),
+    or where autocast runs them in half precision."""
+    if not t.is_floating_point():
+        return 0.0
+    eps = torch.finfo(t.dtype).eps
+    if t.is_cuda and t.dtype == torch.float32:
+        precision = torch.get_float32_matmul_precision()
+        if precision == "medium":
+            eps = max(eps, torch.finfo(torch.bfloat16).eps)
+        elif precision == "high" or torch.backends.cudnn.allow_tf32:
+            eps = max(eps, 2.0 ** -10)
+    if torch.is_autocast_enabled(t.device.type):
+        eps = max(eps, torch.finfo(torch.get_autocast_dtype(t.device.type)).eps)
+    return eps
+
+
+def _same_function(model: nn.Module, net: nn.Module, fmt: torch.memory_format, probe: torch.Tensor) -> bool:
+    """Whether the fast copy ``net`` gives the model's logits on ``probe`` up to rounding.
+
+    Tolerance: ``4 sqrt(eps)`` of the largest logit, ``eps`` that of the arithmetic used
+    (:func:`_working_eps`): 1.4e-3 in float32, 6e-8 in float64, 0.125 with CUDA's TF32.
+    Folding BatchNorm and NHWC convolutions only reorder arithmetic; the rounding that moves
+    grows with depth and was 2e-7 to 1.3e-6 of the logit scale in float32 on CPU on the CIFAR
+    MobileNetV2, ResNet-56, WRN-16-2, ResNet-50 and ImageNet MobileNetV2 (random BatchNorm
+    statistics), 1000x below the tolerance (the TF32 margin, scaled by eps, is ~15x; not
+    measured on a GPU), while a copy that computes another function moved the logits by
+    0.7-1.2 of their scale on the cases that motivated the check. Relative to the logit scale
+    so that the check does not depend on how large a network's logits are."""
+    try:
+        with torch.no_grad(), _eval_without_param_grads(model):
+            ref = model(probe)
+            got = net(probe.contiguous(memory_format=fmt))
+        if not (isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.shape == got.shape):
+            return False  # the model itself runs, and reports what is wrong with its output
+        eps = _working_eps(ref)
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        diff = float((ref - got).abs().max()) if ref.numel() else 0.0
+    except Exception:  # noqa: BLE001 - the model itself then runs and raises what it raises
+        return False
+    if diff <= 4 * eps ** 0.5 * scale:
+        return True
+    if model not in _noted:
+        _noted.add(model)
+        log(f"igkd: note: the fast copy of the model for attributions (BatchNorm folded, activations out of "
+            f"place) changes its logits by {diff:.3g} (largest logit {scale:.3g}); using the model as it is "
+            "(slower)")
+    return False
 
 
 def _check_inputs(inputs: torch.Tensor, what: str = "inputs") -> torch.Tensor:

@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from torch import nn
 from ..errors import UserError
 from ..fileio import dumps, file_digest, write_bytes, write_json
 from .preprocess import bare, with_preprocessing
-from .registry import build_model, family_of
+from .registry import SPEC_ATTRIBUTE, build_model, family_of
 
 FORMAT = "igkd-checkpoint/1"
 HEADER_KEY = "igkd"  # safetensors header metadata key holding the JSON metadata
@@ -128,7 +129,15 @@ def check_metadata(meta, where) -> None:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read weights from .safetensors, or safely from a foreign .pt/.pth file."""
+    """Read weights from .safetensors, or safely from a foreign .pt/.pth file (without the
+    prefixes of a DDP or torch.compile wrapper, see :func:`_unwrap_prefixes`)."""
+    state, own_file = _read_state(path)
+    return state if own_file else _unwrap_prefixes(state)
+
+
+def _read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """The state dict as stored (unwrapped from ``state_dict``/``model`` containers) and
+    whether the file is igkd's own (a .safetensors with igkd's header metadata)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"weights file {path} does not exist; check the path")
@@ -149,8 +158,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} does not hold a state dict of tensors; save one with torch.save(model.state_dict())")
-    # DDP's module. and torch.compile's _orig_mod. prefixes
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    # igkd's own file holds the bare network's names: there a child named `module` is the model's own
+    return obj, path.suffix == ".safetensors" and _has_igkd_header(path)
+
+
+def _has_igkd_header(path: Path) -> bool:
+    """Whether a .safetensors file was written by :func:`save_checkpoint` (its header carries
+    igkd's metadata key; the metadata itself is checked where it is read)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return HEADER_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable header: treat as foreign
+        return False
+
+
+def _unwrap_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Without DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes, each removed only
+    when every key carries it: a wrapper prefixes all names, while a network's own child named
+    ``module`` prefixes only its part of them."""
+    while state:
+        prefix = next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
 
 
 def _torch_load(path: Path):
@@ -163,9 +194,20 @@ def _torch_load(path: Path):
 
 def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", flag: str = "--model") -> nn.Module:
     """Load weights into ``model`` (its bare network), strictly, with a one-line error."""
-    state = read_state_dict(path)
+    raw, own_file = _read_state(path)
     net = bare(model)
     own = net.state_dict()
+    # names that fit the model as stored are used as stored (a foreign file of a network whose
+    # only child is named `module`); otherwise a wrapper's prefixes are removed
+    state = raw if own_file or set(raw) == set(own) else _unwrap_prefixes(raw)
+    # BatchNorm's num_batches_tracked (torch >= 0.4.1) is absent from older files (torchvision's
+    # original ImageNet weights among them) and torch's own loader accepts that; it only counts
+    # training batches (used when momentum is None), so a missing one starts at 0
+    for k in own:
+        owner, _, leaf = k.rpartition(".")
+        if leaf == "num_batches_tracked" and k not in state and \
+                isinstance(net.get_submodule(owner), nn.modules.batchnorm._NormBase):
+            state[k] = torch.zeros_like(own[k])
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -222,10 +264,78 @@ def weights_fingerprint(model: nn.Module) -> str:
     """sha256 over the bare network's state dict (names, dtypes, shapes, bytes)."""
     h = hashlib.sha256()
     for k, v in sorted(bare(model).state_dict().items()):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+        h.update(f"{k}|".encode())
+        _hash_tensor(h, v)
     return h.hexdigest()
+
+
+_IDENTITY_FORMAT = "igkd-teacher/2"
+_UNSTABLE = {"training", "_is_full_backward_hook"}  # change with modes and hooks, not with the function
+
+
+def teacher_identity(model: nn.Module) -> str:
+    """sha256 naming the function a teacher computes, for its precompute store and fitted
+    schedules: the architecture as well as the weights. :func:`weights_fingerprint` alone
+    is blind to both the architecture (one state dict fits mobilenetv2 and
+    mobilenetv2_imagenet, whose strides differ) and to a frozen TorchScript teacher, whose
+    weights are constants of its code (an empty state dict).
+
+    Hashed: the spec the network was built from (set by ``build_model``; absent for a module
+    handed in directly), then for every module its name, class and plain attributes (strides,
+    paddings, options a user's network keeps; numbers, strings and tuples of them), and for a
+    TorchScript module the code of its methods, their constants (frozen weights included) and
+    the plain attributes that code reads; then the weights. Preprocessing is not included
+    (the store identity adds it)."""
+    net = bare(model)
+    h = hashlib.sha256(f"{_IDENTITY_FORMAT}|spec={getattr(net, SPEC_ATTRIBUTE, None)}|".encode())
+    for name, m in net.named_modules():
+        h.update(f"module {name}|".encode())
+        if isinstance(m, torch.jit.ScriptModule):
+            _script_identity(m, h)
+        else:
+            h.update(f"{type(m).__module__}.{type(m).__qualname__}|".encode())
+            for key, value in sorted(vars(m).items()):
+                if key not in _UNSTABLE and _plain(value):
+                    h.update(f"{key}={value!r}|".encode())
+    h.update(f"weights={weights_fingerprint(net)}".encode())
+    return h.hexdigest()
+
+
+def _plain(value) -> bool:
+    """Numbers, strings, None and tuples/lists of them: values whose repr is stable across
+    processes (no object addresses) and that can change what forward computes."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _script_identity(m: torch.jit.ScriptModule, h) -> None:
+    """Hash a TorchScript module's own methods: code text, constants, and the plain attributes
+    the code reads (``self.scale``); its state dict is hashed with the weights. (The saved
+    file's bytes are not used: scripting in another process mangles class names differently.)"""
+    h.update(f"script {getattr(m, 'original_name', '')}|".encode())
+    for method in sorted(m._c._method_names()):
+        code, constants = m._c._get_method(method).code_with_constants
+        h.update(f"def {method}|{code}|".encode())
+        for key in sorted(constants):
+            value = constants[key]
+            h.update(f"const {key}|".encode())
+            if isinstance(value, torch.Tensor):
+                _hash_tensor(h, value)
+            else:
+                h.update(repr(value).encode() if _plain(value) else type(value).__name__.encode())
+        own = re.match(r"\s*def \w+\((\w+)", code)  # the method's first parameter: `self`, or as the author named it
+        for attr in sorted(set(re.findall(rf"\b{own.group(1)}\.(\w+)", code))) if own else ():
+            value = m._c.getattr(attr) if attr not in _UNSTABLE and m._c.hasattr(attr) else None
+            if _plain(value):
+                h.update(f"{attr}={value!r}|".encode())
+
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    """dtype, shape and bytes of ``t`` into the hash ``h`` (bfloat16, which numpy lacks, as int16 bits)."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
 
 
 def copy_matching(student: nn.Module, teacher: nn.Module) -> list[str]:

@@ -20,6 +20,7 @@ instead of testing names.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import UserError
@@ -41,6 +42,8 @@ def _mobilenetv2(imagenet: bool):
         return MobileNetV2(num_classes, in_channels, imagenet=imagenet, **o)
     return build
 
+
+SPEC_ATTRIBUTE = "_igkd_spec"  # set by build_model on the network: the spec it was built from
 
 MODELS: dict[str, Family] = {
     "mobilenetv2": Family(_mobilenetv2(False), "CIFAR MobileNetV2: drop=K truncation, width=W",
@@ -68,7 +71,15 @@ def family_of(spec: str | Spec) -> Family:
 def build_model(spec: str | Spec, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """Build an untrained model from its spec string."""
     spec = spec if isinstance(spec, Spec) else parse_spec(spec, "model spec")
-    return family_of(spec).build(spec, num_classes, in_channels)
+    net = family_of(spec).build(spec, num_classes, in_channels)
+    if not isinstance(net, torch.jit.ScriptModule):  # TorchScript is identified by its code instead
+        # recorded for the teacher identity of precompute stores (checkpoint.teacher_identity): two
+        # architectures can share one state dict; options sorted so their order does not matter
+        try:
+            setattr(net, SPEC_ATTRIBUTE, str(Spec(spec.kind, spec.arg, dict(sorted(spec.options.items())))))
+        except Exception:  # noqa: BLE001 - a user's module refusing attributes: identified by its structure alone
+            pass
+    return net
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -204,6 +204,27 @@ def test_imagefolder_held_out_split_refuses_empty_sides(tmp_path):
     assert ds.train.labels.tolist() == [0, 1] and ds.test.labels.tolist() == [0, 0]  # round(1.5) = 2 of a held
 
 
+def test_images_of_every_pillow_extension_are_read_and_other_files_named(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("IGKD_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            _bmp(root / split / c / "0.bmp", 10)
+    pixels = np.full((4, 4, 3), 77, dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "train" / "a" / "1.tga")  # Pillow reads TGA: an image, not skipped
+    Image.fromarray(pixels).save(root / "train" / "b" / "2.jfif", format="JPEG")
+    (root / "train" / "a" / "notes.txt").write_text("not an image")
+    (root / "train" / "b" / "labels.csv").write_text("x")
+    (root / "train" / "b" / "more.csv").write_text("x")
+    (root / "train" / "b" / ".DS_Store").write_text("x")  # hidden: not worth a word
+    with caplog.at_level(logging.WARNING, logger="igkd.data.imagefolder"):
+        train = load_dataset(f"imagefolder:{root}").train
+    assert train.labels.tolist() == [0, 0, 1, 1]  # a/0.bmp a/1.tga b/0.bmp b/2.jfif
+    assert train.images[1, 0, 0, 0].item() == 77
+    assert "skipped 3 files that are not images by their extension (2 .csv, 1 .txt; e.g. b/" in caplog.text
+    assert ".DS_Store" not in caplog.text
+
+
 def test_lab_image_decodes_as_gray_through_rgb(tmp_path):
     p = tmp_path / "lab.tif"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)).convert("LAB").save(p)

@@ -66,7 +66,9 @@ from .image_cache import CacheUnwritable, decode_in_memory, human_bytes, load_ca
 from .splits import stratified_split
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# what Pillow decodes without plug-ins; other files in a class folder are skipped with a warning
+IMAGE_EXTS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+              ".pbm", ".pnm", ".tga"}
 OPTIONS = ["size", "resize", "gray", "test", "seed", "cache", "mmap"]
 RESIZE = ("fixed", "shorter")
 MAX_SIDE = 8192  # pixels; larger images are not classifier inputs
@@ -107,10 +109,18 @@ def _scan_entries(folder: Path) -> _Part:
                 f"{folder}/<wnid>/ for ImageNet's val/)") if loose else ""
         raise UserError(f"{folder} has no class subfolders; put images in {folder}/<class>/{hint}")
     files, labels, stats = [], [], []
+    skipped: dict[str, list[str]] = {}  # extension -> files a user may have meant as images
     for label, name in enumerate(classes):
-        entries = sorted((e for e in os.scandir(folder / name) if e.is_file()
-                          and not e.name.startswith(".") and Path(e.name).suffix.lower() in IMAGE_EXTS),
-                         key=lambda e: e.name)
+        entries = []
+        for e in os.scandir(folder / name):
+            if not e.is_file() or e.name.startswith("."):
+                continue
+            ext = Path(e.name).suffix.lower()
+            if ext in IMAGE_EXTS:
+                entries.append(e)
+            else:
+                skipped.setdefault(ext or "(none)", []).append(f"{name}/{e.name}")
+        entries.sort(key=lambda e: e.name)
         if not entries:
             raise UserError(f"class folder {folder / name} holds no images ({' '.join(sorted(IMAGE_EXTS))})")
         for e in entries:
@@ -124,6 +134,11 @@ def _scan_entries(folder: Path) -> _Part:
             # path has its own cache anyway (the path names it). Safe, if sometimes slower.
             st = e.stat()  # of the image a symlink points at, so replacing the target counts too
             stats.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    if skipped:  # said, not silent: a .heic or .JPG2 folder would otherwise train on fewer images
+        counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(skipped.items(), key=lambda kv: -len(kv[1])))
+        example = next(iter(sorted(skipped.items(), key=lambda kv: -len(kv[1]))))[1][0]
+        log.warning("%s: skipped %d files that are not images by their extension (%s; e.g. %s); igkd reads %s",
+                    folder, sum(map(len, skipped.values())), counts, example, " ".join(sorted(IMAGE_EXTS)))
     return _Part(folder, classes, files, np.asarray(labels, dtype=np.int64), stats)
 
 

@@ -274,3 +274,38 @@ def test_cifar_labels_out_of_range_or_not_integers_are_one_line_errors(tmp_path)
         pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [1.5]}, open(f / name, "wb"), protocol=2)
     with pytest.raises(UserError, match="train has fine labels that are not integers"):
         load_dataset(f"cifar100:{tmp_path / 'c100'},verify=0,download=0").train
+
+
+# ---------------------------------------------------------------- memory budget: a container's limit counts
+
+def _cgroup(tmp_path, proc_lines, files):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    proc = tmp_path / "cgroup"
+    proc.write_text("\n".join(proc_lines) + "\n")
+    for rel, text in files.items():
+        p = tmp_path / "sys" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return proc, tmp_path / "sys"
+
+
+def test_cgroup_limits_bound_the_memory_a_split_may_take(tmp_path):
+    from igkd.data.base import cgroup_memory_available
+    g = 1 << 30
+    # cgroup v2 inside a container: /proc names the host's path, the container's cgroup is the mount's root
+    proc, root = _cgroup(tmp_path / "v2", ["0::/kubepods/pod1/abc"], {
+        "memory.max": f"{2 * g}\n", "memory.current": f"{g}\n",
+        "memory.stat": f"anon 100\ninactive_file {g // 4}\nactive_file 5\n"})
+    assert cgroup_memory_available(proc, root) == 2 * g - g + g // 4
+    # v1 (as on this build machine: hybrid, memory under memory/), a nested limit tighter than the root's
+    proc, root = _cgroup(tmp_path / "v1", ["4:memory:/job/7", "0::/"], {
+        "memory/memory.limit_in_bytes": str(8 * g), "memory/memory.usage_in_bytes": str(g),
+        "memory/job/7/memory.limit_in_bytes": str(3 * g), "memory/job/7/memory.usage_in_bytes": str(2 * g),
+        "memory/job/7/memory.stat": "cache 9\ntotal_inactive_file 0\n"})
+    assert cgroup_memory_available(proc, root) == g
+    # no limit anywhere: v2's "max", v1's page-rounded 2**63 - 1; no cgroup file at all
+    proc, root = _cgroup(tmp_path / "none", ["0::/", "4:memory:/"], {
+        "memory.max": "max\n", "memory.current": "5\n",
+        "memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "5\n"})
+    assert cgroup_memory_available(proc, root) is None
+    assert cgroup_memory_available(tmp_path / "absent", root) is None

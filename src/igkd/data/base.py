@@ -212,18 +212,85 @@ def cache_dir() -> Path:
 
 
 def available_memory() -> int:
-    """Memory this process can still have: Linux's MemAvailable, else physical memory."""
+    """Memory this process can still have: Linux's MemAvailable, else physical memory, and
+    never more than its cgroup's limit leaves (:func:`cgroup_memory_available`)."""
+    have = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    have = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
+    if have is None:
+        try:
+            have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not POSIX: no check
+            have = 1 << 62
+    limited = cgroup_memory_available()
+    return have if limited is None else min(have, limited)
+
+
+_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+
+
+def cgroup_memory_available(proc: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup") -> int | None:
+    """What the memory limits of this process's cgroups leave: min over the limited levels of
+    limit - usage + inactive file cache (reclaimable, as ``docker stats`` counts it); None
+    without a limit or off Linux. MemAvailable inside a container (Docker, Kubernetes) is the
+    host's: a split loaded into memory by it alone can get the process killed at its limit.
+
+    Both hierarchies: v2 (``0::PATH``: ``memory.max``, ``memory.current``, ``inactive_file``)
+    and v1 (``N:memory:PATH``: ``memory.limit_in_bytes``, ``memory.usage_in_bytes``,
+    ``total_inactive_file``). A container usually mounts its own cgroup as the root of
+    ``/sys/fs/cgroup`` while PATH names it from the host's root, so every existing folder
+    from ``root/PATH`` up to ``root`` is read."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not POSIX: no check
-        return 1 << 62
+        lines = Path(proc).read_text().splitlines()
+    except OSError:
+        return None
+    root = Path(root)
+    best = None
+    for line in lines:
+        hid, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hid == "0" and controllers == "":
+            bases = [(root, "memory.max", "memory.current", "inactive_file")]
+            if (root / "unified").is_dir():  # hybrid layout: v2 under unified/
+                bases.append((root / "unified", "memory.max", "memory.current", "inactive_file"))
+        elif "memory" in controllers.split(","):
+            bases = [(root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")]
+        else:
+            continue
+        for base, limit_file, usage_file, inactive_key in bases:
+            folder = base / path.lstrip("/")
+            levels = [folder, *folder.parents] if folder.is_relative_to(base) else [base]
+            for level in dict.fromkeys(p for p in levels if p.is_relative_to(base)):
+                left = _cgroup_left(level, limit_file, usage_file, inactive_key)
+                if left is not None:
+                    best = left if best is None else min(best, left)
+    return best
+
+
+def _cgroup_left(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    try:
+        raw = (folder / limit_file).read_text().strip()
+        if raw == "max" or int(raw) >= _UNLIMITED:
+            return None
+        limit, usage = int(raw), int((folder / usage_file).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    inactive = 0
+    try:
+        for stat in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = stat.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+                break
+    except (OSError, ValueError):
+        pass
+    return max(0, limit - usage + inactive)
 
 
 MEMORY_ENV = "IGKD_DATA_MEMORY"

@@ -157,12 +157,18 @@ def _bmp(path: Path, value: int) -> None:
     Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(path)  # BMP: the size never depends on pixels
 
 
-def test_imagefolder_cache_sees_a_file_replaced_with_size_and_mtime_kept(tmp_path, monkeypatch, caplog):
+def _two_class_folder(tmp_path, monkeypatch) -> Path:
+    """train/ and test/ with classes a and b of one 4x4 BMP of value 10 each; a private cache."""
     monkeypatch.setenv("IGKD_CACHE_DIR", str(tmp_path / "cache"))
     root = tmp_path / "folder"
     for split in ("train", "test"):
         for c in ("a", "b"):
             _bmp(root / split / c / "0.bmp", 10)
+    return root
+
+
+def test_imagefolder_cache_sees_a_file_replaced_with_size_and_mtime_kept(tmp_path, monkeypatch, caplog):
+    root = _two_class_folder(tmp_path, monkeypatch)
     first = load_dataset(f"imagefolder:{root}")
     assert first.train.images[0, 0, 0, 0].item() == 10
     caches = sorted((tmp_path / "cache").rglob("images.bin"))
@@ -205,11 +211,7 @@ def test_imagefolder_held_out_split_refuses_empty_sides(tmp_path):
 
 
 def test_images_of_every_pillow_extension_are_read_and_other_files_named(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("IGKD_CACHE_DIR", str(tmp_path / "cache"))
-    root = tmp_path / "folder"
-    for split in ("train", "test"):
-        for c in ("a", "b"):
-            _bmp(root / split / c / "0.bmp", 10)
+    root = _two_class_folder(tmp_path, monkeypatch)
     pixels = np.full((4, 4, 3), 77, dtype=np.uint8)
     Image.fromarray(pixels).save(root / "train" / "a" / "1.tga")  # Pillow reads TGA: an image, not skipped
     Image.fromarray(pixels).save(root / "train" / "b" / "2.jfif", format="JPEG")

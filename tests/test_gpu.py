@@ -266,7 +266,29 @@ def test_resume_on_cuda_restores_the_gpu_generator(tmp_path):
                        teacher=small_teacher().cuda(), store=store, quiet=True)
     make().fit()
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["cuda_rng"]
-    torch.cuda.manual_seed(12345)  # anything else
+    resumed = make()  # (which seeds the generators again)
+    torch.cuda.manual_seed(12345)  # anything else: only load_state can bring the saved state back
     assert not torch.equal(torch.cuda.get_rng_state(), saved)
-    make().load_state()
+    resumed.load_state()
     assert torch.equal(torch.cuda.get_rng_state(), saved)
+
+
+def test_sync_batchnorm_on_cuda_is_differentiable_twice_where_a_part_needs_it():
+    """Under torchrun on GPUs BatchNorm is synchronised; torch's SyncBatchNorm has no second
+    derivative, which `explain` (a loss on the student's gradients) needs, so there the
+    differentiable GlobalBatchNorm2d replaces it."""
+    from igkd.distill.parallel import GlobalBatchNorm2d, sync_batchnorm
+    from igkd.distill.parts import parse_method
+    from igkd.models import build_model
+    cuda = torch.device("cuda")
+    assert any(p.double_backward for p in parse_method("kd+explain").parts)
+    assert not any(p.double_backward for p in parse_method("kd+ig+at").parts)
+    fused = sync_batchnorm(build_model(STUDENT, 10, 1).to(cuda), cuda)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in fused.modules())
+    net = sync_batchnorm(build_model(STUDENT, 10, 1).to(cuda), cuda, double_backward=True)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(type(m) is GlobalBatchNorm2d for m in bns)
+    x = torch.rand(4, 1, 28, 28, device=cuda, requires_grad=True)
+    g, = torch.autograd.grad(net(x)[:, 0].sum(), x, create_graph=True)
+    (x * g).abs().sum().backward()  # the second derivative exists, through every BatchNorm
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in bns)

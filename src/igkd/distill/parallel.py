@@ -156,9 +156,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return out + self.bias[None, :, None, None] if self.affine else out
 
 
-def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Replace every BatchNorm2d by a synchronised one (same names, weights and buffers)."""
-    if device.type == "cuda":
+def sync_batchnorm(model: nn.Module, device: torch.device, double_backward: bool = False) -> nn.Module:
+    """Replace every BatchNorm2d by a synchronised one (same names, weights and buffers):
+    on CUDA torch's SyncBatchNorm (fused kernels), elsewhere, or where the loss
+    differentiates a gradient of the model (``double_backward``: SyncBatchNorm's backward
+    kernels have no derivative, "derivative for aten::batch_norm_backward_elemt is not
+    implemented"), :class:`GlobalBatchNorm2d`, built of differentiable operations."""
+    if device.type == "cuda" and not double_backward:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm2d:
@@ -167,7 +171,7 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
             new.load_state_dict(child.state_dict())
             setattr(model, name, new)
         else:
-            sync_batchnorm(child, device)
+            sync_batchnorm(child, device, double_backward)
     return model
 
 

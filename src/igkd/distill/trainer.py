@@ -123,7 +123,7 @@ class Trainer:
         self.model = model.to(device)
         self.sync_bn = self.dist.active and getattr(cfg, "sync_bn", True)
         if self.sync_bn:
-            sync_batchnorm(self.model, device)
+            sync_batchnorm(self.model, device, any(p.double_backward for p in self.method.parts))
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         train = dataset.train

@@ -81,6 +81,7 @@ class Part:
     needs_maps: bool = False      # the store's maps, indexed by sample
     aligned_maps: bool = False    # batch.maps: maps that follow crop, flip and mixing
     input_grad: bool = False      # batch.x requires grad (input-gradient explanations)
+    double_backward: bool = False  # its loss holds gradients of the student (create_graph=True)
     online_teacher: bool = False  # its transform changes what the images are: teacher logits online
     stage: str = ""               # "overlay" or "mix": when transform runs ("" = no transform)
 

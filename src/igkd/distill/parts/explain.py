@@ -102,6 +102,7 @@ class Explain(Part):
     search = {"explain_lambda": [0.1, 1, 10]}
     log_scale = ("explain_lambda",)
     needs_teacher = aligned_maps = True
+    double_backward = True  # the explanation is a gradient of the student, and the loss is of it
 
     def check(self, cfg, teacher, student, input_shape) -> None:
         STUDENT_EXPLANATIONS[cfg.explain_method].check(cfg, student, input_shape)

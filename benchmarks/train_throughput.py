@@ -124,6 +124,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all variants, median reported (default 3)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps before each timing (default 5)")
     ap.add_argument("--p", type=float, default=0.1, help="overlay probability (default 0.1, the paper's)")
+    ap.add_argument("--amp", choices=("off", "bf16"), default="off",
+                    help="precision of every variant, the reference included (default off: float32; bf16: "
+                         "autocast on CUDA). igkd's own --amp auto would be bf16 on a GPU: against a float32 "
+                         "reference that measures the precision, not the code")
     ap.add_argument("--workers", default="2,0", help="DataLoader workers of the reference runs (default 2,0)")
     ap.add_argument("--no-child", action="store_true",
                     help="skip timing the reference with glibc's default malloc settings (child process)")
@@ -139,6 +143,12 @@ def main(argv=None):
     from igkd.models.mobilenetv2 import torch_relu6
     from igkd.runtime import tune_malloc
 
+    from igkd.distill.speed import amp_dtype, autocast
+    from igkd.errors import UserError
+    try:
+        precision = amp_dtype(args.amp, torch.device(args.device))  # bf16 is refused off CUDA, as distill does
+    except UserError as e:
+        ap.error(str(e))
     untuned: dict[str, float] = {}
     if not args.reference_only and not args.no_child and args.device == "cpu":
         # the reference as the paper's code runs: glibc's default malloc (mallopt is process-wide)
@@ -159,7 +169,8 @@ def main(argv=None):
 
     cfg = build(DistillConfig, dict(model=MODEL, normalize="none", method="kd+ig", batch_size=args.batch,
                                     optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant",
-                                    warmup_epochs=0, T=T, alpha=ALPHA, p=args.p, device=args.device))
+                                    warmup_epochs=0, T=T, alpha=ALPHA, p=args.p, device=args.device,
+                                    amp=args.amp))
 
     def make_trainer(stock_relu6: bool = False):
         torch.manual_seed(0)
@@ -181,7 +192,9 @@ def main(argv=None):
 
     def ref_step(b):
         x, y, t = (v.to(device, non_blocking=True) for v in b)
-        loss, _ = kd_loss(ref_model(x), y, t, T, ALPHA)
+        with autocast(precision, device):  # as igkd's step: the model under autocast, the loss in float32
+            out = ref_model(x)
+        loss, _ = kd_loss(out.float(), y, t, T, ALPHA)
         ref_opt.zero_grad()
         loss.backward()
         ref_opt.step()
@@ -213,6 +226,7 @@ def main(argv=None):
 
     params = count_parameters(trainer.model)
     print(f"training throughput: {MODEL} ({params:,} params), batch {args.batch}, {threads} threads, {device}, "
+          f"{'float32' if precision is None else 'bf16 autocast'} in every variant, "
           f"{what} ({n:,} images), KD+IG (T {T}, alpha {ALPHA}, p {args.p}), Adam; {args.steps} timed steps after "
           f"{args.warmup} warm-up, {args.rounds} rounds, median; glibc malloc tuning {'on' if tuned else 'off'} "
           f"except where marked")

@@ -64,7 +64,11 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         raise UserError(f"--amp {amp} needs a CUDA device (mixed precision is GPU-only here); "
                         "use --amp auto or off on CPU")
     if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # native bf16 only (Ampere and newer): is_bf16_supported() also says yes where bf16 is
+        # emulated, which is slower than fp16 with loss scaling; and of this run's GPU
+        with torch.cuda.device(device):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 

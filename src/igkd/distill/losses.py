@@ -65,12 +65,17 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     gt = F.one_hot(labels, c).bool()
     log_ps, log_pt = F.log_softmax(s, 1), F.log_softmax(t, 1)
 
+    # the target and non-target columns by gather, not by boolean masks (which make the host
+    # wait for the GPU at every step): the non-target columns of row i, in order
+    others = torch.arange(c - 1, device=s.device)[None, :]
+    others = others + (others >= labels[:, None]).long()
+
     def binary(log_p):  # log (p_y, 1 - p_y)
         other = log_p.masked_fill(gt, float("-inf")).logsumexp(1)
-        return torch.stack([log_p[gt], other], 1)
+        return torch.stack([log_p.gather(1, labels[:, None]).squeeze(1), other], 1)
 
     tckd = F.kl_div(binary(log_ps), binary(log_pt), reduction="batchmean", log_target=True) * (T * T)
-    rest = lambda z: F.log_softmax(z[~gt].view(n, c - 1), 1)  # noqa: E731
+    rest = lambda z: F.log_softmax(z.gather(1, others), 1)  # noqa: E731
     nckd = F.kl_div(rest(s), rest(t), reduction="batchmean", log_target=True) * (T * T)
     return tckd, nckd
 

@@ -167,6 +167,23 @@ def test_gradcam_layer_errors_are_one_line():
         gradcam(inplace.eval(), x, 0, layer="0")
 
 
+def test_a_target_class_out_of_range_is_one_line_for_every_attribution():
+    from igkd.attribution import integrated_gradients
+    from igkd.attribution.saliency import saliency
+    net = _tiny_cnn().eval()  # 5 classes
+    x = torch.rand(3, 3, 8, 8)
+    runs = {"ig": lambda t: integrated_gradients(net, x, t, n_steps=4),
+            "ig, steps over passes": lambda t: integrated_gradients(net, x, t, n_steps=4, batch_size=2),
+            "ig with delta": lambda t: integrated_gradients(net, x, t, n_steps=4, return_delta=True),
+            "saliency": lambda t: saliency(net, x, t),
+            "gradcam": lambda t: gradcam(net, x, t, layer="0")}
+    for what, run in runs.items():
+        for target, got in (([0, 5, 1], "0..5"), (-1, "-1..-1")):
+            with pytest.raises(UserError, match=rf"target classes must be in \[0, 4\], got {got}$"):
+                run(target)
+        assert run([1, 0, 1]) is not None, what
+
+
 def test_precompute_gradcam_writes_maps_per_image(tmp_path):
     data, teacher = tiny_dataset(), tiny_teacher()
     cfg = PrecomputeConfig(attribution="gradcam", chunk_size=10, check_images=0)

@@ -282,12 +282,18 @@ def _targets(target: int | Sequence[int] | torch.Tensor, n: int, device: torch.d
     return t
 
 
-def _check_logits(logits: torch.Tensor, target: torch.Tensor) -> None:
+def _span(target: torch.Tensor) -> tuple[int, int] | None:
+    """(smallest, largest) target class, read once per call: on a GPU each read waits for
+    the device, so the passes of a call check against this rather than read it again."""
+    return (int(target.min()), int(target.max())) if target.numel() else None
+
+
+def _check_logits(logits: torch.Tensor, target: torch.Tensor, span: tuple[int, int] | None = None) -> None:
     if logits.dim() != 2:
         raise UserError(f"the model must return N x classes logits, got shape {tuple(logits.shape)}")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= logits.shape[1]):
-        raise UserError(f"target classes must be in [0, {logits.shape[1] - 1}], "
-                        f"got {int(target.min())}..{int(target.max())}")
+    lo, hi = span if span is not None else (_span(target) or (0, 0))
+    if lo < 0 or hi >= logits.shape[1]:
+        raise UserError(f"target classes must be in [0, {logits.shape[1] - 1}], got {lo}..{hi}")
 
 
 def _default_batch_size(inputs: torch.Tensor) -> int:
@@ -304,23 +310,26 @@ def _check_batch_size(batch_size: int | None, inputs: torch.Tensor) -> int:
     return batch_size
 
 
-def _input_grads(model: nn.Module, x: torch.Tensor, rows: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """d logit[rows] / d x for a batch ``x`` (one forward, one autograd.grad)."""
+def _input_grads(model: nn.Module, x: torch.Tensor, rows: torch.Tensor, fmt: torch.memory_format,
+                 span: tuple[int, int] | None = None) -> torch.Tensor:
+    """d logit[rows] / d x for a batch ``x`` (one forward, one autograd.grad); ``span``: the
+    call's target range (:func:`_span`), else read from ``rows``."""
     x = x.contiguous(memory_format=fmt).detach().requires_grad_(True)
     logits = model(x)
-    _check_logits(logits, rows)
+    _check_logits(logits, rows, span)
     selected = logits.gather(1, rows.view(-1, 1))
     (grad,) = torch.autograd.grad(selected.sum(), x)
     return grad
 
 
 def _forward_selected(model: nn.Module, x: torch.Tensor, rows: torch.Tensor, batch_size: int,
-                      fmt: torch.memory_format) -> torch.Tensor:
+                      fmt: torch.memory_format, span: tuple[int, int] | None = None) -> torch.Tensor:
     out = []
+    span = span if span is not None else _span(rows)
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
             logits = model(x[s:s + batch_size].contiguous(memory_format=fmt))
-            _check_logits(logits, rows)
+            _check_logits(logits, rows, span)
             out.append(logits.gather(1, rows[s:s + batch_size].view(-1, 1)).squeeze(1))
     return torch.cat(out) if out else x.new_zeros(0)
 
@@ -331,12 +340,13 @@ def _plain_gradients(model: nn.Module, inputs: torch.Tensor, target, batch_size:
     batch_size = _check_batch_size(batch_size, inputs)
     with torch.inference_mode(False), torch.enable_grad():
         rows = _targets(target, inputs.shape[0], inputs.device)
+        span = _span(rows)
         out = torch.zeros_like(inputs, memory_format=torch.contiguous_format)
         net, fmt = _prepare(model, inputs, fast)
         with _eval_without_param_grads(net):
             for s in range(0, inputs.shape[0], batch_size):
                 out[s:s + batch_size] = _input_grads(net, inputs[s:s + batch_size],
-                                                     rows[s:s + batch_size], fmt)
+                                                     rows[s:s + batch_size], fmt, span)
     return out
 
 

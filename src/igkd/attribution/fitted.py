@@ -121,7 +121,7 @@ def gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor, baseline: torch.Ten
     products with the Gauss-Legendre ``R``-point IG, each image scaled by 1 / |IG_ref|^2."""
     import torch
 
-    from .engine import _check_batch_size, _eval_without_param_grads, _input_grads, _prepare, _targets
+    from .engine import _check_batch_size, _eval_without_param_grads, _input_grads, _prepare, _span, _targets
     from .quadrature import quadrature
 
     R = int(reference_steps)
@@ -129,6 +129,7 @@ def gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor, baseline: torch.Ten
     ref_a, ref_w = quadrature("gausslegendre", R)
     batch = _check_batch_size(batch_size, x)
     rows = _targets(y, x.shape[0], x.device)
+    span = _span(rows)
     K = torch.zeros(R, R, dtype=torch.float64)
     b = torch.zeros(R, dtype=torch.float64)
     with torch.inference_mode(False), torch.enable_grad():
@@ -144,7 +145,7 @@ def gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor, baseline: torch.Ten
                     for s in range(0, alphas.numel(), batch):
                         a = alphas[s:s + batch].to(device=x.device, dtype=x.dtype)
                         pts = baseline[i:i + 1] + a.view(-1, *ones) * d
-                        out[s:s + a.numel()] = _input_grads(net, pts, rows[i:i + 1].expand(a.numel()), fmt) * d
+                        out[s:s + a.numel()] = _input_grads(net, pts, rows[i:i + 1].expand(a.numel()), fmt, span) * d
                     return out.reshape(alphas.numel(), -1).double().cpu()
 
                 ref = ref_w @ contributions(ref_a)

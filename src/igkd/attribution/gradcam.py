@@ -100,7 +100,7 @@ def gradcam(model: nn.Module, inputs: torch.Tensor, target, layer: str = "auto",
 
     from ..distill.attention import resolve_layer
     from ..errors import UserError
-    from .engine import _check_batch_size, _check_inputs, _check_logits, _eval_without_param_grads, _targets
+    from .engine import _check_batch_size, _check_inputs, _check_logits, _eval_without_param_grads, _span, _targets
 
     inputs = _check_inputs(inputs)
     batch_size = _check_batch_size(batch_size, inputs)
@@ -111,6 +111,7 @@ def gradcam(model: nn.Module, inputs: torch.Tensor, target, layer: str = "auto",
     with torch.inference_mode(False), torch.enable_grad():
         inputs = inputs.clone() if inputs.is_inference() else inputs
         rows = _targets(target, n, inputs.device)
+        span = _span(rows)
         out = torch.zeros((n, *size), dtype=inputs.dtype, device=inputs.device)
         with _eval_without_param_grads(model):
             name = auto_layer(model, tuple(inputs.shape[1:]), inputs.device) if layer == "auto" else layer
@@ -122,7 +123,7 @@ def gradcam(model: nn.Module, inputs: torch.Tensor, target, layer: str = "auto",
                     seen.clear()
                     x = inputs[s:s + batch_size].detach().requires_grad_(True)
                     logits = model(x)
-                    _check_logits(logits, rows)
+                    _check_logits(logits, rows, span)
                     if len(seen) != 1:
                         raise UserError(f"layer {name} ran {len(seen)} times in one forward pass; Grad-CAM needs a "
                                         "layer that runs once (--gradcam-layer)")

@@ -78,7 +78,7 @@ def integrated_gradients(
 
     from .baselines import _resolve_baseline
     from .engine import (_check_batch_size, _check_inputs, _eval_without_param_grads, _forward_selected,
-                         _input_grads, _prepare, _targets)
+                         _input_grads, _prepare, _span, _targets)
     from .quadrature import check_method, check_schedule, quadrature
 
     inputs = _check_inputs(inputs)
@@ -95,6 +95,7 @@ def integrated_gradients(
     with torch.inference_mode(False), torch.enable_grad():
         inputs = inputs.clone() if inputs.is_inference() else inputs
         rows = _targets(target, n, device)
+        span = _span(rows)
         base = _resolve_baseline(model, inputs, baseline)
         alphas = alphas.to(device=device, dtype=dtype)
         weights = weights.to(device=device, dtype=dtype)
@@ -110,21 +111,24 @@ def integrated_gradients(
                     b, d = base[s:s + k], diff[s:s + k]
                     m = b.shape[0]
                     scaled = (b.unsqueeze(1) + alphas.view(1, steps, *ones) * d.unsqueeze(1)).reshape(m * steps, *item)
-                    grads = _input_grads(net, scaled, rows[s:s + k].repeat_interleave(steps), fmt)
-                    # weighted sum over steps: one contraction, no loop over steps
-                    total[s:s + k] = torch.einsum("s,ks...->k...", weights, grads.reshape(m, steps, *item))
+                    grads = _input_grads(net, scaled, rows[s:s + k].repeat_interleave(steps), fmt, span)
+                    # weighted sum over steps: one contraction, no loop over steps; outside autocast,
+                    # which would run it (a bmm) in 16 bits on top of the network's own precision
+                    with torch.autocast(device.type, enabled=False):
+                        total[s:s + k] = torch.einsum("s,ks...->k...", weights, grads.reshape(m, steps, *item))
             elif n:
                 # more steps than fit in a pass: an image's steps are split over passes
                 for i in range(n):
                     for s in range(0, steps, batch_size):
                         a, w = alphas[s:s + batch_size], weights[s:s + batch_size]
                         scaled = base[i:i + 1] + a.view(-1, *ones) * diff[i:i + 1]
-                        grads = _input_grads(net, scaled, rows[i:i + 1].expand(a.numel()), fmt)
-                        total[i] += torch.einsum("s,s...->...", w, grads)
+                        grads = _input_grads(net, scaled, rows[i:i + 1].expand(a.numel()), fmt, span)
+                        with torch.autocast(device.type, enabled=False):
+                            total[i] += torch.einsum("s,s...->...", w, grads)
             attributions = total * diff
             if not return_delta:
                 return attributions
-            ends = _forward_selected(net, torch.cat([inputs, base]), torch.cat([rows, rows]), batch_size, fmt)
+            ends = _forward_selected(net, torch.cat([inputs, base]), torch.cat([rows, rows]), batch_size, fmt, span)
     delta = attributions.reshape(n, -1).sum(1, dtype=torch.float64) - (ends[:n].double() - ends[n:].double())
     return attributions, delta.to(dtype)
 

@@ -75,14 +75,19 @@ stage() {
     STATUS+=("$name|skipped: $(left) s left of $BUDGET|0")
     return 0
   fi
-  [ "$limit" -gt "$room" ] && limit=$room
+  local clamped=0
+  if [ "$limit" -gt "$room" ]; then limit=$room; clamped=1; fi
   echo "== $name (limit ${limit} s, $(left) s left)" >&2
   timeout -s INT -k 20 "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
   local took=$((SECONDS - began))
   if [ "$rc" -eq 0 ]; then
     STATUS+=("$name|passed|$took")
-  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ]; then
+  elif [ "$clamped" -eq 1 ] && { [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ] || [ "$rc" -eq 137 ]; }; then
+    # cut short by the check's own budget, not by its limit: what it did is kept, not a failure
+    STATUS+=("$name|stopped: the check's time budget ran out (${limit} s left for it)|$took")
+    return 0
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ] || [ "$rc" -eq 137 ]; then
     STATUS+=("$name|stopped at its time limit (${limit} s)|$took")
   else
     STATUS+=("$name|FAILED (exit $rc), see $name.log|$took")
@@ -157,7 +162,7 @@ else
 fi
 
 # summary.md: every stage's status and the figures it produced
-printf '%s\n' "${STATUS[@]}" >"$OUT/.status"
+if [ ${#STATUS[@]} -gt 0 ]; then printf '%s\n' "${STATUS[@]}" >"$OUT/.status"; else : >"$OUT/.status"; fi
 "$PY" - "$OUT" <<'EOF'
 import json, re, sys
 import xml.etree.ElementTree as ET
@@ -166,8 +171,8 @@ from pathlib import Path
 out = Path(sys.argv[1])
 lines = ["# igkd GPU check", "", (out / "device.txt").read_text().strip(), "",
          "| stage | status | seconds |", "|---|---|---:|"]
-for row in (out / ".status").read_text().splitlines():
-    name, status, took = row.split("|")
+for row in filter(None, (out / ".status").read_text().splitlines()):  # none when no stage ran
+    name, status, took = row.split("|", 2)
     lines.append(f"| {name} | {status} | {took} |")
 
 

@@ -355,10 +355,19 @@ def gallery_section(run_dir: Path) -> str | None:
             f"baseline `{ig.get('baseline')}`) and the overlay (p = 1).{err}\n\n![gallery](gallery.png)\n")
 
 
+CURVE_KINDS = ("ablation", "montecarlo", "compression")  # search trials: one curve each would be noise
+
+
 def curve_groups(run_dir: Path) -> dict[str, list[list[dict]]]:
     """Histories of the runs in ``run_dir``, grouped by experiment, method, student and epoch
     budget: only runs of one kind are averaged (one-epoch ablation runs were averaged with
-    three-epoch Monte Carlo runs, and every curve cut to the shortest)."""
+    three-epoch Monte Carlo runs, and every curve cut to the shortest).
+
+    An experiment's runs are those its ``KIND.json`` lists: ``runs/`` also holds runs of
+    earlier settings (an ablation rerun with another lr) and search trials, which a glob of
+    ``runs/*`` averaged into the experiment's curves. Search trials are left out (the search
+    section shows them). Only a folder without results (an experiment stopped before its
+    first ``KIND.json``) shows every run it holds."""
     groups: dict[str, list[list[dict]]] = {}
 
     def history(d: Path) -> list[dict]:
@@ -367,18 +376,25 @@ def curve_groups(run_dir: Path) -> dict[str, list[list[dict]]]:
     if (run_dir / "metrics.jsonl").exists():
         summary = read_json(run_dir / "summary.json") or {}
         groups[f"{summary.get('method', 'run')} ({summary.get('epochs', '?')} ep)"] = [history(run_dir)]
-    runs = sorted((run_dir / "runs").glob("*/run.json")) if (run_dir / "runs").is_dir() else []
-    for p in runs:
-        if not (p.parent / "metrics.jsonl").exists():
+    listed: list[tuple[str | None, Path]] = []
+    results = {kind: read_json(run_dir / f"{kind}.json") for kind in (*CURVE_KINDS, "search")}
+    if any(results.values()):
+        for kind in CURVE_KINDS:
+            runs = (results[kind] or {}).get("runs") or []
+            listed += [(kind, run_dir / r) for r in dict.fromkeys(row["run"] for row in runs if row.get("run"))]
+    elif (run_dir / "runs").is_dir():
+        listed = [(None, p.parent) for p in sorted((run_dir / "runs").glob("*/run.json"))]
+    for experiment, d in listed:
+        if not (d / "metrics.jsonl").exists():
             continue
-        info = read_json(p)
+        info = read_json(d / "run.json") or {}
         tags, cfg = info.get("tags", {}), info.get("config", {})
-        if "T" in tags:  # search trials: one curve each would be noise; the search section shows them
+        if experiment is None and ("T" in tags or info.get("experiment") == "search"):
             continue
-        experiment = info.get("experiment") or "runs"
-        name = (f"{experiment}: {tags.get('method', p.parent.name)}" + (f" {tags['model']}" if "model" in tags else "")
+        experiment = experiment or info.get("experiment") or "runs"
+        name = (f"{experiment}: {tags.get('method', d.name)}" + (f" {tags['model']}" if "model" in tags else "")
                 + f" ({cfg.get('epochs', '?')} ep)")
-        hist = history(p.parent)
+        hist = history(d)
         if hist:
             groups.setdefault(name, []).append(hist)
     return groups

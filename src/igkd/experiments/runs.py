@@ -4,9 +4,9 @@ Every training run of an experiment is one :class:`~igkd.config.DistillConfig`. 
 the sha256 of that config with the fields that cannot change the result removed (threads,
 device, store location, evaluation batch, speed switches) and the fields its method does
 not use removed too (the options of parts not in its method, the store's settings unless
-it reads maps, the teacher unless it needs one); the teacher
-is named by the sha256 of its file, not its path. A run lives in
-``OUT/runs/<label>--<key>/``:
+it reads maps, the teacher unless it needs one or the student starts from its weights,
+``init: teacher``); the teacher is named by the sha256 of its file, not its path. A run
+lives in ``OUT/runs/<label>--<key>/``:
 
 * ``summary.json`` present: finished; the experiment reuses it and trains nothing;
 * ``last.pt`` present: interrupted; it is resumed after its last finished epoch;
@@ -63,7 +63,9 @@ def semantic_config(cfg: DistillConfig) -> dict:
         drop.add("logits")
     if not method.needs_maps:
         drop.update(STORE_FIELDS)
-    if not method.needs_teacher:
+    # --init teacher copies the teacher's weights into the student: then the teacher decides the
+    # result even for a method without one (student runs from two teachers shared one key)
+    if not method.needs_teacher and cfg.init != "teacher":
         drop.update(TEACHER_FIELDS)
     elif cfg.teacher and Path(cfg.teacher).is_file():
         d["teacher"] = "sha256:" + file_sha256(cfg.teacher)

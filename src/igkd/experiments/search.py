@@ -18,7 +18,10 @@ same command on each (same ``--study``, same search space).
 
 Workers send a heartbeat every ``--heartbeat`` seconds while training; a running trial
 without one for three heartbeats (a killed worker) is marked failed by the next worker
-and its point queued again, so a restarted search finishes the grid. The training runs
+and its point queued again, so a restarted search finishes the grid. The study keeps the
+heartbeat of the worker that created it, and every worker uses that one. The study also
+keeps its recipe (the run config without the searched values): a worker with another
+recipe (epochs, model, data, teacher, seed...) is refused. The training runs
 themselves are keyed by resolved config (:mod:`igkd.experiments.runs`): a trial whose run
 finished before its worker died is not retrained, and an interrupted run resumes.
 """
@@ -45,9 +48,10 @@ from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
 from ..progress import log
 from ..report import _plt, _save, markdown_table, read_json
+from ..spec import Spec, parse_spec
 from .common import save_results, setup
 from .config import ExperimentConfig, distill_config, split_list
-from .runs import Job, prepare_out, run_jobs, run_record
+from .runs import Job, prepare_out, run_jobs, run_record, semantic_config
 
 # the pre-parts options for value lists: option -> its flag (--space covers every other)
 LEGACY_LISTS = {"T": "--T-values", "alpha": "--alpha-values", "p": "--p-values", "lr": "--lr-values"}
@@ -81,7 +85,8 @@ def search_space(cfg: ExperimentConfig) -> dict[str, list[float]]:
         if text.strip() and (name in space or name == "lr"):
             space[name] = split_list(text, float, flag)
     space.update(parse_space(cfg.space, method))
-    space = {k: v for k, v in space.items() if v}
+    # one value written twice (2, 2.0, 2e0) is one grid point, not two trials of the same run
+    space = {k: list(dict.fromkeys(v)) for k, v in space.items() if v}
     fields_by_name = {f.name: f for f in fields(DistillConfig)}
     for name, values in space.items():
         m = fields_by_name[name].metadata
@@ -89,6 +94,12 @@ def search_space(cfg: ExperimentConfig) -> dict[str, list[float]]:
             if m.get("low") is not None and (v < m["low"] or v > m["high"] or (m.get("low_open") and v == m["low"])):
                 raise UserError(f"search value {v:g} is out of range for {name}; use values in "
                                 f"{'(' if m.get('low_open') else '['}{m['low']}, {m['high']}]")
+        # refused rather than sampled linearly: the parts put on a log scale what spans decades
+        # (a linear draw over [0, 100] would almost never try gamma below 1)
+        if cfg.sampler == "tpe" and log_scale(name, cfg) and min(values) != max(values) and min(values) <= 0:
+            flag = LEGACY_LISTS.get(name, f"--space {name}=...")
+            raise UserError(f"tpe samples {name} on a log scale, so its range cannot start at {min(values):g}; give a "
+                            f"smallest value above 0 in {flag} (e.g. {max(values) / 1000:g}), or use --sampler grid")
     if not space:
         raise UserError(f"nothing to search for method {cfg.search_method!r}: give --space NAME=v1,v2 (any numeric "
                         "option of its parts, or lr) or --lr-values")
@@ -127,6 +138,50 @@ def log_scale(name: str, cfg: ExperimentConfig) -> bool:
 def grid_points(space: dict[str, list[float]]) -> list[dict[str, float]]:
     names = list(space)
     return [dict(zip(names, combo)) for combo in product(*(space[n] for n in names))]
+
+
+def check_points(cfg: ExperimentConfig, space: dict[str, list[float]]) -> None:
+    """Refuse (one line) a space holding an invalid run: every grid point, or with tpe every
+    corner of the ranges (where pairs like exponent_min <= exponent_max break first), must
+    build a DistillConfig and pass its parts' checks that need no model. Queued, such a
+    point failed at every try and was queued again forever."""
+    method = parse_method(cfg.search_method)
+    points = grid_points(space) if cfg.sampler == "grid" else \
+        grid_points({k: list(dict.fromkeys((min(v), max(v)))) for k, v in space.items()})
+    for point in points:
+        try:
+            run = distill_config(cfg, method=method.name, **point)
+            for part in method.parts:
+                try:
+                    part.check(run, None, None, None)
+                except UserError:
+                    raise
+                except Exception:  # noqa: BLE001 - this check needs the models (layer names): it runs at training
+                    pass
+        except UserError as e:
+            where = "search point" if cfg.sampler == "grid" else "corner of the tpe ranges"
+            raise UserError(f"{where} {', '.join(f'{k}={v:g}' for k, v in point.items())} is not a valid run: "
+                            f"{e}; change the value lists") from None
+
+
+def recipe(cfg: ExperimentConfig, space: dict) -> dict:
+    """What every trial of a study shares: the run config's fields that decide its result
+    (:func:`~igkd.experiments.runs.semantic_config`: the teacher by its file's sha256)
+    without the searched ones. The data spec counts without its folder, which may differ
+    between machines (each with its own copy of the data); its kind and options must agree."""
+    d = semantic_config(distill_config(cfg, method=parse_method(cfg.search_method).name))
+    for name in space:
+        d.pop(name, None)
+    data = parse_spec(d["data"], "dataset spec")
+    d["data"] = str(Spec(data.kind, None, dict(sorted(data.options.items()))))
+    return json.loads(json.dumps(d))
+
+
+def recipe_difference(have: dict, want: dict, most: int = 4) -> str:
+    """'epochs 1 (here 2), lr 0.002 (here 0.01)': the settings two recipes disagree on."""
+    names = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    text = ", ".join(f"{k} {have.get(k, 'unset')} (here {want.get(k, 'unset')})" for k in names[:most])
+    return text + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def objective_value(summary: dict) -> float:
@@ -176,9 +231,11 @@ def retrying(fn, attempts: int = 30):
 
 
 def open_study(cfg: ExperimentConfig, storage, space: dict, sampler) -> tuple[object, bool]:
-    """Create the study (returns True) or load it (False) and check it searches the same space."""
+    """Create the study (returns True) or load it (False) and check it searches the same space
+    with the same recipe. Its ``igkd`` user attribute keeps both, and the heartbeat."""
     optuna = optuna_or_error()
-    meta = {"sampler": cfg.sampler, "method": parse_method(cfg.search_method).name, "space": space}
+    meta = {"sampler": cfg.sampler, "method": parse_method(cfg.search_method).name, "space": space,
+            "recipe": recipe(cfg, space), "heartbeat": cfg.heartbeat}
     try:
         study = retrying(lambda: optuna.create_study(study_name=cfg.study, storage=storage, direction="maximize",
                                                      sampler=sampler, load_if_exists=False))
@@ -199,11 +256,25 @@ def open_study(cfg: ExperimentConfig, storage, space: dict, sampler) -> tuple[ob
                             "while queueing the grid); use another --study name")
         time.sleep(0.5)
     have = study.user_attrs["igkd"]
-    if json.loads(json.dumps(meta)) != have:
+    meta = json.loads(json.dumps(meta))
+    if any(meta[k] != have.get(k) for k in ("sampler", "method", "space")):
         raise UserError(f"study {cfg.study!r} in this storage searches {have['sampler']} {have['method']} over "
                         f"{have['space']}, not {cfg.sampler} {meta['method']} over {space}; use the same options "
                         "or another --study name")
+    # trials of another recipe (epochs, model, data, teacher...) are not comparable: TPE would
+    # learn from both, and a finished grid would report the other recipe's trials as this one's
+    if "recipe" in have and have["recipe"] != meta["recipe"]:
+        raise UserError(f"study {cfg.study!r} in this storage was run with another recipe: "
+                        f"{recipe_difference(have['recipe'], meta['recipe'])}; use the study's settings, or another "
+                        "--study name (or --storage, or --out for the default search.db)")
     return study, False
+
+
+def study_heartbeat(study, cfg: ExperimentConfig) -> int:
+    """The heartbeat every worker of the study uses: its creator's (a study made by an older
+    igkd keeps none: then this worker's --heartbeat). A worker judging staleness by a shorter
+    heartbeat of its own failed live trials of workers beating at the study's."""
+    return int(study.user_attrs["igkd"].get("heartbeat", cfg.heartbeat))
 
 
 def claim_waiting(study) -> int | None:
@@ -211,14 +282,46 @@ def claim_waiting(study) -> int | None:
     optuna = optuna_or_error()
     from optuna.trial import TrialState
     storage = study._storage
+    backend = getattr(storage, "_backend", storage)  # optuna wraps an RDBStorage in a cache
+    atomic = isinstance(backend, optuna.storages.RDBStorage)
     for t in retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
         try:
-            if retrying(lambda: storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING)):
-                retrying(lambda: storage.record_heartbeat(t._trial_id))  # a trial without one is never stale
+            if atomic:
+                won = retrying(lambda: claim_row(backend, t._trial_id))
+            else:  # in-memory and journal storages apply state changes one at a time themselves
+                won = retrying(lambda: storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING))
+            if won:
+                if hasattr(storage, "record_heartbeat"):  # (an in-memory storage keeps none)
+                    retrying(lambda: storage.record_heartbeat(t._trial_id))  # a trial without one is never stale
                 return t._trial_id
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
+
+
+def claim_row(storage, trial_id: int) -> bool:
+    """WAITING -> RUNNING as one conditional UPDATE; True when this call made the change.
+
+    Optuna's set_trial_state_values reads the state, then writes it: SQLite ignores its
+    SELECT ... FOR UPDATE, so two workers could both read WAITING and both train the point.
+    ``UPDATE ... WHERE state = 'WAITING'`` is decided by the database (SQLite's write lock,
+    PostgreSQL's and MySQL's row locks re-check the condition): one row count of 1 only."""
+    import sqlalchemy.exc
+    import sqlalchemy.orm
+    from datetime import datetime
+    from optuna.exceptions import StorageInternalError
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+    table = models.TrialModel.__table__
+    try:
+        with sqlalchemy.orm.Session(storage.engine) as session, session.begin():
+            claim = table.update().where(table.c.trial_id == trial_id, table.c.state == TrialState.WAITING)
+            won = session.execute(claim.values(state=TrialState.RUNNING)).rowcount == 1
+            if won:  # through the model, which stores the time as this optuna version does
+                session.get(models.TrialModel, trial_id).datetime_start = datetime.now()
+    except sqlalchemy.exc.OperationalError as e:  # a busy database: retrying() tries again
+        raise StorageInternalError(str(e).splitlines()[0]) from e
+    return won
 
 
 @contextmanager
@@ -257,13 +360,33 @@ def folder_lock(path: Path):
 
 
 def suggest(trial, cfg: ExperimentConfig, space: dict) -> dict[str, float]:
-    params = {}
+    params: dict = {}
+    kinds = {f.name: type(f.default) for f in fields(DistillConfig)}
     for name, values in space.items():
         if cfg.sampler == "grid" or min(values) == max(values):
             params[name] = float(trial.suggest_categorical(name, sorted(set(values))))
+        elif kinds[name] is int:  # a float batch size or epoch count is no run (check_points: whole ends)
+            params[name] = trial.suggest_int(name, int(min(values)), int(max(values)), log=log_scale(name, cfg))
         else:
             params[name] = float(trial.suggest_float(name, min(values), max(values), log=log_scale(name, cfg)))
     return params
+
+
+def finish(study, trial, value: float | None = None, failed: bool = False, **attrs) -> bool:
+    """Record the trial's attributes and outcome; False when it was finished meanwhile by
+    another worker, which took it for dead (its heartbeat too late: a stalled machine)."""
+    optuna = optuna_or_error()
+    from optuna.trial import TrialState
+    state = TrialState.FAIL if failed else TrialState.COMPLETE
+    try:
+        if retrying(lambda: study._storage.get_trial(trial._trial_id)).state.is_finished():
+            return False
+        for k, v in attrs.items():
+            retrying(lambda: trial.set_user_attr(k, v))
+        told = retrying(lambda: study.tell(trial, None if failed else value, state=state, skip_if_finished=True))
+        return told.state == state
+    except optuna.exceptions.UpdateFinishedTrialError:  # finished between the check and the update
+        return False
 
 
 def run_search(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> dict:
@@ -273,6 +396,7 @@ def run_search(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> d
     if cfg.val_fraction <= 0:
         raise UserError("the search is scored on the validation split; set --val-fraction above 0 (e.g. 0.1)")
     space = search_space(cfg)
+    check_points(cfg, space)
     method = parse_method(cfg.search_method).name
     storage = make_storage(cfg.storage, cfg.heartbeat) if cfg.storage else None  # a bad URL fails first
     out = prepare_out(out, "search")
@@ -282,6 +406,15 @@ def run_search(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> d
     storage = storage or make_storage(url, cfg.heartbeat)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, constant_liar=True) if cfg.sampler == "tpe" else None
     study, created = open_study(cfg, storage, space, sampler)
+    beat = study_heartbeat(study, cfg)
+    if beat != cfg.heartbeat:  # stale trials are judged by the study's heartbeat, as its other workers judge them
+        log(f"search: study {cfg.study!r} keeps its creator's heartbeat of {beat} s; this worker uses it, not "
+            f"--heartbeat {cfg.heartbeat}", quiet)
+        storage = make_storage(url, beat)
+        study = retrying(lambda: optuna.load_study(study_name=cfg.study, storage=storage, sampler=sampler))
+    if "recipe" not in study.user_attrs["igkd"]:
+        log(f"search: study {cfg.study!r} was made by an older igkd that kept no recipe: make sure its trials ran "
+            "with this command's settings", quiet)
     if cfg.sampler == "tpe" and not created:  # another seed per worker start: no repeated start-up points
         study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials) + os.getpid() % 1000,
                                                    constant_liar=True)
@@ -306,27 +439,38 @@ def run_search(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> d
                 trial = retrying(study.ask)
         else:
             trial = optuna.trial.Trial(study, trial_id)
-        params = suggest(trial, cfg, space)
-        trial.set_user_attr("worker", worker)
-        job = Job(f"{method} " + " ".join(f"{k}={v:g}" for k, v in params.items()),
-                  distill_config(cfg, method=method, **params), {"method": method, **params})
+        params = None
+        # from here on the trial is RUNNING in the storage: whatever fails must finish it, or it
+        # stayed RUNNING for good (no heartbeat: never stale) and counted against --trials
         try:
-            with heartbeat(storage, trial._trial_id, cfg.heartbeat):
+            with heartbeat(storage, trial._trial_id, beat):
+                params = suggest(trial, cfg, space)
+                retrying(lambda: trial.set_user_attr("worker", worker))
+                job = Job(f"{method} " + " ".join(f"{k}={v:g}" for k, v in params.items()),
+                          distill_config(cfg, method=method, **params), {"method": method, **params})
                 summary = run_jobs([job], out, f"search trial {trial.number}", quiet)[0]
         except TrainingDiverged as e:  # a bad point (e.g. too high a learning rate), not a broken worker
-            trial.set_user_attr("diverged", str(e))
-            retrying(lambda: study.tell(trial, state=TrialState.FAIL))
+            finish(study, trial, failed=True, diverged=str(e))
             log(f"search trial {trial.number}: diverged, recorded as failed ({e})", quiet)
             continue
+        except UserError as e:  # the options are wrong: the same point would fail again, so not queued again
+            finish(study, trial, failed=True, error=str(e))
+            raise
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed by another worker as stale: it re-queued it
+            log(f"search trial {trial.number}: taken over by another worker (no heartbeat of this one for "
+                f"{3 * beat} s)", quiet)
+            continue
         except BaseException:
-            retrying(lambda: study.tell(trial, state=TrialState.FAIL))
-            retrying(lambda: study.enqueue_trial(params, user_attrs={"retry_of": trial.number}))
+            if finish(study, trial, failed=True) and params is not None:  # (taken over: re-queued already)
+                retrying(lambda: study.enqueue_trial(params, user_attrs={"retry_of": trial.number}))
             raise
         rec = run_record(summary, job, out)
-        trial.set_user_attr("run", rec["run"])
-        trial.set_user_attr("val_accuracy", summary["val_accuracy"])
-        trial.set_user_attr("test_accuracy", summary["test_accuracy"])
-        retrying(lambda: study.tell(trial, objective_value(summary)))
+        if not finish(study, trial, objective_value(summary), run=rec["run"], val_accuracy=summary["val_accuracy"],
+                      test_accuracy=summary["test_accuracy"]):
+            # its run is finished and keyed: the worker that re-queued the point reuses it
+            log(f"search trial {trial.number}: another worker took it for dead (no heartbeat of this one for "
+                f"{3 * beat} s) and queued its point again; its finished run will be reused there", quiet)
+            continue
         done_here += 1
     result = collect(study, cfg, space, ctx, url)
     running = sum(1 for t in result["trials"] if t["state"] == "RUNNING")

@@ -36,3 +36,30 @@ def test_any_module_is_a_teacher(tmp_path):
     summary = Trainer(cfg, student, data, tmp_path / "run", torch.device("cpu"), teacher=teacher, store=store,
                       quiet=True).fit()
     assert summary["method"] == "kd+ig" and (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_an_out_the_run_cannot_use_is_refused_before_any_work(tmp_path):
+    import pytest
+    import igkd
+    from igkd.errors import UserError
+    teacher = str(__import__("pathlib").Path(igkd.__file__).parent / "assets" / "demo_teacher.safetensors")
+    cfg = build(DistillConfig, dict(data="demo", teacher=teacher, method="kd+ig", epochs=1,
+                                    store=str(tmp_path / "store")))
+    mine = tmp_path / "mine"  # the user's folder: their README.md and config.yaml would be overwritten
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    (mine / "config.yaml").write_text("x: 1")
+    with pytest.raises(UserError, match=r"holds files that are not an igkd run's \(README.md, config.yaml\)"):
+        igkd.distill(cfg, mine, quiet=True)
+    with pytest.raises(UserError, match="holds files that are not an igkd run's"):
+        igkd.train(build(igkd.TrainConfig, dict(data="demo", epochs=1)), mine, quiet=True)
+    assert (mine / "README.md").read_text() == "my notes"
+    done = tmp_path / "done"  # a run's folder (names are what is checked): refused before the precompute
+    done.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"):
+        (done / name).write_text("")
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        igkd.distill(cfg, done, quiet=True)
+    with pytest.raises(UserError, match="has finished .* no last.pt to resume from"):
+        igkd.distill(cfg, done, resume=True, quiet=True)
+    assert not (tmp_path / "store").exists()  # no minutes of precompute spent first

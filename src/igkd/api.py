@@ -17,6 +17,7 @@ from .command_options import EvaluateConfig, api_config
 from .config import DistillConfig, PrecomputeConfig, TrainConfig
 from .data import Dataset, RowView, load_dataset
 from .distill import Trainer, parallel, parse_method
+from .distill.trainer import check_run_dir
 from .distill.speed import amp_dtype
 from .errors import UserError
 from .fileio import writable_dir
@@ -92,6 +93,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool =
     """Train a model from scratch with cross-entropy (a teacher, or a plain student);
     ``model``, an ``nn.Module`` taking [0, 1] pixels, replaces ``cfg.model``."""
     out = _check_out(out)
+    check_run_dir(out, resume)  # before the data is read, not after
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dataset = load_dataset(cfg.data)
@@ -157,6 +159,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
     first, the other ranks then read them; rank 0 alone writes the run directory.
     """
     out = _check_out(out)
+    check_run_dir(out, resume)  # before the teacher, the data and the precompute, which take minutes
     if cfg.store:
         writable_dir(cfg.store, "--store")
     method = parse_method(cfg.method)

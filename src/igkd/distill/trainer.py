@@ -73,6 +73,39 @@ RESUME_FREE = ("epochs", "threads", "stream", "compile", "verify_store", "log", 
 RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best", "history", "torch_rng", "config"}
 
 
+# what a run writes into its --out (and an experiment beside it): a folder holding anything
+# else is the user's, and a run would overwrite their config.yaml or README.md in it
+RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "summary.json", "model.safetensors", "model.json",
+             "README.md", "log", "run.json", "corruptions.json"}
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    """Refuse an --out a run cannot use, before any work (``api.train``/``api.distill`` call it
+    ahead of the data and the precompute, ``Trainer.fit`` again under the lock): a finished
+    or started run without --resume, a finished one with it, or a folder of the user's."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # hidden: locks, temporaries
+    if not names:
+        return
+    # a run's own state, or the two files every run writes first (a README.md and config.yaml
+    # alone are as likely the user's)
+    started = any((out / n).exists() for n in ("last.pt", "summary.json", "run.json")) or \
+        ((out / "config.yaml").exists() and (out / "metrics.jsonl").exists())
+    if not started or not set(names) <= RUN_FILES:
+        foreign = [n for n in names if n not in RUN_FILES] or names
+        raise UserError(f"--out {out} holds files that are not an igkd run's ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); a run writes config.yaml, README.md, model.* and "
+                        "more there: choose a new or empty folder")
+    if resume and not (out / "last.pt").exists() and (out / "summary.json").exists():
+        raise UserError(f"run {out} has finished (summary.json) and has no last.pt to resume from; "
+                        "choose another --out for a new run")
+    if not resume and ((out / "summary.json").exists() or (out / "last.pt").exists()):
+        raise UserError(f"run directory {out} already holds a run; pass --resume to continue it "
+                        "or choose another --out")
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -477,15 +510,10 @@ class Trainer:
     def _fit(self, resume: bool) -> dict:
         cfg, rank0 = self.cfg, self.rank == 0
         history: list = []
+        check_run_dir(self.out, resume)
         if resume and (self.out / "last.pt").exists():
             history = self.load_state()
             log(f"resuming {self.out} after epoch {self.epoch}", self.quiet)
-        elif resume and (self.out / "summary.json").exists():
-            raise UserError(f"run {self.out} has finished (summary.json) and has no last.pt to resume from; "
-                            "choose another --out for a new run")
-        elif (self.out / "summary.json").exists() or (self.out / "last.pt").exists():
-            raise UserError(f"run directory {self.out} already holds a run; pass --resume to continue it "
-                            "or choose another --out")
         else:
             torch.manual_seed(cfg.seed)
         if rank0:

@@ -184,6 +184,16 @@ def test_a_target_class_out_of_range_is_one_line_for_every_attribution():
         assert run([1, 0, 1]) is not None, what
 
 
+def test_a_bad_gradcam_layer_leaves_no_store_behind(tmp_path):
+    data, teacher = tiny_dataset(), tiny_teacher()
+    bad = PrecomputeConfig(attribution="gradcam", gradcam_layer="nope", chunk_size=10, check_images=0)
+    with pytest.raises(UserError, match="unknown model layer 'nope'"):
+        precompute(teacher, data, bad, tmp_path / "store", quiet=True)
+    assert not (tmp_path / "store" / "chunks").exists()  # no plan to refuse the corrected command with
+    good = dataclasses.replace(bad, gradcam_layer="auto")
+    assert precompute(teacher, data, good, tmp_path / "store", quiet=True).maps.shape == (24, 12, 12)
+
+
 def test_precompute_gradcam_writes_maps_per_image(tmp_path):
     data, teacher = tiny_dataset(), tiny_teacher()
     cfg = PrecomputeConfig(attribution="gradcam", chunk_size=10, check_images=0)

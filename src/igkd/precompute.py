@@ -230,6 +230,11 @@ def _precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, pat
         return open_store(path, identity, "never")
     train = dataset.train
     estimate = None
+    if env.rank == 0 and len(train) and not (path / "chunks").exists():
+        # one image through the real computation first: an option only the attribution can check
+        # (a --gradcam-layer typo) fails here, not after the store's plan exists, which would
+        # then refuse the corrected command as "computed for other settings"
+        compute_chunk(teacher, train.images[:1], train.labels[:1], cfg, device, first_index=0)
     if env.rank == 0:  # creates the store's plan; the other ranks then check theirs against it
         writer = StoreWriter(path, identity, len(train), cfg.chunk_size)
         wanted = list(range(writer.num_chunks)) if chunks is None else chunks

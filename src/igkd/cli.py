@@ -10,8 +10,8 @@ import sys
 
 from . import __version__
 from .command_options import EvaluateConfig, PrecomputeCommandConfig
-from .config import DistillConfig, TrainConfig
-from .cli_types import POSITIVE, Parser, config_command, resolve
+from .config import DistillConfig, PrecomputeConfig, TrainConfig
+from .cli_types import Parser, config_command, int_range, resolve
 from .errors import UserError
 from .fileio import dumps, is_disk_full
 
@@ -86,9 +86,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="igkd-demo", metavar="DIR", help="report directory (default: igkd-demo)")
     p.add_argument("--config", default="", metavar="YAML", help="demo recipe, a file or a shipped name (default: demo, see 'igkd config show demo')")
     p.add_argument("--train-teacher", action="store_true", help="train the teacher instead of using the shipped one")
-    p.add_argument("--epochs", type=POSITIVE, default=None, help="student epochs (default: from the recipe)")
-    p.add_argument("--ig-steps", type=POSITIVE, default=None, help="integrated-gradients steps of the precomputed "
-                   "maps (more: a smaller quadrature error, a slower precompute) (default: from the recipe)")
+    _budget_option(p, "epochs", DistillConfig, "student epochs")
+    _budget_option(p, "ig_steps", PrecomputeConfig, "integrated-gradients steps of the precomputed maps (more: a "
+                   "smaller quadrature error, a slower precompute)")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     p.add_argument("--json", action="store_true", help="print the demo's metrics as JSON instead of the summary")
 
@@ -102,7 +102,7 @@ def make_parser() -> argparse.ArgumentParser:
                        description="The recipes shipped inside igkd, usable by name with --config NAME: 'igkd "
                        "config list' lists them, 'igkd config show NAME > my.yaml' copies one to edit.")
     p.add_argument("action", choices=["list", "show"], help="list the recipes, or show one")
-    p.add_argument("name", nargs="?", default="", help="recipe name for 'show' (e.g. cifar10_paper)")
+    p.add_argument("name", nargs="?", default=None, help="recipe name for 'show' (e.g. cifar10_paper)")
 
     # --- deployment commands (issue 6): bench latency, export, audit ---
     from .cli_deploy import add_deploy_commands
@@ -114,6 +114,29 @@ def make_parser() -> argparse.ArgumentParser:
     add_experiment_commands(sub, SPEC_HELP)
     # --- end research workflows ---
     return parser
+
+
+def _budget_option(p: argparse.ArgumentParser, name: str, cls, help: str) -> None:
+    """A demo option overriding a recipe value, with the range of the config field it sets
+    (shown in --help as every config option's is, and checked by argparse)."""
+    from dataclasses import fields
+    m = next(f for f in fields(cls) if f.name == name).metadata
+    p.add_argument("--" + name.replace("_", "-"), type=int_range(m["low"], m["high"]), default=None,
+                   metavar=name.upper(), help=f"{help} [{m['low']}, {m['high']}] (default: from the recipe)")
+
+
+def check_cache_dir() -> None:
+    """Refuse, in one line naming IGKD_CACHE_DIR, a cache folder that cannot hold a store:
+    the failure came later from deep inside (creating the store's lock) and named only a
+    store path the user never gave, with "choose another path" as the advice."""
+    import os
+    from .fileio import writable_dir
+    from .runtime import cache_dir
+    root = cache_dir()
+    if os.environ.get("IGKD_CACHE_DIR"):
+        writable_dir(root, "IGKD_CACHE_DIR", fix="set IGKD_CACHE_DIR to a writable folder, or pass --store DIR")
+    else:
+        writable_dir(root, "the cache folder", fix="set IGKD_CACHE_DIR to a writable folder, or pass --store DIR")
 
 
 def _print_train_summary(s: dict, as_json: bool = False) -> None:
@@ -137,17 +160,24 @@ def run(argv: list[str] | None = None) -> int:
         _print_train_summary(api.train(resolve(args, TrainConfig, "train"), args.out, args.resume, args.quiet),
                              args.json)
     elif args.command == "distill":
-        _print_train_summary(api.distill(resolve(args, DistillConfig, "distill"), args.out, args.resume,
-                                         args.quiet), args.json)
+        cfg = resolve(args, DistillConfig, "distill")
+        if not cfg.store:
+            from .distill.parts import parse_method
+            if api.needs_store(parse_method(cfg.method), cfg):  # the store goes to the cache
+                check_cache_dir()
+        _print_train_summary(api.distill(cfg, args.out, args.resume, args.quiet), args.json)
     elif args.command == "precompute":
         cfg = resolve(args, PrecomputeCommandConfig, "precompute")
+        if not cfg.store:
+            check_cache_dir()
         store = api.precompute(cfg.teacher, cfg.data, cfg.settings(), cfg.store, cfg.teacher_model, cfg.device,
                                args.quiet, cfg.threads)
         if is_rank0():
             print(dumps({"store": str(store.path), "images": len(store), **store.manifest}, indent=2) if args.json
                   else f"store: {store.path} ({len(store)} images)")
     elif args.command == "evaluate":
-        r = api.evaluate(config=resolve(args, EvaluateConfig, "evaluate"), quiet=args.quiet or args.json)
+        # --json only moves the result to stdout as JSON; progress stays on stderr (--quiet hides it)
+        r = api.evaluate(config=resolve(args, EvaluateConfig, "evaluate"), quiet=args.quiet)
         if args.json:
             print(dumps(r, indent=2))
         else:
@@ -159,8 +189,7 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from .demo import run_demo
         metrics = run_demo(args.out, args.config or None, train_teacher=args.train_teacher, epochs=args.epochs,
-                           ig_steps=args.ig_steps,
-                           quiet=args.quiet or args.json, print_summary=not args.json)
+                           ig_steps=args.ig_steps, quiet=args.quiet, print_summary=not args.json)
         if args.json:
             print(dumps(metrics, indent=2))
     elif args.command in ("bench", "export", "audit"):  # deployment commands (issue 6)
@@ -170,6 +199,16 @@ def run(argv: list[str] | None = None) -> int:
         from .cli_experiments import run_experiment_command
         run_experiment_command(args)
     return 0
+
+
+def _option_text(name: str, value) -> str:
+    """An option with its default as it is typed on the command line: on/off options are
+    ``--flag`` / ``--no-flag`` (BooleanOptionalAction); '--kd-standardize False' is refused."""
+    import shlex
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {shlex.quote(str(value))}"
 
 
 def show_methods(as_json: bool) -> None:
@@ -187,22 +226,27 @@ def show_methods(as_json: bool) -> None:
     for r in rows:
         print(f"{r['part']}: {r['help']}\n    loss/batch: {r['formula']}\n    from: {r['reference']}")
         if r["options"]:
-            print("    options: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["options"].items()))
+            print("    options: " + ", ".join(_option_text(k, v) for k, v in r["options"].items()))
         if r["search"]:
             print("    search: " + "; ".join(f"{k}={','.join(map(str, v))}" for k, v in r["search"].items()))
     print("\nA method joins parts with '+', e.g. kd+ig (the paper's), dkd+ig, kd+cutmix; 'student' is "
           "cross-entropy alone.")
 
 
-def show_config(action: str, name: str) -> None:
+def show_config(action: str, name: str | None) -> None:
     from .config import shipped_configs
     shipped = shipped_configs()
     if action == "list":
+        if name is not None:  # 'list NAME' printed the whole list, as if the name were understood
+            raise UserError("igkd config list takes no recipe name; to print one: igkd config show NAME")
         width = max(map(len, shipped), default=0)  # names in one column, however long the longest
         for stem, path in shipped.items():
             first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.strip()), "")
             print(f"{stem:{width}s}  {first}")
         return
+    if not name:
+        raise UserError("igkd config show needs a recipe name, e.g. igkd config show demo (igkd config list "
+                        "shows them)")
     if name not in shipped:
         raise UserError(f"no shipped recipe named '{name}'; known: {', '.join(shipped)} (igkd config list)")
     print(shipped[name].read_text(), end="")
@@ -251,11 +295,26 @@ def _figure(value, fmt: str, unit: str = "") -> str:
     return "undefined" if value is None or value != value else f"{value:{fmt}}{unit}"
 
 
+def _stdout_to_devnull() -> None:
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (in-process capture): nothing to flush at exit
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     from .runtime import tune_malloc
     tune_malloc()
     try:
         code = run(argv)
+        sys.stdout.flush()  # a closed pipe (igkd methods | head -1) raises here, not at exit, where it is a traceback
+    except BrokenPipeError:
+        # the reader went away: not an error of the command. As the Python docs advise, point
+        # stdout at devnull so the flush at exit does not raise again, and exit quietly
+        _stdout_to_devnull()
+        code = 1
     except UserError as e:
         print(f"igkd: error: {e}", file=sys.stderr)
         code = 2

@@ -83,6 +83,13 @@ def run_experiment_command(args) -> None:
         raise UserError("experiments train several methods: give them as --methods student,kd+ig "
                         "(search: --search-method)")
     cfg = resolve(args.kind, args.config, overrides_from(args, ExperimentConfig), cli=True)
+    if not cfg.store:  # the store of the methods' maps and logits goes to the cache: check it names IGKD_CACHE_DIR
+        from . import api
+        from .cli import check_cache_dir
+        from .distill.parts import parse_method
+        names = [cfg.search_method] if args.kind == "search" else [m for m in cfg.methods.split(",") if m.strip()]
+        if any(api.needs_store(parse_method(m), cfg) for m in names):
+            check_cache_dir()
     result = run_experiment(args.kind, cfg, args.out, quiet=args.quiet)
     if args.json:
         print(dumps(result, indent=2))

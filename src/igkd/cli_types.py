@@ -53,15 +53,23 @@ NON_NEGATIVE = int_range(0)
 
 class Deprecated(argparse.Action):
     """An old option name kept for one release: sets the new option's value and prints
-    one warning line (``igkd: warning: --steps is deprecated; use --ig-steps``)."""
+    one warning line (``igkd: warning: --steps is deprecated; use --ig-steps``).
 
-    def __init__(self, option_strings, dest, new: str, **kwargs):
+    ``append``: the new option is repeatable (argparse's 'append', a list of values), so
+    the old name adds to that list. Set as a plain value, it replaced the values of the new
+    option given before it, and a new option given after it crashed appending to a string
+    (``bench latency --batch 2 --batch-size 4``)."""
+
+    def __init__(self, option_strings, dest, new: str, append: bool = False, **kwargs):
         self.new = new
+        self.append = append
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
         from .options import deprecation_warning
         deprecation_warning(option_string, self.new)
+        if self.append:
+            values = [*(getattr(namespace, self.dest, None) or []), values]
         setattr(namespace, self.dest, values)
 
 

@@ -265,8 +265,11 @@ def read_yaml_file(path: str | Path, what: str = "config file"):
     a folder, not UTF-8, not valid YAML. ``safe_load``: no tags, no code."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}; give a YAML file "
-                        "(igkd config list shows the shipped ones)")
+        # only a recipe can be a shipped name; pointing a missing class map at 'igkd config
+        # list' sent the user looking for the wrong thing
+        fix = ("give a YAML file (igkd config list shows the shipped ones)" if what in ("config file", "demo recipe")
+               else "give an existing JSON or YAML file")
+        raise UserError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}; {fix}")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -283,13 +286,20 @@ def shipped_configs() -> dict[str, Path]:
 
 
 def find_config(value: str | Path) -> Path:
-    """A ``--config`` value as a file: a path that exists, else a shipped recipe's name."""
+    """A ``--config`` value as a file: an existing file, else a shipped recipe's name, else
+    the path (a folder is then named as one by :func:`read_yaml_file`).
+
+    Only a file takes precedence over a shipped name: a folder named like a recipe (``igkd
+    demo --out demo`` writes one into the working directory) hid the recipe, and every later
+    ``--config demo`` there failed with "is a folder"."""
     path = Path(value)
-    if path.exists():
+    if path.is_file():
         return path
     shipped = shipped_configs()
     if str(value) in shipped:
         return shipped[str(value)]
+    if path.exists():
+        return path
     raise UserError(f"config file {value} does not exist and is not a shipped recipe either (shipped: "
                     f"{', '.join(shipped)}; igkd config list)")
 
@@ -349,13 +359,17 @@ def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, s
     old_names = renamed(cls)
     values: dict[str, Any] = {}
     for k, v in (yaml_values or {}).items():
-        key = k.replace("-", "_")
+        # a YAML key that is not text (``1: 2``, ``null: x``) names no option: refused below as unknown
+        key = k.replace("-", "_") if isinstance(k, str) else None
         if key not in by_name and key in old_names:
             deprecation_warning(f"'{k}'", f"'{old_names[key]}'", f" in {source}")
             key = old_names[key]
         if key not in by_name:
             raise UserError(f"unknown option '{k}' in {source}; known options: {', '.join(sorted(by_name))}")
-        values[key] = _joined(by_name[key], v)
+        value = _joined(by_name[key], v)
+        if key in values and by_name[key].metadata.get("repeat"):  # old and new name of a list: both count
+            value = f"{values[key]},{value}"
+        values[key] = value
     values.update({k: _joined(by_name[k], v) for k, v in (overrides or {}).items() if v is not None})
     cfg = validate(cls(**values))  # a bad value is named first, then a missing one
     if cli:
@@ -414,7 +428,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, main: tuple[str, ...] = 
         f = by_name[new]
         parser.add_argument(_flag(old), dest=new, default=None, type=_value_type(type(f.default)),
                             choices=f.metadata.get("choices"), action=Deprecated, new=_flag(new),
-                            help=argparse.SUPPRESS)
+                            append=bool(f.metadata.get("repeat")), help=argparse.SUPPRESS)
 
 
 def overrides_from(args: argparse.Namespace, cls) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import api
-from .config import DistillConfig, PrecomputeConfig, TrainConfig, build, find_config, read_yaml_file
+from .config import DistillConfig, PrecomputeConfig, TrainConfig, build, find_config, read_yaml_file, shipped_configs
 from .data import load_dataset
 from .errors import UserError
 from .fileio import writable_dir, write_json, write_text
@@ -31,8 +31,13 @@ def asset(name: str) -> Path:
     return Path(str(resources.files("igkd") / "assets" / name))
 
 
+DEMO_DEFAULTS = {"methods": ["student", "kd+ig"], "gallery": 10}
+
+
 def load_recipe(path: str | Path | None) -> dict:
-    path = find_config(path or "demo")
+    # no --config: the shipped recipe itself, not whatever 'demo' names in the working
+    # directory (igkd demo --out demo makes a folder of that name)
+    path = find_config(path) if path else shipped_configs()["demo"]
     recipe = read_yaml_file(path, "demo recipe") or {}
     if not isinstance(recipe, dict):
         raise UserError(f"demo recipe {path} must hold a mapping of sections (train:, precompute:, distill:, demo:)")
@@ -40,6 +45,36 @@ def load_recipe(path: str | Path | None) -> dict:
         if not isinstance(section, dict):
             raise UserError(f"section '{name}:' in demo recipe {path} is not a mapping of option: value")
     return recipe
+
+
+def demo_settings(recipe: dict, path: str | Path) -> dict:
+    """The recipe's ``demo:`` section (methods, gallery) checked, with the defaults filled in.
+
+    Checked when the recipe is read, before anything is written: read where used, a bad
+    value failed after the precompute and the students had trained (``gallery: abc``), a
+    string was iterated by its characters (``methods: student`` trained 's', 't', ...)."""
+    from .distill.parts import parse_method
+    settings = recipe.get("demo") or {}
+    unknown = [str(k) for k in settings if k not in DEMO_DEFAULTS]
+    if unknown:
+        raise UserError(f"unknown option '{unknown[0]}' in section 'demo:' of demo recipe {path}; known options: "
+                        f"{', '.join(DEMO_DEFAULTS)}")
+    methods = settings.get("methods", DEMO_DEFAULTS["methods"])
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
+        raise UserError(f"'methods:' in section 'demo:' of {path} must be a list of method names, e.g. "
+                        f"[student, kd+ig], got {methods!r}")
+    for m in methods:
+        try:
+            parse_method(m)  # an unknown part: one line listing the parts
+        except UserError as e:
+            raise UserError(f"'methods:' in section 'demo:' of {path}: {e}") from None
+    if len(set(methods)) != len(methods):
+        raise UserError(f"'methods:' in section 'demo:' of {path} names a method twice ({methods}); list each once")
+    gallery = settings.get("gallery", DEMO_DEFAULTS["gallery"])
+    if isinstance(gallery, bool) or not isinstance(gallery, int) or gallery < 1:
+        raise UserError(f"'gallery:' in section 'demo:' of {path} must be a whole number of images >= 1, "
+                        f"got {gallery!r}")
+    return {"methods": methods, "gallery": gallery}
 
 
 def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teacher: bool = False,
@@ -54,20 +89,23 @@ def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teach
     started = time.perf_counter()
     recipe = load_recipe(recipe_path)
     source = str(recipe_path or "demo.yaml")
+    settings = demo_settings(recipe, source)  # before anything is written (demo.json is the first file)
     budget = {"epochs": epochs, "ig_steps": ig_steps}
     dcfg = build(DistillConfig, recipe.get("distill", {}), budget, source)
     pcfg = build(PrecomputeConfig, recipe.get("precompute", {}), {"ig_steps": ig_steps}, source)
-    settings = recipe.get("demo", {})
-    methods = settings.get("methods", ["student", "kd+ig"])
-    resolved = {"epochs": dcfg.epochs, "ig_steps": pcfg.ig_steps}
+    methods = settings["methods"]
+    shipped = asset("demo_teacher.safetensors")
+    train_teacher = bool(train_teacher or not shipped.exists())
+    tcfg = build(TrainConfig, recipe.get("train", {}), None, source) if train_teacher else None
+    # the teacher is part of what a rerun reuses (the store holds its maps, the students its
+    # logits): another one is refused now, not after training it, at the store's check
+    resolved = {"epochs": dcfg.epochs, "ig_steps": pcfg.ig_steps, "train_teacher": train_teacher}
     check_same_demo(out, recipe, resolved)
     write_json(out / "demo.json", {"recipe": recipe, **resolved, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     dataset = load_dataset(dcfg.data)
 
     # 1. teacher
-    shipped = asset("demo_teacher.safetensors")
-    if train_teacher or not shipped.exists():
-        tcfg = build(TrainConfig, recipe.get("train", {}), None, source)
+    if train_teacher:
         log("demo: training the teacher (pass no --train-teacher to use the shipped one)", quiet)
         tdir = out / "teacher"
         api.train(tcfg, tdir, resume=(tdir / "last.pt").exists(), quiet=quiet)
@@ -96,7 +134,7 @@ def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teach
         results[method] = api.distill(cfg, run_dir, resume=(run_dir / "last.pt").exists(), quiet=quiet)
 
     # 4. report
-    n = int(settings.get("gallery", 10))
+    n = settings["gallery"]
     train = dataset.train
     pick = torch.tensor([int((train.labels == c).nonzero()[0]) for c in range(len(dataset.classes))])[:n]
     gallery(out / "gallery.png", train.images[pick], torch.from_numpy(store.maps[pick.numpy()].astype("float32")),
@@ -139,12 +177,20 @@ def check_same_demo(out: Path, recipe: dict, resolved: dict) -> None:
         return  # unreadable: rewritten below; the store and runs check their own state
     if not isinstance(before, dict):
         return
-    diff = [f"--{k.replace('_', '-')} {before[k]}" for k in resolved if k in before and before[k] != resolved[k]]
+    diff = [_option(k, before[k]) for k in resolved if k in before and before[k] != resolved[k]]
     if "recipe" in before and before["recipe"] != recipe:
         diff.append("another recipe")
     if diff:
         raise UserError(f"{out} holds a demo run with {', '.join(diff)}; rerun with the same options to reuse it, "
                         "or choose another --out")
+
+
+def _option(name: str, value) -> str:
+    """How the option that gave ``value`` was typed: --epochs 4, --train-teacher, no --train-teacher."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
 
 
 def render_report(m: dict, cfg: DistillConfig) -> str:

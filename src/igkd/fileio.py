@@ -73,24 +73,53 @@ def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
     return gone
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_created(folders: list[Path]) -> None:
+    """Remove the (deepest first) folders a failed write created, as long as they are empty:
+    a folder another writer has put something into meanwhile stays, and so do its parents."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success fsync it, rename it over ``path`` and
-    fsync the directory. On failure the temporary is removed and ``path`` is untouched."""
+    fsync the directory. On failure the temporary is removed and ``path`` is untouched, and
+    so are the folders above it: those this call created for it are removed again (an export
+    that failed its parity check left an empty ``newdir/sub/`` behind)."""
     path = Path(path)
-    with disk_full_names(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-            yield Path(tmp)
-            fsync_path(tmp)  # data on disk before the rename makes it visible (no empty file after a crash)
-            os.replace(tmp, path)
-            fsync_path(path.parent)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    created = _missing_folders(path.parent)
+    done = False
+    try:
+        with disk_full_names(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            try:
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+                yield Path(tmp)
+                fsync_path(tmp)  # data on disk before the rename makes it visible (no empty file after a crash)
+                os.replace(tmp, path)
+                done = True
+                fsync_path(path.parent)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    finally:
+        if not done and created:
+            _remove_created(created)
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
@@ -139,34 +168,38 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 _PSEUDO = ("/proc", "/sys", "/dev")
 
 
-def _blocker(path: Path, flag: str) -> str | None:
-    """Why nothing can be written at ``path`` (a folder or file to create), or None."""
+def _blocker(path: Path, flag: str, fix: str | None = None) -> str | None:
+    """Why nothing can be written at ``path`` (a folder or file to create), or None;
+    ``fix`` replaces the advice after the ';'."""
     p = Path(os.path.abspath(path))
     if any(str(p) == root or str(p).startswith(root + "/") for root in _PSEUDO):
-        return f"{flag} {path} is inside {p.parts[0]}{p.parts[1]}, a system folder; choose a folder of your own"
+        return (f"{flag} {path} is inside {p.parts[0]}{p.parts[1]}, a system folder; "
+                f"{fix or 'choose a folder of your own'}")
     for parent in p.parents:
         if parent.exists():
             if not parent.is_dir():
-                return f"{flag} {path} is under {parent}, which is a file, not a folder; choose another path"
+                return f"{flag} {path} is under {parent}, which is a file, not a folder; {fix or 'choose another path'}"
             if not os.access(parent, os.W_OK | os.X_OK):
-                return f"{flag} {path} cannot be created: {parent} is not writable; choose another path"
+                return f"{flag} {path} cannot be created: {parent} is not writable; {fix or 'choose another path'}"
             return None
     return None
 
 
-def writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """``path`` as a folder that can be written (created later), or a one-line UserError."""
+def writable_dir(path: str | os.PathLike, flag: str = "--out", fix: str | None = None) -> Path:
+    """``path`` as a folder that can be written (created later), or a one-line UserError
+    naming it by ``flag``; ``fix`` replaces the advice where another folder is no fix (a
+    folder whose own results are to be written into, a setting such as IGKD_CACHE_DIR)."""
     from .errors import UserError
     if not str(path).strip():
         raise UserError(f"no output directory given; pass {flag} DIR")
     path = Path(path)
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"{flag} {path} is an existing file, not a folder; give a folder path")
+            raise UserError(f"{flag} {path} is an existing file, not a folder; {fix or 'give a folder path'}")
         if not os.access(path, os.W_OK | os.X_OK):
-            raise UserError(f"{flag} {path} is not writable; choose another folder")
+            raise UserError(f"{flag} {path} is not writable; {fix or 'choose another folder'}")
         return path
-    why = _blocker(path, flag)
+    why = _blocker(path, flag, fix)
     if why:
         raise UserError(why)
     return path

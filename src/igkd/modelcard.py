@@ -7,6 +7,8 @@ folder copied elsewhere explains itself.
 
 from __future__ import annotations
 
+import shlex
+
 from .distill.parts import parse_method
 
 def _pct(v) -> str:
@@ -52,20 +54,30 @@ def model_card(summary: dict, meta: dict) -> str:
         lines.append(f"- **Teacher:** `{teacher.get('model')}` from `{teacher.get('path')}`, "
                      f"{teacher.get('params', 0):,} parameters, weights fingerprint `{teacher.get('fingerprint', '?')}`")
     kappa = f"{test['kappa']:.3f}" if isinstance(test.get("kappa"), float) else "n/a"
+    # with --val-fraction 0 there is no validation split: every epoch counts as the best, so
+    # the file holds the last epoch, and no validation accuracy chose it
+    validated = summary.get("val_images") != 0
+    if validated:
+        val_row = (f"| validation (best epoch, {summary.get('best_epoch')} of {summary.get('epochs')}) | "
+                   f"{_pct(summary.get('val_accuracy'))} | | | {summary.get('val_images', '?')} |")
+        kept = "`model.safetensors` holds the best epoch by validation accuracy."
+    else:
+        val_row = "| validation | none (--val-fraction 0) | | | 0 |"
+        kept = "`model.safetensors` holds the last epoch (no validation split chose one: --val-fraction 0)."
     lines += ["", "## Accuracy", "",
               "| split | accuracy | balanced accuracy | Cohen's kappa | images |", "|---|---:|---:|---:|---:|",
               f"| test | {_pct(summary.get('test_accuracy'))} | {_pct(test.get('balanced_accuracy'))} | {kappa} | "
               f"{test.get('total', '?')} |",
-              f"| validation (best epoch, {summary.get('best_epoch')} of {summary.get('epochs')}) | "
-              f"{_pct(summary.get('val_accuracy'))} | | | {summary.get('val_images', '?')} |", "",
+              val_row, "",
               f"Trained for {summary.get('epochs')} epochs ({summary.get('train_seconds', 0):.0f} s, "
               f"{summary.get('processes', 1)} process(es), global batch {summary.get('global_batch')}, lr "
-              f"{summary.get('lr', 0):g}); `model.safetensors` holds the best epoch by validation accuracy.", "",
+              f"{summary.get('lr', 0):g}); {kept}", "",
               "## Use it", "", "```python", "import igkd", "",
               'model, meta = igkd.load_model("model.safetensors")  # architecture, classes, preprocessing from the file',
               "logits = model(images)  # float32 N x C x H x W in [0, 1]", 'print(meta["classes"])', "```", "",
               "```bash",
-              f"igkd evaluate --weights model.safetensors --data {summary['dataset']}",
+              # quoted: a spec holds shell characters (imagefolder:"/my data",size=32)
+              f"igkd evaluate --weights model.safetensors --data {shlex.quote(str(summary['dataset']))}",
               "igkd export --weights model.safetensors --format onnx --output model.onnx",
               "```", "",
               "Files: `model.safetensors` (weights; its header also holds the metadata), `model.json` (metadata), "

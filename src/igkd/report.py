@@ -257,7 +257,7 @@ def write_report(run_dir: str | Path, sections: list[tuple[str, object]] | None 
     them; every table is also written as ``tables/SECTION[_N].csv`` and ``.tex``."""
     global _REPORT
     from .errors import UserError
-    from .fileio import write_text
+    from .fileio import writable_dir, write_text
     run_dir = Path(run_dir)
     formats = [f.strip().lower() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
@@ -266,12 +266,25 @@ def write_report(run_dir: str | Path, sections: list[tuple[str, object]] | None 
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a folder; give an experiment folder (igkd experiment ... --out DIR) "
                         "or a run folder (igkd distill --out DIR)")
+    # report.md, the figures and tables/ go into the folder itself: a read-only one is named
+    # now, not by the temporary file of the first figure
+    writable_dir(run_dir, "the folder", fix="make it writable, or copy it and report the copy")
+    check_results(run_dir)
     parts = []
     _REPORT = {"formats": formats, "tables": [], "section": ""}
     try:
         for name, ref in sections or SECTIONS:
             _REPORT["section"] = name
-            text = _renderer(ref)(run_dir)
+            try:
+                text = _renderer(ref)(run_dir)
+            except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+                # well-formed JSON of another shape (a file another tool wrote under the same
+                # name, or one edited by hand): the section cannot read it. One line naming the
+                # file and what was missing, not a traceback from deep in the renderer
+                what = SECTION_FILES.get(name, "its results files")
+                raise UserError(f"cannot render the {name} section of {run_dir}: {what} is not as igkd writes it "
+                                f"({type(e).__name__}: {e}); move the file out of the folder or rerun the command "
+                                "that writes it") from None
             if text:
                 parts.append(text.rstrip() + "\n")
         tables = _REPORT["tables"]
@@ -286,9 +299,8 @@ def write_report(run_dir: str | Path, sections: list[tuple[str, object]] | None 
     if not parts:
         raise UserError(f"{run_dir} holds no experiment results (ablation.json, montecarlo.json, ...) and no run "
                         "(summary.json); run 'igkd experiment' or 'igkd distill' into it first")
-    kinds = []
-    if (run_dir / "experiment.json").exists():
-        kinds = json.loads((run_dir / "experiment.json").read_text()).get("kinds", [])
+    kinds = (read_json(run_dir / "experiment.json") or {}).get("kinds")
+    kinds = [str(k) for k in kinds] if isinstance(kinds, list) else []
     text = (f"# igkd report: {run_dir.name}\n\n" + (f"Experiments in this folder: {', '.join(kinds)}.\n\n" if kinds
                                                      else "") + "\n".join(parts))
     write_text(run_dir / "report.md", text)
@@ -308,9 +320,74 @@ def terminal_summary(markdown: str) -> str:
     return "\n".join(out).strip("\n")
 
 
+def _not_igkd(path: Path, why: str):
+    """The one-line error for a results file igkd did not write (or that was damaged since)."""
+    from .errors import UserError
+    return UserError(f"{path} {why}, so it is no results file igkd wrote (or it is damaged); move it out of the "
+                     "folder or rerun the command that writes it")
+
+
 def read_json(path: Path) -> dict | None:
-    """A results file of a run folder, or None when it is not there."""
-    return json.loads(path.read_text()) if path.exists() else None
+    """A results file of a run folder, or None when it is not there; a file that is not a
+    JSON object (a foreign or damaged one) is a one-line UserError naming it, where
+    json's own errors named no file and a list crashed later on ``.get``."""
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise _not_igkd(path, f"is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise _not_igkd(path, f"is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(doc, dict):
+        raise _not_igkd(path, f"holds a JSON {type(doc).__name__}, not an object")
+    return doc
+
+
+def _check_history(path: Path) -> None:
+    """``metrics.jsonl`` as the trainer writes it, one JSON object with an 'epoch' per line,
+    or a one-line UserError naming the file and line (the curves read every line)."""
+    if not path.exists():
+        return
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise _not_igkd(path, f"is not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _not_igkd(path, f"line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int) or isinstance(row["epoch"], bool):
+            raise _not_igkd(path, f"line {n} is not an epoch record (a JSON object with an integer 'epoch')")
+
+
+# The results files of the sections: checked before anything is rendered, so a damaged one
+# is named in one line and no figure of the other sections is written first.
+RESULTS_FILES = ("summary.json", "experiment.json", "ablation.json", "montecarlo.json", "compression.json",
+                 "search.json")
+# the file whose content a section renders, for the error when it holds something else
+SECTION_FILES = {"run": "summary.json", "ablation": "ablation.json", "montecarlo": "montecarlo.json",
+                 "compression": "compression.json", "search": "search.json",
+                 "deployment": "latency.json, export.json or audit.json"}
+
+
+def check_results(run_dir: Path) -> None:
+    """Every results file and training history of ``run_dir`` that a section reads, parsed;
+    the first foreign or damaged one is a one-line UserError naming it."""
+    for name in RESULTS_FILES:
+        read_json(run_dir / name)
+    _check_history(run_dir / "metrics.jsonl")
+    if (run_dir / "runs").is_dir():
+        for d in sorted((run_dir / "runs").iterdir()):
+            if d.is_dir():
+                read_json(d / "run.json")
+                _check_history(d / "metrics.jsonl")
+
+
+RUN_KEYS = ("model", "params", "best_epoch", "val_accuracy", "test_accuracy", "dataset", "epochs")
 
 
 def run_section(run_dir: Path) -> str | None:
@@ -318,6 +395,9 @@ def run_section(run_dir: Path) -> str | None:
     s = read_json(run_dir / "summary.json")
     if s is None:
         return None
+    missing = [k for k in RUN_KEYS if k not in s]
+    if missing:
+        raise _not_igkd(run_dir / "summary.json", f"has no {', '.join(repr(k) for k in missing)}")
     rows = [[s.get("method", "train"), s["model"], s["params"], s["best_epoch"], s["val_accuracy"],
              s["test_accuracy"]]]
     comp = f" Compression {s['compression']:.2f}x against the teacher." if s.get("compression") else ""

@@ -36,3 +36,17 @@ def cifar10_jpg_dir() -> Path | None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return UNPACKED
+
+
+def write_image_folder(root: Path, per_class: int, side: int, classes=("cat", "dog")) -> Path:
+    """``root/{train,test}/<class>/<i>.png``: ``per_class`` random RGB PNGs of ``side`` x ``side``
+    pixels per class and split (seeded), a real image folder for the CLI's tests."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root

@@ -26,6 +26,7 @@ from PIL import Image
 
 import igkd.store as store_module
 from helpers_cli import run_igkd
+from helpers_data import write_image_folder
 from helpers_fs import tmpfs
 from igkd.lock import LOCK_NAME, DirLock
 from igkd.models import build_model, save_checkpoint
@@ -51,14 +52,7 @@ def assert_user_error(result, *words):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A real tiny image folder: 2 classes x 6 PNGs, train and test."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in ("cat", "dog"):
-            (root / split / c).mkdir(parents=True)
-            for i in range(6):
-                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("imgs"), 6, 16)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import igkd
 from helpers_cli import run_igkd
+from helpers_data import write_image_folder
 from helpers_fs import tmpfs
 from igkd.config import PrecomputeConfig
 from igkd.fileio import atomic_path
@@ -42,14 +41,7 @@ def one_line_error(r, *words) -> str:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """2 classes x 4 PNGs per split, in a folder whose name needs quoting in a shell."""
-    root = tmp_path_factory.mktemp("data") / "my images, 2"
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in ("cat", "dog"):
-            (root / split / c).mkdir(parents=True)
-            for i in range(4):
-                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("data") / "my images, 2", 4, 8)
 
 
 # ---------------------------------------------------------------- 1. a folder named like a recipe

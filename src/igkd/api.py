@@ -25,8 +25,7 @@ from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models import (bare, build_model, copy_matching, count_parameters, load_model, read_metadata,
-                     weights_fingerprint, with_preprocessing)
-from .models.preprocess import Normalized
+                     preprocessing_of, weights_fingerprint, with_preprocessing)
 from .precompute import precompute as _precompute
 from .progress import log
 from .runtime import resolve_device, set_threads
@@ -37,13 +36,6 @@ def preprocessing_for(normalize: str, dataset: Dataset) -> dict:
         return {"normalize": "none"}
     mean, std = dataset.channel_stats()
     return {"normalize": "dataset", "mean": mean, "std": std}
-
-
-def teacher_preprocessing(teacher: nn.Module) -> dict:
-    """The preprocessing a loaded teacher applies (``with_preprocessing``'s argument)."""
-    if isinstance(teacher, Normalized):
-        return {"normalize": "dataset", "mean": teacher.mean.flatten().tolist(), "std": teacher.std.flatten().tolist()}
-    return {"normalize": "none"}
 
 
 def _describe_pre(pre: dict) -> str:
@@ -193,7 +185,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
             # the copied layers expect the teacher's input: with the student's own (distill's
             # default is raw pixels against a teacher trained on normalised ones) the first
             # activations were off by the normalisation, a much worse start than intended
-            pre = teacher_preprocessing(teacher)
+            pre = preprocessing_of(teacher)
             model = with_preprocessing(net, pre)
             cfg = dataclasses.replace(cfg, normalize=pre["normalize"])
             log(f"--init teacher: copied {len(copied)} of {len(net.state_dict())} student tensors from the teacher; "

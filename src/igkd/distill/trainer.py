@@ -57,7 +57,7 @@ from ..loggers import Trackers, parse_loggers
 from ..fileio import disk_full_names, dumps, finite, remove_temporaries, write_bytes, write_json, write_text
 from ..lock import DirLock
 from ..modelcard import model_card
-from ..models import Normalized, bare, count_parameters, load_weights, save_checkpoint
+from ..models import bare, count_parameters, load_weights, preprocessing_of, save_checkpoint
 from ..progress import Progress, fmt_seconds, log
 from .attention import FeatureHook, StopForward
 from .augment import crop_flip, resized_crop_flip
@@ -475,10 +475,7 @@ class Trainer:
         return state["history"]
 
     def model_meta(self) -> dict:
-        pre = {"normalize": "none"}
-        if isinstance(self.model, Normalized):
-            pre = {"normalize": "dataset", "mean": self.model.mean.flatten().tolist(),
-                   "std": self.model.std.flatten().tolist()}
+        pre = preprocessing_of(self.model)
         return {"model": self.cfg.model, "num_classes": len(self.dataset.classes),
                 "in_channels": self.dataset.channels, "classes": self.dataset.classes,
                 "image_size": list(self.dataset.image_size), "preprocessing": pre,

@@ -34,6 +34,13 @@ def with_preprocessing(net: nn.Module, preprocessing: dict | None) -> nn.Module:
     return Normalized(net, preprocessing["mean"], preprocessing["std"])
 
 
+def preprocessing_of(model: nn.Module) -> dict:
+    """The metadata ``with_preprocessing`` takes back to wrap a network as ``model`` is wrapped."""
+    if isinstance(model, Normalized):
+        return {"normalize": "dataset", "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()}
+    return {"normalize": "none"}
+
+
 def bare(model: nn.Module) -> nn.Module:
     """The network inside a preprocessing wrapper (the one whose weights are saved)."""
     return model.net if isinstance(model, Normalized) else model

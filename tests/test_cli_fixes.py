@@ -86,6 +86,21 @@ def test_report_of_a_foreign_or_damaged_folder_is_one_line(tmp_path, files, word
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # no report.md, figure or table
 
 
+def test_report_while_a_row_is_being_appended_leaves_that_row_out(tmp_path):
+    # a report run during training read a half-written last row as a damaged file
+    (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
+    rows = "".join(json.dumps({"epoch": e, "loss": 1.0 / e, "val_accuracy": 40.0 + e}) + "\n" for e in (1, 2))
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"epoch": 3, "lo')
+    r = run_igkd("report", tmp_path)
+    assert r.returncode == 0, r.stderr
+    from igkd.report import curve_groups, read_history
+    assert [row["epoch"] for row in read_history(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert [[row["epoch"] for row in h] for h in curve_groups(tmp_path)["student (1 ep)"]] == [[1, 2]]
+    # the same text as a finished line is damage, whatever line it is on
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"epoch": 3, "lo\n')
+    one_line_error(run_igkd("report", tmp_path), "metrics.jsonl", "line 3")
+
+
 def test_report_names_a_read_only_folder_not_its_temporary(tmp_path):
     folder = tmp_path / "run"
     with tmpfs(folder, "1m", otherwise="the writable_dir check is the same as --out's"):

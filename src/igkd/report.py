@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -344,24 +345,41 @@ def read_json(path: Path) -> dict | None:
     return doc
 
 
-def _check_history(path: Path) -> None:
+def read_history(path: Path) -> list[dict]:
     """``metrics.jsonl`` as the trainer writes it, one JSON object with an 'epoch' per line,
-    or a one-line UserError naming the file and line (the curves read every line)."""
+    or a one-line UserError naming the file and line. Read once per report: the check
+    before rendering and the curves share the parse (cached on size and mtime).
+
+    A last line with no newline that does not parse is a row the trainer is appending
+    right now (a report run while an experiment trains): it is left out, not an error."""
     if not path.exists():
-        return
+        return []
+    st = path.stat()
+    return [dict(r) for r in _parse_history(str(path), st.st_size, st.st_mtime_ns)]
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_history(path_str: str, size: int, mtime_ns: int) -> tuple:
+    path = Path(path_str)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise _not_igkd(path, f"is not UTF-8 text (byte {e.start})") from None
+    lines = text.splitlines()
+    rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if n == len(lines) and not text.endswith("\n"):
+                break  # the row being appended
             raise _not_igkd(path, f"line {n} is not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("epoch"), int) or isinstance(row["epoch"], bool):
             raise _not_igkd(path, f"line {n} is not an epoch record (a JSON object with an integer 'epoch')")
+        rows.append(row)
+    return tuple(rows)
 
 
 # The results files of the sections: checked before anything is rendered, so a damaged one
@@ -379,12 +397,12 @@ def check_results(run_dir: Path) -> None:
     the first foreign or damaged one is a one-line UserError naming it."""
     for name in RESULTS_FILES:
         read_json(run_dir / name)
-    _check_history(run_dir / "metrics.jsonl")
+    read_history(run_dir / "metrics.jsonl")
     if (run_dir / "runs").is_dir():
         for d in sorted((run_dir / "runs").iterdir()):
             if d.is_dir():
                 read_json(d / "run.json")
-                _check_history(d / "metrics.jsonl")
+                read_history(d / "metrics.jsonl")
 
 
 RUN_KEYS = ("model", "params", "best_epoch", "val_accuracy", "test_accuracy", "dataset", "epochs")
@@ -451,7 +469,7 @@ def curve_groups(run_dir: Path) -> dict[str, list[list[dict]]]:
     groups: dict[str, list[list[dict]]] = {}
 
     def history(d: Path) -> list[dict]:
-        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return read_history(d / "metrics.jsonl")
 
     if (run_dir / "metrics.jsonl").exists():
         summary = read_json(run_dir / "summary.json") or {}

@@ -232,6 +232,20 @@ def test_compression_sweep_walks_any_familys_knobs_and_explicit_students():
         student_specs(cfg)
 
 
+def test_compression_sweeps_one_model_once_however_it_is_named(capsys):
+    from igkd.experiments.compression import student_specs
+    from igkd.experiments.config import resolve
+    # depth 5 of the base, the same model as an explicit student with its options in another
+    # order, and a width listed twice: each was a table row and a curve point of its own
+    cfg = resolve("compression", overrides=dict(sweep_base="mobilenetv2:width=0.5", depths="5", widths="0.5,0.5",
+                                                students="mobilenetv2:drop=5,width=0.5;resnet:depth=20"))
+    assert student_specs(cfg) == [("depth", 5, "mobilenetv2:width=0.5,drop=5"),
+                                  ("width", 0.5, "mobilenetv2:width=0.5"), ("spec", 1, "resnet:depth=20")]
+    warned = capsys.readouterr().err.splitlines()
+    assert len(warned) == 2 and all(w.startswith("igkd: warning: student ") for w in warned)
+    assert "mobilenetv2:drop=5,width=0.5 (spec 0) is the same model as mobilenetv2:width=0.5,drop=5" in warned[1]
+
+
 def test_a_module_is_recorded_as_a_py_spec_only_when_its_class_rebuilds_it():
     from igkd.api import module_spec
     from test_families import TinyCNN

@@ -14,6 +14,7 @@ Cost is measured on the bare network (no preprocessing), the same for every meth
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..data import load_dataset
@@ -45,7 +46,23 @@ def student_specs(cfg: ExperimentConfig) -> list[tuple[str, float, str]]:
     out += [("spec", i, s) for i, s in enumerate(s.strip() for s in cfg.students.split(";")) if s]
     if not out:
         raise UserError("the sweep is empty; give --depths, --widths and/or --students")
-    return out
+    return _once(out)
+
+
+def _once(students: list[tuple[str, float, str]]) -> list[tuple[str, float, str]]:
+    """The first of students that name one model (the same spec up to option order: --depths 5
+    beside --students 'mobilenetv2:drop=5', or a value listed twice). Each was a row of the
+    table and a point of the curves, twice, for one trained run."""
+    seen: dict = {}
+    for axis, value, spec in students:
+        s = parse_spec(spec, "model spec")
+        key = (s.kind, s.arg, tuple(sorted(s.options.items())))
+        if key in seen:
+            print(f"igkd: warning: student {spec} ({axis} {value:g}) is the same model as {seen[key][2]} "
+                  f"({seen[key][0]} {seen[key][1]:g}); it is swept once", file=sys.stderr, flush=True)
+        else:
+            seen[key] = (axis, value, spec)
+    return list(seen.values())
 
 
 def cost(net, shape: tuple[int, int, int], cfg: ExperimentConfig) -> dict:

@@ -180,6 +180,7 @@ def test_montecarlo_runs_share_subset_and_seed_and_report_paired_statistics(exp_
     for x in runs:
         saved = json.loads((exp_dir / x["run"] / "corruptions.json").read_text())
         assert saved["key"]["names"] == ["contrast", "gaussian_blur"] and saved["result"]["images"] == 20
+        assert saved["result"]["test_images"] == x["corruptions"]["test_images"] > 20
         assert x["corruptions"]["mean"] == saved["result"]["mean"]
         assert saved["result"]["mean"]["contrast"] == pytest.approx(np.mean(saved["result"]["accuracy"]["contrast"]))
     per_run = {m: [x["corruptions"]["overall_mean"] for x in sorted(runs, key=lambda x: x["mc_run"])
@@ -209,6 +210,32 @@ def test_montecarlo_runs_share_subset_and_seed_and_report_paired_statistics(exp_
     assert {m: s["mean"] for m, s in ablation["corruptions"]["stats"]["contrast"]["summary"].items()} == row0
     assert "| method | clean | clean, scored images | contrast | gaussian_blur | mean of corruptions |" in \
         (exp_dir / "ablation.md").read_text()
+
+
+def test_corruptions_scored_on_every_test_image_are_no_subset():
+    # --corruption-images at or above the test set's size scores all of it: the report showed a
+    # "clean, scored images" column equal to the clean one, and called the images a subset
+    from igkd.experiments.common import corruption_summary
+    from igkd.experiments.montecarlo import corruption_tables
+
+    def run(method, images, test_images=100):
+        acc = {"contrast": [50.0 + len(method)] * 5}
+        return {"method": method, "corruptions": {"images": images, "test_images": test_images,
+                                                  "clean_accuracy": 60.0, "accuracy": acc,
+                                                  "mean": {"contrast": 50.0 + len(method)}, "overall_mean": 50.0}}
+    for images, subset in ((100, False), (40, True)):
+        runs = [run(m, images) for _ in range(2) for m in ("student", "kd")]
+        cfg = resolve("montecarlo", overrides={"corruption_images": 500 if not subset else 40})
+        c = corruption_summary(runs, ["student", "kd"], [("kd", "student")], ["contrast"], cfg)
+        assert c["subset"] is subset
+        result = {"methods": ["student", "kd"], "corruptions": c,
+                  "summary": {m: {"n": 2, "mean": 60.0, "std": 0.0} for m in ("student", "kd")}}
+        assert ("clean, scored images" in corruption_tables(result)) is subset
+    # scores cached before the size was kept go by the option, as before
+    old = run("student", 100)
+    del old["corruptions"]["test_images"]
+    cfg = resolve("montecarlo", overrides={"corruption_images": 500})
+    assert corruption_summary([old], ["student"], None, ["contrast"], cfg)["subset"] is True
 
 
 def test_subset_keeps_dataset_indices_so_store_rows_stay_aligned():

@@ -107,9 +107,16 @@ def corruption_summary(runs: list[dict], methods: list[str], pairs: list[tuple[s
                 for n in names}
     clean = {m: describe([r["corruptions"]["clean_accuracy"] for r in runs if r["method"] == m]) for m in methods}
     return {"names": names, "seed": cfg.corruption_seed, "images": runs[0]["corruptions"]["images"],
-            "subset": bool(cfg.corruption_images), "conditions": conds,
+            "subset": any(_scored_a_subset(r["corruptions"], cfg) for r in runs), "conditions": conds,
             "labels": {**{n: n for n in names}, MEAN: "mean of corruptions"}, "accuracy": acc, "stats": stats,
             "severity_means": severity, "clean_on_scored_images": clean}
+
+
+def _scored_a_subset(c: dict, cfg: ExperimentConfig) -> bool:
+    """Whether a run's corruptions were scored on fewer than all its test images (the report
+    then shows the clean accuracy on those images too). --corruption-images at or above the
+    test set's size scores all of them; scores cached before the size was kept go by the option."""
+    return c["images"] < c["test_images"] if "test_images" in c else bool(cfg.corruption_images)
 
 
 def corruption_section(run_dir: Path, result: dict, kind: str, tables: str, clean: dict[str, dict],

@@ -194,7 +194,8 @@ def run_record(summary: dict, job: Job, out: Path, corruptions: dict | None = No
            "params": summary["params"], "best_epoch": summary["best_epoch"], "seed": job.cfg.seed,
            "train_images": summary.get("train_images"), "train_seconds": summary.get("train_seconds")}
     if corruptions is not None:
-        row["corruptions"] = {k: corruptions[k] for k in ("images", "clean_accuracy", "accuracy", "mean", "overall_mean")}
+        row["corruptions"] = {k: corruptions[k] for k in ("images", "test_images", "clean_accuracy", "accuracy", "mean",
+                                                          "overall_mean") if k in corruptions}
     return row
 
 
@@ -235,6 +236,7 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
         pick = evenly_spaced(len(dataset.test.labels), images)  # as igkd evaluate --corruption-images picks them
         r = evaluate_corruptions(net.to(device), RowView(dataset.test.images, pick), dataset.test.labels[pick], pick, names,
                                  seed, job.cfg.eval_batch_size, device)
+        r["test_images"] = len(dataset.test.labels)  # whether the scored images are a subset of them
         write_json(d / CORRUPTIONS_FILE, {"key": key, "result": r})
         log(f"{what} run {i}/{len(jobs)} {job.label}: mean accuracy under {len(names)} corruption(s) "
             f"{r['overall_mean']:.2f}% (clean {r['clean_accuracy']:.2f}% on the same {r['images']} images) in "

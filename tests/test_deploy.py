@@ -17,6 +17,7 @@ import igkd
 from conftest import shared_or_skip
 from helpers_data import cifar10_jpg_dir
 from igkd.cli import main, make_parser
+from igkd.errors import UserError
 from igkd.evaluate import predict
 from igkd.evaluate.agreement import average_ranks, spearman, top_fraction_mask, topk_iou
 from igkd.evaluate.cost import count_macs, measure_latency, weights_bytes
@@ -223,6 +224,15 @@ def test_export_int8_demo_teacher(tmp_path, demo):
     assert out.stat().st_size < 0.5 * weights_bytes(DEMO_TEACHER)
     assert q["speedup"] > 0 and q["latency_int8_ms"] > 0
     assert json.loads(Path(f"{out}.json").read_text())["int8"] is True
+    # the accuracy gate: on these 500 images int8 loses 0.4 points, so a gate of half that
+    # refuses the model and writes nothing (a wrecked quantisation was written as a success)
+    assert q["accuracy_change"] < 0 and q["max_int8_drop"] == 1.0
+    refused = tmp_path / "refused.onnx"
+    with pytest.raises(UserError, match=r"int8 check failed: test accuracy .* points lower, allowed 0\.2.*"
+                                        r"nothing written"):
+        igkd.export_model(DEMO_TEACHER, refused, "onnx", int8=True, images=500, calibration_images=128,
+                          min_time=0.05, max_int8_drop=-q["accuracy_change"] / 2, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher-int8.onnx", "teacher-int8.onnx.json"]
 
 
 def test_export_published_student_onnx_parity_on_jpeg_cifar10(tmp_path):

@@ -135,6 +135,8 @@ class ExportConfig(_Validated):
                       high=1e6)
     min_agreement: float = opt(99.9, "least top-1 agreement with PyTorch", low=0.0, high=100.0, unit="percent")
     int8: bool = opt(False, "write a static int8 model (ONNX Runtime QDQ, per-channel) instead of fp32")
+    max_int8_drop: float = opt(1.0, "largest allowed fall of test accuracy from the fp32 export to the int8 model; "
+                               "beyond it nothing is written (100 = no gate)", low=0.0, high=100.0, unit="points")
     calibration_images: int = opt(256, "training images to calibrate int8 activation ranges on", low=1,
                                   high=1 << 20, unit="images")
     threads: int = opt(1, LATENCY_THREADS_HELP + " (the int8 vs fp32 latency)", low=1, high=1024)

@@ -37,7 +37,8 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     is kept only if max |logit difference| <= ``atol`` and top-1 agrees on >=
     ``min_agreement`` percent. With ``int8`` (ONNX only) the written model is quantised
     (ONNX Runtime static QDQ, per-channel, calibrated on ``calibration_images`` training
-    images); its accuracy, agreement and latency are reported next to the fp32 export's.
+    images); its accuracy, agreement and latency are reported next to the fp32 export's, and
+    it is kept only if its test accuracy is at most ``max_int8_drop`` points below fp32.
     Writes ``output`` and ``output.json`` (input shape, dtype, value range,
     preprocessing, class names, parity), and ``report_dir/export.json`` when given.
 
@@ -102,11 +103,18 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
             calib = _calibration_set(dataset, cfg.calibration_images)
             quantize_int8(fp32, tmp, calib)
             q = logits_of(load_runner(tmp, format=format), test.images)
+            drop = accuracy(exported) - accuracy(q)
+            if drop > cfg.max_int8_drop:  # quantisation can wreck a model (depthwise convs, odd ranges)
+                raise UserError(
+                    f"int8 check failed: test accuracy {accuracy(q):.2f}% against {accuracy(exported):.2f}% in fp32 "
+                    f"on {len(test)} images ({drop:.2f} points lower, allowed {cfg.max_int8_drop:g}); nothing "
+                    "written; calibrate on more images (--calibration-images), export fp32 (no --int8), or allow "
+                    "more with --max-int8-drop")
             fp32_lat = measure_latency(fp32, shape, 1, cfg.threads, 10, cfg.min_time, runtime="onnxruntime")
             int8_lat = measure_latency(tmp, shape, 1, cfg.threads, 10, cfg.min_time, runtime="onnxruntime")
             result["int8_check"] = {
                 **parity(reference, q), "calibration_images": len(calib), "accuracy_fp32": accuracy(exported),
-                "accuracy_int8": accuracy(q), "accuracy_change": accuracy(q) - accuracy(exported),
+                "accuracy_int8": accuracy(q), "accuracy_change": -drop, "max_int8_drop": cfg.max_int8_drop,
                 "latency_fp32_ms": fp32_lat["median_ms"], "latency_int8_ms": int8_lat["median_ms"],
                 "speedup": fp32_lat["median_ms"] / int8_lat["median_ms"], "threads": cfg.threads, "batch": 1}
         sidecar = _sidecar(output, format, int8, weights, meta, dataset, shape, result)

@@ -20,7 +20,7 @@ from scipy import stats as sps
 import igkd
 from igkd.experiments import ExperimentConfig, resolve, run_compression, run_montecarlo
 from igkd.experiments.config import distill_config
-from igkd.experiments.runs import run_key, same_run, semantic_config
+from igkd.experiments.runs import Job, run_dir, run_key, same_run, semantic_config
 
 TEACHER = Path(igkd.__file__).parent / "assets" / "demo_teacher.safetensors"
 # one epoch on a tenth of the demo set, one IG step: every run takes seconds; all tests of
@@ -476,6 +476,24 @@ def test_run_key_ignores_speed_fields_and_fields_the_method_does_not_use():
     older = {k: v for k, v in now.items() if k != "subset"}
     assert same_run(older, now) and not same_run(older, {**now, "subset": 0.5})
     assert not same_run({**older, "alpha": 0.1}, now)
+
+
+def test_a_spec_in_another_option_order_is_the_same_run(tmp_path):
+    # --model mobilenetv2:width=0.5,drop=5 and mobilenetv2:drop=5,width=0.5 trained twice
+    base = ExperimentConfig(**TINY)
+    a = distill_config(base, method="kd", model="mobilenetv2:width=0.5,drop=14", data="demo:size=12,gray=0")
+    b = distill_config(base, method="kd", model="mobilenetv2:drop=14,width=0.5", data="demo:gray=0,size=12")
+    assert run_key(a) == run_key(b) and semantic_config(a)["model"] == "mobilenetv2:drop=14,width=0.5"
+    assert run_key(a) != run_key(distill_config(base, method="kd", model="mobilenetv2:drop=13,width=0.5"))
+    # a finished run an older igkd keyed and recorded with the options in the order given is found
+    older = {**semantic_config(a), "model": "mobilenetv2:width=0.5,drop=14", "data": "demo:size=12,gray=0"}
+    folder = tmp_path / "runs" / "kd--0123456789abcdef"
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"key": "0123456789abcdef", "config": older}))
+    (folder / "summary.json").write_text("{}")
+    assert run_dir(tmp_path, Job("kd", b)) == folder
+    assert run_dir(tmp_path, Job("kd", distill_config(base, method="kd", model="mobilenetv2:drop=13,width=0.5"))) \
+        != folder
 
 
 def test_shipped_configs_resolve_for_every_experiment():

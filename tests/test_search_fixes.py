@@ -59,8 +59,8 @@ def test_a_study_refuses_a_worker_with_another_recipe(tmp_path):
                             "search.db)")
     other_teacher = tmp_path / "other.safetensors"
     other_teacher.write_bytes(TEACHER.read_bytes() + b"\0")
-    with pytest.raises(UserError, match=r"another recipe: lr 0\.002 \(here 0\.01\), model mobilenetv2:width=0\.5,"
-                                        r"drop=9 \(here mobilenetv2:width=0\.5,drop=8\), teacher sha256:"):
+    with pytest.raises(UserError, match=r"another recipe: lr 0\.002 \(here 0\.01\), model mobilenetv2:drop=9,"
+                                        r"width=0\.5 \(here mobilenetv2:drop=8,width=0\.5\), teacher sha256:"):
         study_of(config(tmp_path, opts, {**db, "lr": 0.01, "model": "mobilenetv2:width=0.5,drop=8",
                                          "teacher": str(other_teacher)}))
     # what cannot change a result joins: threads, the teacher's path (same file), the heartbeat
@@ -69,6 +69,14 @@ def test_a_study_refuses_a_worker_with_another_recipe(tmp_path):
     (_, created), _ = study_of(config(tmp_path, opts, {**db, "threads": 2, "teacher": str(same_teacher),
                                                        "heartbeat": 5}))
     assert not created and len(study.trials) == 2
+    # the model in another option order is the same recipe, also against a study whose recipe
+    # an older igkd stored in the order it was given
+    (_, created), _ = study_of(config(tmp_path, opts, {**db, "model": "mobilenetv2:drop=9,width=0.5"}))
+    assert not created
+    attrs = study.user_attrs["igkd"]
+    study.set_user_attr("igkd", {**attrs, "recipe": {**attrs["recipe"], "model": "mobilenetv2:width=0.5,drop=9"}})
+    (_, created), _ = study_of(config(tmp_path, opts, db))
+    assert not created
 
 
 # ---------------------------------------------------------------- 2. init: teacher keys

@@ -98,6 +98,17 @@ def parse_spec(text: str, what: str = "spec") -> Spec:
     return Spec(kind, arg, options)
 
 
+def canonical_spec(text: str) -> str:
+    """``text`` with its options in key order: one string for one spec however its options
+    were ordered (``width=0.5,drop=5`` and ``drop=5,width=0.5`` build the same model), for
+    the keys that find runs again. Text that is no spec is returned as it is."""
+    try:
+        s = parse_spec(text)
+    except UserError:
+        return text
+    return str(Spec(s.kind, s.arg, dict(sorted(s.options.items()))))
+
+
 def take_option(spec: Spec, opts: dict[str, str], key: str, cast, default, what: str):
     """Pop ``key`` from ``opts`` and convert it, with a one-line error on bad values."""
     if key not in opts:

@@ -5,7 +5,8 @@ the sha256 of that config with the fields that cannot change the result removed 
 device, store location, evaluation batch, speed switches) and the fields its method does
 not use removed too (the options of parts not in its method, the store's settings unless
 it reads maps, the teacher unless it needs one or the student starts from its weights,
-``init: teacher``); the teacher is named by the sha256 of its file, not its path. A run
+``init: teacher``); the teacher is named by the sha256 of its file, not its path, and the
+model and data specs by their options in key order. A run
 lives in ``OUT/runs/<label>--<key>/``:
 
 * ``summary.json`` present: finished; the experiment reuses it and trains nothing;
@@ -30,6 +31,7 @@ from ..distill.parts import config_fields as part_config_fields, parse_method
 from ..errors import UserError
 from ..fileio import write_json
 from ..progress import fmt_seconds, log
+from ..spec import canonical_spec
 from ..store import sha256_file
 
 # fields that do not change what a run computes (speed, placement, bookkeeping)
@@ -71,7 +73,17 @@ def semantic_config(cfg: DistillConfig) -> dict:
         d["teacher"] = "sha256:" + file_sha256(cfg.teacher)
     if cfg.subset == 1.0:
         drop.add("subset_seed")
-    return {k: v for k, v in sorted(d.items()) if k not in drop}
+    return canonical_specs({k: v for k, v in sorted(d.items()) if k not in drop})
+
+
+SPEC_FIELDS = ("model", "teacher_model", "data")
+
+
+def canonical_specs(config: dict) -> dict:
+    """``config`` with its spec fields in canonical option order (:func:`~igkd.spec.canonical_spec`):
+    ``--model mobilenetv2:width=0.5,drop=5`` and ``mobilenetv2:drop=5,width=0.5`` are one run.
+    Also applied to the configs older runs recorded, whose specs kept the order they were given in."""
+    return {k: canonical_spec(v) if k in SPEC_FIELDS and isinstance(v, str) and v else v for k, v in config.items()}
 
 
 def run_key(cfg: DistillConfig) -> str:
@@ -101,6 +113,7 @@ def same_run(recorded: dict, wanted: dict) -> bool:
     Compared on the fields that matter now; a field the recorded run predates counts with
     its default value, so adding an option to igkd does not orphan finished runs."""
     defaults = {f.name: f.default for f in fields(DistillConfig)}
+    recorded = canonical_specs(recorded)
     return all(recorded.get(k, defaults.get(k)) == v for k, v in wanted.items())
 
 
@@ -245,5 +258,5 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
     return rows
 
 
-__all__ = ["CORRUPTIONS_FILE", "Job", "corruption_scores", "finished", "prepare_out", "run_dir", "run_jobs", "run_key",
+__all__ = ["CORRUPTIONS_FILE", "Job", "canonical_specs", "corruption_scores", "finished", "prepare_out", "run_dir", "run_jobs", "run_key",
            "run_record", "semantic_config"]

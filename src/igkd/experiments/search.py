@@ -51,7 +51,7 @@ from ..report import _plt, _save, markdown_table, read_json
 from ..spec import Spec, parse_spec
 from .common import save_results, setup
 from .config import ExperimentConfig, distill_config, split_list
-from .runs import Job, prepare_out, run_jobs, run_record, semantic_config
+from .runs import Job, canonical_specs, prepare_out, run_jobs, run_record, semantic_config
 
 # the pre-parts options for value lists: option -> its flag (--space covers every other)
 LEGACY_LISTS = {"T": "--T-values", "alpha": "--alpha-values", "p": "--p-values", "lr": "--lr-values"}
@@ -263,7 +263,7 @@ def open_study(cfg: ExperimentConfig, storage, space: dict, sampler) -> tuple[ob
                         "or another --study name")
     # trials of another recipe (epochs, model, data, teacher...) are not comparable: TPE would
     # learn from both, and a finished grid would report the other recipe's trials as this one's
-    if "recipe" in have and have["recipe"] != meta["recipe"]:
+    if "recipe" in have and canonical_specs(have["recipe"]) != meta["recipe"]:  # specs: older studies kept their order
         raise UserError(f"study {cfg.study!r} in this storage was run with another recipe: "
                         f"{recipe_difference(have['recipe'], meta['recipe'])}; use the study's settings, or another "
                         "--study name (or --storage, or --out for the default search.db)")

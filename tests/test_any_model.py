@@ -5,6 +5,7 @@ through evaluate and export without its spec, a TorchScript teacher, and --init 
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +94,7 @@ def test_kd_ig_at_one_epoch_for_each_pair(data, tmp_path, size, teacher_spec, st
     assert s["params"] == sum(p.numel() for p in build_model(student, 3, 3).parameters())
 
 
-def test_py_model_distills_through_the_command_then_evaluates_and_exports_without_its_spec(data, tmp_path):
+def test_py_model_distills_through_the_command_then_evaluates_and_exports_with_its_spec(data, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), str(HERE)])}
 
     def igkd(*args):
@@ -105,13 +106,19 @@ def test_py_model_distills_through_the_command_then_evaluates_and_exports_withou
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["model"] == spec
+    # the recorded py: spec is never run from the file: the command names it (and says how)
     r = igkd("evaluate", "--weights", str(tmp_path / "run" / "model.safetensors"), "--data", data[32], "--json")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"runs code from outside the file; igkd runs no code a weights file names: if you trust it, pass " \
+           f"--model {shlex.quote(spec)}" in r.stderr
+    r = igkd("evaluate", "--weights", str(tmp_path / "run" / "model.safetensors"), "--model", spec, "--data", data[32],
+             "--json")
     assert r.returncode == 0, r.stderr
     # conv 3->6 with bias, BatchNorm(6), conv 6->6 with bias, linear 6->3
     assert json.loads(r.stdout)["model"] == spec and json.loads(r.stdout)["params"] == (6 * 3 * 9 + 6) + 12 \
         + (6 * 6 * 9 + 6) + (6 * 3 + 3)
     r = igkd("export", "--weights", str(tmp_path / "run" / "model.safetensors"), "--out", str(tmp_path / "m.onnx"),
-             "--data", data[32], "--quiet")
+             "--model", spec, "--data", data[32], "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.onnx").stat().st_size > 0
     # a bad py: spec through the command: one line, exit 2, nothing written

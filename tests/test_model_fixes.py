@@ -192,7 +192,7 @@ def test_a_child_named_module_keeps_its_prefix(tmp_path):
     torch.manual_seed(0)
     net = build_model(spec, 5, 3).eval()
     path = save_checkpoint(tmp_path / "m.safetensors", net, {"model": spec, "num_classes": 5, "in_channels": 3})
-    torch.testing.assert_close(load_model(path)[0](x), net(x), rtol=0, atol=0)  # igkd's own file: was refused
+    torch.testing.assert_close(load_model(path, spec)[0](x), net(x), rtol=0, atol=0)  # igkd's own file: was refused
     # a DDP-wrapped foreign file of it: only the wrapper's prefix (on every key) goes
     torch.save({"module." + k: v for k, v in net.state_dict().items()}, tmp_path / "ddp.pt")
     torch.testing.assert_close(load_model(tmp_path / "ddp.pt", spec, 5, 3)[0](x), net(x), rtol=0, atol=0)

@@ -25,7 +25,7 @@ from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models import (bare, build_model, copy_matching, count_parameters, load_model, read_metadata,
-                     preprocessing_of, weights_fingerprint, with_preprocessing)
+                     preprocessing_of, recorded_spec, weights_fingerprint, with_preprocessing)
 from .precompute import precompute as _precompute
 from .progress import log
 from .runtime import resolve_device, set_threads
@@ -217,9 +217,17 @@ def needs_store(method, cfg) -> bool:
 
 def _model_params(teacher: str) -> int:
     """Parameters of a teacher given as a checkpoint (with metadata) or a model spec."""
-    meta = read_metadata(teacher) if Path(teacher).exists() else None
-    spec = meta["model"] if meta else teacher
-    return count_parameters(build_model(spec, (meta or {}).get("num_classes", 10), (meta or {}).get("in_channels", 3)))
+    path = Path(teacher)
+    if path.is_file():
+        meta = read_metadata(path)
+        if not meta or not meta.get("model"):
+            raise UserError(f"--teacher {teacher} has no igkd metadata; pass the teacher's architecture spec as "
+                            "--teacher (e.g. --teacher resnet50: only its size is used)")
+        spec = recorded_spec(meta["model"], teacher, "--teacher")
+        return count_parameters(build_model(spec, meta.get("num_classes", 10), meta.get("in_channels", 3)))
+    if path.suffix in (".safetensors", ".pt", ".pth", ".json") or ("/" in teacher and ":" not in teacher):
+        raise UserError(f"--teacher {teacher} does not exist; give the teacher's checkpoint or its architecture spec")
+    return count_parameters(build_model(teacher))
 
 
 def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
@@ -269,6 +277,8 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
             and not Path(teacher_correct).is_file():
         raise UserError(f"--teacher-correct {teacher_correct} does not exist (or is not a file); give the teacher's "
                         "checkpoint")
+    # the teacher's size first: a bad --teacher is named before the evaluation, not after it
+    tparams = _model_params(cfg.teacher) if cfg.teacher else None
     set_threads(cfg.threads)
     dataset = load_dataset(data)
     meta = read_metadata(weights) or {}
@@ -309,9 +319,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         result["corruptions"] = evaluate_corruptions(net, images[pick], labels[pick], index[pick], corruption_names,
                                                      cfg.corruption_seed, cfg.batch_size, dev, quiet)
     if cfg.teacher:
-        teacher = cfg.teacher
-        tparams = _model_params(teacher)
-        result.update(teacher=teacher, teacher_params=tparams, compression=tparams / result["params"])
+        result.update(teacher=cfg.teacher, teacher_params=tparams, compression=tparams / result["params"])
     return result
 
 

@@ -15,6 +15,15 @@ def _pct(v) -> str:
     return "n/a" if v is None or v != v else f"{v:.2f}%"
 
 
+def _runs_code(spec: str) -> bool:
+    from .errors import UserError
+    from .models import family_of
+    try:
+        return family_of(spec).runs_code
+    except UserError:  # module:CLASS, a module handed to the API: no spec rebuilds it
+        return False
+
+
 def model_card(summary: dict, meta: dict) -> str:
     """Markdown text of the card; ``meta`` is the checkpoint's metadata (classes, preprocessing...)."""
     method = summary.get("method", "student")
@@ -57,6 +66,9 @@ def model_card(summary: dict, meta: dict) -> str:
     # with --val-fraction 0 there is no validation split: every epoch counts as the best, so
     # the file holds the last epoch, and no validation accuracy chose it
     validated = summary.get("val_images") != 0
+    # a py:/torchscript: model runs only when named (models.recorded_spec): the commands name it
+    own_code = _runs_code(summary["model"])
+    model_flag = f" --model {shlex.quote(summary['model'])}" if own_code else ""
     if validated:
         val_row = (f"| validation (best epoch, {summary.get('best_epoch')} of {summary.get('epochs')}) | "
                    f"{_pct(summary.get('val_accuracy'))} | | | {summary.get('val_images', '?')} |")
@@ -73,12 +85,14 @@ def model_card(summary: dict, meta: dict) -> str:
               f"{summary.get('processes', 1)} process(es), global batch {summary.get('global_batch')}, lr "
               f"{summary.get('lr', 0):g}); {kept}", "",
               "## Use it", "", "```python", "import igkd", "",
-              'model, meta = igkd.load_model("model.safetensors")  # architecture, classes, preprocessing from the file',
+              (f'model, meta = igkd.load_model("model.safetensors", {summary["model"]!r})  # your code: named, '
+               'never read from the file' if own_code else
+               'model, meta = igkd.load_model("model.safetensors")  # architecture, classes, preprocessing from the file'),
               "logits = model(images)  # float32 N x C x H x W in [0, 1]", 'print(meta["classes"])', "```", "",
               "```bash",
               # quoted: a spec holds shell characters (imagefolder:"/my data",size=32)
-              f"igkd evaluate --weights model.safetensors --data {shlex.quote(str(summary['dataset']))}",
-              "igkd export --weights model.safetensors --format onnx --output model.onnx",
+              f"igkd evaluate --weights model.safetensors{model_flag} --data {shlex.quote(str(summary['dataset']))}",
+              f"igkd export --weights model.safetensors{model_flag} --format onnx --output model.onnx",
               "```", "",
               "Files: `model.safetensors` (weights; its header also holds the metadata), `model.json` (metadata), "
               "`config.yaml` (the resolved options), `metrics.jsonl` (one line per epoch), `summary.json`, "

@@ -244,7 +244,8 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
         if job.cfg.data not in datasets:
             datasets[job.cfg.data] = load_dataset(job.cfg.data)
         dataset = datasets[job.cfg.data]
-        net, _ = load_model(weights, None, len(dataset.classes), dataset.channels)
+        # the spec this experiment trained: a py: model's recorded spec is not run from the file
+        net, _ = load_model(weights, job.cfg.model or None, len(dataset.classes), dataset.channels)
         device = resolve_device(job.cfg.device)
         pick = evenly_spaced(len(dataset.test.labels), images)  # as igkd evaluate --corruption-images picks them
         r = evaluate_corruptions(net.to(device), RowView(dataset.test.images, pick), dataset.test.labels[pick], pick, names,

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import re
+import shlex
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..fileio import dumps, file_digest, write_bytes, write_json
+from ..spec import parse_spec
 from .preprocess import bare, with_preprocessing
 from .registry import SPEC_ATTRIBUTE, build_model, family_of
 
@@ -228,6 +230,24 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", fl
     return model
 
 
+def recorded_spec(spec: str, path: str | Path, flag: str = "--model") -> str:
+    """The architecture a weights file's metadata records, when igkd builds it from its own
+    code. A ``py:`` or ``torchscript:`` spec would import a module or load a program the file
+    names, not the user (``py:torch.hub:load,...`` fetches and runs a repository;
+    ``py:logging:basicConfig,filename=...`` truncates a file): it is refused with the spec to
+    pass as ``flag`` when the user trusts it. ``module:CLASS`` (a module handed to the API
+    that no class rebuilds) cannot be built at all."""
+    parsed = parse_spec(spec, f"model spec recorded in {path}")
+    if parsed.kind == "module":
+        raise UserError(f"{path} was trained from a Python module igkd cannot rebuild ({spec}); pass {flag} SPEC "
+                        "naming a factory that builds it (py:FILE.py:CALLABLE), or load it with "
+                        "igkd.models.load_weights(your_module, FILE)")
+    if family_of(parsed).runs_code:
+        raise UserError(f"{path} records model {spec}, which runs code from outside the file; igkd runs no code a "
+                        f"weights file names: if you trust it, pass {flag} {shlex.quote(spec)}")
+    return spec
+
+
 def load_model(path: str | Path, spec: str | None = None, num_classes: int | None = None,
                in_channels: int | None = None, preprocessing: dict | None = None,
                flag: str = "--model") -> tuple[nn.Module, dict]:
@@ -241,7 +261,7 @@ def load_model(path: str | Path, spec: str | None = None, num_classes: int | Non
     if not spec and str(path).startswith("torchscript:"):
         spec = str(path)
     meta = dict(read_metadata(path) or {})
-    spec = spec or meta.get("model")
+    spec = spec or (recorded_spec(meta["model"], path, flag) if meta.get("model") else None)
     if spec is None:
         if not Path(path).exists():
             raise UserError(f"weights file {path} does not exist; check the path")

@@ -26,6 +26,9 @@ class Family:
     depth_knob: str | None = None
     width_knob: str | None = None
     own_weights: bool = False
+    # builds from code or a file the spec names (py: imports a module, torchscript: loads a
+    # program): such a spec runs only when the user gives it, never when a weights file does
+    runs_code: bool = False
 
 
 def options(spec: Spec, schema: dict[str, tuple[type, object]], example: str) -> dict:

@@ -3,8 +3,10 @@
 ``py:`` imports ``MODULE`` (a module name, found on ``sys.path`` or in the current
 directory, or a ``.py`` file path) and calls ``CALLABLE(num_classes=..., in_channels=...,
 **options)``; option values are read as int, float, true/false, or else kept as text.
-The spec string is recorded in the checkpoint's metadata, so ``evaluate``, ``export``
-and ``audit`` rebuild the network from it without being told again.
+The spec string is recorded in the checkpoint's metadata, but never run from there: a
+weights file naming ``py:`` (or ``torchscript:``) would run code the user never chose
+(``py:torch.hub:load,...`` fetches and runs a repository), so ``evaluate``, ``export`` and
+``audit`` ask for ``--model`` with the recorded spec instead (:func:`.checkpoint.recorded_spec`).
 
 ``torchscript:FILE`` loads a scripted or traced network (``torch.jit.load``, on the CPU)
 with its weights inside: a teacher without any Python code. Gradients flow through it,
@@ -93,5 +95,6 @@ def _build_torchscript(spec: Spec, num_classes: int, in_channels: int) -> nn.Mod
                         "write one with torch.jit.save(torch.jit.script(model), FILE) or torch.jit.trace") from None
 
 
-PY = Family(_build_py, "your factory: py:MODULE:CALLABLE[,key=value...]")
-TORCHSCRIPT = Family(_build_torchscript, "a TorchScript file, weights inside (teacher)", own_weights=True)
+PY = Family(_build_py, "your factory: py:MODULE:CALLABLE[,key=value...]", runs_code=True)
+TORCHSCRIPT = Family(_build_torchscript, "a TorchScript file, weights inside (teacher)", own_weights=True,
+                     runs_code=True)

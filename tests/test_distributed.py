@@ -19,7 +19,7 @@ import torch
 from igkd.config import DistillConfig, build
 from igkd.data import Dataset, Split
 from igkd.distill import Trainer
-from igkd.distill.parallel import Dist, default_threads
+from igkd.distill.parallel import Dist, default_threads, rank_seed
 from igkd.errors import UserError
 from igkd.models import build_model
 
@@ -56,6 +56,19 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
         tiny_trainer(tmp_path, 0, 1, 8, epochs=2).fit(resume=True)
 
 
+def test_each_rank_draws_and_resumes_its_own_random_numbers(tmp_path):
+    # every rank seeded torch with --seed: the same dropout mask on every rank of a global batch
+    assert rank_seed(3, 0) == 3 and len({rank_seed(3, r) for r in range(4)}) == 4
+    tiny_trainer(tmp_path, 0, 2, 8).fit()  # a (not really distributed) rank 0 of 2 writes last.pt
+    path = tmp_path / "last.pt"
+    state = torch.load(path, weights_only=True)
+    mine = [torch.manual_seed(s).get_state() for s in (11, 12)]
+    torch.save({**state, "torch_rng_ranks": mine}, path)  # as 2 real ranks gather them
+    for rank in (0, 1):
+        tiny_trainer(tmp_path, rank, 2, 8, epochs=2).load_state()
+        assert torch.equal(torch.get_rng_state(), mine[rank])  # all ranks took rank 0's state
+
+
 def test_threads_are_split_between_processes():
     assert default_threads(2, cores=2) == 1 and default_threads(4, cores=16) == 4 and default_threads(3, 2) == 1
 
@@ -85,3 +98,56 @@ def test_two_gloo_processes_train_like_one(small_real, tmp_path):
     sa, sb = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
     assert sa["test"]["confusion"] == sb["test"]["confusion"]  # identical test predictions (by class)
     assert (sb["processes"], sb["global_batch"]) == (2, 64) and sb["at"]["student_layer"] == "features.4"
+
+
+CHECK_BUFFERS = """
+import sys
+import torch
+import torch.distributed as dist
+from igkd.cli import main
+from igkd.distill import Trainer
+from igkd.models import bare
+
+real = Trainer.val_accuracy
+
+
+def checked(self):  # the real validation, then: did every rank score with the same statistics?
+    value = real(self)
+    mine = torch.cat([b.double().flatten() for b in bare(self.model).buffers()])
+    ranks = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(ranks, mine)
+    if not torch.equal(ranks[0], ranks[1]):
+        print("BUFFERS DIFFER", (ranks[0] - ranks[1]).abs().max().item(), file=sys.stderr, flush=True)
+        sys.exit(3)
+    return value
+
+
+Trainer.val_accuracy = checked
+main(sys.argv[1:])
+"""
+
+
+def test_two_processes_without_sync_bn_validate_the_model_they_save(small_real, tmp_path):
+    """--no-sync-bn: each rank's BatchNorm statistics drift with its own batches; validation
+    scored each share with its own and reported the accuracy of a model no file held."""
+    from igkd.data import load_dataset, stratified_split
+    from igkd.evaluate import predict
+    from igkd.models import load_model
+    data = f"imagefolder:{small_real / 'data'},gray=1"
+    out = tmp_path / "run"
+    (tmp_path / "check_buffers.py").write_text(CHECK_BUFFERS)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          str(tmp_path / "check_buffers.py"), "distill", "--data", data, "--method", "student",
+                          "--model", "mobilenetv2:width=0.25", "--epochs", "1", "--threads", "1", "--batch-size", "16",
+                          "--no-sync-bn", "--val-fraction", "0.25", "--no-channels-last", "--out", str(out)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
+    assert run.returncode == 0 and "BUFFERS DIFFER" not in run.stderr, run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    train = load_dataset(data).train
+    _, val = stratified_split(train.labels, 0.25, 0)
+    net, _ = load_model(out / "model.safetensors")
+    correct = (predict(net, train.images[val], channels_last=False).argmax(1) == train.labels[val]).sum().item()
+    assert summary["val_accuracy"] == pytest.approx(100.0 * correct / len(val), abs=1e-9)
+    # mobilenetv2 (drop=0) has dropout: the two ranks drew from states of their own
+    a, b = torch.load(out / "last.pt", weights_only=True)["torch_rng_ranks"]
+    assert not torch.equal(a, b)

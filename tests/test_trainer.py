@@ -1,6 +1,7 @@
 """Trainer: index alignment of maps and logits, every method, determinism and resume."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,59 @@ def test_same_seed_same_weights_and_resume_is_exact(tmp_path, method):
         assert torch.equal(final["a"][k], final["b"][k]), k
     summary = json.loads((tmp_path / "b" / "run" / "summary.json").read_text())
     assert summary["test_accuracy"] == json.loads((tmp_path / "a" / "run" / "summary.json").read_text())["test_accuracy"]
+
+
+def test_an_extended_run_resumes_at_its_new_schedules_rate(tmp_path):
+    trainer(tmp_path, "kd", epochs=2, schedule="cosine").fit()  # its cosine ends at a rate of 0
+    longer = trainer(tmp_path, "kd", epochs=4, schedule="cosine")
+    longer.load_state()
+    sched = longer.scheduler
+    want = sched.base_lrs[0] * sched.lr_lambdas[0](sched.last_epoch)  # 4 epochs' cosine, halfway: lr / 2
+    assert want == pytest.approx(0.005, rel=0.05)
+    # the first resumed step ran at the saved optimizer's rate, 0: LambdaLR's load keeps it
+    assert longer.optimizer.param_groups[0]["lr"] == want and sched.get_last_lr() == [want]
+
+
+def test_the_best_checkpoint_is_model_once_last_pt_names_it(tmp_path, monkeypatch):
+    # val_fraction 0: every epoch is the best, so every epoch writes a checkpoint
+    run = tmp_path / "run"
+
+    def killed_at(call, name):  # the call-th call of Trainer.<name> raises, as a kill there would
+        real, calls = getattr(Trainer, name), []
+
+        def method(self, *args, **kw):
+            calls.append(1)
+            if len(calls) == call:
+                raise KeyboardInterrupt
+            return real(self, *args, **kw)
+        monkeypatch.setattr(Trainer, name, method)
+
+    # killed after epoch 2's checkpoint, before last.pt: model.* stays epoch 1's, as last.pt says
+    killed_at(2, "save_state")
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path, "kd", epochs=2, val_fraction=0).fit()
+    monkeypatch.undo()
+    assert json.loads((run / "model.json").read_text())["epoch"] == 1
+    assert json.loads((run / "model-pending.json").read_text())["epoch"] == 2
+    summary = trainer(tmp_path, "kd", epochs=1, val_fraction=0).fit(resume=True)  # ends at epoch 1 after all
+    assert summary["best_epoch"] == 1 and not (run / "model-pending.safetensors").exists()
+    last = torch.load(run / "last.pt", weights_only=True)
+    from safetensors.torch import load_file
+    weights = load_file(run / "model.safetensors")  # epoch 1's, not the killed attempt's epoch 2
+    assert all(torch.equal(weights[k], v) for k, v in last["model"].items())
+
+    # killed after last.pt named epoch 2 the best, before the rename: the resume completes it
+    shutil.rmtree(run)
+    killed_at(3, "settle_best")  # the first call is at the start, the second after epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path, "kd", epochs=2, val_fraction=0).fit()
+    monkeypatch.undo()
+    assert json.loads((run / "model.json").read_text())["epoch"] == 1 and (run / "model-pending.json").exists()
+    summary = trainer(tmp_path, "kd", epochs=2, val_fraction=0).fit(resume=True)
+    assert summary["best_epoch"] == 2 and not (run / "model-pending.json").exists()
+    last = torch.load(run / "last.pt", weights_only=True)
+    weights = load_file(run / "model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in last["model"].items())
 
 
 def test_refuses_to_overwrite_or_resume_with_other_settings(tmp_path):

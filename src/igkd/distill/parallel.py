@@ -12,7 +12,10 @@ gradients, which equals the single-process mean over the global batch; with
 ``--sync-bn`` (default) BatchNorm uses statistics of the global batch (nn.SyncBatchNorm
 on CUDA; :class:`GlobalBatchNorm2d` on CPU, where torch's SyncBatchNorm refuses to run).
 So N processes with ``--batch-size B`` train like one process with ``--batch-size B*N``
-(up to float rounding). ``--scale-lr`` multiplies the learning rate by N (linear scaling).
+(up to float rounding). Layers that draw their own random numbers (dropout) draw them per
+rank from a seed of their own (:func:`rank_seed`): independent masks, as one process draws
+for its whole batch, but not the same numbers, so such a model trains alike only in
+distribution. ``--scale-lr`` multiplies the learning rate by N (linear scaling).
 
 Multi-node: run the same torchrun on every node, e.g. 2 nodes x 4 GPUs::
 
@@ -81,6 +84,20 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_buffers(self, module: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank, in place."""
+        if self.active:
+            for b in module.buffers():
+                dist.broadcast(b, src=0)
+
     @contextmanager
     def rank0_first(self):
         """Rank 0 runs the block first, the others after it is done (and only read what it wrote)."""
@@ -91,6 +108,13 @@ class Dist:
         finally:
             if self.rank == 0:
                 self.barrier(long=True)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s global random numbers (dropout): ``seed`` itself on rank 0,
+    so a single process draws as before; another per rank, where the same seed everywhere
+    gave every rank the same dropout mask."""
+    return seed if rank == 0 else (seed * 1_000_003 + rank * 104_729 + 1) % (2**63 - 1)
 
 
 def default_threads(local_world: int, cores: int | None = None) -> int:

@@ -22,12 +22,14 @@ A run directory holds::
     config.yaml       the resolved configuration
     metrics.jsonl     one line per epoch: losses, images/s, validation accuracy
     last.pt           full state after the last finished epoch (for --resume)
-    model.safetensors + model.json   the best epoch's network (by validation accuracy)
+    model.safetensors + model.json   the best epoch's network (by validation accuracy);
+                      a new best is written as model-pending.* and renamed once last.pt
+                      names it, so the two never disagree after a kill
     summary.json      best epoch, validation and test accuracy, parameters, timings
 
 Randomness: initialisation from ``seed``; data order and augmentation of epoch e from
 a generator seeded with (seed, e), so resuming after epoch e replays nothing and
-changes nothing.
+changes nothing; dropout from the global generator, seeded per rank and saved per rank.
 
 Under torchrun (:mod:`igkd.distill.parallel`) every rank takes its slice of the same
 global batch, DDP averages gradients, validation is sharded, and rank 0 alone writes.
@@ -38,6 +40,7 @@ The step's speed switches (fused optimizers, AMP on CUDA, torch.compile) are in
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 import warnings
@@ -61,7 +64,7 @@ from ..models import bare, count_parameters, load_weights, preprocessing_of, sav
 from ..progress import Progress, fmt_seconds, log
 from .attention import FeatureHook, StopForward
 from .augment import crop_flip, resized_crop_flip
-from .parallel import Dist, sync_batchnorm
+from .parallel import Dist, rank_seed, sync_batchnorm
 from .parts import PLAIN, Batch, Step, parse_method
 from .stream import Prefetcher, Rows
 from .stream import choose as choose_stream
@@ -75,8 +78,9 @@ RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best", "history", "t
 
 # what a run writes into its --out (and an experiment beside it): a folder holding anything
 # else is the user's, and a run would overwrite their config.yaml or README.md in it
+PENDING = "model-pending"  # a new best epoch's checkpoint until last.pt names it (Trainer.settle_best)
 RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "summary.json", "model.safetensors", "model.json",
-             "README.md", "log", "run.json", "corruptions.json"}
+             "README.md", "log", "run.json", "corruptions.json", f"{PENDING}.safetensors", f"{PENDING}.json"}
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
@@ -414,9 +418,13 @@ class Trainer:
         return classification_metrics(logits, labels, self.dataset.classes)
 
     def val_accuracy(self) -> float:
-        """Accuracy on the validation split, each rank scoring its share."""
+        """Accuracy on the validation split, each rank scoring its share with rank 0's
+        BatchNorm statistics: without --sync-bn each rank's drifted with its own last batches,
+        and the accuracy was of a model no file holds (rank 0's is the one saved)."""
         if not len(self.val_idx):
             return float("nan")
+        if not self.sync_bn:
+            self.dist.broadcast_buffers(bare(self.model))
         mine = self.val_idx[self.rank::self.world]
         m = self.evaluate(mine) if len(mine) else {"correct": 0, "total": 0}
         counts = self.dist.all_reduce(torch.tensor([m["correct"], m["total"]], dtype=torch.float64,
@@ -424,20 +432,29 @@ class Trainer:
         return 100.0 * counts[0] / counts[1]
 
     # ---------------------------------------------------------------- state
-    def state(self, history: list) -> dict:
+    def rng_states(self) -> dict:
+        """Every rank's random number states, gathered (a collective: all ranks call it). Each
+        rank draws its own dropout masks (:func:`~.parallel.rank_seed`), so each resumes its own."""
+        states = {"torch_rng_ranks": self.dist.all_gather_object(torch.get_rng_state())}
+        if self.device.type == "cuda":  # dropout on a GPU draws from its own generator, not the CPU's
+            states["cuda_rng_ranks"] = self.dist.all_gather_object(torch.cuda.get_rng_state(self.device).cpu())
+        return states
+
+    def state(self, history: list, rngs: dict | None = None) -> dict:
+        rngs = rngs if rngs is not None else self.rng_states()
         state = {"model": bare(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "best": self.best,
-                 "history": history, "torch_rng": torch.get_rng_state(), "config": to_dict(self.cfg),
-                 "world_size": self.world}
+                 "history": history, "torch_rng": rngs["torch_rng_ranks"][0], "config": to_dict(self.cfg),
+                 "world_size": self.world, **rngs}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        if self.device.type == "cuda":  # dropout on a GPU draws from its own generator, not the CPU's
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if "cuda_rng_ranks" in rngs:
+            state["cuda_rng"] = rngs["cuda_rng_ranks"][0]
         return state
 
-    def save_state(self, history: list) -> None:
+    def save_state(self, history: list, rngs: dict | None = None) -> None:
         buf = io.BytesIO()  # serialised in memory: torch.save turns a full disk into an opaque RuntimeError
-        torch.save(self.state(history), buf)
+        torch.save(self.state(history, rngs), buf)
         write_bytes(self.out / "last.pt", buf.getbuffer())
 
     def load_state(self) -> list:
@@ -466,12 +483,29 @@ class Trainer:
         bare(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the rate of the next step from this run's schedule: LambdaLR's load_state_dict keeps the
+        # optimizer's saved rate, which is another schedule's when --epochs was extended (the
+        # first resumed step ran at the old schedule's last rate, 0 after its decay); the same
+        # product as the scheduler computes, so an unchanged schedule resumes bitwise
+        for group, base, rate in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * rate(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best = state["epoch"], state["best"]
-        torch.set_rng_state(state["torch_rng"])
-        if self.device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        ranks = state.get("torch_rng_ranks")
+        if ranks is not None and len(ranks) == self.world:
+            torch.set_rng_state(ranks[self.rank])
+        else:  # written before each rank's state was kept: rank 0's, and a fresh seed elsewhere
+            torch.set_rng_state(state["torch_rng"])
+            if self.rank:
+                torch.manual_seed(rank_seed(self.cfg.seed + self.epoch, self.rank))
+        if self.device.type == "cuda":
+            cuda = state.get("cuda_rng_ranks")
+            if cuda is not None and len(cuda) == self.world:
+                torch.cuda.set_rng_state(cuda[self.rank], self.device)
+            elif "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         return state["history"]
 
     def model_meta(self) -> dict:
@@ -512,9 +546,10 @@ class Trainer:
             history = self.load_state()
             log(f"resuming {self.out} after epoch {self.epoch}", self.quiet)
         else:
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(rank_seed(cfg.seed, self.rank))  # each rank its own dropout masks
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
+            self.settle_best()
             write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
             # the rows last.pt knows, then one appended line per epoch (tail -f works); a row
             # written after the last saved state is dropped here, so none is ever doubled
@@ -547,12 +582,14 @@ class Trainer:
             improved = len(self.val_idx) == 0 or val > self.best["val_accuracy"]
             if improved:
                 self.best = {"val_accuracy": val, "epoch": epoch}
-                if rank0:
-                    save_checkpoint(self.out / "model", self.model, self.model_meta())
+                if rank0:  # model.* only once last.pt names this epoch the best (settle_best)
+                    save_checkpoint(self.out / PENDING, self.model, {**self.model_meta(), "epoch": epoch})
             row = {"epoch": epoch, **stats, "val_accuracy": val, "lr": self.scheduler.get_last_lr()[0]}
             history.append(row)
+            rngs = self.rng_states()
             if rank0:  # state first: a row is in metrics.jsonl only once last.pt holds it
-                self.save_state(history)
+                self.save_state(history, rngs)
+                self.settle_best()
                 with disk_full_names(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a") as f:
                     f.write(dumps(row) + "\n")
                 self.trackers.epoch(row)
@@ -561,6 +598,24 @@ class Trainer:
                 + "".join(f", {k} {stats[k]:.4g}" for k in self._term_names(stats))
                 + f", val {val:.2f}%{' *' if improved else ''}, {stats['images_per_s']:.0f} img/s, "
                 f"ETA {fmt_seconds(eta)}", self.quiet)
+
+    def settle_best(self) -> None:
+        """``model-pending.*`` (a new best epoch's checkpoint, written before last.pt) becomes
+        ``model.*`` when last.pt names its epoch the best, and is dropped otherwise (a run killed
+        between the two). Written straight to model.*, a kill there left weights of an epoch
+        last.pt did not know: the resumed run reported its own best epoch with them."""
+        weights = self.out / f"{PENDING}.safetensors"
+        meta = self.out / f"{PENDING}.json"
+        if not weights.exists():
+            meta.unlink(missing_ok=True)
+            return
+        recorded = json.loads(meta.read_text()).get("epoch") if meta.exists() else None
+        if recorded == self.best["epoch"] and self.best["epoch"] > 0:
+            os.replace(weights, self.out / "model.safetensors")
+            os.replace(meta, self.out / "model.json")
+        else:
+            weights.unlink()
+            meta.unlink(missing_ok=True)
 
     def finish(self, history: list, seconds: float) -> dict:
         """Rank 0 scores the best epoch on the test split and writes the summary; every rank

@@ -92,3 +92,28 @@ def test_evaluate_names_a_bad_teacher_before_evaluating(tmp_path):
     r = run_igkd("evaluate", "--weights", weights, "--data", "demo", "--teacher", "mobilenetv2", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["teacher_params"] == igkd.count_parameters(build_model("mobilenetv2", 10, 3))
+
+
+# ---------------------------------------------------------------- 2. the spec recorded for a module
+class StridedNet(nn.Module):
+    """Its stride changes no tensor's shape: only the function tells stride 2 from 1."""
+
+    def __init__(self, num_classes=10, in_channels=3, stride=1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, stride=stride, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().amax((2, 3)))
+
+
+def test_a_module_is_recorded_by_a_spec_only_when_it_rebuilds_the_same_function():
+    from igkd.api import module_spec
+    torch.manual_seed(0)
+    assert module_spec(StridedNet(5, 3), 5, 3) == "py:test_review_fixes:StridedNet"
+    assert module_spec(StridedNet(5, 3, stride=2), 5, 3) == "module:StridedNet"  # was the stride-1 class
+    # a built-in network handed in keeps the spec it was built from (was py:...:MobileNetV2, the CIFAR one)
+    net = build_model("mobilenetv2_imagenet:width=0.25,drop=16", 5, 3)
+    state = torch.get_rng_state()
+    assert module_spec(net, 5, 3, (64, 64)) == "mobilenetv2_imagenet:drop=16,width=0.25"
+    assert torch.equal(torch.get_rng_state(), state)  # the rebuild draws no random number of the run

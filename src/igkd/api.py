@@ -24,7 +24,7 @@ from .fileio import writable_dir
 from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
-from .models import (bare, build_model, copy_matching, count_parameters, load_model, read_metadata,
+from .models import (bare, build_model, built_spec, copy_matching, count_parameters, load_model, read_metadata,
                      preprocessing_of, recorded_spec, weights_fingerprint, with_preprocessing)
 from .precompute import precompute as _precompute
 from .progress import log
@@ -48,23 +48,40 @@ def _check_out(out: str | Path | None) -> Path:
     return writable_dir(out or "", "--out")
 
 
-def _state_shapes(net: nn.Module) -> dict:
-    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
-
-
-def module_spec(net: nn.Module, num_classes: int, in_channels: int) -> str:
-    """The spec recorded for a network given as an ``nn.Module``: ``py:MODULE:CLASS`` when
-    that rebuilds the same state dict names and shapes (so evaluate, export and audit need
-    no --model), else ``module:CLASS`` (they then need --model)."""
-    cls = type(bare(net))
-    spec = f"py:{cls.__module__}:{cls.__qualname__}"
+def module_spec(net: nn.Module, num_classes: int, in_channels: int, image_size: tuple[int, int] = (32, 32)) -> str:
+    """The spec recorded for a network given as an ``nn.Module``: the spec ``build_model``
+    built it from, else ``py:MODULE:CLASS``, when that spec rebuilds the same function (the
+    module's weights loaded into the rebuilt network give its logits on a probe image), else
+    ``module:CLASS``. Names and shapes alone were not enough: options that change no shape
+    (a stride, max pooling, an ImageNet stem) were lost, and the recorded spec computed
+    another function from the same weights."""
+    net = bare(net)
+    cls = type(net)
+    candidates = [built_spec(net)]
     if cls.__module__ != "__main__" and "<locals>" not in cls.__qualname__:
-        try:
-            if _state_shapes(build_model(spec, num_classes, in_channels)) == _state_shapes(bare(net)):
-                return spec
-        except Exception:  # noqa: BLE001 - any failure means: not rebuildable from its class
-            pass
+        candidates.append(f"py:{cls.__module__}:{cls.__qualname__}")
+    for spec in filter(None, candidates):
+        if _rebuilds(spec, net, num_classes, in_channels, image_size):
+            return spec
     return f"module:{cls.__qualname__}"
+
+
+def _rebuilds(spec: str, net: nn.Module, num_classes: int, in_channels: int, image_size: tuple[int, int]) -> bool:
+    was_training = net.training
+    try:
+        with torch.random.fork_rng(devices=[]):  # the rebuild's initialisation draws no number of the run's
+            rebuilt = build_model(spec, num_classes, in_channels)
+            rebuilt.load_state_dict(net.state_dict())
+            probe = torch.rand(2, in_channels, *image_size, generator=torch.Generator().manual_seed(0))
+        device = next((p.device for p in net.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            a = net.eval()(probe.to(device)).float().cpu()
+            b = rebuilt.to(device).eval()(probe.to(device)).float().cpu()
+        return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + float(a.abs().max())))
+    except Exception:  # noqa: BLE001 - any failure means: not rebuildable from that spec
+        return False
+    finally:
+        net.train(was_training)
 
 
 def _student(cfg, dataset: Dataset, model: nn.Module | None):
@@ -76,7 +93,8 @@ def _student(cfg, dataset: Dataset, model: nn.Module | None):
         if not isinstance(model, nn.Module):
             raise UserError(f"the student must be a model spec or a torch.nn.Module, got {type(model).__name__}")
         net = bare(model)
-        cfg = dataclasses.replace(cfg, model=module_spec(net, len(dataset.classes), dataset.channels))
+        cfg = dataclasses.replace(cfg, model=module_spec(net, len(dataset.classes), dataset.channels,
+                                                         tuple(dataset.image_size)))
     return cfg, with_preprocessing(net, preprocessing_for(cfg.normalize, dataset))
 
 
@@ -171,7 +189,8 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
                 if not isinstance(teacher, nn.Module):
                     raise UserError(f"the teacher must be a torch.nn.Module, got {type(teacher).__name__}")
                 teacher = teacher.eval()
-                meta["teacher"] = {"path": None, "model": module_spec(teacher, len(dataset.classes), dataset.channels)}
+                meta["teacher"] = {"path": None, "model": module_spec(teacher, len(dataset.classes), dataset.channels,
+                                                                      tuple(dataset.image_size))}
             elif method.needs_teacher or cfg.init == "teacher":
                 teacher, tmeta = load_teacher(cfg.teacher, dataset, cfg.teacher_model)
                 meta["teacher"] = {"path": str(cfg.teacher), "model": tmeta.get("model")}

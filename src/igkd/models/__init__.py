@@ -5,10 +5,10 @@ from .checkpoint import (copy_matching, load_model, load_weights, read_metadata,
 from .family import Family
 from .mobilenetv2 import MobileNetV2, ReLU6, copy_free_relu6
 from .preprocess import Normalized, bare, preprocessing_of, with_preprocessing
-from .registry import MODELS, build_model, count_parameters, family_of
+from .registry import MODELS, build_model, built_spec, count_parameters, family_of
 
 __all__ = [
-    "Family", "MODELS", "MobileNetV2", "Normalized", "ReLU6", "bare", "build_model", "copy_free_relu6",
+    "Family", "MODELS", "MobileNetV2", "Normalized", "ReLU6", "bare", "build_model", "built_spec", "copy_free_relu6",
     "copy_matching", "count_parameters", "family_of", "load_model", "load_weights", "read_metadata",
     "preprocessing_of", "read_state_dict", "recorded_spec", "save_checkpoint", "teacher_identity", "weights_fingerprint", "with_preprocessing",
 ]

@@ -82,6 +82,11 @@ def build_model(spec: str | Spec, num_classes: int = 10, in_channels: int = 3) -
     return net
 
 
+def built_spec(net: nn.Module) -> str | None:
+    """The spec :func:`build_model` built ``net`` from (options in key order), or None."""
+    return getattr(net, SPEC_ATTRIBUTE, None)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters (BatchNorm running statistics are buffers, not counted)."""
     return sum(p.numel() for p in model.parameters())

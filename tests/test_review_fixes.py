@@ -117,3 +117,120 @@ def test_a_module_is_recorded_by_a_spec_only_when_it_rebuilds_the_same_function(
     state = torch.get_rng_state()
     assert module_spec(net, 5, 3, (64, 64)) == "mobilenetv2_imagenet:drop=16,width=0.25"
     assert torch.equal(torch.get_rng_state(), state)  # the rebuild draws no random number of the run
+
+
+# ---------------------------------------------------------------- 3. a user's network, as Python runs it
+class Tied(nn.Module):
+    """A classifier registered under two names (weight tying): one storage, two state-dict keys."""
+
+    def __init__(self, num_classes=10, in_channels=3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+        self.classifier = self.fc
+
+    def forward(self, x):
+        return self.classifier(self.conv(x).relu().mean((2, 3)))
+
+
+def test_tied_weights_save_and_load(tmp_path):
+    net = Tied(4, 3)  # safetensors refused the shared storage: the first best epoch crashed the run
+    path = save_checkpoint(tmp_path / "tied", net, {"model": "py:test_review_fixes:Tied", "num_classes": 4,
+                                                    "in_channels": 3})
+    loaded, _ = load_model(path, "py:test_review_fixes:Tied", 4, 3)
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+    assert igkd.models.bare(loaded).classifier is igkd.models.bare(loaded).fc
+
+
+NETS = """
+from __future__ import annotations
+from dataclasses import dataclass
+from torch import nn
+from sibling import width  # beside this file, as `python nets.py` would find it
+
+
+@dataclass
+class Options:
+    width: int = width
+
+
+def make(num_classes=10, in_channels=3):
+    return nn.Sequential(nn.Conv2d(in_channels, Options().width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(Options().width, num_classes))
+"""
+
+
+def test_a_py_file_imports_as_python_would_run_it(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "nets.py").write_text(NETS)
+    (tmp_path / "folder" / "sibling.py").write_text("width = 6\n")
+    # a dataclass crashed (no module in sys.modules), and the sibling import failed
+    net = build_model(f"py:{tmp_path / 'folder' / 'nets.py'}:make", 3, 1)
+    assert net[0].out_channels == 6 and net(torch.rand(1, 1, 5, 5)).shape == (1, 3)
+    assert build_model(f"py:{tmp_path / 'folder' / 'nets.py'}:make", 3, 1)[0].out_channels == 6  # imported once
+
+
+FACTORIES = """
+import torch
+from torch import nn
+
+
+class Head(nn.Module):
+    def __init__(self, classes, kind="tensor", channels=1):
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(channels, 4, 3)
+        self.fc = nn.Linear(4, classes)
+
+    def forward(self, x):
+        y = self.fc(self.conv(x).mean((2, 3)))
+        return {"tensor": y, "tuple": (y, y), "dict": {"logits": y}, "long": y.long()}[self.kind]
+
+
+def fixed7(num_classes=10, in_channels=1):
+    return Head(7)
+
+
+def tuple_out(num_classes=10, in_channels=1):
+    return Head(num_classes, "tuple")
+
+
+def dict_out(num_classes=10, in_channels=1):
+    return Head(num_classes, "dict")
+
+
+def integers(num_classes=10, in_channels=1):
+    return Head(num_classes, "long")
+
+
+def rgb(num_classes=10, in_channels=1):
+    return Head(num_classes, channels=3)
+"""
+
+
+@pytest.mark.parametrize("factory,words", [
+    ("fixed7", "returns torch.float32 of shape (1, 7) for one image; demo needs float logits of shape (1, 10)"),
+    ("tuple_out", "returns a tuple, not a tensor of logits"),
+    ("dict_out", "returns a dict, not a tensor of logits"),
+    ("integers", "returns torch.int64 of shape (1, 10)"),
+    ("rgb", "fails on one 1x28x28 image of demo (RuntimeError: "),
+])
+def test_a_network_that_does_not_fit_the_data_is_one_line_before_any_work(tmp_path, factory, words):
+    (tmp_path / "facs.py").write_text(FACTORIES)
+    spec = f"py:{tmp_path / 'facs.py'}:{factory}"
+    r = run_igkd("train", "--data", "demo", "--model", spec, "--epochs", "1", "--out", tmp_path / "run")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+    assert f"model {spec}" in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_teacher_with_other_classes_is_refused_before_its_store_is_computed(tmp_path):
+    (tmp_path / "facs.py").write_text(FACTORIES)
+    spec = f"py:{tmp_path / 'facs.py'}:fixed7"
+    torch.save(build_model(spec, 10, 1).state_dict(), tmp_path / "teacher.pt")
+    # the whole store was computed, then refused as damaged, and every rerun computed it again
+    r = run_igkd("precompute", "--teacher", tmp_path / "teacher.pt", "--teacher-model", spec, "--data", "demo",
+                 "--store", tmp_path / "store")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"teacher {tmp_path / 'teacher.pt'} ({spec}) returns torch.float32 of shape (1, 7)" in r.stderr
+    assert not (tmp_path / "store").exists()

@@ -84,6 +84,35 @@ def _rebuilds(spec: str, net: nn.Module, num_classes: int, in_channels: int, ima
         net.train(was_training)
 
 
+def check_outputs(net: nn.Module, dataset: Dataset, what: str) -> None:
+    """One training image through ``net`` (eval mode, no gradients): it must give a float
+    logits tensor of shape (1, classes). A user's network returning a tuple or a dict, the
+    wrong number of classes or channels, or failing, is one line naming it here, not a
+    traceback from inside a training step (or a store computed whole, then refused)."""
+    if not len(dataset.train.labels):
+        return
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    x = dataset.train.images[:1].to(device).float().div(255)
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            out = net.eval()(x)
+    except Exception as e:  # noqa: BLE001 - whatever the user's network raises
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{what} fails on one {dataset.channels}x{'x'.join(map(str, dataset.image_size))} image of "
+                        f"{dataset.spec} ({type(e).__name__}: {first}); it must take float32 N x C x H x W "
+                        "pixels in [0, 1] and return logits") from None
+    finally:
+        net.train(was_training)
+    classes = len(dataset.classes)
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"{what} returns a {type(out).__name__}, not a tensor of logits; make its forward return "
+                        "the logits alone (N x classes)")
+    if not out.is_floating_point() or tuple(out.shape) != (1, classes):
+        raise UserError(f"{what} returns {out.dtype} of shape {tuple(out.shape)} for one image; {dataset.spec} "
+                        f"needs float logits of shape (1, {classes}), one per class")
+
+
 def _student(cfg, dataset: Dataset, model: nn.Module | None):
     """(cfg with the spec of a given module, the network wrapped with its preprocessing)."""
     torch.manual_seed(cfg.seed)  # initialisation follows the seed
@@ -95,7 +124,9 @@ def _student(cfg, dataset: Dataset, model: nn.Module | None):
         net = bare(model)
         cfg = dataclasses.replace(cfg, model=module_spec(net, len(dataset.classes), dataset.channels,
                                                          tuple(dataset.image_size)))
-    return cfg, with_preprocessing(net, preprocessing_for(cfg.normalize, dataset))
+    net = with_preprocessing(net, preprocessing_for(cfg.normalize, dataset))
+    check_outputs(net, dataset, f"model {cfg.model}" if model is None else "the student module")
+    return cfg, net
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool = False,
@@ -126,6 +157,7 @@ def load_teacher(path: str | Path, dataset: Dataset, spec: str = "") -> tuple[nn
     teacher, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels, flag="--teacher-model")
     for p in teacher.parameters():
         p.requires_grad_(False)
+    check_outputs(teacher, dataset, f"teacher {path} ({meta['model']})")
     return teacher, meta
 
 
@@ -147,8 +179,11 @@ def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeC
         with env.rank0_first():
             dataset = load_dataset(data)
             _ = dataset.train  # decoded (and cached) by rank 0 first
-        teacher = teacher_path.eval() if isinstance(teacher_path, nn.Module) else \
-            load_teacher(teacher_path, dataset, teacher_model)[0]
+        if isinstance(teacher_path, nn.Module):
+            teacher = teacher_path.eval()
+            check_outputs(teacher, dataset, "the teacher module")
+        else:
+            teacher = load_teacher(teacher_path, dataset, teacher_model)[0]
         return _precompute(teacher, dataset, cfg or PrecomputeConfig(), store, env.device, quiet, dist=env)
     finally:
         parallel.shutdown(env)
@@ -189,6 +224,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
                 if not isinstance(teacher, nn.Module):
                     raise UserError(f"the teacher must be a torch.nn.Module, got {type(teacher).__name__}")
                 teacher = teacher.eval()
+                check_outputs(teacher, dataset, "the teacher module")
                 meta["teacher"] = {"path": None, "model": module_spec(teacher, len(dataset.classes), dataset.channels,
                                                                       tuple(dataset.image_size))}
             elif method.needs_teacher or cfg.init == "teacher":

@@ -48,7 +48,15 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
     """Write ``path`` (.safetensors) and its .json; returns the .safetensors path."""
     weights, meta_path = _paths(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in bare(model).state_dict().items()}
+    state, storages = {}, set()
+    for k, v in bare(model).state_dict().items():
+        t = v.detach().cpu().contiguous()
+        # tied weights (a classifier that is the embedding) share one storage, which safetensors
+        # refuses: each name gets its own copy, and loading fills the one tensor twice
+        if t.untyped_storage().data_ptr() in storages and t.numel():
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        state[k] = t
     # serialised in memory and written by Python: safetensors' own writer reports a full disk as an
     # opaque SafetensorError, a Python write as OSError(ENOSPC) naming the file
     header = {HEADER_KEY: dumps({"format": FORMAT, **meta})}

@@ -42,13 +42,7 @@ def _value(text: str):
 def _import(module: str, spec: Spec):
     try:
         if module.endswith(".py") or "/" in module:
-            path = Path(module)
-            loader = importlib.util.spec_from_file_location(path.stem, path)
-            if loader is None or not path.exists():
-                raise FileNotFoundError(f"no file {path}")
-            mod = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(mod)
-            return mod
+            return _import_file(Path(module))
         if "" not in sys.path and str(Path.cwd()) not in sys.path:  # the `igkd` script's path lacks the cwd
             sys.path.append(str(Path.cwd()))
         return importlib.import_module(module)
@@ -56,6 +50,35 @@ def _import(module: str, spec: Spec):
         raise UserError(f"cannot import module '{module}' of model spec '{spec}' ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160] if str(e) else ''}); check the name and that it is "
                         "importable (on PYTHONPATH or in the current directory)") from None
+
+
+def _import_file(path: Path):
+    """A module from a ``.py`` file, as ``python FILE`` would import it: its folder on the path
+    (a sibling ``import mynets`` works) and the module in ``sys.modules`` while it runs (a
+    dataclass under ``from __future__ import annotations`` looks its module up there). Named
+    by the file's stem unless another module holds that name; imported once per file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {path}")
+    path = path.resolve()
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__file__", None) and Path(mod.__file__).resolve() == path:
+            return mod
+    name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules else \
+        f"_igkd_user_{abs(hash(str(path))):x}"
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
+    loader = importlib.util.spec_from_file_location(name, path)
+    if loader is None:
+        raise ImportError(f"{path} is not a Python module")
+    mod = importlib.util.module_from_spec(loader)
+    sys.modules[name] = mod
+    try:
+        loader.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
 
 
 def _build_py(spec: Spec, num_classes: int, in_channels: int) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -134,6 +135,24 @@ def test_cifar10_download_over_http(tmp_path, http_dir, capsys):
     check_cifar(load_dataset(f"cifar10:{root},download=0,verify=0"), written)
 
 
+def test_cifar10_downloads_into_a_folder_it_creates_and_removes_it_on_failure(tmp_path, http_dir):
+    # the README's `cifar10:data/cifar10` downloads on first use: the folder had to exist first
+    from igkd.data.cifar10 import RELEASE
+    from igkd.data.cifar_archive import release_dir
+    from igkd.spec import parse_spec
+    served, base = http_dir
+    written = write_cifar_archive(served / "cifar.tgz")
+    md5 = hashlib.md5((served / "cifar.tgz").read_bytes()).hexdigest()
+    mirror = dataclasses.replace(RELEASE, url=f"{base}/cifar.tgz")
+    new = tmp_path / "data" / "cifar10"
+    assert release_dir(mirror, parse_spec(f"cifar10:{new}"), True, md5) == new / "cifar-10-batches-py"
+    check_cifar(load_dataset(f"cifar10:{new},download=0,verify=0"), written)
+    gone = tmp_path / "other" / "cifar10"
+    with pytest.raises(UserError, match="could not download"):
+        release_dir(dataclasses.replace(RELEASE, url=f"{base}/missing.tgz"), parse_spec(f"cifar10:{gone}"), True, md5)
+    assert not (tmp_path / "other").exists()  # nothing half-made
+
+
 def test_cifar10_md5_mismatch_deletes_download(tmp_path, http_dir):
     served, base = http_dir
     write_cifar_archive(served / "cifar.tgz")
@@ -164,8 +183,9 @@ def test_cifar10_offline_and_http_errors(tmp_path, http_dir):
 def test_cifar10_no_download_missing_dir_and_unsafe_archive(tmp_path):
     with pytest.raises(UserError, match="neither cifar-10-batches-py/ nor cifar-10-python.tar.gz"):
         load_dataset(f"cifar10:{tmp_path},download=0")
-    with pytest.raises(UserError, match=f"dataset directory {tmp_path / 'nope'} does not exist"):
-        load_dataset(f"cifar10:{tmp_path / 'nope'}")
+    with pytest.raises(UserError, match=f"dataset directory {tmp_path / 'nope'} does not exist; create it and place "
+                                        "cifar-10-python.tar.gz there"):
+        load_dataset(f"cifar10:{tmp_path / 'nope'},download=0")
     with pytest.raises(UserError, match="needs a directory"):
         load_dataset("cifar10")
     with pytest.raises(UserError, match="unknown option"):

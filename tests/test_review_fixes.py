@@ -234,3 +234,9 @@ def test_a_teacher_with_other_classes_is_refused_before_its_store_is_computed(tm
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"teacher {tmp_path / 'teacher.pt'} ({spec}) returns torch.float32 of shape (1, 7)" in r.stderr
     assert not (tmp_path / "store").exists()
+
+
+def test_a_cut_list_of_dropped_classes_says_how_many_more():
+    from igkd.cli import _first_names
+    assert _first_names(list("abcdefg"), 5) == "a, b, c, d, e and 2 more"  # was "a, b, c, d, e": read as all
+    assert _first_names(list("abc"), 5) == "a, b, c"

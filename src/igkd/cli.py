@@ -20,7 +20,7 @@ spec strings:
   datasets  demo                       small Fashion-MNIST subset shipped in the package
             cifar10:DIR[,download=0][,verify=0]   official python archive (downloaded when missing; md5-checked)
             cifar100:DIR[,labels=fine|coarse][,download=0][,verify=0]   the same for CIFAR-100 (100 or 20 classes)
-            imagefolder:DIR[,size=N|HxW][,resize=fixed|shorter][,test=F][,gray=1][,mmap=auto|0|1]
+            imagefolder:DIR[,size=N|HxW][,resize=fixed|shorter][,test=F][,gray=1][,mmap=auto|0|1][,cache=0]
                                        DIR/train/<class>/* with DIR/test/<class>/* or DIR/val/<class>/*
                                        (ImageNet layout); resize=shorter: shorter side to N, centre crop
             fashion-mnist[:DIR]        IDX files (default /usr/share/datasets/fashion-mnist)
@@ -252,6 +252,11 @@ def show_config(action: str, name: str | None) -> None:
     print(shipped[name].read_text(), end="")
 
 
+def _first_names(names: list[str], k: int) -> str:
+    """'a, b, c' or, past k names, 'a, b, c and 4 more' (a cut list read as the whole one)."""
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
 def format_evaluation(r: dict) -> str:
     lines = [f"{r['model']} on {r['data']} ({r['split']}, {r['total']} images, preprocessing "
              f"{r['preprocessing'].get('normalize', 'none')})",
@@ -265,7 +270,7 @@ def format_evaluation(r: dict) -> str:
         cm = r["class_map"]
         lines.append(f"class map {cm['source']}: {len(cm['map'])} class(es) mapped, {cm['dropped_images']} image(s) "
                      f"of {len(cm['dropped_classes'])} unmapped class(es) dropped"
-                     + (f" ({', '.join(cm['dropped_classes'][:5])})" if cm["dropped_classes"] else ""))
+                     + (f" ({_first_names(cm['dropped_classes'], 5)})" if cm["dropped_classes"] else ""))
     if "teacher_correct" in r:
         tc = r["teacher_correct"]
         lines.append(f"teacher-correct: scored on the {tc['images']} of {tc['of']} image(s) that teacher {tc['teacher']} "

@@ -57,7 +57,7 @@ def add_experiment_commands(sub, spec_help: str) -> None:
 
     p = sub.add_parser("report", help="render report.md with tables and plots for an experiment or run folder",
                        description="Write DIR/report.md with the tables and PNG plots of what DIR holds: ablation "
-                       "bars, Monte Carlo distributions and tests, compression curves, search heat map, the "
+                       "points, Monte Carlo distributions and tests, compression curves, search heat map, the "
                        "teacher's IG maps and overlays, training curves. Prints the tables.")
     p.add_argument("dir", metavar="DIR", help="folder written by 'igkd experiment ... --out DIR' or 'igkd distill'")
     p.add_argument("--json", action="store_true", help="print the report's path and text as JSON")

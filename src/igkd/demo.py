@@ -208,7 +208,8 @@ Dataset `{m['dataset']}` (test split for accuracy, validation split carved from 
 selection). Students trained {cfg.epochs} epochs with the same seed ({cfg.seed}), budget and recipe
 ({cfg.optimizer}, lr {cfg.lr}, batch {cfg.batch_size}); KD with T={cfg.T}, alpha={cfg.alpha}; IG overlay p={cfg.p}.
 One seed on a 2,000-image set: differences of a point or two can be run-to-run noise;
-repeat with other `--seed` values before drawing conclusions.
+repeat with other seeds (`seed:` in the `distill:` section of a copy of the recipe,
+`igkd config show demo`, passed as `--config`) before drawing conclusions.
 
 {markdown_table(["method", "model", "params", "compression", "test acc (%)", "gain", "val acc (%)"], rows)}
 

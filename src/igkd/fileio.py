@@ -94,6 +94,22 @@ def _remove_created(folders: list[Path]) -> None:
 
 
 @contextmanager
+def new_folder(folder: str | os.PathLike):
+    """Yield ``folder``, created with its missing parents; if the block fails, the folders this
+    call created are removed again while empty (a download that failed leaves no empty
+    ``data/cifar10/`` behind)."""
+    folder = Path(folder)
+    created = _missing_folders(folder)
+    with disk_full_names(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        _remove_created(created)
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success fsync it, rename it over ``path`` and
     fsync the directory. On failure the temporary is removed and ``path`` is untouched, and

@@ -24,8 +24,8 @@ import torch
 
 from ..errors import UserError
 from ..spec import Spec, reject_leftovers, take_option
-from .base import Dataset, Split, existing_dir, flag
-from .cifar_archive import Release, class_names, ensure_release, label_array, unpickle
+from .base import Dataset, Split, flag
+from .cifar_archive import Release, class_names, ensure_release, label_array, release_dir, unpickle
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -75,8 +75,7 @@ def load_cifar10(spec: Spec) -> Dataset:
     download = take_option(spec, opts, "download", flag, True, "dataset spec")
     verify = take_option(spec, opts, "verify", flag, True, "dataset spec")
     reject_leftovers(spec, opts, ["download", "verify"], "dataset spec")
-    root = existing_dir(spec.arg, spec, "create it (CIFAR-10 is downloaded into it) or fix the path")
-    folder = ensure_cifar10(root, download=download, md5=CIFAR10_MD5 if verify else None)
+    folder = release_dir(RELEASE, spec, download, CIFAR10_MD5 if verify else None)
     classes = class_names(RELEASE, unpickle(RELEASE, folder / "batches.meta", verify), b"label_names",
                           folder / "batches.meta", 10)
     return Dataset(str(spec), classes, 3, (32, 32),

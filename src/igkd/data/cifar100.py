@@ -21,8 +21,8 @@ import torch
 
 from ..errors import UserError
 from ..spec import Spec, reject_leftovers, take_option
-from .base import Dataset, Split, existing_dir, flag
-from .cifar_archive import Release, class_names, ensure_release, label_array, unpickle
+from .base import Dataset, Split, flag
+from .cifar_archive import Release, class_names, ensure_release, label_array, release_dir, unpickle
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -69,8 +69,7 @@ def load_cifar100(spec: Spec) -> Dataset:
     if kind not in LABELS:
         raise UserError(f"labels={kind} in dataset spec '{spec}' is not valid; use labels=fine (100 classes) "
                         f"or labels=coarse (20 superclasses)")
-    root = existing_dir(spec.arg, spec, "create it (CIFAR-100 is downloaded into it) or fix the path")
-    folder = ensure_cifar100(root, download=download, md5=CIFAR100_MD5 if verify else None)
+    folder = release_dir(RELEASE, spec, download, CIFAR100_MD5 if verify else None)
     classes = class_names(RELEASE, unpickle(RELEASE, folder / "meta", verify), f"{kind}_label_names".encode(),
                           folder / "meta", LABELS[kind])
     return Dataset(str(spec), classes, 3, (32, 32),

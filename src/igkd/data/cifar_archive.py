@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..fileio import file_digest
+from ..fileio import file_digest, new_folder
 from .safe_pickle import load_data_pickle
 
 VERIFY_HINT = "or add ',verify=0' to the dataset spec for a re-packed copy (read as data only, never run)"
@@ -41,6 +41,19 @@ class Release:
     folder: str               # the folder the archive holds
     marker: str               # a file of the folder that exists once extraction is complete
     file_md5: dict[str, str]  # official md5 of every file of the folder
+
+
+def release_dir(release: Release, spec, download: bool, md5: str | None) -> Path:
+    """The extracted release of a ``KIND:DIR`` dataset spec. A missing DIR is created when
+    downloading is allowed (and removed again if the download fails): the README's
+    ``cifar10:data/cifar10`` downloads on first use, where it had to exist first."""
+    from .base import existing_dir
+    path = Path(spec.arg).expanduser() if spec.arg else None
+    if download and path is not None and not path.exists():
+        with new_folder(path) as root:
+            return ensure_release(release, root.resolve(), download=True, md5=md5)
+    hint = "fix the path" if download else f"create it and place {release.archive} there, or fix the path"
+    return ensure_release(release, existing_dir(spec.arg, spec, hint), download=download, md5=md5)
 
 
 def ensure_release(release: Release, root: Path, download: bool = True, url: str | None = None,

@@ -39,6 +39,7 @@ The step's speed switches (fused optimizers, AMP on CUDA, torch.compile) are in
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -210,8 +211,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
         net = self.model
         if self.dist.active:
-            net = nn.parallel.DistributedDataParallel(
-                net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=not self.sync_bn)
+            # with sync-bn the buffers agree on every rank: no broadcast before each forward (torch
+            # 2.13 renamed the option and warns about the old name on every rank)
+            ddp = nn.parallel.DistributedDataParallel
+            sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+                else "broadcast_buffers"
+            net = ddp(net, device_ids=[device.index] if device.type == "cuda" else None, **{sync: not self.sync_bn})
         self.train_model = maybe_compile(net, getattr(cfg, "compile", False))
         self.epoch = 0
         self.best = {"val_accuracy": -1.0, "epoch": 0}

@@ -13,6 +13,7 @@ from torch import nn
 import igkd
 from helpers_cli import run_igkd
 from igkd.errors import UserError
+from igkd.experiments import run_experiment
 from igkd.modelcard import model_card
 from igkd.models import build_model, load_model, save_checkpoint
 
@@ -240,3 +241,43 @@ def test_a_cut_list_of_dropped_classes_says_how_many_more():
     from igkd.cli import _first_names
     assert _first_names(list("abcdefg"), 5) == "a, b, c, d, e and 2 more"  # was "a, b, c, d, e": read as all
     assert _first_names(list("abc"), 5) == "a, b, c"
+
+
+# ---------------------------------------------------------------- 4. the Python API at its entrances
+def test_api_calls_with_wrong_types_are_one_line_user_errors(tmp_path):
+    from igkd.attribution.ig import integrated_gradients
+    net = build_model(TINY, 4, 3).eval()
+    x = torch.rand(2, 3, 8, 8)
+    cases = [
+        (lambda: igkd.train({"data": "demo"}, tmp_path / "a"), "train() needs an igkd.TrainConfig as its config, got dict"),
+        (lambda: igkd.train(None, tmp_path / "a"), "got NoneType"),
+        (lambda: igkd.distill(igkd.TrainConfig(data="demo"), tmp_path / "b"),
+         "distill() needs an igkd.DistillConfig as its config, got TrainConfig"),
+        (lambda: igkd.precompute(net, "demo", cfg={"ig_steps": 2}), "needs an igkd.PrecomputeConfig"),
+        (lambda: igkd.precompute(net, "demo", threads=-1), "threads=-1 is out of range"),
+        (lambda: run_experiment("nope", None, tmp_path / "c"), "unknown experiment 'nope'; use one of: "),
+        (lambda: run_experiment("ablation", {}, tmp_path / "c"), "needs an ExperimentConfig, got dict"),
+        (lambda: igkd.register_part(object()), "not an igkd.distill.parts.Part"),
+        (lambda: load_model(None), "the weights file must be a path, got NoneType"),
+        (lambda: build_model(TINY, 0, 3), "num_classes must be a positive integer, got 0"),
+        (lambda: build_model(TINY, "10", 3), "num_classes must be a positive integer, got '10'"),
+        (lambda: integrated_gradients(lambda z: z.sum((2, 3)), x, 0), "the model must be a torch.nn.Module, got function"),
+        (lambda: integrated_gradients(net, x[:0], 0), "inputs hold no images"),
+        (lambda: integrated_gradients(net, x, 0, baseline=float("nan")), "the baseline holds NaN or infinite values"),
+    ]
+    for call, words in cases:
+        with pytest.raises(UserError) as e:
+            call()
+        assert words in str(e.value) and "\n" not in str(e.value), (words, str(e.value))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_weights_for_other_channels_or_classes_say_so(tmp_path):
+    torch.save(build_model("resnet18", 1000, 3).state_dict(), tmp_path / "imagenet.pth")
+    with pytest.raises(UserError, match=r"imagenet.pth are for 3-channel images and 1000 classes, the data has 1 "
+                                        r"channel\(s\) and 10 classes; use the data they were trained on"):
+        load_model(tmp_path / "imagenet.pth", "resnet18", 10, 1)  # said: pass the --model they were trained with
+    with pytest.raises(UserError, match=r"are for 1000 classes, the data has 10 classes"):
+        load_model(tmp_path / "imagenet.pth", "resnet18", 10, 3)
+    with pytest.raises(UserError, match=r"pass the --model they were trained with"):  # another architecture
+        load_model(tmp_path / "imagenet.pth", "resnet34", 1000, 3)

@@ -44,6 +44,15 @@ def _describe_pre(pre: dict) -> str:
     return "mean " + ", ".join(f"{m:.3f}" for m in pre["mean"]) + "; std " + ", ".join(f"{v:.3f}" for v in pre["std"])
 
 
+def _config(cfg, cls: type, function: str):
+    """``cfg`` when it is a ``cls`` (a subclass included), else a one-line UserError: a dict,
+    None or another command's config failed deep inside with an AttributeError."""
+    if not isinstance(cfg, cls):
+        raise UserError(f"{function}() needs an igkd.{cls.__name__} as its config, got {type(cfg).__name__}; "
+                        f"build one with igkd.{cls.__name__}(data=..., ...) or igkd.experiments.resolve")
+    return cfg
+
+
 def _check_out(out: str | Path | None) -> Path:
     return writable_dir(out or "", "--out")
 
@@ -133,6 +142,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool =
           model: nn.Module | None = None) -> dict:
     """Train a model from scratch with cross-entropy (a teacher, or a plain student);
     ``model``, an ``nn.Module`` taking [0, 1] pixels, replaces ``cfg.model``."""
+    _config(cfg, TrainConfig, "train")
     out = _check_out(out)
     check_run_dir(out, resume)  # before the data is read, not after
     set_threads(cfg.threads)
@@ -169,6 +179,10 @@ def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeC
 
     Under torchrun the processes share the work (chunk i on rank i % N, gloo on CPU, nccl
     on CUDA) and write one store; every rank returns it opened."""
+    if cfg is not None:
+        _config(cfg, PrecomputeConfig, "precompute")
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= 1024:
+        raise UserError(f"threads={threads!r} is out of range; use 0 (torch's default) to 1024")
     if store:
         writable_dir(store, "--store")
     env = parallel.init(device)
@@ -203,6 +217,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
     CUDA, see :mod:`igkd.distill.parallel`); rank 0 loads the data and builds the store
     first, the other ranks then read them; rank 0 alone writes the run directory.
     """
+    _config(cfg, DistillConfig, "distill")
     out = _check_out(out)
     check_run_dir(out, resume)  # before the teacher, the data and the precompute, which take minutes
     if cfg.store:

@@ -25,6 +25,8 @@ def _resolve_baseline(model: nn.Module, inputs: torch.Tensor,
         mean = model.mean if isinstance(model, Normalized) else None
         return make_baseline(baseline, inputs, mean=mean)
     b = torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device).detach()
+    if not bool(torch.isfinite(b).all()):  # NaN gave all-NaN maps without a word
+        raise UserError("the baseline holds NaN or infinite values; give finite pixels (or a named baseline)")
     try:
         return torch.broadcast_to(b, inputs.shape)
     except RuntimeError:

@@ -267,7 +267,17 @@ def _check_inputs(inputs: torch.Tensor, what: str = "inputs") -> torch.Tensor:
     if not inputs.is_floating_point():
         raise UserError(f"{what} must be floating point (e.g. [0, 1] pixels), got {inputs.dtype}; "
                         "convert with .float() / 255")
+    if not len(inputs):
+        raise UserError(f"{what} hold no images (a batch of 0); give at least one")
     return inputs.detach()
+
+
+def check_model(model) -> None:
+    """A network to attribute: an ``nn.Module`` (a plain function has no parameters to put in
+    eval mode and no hooks: it failed deep inside with an AttributeError)."""
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"the model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in "
+                        "an nn.Module whose forward calls it")
 
 
 def _targets(target: int | Sequence[int] | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
@@ -336,6 +346,7 @@ def _forward_selected(model: nn.Module, x: torch.Tensor, rows: torch.Tensor, bat
 
 def _plain_gradients(model: nn.Module, inputs: torch.Tensor, target, batch_size: int | None,
                      fast: bool) -> torch.Tensor:
+    check_model(model)
     inputs = _check_inputs(inputs)
     batch_size = _check_batch_size(batch_size, inputs)
     with torch.inference_mode(False), torch.enable_grad():

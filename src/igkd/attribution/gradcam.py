@@ -100,8 +100,10 @@ def gradcam(model: nn.Module, inputs: torch.Tensor, target, layer: str = "auto",
 
     from ..distill.attention import resolve_layer
     from ..errors import UserError
-    from .engine import _check_batch_size, _check_inputs, _check_logits, _eval_without_param_grads, _span, _targets
+    from .engine import (_check_batch_size, _check_inputs, _check_logits, _eval_without_param_grads, _span, _targets,
+                         check_model)
 
+    check_model(model)
     inputs = _check_inputs(inputs)
     batch_size = _check_batch_size(batch_size, inputs)
     if not isinstance(layer, str) or not layer:

@@ -78,9 +78,10 @@ def integrated_gradients(
 
     from .baselines import _resolve_baseline
     from .engine import (_check_batch_size, _check_inputs, _eval_without_param_grads, _forward_selected,
-                         _input_grads, _prepare, _span, _targets)
+                         _input_grads, _prepare, _span, _targets, check_model)
     from .quadrature import check_method, check_schedule, quadrature
 
+    check_model(model)
     inputs = _check_inputs(inputs)
     if schedule is not None:
         alphas, weights = check_schedule(schedule)

@@ -26,8 +26,9 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target, samples: int = 16
     import torch
 
     from ..errors import UserError
-    from .engine import _check_inputs, _plain_gradients, _targets
+    from .engine import _check_inputs, _plain_gradients, _targets, check_model
 
+    check_model(model)
     inputs = _check_inputs(inputs)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise UserError(f"smoothgrad samples must be a positive integer, got {samples!r}")

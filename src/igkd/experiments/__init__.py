@@ -30,6 +30,13 @@ def run_experiment(kind: str, cfg, out: str | Path, quiet: bool = False) -> dict
     import importlib
 
     from ..fileio import writable_dir
+    from ..errors import UserError
+    from .config import KINDS, ExperimentConfig
+    if kind not in KINDS:
+        raise UserError(f"unknown experiment {kind!r}; use one of: {', '.join(KINDS)}")
+    if not isinstance(cfg, ExperimentConfig):
+        raise UserError(f"run_experiment() needs an ExperimentConfig, got {type(cfg).__name__}; build one with "
+                        f"igkd.experiments.resolve({kind!r}, CONFIG, overrides)")
     runner = getattr(importlib.import_module(__name__), f"run_{kind}")
     return runner(cfg, writable_dir(out, "--out"), quiet=quiet)
 

@@ -202,6 +202,34 @@ def _torch_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _refuse_other_io(path, state: dict, own: dict, wrong: list[str]) -> None:
+    """A one-line UserError when the architecture is right and only the data differs: the
+    first weight's input channels and/or the last layer's classes (a 3-channel ImageNet file
+    on grayscale 10-class data). "Pass the --model they were trained with" sent users to
+    the one thing that was right."""
+    weights = [k for k in own if own[k].dim() >= 2]
+    if not weights:
+        return
+    first, last = weights[0], next((k for k in reversed(weights) if own[k].dim() == 2), None)
+    head = {last, f"{last.rpartition('.')[0]}.bias"} if last else set()
+
+    def differs(k: str) -> list[int]:
+        a, b = tuple(state[k].shape), tuple(own[k].shape)
+        return [i for i in range(len(a)) if a[i] != b[i]] if len(a) == len(b) else [-1]
+
+    if not all((k == first and differs(k) == [1]) or (k in head and differs(k) == [0]) for k in wrong):
+        return
+    said, data = [], []
+    if first in wrong:
+        said.append(f"{state[first].shape[1]}-channel images")
+        data.append(f"{own[first].shape[1]} channel(s)")
+    if any(k in head for k in wrong):
+        said.append(f"{state[last].shape[0]} classes")
+        data.append(f"{own[last].shape[0]} classes")
+    raise UserError(f"weights {path} are for {' and '.join(said)}, the data has {' and '.join(data)}; use the data "
+                    "they were trained on (another number of classes: --class-map for evaluate)")
+
+
 def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", flag: str = "--model") -> nn.Module:
     """Load weights into ``model`` (its bare network), strictly, with a one-line error."""
     raw, own_file = _read_state(path)
@@ -221,6 +249,8 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", fl
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong and not missing and not unexpected:
+        _refuse_other_io(path, state, own, wrong)
     if missing or unexpected or wrong:
         detail = []
         if wrong:
@@ -266,6 +296,8 @@ def load_model(path: str | Path, spec: str | None = None, num_classes: int | Non
 
     Returns ``(model in eval mode, wrapped with its preprocessing; metadata dict)``.
     """
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise UserError(f"the weights file must be a path, got {type(path).__name__}; pass --weights FILE")
     if not spec and str(path).startswith("torchscript:"):
         spec = str(path)
     meta = dict(read_metadata(path) or {})

@@ -70,6 +70,9 @@ def family_of(spec: str | Spec) -> Family:
 
 def build_model(spec: str | Spec, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """Build an untrained model from its spec string."""
+    for what, n in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:  # 0 built a network with no outputs
+            raise UserError(f"{what} must be a positive integer, got {n!r}")
     spec = spec if isinstance(spec, Spec) else parse_spec(spec, "model spec")
     net = family_of(spec).build(spec, num_classes, in_channels)
     if not isinstance(net, torch.jit.ScriptModule):  # TorchScript is identified by its code instead

@@ -78,6 +78,8 @@ def register_part(part: Part) -> Part:
     become config fields, so a part with options must be registered before
     :class:`igkd.config.DistillConfig` is first used; an entry point in the group
     ``igkd.parts`` always is."""
+    if not isinstance(part, Part):
+        raise UserError(f"register_part gave {part!r}, not an igkd.distill.parts.Part")
     _load()
     new = set(part.fields) - set().union(*(p.fields for p in _parts.values()))
     if _frozen_fields is not None and new - _frozen_fields:

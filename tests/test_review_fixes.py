@@ -281,3 +281,42 @@ def test_weights_for_other_channels_or_classes_say_so(tmp_path):
         load_model(tmp_path / "imagenet.pth", "resnet18", 10, 3)
     with pytest.raises(UserError, match=r"pass the --model they were trained with"):  # another architecture
         load_model(tmp_path / "imagenet.pth", "resnet34", 1000, 3)
+
+
+# ---------------------------------------------------------------- 5. a torchvision teacher's normalisation
+def test_a_foreign_imagenet_teacher_gets_its_normalisation(tmp_path):
+    """--teacher-normalize imagenet: a torchvision checkpoint expects ImageNet mean/std, and a
+    foreign file was always fed raw pixels (logits 0.1 off its source's on real images)."""
+    from helpers_data import write_image_folder
+    from igkd.api import load_teacher
+    from igkd.config import DistillConfig, PrecomputeConfig, build
+    from igkd.data import load_dataset
+    from igkd.experiments.runs import run_key
+    from igkd.models import Normalized
+    from igkd.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    folder = write_image_folder(tmp_path / "images", 3, 16)
+    data = f"imagefolder:{folder},cache=0"
+    torch.manual_seed(0)
+    source = Normalized(build_model("resnet18", 2, 3), IMAGENET_MEAN, IMAGENET_STD).eval()  # as torchvision runs it
+    torch.save(source.net.state_dict(), tmp_path / "tv.pth")
+    dataset = load_dataset(data)
+    x = dataset.train.images.float() / 255
+    with torch.no_grad():
+        want = source(x)
+        teacher, meta = load_teacher(tmp_path / "tv.pth", dataset, "resnet18", "imagenet")
+        torch.testing.assert_close(teacher(x), want, rtol=1e-5, atol=1e-5)
+        assert meta["preprocessing"]["mean"] == IMAGENET_MEAN
+        raw, _ = load_teacher(tmp_path / "tv.pth", dataset, "resnet18")  # auto: a foreign file takes raw pixels
+        assert (raw(x) - want).abs().max() > 1e-3
+    # the store of its logits through the command, and the runs it feeds are other runs
+    r = run_igkd("precompute", "--teacher", tmp_path / "tv.pth", "--teacher-model", "resnet18", "--teacher-normalize",
+                 "imagenet", "--data", data, "--ig-steps", "2", "--store", tmp_path / "store", "--check-images", "0")
+    assert r.returncode == 0, r.stderr
+    import numpy as np
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "store" / "logits.npy")).float(), want,
+                               rtol=1e-3, atol=1e-3)
+    base = dict(data=data, teacher=str(tmp_path / "tv.pth"), teacher_model="resnet18", method="kd")
+    assert run_key(build(DistillConfig, base)) != run_key(build(DistillConfig, {**base, "teacher_normalize": "imagenet"}))
+    # grayscale data has no ImageNet statistics
+    with pytest.raises(UserError, match="imagenet normalisation is for RGB images; demo has 1 channel"):
+        load_teacher(tmp_path / "tv.pth", load_dataset("demo"), "resnet18", "imagenet")

@@ -24,6 +24,7 @@ from .fileio import writable_dir
 from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
+from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .models import (bare, build_model, built_spec, copy_matching, count_parameters, load_model, read_metadata,
                      preprocessing_of, recorded_spec, weights_fingerprint, with_preprocessing)
 from .precompute import precompute as _precompute
@@ -32,8 +33,16 @@ from .runtime import resolve_device, set_threads
 
 
 def preprocessing_for(normalize: str, dataset: Dataset) -> dict:
+    """The preprocessing a ``--normalize`` (or ``--teacher-normalize``) value names for
+    ``dataset``: none, the dataset's own channel mean/std, or torchvision's ImageNet ones
+    (what a foreign ImageNet checkpoint was trained with)."""
     if normalize == "none":
         return {"normalize": "none"}
+    if normalize == "imagenet":
+        if dataset.channels != 3:
+            raise UserError(f"imagenet normalisation is for RGB images; {dataset.spec} has {dataset.channels} "
+                            "channel(s): use none or dataset")
+        return {"normalize": "dataset", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     mean, std = dataset.channel_stats()
     return {"normalize": "dataset", "mean": mean, "std": std}
 
@@ -153,8 +162,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool =
     return Trainer(cfg, model, dataset, out, device, quiet=quiet).fit(resume)
 
 
-def load_teacher(path: str | Path, dataset: Dataset, spec: str = "") -> tuple[nn.Module, dict]:
-    """Load a teacher checkpoint and check it fits the dataset's classes and channels."""
+def load_teacher(path: str | Path, dataset: Dataset, spec: str = "", normalize: str = "auto") -> tuple[nn.Module, dict]:
+    """Load a teacher checkpoint and check it fits the dataset's classes and channels.
+    ``normalize`` (``--teacher-normalize``): auto = as its metadata says (raw [0, 1] pixels
+    for a foreign file), or none, dataset, imagenet (torchvision's ImageNet checkpoints)."""
     if not path:
         raise UserError("this method needs a teacher; pass --teacher CHECKPOINT (train one with 'igkd train')")
     meta = read_metadata(path) or {}
@@ -164,7 +175,9 @@ def load_teacher(path: str | Path, dataset: Dataset, spec: str = "") -> tuple[nn
     if meta.get("in_channels") and meta["in_channels"] != dataset.channels:
         raise UserError(f"teacher {path} takes {meta['in_channels']}-channel images but {dataset.spec} has "
                         f"{dataset.channels}; use a teacher trained on this dataset")
-    teacher, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels, flag="--teacher-model")
+    pre = None if normalize == "auto" else preprocessing_for(normalize, dataset)
+    teacher, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels, pre,
+                               flag="--teacher-model")
     for p in teacher.parameters():
         p.requires_grad_(False)
     check_outputs(teacher, dataset, f"teacher {path} ({meta['model']})")
@@ -173,7 +186,7 @@ def load_teacher(path: str | Path, dataset: Dataset, spec: str = "") -> tuple[nn
 
 def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeConfig | None = None,
                store: str | Path | None = None, teacher_model: str = "", device: str = "auto",
-               quiet: bool = False, threads: int = 0):
+               quiet: bool = False, threads: int = 0, teacher_normalize: str = "auto"):
     """Compute (or reuse, or resume) the store of teacher logits and IG maps of a teacher
     checkpoint (or spec holding its weights, or an ``nn.Module`` taking [0, 1] pixels).
 
@@ -197,7 +210,7 @@ def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeC
             teacher = teacher_path.eval()
             check_outputs(teacher, dataset, "the teacher module")
         else:
-            teacher = load_teacher(teacher_path, dataset, teacher_model)[0]
+            teacher = load_teacher(teacher_path, dataset, teacher_model, teacher_normalize)[0]
         return _precompute(teacher, dataset, cfg or PrecomputeConfig(), store, env.device, quiet, dist=env)
     finally:
         parallel.shutdown(env)
@@ -243,7 +256,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
                 meta["teacher"] = {"path": None, "model": module_spec(teacher, len(dataset.classes), dataset.channels,
                                                                       tuple(dataset.image_size))}
             elif method.needs_teacher or cfg.init == "teacher":
-                teacher, tmeta = load_teacher(cfg.teacher, dataset, cfg.teacher_model)
+                teacher, tmeta = load_teacher(cfg.teacher, dataset, cfg.teacher_model, cfg.teacher_normalize)
                 meta["teacher"] = {"path": str(cfg.teacher), "model": tmeta.get("model")}
             if teacher is not None:
                 meta["teacher"].update(params=count_parameters(teacher), fingerprint=weights_fingerprint(teacher))

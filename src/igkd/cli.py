@@ -171,7 +171,7 @@ def run(argv: list[str] | None = None) -> int:
         if not cfg.store:
             check_cache_dir()
         store = api.precompute(cfg.teacher, cfg.data, cfg.settings(), cfg.store, cfg.teacher_model, cfg.device,
-                               args.quiet, cfg.threads)
+                               args.quiet, cfg.threads, cfg.teacher_normalize)
         if is_rank0():
             print(dumps({"store": str(store.path), "images": len(store), **store.manifest}, indent=2) if args.json
                   else f"store: {store.path} ({len(store)} images)")

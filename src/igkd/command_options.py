@@ -29,7 +29,7 @@ from .evaluate import corruptions as corruption_registry
 from .options import opt
 
 NORMALIZE_HELP = ("input preprocessing: auto = as the checkpoint's metadata says (none for foreign files), none = "
-                  "raw [0,1] pixels, dataset = train-set mean/std")
+                  "raw [0,1] pixels, dataset = train-set mean/std, imagenet = torchvision's ImageNet mean/std")
 THREADS_HELP = "CPU threads for torch (0 = torch's default)"
 CORRUPTIONS_HELP = ("accuracy also under these corruptions, computed on the fly, at the five severities of "
                     "CIFAR-10-C (Hendrycks and Dietterich 2019), with the mean over the severities and over the "
@@ -48,6 +48,10 @@ class PrecomputeCommandConfig(PrecomputeConfig):
                        required=True, metavar="CKPT")
     teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata",
                              metavar="SPEC")
+    teacher_normalize: str = opt("auto", "teacher input preprocessing: auto = as its metadata says (raw [0,1] pixels "
+                                 "for a foreign file), imagenet = torchvision's ImageNet mean/std (its checkpoints "
+                                 "expect them), dataset = this data's mean/std, none", metavar="{auto,none,dataset,imagenet}",
+                                 choices=["auto", "none", "dataset", "imagenet"])
     data: str = opt("", "dataset spec; the maps are of its training split", required=True, metavar="SPEC")
     store: str = opt("", "store directory (default: a fingerprinted folder in the cache)", metavar="DIR")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
@@ -67,7 +71,7 @@ class EvaluateConfig(_Validated):
     data: str = opt("", "dataset spec; its test split is scored", required=True, metavar="SPEC")
     model: str = opt("", "architecture spec, required for files without igkd metadata (default: from the "
                      "metadata)", metavar="SPEC")
-    normalize: str = opt("auto", NORMALIZE_HELP, choices=["auto", "none", "dataset"])
+    normalize: str = opt("auto", NORMALIZE_HELP, choices=["auto", "none", "dataset", "imagenet"])
     teacher: str = opt("", "teacher checkpoint or spec, to report the compression factor", metavar="CKPT|SPEC")
     batch_size: int = opt(128, "images per forward pass", low=1, high=65536, unit="images")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
@@ -129,7 +133,7 @@ class ExportConfig(_Validated):
                      "metadata)", metavar="SPEC")
     data: str = opt("", "dataset for the parity check (its test split) and int8 calibration (its training "
                     "split) (default: none, the dataset named in the checkpoint's metadata)", metavar="SPEC")
-    normalize: str = opt("auto", NORMALIZE_HELP, choices=["auto", "none", "dataset"])
+    normalize: str = opt("auto", NORMALIZE_HELP, choices=["auto", "none", "dataset", "imagenet"])
     images: int = opt(0, "parity on the first N test images; 0 = all", low=0, high=1 << 30, unit="images")
     atol: float = opt(1e-3, "largest allowed |logit difference| between the export and PyTorch", low=0.0,
                       high=1e6)
@@ -156,6 +160,10 @@ class AuditConfig(_Validated):
     data: str = opt("", "dataset spec; images come from its test split", required=True, metavar="SPEC")
     teacher_model: str = opt("", "architecture of a foreign teacher file (default: from its metadata)",
                              metavar="SPEC")
+    teacher_normalize: str = opt("auto", "teacher input preprocessing: auto = as its metadata says (raw [0,1] pixels "
+                                 "for a foreign file), imagenet = torchvision's ImageNet mean/std (its checkpoints "
+                                 "expect them), dataset = this data's mean/std, none", metavar="{auto,none,dataset,imagenet}",
+                                 choices=["auto", "none", "dataset", "imagenet"])
     student_model: str = opt("", "architecture of foreign student files, e.g. mobilenetv2:drop=5 for the "
                              "paper's (default: from their metadata)", metavar="SPEC")
     images: int = opt(64, "test images, evenly spaced over the split", low=1, high=1 << 20, unit="images")

@@ -156,6 +156,10 @@ class _DistillBase(TrainConfig, PrecomputeConfig):
     teacher: str = opt("", "teacher checkpoint (.safetensors from igkd train, or .pt with --teacher-model)",
                        metavar="CKPT")
     teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata")
+    teacher_normalize: str = opt("auto", "teacher input preprocessing: auto = as its metadata says (raw [0,1] pixels "
+                                 "for a foreign file), imagenet = torchvision's ImageNet mean/std (its checkpoints "
+                                 "expect them), dataset = this data's mean/std, none", metavar="{auto,none,dataset,imagenet}",
+                                 choices=["auto", "none", "dataset", "imagenet"])
     logits: str = opt("precomputed", "teacher logits: precomputed once on clean images (by sample index) or "
                       "online on each augmented batch (always online with a mixing part such as cutmix)",
                       choices=["precomputed", "online"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..api import preprocessing_for
 from ..command_options import AuditConfig, api_config
 from ..data import Dataset, load_dataset
 from ..errors import UserError
@@ -24,12 +25,13 @@ from .plots import audit_gallery
 TARGETS = ("label", "predicted")
 
 
-def _load_checked(path: str, spec: str, dataset: Dataset) -> tuple[nn.Module, dict]:
+def _load_checked(path: str, spec: str, dataset: Dataset, normalize: str = "auto") -> tuple[nn.Module, dict]:
     meta = read_metadata(path) or {}
     if meta.get("classes") and meta["classes"] != dataset.classes:
         raise UserError(f"{path} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
                         "audit models on the dataset they were trained for")
-    net, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels)
+    pre = None if normalize == "auto" else preprocessing_for(normalize, dataset)
+    net, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels, pre)
     for p in net.parameters():
         p.requires_grad_(False)
     return net, meta
@@ -77,7 +79,7 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
     pcfg = PrecomputeConfig(attribution=cfg.attribution, ig_steps=cfg.ig_steps, ig_method="gausslegendre",
                             ig_baseline=cfg.ig_baseline)
     dataset = load_dataset(cfg.data)
-    models = [(cfg.teacher, *_load_checked(cfg.teacher, cfg.teacher_model, dataset))]
+    models = [(cfg.teacher, *_load_checked(cfg.teacher, cfg.teacher_model, dataset, cfg.teacher_normalize))]
     models += [(p, *_load_checked(p, cfg.student_model, dataset)) for p in paths]
     test = dataset.test
     idx = torch.linspace(0, len(test) - 1, min(cfg.images, len(test))).round().long().unique()

@@ -44,7 +44,7 @@ def setup(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str],
         ctx["teacher"] = teacher_facts(cfg, out, quiet)
     if any(api.needs_store(m, cfg) for m in parsed):
         store = api.precompute(cfg.teacher, cfg.data, precompute_config(cfg), cfg.store or None, cfg.teacher_model,
-                               cfg.device, quiet, threads=cfg.threads)
+                               cfg.device, quiet, threads=cfg.threads, teacher_normalize=cfg.teacher_normalize)
         ctx["store"] = str(Path(store.path).resolve())
         ctx["ig"] = {"steps": cfg.ig_steps, "method": cfg.ig_method, "baseline": cfg.ig_baseline,
                      "completeness_delta": store.manifest.get("completeness_delta")}
@@ -62,11 +62,13 @@ def teacher_facts(cfg: ExperimentConfig, out: Path, quiet: bool) -> dict:
     cache = out / "teacher.json"
     if cache.exists():
         facts = json.loads(cache.read_text())
-        if facts.get("sha256") == sha and facts.get("data") == cfg.data and sha:
+        if facts.get("sha256") == sha and facts.get("data") == cfg.data and sha and \
+                facts.get("normalize", "auto") == cfg.teacher_normalize:
             return facts
     r = api.evaluate(cfg.teacher, cfg.data, model=cfg.teacher_model, device=cfg.device,
-                     batch_size=cfg.eval_batch_size)
-    facts = {"path": str(cfg.teacher), "sha256": sha, "data": cfg.data, "model": r["model"], "params": r["params"],
+                     batch_size=cfg.eval_batch_size, normalize=cfg.teacher_normalize)
+    facts = {"path": str(cfg.teacher), "sha256": sha, "data": cfg.data, "normalize": cfg.teacher_normalize,
+             "model": r["model"], "params": r["params"],
              "test_accuracy": r["accuracy"], "test_images": r["total"]}
     log(f"teacher {r['model']} ({r['params']:,} params): test accuracy {r['accuracy']:.2f}%", quiet)
     write_json(cache, facts)

@@ -84,7 +84,7 @@ def run_compression(cfg: ExperimentConfig, out: str | Path, quiet: bool = False)
     out, ctx = setup(cfg, out, "compression", methods, quiet, need_teacher=True)
     dataset = load_dataset(cfg.data)
     shape = (dataset.channels, *dataset.image_size)
-    teacher, _ = api.load_teacher(cfg.teacher, dataset, cfg.teacher_model)
+    teacher, _ = api.load_teacher(cfg.teacher, dataset, cfg.teacher_model, cfg.teacher_normalize)
     log(f"compression: measuring the cost of the teacher and {len(specs)} students"
         + (f" (latency: batch {cfg.latency_batch}, {cfg.latency_threads} thread(s))" if cfg.latency else ""), quiet)
     teacher_cost = cost(bare(teacher).eval(), shape, cfg)

@@ -39,7 +39,7 @@ NON_SEMANTIC = ("threads", "stream", "device", "store", "eval_batch_size", "chan
                 "chunk_size", "ig_batch", "check_images", "check_steps", "verify_store", "log", "log_every")
 # every setting of the stored maps (attribution, steps, baseline, ...): they matter to methods using maps
 STORE_FIELDS = tuple(f.name for f in fields(PrecomputeConfig))
-TEACHER_FIELDS = ("teacher", "teacher_model")
+TEACHER_FIELDS = ("teacher", "teacher_model", "teacher_normalize")
 MARKER = "experiment.json"
 
 _file_hashes: dict[tuple[str, int, int], str] = {}

@@ -26,6 +26,11 @@ class Normalized(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
+# torchvision's ImageNet normalisation: what its (and most published) ImageNet checkpoints expect
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
 def with_preprocessing(net: nn.Module, preprocessing: dict | None) -> nn.Module:
     """Wrap ``net`` as its metadata says: ``{"normalize": "none"}`` or ``{"normalize":
     "dataset", "mean": [...], "std": [...]}``."""

@@ -74,9 +74,12 @@ def test_a_study_refuses_a_worker_with_another_recipe(tmp_path):
     (_, created), _ = study_of(config(tmp_path, opts, {**db, "model": "mobilenetv2:drop=9,width=0.5"}))
     assert not created
     attrs = study.user_attrs["igkd"]
-    study.set_user_attr("igkd", {**attrs, "recipe": {**attrs["recipe"], "model": "mobilenetv2:width=0.5,drop=9"}})
+    older = {k: v for k, v in attrs["recipe"].items() if k != "teacher_normalize"}  # before that option existed
+    study.set_user_attr("igkd", {**attrs, "recipe": {**older, "model": "mobilenetv2:width=0.5,drop=9"}})
     (_, created), _ = study_of(config(tmp_path, opts, db))
     assert not created
+    with pytest.raises(UserError, match=r"another recipe: teacher_normalize auto \(here none\); "):  # not its default
+        study_of(config(tmp_path, opts, {**db, "teacher_normalize": "none"}))
 
 
 # ---------------------------------------------------------------- 2. init: teacher keys

@@ -263,11 +263,21 @@ def open_study(cfg: ExperimentConfig, storage, space: dict, sampler) -> tuple[ob
                         "or another --study name")
     # trials of another recipe (epochs, model, data, teacher...) are not comparable: TPE would
     # learn from both, and a finished grid would report the other recipe's trials as this one's
-    if "recipe" in have and canonical_specs(have["recipe"]) != meta["recipe"]:  # specs: older studies kept their order
+    stored = _as_now(have["recipe"], meta["recipe"]) if "recipe" in have else None
+    if stored is not None and stored != meta["recipe"]:
         raise UserError(f"study {cfg.study!r} in this storage was run with another recipe: "
-                        f"{recipe_difference(have['recipe'], meta['recipe'])}; use the study's settings, or another "
+                        f"{recipe_difference(stored, meta['recipe'])}; use the study's settings, or another "
                         "--study name (or --storage, or --out for the default search.db)")
     return study, False
+
+
+def _as_now(recipe: dict, now: dict) -> dict:
+    """A stored recipe as this igkd writes one: specs in canonical option order (older studies
+    kept the order given) and options added since at their defaults (as for finished runs,
+    :func:`~igkd.experiments.runs.same_run`), so a new option does not orphan a study."""
+    defaults = {f.name: f.default for f in fields(DistillConfig)}
+    recipe = canonical_specs(recipe)
+    return {**{k: defaults[k] for k in now if k not in recipe and k in defaults}, **recipe}
 
 
 def study_heartbeat(study, cfg: ExperimentConfig) -> int:

@@ -404,9 +404,10 @@ def test_report_renders_every_section_with_plots(exp_dir):
     r = igkd_cli("report", exp_dir, "--format", "png,pdf,svg")
     assert r.returncode == 0, r.stderr[-2000:]
     text = (exp_dir / "report.md").read_text()
-    for heading in ("## Monte Carlo", "## Compression sweep", "## Hyper-parameter search", "## Teacher IG maps",
+    for heading in ("## Monte Carlo", "## Compression sweep", "## Hyper-parameter search", "## Teacher maps",
                     "## Training curves", "### Under corruptions"):
         assert heading in text
+    assert "its map (IG " in text  # the store's attribution, as its registry entry describes it
     for png in ("montecarlo.png", "montecarlo_bars.png", "montecarlo_differences.png", "compression.png",
                 "search.png", "gallery.png", "curves.png", "montecarlo_corruptions.png", "ablation_corruptions.png"):
         assert f"({png})" in text

@@ -320,3 +320,16 @@ def test_a_foreign_imagenet_teacher_gets_its_normalisation(tmp_path):
     # grayscale data has no ImageNet statistics
     with pytest.raises(UserError, match="imagenet normalisation is for RGB images; demo has 1 channel"):
         load_teacher(tmp_path / "tv.pth", load_dataset("demo"), "resnet18", "imagenet")
+
+
+# ---------------------------------------------------------------- 6. maps are described by their attribution
+def test_a_run_on_saliency_maps_records_and_describes_saliency(tmp_path):
+    # summary.json said {"ig": {"steps": 50, "method": ..., "attribution": "saliency"}}, the card "50 steps"
+    cfg = igkd.DistillConfig(data="demo", teacher=str(Path(igkd.__file__).parent / "assets" / "demo_teacher.safetensors"),
+                             model=TINY, method="kd+ig", attribution="saliency", epochs=1, subset=0.05, threads=1,
+                             check_images=0, store=str(tmp_path / "store"))
+    summary = igkd.distill(cfg, tmp_path / "run", quiet=True)
+    assert "ig" not in summary and summary["maps"]["attribution"] == "saliency"
+    assert summary["maps"]["settings"]["attribution"] == "saliency"
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "- **Teacher maps:** saliency" in card and "steps" not in card

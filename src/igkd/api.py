@@ -27,7 +27,7 @@ from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as 
 from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .models import (bare, build_model, built_spec, copy_matching, count_parameters, load_model, read_metadata,
                      preprocessing_of, recorded_spec, weights_fingerprint, with_preprocessing)
-from .precompute import precompute as _precompute
+from .precompute import maps_record, precompute as _precompute
 from .progress import log
 from .runtime import resolve_device, set_threads
 
@@ -285,8 +285,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
         if method.needs_logits:
             meta["logits"] = "online" if method.online_teacher else cfg.logits
         if method.needs_maps:
-            meta["ig"] = {"steps": cfg.ig_steps, "method": cfg.ig_method, "baseline": cfg.ig_baseline,
-                          "attribution": cfg.attribution}
+            meta["maps"] = maps_record(cfg, store)
         return Trainer(cfg, model, dataset, out, device, teacher=teacher, store=store, meta=meta,
                        quiet=quiet, dist=env).fit(resume)
     finally:

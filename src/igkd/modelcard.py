@@ -53,7 +53,9 @@ def model_card(summary: dict, meta: dict) -> str:
             lines.append("- **Method options:** " + ", ".join(f"{k} = {v}" for k, v in sorted(options.items())))
         if summary.get("logits"):
             lines.append(f"- **Teacher logits:** {summary['logits']}")
-        if summary.get("ig"):
+        if summary.get("maps"):
+            lines.append(f"- **Teacher maps:** {summary['maps']['description']}")
+        elif summary.get("ig"):  # a summary written before the maps were described by their attribution
             ig = summary["ig"]
             lines.append(f"- **Teacher maps:** {ig.get('attribution', 'ig')}, {ig.get('steps')} steps "
                          f"{ig.get('method')}, baseline {ig.get('baseline')}")

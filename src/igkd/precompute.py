@@ -54,6 +54,16 @@ def attribution_settings(cfg: PrecomputeConfig) -> dict:
     return {**s, "target": "label", "map": f"sum_c|IG| / max, {cfg.map_dtype}{size}"}
 
 
+def maps_record(cfg: PrecomputeConfig, store: Store | None = None) -> dict:
+    """What the teacher's maps are, for results files, model cards and reports: the
+    attribution, its phrase (the registry's description) and the settings that decided
+    them (the store's identity, a fitted schedule resolved). Written as IG steps, method
+    and baseline, a Grad-CAM or saliency store was described as the IG it was not."""
+    entry = registry.get(cfg.attribution)
+    settings = store.manifest["identity"]["settings"] if store is not None else attribution_settings(cfg)
+    return {"attribution": entry.name, "description": entry.description(cfg), "settings": settings}
+
+
 def store_identity(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, settings: bool = True) -> dict:
     """What a store is for. Changing any of these gives another store. ``settings=False``:
     the teacher and the data alone."""
@@ -249,7 +259,8 @@ def _precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, pat
             if estimate is not None:
                 log(f"precompute: map error vs a {estimate['reference_steps']}-step IG reference on "
                     f"{estimate['images']} images: median {100 * estimate['median']:.1f}%, max "
-                    f"{100 * estimate['max']:.1f}% (relative L1; raise --ig-steps to lower it)", quiet)
+                    f"{100 * estimate['max']:.1f}% (relative L1"
+                    + ("; raise --ig-steps to lower it)" if cfg.attribution == registry.REFERENCE else ")"), quiet)
     env.barrier(long=True)
     if env.rank != 0:
         writer = StoreWriter(path, identity, len(train), cfg.chunk_size)

@@ -11,6 +11,7 @@ from .. import api
 from ..config import PrecomputeConfig, to_dict
 from ..distill.methods import parse_method
 from ..errors import UserError
+from ..precompute import maps_record
 from ..fileio import write_json, write_text
 from ..progress import log
 from ..runtime import set_threads
@@ -46,8 +47,8 @@ def setup(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str],
         store = api.precompute(cfg.teacher, cfg.data, precompute_config(cfg), cfg.store or None, cfg.teacher_model,
                                cfg.device, quiet, threads=cfg.threads, teacher_normalize=cfg.teacher_normalize)
         ctx["store"] = str(Path(store.path).resolve())
-        ctx["ig"] = {"steps": cfg.ig_steps, "method": cfg.ig_method, "baseline": cfg.ig_baseline,
-                     "completeness_delta": store.manifest.get("completeness_delta")}
+        ctx["maps"] = {**maps_record(precompute_config(cfg), store),
+                       "completeness_delta": store.manifest.get("completeness_delta")}
     return out, ctx
 
 

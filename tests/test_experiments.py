@@ -472,6 +472,12 @@ def test_run_key_ignores_speed_fields_and_fields_the_method_does_not_use():
     assert run_key(kd) != run_key(distill_config(base, method="kd", seed=1))
     assert run_key(distill_config(base, method="kd+ig")) != run_key(distill_config(base, method="kd+ig", p=0.2))
     assert run_key(distill_config(base, subset=0.5, subset_seed=1)) != run_key(distill_config(base, subset=0.5))
+    # a map-reading method keys the maps' own settings only: another attribution's options are not its
+    grad = distill_config(base, method="kd+ig", attribution="gradcam")
+    assert run_key(grad) == run_key(distill_config(base, method="kd+ig", attribution="gradcam", ig_steps=5,
+                                                   smoothgrad_samples=3))
+    assert run_key(grad) != run_key(distill_config(base, method="kd+ig", attribution="gradcam", gradcam_layer="conv"))
+    assert run_key(distill_config(base, method="kd+ig")) != run_key(distill_config(base, method="kd+ig", ig_steps=5))
     # a run recorded before an option existed matches when the option is at its default
     now = semantic_config(distill_config(base, method="kd", subset=1.0))
     older = {k: v for k, v in now.items() if k != "subset"}

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .. import api
+from ..attribution import registry as attribution_registry
 from ..config import DistillConfig, PrecomputeConfig, to_dict
 from ..distill.parts import config_fields as part_config_fields, parse_method
 from ..errors import UserError
@@ -65,6 +66,9 @@ def semantic_config(cfg: DistillConfig) -> dict:
         drop.add("logits")
     if not method.needs_maps:
         drop.update(STORE_FIELDS)
+    else:  # the maps' own settings: another attribution's options change nothing (a run was trained twice)
+        keep = {"attribution", "map_size", "map_dtype", *attribution_registry.get(cfg.attribution).options}
+        drop.update(f for f in STORE_FIELDS if f not in keep)
     # --init teacher copies the teacher's weights into the student: then the teacher decides the
     # result even for a method without one (student runs from two teachers shared one key)
     if not method.needs_teacher and cfg.init != "teacher":

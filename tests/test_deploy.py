@@ -275,6 +275,17 @@ def test_topk_iou_by_hand():
     assert int(top_fraction_mask(torch.rand(2, 20, 20), 0.07).sum()) == 2 * 28
 
 
+def test_agreement_of_an_image_equal_to_the_baseline_is_undefined_not_a_crash():
+    # all-zero maps (an image equal to the IG baseline): the masked set was empty and the audit
+    # died in average_ranks; two such maps' tie-broken "top" pixels scored full agreement
+    zero, some = torch.zeros(2, 16), torch.rand(2, 16, generator=torch.Generator().manual_seed(0))
+    rho = spearman(torch.stack([zero[0], some[0]]), torch.stack([zero[1], 2 * some[0]]),
+                   torch.stack([zero[0] != 0, some[0] != 0]))
+    assert math.isnan(rho[0]) and rho[1] == pytest.approx(1.0)
+    assert math.isnan(topk_iou(zero[:1], zero[1:], 0.25).item()) and math.isnan(topk_iou(zero[:1], some[:1]).item())
+    assert topk_iou(some[:1], some[:1], 0.25).item() == 1.0
+
+
 def test_audit_self_is_one_unrelated_model_falls(tmp_path):
     meta = json.loads(DEMO_TEACHER.with_suffix(".json").read_text())
     torch.manual_seed(1)

@@ -25,8 +25,8 @@ from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .models import (bare, build_model, built_spec, copy_matching, count_parameters, load_model, read_metadata,
-                     preprocessing_of, recorded_spec, weights_fingerprint, with_preprocessing)
+from .models import (bare, build_model, built_spec, copy_matching, count_parameters, holds_own_weights, load_model,
+                     read_metadata, preprocessing_of, recorded_spec, weights_fingerprint, with_preprocessing)
 from .precompute import maps_record, precompute as _precompute
 from .progress import log
 from .runtime import resolve_device, set_threads
@@ -355,7 +355,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     if not Path(weights).exists() or Path(weights).is_dir():  # named before a dataset is loaded (or downloaded)
         raise UserError(f"weights file {weights} {'is a folder' if Path(weights).is_dir() else 'does not exist'}; "
                         "check the path")
-    if teacher_correct is not None and not str(teacher_correct).startswith("torchscript:") \
+    if teacher_correct is not None and not holds_own_weights(str(teacher_correct)) \
             and not Path(teacher_correct).is_file():
         raise UserError(f"--teacher-correct {teacher_correct} does not exist (or is not a file); give the teacher's "
                         "checkpoint")

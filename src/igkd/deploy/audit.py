@@ -104,7 +104,7 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
         # (x - x') times an average gradient): left out, they would count as agreement
         rho, iou = spearman(maps[0], m, (maps[0] != 0) | (m != 0)), topk_iou(maps[0], m, cfg.topk / 100)
         rows.append({"weights": path, "model": meta["model"], "params": count_parameters(net),
-                     "spearman_mean": float(rho.nanmean()), "topk_iou_mean": float(iou.mean()),
+                     "spearman_mean": float(rho.nanmean()), "topk_iou_mean": float(iou.nanmean()),
                      "top1_agreement": 100.0 * float((p == preds[0]).float().mean()), "accuracy": accuracy(p),
                      "per_image": {"spearman": rho.tolist(), "topk_iou": iou.tolist()}})
     result = {"teacher": {"weights": cfg.teacher, "model": models[0][2]["model"],

@@ -16,6 +16,8 @@ import torch
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """Ranks 1..n along the last dimension, ties given the average of their ranks."""
     n = x.shape[-1]
+    if n == 0:
+        return torch.empty(x.shape, dtype=torch.float64)
     sorted_x, order = x.sort(dim=-1, stable=True)
     flat_sorted = sorted_x.reshape(-1, n)
     out = torch.empty(flat_sorted.shape, dtype=torch.float64)
@@ -31,12 +33,14 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
 def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Spearman rank correlation per row of ``a`` and ``b`` (N x ..., flattened per row),
     over the entries where ``mask`` is True (all when None); NaN for a row where either
-    side is constant."""
+    side is constant or fewer than 2 entries are masked in (an image equal to the baseline
+    has all-zero maps: the masked set is empty, and the whole audit crashed)."""
     a, b = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
     if mask is None:
         return _pearson(average_ranks(a), average_ranks(b))
     mask = mask.reshape(len(mask), -1)
-    return torch.stack([_pearson(average_ranks(x[m]), average_ranks(y[m])) for x, y, m in zip(a, b, mask)])
+    return torch.stack([_pearson(average_ranks(x[m]), average_ranks(y[m])) if int(m.sum()) >= 2
+                        else torch.tensor(math.nan, dtype=torch.float64) for x, y, m in zip(a, b, mask)])
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -55,11 +59,16 @@ def top_fraction_mask(maps: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def topk_iou(a: torch.Tensor, b: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
-    """Per row, intersection over union of the top ``fraction`` pixels of ``a`` and ``b``."""
+    """Per row, intersection over union of the top ``fraction`` pixels of ``a`` and ``b``;
+    NaN where either map is constant (all zero for an image equal to the baseline): its "top"
+    pixels would be whichever the tie-break picks, and two such maps scored as agreeing."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     ma, mb = top_fraction_mask(a, fraction), top_fraction_mask(b, fraction)
-    return (ma & mb).sum(1).double() / (ma | mb).sum(1).double()
+    iou = (ma & mb).sum(1).double() / (ma | mb).sum(1).double()
+    flat_a, flat_b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    constant = (flat_a.amax(1) == flat_a.amin(1)) | (flat_b.amax(1) == flat_b.amin(1))
+    return torch.where(constant.to(iou.device), torch.full_like(iou, math.nan), iou)
 
 
 __all__ = ["average_ranks", "spearman", "top_fraction_mask", "topk_iou"]

@@ -1,6 +1,6 @@
 """Architectures (one module per family), spec strings, preprocessing and checkpoints."""
 
-from .checkpoint import (copy_matching, load_model, load_weights, read_metadata, read_state_dict, recorded_spec,
+from .checkpoint import (copy_matching, holds_own_weights, load_model, load_weights, read_metadata, read_state_dict, recorded_spec,
                          save_checkpoint, teacher_identity, weights_fingerprint)
 from .family import Family
 from .mobilenetv2 import MobileNetV2, ReLU6, copy_free_relu6
@@ -9,6 +9,6 @@ from .registry import MODELS, build_model, built_spec, count_parameters, family_
 
 __all__ = [
     "Family", "MODELS", "MobileNetV2", "Normalized", "ReLU6", "bare", "build_model", "built_spec", "copy_free_relu6",
-    "copy_matching", "count_parameters", "family_of", "load_model", "load_weights", "read_metadata",
+    "copy_matching", "count_parameters", "family_of", "holds_own_weights", "load_model", "load_weights", "read_metadata",
     "preprocessing_of", "read_state_dict", "recorded_spec", "save_checkpoint", "teacher_identity", "weights_fingerprint", "with_preprocessing",
 ]

@@ -268,6 +268,15 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", fl
     return model
 
 
+def holds_own_weights(text: str) -> bool:
+    """Whether ``text`` is a model spec of a family whose weights come with it
+    (``torchscript:FILE``), given where a weights file is expected."""
+    try:
+        return family_of(parse_spec(text, "model spec")).own_weights
+    except UserError:  # a path, not a spec of a known family
+        return False
+
+
 def recorded_spec(spec: str, path: str | Path, flag: str = "--model") -> str:
     """The architecture a weights file's metadata records, when igkd builds it from its own
     code. A ``py:`` or ``torchscript:`` spec would import a module or load a program the file
@@ -298,7 +307,7 @@ def load_model(path: str | Path, spec: str | None = None, num_classes: int | Non
     """
     if not isinstance(path, (str, Path)) or not str(path):
         raise UserError(f"the weights file must be a path, got {type(path).__name__}; pass --weights FILE")
-    if not spec and str(path).startswith("torchscript:"):
+    if not spec and holds_own_weights(str(path)):
         spec = str(path)
     meta = dict(read_metadata(path) or {})
     spec = spec or (recorded_spec(meta["model"], path, flag) if meta.get("model") else None)

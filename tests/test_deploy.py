@@ -64,6 +64,26 @@ def test_count_macs_sees_functional_convolutions_and_matmuls():
     assert count_macs(Functional(), (3, 8, 8)) == 6 * 4 * 4 * 27 + 7 * 96
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_count_macs_counts_attention(batch_first):
+    """nn.MultiheadAttention's fused inference path had no formula: batch_first attention and
+    a TransformerEncoderLayer counted 0 MACs, the other layout its projections alone."""
+    class Attend(nn.Module):  # 16 tokens of 16 features, 2 heads
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(16, 2, batch_first=batch_first)
+            self.enc = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+
+        def forward(self, x):
+            t = x.flatten(2).transpose(1, 2)
+            a = t if batch_first else t.transpose(0, 1)
+            return self.att(a, a, a)[0].mean() + self.enc(t).mean()
+    projections, products = 4 * 16 * 16 * 16, 2 * 16 * 16 * 16  # q, k, v, out; QK^T and AV over both heads
+    feed_forward = 16 * (16 * 32 + 32 * 16)
+    assert count_macs(Attend(), (16, 4, 4)) == 2 * (projections + products) + feed_forward
+    assert torch.backends.mha.get_fastpath_enabled()  # given back
+
+
 def mobilenetv2_macs(width: float = 1.0, drop: int = 0, classes: int = 10, size: int = 32) -> int:
     """MACs of the CIFAR MobileNetV2 by formula, block by block (METHOD.md section 1)."""
     h = size

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 
+
 @torch.no_grad()
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """Multiply-accumulates of one forward pass of ONE image of shape (C, H, W).
@@ -29,17 +30,29 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     channel; a matrix product: m x n x k), halving its FLOPs. Working below the modules, it
     also counts functional convolutions and matmuls in users' own models, which module hooks
     miss. Normalisation, activations, pooling, biases and additions are not counted (they are
-    not multiply-accumulates and cost little).
+    not multiply-accumulates and cost little). Attention counts its projections and its two
+    matrix products: PyTorch's fused inference paths (nn.MultiheadAttention's "fast path",
+    the CPU flash kernel of scaled_dot_product_attention) have no formula in the counter
+    and counted 0, so the fast path is off while counting and the CPU kernel is mapped to
+    the attention formula.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-    was_training = model.training
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = \
+            lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)
+    was_training = getattr(model, "training", False)  # a frozen TorchScript module has no such attribute
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         p = next(model.parameters(), None)
         x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu")
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             model(x)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     return counter.get_total_flops() // 2
 

@@ -175,6 +175,26 @@ def test_bench_latency_table_json_and_report(tmp_path):
     assert section.strip() in (tmp_path / "report.md").read_text()
 
 
+def test_bench_latency_of_a_frozen_torchscript_file_and_of_other_input_sizes(tmp_path):
+    # what `igkd export --format torchscript` writes: weights are constants, parameters 0
+    net = build_model(TINY, 10, 3).eval()
+    path = tmp_path / "frozen.pt"
+    torch.jit.save(torch.jit.freeze(torch.jit.script(net)), str(path))
+    r = igkd.bench_latency(f"{TINY},torchscript:{path}", threads=1, input="3x16x16", warmup=0, min_time=0.0,
+                           min_reps=1, quiet=True)  # ZeroDivisionError at the parameter ratio
+    ref, frozen = r["rows"]
+    assert frozen["params"] is None and frozen["param_ratio"] is None and frozen["macs"] == ref["macs"]
+    assert frozen["weights_bytes"] == path.stat().st_size > ref["weights_bytes"] / 2  # was 16: its empty state dict
+    from igkd.deploy import latency_table
+    assert "| ? |" in latency_table(r)
+    one = save_checkpoint(tmp_path / "gray", build_model(TINY, 10, 1), {"model": TINY, "num_classes": 10,
+                                                                          "in_channels": 1, "image_size": [12, 12]})
+    rgb = save_checkpoint(tmp_path / "rgb", net, {"model": TINY, "num_classes": 10, "in_channels": 3,
+                                                  "image_size": [16, 16]})
+    with pytest.raises(UserError, match=r"the models take different inputs \(.*1x12x12, .*3x16x16\)"):
+        igkd.bench_latency(weights=f"{one},{rgb}", threads=1, warmup=0, min_time=0.0, min_reps=1, quiet=True)
+
+
 # ---------------------------------------------------------------- export
 
 

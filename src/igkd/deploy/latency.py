@@ -12,8 +12,9 @@ from ..errors import UserError
 from ..evaluate.cost import RUNTIMES, check_budget, count_macs, measure_latency, weights_bytes
 from ..export import require_onnxruntime
 from ..fileio import writable_dir, write_json
-from ..models import build_model, count_parameters, load_model, read_metadata
+from ..models import build_model, count_parameters, holds_own_weights, load_model, read_metadata
 from ..progress import Progress
+from ..spec import parse_spec
 from .common import environment, existing, parse_ints, parse_shape, split_list, split_specs
 
 
@@ -65,7 +66,14 @@ def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = No
             entries.append((meta["model"], net, in_shape, weights_bytes(files[i]), files[i]))
         else:
             net = build_model(spec, cfg.classes, shape[0]).eval()
-            entries.append((spec, net, shape, weights_bytes(net), ""))
+            # a spec holding its weights (torchscript:FILE) is as large as its file: a frozen module
+            # has its weights as constants, and its state dict is empty (16 bytes)
+            size = weights_bytes(parse_spec(spec).arg) if holds_own_weights(spec) else weights_bytes(net)
+            entries.append((spec, net, shape, size, ""))
+    shapes = {e[2] for e in entries}
+    if len(shapes) > 1:  # the ratios would mix the models' cost with their inputs' size
+        raise UserError("the models take different inputs (" + ", ".join(f"{e[0]}: {'x'.join(map(str, e[2]))}"
+                        for e in entries) + "); compare models of one input size, or measure them apart")
     rows = []
     total = len(entries) * len(runtime_list) * len(batch_sizes)
     with Progress(total, "latency", "config", quiet) as progress:
@@ -74,7 +82,8 @@ def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = No
                 for spec, net, in_shape, size, file in entries:
                     r = measure_latency(net, in_shape, batch, cfg.threads, cfg.warmup, cfg.min_time, cfg.min_reps,
                                         cfg.max_reps, runtime)
-                    rows.append({"model": spec, "weights": file, "params": count_parameters(net),
+                    params = count_parameters(net) or None  # a frozen TorchScript module: not countable
+                    rows.append({"model": spec, "weights": file, "params": params,
                                  "macs": count_macs(net, in_shape), "weights_bytes": size, **r})
                     progress.update(1, f"{spec} {runtime} batch {batch}")
     # the reference is the first entry by position: two checkpoints of one architecture share
@@ -83,8 +92,8 @@ def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = No
     reference = {(r["runtime"], r["batch"]): r for r in rows[::n]}
     for r in rows:
         ref = reference[(r["runtime"], r["batch"])]
-        r.update(speedup=ref["median_ms"] / r["median_ms"], param_ratio=ref["params"] / r["params"],
-                 mac_ratio=ref["macs"] / r["macs"])
+        r.update(speedup=ref["median_ms"] / r["median_ms"], param_ratio=_ratio(ref["params"], r["params"]),
+                 mac_ratio=_ratio(ref["macs"], r["macs"]))
     result = {"reference": entries[0][0], "threads": cfg.threads, "input_shape": list(entries[0][2]),
               "warmup": cfg.warmup, "min_time": cfg.min_time, "min_reps": cfg.min_reps, "rows": rows,
               "environment": environment("onnxruntime" in runtime_list)}
@@ -93,12 +102,20 @@ def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = No
     return result
 
 
+def _ratio(a, b) -> float | None:
+    """a / b, or None (a '?' in the table) where either is unknown or 0."""
+    return a / b if a and b else None
+
+
 def latency_table(result: dict) -> str:
     from ..report import markdown_table
-    rows = [[r["model"], r["runtime"], r["batch"], r["params"], f"{r['macs'] / 1e6:.1f}M",
-             f"{r['weights_bytes'] / 2**20:.2f} MiB", f"{r['median_ms']:.3f}",
-             f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}", f"{r['images_per_s']:.1f}", f"{r['param_ratio']:.2f}x",
-             f"{r['mac_ratio']:.2f}x", f"{r['speedup']:.2f}x"] for r in result["rows"]]
+
+    def times(x) -> str:
+        return f"{x:.2f}x" if x is not None else "?"
+    rows = [[r["model"], r["runtime"], r["batch"], r["params"] if r["params"] is not None else "?",
+             f"{r['macs'] / 1e6:.1f}M", f"{r['weights_bytes'] / 2**20:.2f} MiB", f"{r['median_ms']:.3f}",
+             f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}", f"{r['images_per_s']:.1f}", times(r["param_ratio"]),
+             times(r["mac_ratio"]), f"{r['speedup']:.2f}x"] for r in result["rows"]]
     return (markdown_table(["model", "runtime", "batch", "params", "MACs/img", "weights", "median ms", "p10-p90 ms",
                             "img/s", "fewer params", "fewer MACs", "speed-up"], rows)
             + f"\n\nratios against {result['reference']}, same runtime and batch; {result['threads']} thread(s), "

@@ -152,7 +152,7 @@ def measure_latency(model: nn.Module | bytes | str | os.PathLike, input_shape: t
     module = model if isinstance(model, nn.Module) else None
     if module is None and runtime != "onnxruntime":
         raise UserError(f"an ONNX model runs only with runtime onnxruntime, not '{runtime}'")
-    was_training = module.training if module is not None else False
+    was_training = getattr(module, "training", False)  # None, or a frozen TorchScript module: no such attribute
     if module is not None:
         module.eval()
     try:

@@ -38,6 +38,7 @@ import itertools
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -58,6 +59,9 @@ def write_images(root: Path, n: int, classes: int = 10) -> str:
     what = "JPEG CIFAR-10 images upscaled to 224" if len(source) >= n else "smooth random images"
     if done.exists() and done.read_text() == f"{n} {what}":
         return what
+    for split in ("train", "test"):  # a folder written for another --images held more than asked for
+        shutil.rmtree(root / split, ignore_errors=True)
+    done.unlink(missing_ok=True)
     rng = np.random.default_rng(0)
     for split, count in (("train", n), ("test", 10 * classes)):
         for i in range(count):

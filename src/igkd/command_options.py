@@ -134,7 +134,8 @@ class ExportConfig(_Validated):
     data: str = opt("", "dataset for the parity check (its test split) and int8 calibration (its training "
                     "split) (default: none, the dataset named in the checkpoint's metadata)", metavar="SPEC")
     normalize: str = opt("auto", NORMALIZE_HELP, choices=["auto", "none", "dataset", "imagenet"])
-    images: int = opt(0, "parity on the first N test images; 0 = all", low=0, high=1 << 30, unit="images")
+    images: int = opt(0, "parity (and the int8 check) on N test images, evenly spaced over the split; 0 = all",
+                      low=0, high=1 << 30, unit="images")
     atol: float = opt(1e-3, "largest allowed |logit difference| between the export and PyTorch", low=0.0,
                       high=1e6)
     min_agreement: float = opt(99.9, "least top-1 agreement with PyTorch", low=0.0, high=100.0, unit="percent")

@@ -16,6 +16,7 @@ from ..command_options import ExportConfig, api_config
 from ..data import Dataset, load_dataset
 from ..errors import UserError
 from ..evaluate import predict
+from ..evaluate.corruptions import evenly_spaced
 from ..evaluate.cost import check_budget, measure_latency
 from ..export import embed_metadata, load_runner, logits_of, onnx_bytes, parity, quantize_int8, require_onnxruntime, torchscript_module
 from ..fileio import atomic_path, finite, writable_dir, writable_file, write_json
@@ -77,7 +78,9 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     pre = None if cfg.normalize == "auto" else preprocessing_for(cfg.normalize, dataset)
     net, meta = load_model(weights, cfg.model or None, len(dataset.classes), dataset.channels, pre)
     shape = (dataset.channels, *dataset.image_size)
-    test = dataset.test if not cfg.images else dataset.test.subset(torch.arange(min(cfg.images, len(dataset.test))))
+    # evenly spaced, not the first N: an image folder lists its test split class by class, and the
+    # first N images were of one class (the int8 accuracy gate then saw that class alone)
+    test = dataset.test if not cfg.images else dataset.test.subset(evenly_spaced(len(dataset.test), cfg.images))
     log(f"export: {meta['model']} -> {output} ({format}{', int8' if int8 else ''}), parity on {len(test)} test "
         "images", quiet)
     reference = predict(net, test.images)
@@ -145,8 +148,12 @@ def _sidecar(out: Path, format: str, int8: bool, weights, meta: dict, dataset: D
                    "meaning": "unnormalised class scores; softmax gives probabilities"},
         "preprocessing": {**pre, "in_graph": True, "note": "pixels / 255 -> [0, 1] is the caller's job; "
                           "any mean/std normalisation listed here is inside the exported graph"},
-        "classes": dataset.classes, "parity": result["parity"],
-        **({"int8_check": result["int8_check"]} if int8 else {}),
+        "classes": dataset.classes,
+        # the file's own parity: for int8, the quantised model's against PyTorch (the fp32 graph's,
+        # which gates the export, is kept beside it)
+        "parity": {k: result["int8_check"][k] for k in result["parity"] if k in result["int8_check"]} if int8
+        else result["parity"],
+        **({"parity_fp32": result["parity"], "int8_check": result["int8_check"]} if int8 else {}),
     }
 
 

@@ -41,9 +41,9 @@ def one_line_error(r, *words) -> str:
 
 
 @pytest.mark.parametrize("argv,choices,defaults", [
-    (["evaluate"], ["{auto,none,dataset}"], ["(default: 128)", "(default: 0)"]),
+    (["evaluate"], ["{auto,none,dataset,imagenet}"], ["(default: 128)", "(default: 0)"]),
     (["bench", "latency"], [], ["(default: 1)", "(default: eager)", "(default: 3x32x32)", "(default: 10000)"]),
-    (["export"], ["{onnx,torchscript}", "{auto,none,dataset}"], ["(default: onnx)", "(default: 0.001)",
+    (["export"], ["{onnx,torchscript}", "{auto,none,dataset,imagenet}"], ["(default: onnx)", "(default: 0.001)",
                                                                  "(default: 99.9)", "(default: 256)"]),
     (["audit"], ["{label,predicted}", "{black,zero,blur}", "{ig,saliency"], ["(default: 32)", "(default: black)",
                                                                             "(default: 64)", "(default: 8)"]),
@@ -283,4 +283,4 @@ def test_precompute_options_come_from_one_config():
     settings = cfg.settings()  # the store's identity is made of the settings alone
     assert type(settings) is PrecomputeConfig and settings.ig_steps == 7
     assert {f.name for f in fields(PrecomputeCommandConfig)} - {f.name for f in fields(PrecomputeConfig)} == {
-        "teacher", "teacher_model", "data", "store", "device", "threads"}
+        "teacher", "teacher_model", "teacher_normalize", "data", "store", "device", "threads"}

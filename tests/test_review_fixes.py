@@ -333,3 +333,66 @@ def test_a_run_on_saliency_maps_records_and_describes_saliency(tmp_path):
     assert summary["maps"]["settings"]["attribution"] == "saliency"
     card = (tmp_path / "run" / "README.md").read_text()
     assert "- **Teacher maps:** saliency" in card and "steps" not in card
+
+
+# ---------------------------------------------------------------- 7. an attribution brings its options
+GRADSQ = '''
+from igkd.attribution.registry import Attribution
+from igkd.options import opt
+
+
+def _compute(teacher, x, y, cfg, first_index=0, n_steps=None):
+    import torch
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(teacher(x).gather(1, y.view(-1, 1)).sum(), x)
+    return g.abs() ** cfg.gradsq_power, torch.full((len(x),), float("nan"))
+
+
+ATTRIBUTION = Attribution(name="gradsq", help="|gradient| ** --gradsq-power, 1 pass",
+                          fields={"gradsq_power": opt(2.0, "exponent of the gradient", low=0.5, high=8.0)},
+                          settings=lambda cfg: {"attribution": "gradsq", "power": cfg.gradsq_power},
+                          compute=_compute)
+'''
+
+ADD_GRADSQ = '''
+import json, sys
+from igkd.attribution import registry
+registry.MODULES["gradsq"] = "gradsq"  # the registry's one line
+registry.NAMES = tuple(registry.MODULES)
+from igkd.cli import main
+from igkd.config import DistillConfig, build
+from igkd.experiments.runs import semantic_config
+cfg = build(DistillConfig, {"data": "demo", "method": "kd+ig", "attribution": "gradsq", "gradsq_power": 3.0})
+print(json.dumps(semantic_config(cfg)))
+main(sys.argv[1:])
+'''
+
+
+def test_a_new_attribution_is_one_module_with_its_options(tmp_path):
+    """Its option was a field of config.py (the built-ins' too): a new attribution with an
+    option could not be added as one module and one registry line."""
+    import subprocess
+    import sys
+    from dataclasses import fields
+    from igkd.attribution import registry
+    from igkd.config import PrecomputeConfig
+    config_py = (Path(igkd.__file__).parent / "config.py").read_text()
+    for e in registry.entries():  # the built-ins' own options live in their modules
+        for name in e.fields:
+            assert name in {f.name for f in fields(PrecomputeConfig)} and name not in config_py
+    from helpers_data import write_image_folder
+    (tmp_path / "gradsq.py").write_text(GRADSQ)
+    (tmp_path / "add_gradsq.py").write_text(ADD_GRADSQ)
+    folder = write_image_folder(tmp_path / "images", 4, 8)
+    torch.save(build_model(TINY, 2, 3).state_dict(), tmp_path / "teacher.pt")
+    r = subprocess.run([sys.executable, str(tmp_path / "add_gradsq.py"), "precompute", "--teacher",
+                        str(tmp_path / "teacher.pt"), "--teacher-model", TINY, "--data", f"imagefolder:{folder},cache=0",
+                        "--attribution", "gradsq", "--gradsq-power", "1.5", "--check-images", "0",
+                        "--store", str(tmp_path / "store"), "--threads", "1", "--quiet"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    key = json.loads(r.stdout.splitlines()[0])
+    assert key["attribution"] == "gradsq" and key["gradsq_power"] == 3.0 and "ig_steps" not in key
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["identity"]["settings"]["power"] == 1.5

@@ -98,7 +98,7 @@ class TrainConfig(_Validated):
 
 
 @dataclass
-class PrecomputeConfig(_Validated):
+class _PrecomputeBase(_Validated):
     """Options of ``igkd precompute``: teacher logits and IG maps for the training set."""
 
     ig_steps: int = opt(50, "integration steps of integrated gradients (the paper's 50)", low=1, high=4096)
@@ -124,12 +124,6 @@ class PrecomputeConfig(_Validated):
     chunk_size: int = opt(1024, "images per resumable chunk of the store", low=1, high=1 << 24, unit="images")
     attribution: str = opt(attributions.DEFAULT, "overlay attribution: " + attributions.help_text(),
                            choices=list(attributions.NAMES))
-    smoothgrad_samples: int = opt(16, "noisy copies per image for smoothgrad", low=1, high=4096, unit="passes")
-    smoothgrad_sigma: float = opt(0.15, "noise standard deviation for smoothgrad, in [0, 1] pixel units",
-                                  low=0.0, high=10.0)
-    gradcam_layer: str = opt("auto", "teacher layer for gradcam, a name of the bare network's named_modules() "
-                             "(e.g. features.18, layer3.2); auto: the last block of the smallest spatial stage "
-                             "larger than 1x1, i.e. the last convolutional block (any architecture)")
     map_dtype: str = opt("float16", "how maps are stored: float16 (2 bytes/pixel) or uint8 (1 byte/pixel, "
                          "quantised to 1/255 of the image's maximum)", choices=["float16", "uint8"])
     map_size: int = opt(0, "store maps at N x N pixels (the area mean of the full map), upsampled bilinearly on the "
@@ -143,6 +137,21 @@ class PrecomputeConfig(_Validated):
                             "last verified; always the cheap size and header check), always (sha256 of every "
                             "array), never (size and header only). A store that fails is recomputed",
                             choices=["always", "auto", "never"])
+
+
+def _precompute_config() -> type:
+    """PrecomputeConfig: the base options and the own options of every registered
+    attribution (:mod:`igkd.attribution.registry`), so an attribution brings its options,
+    help and ranges to the CLI, YAML and the API, as a method part does."""
+    extra = [(name, type(f.default), f) for name, f in attributions.config_fields().items()]
+    cls = dataclasses.make_dataclass("PrecomputeConfig", extra, bases=(_PrecomputeBase,))
+    cls.__module__, cls.__qualname__ = __name__, "PrecomputeConfig"  # pickles and prints as igkd.config's
+    cls.__doc__ = ("Options of ``igkd precompute``: teacher logits and maps for the training set. The options "
+                   "of each attribution come from its module in igkd/attribution/.")
+    return cls
+
+
+PrecomputeConfig = _precompute_config()
 
 
 @dataclass

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..options import opt
 from .registry import Attribution
 
 if TYPE_CHECKING:
@@ -154,7 +155,9 @@ def _compute(teacher, x, y, cfg, first_index: int = 0, n_steps: int | None = Non
 ATTRIBUTION = Attribution(
     name="gradcam",
     help="Grad-CAM of --gradcam-layer, 1 pass",
-    options=("gradcam_layer",),
+    fields={"gradcam_layer": opt("auto", "teacher layer for gradcam, a name of the bare network's named_modules() "
+                                 "(e.g. features.18, layer3.2); auto: the last block of the smallest spatial stage "
+                                 "larger than 1x1, i.e. the last convolutional block (any architecture)")},
     settings=lambda cfg: {"attribution": "gradcam", "layer": cfg.gradcam_layer},
     compute=_compute,
     describe=lambda cfg: f"Grad-CAM of layer {cfg.gradcam_layer}",

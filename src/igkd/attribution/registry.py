@@ -12,8 +12,14 @@ without it. Entries are loaded on first use (:func:`get`).
 What an entry declares:
 
 * ``name``, ``help``: the ``--attribution`` value and its one-line description.
-* ``options``: the :class:`~igkd.config.PrecomputeConfig` fields it reads (``ig_batch``,
-  passes per batch, is read by all and not listed).
+* ``fields``: its own options (``igkd.options.opt``), which become fields of
+  :class:`~igkd.config.PrecomputeConfig` (and so of ``DistillConfig``), ``--name``
+  options of precompute, distill and the experiments, and lines of ``--help``: a new
+  attribution brings its options with it, as a method part does.
+* ``options``: the :class:`~igkd.config.PrecomputeConfig` fields it reads that other
+  parts of igkd own too (IG's ``ig_*``, which the error estimate reads); ``ig_batch``,
+  passes per batch, is read by all and not listed. :meth:`Attribution.option_names`
+  gives both: what enters a run's key.
 * ``settings(cfg) -> dict``: what of ``cfg`` decides its maps, part of a store's identity
   (changing it gives another store; existing stores keep their keys only while these
   dicts stay the same).
@@ -61,12 +67,17 @@ class Attribution:
     settings: Callable[[Any], dict]
     compute: Callable[..., tuple]
     options: tuple[str, ...] = ()
+    fields: dict = field(default_factory=dict)  # option name -> opt(...)
     completeness: bool = False
     describe: Callable[[Any], str] | None = field(default=None)
     prepare: Callable[..., Any] | None = field(default=None)
 
     def description(self, cfg) -> str:
         return self.describe(cfg) if self.describe is not None else self.name
+
+    def option_names(self) -> tuple[str, ...]:
+        """Every config field that decides its maps: shared ones and its own."""
+        return (*self.options, *self.fields)
 
 
 def get(name: str) -> Attribution:
@@ -84,9 +95,23 @@ def entries() -> list[Attribution]:
     return [get(n) for n in NAMES]
 
 
+def config_fields() -> dict:
+    """Option name -> field of every registered attribution's own options (what
+    :class:`~igkd.config.PrecomputeConfig` adds to its base); a name two attributions
+    declare is refused."""
+    out: dict = {}
+    for e in entries():
+        for name, f in e.fields.items():
+            if name in out:
+                raise UserError(f"attribution {e.name!r} declares option {name!r}, which another attribution "
+                                "declares too; name it after the attribution")
+            out[name] = f
+    return out
+
+
 def help_text() -> str:
     """``name (help), ...`` of every attribution, for ``--attribution``'s help."""
     return ", ".join(f"{e.name} ({e.help})" for e in entries())
 
 
-__all__ = ["Attribution", "DEFAULT", "MODULES", "NAMES", "REFERENCE", "entries", "get", "help_text"]
+__all__ = ["Attribution", "DEFAULT", "MODULES", "NAMES", "REFERENCE", "config_fields", "entries", "get", "help_text"]

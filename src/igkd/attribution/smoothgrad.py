@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..options import opt
 from .registry import Attribution
 
 if TYPE_CHECKING:
@@ -54,7 +55,9 @@ def _compute(teacher, x, y, cfg, first_index: int = 0, n_steps: int | None = Non
 ATTRIBUTION = Attribution(
     name="smoothgrad",
     help="mean |gradient| over noisy copies, --smoothgrad-samples passes",
-    options=("smoothgrad_samples", "smoothgrad_sigma"),
+    fields={"smoothgrad_samples": opt(16, "noisy copies per image for smoothgrad", low=1, high=4096, unit="passes"),
+            "smoothgrad_sigma": opt(0.15, "noise standard deviation for smoothgrad, in [0, 1] pixel units", low=0.0,
+                                    high=10.0)},
     settings=lambda cfg: {"attribution": "smoothgrad", "samples": cfg.smoothgrad_samples,
                           "sigma": cfg.smoothgrad_sigma},
     compute=_compute,

@@ -67,7 +67,7 @@ def semantic_config(cfg: DistillConfig) -> dict:
     if not method.needs_maps:
         drop.update(STORE_FIELDS)
     else:  # the maps' own settings: another attribution's options change nothing (a run was trained twice)
-        keep = {"attribution", "map_size", "map_dtype", *attribution_registry.get(cfg.attribution).options}
+        keep = {"attribution", "map_size", "map_dtype", *attribution_registry.get(cfg.attribution).option_names()}
         drop.update(f for f in STORE_FIELDS if f not in keep)
     # --init teacher copies the teacher's weights into the student: then the teacher decides the
     # result even for a method without one (student runs from two teachers shared one key)

@@ -61,8 +61,9 @@ def test_store_settings_of_the_older_attributions_are_unchanged():
     tail = {"target": "label", "map": "sum_c|IG| / max, float16"}
     assert attribution_settings(PrecomputeConfig()) == {
         "ig_steps": 50, "ig_method": "riemann_middle", "ig_baseline": "zero", **tail}
+    # smoothgrad's noise is now drawn per image index (it followed the chunk): its stores changed once
     assert attribution_settings(PrecomputeConfig(attribution="smoothgrad")) == {
-        "attribution": "smoothgrad", "samples": 16, "sigma": 0.15, **tail}
+        "attribution": "smoothgrad", "samples": 16, "sigma": 0.15, "noise": "seeded by each image's index", **tail}
     for name in ("saliency", "input_x_gradient"):
         assert attribution_settings(PrecomputeConfig(attribution=name)) == {"attribution": name, **tail}
 

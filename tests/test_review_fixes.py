@@ -289,7 +289,7 @@ def test_a_foreign_imagenet_teacher_gets_its_normalisation(tmp_path):
     foreign file was always fed raw pixels (logits 0.1 off its source's on real images)."""
     from helpers_data import write_image_folder
     from igkd.api import load_teacher
-    from igkd.config import DistillConfig, PrecomputeConfig, build
+    from igkd.config import DistillConfig, build
     from igkd.data import load_dataset
     from igkd.experiments.runs import run_key
     from igkd.models import Normalized
@@ -396,3 +396,44 @@ def test_a_new_attribution_is_one_module_with_its_options(tmp_path):
     assert key["attribution"] == "gradsq" and key["gradsq_power"] == 3.0 and "ig_steps" not in key
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
     assert manifest["identity"]["settings"]["power"] == 1.5
+
+
+# ---------------------------------------------------------------- 8. attribution details
+def test_smoothgrad_noise_follows_the_image_not_its_chunk():
+    # one generator per chunk: image i's noise depended on where its chunk began (--chunk-size)
+    from igkd.attribution import registry
+    from igkd.config import PrecomputeConfig
+    entry, cfg = registry.get("smoothgrad"), PrecomputeConfig(attribution="smoothgrad", smoothgrad_samples=3)
+    torch.manual_seed(0)
+    net, x, y = build_model(TINY, 4, 3).eval(), torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    whole = entry.compute(net, x, y, cfg, first_index=10)[0]
+    tail = entry.compute(net, x[2:], y[2:], cfg, first_index=12)[0]
+    torch.testing.assert_close(whole[2:], tail, rtol=0, atol=0)
+    assert entry.settings(cfg)["noise"] == "seeded by each image's index"  # other maps than before: another store
+
+
+def test_the_error_estimate_of_another_attribution_compares_maps_of_one_scale():
+    # saliency (a gradient) against IG (gradient x (x - x')) in raw units read 92% to 284%
+    from igkd.config import PrecomputeConfig
+    from igkd.data import Dataset, Split
+    from igkd.precompute import estimate_error
+    g = torch.Generator().manual_seed(0)
+    split = Split((torch.rand(8, 3, 8, 8, generator=g) * 255).to(torch.uint8), torch.arange(8) % 4)
+    data = Dataset("synthetic", list("abcd"), 3, (8, 8), split, split)
+    torch.manual_seed(0)
+    net = build_model(TINY, 4, 3).eval()
+    est = estimate_error(net, data, PrecomputeConfig(attribution="saliency", check_images=4, check_steps=8),
+                         torch.device("cpu"))
+    assert est["scaled"] == "sum 1" and 0 <= est["median"] <= est["max"] <= 2
+    ig = estimate_error(net, data, PrecomputeConfig(check_images=4, check_steps=8), torch.device("cpu"))
+    assert "scaled" not in ig
+
+
+def test_finding_a_layer_leaves_each_modules_mode_as_it_was():
+    from igkd.attribution.gradcam import auto_layer
+    net = build_model("resnet:depth=8", 4, 3).train()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()  # frozen statistics, as a fine-tuning user keeps them
+    auto_layer(net, (3, 16, 16))
+    assert net.training and all(not m.training for m in net.modules() if isinstance(m, nn.BatchNorm2d))

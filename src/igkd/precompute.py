@@ -43,7 +43,6 @@ from .progress import Progress, log
 from .runtime import cache_dir
 from .store import Store, StoreDamaged, StoreWriter, open_store, remove_store_files, store_key
 
-CHECK_SEED = 0x16C0  # which training images the error estimate looks at (evenly spaced, fixed)
 
 
 def attribution_settings(cfg: PrecomputeConfig) -> dict:
@@ -164,7 +163,13 @@ def estimate_error(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, 
     """Map error of ``cfg``'s attribution against IG (``attribution.registry.REFERENCE``)
     with ``reference_steps`` Gauss-Legendre steps (same baseline), on ``images`` evenly
     spaced training images: what choosing these settings costs in accuracy, known before
-    the full run. None when skipped."""
+    the full run. None when skipped.
+
+    For another attribution the maps are in other units (a gradient, not gradient x (x -
+    x')), and their raw L1 distance moved with the IG baseline that saliency never reads:
+    both maps are then scaled to sum 1 per image first, and the figure is their distance
+    as shares of the map (0 to 2), marked ``"scaled": "sum 1"``. Each image's maps are
+    computed with its own index, as the store's are (smoothgrad's noise follows it)."""
     k = min(cfg.check_images if images is None else images, len(dataset.train))
     steps = reference_steps or cfg.check_steps
     if k <= 0:
@@ -175,10 +180,14 @@ def estimate_error(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, 
     y = train.labels[idx].to(device)
     ref_cfg = replace(cfg, attribution=registry.REFERENCE, ig_method="gausslegendre")  # cfg may be a DistillConfig
     ref = attribution_map(attributions(teacher, x, y, ref_cfg, n_steps=steps)[0])
-    ours = attribution_map(attributions(teacher, x, y, cfg, first_index=CHECK_SEED)[0])
+    ours = torch.cat([attribution_map(attributions(teacher, x[j:j + 1], y[j:j + 1], cfg,
+                                                   first_index=int(idx[j]))[0]) for j in range(k)])
+    scaled = cfg.attribution != registry.REFERENCE
+    if scaled:
+        ours, ref = (m / m.flatten(1).sum(1).clamp_min(1e-30).view(-1, *[1] * (m.dim() - 1)) for m in (ours, ref))
     err = relative_l1(ours, ref).cpu()
     return {"images": k, "reference_steps": steps, "median": float(err.median()), "max": float(err.max()),
-            "mean": float(err.mean())}
+            "mean": float(err.mean()), **({"scaled": "sum 1"} if scaled else {})}
 
 
 def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | None = None,
@@ -257,10 +266,11 @@ def _precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, pat
                 + (f" on {env.world} processes" if env.world > 1 else ""), quiet)
             estimate = estimate_error(teacher, dataset, cfg, device)
             if estimate is not None:
-                log(f"precompute: map error vs a {estimate['reference_steps']}-step IG reference on "
+                what, how = ("map error vs", "relative L1; raise --ig-steps to lower it") if "scaled" not in estimate \
+                    else ("distance to", "L1 of the maps scaled to sum 1, 0 to 200%: how unlike IG they are")
+                log(f"precompute: {what} a {estimate['reference_steps']}-step IG reference on "
                     f"{estimate['images']} images: median {100 * estimate['median']:.1f}%, max "
-                    f"{100 * estimate['max']:.1f}% (relative L1"
-                    + ("; raise --ig-steps to lower it)" if cfg.attribution == registry.REFERENCE else ")"), quiet)
+                    f"{100 * estimate['max']:.1f}% ({how})", quiet)
     env.barrier(long=True)
     if env.rank != 0:
         writer = StoreWriter(path, identity, len(train), cfg.chunk_size)

@@ -16,14 +16,15 @@ if TYPE_CHECKING:
 
 def smoothgrad(model: nn.Module, inputs: torch.Tensor, target, samples: int = 16, sigma: float = 0.15,
                generator: torch.Generator | None = None, batch_size: int | None = None,
-               fast: bool = True) -> torch.Tensor:
+               fast: bool = True, noise: torch.Tensor | None = None) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017) of gradient magnitudes, as captum's
     ``NoiseTunnel(Saliency(model)).attribute(..., nt_type="smoothgrad", stdevs=sigma)``:
     the mean over ``samples`` noisy copies ``x + N(0, sigma^2)`` of ``|dF_y/dx|`` at each
     copy. ``sigma`` is in the units of ``inputs`` (0.15 of the [0, 1] pixel range by
     default). Noise comes from ``generator`` (CPU, drawn image-major as
-    ``samples x C x H x W`` per image), so results are reproducible; ``batch_size``
-    noisy images per pass. Costs ``samples`` forward+backward passes per image."""
+    ``samples x C x H x W`` per image), so results are reproducible, or is ``noise`` itself
+    (N x samples x C x H x W standard normal draws); ``batch_size`` noisy images per pass.
+    Costs ``samples`` forward+backward passes per image."""
     import torch
 
     from ..errors import UserError
@@ -36,7 +37,10 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target, samples: int = 16
     if not sigma >= 0:
         raise UserError(f"smoothgrad sigma must be >= 0, got {sigma}")
     n = inputs.shape[0]
-    noise = torch.randn((n, samples, *inputs.shape[1:]), generator=generator, dtype=inputs.dtype)
+    if noise is None:
+        noise = torch.randn((n, samples, *inputs.shape[1:]), generator=generator, dtype=inputs.dtype)
+    elif tuple(noise.shape) != (n, samples, *inputs.shape[1:]):
+        raise UserError(f"smoothgrad noise has shape {tuple(noise.shape)}, not {(n, samples, *inputs.shape[1:])}")
     noisy = (inputs.unsqueeze(1) + sigma * noise.to(inputs.device)).reshape(n * samples, *inputs.shape[1:])
     rows = _targets(target, n, inputs.device).repeat_interleave(samples)
     grads = _plain_gradients(model, noisy, rows, batch_size, fast)
@@ -47,8 +51,12 @@ def _compute(teacher, x, y, cfg, first_index: int = 0, n_steps: int | None = Non
     import torch
 
     from .engine import no_delta
-    g = torch.Generator().manual_seed(first_index)  # noise by dataset index: a chunk is the same wherever computed
-    return smoothgrad(teacher, x, y, cfg.smoothgrad_samples, cfg.smoothgrad_sigma, generator=g,
+    # each image's noise from its own dataset index: one generator per chunk drew an image's noise
+    # by its place in the chunk, so a store depended on --chunk-size, which is not in its identity
+    noise = torch.stack([torch.randn((cfg.smoothgrad_samples, *x.shape[1:]),
+                                     generator=torch.Generator().manual_seed(first_index + i), dtype=x.dtype)
+                         for i in range(len(x))]) if len(x) else None
+    return smoothgrad(teacher, x, y, cfg.smoothgrad_samples, cfg.smoothgrad_sigma, noise=noise,
                       batch_size=cfg.ig_batch or None), no_delta(len(x))
 
 
@@ -59,7 +67,7 @@ ATTRIBUTION = Attribution(
             "smoothgrad_sigma": opt(0.15, "noise standard deviation for smoothgrad, in [0, 1] pixel units", low=0.0,
                                     high=10.0)},
     settings=lambda cfg: {"attribution": "smoothgrad", "samples": cfg.smoothgrad_samples,
-                          "sigma": cfg.smoothgrad_sigma},
+                          "sigma": cfg.smoothgrad_sigma, "noise": "seeded by each image's index"},
     compute=_compute,
     describe=lambda cfg: f"smoothgrad x {cfg.smoothgrad_samples} samples, sigma {cfg.smoothgrad_sigma}",
 )

@@ -92,12 +92,13 @@ def probe_shapes(model: nn.Module, names: list[str], input_shape: tuple[int, int
     modules = {n: resolve_layer(model, n, who) for n in names}
     ends: list[tuple[str, object]] = []
     handles = [m.register_forward_hook(lambda m, i, o, n=n: ends.append((n, o))) for n, m in modules.items()]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own: train() sets them all to one
     model.eval()
     try:
         model(torch.zeros(1, *input_shape, device=device))
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
         for h in handles:
             h.remove()
     last = {n: (pos, o) for pos, (n, o) in enumerate(ends)}  # each layer at its last call

@@ -437,3 +437,107 @@ def test_finding_a_layer_leaves_each_modules_mode_as_it_was():
             m.eval()  # frozen statistics, as a fine-tuning user keeps them
     auto_layer(net, (3, 16, 16))
     assert net.training and all(not m.training for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+# ---------------------------------------------------------------- 9. extensions from an installed package
+EXT = '''
+import json
+import torch
+from torch import nn
+from igkd.attribution.registry import Attribution
+from igkd.data import Dataset, Split
+from igkd.evaluate.corruptions import Corruption
+from igkd.models import Family
+from igkd.models.family import options
+from igkd.options import opt
+
+
+def _build(spec, num_classes, in_channels):
+    o = options(spec, {"depth": (int, 1)}, "tinycnn:depth=2")
+    layers, c = [], in_channels
+    for _ in range(o["depth"]):
+        layers += [nn.Conv2d(c, 4, 3, padding=1), nn.ReLU()]
+        c = 4
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+
+FAMILY = Family(_build, "a tiny CNN: depth=N conv layers", depth_knob="depth")
+
+
+def load_tiny(spec):
+    g = torch.Generator().manual_seed(0)
+    def split(n):
+        return Split((torch.rand(n, 3, 8, 8, generator=g) * 255).to(torch.uint8), torch.arange(n) % 2)
+    return Dataset(str(spec), ["a", "b"], 3, (8, 8), split(40), split(20))
+
+
+INVERT = Corruption(lambda x, level, noise: level * (1 - x) + (1 - level) * x, (0.1, 0.2, 0.3, 0.4, 0.5),
+                    "share", "inverted")
+
+
+class JsonlLogger:
+    def __init__(self, out, run, resume_epoch):
+        self.path = out / "epochs.jsonl"
+
+    def step(self, row):
+        pass
+
+    def epoch(self, row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"epoch": row["epoch"]}) + "\\n")
+
+    def close(self):
+        pass
+
+
+def _gradsq(teacher, x, y, cfg, first_index=0, n_steps=None):
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(teacher(x).gather(1, y.view(-1, 1)).sum(), x)
+    return g.abs() ** cfg.gradsq_power, torch.full((len(x),), float("nan"))
+
+
+GRADSQ = Attribution(name="gradsq", help="|gradient| ** --gradsq-power", compute=_gradsq,
+                     fields={"gradsq_power": opt(2.0, "exponent of the gradient", low=0.5, high=8.0)},
+                     settings=lambda cfg: {"attribution": "gradsq", "power": cfg.gradsq_power})
+'''
+
+ENTRY_POINTS = """[igkd.models]
+tinycnn = igkdext:FAMILY
+[igkd.datasets]
+tiny = igkdext:load_tiny
+[igkd.corruptions]
+invert = igkdext:INVERT
+[igkd.loggers]
+jsonl = igkdext:JsonlLogger
+[igkd.attributions]
+gradsq = igkdext:GRADSQ
+"""
+
+
+def test_models_data_corruptions_trackers_and_attributions_come_from_an_installed_package(tmp_path):
+    """Only method parts could come from another package: the other registries were dicts
+    inside igkd, and --attribution's choices were frozen when igkd was imported."""
+    import os
+    import subprocess
+    import sys
+    plugin = tmp_path / "plugin"
+    info = plugin / "igkdext-0.1.dist-info"
+    info.mkdir(parents=True)
+    (plugin / "igkdext.py").write_text(EXT)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: igkdext\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(ENTRY_POINTS)
+    env = {**os.environ, "PYTHONPATH": str(plugin), "PYTHONWARNINGS": "ignore"}
+
+    def igkd_(*args):
+        r = subprocess.run([sys.executable, "-m", "igkd", *map(str, args)], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+    igkd_("train", "--data", "tiny", "--model", "tinycnn:depth=2", "--epochs", "2", "--batch-size", "8",
+          "--log", "jsonl", "--out", "run", "--threads", "1", "--quiet")
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "epochs.jsonl").read_text().splitlines()] == [1, 2]
+    r = igkd_("evaluate", "--weights", "run/model.safetensors", "--data", "tiny", "--corruptions", "all", "--json")
+    assert "invert" in json.loads(r.stdout)["corruptions"]["mean"]
+    igkd_("precompute", "--teacher", "run/model.safetensors", "--data", "tiny", "--attribution", "gradsq",
+          "--gradsq-power", "3", "--check-images", "0", "--store", "store", "--threads", "1", "--quiet")
+    assert json.loads((tmp_path / "store" / "manifest.json").read_text())["identity"]["settings"]["power"] == 3.0

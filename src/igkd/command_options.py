@@ -174,7 +174,7 @@ class AuditConfig(_Validated):
                       unit="percent")
     attribution: str = opt(attributions.DEFAULT, "attribution whose maps are compared: " + attributions.help_text()
                            + "; --ig-steps and --ig-baseline apply to ig, the others take precompute's defaults "
-                           "and gradcam each model's auto layer", choices=list(attributions.NAMES))
+                           "and gradcam each model's auto layer", choices=list(attributions.names()))
     ig_steps: int = opt(32, "integration steps of integrated gradients (Gauss-Legendre)", low=1, high=4096)
     ig_baseline: str = opt("black", "IG baseline, the same pixels for every model unless zero (= each model's "
                            "normalised zero)", choices=["black", "zero", "blur"])

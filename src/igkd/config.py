@@ -123,7 +123,7 @@ class _PrecomputeBase(_Validated):
                         high=1 << 20, unit="images")
     chunk_size: int = opt(1024, "images per resumable chunk of the store", low=1, high=1 << 24, unit="images")
     attribution: str = opt(attributions.DEFAULT, "overlay attribution: " + attributions.help_text(),
-                           choices=list(attributions.NAMES))
+                           choices=list(attributions.names()))
     map_dtype: str = opt("float16", "how maps are stored: float16 (2 bytes/pixel) or uint8 (1 byte/pixel, "
                          "quantised to 1/255 of the image's maximum)", choices=["float16", "uint8"])
     map_size: int = opt(0, "store maps at N x N pixels (the area mean of the full map), upsampled bilinearly on the "

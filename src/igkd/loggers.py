@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from . import plugins
 from .errors import UserError
 
 
@@ -128,7 +129,9 @@ class MlflowLogger:
         self.mlflow.end_run()
 
 
-LOGGERS = {"csv": CsvLogger, "tensorboard": TensorBoardLogger, "wandb": WandbLogger, "mlflow": MlflowLogger}
+# and installed packages' (entry points igkd.loggers)
+LOGGERS = plugins.Registry({"csv": CsvLogger, "tensorboard": TensorBoardLogger, "wandb": WandbLogger,
+                            "mlflow": MlflowLogger}, "loggers", "tracker")
 
 
 # the package each tracker needs, and how to install it

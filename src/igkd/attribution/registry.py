@@ -45,6 +45,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .. import plugins
 from ..errors import UserError
 
 # name -> module (relative to this package) declaring ATTRIBUTION; order = order in --help
@@ -80,10 +81,21 @@ class Attribution:
         return (*self.options, *self.fields)
 
 
+def names() -> tuple[str, ...]:
+    """Every attribution's name: igkd's own (:data:`NAMES`), then installed packages'."""
+    return (*MODULES, *(n for n in PLUGINS if n not in MODULES))
+
+
 def get(name: str) -> Attribution:
     """The entry of attribution ``name``; a one-line UserError listing the known ones."""
+    if name not in MODULES and name in PLUGINS:
+        entry = PLUGINS[name]
+        if entry.name != name:
+            raise UserError(f"attribution {name!r} from an installed package is named {entry.name!r} inside; "
+                            "name its entry point as the attribution")
+        return entry
     if name not in MODULES:
-        raise UserError(f"unknown attribution {name!r}; known attributions: {', '.join(NAMES)}")
+        raise UserError(f"unknown attribution {name!r}; known attributions: {', '.join(names())}")
     entry = importlib.import_module(MODULES[name], __package__).ATTRIBUTION
     if entry.name != name:
         raise RuntimeError(f"module {MODULES[name]} declares attribution {entry.name!r}, registered as {name!r}")
@@ -92,7 +104,7 @@ def get(name: str) -> Attribution:
 
 def entries() -> list[Attribution]:
     """Every registered attribution, in registry order."""
-    return [get(n) for n in NAMES]
+    return [get(n) for n in names()]
 
 
 def config_fields() -> dict:
@@ -114,4 +126,9 @@ def help_text() -> str:
     return ", ".join(f"{e.name} ({e.help})" for e in entries())
 
 
-__all__ = ["Attribution", "DEFAULT", "MODULES", "NAMES", "REFERENCE", "config_fields", "entries", "get", "help_text"]
+# installed packages' attributions (entry points igkd.attributions), loaded when first read
+PLUGINS: dict[str, Attribution] = plugins.Registry(
+    {}, "attributions", "attribution", plugins.expect(Attribution, "attribution"))
+
+__all__ = ["Attribution", "DEFAULT", "MODULES", "NAMES", "PLUGINS", "REFERENCE", "config_fields", "entries", "get",
+           "help_text", "names"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .. import plugins
 from ..errors import UserError
 from ..spec import Spec, parse_spec
 from .base import Dataset, RowView, Split
@@ -27,13 +28,13 @@ from .fashion_mnist import load_fashion_mnist
 from .imagefolder import load_imagefolder
 from .splits import stratified_split, subset_indices
 
-DATASETS: dict[str, Callable[[Spec], Dataset]] = {
+DATASETS: dict[str, Callable[[Spec], Dataset]] = plugins.Registry({
     "cifar10": load_cifar10,
     "cifar100": load_cifar100,
     "imagefolder": load_imagefolder,
     "fashion-mnist": load_fashion_mnist,
     "demo": load_demo,
-}
+}, "datasets", "dataset source")  # and installed packages' (entry points igkd.datasets)
 
 
 def load_dataset(spec: str) -> Dataset:

@@ -49,6 +49,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from .. import plugins
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -148,14 +149,14 @@ class Corruption:
 
 
 # name -> corruption; one line each (levels: make_cifar_c.py's, see the module docstring)
-CORRUPTIONS: dict[str, Corruption] = {
+CORRUPTIONS: dict[str, Corruption] = plugins.Registry({
     "gaussian_noise": Corruption(gaussian_noise, (0.04, 0.06, 0.08, 0.09, 0.10), "sigma", "additive Gaussian noise"),
     "gaussian_blur": Corruption(gaussian_blur, (0.4, 0.6, 0.7, 0.8, 1.0), "sigma", "Gaussian blur"),
     "contrast": Corruption(contrast, (0.75, 0.5, 0.4, 0.3, 0.15), "factor", "contrast scaled about the mean"),
     "brightness": Corruption(brightness, (0.05, 0.1, 0.15, 0.2, 0.3), "added V", "HSV value raised"),
     "jpeg": Corruption(jpeg_compression, (80, 65, 58, 50, 40), "quality", "JPEG compression"),
-}
-NAMES: tuple[str, ...] = tuple(CORRUPTIONS)
+}, "corruptions", "corruption", plugins.expect(Corruption, "corruption"))  # and entry points igkd.corruptions
+NAMES: tuple[str, ...] = tuple(dict.keys(CORRUPTIONS))  # igkd's own; `all` also takes installed packages'
 
 
 def help_text() -> str:
@@ -173,7 +174,7 @@ def parse(text: str | Sequence[str]) -> list[str]:
         if not item:
             continue
         if item == ALL:
-            names += NAMES
+            names += CORRUPTIONS
         elif item in CORRUPTIONS:
             names.append(item)
         else:
@@ -182,7 +183,7 @@ def parse(text: str | Sequence[str]) -> list[str]:
 
 
 def _unknown(name: str) -> UserError:
-    return UserError(f"unknown corruption '{name}'; use a comma list of {', '.join(NAMES)}, or {ALL}")
+    return UserError(f"unknown corruption '{name}'; use a comma list of {', '.join(CORRUPTIONS)}, or {ALL}")
 
 
 def corrupt(x: torch.Tensor, name: str, severity: int, seed: int, indices: torch.Tensor) -> torch.Tensor:

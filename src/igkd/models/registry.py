@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import plugins
 from ..errors import UserError
 from ..spec import Spec, parse_spec
 from . import resnet, resnet_cifar, user, wrn
@@ -45,7 +46,7 @@ def _mobilenetv2(imagenet: bool):
 
 SPEC_ATTRIBUTE = "_igkd_spec"  # set by build_model on the network: the spec it was built from
 
-MODELS: dict[str, Family] = {
+MODELS: dict[str, Family] = plugins.Registry({
     "mobilenetv2": Family(_mobilenetv2(False), "CIFAR MobileNetV2: drop=K truncation, width=W",
                           depth_knob="drop", width_knob="width"),
     "mobilenetv2_imagenet": Family(_mobilenetv2(True), "torchvision's ImageNet MobileNetV2 (224-pixel images)",
@@ -57,7 +58,7 @@ MODELS: dict[str, Family] = {
     "resnet50": resnet.family(50),
     "py": user.PY,
     "torchscript": user.TORCHSCRIPT,
-}
+}, "models", "model family", plugins.expect(Family, "model family"))  # and entry points igkd.models
 
 
 def family_of(spec: str | Spec) -> Family:

@@ -9,8 +9,7 @@ built. Method names join parts with ``+``; ``student`` is cross-entropy alone.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
-
+from ... import plugins
 from ...errors import UserError
 from .base import Batch, Method, Part, Step
 
@@ -24,7 +23,7 @@ BUILTIN = (
     "at",        # attention transfer
     "cutmix",    # CutMix, the augmentation control
 )
-ENTRY_POINT_GROUP = "igkd.parts"
+ENTRY_POINT_GROUP = "igkd.parts"  # plugins.load("parts") reads it
 
 # the paper's eight combinations and the shuffled-map controls (the trainer's full test list)
 PAPER_METHODS = ["student", "kd", "ig", "at", "kd+ig", "kd+at", "ig+at", "kd+ig+at",
@@ -63,14 +62,9 @@ def _load() -> None:
     for module in BUILTIN:
         for part in importlib.import_module(f"{__name__}.{module}").PARTS:
             _add(part, f"igkd.distill.parts.{module}")
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-        except Exception as e:  # noqa: BLE001 - a broken plug-in must not stop igkd; say which
-            raise UserError(f"cannot load method part {ep.name!r} from entry point {ep.value} "
-                            f"({type(e).__name__}: {e}); fix or uninstall the package that provides it") from None
+    for name, obj in plugins.load("parts", "method part").items():  # the group igkd.parts
         for part in (obj if isinstance(obj, (list, tuple)) else [obj]):
-            _add(part, f"entry point {ep.name} ({ep.value})")
+            _add(part, f"entry point {name}")
 
 
 def register_part(part: Part) -> Part:

@@ -73,11 +73,17 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_store(small_real, single_sto
 
 def test_error_estimate_falls_with_steps_and_is_zero_at_the_reference():
     data, teacher = tiny_dataset(), tiny_teacher()
+    # a freshly initialised network is nearly linear along the path (every error ~1e-6, float
+    # noise, which ordered 2 and 8 steps by chance): larger BatchNorm scales make it bend
+    with torch.no_grad():
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.mul_(3.0)
     est = {s: estimate_error(teacher, data, PrecomputeConfig(ig_steps=s, ig_method="gausslegendre", check_images=6,
                                                              check_steps=64), torch.device("cpu"))["median"]
            for s in (2, 8, 64)}
     assert est[64] == 0.0  # the same computation as the reference
-    assert est[2] > est[8] > 0.0
+    assert est[2] > est[8] > 0.01  # 165% and 115% here
     assert estimate_error(teacher, data, PrecomputeConfig(check_images=0), torch.device("cpu")) is None
 
 

@@ -317,6 +317,14 @@ def test_a_foreign_imagenet_teacher_gets_its_normalisation(tmp_path):
                                rtol=1e-3, atol=1e-3)
     base = dict(data=data, teacher=str(tmp_path / "tv.pth"), teacher_model="resnet18", method="kd")
     assert run_key(build(DistillConfig, base)) != run_key(build(DistillConfig, {**base, "teacher_normalize": "imagenet"}))
+    # the teacher-correct protocol's teacher too: its accuracy is the source's
+    student = save_checkpoint(tmp_path / "student", build_model(TINY, 2, 3), {"model": TINY, "num_classes": 2,
+                                                                              "in_channels": 3, "classes": ["cat", "dog"]})
+    r = igkd.evaluate(student, data, teacher_correct=str(tmp_path / "tv.pth"), teacher_correct_model="resnet18",
+                      teacher_correct_normalize="imagenet")
+    with torch.no_grad():
+        right = (source(dataset.test.images.float() / 255).argmax(1) == dataset.test.labels).float().mean()
+    assert r["teacher_correct"]["teacher_accuracy"] == pytest.approx(100.0 * float(right))
     # grayscale data has no ImageNet statistics
     with pytest.raises(UserError, match="imagenet normalisation is for RGB images; demo has 1 channel"):
         load_teacher(tmp_path / "tv.pth", load_dataset("demo"), "resnet18", "imagenet")

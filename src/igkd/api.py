@@ -327,7 +327,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     images of unmapped classes are dropped and counted.
 
     ``teacher_correct`` (a teacher checkpoint; ``teacher_correct_model`` its spec when it has
-    no igkd metadata) applies the teacher-correct protocol: the teacher, with the same class
+    no igkd metadata, ``teacher_correct_normalize`` its preprocessing as ``--teacher-normalize``) applies the teacher-correct protocol: the teacher, with the same class
     map applied to its classes, is run on the (mapped) test images and the model is scored
     only on the images the teacher classifies correctly. ``result["teacher_correct"]`` says
     how many images that leaves, of how many, and the teacher's accuracy on all of them.
@@ -385,7 +385,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     protocol = None
     if teacher_correct is not None:
         keep, protocol = _teacher_correct(str(teacher_correct), teacher_correct_model, dataset, cmap, images,
-                                          cfg.batch_size, dev)
+                                          cfg.batch_size, dev, cfg.teacher_correct_normalize)
         images, labels, index = images[keep], labels[keep], index[keep]
     logits = predict(net.to(dev), images, cfg.batch_size, dev)
     result = {"weights": str(weights), "model": meta["model"], "data": dataset.spec, "split": "test",
@@ -406,7 +406,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
 
 
 def _teacher_correct(path: str, spec: str, dataset: Dataset, cmap, images: torch.Tensor, batch_size: int,
-                     dev: torch.device) -> tuple[torch.Tensor, dict]:
+                     dev: torch.device, normalize: str = "auto") -> tuple[torch.Tensor, dict]:
     """Indices (into ``images``, the mapped test images) that the teacher classifies
     correctly, and the protocol's figures. The teacher's labels come from the same class
     map applied to its own classes (which need not be in the student's order)."""
@@ -428,7 +428,8 @@ def _teacher_correct(path: str, spec: str, dataset: Dataset, cmap, images: torch
             raise UserError(f"{cmap.source} maps to {missing[:3]}, not classes of the teacher {path} "
                             f"({', '.join(tclasses[:10])}); use a teacher with the student's classes")
         labels = remap(labels, dataset.classes, cmap, tclasses)["labels"]
-    net, tmeta = load_model(path, spec or None, len(tclasses), dataset.channels, flag="--teacher-correct-model")
+    pre = None if normalize == "auto" else preprocessing_for(normalize, dataset)
+    net, tmeta = load_model(path, spec or None, len(tclasses), dataset.channels, pre, flag="--teacher-correct-model")
     right = predict(net.to(dev), images, batch_size, dev).argmax(1) == labels
     keep = torch.nonzero(right).reshape(-1)
     if not len(keep):

@@ -84,8 +84,11 @@ class EvaluateConfig(_Validated):
                                "teacher classifies correctly; reports how many that leaves and the teacher's "
                                "accuracy (default: off, every image is scored)", metavar="CKPT")
     teacher_correct_model: str = opt("", "architecture of the --teacher-correct checkpoint when it has no igkd "
-                                     "metadata (foreign .pt; fed raw [0,1] pixels) (default: from its metadata)",
-                                     metavar="SPEC")
+                                     "metadata (foreign .pt) (default: from its metadata)", metavar="SPEC")
+    teacher_correct_normalize: str = opt("auto", "preprocessing of the --teacher-correct teacher: auto = as its "
+                                         "metadata says (raw [0,1] pixels for a foreign file), imagenet = "
+                                         "torchvision's ImageNet mean/std, dataset, none",
+                                         choices=["auto", "none", "dataset", "imagenet"])
     corruptions: str = opt("", CORRUPTIONS_HELP, metavar="NAME[,NAME...]", repeat=True)
     corruption_seed: int = opt(0, "seed of the corruptions' random numbers (per image, so independent of the batch "
                                "size and device)", low=0, high=2**31 - 1)

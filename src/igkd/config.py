@@ -139,19 +139,20 @@ class _PrecomputeBase(_Validated):
                             choices=["always", "auto", "never"])
 
 
-def _precompute_config() -> type:
-    """PrecomputeConfig: the base options and the own options of every registered
-    attribution (:mod:`igkd.attribution.registry`), so an attribution brings its options,
-    help and ranges to the CLI, YAML and the API, as a method part does."""
-    extra = [(name, type(f.default), f) for name, f in attributions.config_fields().items()]
-    cls = dataclasses.make_dataclass("PrecomputeConfig", extra, bases=(_PrecomputeBase,))
-    cls.__module__, cls.__qualname__ = __name__, "PrecomputeConfig"  # pickles and prints as igkd.config's
-    cls.__doc__ = ("Options of ``igkd precompute``: teacher logits and maps for the training set. The options "
-                   "of each attribution come from its module in igkd/attribution/.")
+def _extended(name: str, base: type, fields_: dict, doc: str) -> type:
+    """The dataclass ``name``: ``base`` and ``fields_`` (option name -> ``opt(...)``), as
+    the registries declare them (a method part's, an attribution's options)."""
+    cls = dataclasses.make_dataclass(name, [(n, type(f.default), f) for n, f in fields_.items()], bases=(base,))
+    cls.__module__, cls.__qualname__, cls.__doc__ = __name__, name, doc  # pickles and prints as igkd.config's
     return cls
 
 
-PrecomputeConfig = _precompute_config()
+# the base options and the own options of every registered attribution
+# (:mod:`igkd.attribution.registry`): an attribution brings its options, help and ranges to
+# the CLI, YAML and the API, as a method part does
+PrecomputeConfig = _extended("PrecomputeConfig", _PrecomputeBase, attributions.config_fields(),
+                             "Options of ``igkd precompute``: teacher logits and maps for the training set. The "
+                             "options of each attribution come from its module in igkd/attribution/.")
 
 
 @dataclass
@@ -190,13 +191,9 @@ def _distill_config() -> type:
     registry = importlib.import_module("igkd.distill.parts")
     method = opt("kd+ig", "parts joined with '+' (student = cross-entropy alone; e.g. kd+ig, the paper's): "
                  + registry.methods_help())
-    extra = [("method", str, method)] + [(name, type(f.default), f)
-                                         for name, f in registry.config_fields(freeze=True).items()]
-    cls = dataclasses.make_dataclass("DistillConfig", extra, bases=(_DistillBase,))
-    cls.__module__, cls.__qualname__ = __name__, "DistillConfig"  # pickles and prints as igkd.config's
-    cls.__doc__ = ("Options of ``igkd distill``; defaults are the paper's method settings. The fields of "
-                   "each method part come from its module in igkd/distill/parts/.")
-    return cls
+    return _extended("DistillConfig", _DistillBase, {"method": method, **registry.config_fields(freeze=True)},
+                     "Options of ``igkd distill``; defaults are the paper's method settings. The fields of "
+                     "each method part come from its module in igkd/distill/parts/.")
 
 
 DistillConfig = _distill_config()

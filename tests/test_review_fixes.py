@@ -333,10 +333,12 @@ def test_a_foreign_imagenet_teacher_gets_its_normalisation(tmp_path):
 # ---------------------------------------------------------------- 6. maps are described by their attribution
 def test_a_run_on_saliency_maps_records_and_describes_saliency(tmp_path):
     # summary.json said {"ig": {"steps": 50, "method": ..., "attribution": "saliency"}}, the card "50 steps"
-    cfg = igkd.DistillConfig(data="demo", teacher=str(Path(igkd.__file__).parent / "assets" / "demo_teacher.safetensors"),
-                             model=TINY, method="kd+ig", attribution="saliency", epochs=1, subset=0.05, threads=1,
-                             check_images=0, store=str(tmp_path / "store"))
-    summary = igkd.distill(cfg, tmp_path / "run", quiet=True)
+    from helpers_data import write_image_folder
+    folder = write_image_folder(tmp_path / "images", 4, 8)
+    torch.manual_seed(0)
+    cfg = igkd.DistillConfig(data=f"imagefolder:{folder},cache=0", model=TINY, method="kd+ig", attribution="saliency",
+                             epochs=1, batch_size=4, threads=1, check_images=0, store=str(tmp_path / "store"))
+    summary = igkd.distill(cfg, tmp_path / "run", quiet=True, teacher=build_model(TINY, 2, 3).eval())
     assert "ig" not in summary and summary["maps"]["attribution"] == "saliency"
     assert summary["maps"]["settings"]["attribution"] == "saliency"
     card = (tmp_path / "run" / "README.md").read_text()

@@ -25,8 +25,8 @@ from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .models import (bare, build_model, built_spec, copy_matching, count_parameters, holds_own_weights, load_model,
-                     read_metadata, preprocessing_of, recorded_spec, weights_fingerprint, with_preprocessing)
+from .models import (bare, build_model, built_spec, copy_matching, count_parameters, eval_mode, holds_own_weights,
+                     load_model, read_metadata, preprocessing_of, recorded_spec, weights_fingerprint, with_preprocessing)
 from .precompute import maps_record, precompute as _precompute
 from .progress import log
 from .runtime import resolve_device, set_threads
@@ -85,21 +85,18 @@ def module_spec(net: nn.Module, num_classes: int, in_channels: int, image_size: 
 
 
 def _rebuilds(spec: str, net: nn.Module, num_classes: int, in_channels: int, image_size: tuple[int, int]) -> bool:
-    was_training = net.training
     try:
         with torch.random.fork_rng(devices=[]):  # the rebuild's initialisation draws no number of the run's
             rebuilt = build_model(spec, num_classes, in_channels)
             rebuilt.load_state_dict(net.state_dict())
             probe = torch.rand(2, in_channels, *image_size, generator=torch.Generator().manual_seed(0))
         device = next((p.device for p in net.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            a = net.eval()(probe.to(device)).float().cpu()
+        with torch.no_grad(), eval_mode(net):
+            a = net(probe.to(device)).float().cpu()
             b = rebuilt.to(device).eval()(probe.to(device)).float().cpu()
         return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + float(a.abs().max())))
     except Exception:  # noqa: BLE001 - any failure means: not rebuildable from that spec
         return False
-    finally:
-        net.train(was_training)
 
 
 def check_outputs(net: nn.Module, dataset: Dataset, what: str) -> None:
@@ -111,17 +108,14 @@ def check_outputs(net: nn.Module, dataset: Dataset, what: str) -> None:
         return
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
     x = dataset.train.images[:1].to(device).float().div(255)
-    was_training = net.training
     try:
-        with torch.no_grad():
-            out = net.eval()(x)
+        with torch.no_grad(), eval_mode(net):
+            out = net(x)
     except Exception as e:  # noqa: BLE001 - whatever the user's network raises
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"{what} fails on one {dataset.channels}x{'x'.join(map(str, dataset.image_size))} image of "
                         f"{dataset.spec} ({type(e).__name__}: {first}); it must take float32 N x C x H x W "
                         "pixels in [0, 1] and return logits") from None
-    finally:
-        net.train(was_training)
     classes = len(dataset.classes)
     if not isinstance(out, torch.Tensor):
         raise UserError(f"{what} returns a {type(out).__name__}, not a tensor of logits; make its forward return "

@@ -42,7 +42,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import UserError
-from ..models import ReLU6, bare, copy_free_relu6
+from ..models import ReLU6, bare, copy_free_relu6, eval_mode
 from ..progress import log
 
 # Interpolated samples per forward pass at 32x32x3, scaled inversely with the input size.
@@ -65,18 +65,15 @@ def _eval_without_param_grads(model: nn.Module) -> Iterator[None]:
     Each module's own ``training`` flag is restored (not ``model.train(prev)``), so a
     model with, e.g., frozen BatchNorm layers inside a training model is left as found.
     """
-    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model):
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 def _channels_last(model: nn.Module) -> bool:

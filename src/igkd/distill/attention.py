@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import bare
+from ..models import bare, eval_mode
 
 
 class StopForward(Exception):
@@ -92,13 +92,10 @@ def probe_shapes(model: nn.Module, names: list[str], input_shape: tuple[int, int
     modules = {n: resolve_layer(model, n, who) for n in names}
     ends: list[tuple[str, object]] = []
     handles = [m.register_forward_hook(lambda m, i, o, n=n: ends.append((n, o))) for n, m in modules.items()]
-    modes = [(m, m.training) for m in model.modules()]  # each module's own: train() sets them all to one
-    model.eval()
     try:
-        model(torch.zeros(1, *input_shape, device=device))
+        with eval_mode(model):
+            model(torch.zeros(1, *input_shape, device=device))
     finally:
-        for m, mode in modes:
-            m.training = mode
         for h in handles:
             h.remove()
     last = {n: (pos, o) for pos, (n, o) in enumerate(ends)}  # each layer at its last call

@@ -9,10 +9,25 @@ normalised input (IG is invariant to per-channel affine reparametrisation).
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then each module's own ``training`` flag back
+    (not ``model.train(prev)``, which sets every module to one flag: a model with frozen
+    BatchNorm layers inside a training model is left as found)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class Normalized(nn.Module):

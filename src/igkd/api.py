@@ -26,16 +26,20 @@ from .evaluate.classmap import model_classes, read_class_map, remap
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .models import (bare, build_model, built_spec, copy_matching, count_parameters, eval_mode, holds_own_weights,
-                     load_model, read_metadata, preprocessing_of, recorded_spec, weights_fingerprint, with_preprocessing)
+                     load_model, read_metadata, preprocessing_of, recorded_spec, weights_fingerprint,
+                     with_preprocessing)
 from .precompute import maps_record, precompute as _precompute
 from .progress import log
 from .runtime import resolve_device, set_threads
 
 
-def preprocessing_for(normalize: str, dataset: Dataset) -> dict:
+def preprocessing_for(normalize: str, dataset: Dataset) -> dict | None:
     """The preprocessing a ``--normalize`` (or ``--teacher-normalize``) value names for
     ``dataset``: none, the dataset's own channel mean/std, or torchvision's ImageNet ones
-    (what a foreign ImageNet checkpoint was trained with)."""
+    (what a foreign ImageNet checkpoint was trained with); None for ``auto``, the
+    checkpoint's own (what :func:`~igkd.models.load_model` takes as "from the metadata")."""
+    if normalize == "auto":
+        return None
     if normalize == "none":
         return {"normalize": "none"}
     if normalize == "imagenet":
@@ -169,9 +173,8 @@ def load_teacher(path: str | Path, dataset: Dataset, spec: str = "", normalize: 
     if meta.get("in_channels") and meta["in_channels"] != dataset.channels:
         raise UserError(f"teacher {path} takes {meta['in_channels']}-channel images but {dataset.spec} has "
                         f"{dataset.channels}; use a teacher trained on this dataset")
-    pre = None if normalize == "auto" else preprocessing_for(normalize, dataset)
-    teacher, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels, pre,
-                               flag="--teacher-model")
+    teacher, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels,
+                               preprocessing_for(normalize, dataset), flag="--teacher-model")
     for p in teacher.parameters():
         p.requires_grad_(False)
     check_outputs(teacher, dataset, f"teacher {path} ({meta['model']})")
@@ -321,8 +324,9 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     images of unmapped classes are dropped and counted.
 
     ``teacher_correct`` (a teacher checkpoint; ``teacher_correct_model`` its spec when it has
-    no igkd metadata, ``teacher_correct_normalize`` its preprocessing as ``--teacher-normalize``) applies the teacher-correct protocol: the teacher, with the same class
-    map applied to its classes, is run on the (mapped) test images and the model is scored
+    no igkd metadata, ``teacher_correct_normalize`` its preprocessing as ``--teacher-normalize``
+    takes it) applies the teacher-correct protocol: the teacher, with the same class map
+    applied to its classes, is run on the (mapped) test images and the model is scored
     only on the images the teacher classifies correctly. ``result["teacher_correct"]`` says
     how many images that leaves, of how many, and the teacher's accuracy on all of them.
 
@@ -363,8 +367,8 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     if not cmap and meta.get("classes") and meta["classes"] != dataset.classes:
         raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
                         "evaluate it on the dataset it was trained for (or map the classes with --class-map)")
-    pre = None if normalize == "auto" else preprocessing_for(normalize, dataset)
-    net, meta = load_model(weights, model or None, len(classes), dataset.channels, pre)
+    net, meta = load_model(weights, model or None, len(classes), dataset.channels,
+                           preprocessing_for(normalize, dataset))
     dev = resolve_device(cfg.device)
     test = dataset.test
     # a view of the scored rows (class map, teacher-correct, corruption picks narrow it): read batch
@@ -422,8 +426,8 @@ def _teacher_correct(path: str, spec: str, dataset: Dataset, cmap, images: torch
             raise UserError(f"{cmap.source} maps to {missing[:3]}, not classes of the teacher {path} "
                             f"({', '.join(tclasses[:10])}); use a teacher with the student's classes")
         labels = remap(labels, dataset.classes, cmap, tclasses)["labels"]
-    pre = None if normalize == "auto" else preprocessing_for(normalize, dataset)
-    net, tmeta = load_model(path, spec or None, len(tclasses), dataset.channels, pre, flag="--teacher-correct-model")
+    net, tmeta = load_model(path, spec or None, len(tclasses), dataset.channels, preprocessing_for(normalize, dataset),
+                            flag="--teacher-correct-model")
     right = predict(net.to(dev), images, batch_size, dev).argmax(1) == labels
     keep = torch.nonzero(right).reshape(-1)
     if not len(keep):

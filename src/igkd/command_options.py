@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from .attribution import registry as attributions
-from .config import PrecomputeConfig, _Validated, renamed
+from .config import PrecomputeConfig, _Validated, renamed, teacher_normalize_opt
 from .evaluate import corruptions as corruption_registry
 from .options import opt
 
@@ -48,10 +48,7 @@ class PrecomputeCommandConfig(PrecomputeConfig):
                        required=True, metavar="CKPT")
     teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata",
                              metavar="SPEC")
-    teacher_normalize: str = opt("auto", "teacher input preprocessing: auto = as its metadata says (raw [0,1] pixels "
-                                 "for a foreign file), imagenet = torchvision's ImageNet mean/std (its checkpoints "
-                                 "expect them), dataset = this data's mean/std, none", metavar="{auto,none,dataset,imagenet}",
-                                 choices=["auto", "none", "dataset", "imagenet"])
+    teacher_normalize: str = teacher_normalize_opt("teacher")
     data: str = opt("", "dataset spec; the maps are of its training split", required=True, metavar="SPEC")
     store: str = opt("", "store directory (default: a fingerprinted folder in the cache)", metavar="DIR")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
@@ -85,10 +82,7 @@ class EvaluateConfig(_Validated):
                                "accuracy (default: off, every image is scored)", metavar="CKPT")
     teacher_correct_model: str = opt("", "architecture of the --teacher-correct checkpoint when it has no igkd "
                                      "metadata (foreign .pt) (default: from its metadata)", metavar="SPEC")
-    teacher_correct_normalize: str = opt("auto", "preprocessing of the --teacher-correct teacher: auto = as its "
-                                         "metadata says (raw [0,1] pixels for a foreign file), imagenet = "
-                                         "torchvision's ImageNet mean/std, dataset, none",
-                                         choices=["auto", "none", "dataset", "imagenet"])
+    teacher_correct_normalize: str = teacher_normalize_opt("--teacher-correct teacher")
     corruptions: str = opt("", CORRUPTIONS_HELP, metavar="NAME[,NAME...]", repeat=True)
     corruption_seed: int = opt(0, "seed of the corruptions' random numbers (per image, so independent of the batch "
                                "size and device)", low=0, high=2**31 - 1)
@@ -164,10 +158,7 @@ class AuditConfig(_Validated):
     data: str = opt("", "dataset spec; images come from its test split", required=True, metavar="SPEC")
     teacher_model: str = opt("", "architecture of a foreign teacher file (default: from its metadata)",
                              metavar="SPEC")
-    teacher_normalize: str = opt("auto", "teacher input preprocessing: auto = as its metadata says (raw [0,1] pixels "
-                                 "for a foreign file), imagenet = torchvision's ImageNet mean/std (its checkpoints "
-                                 "expect them), dataset = this data's mean/std, none", metavar="{auto,none,dataset,imagenet}",
-                                 choices=["auto", "none", "dataset", "imagenet"])
+    teacher_normalize: str = teacher_normalize_opt("teacher")
     student_model: str = opt("", "architecture of foreign student files, e.g. mobilenetv2:drop=5 for the "
                              "paper's (default: from their metadata)", metavar="SPEC")
     images: int = opt(64, "test images, evenly spaced over the split", low=1, high=1 << 20, unit="images")

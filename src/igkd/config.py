@@ -97,6 +97,14 @@ class TrainConfig(_Validated):
                         "for GPUs)")
 
 
+def teacher_normalize_opt(who: str):
+    """The ``*_normalize`` option of a teacher file (``--teacher-normalize``, audit's and
+    evaluate's teacher-correct one): the preprocessing put in front of it."""
+    return opt("auto", f"{who} input preprocessing: auto = as its metadata says (raw [0,1] pixels for a foreign "
+               "file), imagenet = torchvision's ImageNet mean/std (its checkpoints expect them), dataset = this "
+               "data's mean/std, none", choices=["auto", "none", "dataset", "imagenet"])
+
+
 @dataclass
 class _PrecomputeBase(_Validated):
     """Options of ``igkd precompute``: teacher logits and IG maps for the training set."""
@@ -166,10 +174,7 @@ class _DistillBase(TrainConfig, PrecomputeConfig):
     teacher: str = opt("", "teacher checkpoint (.safetensors from igkd train, or .pt with --teacher-model)",
                        metavar="CKPT")
     teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata")
-    teacher_normalize: str = opt("auto", "teacher input preprocessing: auto = as its metadata says (raw [0,1] pixels "
-                                 "for a foreign file), imagenet = torchvision's ImageNet mean/std (its checkpoints "
-                                 "expect them), dataset = this data's mean/std, none", metavar="{auto,none,dataset,imagenet}",
-                                 choices=["auto", "none", "dataset", "imagenet"])
+    teacher_normalize: str = teacher_normalize_opt("teacher")
     logits: str = opt("precomputed", "teacher logits: precomputed once on clean images (by sample index) or "
                       "online on each augmented batch (always online with a mixing part such as cutmix)",
                       choices=["precomputed", "online"])

@@ -89,7 +89,8 @@ def model_card(summary: dict, meta: dict) -> str:
               "## Use it", "", "```python", "import igkd", "",
               (f'model, meta = igkd.load_model("model.safetensors", {summary["model"]!r})  # your code: named, '
                'never read from the file' if own_code else
-               'model, meta = igkd.load_model("model.safetensors")  # architecture, classes, preprocessing from the file'),
+               'model, meta = igkd.load_model("model.safetensors")  # architecture, classes, preprocessing from '
+               'the file'),
               "logits = model(images)  # float32 N x C x H x W in [0, 1]", 'print(meta["classes"])', "```", "",
               "```bash",
               # quoted: a spec holds shell characters (imagefolder:"/my data",size=32)

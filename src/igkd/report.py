@@ -450,9 +450,9 @@ def gallery_section(run_dir: Path) -> str | None:
     gallery(run_dir / "gallery.png", train.images[pick], torch.from_numpy(store.maps[pick.numpy()].astype("float32")),
             [dataset.classes[int(train.labels[i])] for i in pick],
             title=f"teacher maps ({maps['description']}) and the overlays students see")
-    d = maps.get("completeness_delta") or store.manifest.get("completeness_delta") or {}
+    d = maps.get("completeness_delta") or store.manifest.get("completeness_delta") or {}  # none without completeness
     err = (f" Completeness error |sum IG - (F(x) - F(x'))| / |F(x) - F(x')|: median "
-           f"{100 * d['median_relative']:.1f}%, 90th percentile {100 * d['p90_relative']:.1f}%." if d else "")  # none without completeness
+           f"{100 * d['median_relative']:.1f}%, 90th percentile {100 * d['p90_relative']:.1f}%." if d else "")
     return (f"## Teacher maps\n\nFirst training image of each class, its map ({maps['description']}; sum over "
             f"channels of the absolute attribution) and the overlay (p = 1).{err}\n\n![gallery](gallery.png)\n")
 

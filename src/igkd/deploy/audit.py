@@ -30,8 +30,8 @@ def _load_checked(path: str, spec: str, dataset: Dataset, normalize: str = "auto
     if meta.get("classes") and meta["classes"] != dataset.classes:
         raise UserError(f"{path} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
                         "audit models on the dataset they were trained for")
-    pre = None if normalize == "auto" else preprocessing_for(normalize, dataset)
-    net, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels, pre)
+    net, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels,
+                           preprocessing_for(normalize, dataset))
     for p in net.parameters():
         p.requires_grad_(False)
     return net, meta

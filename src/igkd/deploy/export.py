@@ -75,7 +75,7 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     if meta.get("classes") and meta["classes"] != dataset.classes:
         raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
                         "pass the --data it was trained on")
-    pre = None if cfg.normalize == "auto" else preprocessing_for(cfg.normalize, dataset)
+    pre = preprocessing_for(cfg.normalize, dataset)
     net, meta = load_model(weights, cfg.model or None, len(dataset.classes), dataset.channels, pre)
     shape = (dataset.channels, *dataset.image_size)
     # evenly spaced, not the first N: an image folder lists its test split class by class, and the

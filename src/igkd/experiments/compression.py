@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..models import bare, build_model, count_parameters, family_of
 from ..progress import log
 from ..report import _plt, _save, markdown_table, read_json
-from ..spec import Spec, parse_spec
+from ..spec import Spec, canonical_spec, parse_spec
 from .common import methods_of, save_results, setup
 from .config import ExperimentConfig, distill_config, split_list
 from .runs import Job, run_jobs, run_record
@@ -55,8 +55,7 @@ def _once(students: list[tuple[str, float, str]]) -> list[tuple[str, float, str]
     table and a point of the curves, twice, for one trained run."""
     seen: dict = {}
     for axis, value, spec in students:
-        s = parse_spec(spec, "model spec")
-        key = (s.kind, s.arg, tuple(sorted(s.options.items())))
+        key = canonical_spec(spec)
         if key in seen:
             print(f"igkd: warning: student {spec} ({axis} {value:g}) is the same model as {seen[key][2]} "
                   f"({seen[key][0]} {seen[key][1]:g}); it is swept once", file=sys.stderr, flush=True)

@@ -263,5 +263,5 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
     return rows
 
 
-__all__ = ["CORRUPTIONS_FILE", "Job", "canonical_specs", "corruption_scores", "finished", "prepare_out", "run_dir", "run_jobs", "run_key",
-           "run_record", "semantic_config"]
+__all__ = ["CORRUPTIONS_FILE", "Job", "canonical_specs", "corruption_scores", "finished", "prepare_out", "run_dir",
+           "run_jobs", "run_key", "run_record", "semantic_config"]

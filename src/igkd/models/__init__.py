@@ -1,7 +1,7 @@
 """Architectures (one module per family), spec strings, preprocessing and checkpoints."""
 
-from .checkpoint import (copy_matching, holds_own_weights, load_model, load_weights, read_metadata, read_state_dict, recorded_spec,
-                         save_checkpoint, teacher_identity, weights_fingerprint)
+from .checkpoint import (copy_matching, holds_own_weights, load_model, load_weights, read_metadata, read_state_dict,
+                         recorded_spec, save_checkpoint, teacher_identity, weights_fingerprint)
 from .family import Family
 from .mobilenetv2 import MobileNetV2, ReLU6, copy_free_relu6
 from .preprocess import Normalized, bare, eval_mode, preprocessing_of, with_preprocessing

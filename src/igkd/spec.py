@@ -30,6 +30,11 @@ class Spec:
             [f"{k}={_quote(v)}" for k, v in self.options.items()]
         return self.kind + (":" + ",".join(parts) if parts else "")
 
+    def canonical(self) -> "Spec":
+        """The same spec with its options in key order: one spec however they were ordered
+        (``width=0.5,drop=5`` and ``drop=5,width=0.5`` build the same model)."""
+        return Spec(self.kind, self.arg, dict(sorted(self.options.items())))
+
 
 def _quote(text: str, arg: bool = False) -> str:
     """``text`` quoted when it would otherwise be read back differently: a comma or quote
@@ -99,14 +104,12 @@ def parse_spec(text: str, what: str = "spec") -> Spec:
 
 
 def canonical_spec(text: str) -> str:
-    """``text`` with its options in key order: one string for one spec however its options
-    were ordered (``width=0.5,drop=5`` and ``drop=5,width=0.5`` build the same model), for
-    the keys that find runs again. Text that is no spec is returned as it is."""
+    """``text`` as :meth:`Spec.canonical` writes it, for the keys that find runs again; text
+    that is no spec is returned as it is."""
     try:
-        s = parse_spec(text)
+        return str(parse_spec(text).canonical())
     except UserError:
         return text
-    return str(Spec(s.kind, s.arg, dict(sorted(s.options.items()))))
 
 
 def take_option(spec: Spec, opts: dict[str, str], key: str, cast, default, what: str):

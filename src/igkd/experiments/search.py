@@ -173,7 +173,7 @@ def recipe(cfg: ExperimentConfig, space: dict) -> dict:
     for name in space:
         d.pop(name, None)
     data = parse_spec(d["data"], "dataset spec")
-    d["data"] = str(Spec(data.kind, None, dict(sorted(data.options.items()))))
+    d["data"] = str(Spec(data.kind, None, data.canonical().options))
     return json.loads(json.dumps(d))
 
 

@@ -80,7 +80,7 @@ def build_model(spec: str | Spec, num_classes: int = 10, in_channels: int = 3) -
         # recorded for the teacher identity of precompute stores (checkpoint.teacher_identity): two
         # architectures can share one state dict; options sorted so their order does not matter
         try:
-            setattr(net, SPEC_ATTRIBUTE, str(Spec(spec.kind, spec.arg, dict(sorted(spec.options.items())))))
+            setattr(net, SPEC_ATTRIBUTE, str(spec.canonical()))
         except Exception:  # noqa: BLE001 - a user's module refusing attributes: identified by its structure alone
             pass
     return net

@@ -15,15 +15,6 @@ def _pct(v) -> str:
     return "n/a" if v is None or v != v else f"{v:.2f}%"
 
 
-def _runs_code(spec: str) -> bool:
-    from .errors import UserError
-    from .models import family_of
-    try:
-        return family_of(spec).runs_code
-    except UserError:  # module:CLASS, a module handed to the API: no spec rebuilds it
-        return False
-
-
 def model_card(summary: dict, meta: dict) -> str:
     """Markdown text of the card; ``meta`` is the checkpoint's metadata (classes, preprocessing...)."""
     method = summary.get("method", "student")
@@ -69,7 +60,9 @@ def model_card(summary: dict, meta: dict) -> str:
     # the file holds the last epoch, and no validation accuracy chose it
     validated = summary.get("val_images") != 0
     # a py:/torchscript: model runs only when named (models.recorded_spec): the commands name it
-    own_code = _runs_code(summary["model"])
+    from .models import find_family
+    family = find_family(summary["model"])  # none for module:CLASS, a module handed to the API
+    own_code = family is not None and family.runs_code
     model_flag = f" --model {shlex.quote(summary['model'])}" if own_code else ""
     if validated:
         val_row = (f"| validation (best epoch, {summary.get('best_epoch')} of {summary.get('epochs')}) | "

@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..fileio import dumps, file_digest, write_bytes, write_json
 from ..spec import parse_spec
 from .preprocess import bare, with_preprocessing
-from .registry import SPEC_ATTRIBUTE, build_model, family_of
+from .registry import SPEC_ATTRIBUTE, build_model, family_of, find_family
 
 FORMAT = "igkd-checkpoint/1"
 HEADER_KEY = "igkd"  # safetensors header metadata key holding the JSON metadata
@@ -271,10 +271,8 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", fl
 def holds_own_weights(text: str) -> bool:
     """Whether ``text`` is a model spec of a family whose weights come with it
     (``torchscript:FILE``), given where a weights file is expected."""
-    try:
-        return family_of(parse_spec(text, "model spec")).own_weights
-    except UserError:  # a path, not a spec of a known family
-        return False
+    family = find_family(text)
+    return family is not None and family.own_weights
 
 
 def recorded_spec(spec: str, path: str | Path, flag: str = "--model") -> str:

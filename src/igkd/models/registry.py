@@ -69,6 +69,14 @@ def family_of(spec: str | Spec) -> Family:
     return MODELS[spec.kind]
 
 
+def find_family(spec: str | Spec) -> Family | None:
+    """The :class:`Family` ``spec`` names, or None where it names none (a path, ``module:CLASS``)."""
+    try:
+        return family_of(spec)
+    except UserError:
+        return None
+
+
 def build_model(spec: str | Spec, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """Build an untrained model from its spec string."""
     for what, n in (("num_classes", num_classes), ("in_channels", in_channels)):

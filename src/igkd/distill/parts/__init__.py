@@ -23,7 +23,6 @@ BUILTIN = (
     "at",        # attention transfer
     "cutmix",    # CutMix, the augmentation control
 )
-ENTRY_POINT_GROUP = "igkd.parts"  # plugins.load("parts") reads it
 
 # the paper's eight combinations and the shuffled-map controls (the trainer's full test list)
 PAPER_METHODS = ["student", "kd", "ig", "at", "kd+ig", "kd+at", "ig+at", "kd+ig+at",

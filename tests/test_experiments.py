@@ -431,6 +431,23 @@ def test_report_renders_every_section_with_plots(exp_dir):
     assert all(len({len(h) for h in hs}) == 1 for hs in groups.values())  # runs of one budget only
 
 
+@pytest.mark.parametrize("name", ["cifar10-cpu", "cifar10-cpu-alpha0.01"])
+def test_committed_results_regenerate_their_own_report(tmp_path, name):
+    """``igkd report results/cifar10-cpu`` rebuilds the committed report from the committed
+    artifacts alone. Their map store was a cache on the machine that ran them: the gallery drawn
+    then stays, described from the record, instead of a note naming that machine's cache."""
+    from igkd.report import write_report
+    committed = Path(__file__).resolve().parents[1] / "results" / name
+    copy = tmp_path / name
+    shutil.copytree(committed, copy)
+    write_report(copy)
+    assert (copy / "report.md").read_text() == (committed / "report.md").read_text()
+    assert "![gallery](gallery.png)" in (copy / "report.md").read_text()
+    (copy / "gallery.png").unlink()
+    text = write_report(copy)
+    assert "The map store is gone from this machine; re-run the experiment" in text and "/.cache/" not in text
+
+
 def test_curves_keep_experiments_and_budgets_apart(tmp_path):
     """One-epoch ablation runs and three-epoch Monte Carlo runs of one method are two curves, not
     one mean cut to the shortest run."""

@@ -221,3 +221,31 @@ def test_audit_takes_an_attribution_by_name(tmp_path):
     assert r["attribution"] == "gradcam" and r["description"].startswith("Grad-CAM")
     assert r["students"][0]["spearman_mean"] == pytest.approx(1.0)
     assert "Grad-CAM of layer auto, of the label class" in audit_table(r)
+
+
+def test_audit_passes_each_attributions_own_options_to_every_model(tmp_path, capsys):
+    """audit takes an attribution's own options as precompute does (they come from the
+    registry), applies them to every model and records them; they change the comparison."""
+    from igkd.cli import main
+    torch.manual_seed(0)
+    other = igkd.models.save_checkpoint(tmp_path / "random", build_model("mobilenetv2:width=0.25,drop=14", 10, 1),
+                                        {"model": "mobilenetv2:width=0.25,drop=14", "num_classes": 10,
+                                         "in_channels": 1})
+    with pytest.raises(SystemExit) as e:
+        main(["audit", "--teacher", DEMO_TEACHER, "--student", str(other), "--data", "demo", "--images", "4",
+              "--gallery", "0", "--attribution", "smoothgrad", "--smoothgrad-samples", "1", "--smoothgrad-sigma",
+              "0.3", "--json", "--quiet"])
+    assert e.value.code == 0
+    one = __import__("json").loads(capsys.readouterr().out)
+    assert one["settings"] == {"attribution": "smoothgrad", "samples": 1, "sigma": 0.3,
+                               "noise": "seeded by each image's index"}
+    six = igkd.audit(DEMO_TEACHER, other, "demo", images=4, gallery=0, quiet=True, attribution="smoothgrad",
+                     smoothgrad_samples=6, smoothgrad_sigma=0.3)
+    assert six["description"] == "smoothgrad x 6 samples, sigma 0.3"
+    assert six["students"][0]["per_image"]["spearman"] != one["students"][0]["per_image"]["spearman"]
+    r = igkd.audit(DEMO_TEACHER, DEMO_TEACHER, "demo", images=2, gallery=0, quiet=True, attribution="gradcam",
+                   gradcam_layer="features.10")
+    assert r["settings"]["layer"] == "features.10" and r["description"] == "Grad-CAM of layer features.10"
+    with pytest.raises(UserError, match="unknown model layer 'features.10'"):  # named for every model: the student
+        igkd.audit(DEMO_TEACHER, other, "demo", images=2, gallery=0, quiet=True, attribution="gradcam",
+                   gradcam_layer="features.10")

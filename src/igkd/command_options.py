@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from .attribution import registry as attributions
-from .config import PrecomputeConfig, _Validated, renamed, teacher_normalize_opt
+from .config import PrecomputeConfig, _extended, _Validated, renamed, teacher_normalize_opt
 from .evaluate import corruptions as corruption_registry
 from .options import opt
 
@@ -147,8 +147,8 @@ class ExportConfig(_Validated):
 
 
 @dataclass
-class AuditConfig(_Validated):
-    """Options of ``igkd audit``: do students attribute like their teacher?"""
+class _AuditBase(_Validated):
+    """The options of ``igkd audit`` that belong to no attribution."""
 
     RENAMED: ClassVar[dict] = {"steps": "ig_steps", "baseline": "ig_baseline"}
 
@@ -167,13 +167,21 @@ class AuditConfig(_Validated):
     topk: float = opt(10.0, "share of pixels in the top-k overlap", low=0.0, high=100.0, low_open=True,
                       unit="percent")
     attribution: str = opt(attributions.DEFAULT, "attribution whose maps are compared: " + attributions.help_text()
-                           + "; --ig-steps and --ig-baseline apply to ig, the others take precompute's defaults "
-                           "and gradcam each model's auto layer", choices=list(attributions.names()))
+                           + "; --ig-steps and --ig-baseline apply to ig, each attribution's own options (as in "
+                           "precompute) to it, the same for every model; a --gradcam-layer other than auto must "
+                           "name a layer of every model", choices=list(attributions.names()))
     ig_steps: int = opt(32, "integration steps of integrated gradients (Gauss-Legendre)", low=1, high=4096)
     ig_baseline: str = opt("black", "IG baseline, the same pixels for every model unless zero (= each model's "
                            "normalised zero)", choices=["black", "zero", "blur"])
     gallery: int = opt(8, "rows (images) in audit.png; 0 = none", low=0, high=10000, unit="images")
     threads: int = opt(0, THREADS_HELP, low=0, high=1024)
+
+
+# the base options and every registered attribution's own (smoothgrad's samples, gradcam's
+# layer, a plug-in's), as precompute takes them: an audit compares the maps precompute makes
+AuditConfig = _extended("AuditConfig", _AuditBase, attributions.config_fields(),
+                        "Options of ``igkd audit``: do students attribute like their teacher? The options of "
+                        "each attribution come from its module in igkd/attribution/.")
 
 
 # Keyword names the API functions took before their options became these dataclasses.

@@ -151,7 +151,8 @@ def _extended(name: str, base: type, fields_: dict, doc: str) -> type:
     """The dataclass ``name``: ``base`` and ``fields_`` (option name -> ``opt(...)``), as
     the registries declare them (a method part's, an attribution's options)."""
     cls = dataclasses.make_dataclass(name, [(n, type(f.default), f) for n, f in fields_.items()], bases=(base,))
-    cls.__module__, cls.__qualname__, cls.__doc__ = __name__, name, doc  # pickles and prints as igkd.config's
+    # pickles and prints as the module of its base's: igkd.config.PrecomputeConfig, igkd.command_options.AuditConfig
+    cls.__module__, cls.__qualname__, cls.__doc__ = base.__module__, name, doc
     return cls
 
 

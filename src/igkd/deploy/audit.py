@@ -45,8 +45,9 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
     over the test split), each model attributing the true label (``target="label"``, the
     same question for all) or its own prediction (``"predicted"``), same baseline and
     steps. ``attribution``: any name of :mod:`igkd.attribution.registry` (IG with
-    Gauss-Legendre ``ig_steps`` and ``ig_baseline``; the others with precompute's defaults
-    for their options, Grad-CAM at each model's ``auto`` layer).
+    Gauss-Legendre ``ig_steps`` and ``ig_baseline``; the others with their own options as
+    precompute takes them, e.g. ``smoothgrad_samples``; Grad-CAM at each model's ``auto``
+    layer unless ``gradcam_layer`` names one every model has).
 
     Per student: mean Spearman rank correlation of its maps with the teacher's, mean IoU
     of their top ``topk`` percent pixels, and top-1 agreement with the teacher's
@@ -77,7 +78,7 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
         existing(path, "checkpoint")
     set_threads(cfg.threads)
     pcfg = PrecomputeConfig(attribution=cfg.attribution, ig_steps=cfg.ig_steps, ig_method="gausslegendre",
-                            ig_baseline=cfg.ig_baseline)
+                            ig_baseline=cfg.ig_baseline, **{n: getattr(cfg, n) for n in entry.fields})
     dataset = load_dataset(cfg.data)
     models = [(cfg.teacher, *_load_checked(cfg.teacher, cfg.teacher_model, dataset, cfg.teacher_normalize))]
     models += [(p, *_load_checked(p, cfg.student_model, dataset)) for p in paths]
@@ -110,7 +111,7 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
     result = {"teacher": {"weights": cfg.teacher, "model": models[0][2]["model"],
                           "params": count_parameters(models[0][1]), "accuracy": accuracy(preds[0])},
               "data": dataset.spec, "images": len(idx), "indices": idx.tolist(), "target": cfg.target,
-              "attribution": cfg.attribution, "description": entry.description(pcfg),
+              "attribution": cfg.attribution, "description": entry.description(pcfg), "settings": entry.settings(pcfg),
               "ig": {"steps": cfg.ig_steps, "method": "gausslegendre", "baseline": cfg.ig_baseline},
               "topk_percent": cfg.topk, "students": rows}
     if out:

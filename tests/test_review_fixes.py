@@ -543,6 +543,10 @@ def test_models_data_corruptions_trackers_and_attributions_come_from_an_installe
                            cwd=tmp_path, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         return r
+    for command in ([], ["distill"]):  # what the package adds is named in --help, by spec name and package
+        text = igkd_(*command, "--help").stdout
+        assert "models        tinycnn (igkdext)" in text and "datasets      tiny (igkdext)" in text, text[-800:]
+        assert "attributions  gradsq (igkdext)" in text and "loggers       jsonl (igkdext)" in text
     igkd_("train", "--data", "tiny", "--model", "tinycnn:depth=2", "--epochs", "2", "--batch-size", "8",
           "--log", "jsonl", "--out", "run", "--threads", "1", "--quiet")
     assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "epochs.jsonl").read_text().splitlines()] == [1, 2]

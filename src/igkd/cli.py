@@ -36,8 +36,21 @@ spec strings:
 """
 
 
-def _config_parser(sub, name: str, cls, help: str, description: str, out_required: bool = True):
-    p = config_command(sub, name, cls, help=help, description=description, epilog=SPEC_HELP,
+def spec_help() -> str:
+    """:data:`SPEC_HELP` and, when packages extend igkd, a line per kind naming what they add
+    (``tinycnn (mypkg)``): a user who installed a plug-in finds its spec name in ``--help``."""
+    from .plugins import installed
+    found = installed()
+    if not found:
+        return SPEC_HELP
+    lines = [f"  {kind:<13} " + ", ".join(f"{name} ({dist})" for name, dist in entries)
+             for kind, entries in found.items()]
+    return SPEC_HELP + "installed plug-ins (entry points igkd.KIND; 'igkd methods' lists parts):\n" + \
+        "\n".join(lines) + "\n"
+
+
+def _config_parser(sub, name: str, cls, help: str, description: str, *, epilog: str, out_required: bool = True):
+    p = config_command(sub, name, cls, help=help, description=description, epilog=epilog,
                        main=("data", "teacher", "model", "method"))
     if out_required:
         p.add_argument("--out", metavar="DIR", required=True, help="run directory to write")
@@ -46,17 +59,18 @@ def _config_parser(sub, name: str, cls, help: str, description: str, out_require
 
 
 def make_parser() -> argparse.ArgumentParser:
+    epilog = spec_help()
     parser = Parser(
         prog="igkd", description="Compress an image classifier by knowledge distillation with integrated-gradient "
         "overlays. Run 'igkd demo' for a five-minute tour, 'igkd COMMAND --help' for a command's options.",
-        epilog=SPEC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"igkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     _config_parser(sub, "train", TrainConfig, "train a model (a teacher) with cross-entropy",
                    "Train a model from scratch with cross-entropy, random crop and flip. Writes a checkpoint "
-                   "(model.safetensors + model.json), metrics.jsonl and summary.json to --out.")
+                   "(model.safetensors + model.json), metrics.jsonl and summary.json to --out.", epilog=epilog)
 
     p = _config_parser(sub, "precompute", PrecomputeCommandConfig, "compute teacher logits and IG maps once",
                        "Compute teacher logits and integrated-gradient maps for every training image "
@@ -64,16 +78,17 @@ def make_parser() -> argparse.ArgumentParser:
                        "command after an interruption continues where it stopped. Before a new store is "
                        "computed, the map error of the chosen settings is estimated on a few images "
                        "(--check-images). Under 'torchrun --nproc_per_node=N -m igkd.cli precompute ...' N "
-                       "processes share the chunks (gloo on CPU, nccl on GPU).", out_required=False)
+                       "processes share the chunks (gloo on CPU, nccl on GPU).", epilog=epilog,
+                       out_required=False)
 
     _config_parser(sub, "distill", DistillConfig, "train a student with KD, IG overlays, DKD, DIST, AT, ...",
                    "Train a student from scratch with the chosen method: parts joined with '+' (kd+ig is the "
                    "paper's; 'igkd methods' lists every part with its formula, options and defaults). "
                    "Teacher logits and IG maps come from the precompute store, built on first use. Under "
                    "'torchrun --nproc_per_node=N -m igkd.cli distill ...' N processes train with DDP "
-                   "(--batch-size per process).")
+                   "(--batch-size per process).", epilog=epilog)
 
-    config_command(sub, "evaluate", EvaluateConfig, main=("weights", "data", "model"), epilog=SPEC_HELP,
+    config_command(sub, "evaluate", EvaluateConfig, main=("weights", "data", "model"), epilog=epilog,
                    help="score a checkpoint on a dataset's test split",
                    description="Accuracy, per-class accuracy, confusion matrix and parameter count of a checkpoint "
                    "on the test split of a dataset; with --corruptions, also its accuracy under common corruptions "
@@ -106,12 +121,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     # --- deployment commands (issue 6): bench latency, export, audit ---
     from .cli_deploy import add_deploy_commands
-    add_deploy_commands(sub, SPEC_HELP)
+    add_deploy_commands(sub, epilog)
     # --- end deployment commands ---
 
     # --- research workflows (issue 5): experiment ablation|montecarlo|compression|search, report ---
     from .cli_experiments import add_experiment_commands
-    add_experiment_commands(sub, SPEC_HELP)
+    add_experiment_commands(sub, epilog)
     # --- end research workflows ---
     return parser
 

@@ -49,6 +49,19 @@ def load(kind: str, what: str) -> dict[str, object]:
     return out
 
 
+KINDS = ("models", "datasets", "attributions", "corruptions", "loggers", "parts")
+
+
+def installed() -> dict[str, list[tuple[str, str]]]:
+    """``kind -> [(name, distribution)]`` of every installed entry point of igkd's groups,
+    read from the packages' metadata without importing them (``igkd --help`` lists them)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for kind in KINDS:
+        for ep in _installed().select(group=f"igkd.{kind}"):
+            out.setdefault(kind, []).append((ep.name, ep.dist.name if ep.dist is not None else ep.module))
+    return out
+
+
 def merge(registry: dict, kind: str, what: str, check=None) -> dict:
     """Add the entry points of ``igkd.<kind>`` to ``registry`` (name -> object), in place;
     ``check(name, obj)`` raises for an object of the wrong kind. Returns what was added."""

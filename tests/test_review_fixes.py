@@ -555,3 +555,24 @@ def test_models_data_corruptions_trackers_and_attributions_come_from_an_installe
     igkd_("precompute", "--teacher", "run/model.safetensors", "--data", "tiny", "--attribution", "gradsq",
           "--gradsq-power", "3", "--check-images", "0", "--store", "store", "--threads", "1", "--quiet")
     assert json.loads((tmp_path / "store" / "manifest.json").read_text())["identity"]["settings"]["power"] == 3.0
+
+
+def test_a_plugin_importing_a_config_built_from_plugins_is_one_line_naming_the_cycle(tmp_path):
+    """igkd.config builds PrecomputeConfig from the attributions, plug-ins included: a plug-in
+    importing it at module level met a half-built module, and igkd printed a traceback (the
+    configs were imported with igkd.cli, outside main's error handling)."""
+    import subprocess
+    import sys
+    plugin = tmp_path / "plugin"
+    info = plugin / "cyclic-0.1.dist-info"
+    info.mkdir(parents=True)
+    (plugin / "cyclic.py").write_text("from igkd.attribution.registry import Attribution\n"
+                                      "from igkd.config import PrecomputeConfig\n"
+                                      "A = Attribution(name='cyc', help='x', compute=None, settings=dict)\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cyclic\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[igkd.attributions]\ncyc = cyclic:A\n")
+    r = subprocess.run([sys.executable, "-m", "igkd", "precompute", "--help"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(plugin)}, timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("igkd: error: cannot load attribution 'cyc'")
+    assert "import it inside the plug-in's functions" in r.stderr

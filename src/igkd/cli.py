@@ -9,8 +9,6 @@ import argparse
 import sys
 
 from . import __version__
-from .command_options import EvaluateConfig, PrecomputeCommandConfig
-from .config import DistillConfig, PrecomputeConfig, TrainConfig
 from .cli_types import Parser, config_command, int_range, resolve
 from .errors import UserError
 from .fileio import dumps, is_disk_full
@@ -59,6 +57,10 @@ def _config_parser(sub, name: str, cls, help: str, description: str, *, epilog: 
 
 
 def make_parser() -> argparse.ArgumentParser:
+    # the configs are built on import from the registries, which load installed plug-ins: inside
+    # main's error handling, a plug-in that fails to load is one line, not a traceback
+    from .command_options import EvaluateConfig, PrecomputeCommandConfig
+    from .config import DistillConfig, PrecomputeConfig, TrainConfig
     epilog = spec_help()
     parser = Parser(
         prog="igkd", description="Compress an image classifier by knowledge distillation with integrated-gradient "
@@ -169,6 +171,8 @@ def _print_train_summary(s: dict, as_json: bool = False) -> None:
 def run(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     from . import api
+    from .command_options import EvaluateConfig, PrecomputeCommandConfig
+    from .config import DistillConfig, TrainConfig
     from .progress import is_rank0
 
     if args.command == "train":
@@ -229,6 +233,7 @@ def _option_text(name: str, value) -> str:
 def show_methods(as_json: bool) -> None:
     import json
     from dataclasses import fields
+    from .config import DistillConfig
     from .distill.parts import parts
     defaults = {f.name: f.default for f in fields(DistillConfig)}
     rows = [{"part": p.name, "help": p.help, "formula": p.formula, "reference": p.reference,

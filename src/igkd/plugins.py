@@ -44,8 +44,15 @@ def load(kind: str, what: str) -> dict[str, object]:
         try:
             out[ep.name] = ep.load()
         except Exception as e:  # noqa: BLE001 - a broken plug-in must not stop igkd silently; say which
+            fix = "fix or uninstall the package that provides it"
+            if isinstance(e, ImportError) and "partially initialized module 'igkd" in str(e):
+                # igkd.config builds PrecomputeConfig and DistillConfig from the registries, so
+                # while it loads a plug-in those names do not exist yet: a cycle, not a bug of
+                # the plug-in's own code
+                fix = ("the plug-in imports, at module level, an igkd name built from the plug-ins "
+                       "(PrecomputeConfig, DistillConfig, AuditConfig): import it inside the plug-in's functions")
             raise UserError(f"cannot load {what} {ep.name!r} from entry point {ep.value} ({type(e).__name__}: "
-                            f"{e}); fix or uninstall the package that provides it") from None
+                            f"{e}); {fix}") from None
     return out
 
 

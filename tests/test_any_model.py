@@ -20,7 +20,7 @@ from igkd.attribution.ig import integrated_gradients
 from igkd.cli import run
 from igkd.data import load_dataset
 from igkd.errors import UserError
-from igkd.models import build_model, copy_matching, save_checkpoint
+from igkd.models import build_model, copy_matching, count_parameters, save_checkpoint
 
 HERE = Path(__file__).resolve().parent
 CLASSES = ["c0", "c1", "c2"]
@@ -237,6 +237,36 @@ def test_compression_sweep_walks_any_familys_knobs_and_explicit_students():
     cfg = resolve("compression", overrides=dict(sweep_base="resnet18", depths="", widths="0.5"))
     with pytest.raises(UserError, match="model 'resnet18' has no width knob"):
         student_specs(cfg)
+
+
+def test_compression_sweeps_a_py_factory_by_the_knobs_its_user_names(tmp_path):
+    """A py: factory's size options are its own keyword arguments, which igkd cannot know:
+    --sweep-knobs names them, and the sweep builds each student through the factory."""
+    from igkd.experiments.compression import student_specs
+    from igkd.experiments.config import resolve
+    (tmp_path / "mynet.py").write_text(
+        "from torch import nn\n"
+        "def make(num_classes=10, in_channels=3, blocks=3, mult=1.0):\n"
+        "    c, layers = max(1, round(16 * mult)), []\n"
+        "    for i in range(blocks):\n"
+        "        layers += [nn.Conv2d(in_channels if i == 0 else c, c, 3, padding=1), nn.ReLU()]\n"
+        "    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))\n")
+    base = f"py:{tmp_path}/mynet.py:make,blocks=3"
+    cfg = resolve("compression", overrides=dict(sweep_base=base, depths="1,2", widths="0.5",
+                                                sweep_knobs="depth=blocks, width=mult"))
+    specs = student_specs(cfg)
+    assert specs == [("depth", 1, f"py:{tmp_path}/mynet.py:make,blocks=1"),
+                     ("depth", 2, f"py:{tmp_path}/mynet.py:make,blocks=2"),
+                     ("width", 0.5, f"py:{tmp_path}/mynet.py:make,blocks=3,mult=0.5")]
+    params = [count_parameters(build_model(spec, 10, 3)) for _, _, spec in specs]
+    # 3->16 conv (448) + head (170); + a 16->16 conv (2320); 8 channels: 224 + 2 x 584 + 90
+    assert params == [618, 2938, 1482]
+    with pytest.raises(UserError, match="model 'py' has no depth knob to sweep; name the option --depths sets "
+                                        "with --sweep-knobs depth=NAME"):
+        student_specs(resolve("compression", overrides=dict(sweep_base=base, depths="1", widths="")))
+    for bad in ("blocks", "height=blocks", "depth=", "depth=a-b"):
+        with pytest.raises(UserError, match="is not 'depth=NAME,width=NAME'"):
+            student_specs(resolve("compression", overrides=dict(sweep_base=base, sweep_knobs=bad)))
 
 
 def test_compression_sweeps_one_model_once_however_it_is_named(capsys):

@@ -1,6 +1,7 @@
 """``igkd experiment compression``: accuracy against compression factor, MACs and latency.
 
-Students are the ``sweep_base`` spec with its family's depth knob set to each of
+Students are the ``sweep_base`` spec with its family's depth knob (or the one
+``sweep_knobs`` names) set to each of
 ``depths`` (for MobileNetV2 the truncation ``drop=K``: the paper's sweep, K = 3 ... 17,
 2.2x to 1122x for the CIFAR teacher; ``depth`` for ResNets and WRNs), with its width knob
 set to each of ``widths`` (``width``, or a WRN's ``k``), and any ``students`` given as specs
@@ -33,20 +34,35 @@ def student_specs(cfg: ExperimentConfig) -> list[tuple[str, float, str]]:
     """(axis, value, model spec) of every student of the sweep: depth students, width
     students, then the explicit ones (axis "spec", value = their position)."""
     base = parse_spec(cfg.sweep_base, "model spec")
-    family = family_of(base)
+    knobs = sweep_knobs(base, cfg.sweep_knobs)
     out = []
-    for axis, flag, knob, cast in (("depth", "--depths", family.depth_knob, int),
-                                   ("width", "--widths", family.width_knob, float)):
+    for axis, flag, cast in (("depth", "--depths", int), ("width", "--widths", float)):
         values = split_list(getattr(cfg, flag[2:]), cast, flag)
+        knob = knobs[axis]
         if values and knob is None:
-            raise UserError(f"model '{base.kind}' has no {axis} knob to sweep; give students with --students "
-                            f"and empty {flag}")
+            raise UserError(f"model '{base.kind}' has no {axis} knob to sweep; name the option {flag} sets with "
+                            f"--sweep-knobs {axis}=NAME, or give students with --students and empty {flag}")
         for v in values:
             out.append((axis, v, str(Spec(base.kind, base.arg, {**base.options, knob: f"{v:g}"}))))
     out += [("spec", i, s) for i, s in enumerate(s.strip() for s in cfg.students.split(";")) if s]
     if not out:
         raise UserError("the sweep is empty; give --depths, --widths and/or --students")
     return _once(out)
+
+
+def sweep_knobs(base: Spec, text: str) -> dict[str, str | None]:
+    """``{"depth": option, "width": option}`` that ``--depths`` and ``--widths`` set on ``base``:
+    ``text`` ('depth=NAME,width=NAME', either alone) over its family's own knobs. A py: factory
+    declares none (igkd cannot know its keyword arguments), so its user names them."""
+    family = family_of(base)
+    knobs = {"depth": family.depth_knob, "width": family.width_knob}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        axis, eq, name = (t.strip() for t in item.partition("="))
+        if axis not in knobs or not eq or not name.isidentifier():
+            raise UserError(f"--sweep-knobs '{text}' is not 'depth=NAME,width=NAME'; name, for depth and/or width, "
+                            "the keyword option of --sweep-base that the values set (e.g. depth=blocks)")
+        knobs[axis] = name
+    return knobs
 
 
 def _once(students: list[tuple[str, float, str]]) -> list[tuple[str, float, str]]:

@@ -46,6 +46,9 @@ class ExperimentConfig(DistillConfig):
                       "resnet: width; wrn: k); empty for none")
     sweep_base: str = opt("mobilenetv2", "compression: model spec whose size knobs --depths and --widths set "
                           "(mobilenetv2: drop=K and width=W; resnet: depth and width; wrn: depth and k)")
+    sweep_knobs: str = opt("", "compression: the options of --sweep-base that --depths and --widths set, "
+                           "'depth=NAME,width=NAME' (either alone); empty: its family's (for a py: factory, name "
+                           "its own keyword arguments, e.g. depth=blocks,width=mult)")
     students: str = opt("", "compression: further student specs, any family, separated by ';' (a list in YAML), "
                         "e.g. 'resnet:depth=20;wrn:depth=16,k=2'")
     latency: bool = opt(True, "compression: measure CPU latency of the teacher and every student (batch "

@@ -12,7 +12,9 @@ Three layouts:
 
 Classes are the sorted subfolder names; files (.jpg .jpeg .png .bmp .gif .webp .tif
 .tiff .ppm .pgm, in any letter case: ``.JPEG`` too) are sorted by name within each
-class, so sample indices are stable.
+class, so sample indices are stable. Other files, subfolders of a class folder (not
+searched) and images beside the class folders are skipped with a warning that counts
+them; a symbolic link to nothing is refused, naming it.
 
 Images are decoded with Pillow as RGB (``gray=1``: as L). Every image of a split must
 come out the same size, the stored size:
@@ -31,7 +33,9 @@ Bilinear is Pillow's (antialiased when shrinking); an image already at the targe
 not resampled. 8-bit files (L, P, RGB, RGBA, CMYK...) convert as Pillow does (alpha is
 dropped). Deeper files are scaled to 8 bits by their format's range, never clipped:
 16-bit integers (mode I;16*, or I with values in 0..65535) as round(v * 255 / 65535);
-floats (mode F) must lie in [0, 1] and become round(v * 255). A float image outside
+floats (mode F) must lie in [0, 1] and become round(v * 255). (16-bit colour files never
+get here: Pillow opens them as RGB, keeping each value's high byte.) EXIF orientation is
+not applied, as torchvision's loader does not. A float image outside
 [0, 1], a mode igkd cannot decode faithfully, or a file that cannot be decoded is refused
 with one line naming the file.
 
@@ -101,19 +105,54 @@ def _scan(folder: Path) -> _Part:
         raise UserError(f"cannot read {e.filename or folder} ({e.strerror or e}); fix or remove it") from None
 
 
+def _dangling(e: os.DirEntry) -> bool:
+    """A symlink to nothing: ``is_file()`` and ``is_dir()`` are both False for it, so without
+    this check it vanished from the dataset without a word (a loop raises ELOOP in them)."""
+    return e.is_symlink() and not e.is_file() and not e.is_dir()
+
+
+def _refuse_dangling(e: os.DirEntry) -> None:
+    try:
+        target = os.readlink(e.path)
+    except OSError:
+        target = "?"
+    try:
+        os.stat(e.path)
+        why = "it changed while the folder was read"
+    except OSError as err:  # ENOENT, or ELOOP for a link loop
+        why = err.strerror or str(err)
+    raise UserError(f"cannot read {e.path} (a symbolic link to {target}: {why}); fix or remove the link")
+
+
 def _scan_entries(folder: Path) -> _Part:
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    classes, loose = [], []
+    for e in os.scandir(folder):
+        if e.name.startswith("."):
+            continue
+        if e.is_dir():
+            classes.append(e.name)
+        elif _dangling(e):  # a class folder (or image) linked from elsewhere that is gone
+            _refuse_dangling(e)
+        elif e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTS:
+            loose.append(e.name)
+    classes.sort()
     if not classes:
-        loose = sum(1 for e in os.scandir(folder) if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTS)
-        hint = (f" (it holds {loose} images directly: sort them into one folder per class, e.g. "
+        hint = (f" (it holds {len(loose)} images directly: sort them into one folder per class, e.g. "
                 f"{folder}/<wnid>/ for ImageNet's val/)") if loose else ""
         raise UserError(f"{folder} has no class subfolders; put images in {folder}/<class>/{hint}")
     files, labels, stats = [], [], []
     skipped: dict[str, list[str]] = {}  # extension -> files a user may have meant as images
+    subfolders: list[str] = []  # folders inside class folders: their images are not read
     for label, name in enumerate(classes):
         entries = []
         for e in os.scandir(folder / name):
-            if not e.is_file() or e.name.startswith("."):
+            if e.name.startswith("."):
+                continue
+            if not e.is_file():
+                if e.is_dir():
+                    subfolders.append(f"{name}/{e.name}")
+                elif _dangling(e):  # a linked image whose target is gone: one image fewer, unsaid
+                    _refuse_dangling(e)
                 continue
             ext = Path(e.name).suffix.lower()
             if ext in IMAGE_EXTS:
@@ -139,6 +178,15 @@ def _scan_entries(folder: Path) -> _Part:
         example = next(iter(sorted(skipped.items(), key=lambda kv: -len(kv[1]))))[1][0]
         log.warning("%s: skipped %d files that are not images by their extension (%s; e.g. %s); igkd reads %s",
                     folder, sum(map(len, skipped.values())), counts, example, " ".join(sorted(IMAGE_EXTS)))
+    # said too: images in a class's subfolders (torchvision's ImageFolder reads them) or beside
+    # the class folders are not part of the dataset
+    if subfolders:
+        log.warning("%s: skipped %d folders inside class folders (e.g. %s); igkd reads only the images "
+                    "directly in each class folder: move them up to count them", folder, len(subfolders),
+                    sorted(subfolders)[0])
+    if loose:
+        log.warning("%s: skipped %d images that are not in a class folder (e.g. %s); move them into "
+                    "%s/<class>/ to count them", folder, len(loose), sorted(loose)[0], folder)
     return _Part(folder, classes, files, np.asarray(labels, dtype=np.int64), stats)
 
 
@@ -296,6 +344,13 @@ class _Loader:
                             f"{have / 2**30:.1f} GiB of memory available; {fix}, or add ',size=N' with a smaller N")
 
 
+def _has_subfolders(folder: Path) -> bool:
+    try:
+        return any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(folder))
+    except OSError:
+        return True  # unreadable: _scan says so, naming the cause
+
+
 def _layout(root: Path, spec: Spec, test: float | None, seed: int, seed_given: bool
             ) -> tuple[dict[str, _Part], list[str]]:
     """The train and test :class:`_Part` of ``root`` and the class names, by its layout."""
@@ -309,6 +364,12 @@ def _layout(root: Path, spec: Spec, test: float | None, seed: int, seed_given: b
                             f"folders and add ',test=0.2'")
         if test is not None or seed_given:
             raise UserError(f"{root} already has train/ and {held}/; drop the test= and seed= options")
+        if held == "test" and has["val"] and not _has_subfolders(root / "test"):
+            # ImageNet as distributed (ILSVRC/Data/CLS-LOC): test/ is loose unlabelled images beside
+            # the val/<wnid>/ the user sorted; telling them to sort test/ into classes cannot be done
+            raise UserError(f"{root}/test has no class subfolders (unlabelled images, like ImageNet's test set?), "
+                            f"and test/ is the test split whenever it exists; move {root}/test out of {root} to "
+                            f"use val/<class>/ as the test split, or sort test/ into test/<class>/")
         parts = {"train": _scan(root / "train"), "test": _scan(root / held)}
         classes = parts["train"].classes
         if parts["test"].classes != classes:

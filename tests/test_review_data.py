@@ -1,0 +1,120 @@
+"""Regressions of the data path found in review: image folders whose images silently
+vanished (dangling links, images in subfolders or beside the class folders), ImageNet's
+unlabelled test/ beside a sorted val/, and an IDX header whose size overflows."""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from igkd.data import load_dataset
+from igkd.data.fashion_mnist import read_idx
+from igkd.errors import UserError
+
+
+def _png(path: Path, value: int = 10) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(path)
+
+
+def _folder(tmp_path, monkeypatch, splits=("train", "test")) -> Path:
+    """``splits``/ with classes a and b of two 4x4 PNGs each; a private cache."""
+    monkeypatch.setenv("IGKD_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "folder"
+    for split in splits:
+        for c in ("a", "b"):
+            for i in range(2):
+                _png(root / split / c / f"{i}.png")
+    return root
+
+
+# ---------------------------------------------------------------- nothing vanishes without a word
+
+
+def test_dangling_symlink_to_an_image_is_refused_naming_the_link(tmp_path, monkeypatch):
+    root = _folder(tmp_path, monkeypatch)
+    # the image a link points at was moved away: it used to be dropped from the class unsaid
+    os.symlink(tmp_path / "moved" / "2.png", root / "train" / "a" / "2.png")
+    with pytest.raises(UserError, match=r"cannot read .*train/a/2\.png \(a symbolic link to .*moved/2\.png: "
+                                        r"No such file or directory\); fix or remove the link") as e:
+        load_dataset(f"imagefolder:{root}")
+    assert "\n" not in str(e.value)
+    (root / "train" / "a" / "2.png").unlink()
+    os.symlink("3.png", root / "train" / "a" / "3.png")  # a loop was refused already; still one line
+    with pytest.raises(UserError, match=r"3\.png .*Too many levels of symbolic links.*; fix or remove"):
+        load_dataset(f"imagefolder:{root}")
+
+
+def test_dangling_symlink_to_a_class_folder_is_refused(tmp_path, monkeypatch):
+    root = _folder(tmp_path, monkeypatch)
+    for split in ("train", "test"):  # in both splits, so no class mismatch gave it away either
+        os.symlink(tmp_path / "elsewhere" / "c", root / split / "c")
+    with pytest.raises(UserError, match=r"cannot read .*train/c \(a symbolic link to .*elsewhere/c: No such file"):
+        load_dataset(f"imagefolder:{root}")
+
+
+def test_images_in_subfolders_or_beside_class_folders_are_named_in_a_warning(tmp_path, monkeypatch, caplog):
+    root = _folder(tmp_path, monkeypatch)
+    _png(root / "train" / "b" / "2019" / "x.png")  # torchvision's ImageFolder reads these; igkd does not
+    _png(root / "train" / "b" / "2020" / "y.png")
+    for i in range(3):
+        _png(root / "train" / f"loose{i}.png")
+    (root / "train" / "a" / ".thumbnails").mkdir()  # hidden: not worth a word
+    with caplog.at_level(logging.WARNING, logger="igkd.data.imagefolder"):
+        train = load_dataset(f"imagefolder:{root}").train
+    assert len(train) == 4
+    assert "skipped 2 folders inside class folders (e.g. b/2019)" in caplog.text
+    assert "skipped 3 images that are not in a class folder (e.g. loose0.png)" in caplog.text
+    assert ".thumbnails" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="igkd.data.imagefolder"):  # a clean folder: no word
+        load_dataset(f"imagefolder:{root / 'test'},test=0.5").train
+    assert caplog.text == ""
+
+
+def test_imagenet_unlabelled_test_folder_beside_sorted_val_says_to_move_it(tmp_path, monkeypatch):
+    root = _folder(tmp_path, monkeypatch, splits=("train", "val"))
+    for i in range(3):  # ILSVRC/Data/CLS-LOC/test: loose images without labels
+        _png(root / "test" / f"ILSVRC2012_test_{i:08d}.JPEG")
+    with pytest.raises(UserError, match=r"test has no class subfolders \(unlabelled images, like ImageNet's test "
+                                        r"set\?\), and test/ is the test split whenever it exists; move .*/test out"):
+        load_dataset(f"imagefolder:{root}")
+    (root / "test").rename(tmp_path / "imagenet-test")
+    assert load_dataset(f"imagefolder:{root}").test.labels.tolist() == [0, 0, 1, 1]  # val/
+
+
+# ---------------------------------------------------------------- fashion-mnist: a forged IDX header
+
+
+def test_idx_header_whose_size_overflows_int64_is_a_one_line_error(tmp_path):
+    p = tmp_path / "train-images-idx3-ubyte"
+    p.write_bytes(struct.pack(">IIII", 0x0803, 2**31, 2**31, 4))  # numpy's int64 product of it wraps to 0
+    with pytest.raises(UserError, match=r"is truncated or padded: header says \(2147483648, 2147483648, 4\)"):
+        read_idx(p, 3)
+
+
+# ---------------------------------------------------------------- what the README says of deep images
+
+
+def test_16_bit_colour_png_reads_as_its_high_byte_as_the_readme_says(tmp_path):
+    """Pins the README's corrected sentence (it promised round(v * 255 / 65535) for every
+    16-bit image): Pillow has no 16-bit colour mode and keeps the high byte of each value."""
+    from igkd.data.imagefolder import _decode_one
+    v = np.array([255, 383, 0x7F80, 0x80FF, 65535], np.uint16)
+    rows = b"\x00" + np.repeat(v, 3).astype(">u2").tobytes()  # one row, filter 0, RGB
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    p = tmp_path / "deep.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", len(v), 1, 16, 2, 0, 0, 0))
+                  + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    got = _decode_one(p, "RGB", (1, len(v)), None, p)
+    assert got[0, :, 0].tolist() == (v >> 8).tolist() == [0, 1, 127, 128, 255]

@@ -9,6 +9,7 @@ each optionally gzipped (``.gz``). Sample order is file order.
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -48,7 +49,9 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
                         f"expected {0x0800 + ndim:#010x}); replace the file")
     header = 4 + 4 * ndim
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    if len(raw) != header + int(np.prod(shape)):
+    # math.prod of Python ints: numpy's int64 product wraps for a forged header (2**31 x 2**31 x 4
+    # is 0), which then passed for an empty file and failed in reshape with a traceback
+    if len(raw) != header + math.prod(shape):
         raise UserError(f"{path} is truncated or padded: header says {shape}, "
                         f"{len(raw) - header} data bytes follow; replace the file")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)

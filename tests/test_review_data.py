@@ -118,3 +118,17 @@ def test_16_bit_colour_png_reads_as_its_high_byte_as_the_readme_says(tmp_path):
                   + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
     got = _decode_one(p, "RGB", (1, len(v)), None, p)
     assert got[0, :, 0].tolist() == (v >> 8).tolist() == [0, 1, 127, 128, 255]
+
+
+def test_decode_threads_follow_the_cpus_the_process_may_use():
+    """Image decoding used min(8, the machine's CPU count) threads: in a container or under
+    taskset limited to fewer CPUs it oversubscribed them. It now follows the affinity."""
+    import os
+    from igkd.data.image_cache import decode_threads
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert decode_threads() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert decode_threads() == min(8, len(before))

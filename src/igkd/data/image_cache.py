@@ -75,7 +75,17 @@ FILE = "images.bin"
 CHUNK_BYTES = 8 << 20   # decoded bytes per chunk of rows: one buffer per thread, and the unit of resumption
 SYNC_SECONDS = 3.0      # how often finished chunks are made durable and recorded
 READ_BYTES = 16 << 20   # block size when a cache file is read or hashed
-THREADS = min(8, os.cpu_count() or 1)
+MAX_THREADS = 8  # Pillow decoding stops scaling well past this many threads per process
+
+
+def decode_threads() -> int:
+    """Threads that decode images: the CPUs this process may run on (its affinity, as a
+    container or taskset gives it, not the machine's count), at most MAX_THREADS. Not
+    --threads, which is torch's compute: decoding is a one-time, GIL-free cache build that
+    one process does while the others of a torchrun wait for it."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_THREADS, n))
+
 
 Decode = Callable[[int, int, np.ndarray], None]  # (start, stop, out k x C x H x W): fill out with rows start..stop-1
 
@@ -127,7 +137,7 @@ def _parallel(chunks, work: Callable[[int], None], on_done: Callable[[int], None
             raise
         return True
 
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+    with ThreadPoolExecutor(max_workers=decode_threads()) as pool:
         pending = {pool.submit(guarded, c): c for c in chunks}
         error: BaseException | None = None
         try:

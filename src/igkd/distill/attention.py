@@ -150,9 +150,11 @@ def choose_layers(teacher: nn.Module, student: nn.Module, teacher_layer: str, st
     s_shapes = probe_shapes(student, candidate_blocks(student) if student_layer == "auto" else [student_layer],
                             input_shape, device, "student")
     for name, shapes, who in ((teacher_layer, t_shapes, "teacher"), (student_layer, s_shapes, "student")):
-        if name != "auto" and len(shapes.get(name, ())) != 3:
+        # a 1x1 map (a pooling layer) normalises to the constant 1 on both sides: a term of 0
+        # that trains nothing, so it is refused like a layer giving no feature map at all
+        if name != "auto" and (len(shapes.get(name, ())) != 3 or shapes[name][-2:] == (1, 1)):
             raise UserError(f"{who} layer {name} gives {'no output' if name not in shapes else f'shape {shapes[name]}'}"
-                            ", not a C x H x W feature map; pick a convolutional block (e.g. features.6)")
+                            ", not a C x H x W feature map larger than 1x1; pick a convolutional block (e.g. features.6)")
     if teacher_layer == "auto":
         t_shapes = spatial_only(t_shapes)
     if student_layer == "auto":

@@ -81,10 +81,13 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
 
 
 def _pearson_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """mean over rows of 1 - Pearson correlation (centred cosine), as DIST's code."""
+    """mean over rows of 1 - Pearson correlation (centred cosine), as DIST's code:
+    a.b / (|a| |b| + eps). Not F.cosine_similarity, which clamps each norm at eps and so
+    gives near-constant rows (a near-uniform softmax, a class column equal over the
+    batch) their full, noise-driven correlation where DIST's code gives about 0."""
     a = a - a.mean(1, keepdim=True)
     b = b - b.mean(1, keepdim=True)
-    return 1 - F.cosine_similarity(a, b, dim=1, eps=eps).mean()
+    return 1 - ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)).mean()
 
 
 def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

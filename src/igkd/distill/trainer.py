@@ -158,6 +158,11 @@ class Trainer:
         self.trackers = Trackers()  # fit() starts the real ones (rank 0)
         self.meta = dict(meta or {})
         self.method = parse_method(cfg.method) if hasattr(cfg, "method") else PLAIN  # a teacher's TrainConfig
+        second = [p.name for p in self.method.parts if p.double_backward]
+        if second and getattr(cfg, "compile", False):  # any such part, a plug-in's too: one line, not a step's traceback
+            raise UserError(f"method part '{second[0]}' differentiates gradients of the student, which torch.compile "
+                            f"does not support (no double backward); drop --compile or use a method without "
+                            f"'{second[0]}'")
         self.model = model.to(device)
         self.sync_bn = self.dist.active and getattr(cfg, "sync_bn", True)
         if self.sync_bn:

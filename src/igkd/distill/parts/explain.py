@@ -22,12 +22,20 @@ from .base import Part
 
 
 def _gradcam_layer(cfg, student, input_shape, device="cpu") -> str:
+    from ...errors import UserError
     if cfg.explain_layer != "auto":
-        from ..attention import resolve_layer
+        from ..attention import probe_shapes, resolve_layer
         resolve_layer(student, cfg.explain_layer, "student", "explanation matching", "use a method without 'explain'")
+        # a named layer must give what auto guarantees: a linear layer's N x K output failed the
+        # first step with a ValueError, and a 1x1 map (a pooling layer) made the cosine of two
+        # scalars, a term that is 0 or 1 with no gradient
+        shape = probe_shapes(student, [cfg.explain_layer], input_shape, device, "student").get(cfg.explain_layer, ())
+        if len(shape) != 3 or tuple(shape[-2:]) == (1, 1):
+            got = "no output" if not shape else "shape " + " x ".join(map(str, shape))
+            raise UserError(f"--explain-layer {cfg.explain_layer} gives {got}, not the C x H x W feature map larger "
+                            "than 1x1 that Grad-CAM needs; pick a convolutional block, or auto")
         return cfg.explain_layer
     from ...attribution.gradcam import auto_layer
-    from ...errors import UserError
     try:
         return auto_layer(student, input_shape, device)
     except UserError as e:
@@ -105,6 +113,13 @@ class Explain(Part):
     double_backward = True  # the explanation is a gradient of the student, and the loss is of it
 
     def check(self, cfg, teacher, student, input_shape) -> None:
+        from ...errors import UserError
+        if getattr(cfg, "compile", False):
+            # a compiled forward hands out the hooked activations as outputs of one graph node, not
+            # ancestors of the logits (Grad-CAM's autograd.grad failed: "not used in the graph"), and
+            # aot_autograd has no double backward (input x gradient failed): both only at the first step
+            raise UserError("method part 'explain' trains on gradients of the student, which a torch.compile'd "
+                            "forward cannot give; drop --compile or use a method without 'explain'")
         STUDENT_EXPLANATIONS[cfg.explain_method].check(cfg, student, input_shape)
 
     def setup(self, run):

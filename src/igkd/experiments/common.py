@@ -16,7 +16,7 @@ from ..fileio import write_json, write_text
 from ..progress import log
 from ..runtime import set_threads
 from .config import ExperimentConfig, check, split_list
-from .runs import file_sha256, prepare_out
+from .runs import file_sha256, prepare_out, teacher_file
 
 
 def methods_of(cfg: ExperimentConfig) -> list[str]:
@@ -35,9 +35,9 @@ def setup(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str],
     teacher = need_teacher or any(m.needs_teacher for m in parsed)
     if teacher and not cfg.teacher:
         raise UserError("these methods need a teacher; pass --teacher CHECKPOINT (or set teacher: in the config)")
-    if teacher and not Path(cfg.teacher).is_file():
-        raise UserError(f"teacher checkpoint {cfg.teacher} does not exist; pass --teacher CHECKPOINT (paths in a "
-                        "config are relative to the current folder)")
+    if teacher and not teacher_file(cfg.teacher).is_file():
+        raise UserError(f"teacher checkpoint {teacher_file(cfg.teacher)} does not exist; pass --teacher CHECKPOINT "
+                        "(paths in a config are relative to the current folder)")
     out = prepare_out(out, kind)
     set_threads(cfg.threads)
     ctx: dict = {"kind": kind, "data": cfg.data, "teacher": None, "store": None}
@@ -59,15 +59,18 @@ def precompute_config(cfg) -> PrecomputeConfig:
 
 def teacher_facts(cfg: ExperimentConfig, out: Path, quiet: bool) -> dict:
     """Model, parameters and test accuracy of the teacher; cached by file hash and dataset."""
-    sha = file_sha256(cfg.teacher)
+    sha = file_sha256(teacher_file(cfg.teacher))
     cache = out / "teacher.json"
     if cache.exists():
         facts = json.loads(cache.read_text())
         if facts.get("sha256") == sha and facts.get("data") == cfg.data and sha and \
                 facts.get("normalize", "auto") == cfg.teacher_normalize:
             return facts
-    r = api.evaluate(cfg.teacher, cfg.data, model=cfg.teacher_model, device=cfg.device,
-                     batch_size=cfg.eval_batch_size, normalize=cfg.teacher_normalize)
+    # igkd evaluate takes a file: a torchscript:FILE teacher is its file with the spec as its model
+    weights = teacher_file(cfg.teacher)
+    spec = cfg.teacher_model or (cfg.teacher if weights != Path(cfg.teacher) else "")
+    r = api.evaluate(str(weights), cfg.data, model=spec, device=cfg.device, batch_size=cfg.eval_batch_size,
+                     normalize=cfg.teacher_normalize)
     facts = {"path": str(cfg.teacher), "sha256": sha, "data": cfg.data, "normalize": cfg.teacher_normalize,
              "model": r["model"], "params": r["params"],
              "test_accuracy": r["accuracy"], "test_images": r["total"]}

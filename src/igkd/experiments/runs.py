@@ -55,6 +55,20 @@ def file_sha256(path: str | Path) -> str:
     return _file_hashes[key]
 
 
+def teacher_file(teacher: str) -> Path | None:
+    """The file holding a teacher's weights: the checkpoint ``teacher`` names, or the program
+    of a spec that holds its own weights (``--teacher torchscript:FILE``, which ``igkd distill``
+    takes); None without a teacher. The spec is no path: checked as one, experiments refused
+    such a teacher as missing, and a key from the spec's text would not change with its file."""
+    if not teacher:
+        return None
+    from ..models import holds_own_weights
+    from ..spec import parse_spec
+    if holds_own_weights(str(teacher)):
+        return Path(parse_spec(str(teacher), "--teacher").arg or "")
+    return Path(teacher)
+
+
 def semantic_config(cfg: DistillConfig) -> dict:
     """The fields of ``cfg`` that decide a run's result, canonicalised."""
     method = parse_method(cfg.method)
@@ -71,10 +85,11 @@ def semantic_config(cfg: DistillConfig) -> dict:
         drop.update(f for f in STORE_FIELDS if f not in keep)
     # --init teacher copies the teacher's weights into the student: then the teacher decides the
     # result even for a method without one (student runs from two teachers shared one key)
+    weights = teacher_file(cfg.teacher)
     if not method.needs_teacher and cfg.init != "teacher":
         drop.update(TEACHER_FIELDS)
-    elif cfg.teacher and Path(cfg.teacher).is_file():
-        d["teacher"] = "sha256:" + file_sha256(cfg.teacher)
+    elif weights is not None and weights.is_file():
+        d["teacher"] = "sha256:" + file_sha256(weights)
     if cfg.subset == 1.0:
         drop.add("subset_seed")
     return canonical_specs({k: v for k, v in sorted(d.items()) if k not in drop})
@@ -264,4 +279,4 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
 
 
 __all__ = ["CORRUPTIONS_FILE", "Job", "canonical_specs", "corruption_scores", "finished", "prepare_out", "run_dir",
-           "run_jobs", "run_key", "run_record", "semantic_config"]
+           "run_jobs", "run_key", "run_record", "semantic_config", "teacher_file"]

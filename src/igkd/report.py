@@ -25,6 +25,25 @@ def _plt():
 _REPORT: dict | None = None
 
 
+class Shown(str):
+    """A table cell shown as formatted text (``"< 0.001"``, ``"[-0.54, +3.13]"``, ``"2.19x"``)
+    that keeps the figures it shows at full precision, ``exact`` (a number, or a text of
+    numbers), for the CSV: formatted strings alone gave spreadsheets rounded p-values and
+    ``"< 0.001"`` where the CSV promises full precision."""
+
+    exact: object
+
+    def __new__(cls, text: str, exact):
+        cell = super().__new__(cls, text)
+        cell.exact = exact
+        return cell
+
+
+def shown(value, spec: str, suffix: str = "") -> Shown:
+    """``value`` formatted by ``spec`` (and ``suffix``) for the eye, exact in the CSV."""
+    return Shown(format(value, spec) + suffix, value)
+
+
 def _cell(v) -> str:
     if isinstance(v, bool) or v is None:
         return "" if v is None else str(v)
@@ -50,19 +69,23 @@ def table_csv(header: list[str], rows: list[list]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
-    w.writerows([["" if v is None else v for v in row] for row in rows])
+    w.writerows([["" if v is None else v.exact if isinstance(v, Shown) else v for v in row] for row in rows])
     return buf.getvalue()
 
 
 def table_latex(header: list[str], rows: list[list]) -> str:
     """The table as a LaTeX tabular (booktabs rules), numbers as in the Markdown."""
+    # <, > and | are no text characters in LaTeX's default OT1 font encoding: "< 0.001" printed "¡ 0.001"
     special = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "_": "\\_", "#": "\\#", "$": "\\$",
-               "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}"}
+               "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
+               "<": "\\textless{}", ">": "\\textgreater{}", "|": "\\textbar{}"}
 
     def esc(text: str) -> str:  # one pass: a replacement's own braces must not be escaped again
         return "".join(special.get(c, c) for c in text)
-    align = "".join("r" if rows and isinstance(rows[0][i], (int, float)) and not isinstance(rows[0][i], bool)
-                    else "l" for i in range(len(header)))
+    def numeric(v) -> bool:
+        v = v.exact if isinstance(v, Shown) else v
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    align = "".join("r" if rows and numeric(rows[0][i]) else "l" for i in range(len(header)))
     lines = [f"\\begin{{tabular}}{{{align}}}", "\\toprule", " & ".join(esc(h) for h in header) + " \\\\",
              "\\midrule"]
     lines += [" & ".join(esc(_cell(v)) for v in row) + " \\\\" for row in rows]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import accuracy_points, markdown_table, read_json
+from ..report import Shown, accuracy_points, markdown_table, read_json, shown
 from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, setup
 from .config import ExperimentConfig, corruption_names, distill_config
 from .runs import Job, corruption_scores, run_jobs, run_record
@@ -57,11 +57,10 @@ def ablation_table(result: dict) -> str:
               "params", "compression"]
     rows = []
     if t:
-        rows.append([f"teacher ({t['model']})", t["test_accuracy"], "", t["params"], "1.00x"])
-    for r in result["rows"]:
-        acc = f"{r['mean']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if several else f"{r['mean']:.2f}"
-        rows.append([r["method"], acc, "" if r["method"] == base else f"{r['gain']:+.2f}", r["params"],
-                     f"{r['compression']:.2f}x" if r["compression"] else ""])
+        rows.append([f"teacher ({t['model']})", t["test_accuracy"], "", t["params"], shown(1.0, ".2f", "x")])
+    for r in result["rows"]:  # formatted for the eye, exact in the CSV (report.Shown)
+        rows.append([r["method"], _mean_ci(r, several), "" if r["method"] == base else shown(r["gain"], "+.2f"),
+                     r["params"], shown(r["compression"], ".2f", "x") if r["compression"] else ""])
     return markdown_table(header, rows)
 
 
@@ -73,12 +72,20 @@ def corruption_table(result: dict) -> str:
         return ""
     several = result["seeds"] > 1
 
-    def cell(d: dict) -> str:
-        return f"{d['mean']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]" if several else f"{d['mean']:.2f}"
+    def cell(d: dict) -> Shown:
+        return _mean_ci(d, several)
     scored = ["clean, scored images"] if c.get("subset") else []
     rows = [[r["method"], cell(r)] + ([cell(c["clean_on_scored_images"][r["method"]])] if scored else [])
             + [cell(c["stats"][k]["summary"][r["method"]]) for k in c["conditions"]] for r in result["rows"]]
     return "\n\n" + markdown_table(["method", "clean"] + scored + [c["labels"][k] for k in c["conditions"]], rows)
+
+
+def _mean_ci(d: dict, several: bool) -> Shown:
+    """The mean, with its 95% interval over several seeds."""
+    if not several:
+        return shown(d["mean"], ".2f")
+    return Shown(f"{d['mean']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]",
+                 f"{d['mean']!r} [{d['ci_low']!r}, {d['ci_high']!r}]")
 
 
 def section(run_dir: Path) -> str | None:

@@ -23,7 +23,7 @@ from ..evaluate.cost import count_macs, measure_latency
 from ..errors import UserError
 from ..models import bare, build_model, count_parameters, family_of
 from ..progress import log
-from ..report import _plt, _save, markdown_table, read_json
+from ..report import Shown, _plt, _save, markdown_table, read_json, shown
 from ..spec import Spec, canonical_spec, parse_spec
 from .common import methods_of, save_results, setup
 from .config import ExperimentConfig, distill_config, split_list
@@ -125,9 +125,10 @@ def run_compression(cfg: ExperimentConfig, out: str | Path, quiet: bool = False)
     return result
 
 
-def _lat(c: dict) -> str:
+def _lat(c: dict) -> Shown | str:
     lat = c.get("latency")
-    return f"{lat['median_ms']:.2f} ({lat['p10_ms']:.2f}-{lat['p90_ms']:.2f})" if lat else ""
+    return Shown(f"{lat['median_ms']:.2f} ({lat['p10_ms']:.2f}-{lat['p90_ms']:.2f})",
+                 f"{lat['median_ms']!r} ({lat['p10_ms']!r}-{lat['p90_ms']!r})") if lat else ""
 
 
 def compression_table(result: dict) -> str:
@@ -136,10 +137,11 @@ def compression_table(result: dict) -> str:
     t, tc = result["teacher"], result["teacher_cost"]
     header = ["model", "params", "compression", "MMACs", "latency ms median (p10-p90)"] + \
              [f"{m} acc (%)" for m in methods]
-    rows = [[f"teacher {t['model']}", tc["params"], "1.00x", f"{tc['macs'] / 1e6:.2f}", _lat(tc),
+    rows = [[f"teacher {t['model']}", tc["params"], shown(1.0, ".2f", "x"), shown(tc["macs"] / 1e6, ".2f"), _lat(tc),
              *([t["test_accuracy"]] + [""] * (len(methods) - 1))]]
     for s in result["students"]:
-        rows.append([s["model"], s["params"], f"{s['compression']:.2f}x", f"{s['macs'] / 1e6:.2f}", _lat(s),
+        rows.append([s["model"], s["params"], shown(s["compression"], ".2f", "x"), shown(s["macs"] / 1e6, ".2f"),
+                     _lat(s),
                      *[acc.get((s["model"], m), "") for m in methods]])
     return markdown_table(header, rows)
 

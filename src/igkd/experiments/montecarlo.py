@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import _plt, _save, accuracy_points, markdown_table, paired_differences, read_json
+from ..report import Shown, _plt, _save, accuracy_points, markdown_table, paired_differences, read_json, shown
 from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, setup
 from .config import ExperimentConfig, corruption_names, distill_config
 from .runs import Job, corruption_scores, run_jobs, run_record
@@ -74,37 +74,44 @@ def statistics(result: dict) -> dict:
     return out
 
 
-def _p(p: float) -> str:
+def _p(p: float) -> Shown:
     if p != p:
-        return "n/a"
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+        return Shown("n/a", p)
+    return Shown("< 0.001" if p < 0.001 else f"{p:.3f}", p)  # the CSV keeps the p-value itself
+
+
+def _ci(low: float, high: float, spec: str = "+.2f") -> Shown:
+    return Shown(f"[{low:{spec}}, {high:{spec}}]", f"[{low!r}, {high!r}]")
 
 
 def montecarlo_tables(result: dict) -> str:
     rows = []
     for m in result["methods"]:
         d = result["summary"][m]
-        rows.append([m, d["n"], d["mean"], d["std"], f"[{d['ci_low']:.2f}, {d['ci_high']:.2f}]",
-                     f"{d['mean'] - d['ci_low']:.2f}"])
+        rows.append([m, d["n"], d["mean"], d["std"], _ci(d["ci_low"], d["ci_high"], ".2f"),
+                     shown(d["mean"] - d["ci_low"], ".2f")])
     per_method = markdown_table(["method", "runs", "mean acc (%)", "std", "95% CI", "+/-"], rows)
+    if not result["comparisons"]:  # one method: nothing to compare (an empty table said nothing)
+        return per_method + corruption_tables(result)
     rows = []
     for c in result["comparisons"]:
         t, w = c["t"], c["wilcoxon"]
-        rows.append([f"{c['a']} - {c['b']}", f"{t['mean_diff']:+.2f}", f"[{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]",
-                     f"{t['t']:.2f}", _p(t["p"]), _p(t["p_holm"]), f"{t['cohen_dz']:.2f}",
-                     _p(w["p"]), _p(w["p_holm"]), f"{w['rank_biserial']:+.2f}", _detectable(t, len(result["comparisons"]))])
+        rows.append([f"{c['a']} - {c['b']}", shown(t["mean_diff"], "+.2f"), _ci(t["ci_low"], t["ci_high"]),
+                     shown(t["t"], ".2f"), _p(t["p"]), _p(t["p_holm"]), shown(t["cohen_dz"], ".2f"),
+                     _p(w["p"]), _p(w["p_holm"]), shown(w["rank_biserial"], "+.2f"),
+                     _detectable(t, len(result["comparisons"]))])
     tests = markdown_table(["difference", "mean", "95% CI", "t", "p (t)", "p Holm (t)", "d_z", "p (Wilcoxon)",
                             "p Holm (W)", "rank-biserial", "detectable (5% / Holm)"], rows)
     return per_method + "\n\n" + tests + corruption_tables(result)
 
 
-def _detectable(t: dict, m: int) -> str:
+def _detectable(t: dict, m: int) -> Shown:
     """The smallest difference the paired t-test would detect with 80% power, at 5% and at
     Holm's strictest level 5%/m (results written before it was stored: computed here)."""
     from .stats import detectable_difference
     a = t.get("detectable", detectable_difference(t["sd_diff"], t["n"], 0.05))
     b = t.get("detectable_holm", detectable_difference(t["sd_diff"], t["n"], 0.05 / m))
-    return f"{a:.2f} / {b:.2f}"
+    return Shown(f"{a:.2f} / {b:.2f}", f"{a!r} / {b!r}")
 
 
 def corruption_tables(result: dict) -> str:
@@ -123,16 +130,20 @@ def corruption_tables(result: dict) -> str:
     for k in conds:
         for row in c["stats"][k].get("comparisons", []):  # none with one method
             t, w = row["t"], row["wilcoxon"]
-            rows.append([c["labels"][k], f"{row['a']} - {row['b']}", f"{t['mean_diff']:+.2f}",
-                         f"[{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]", _p(t["p"]), _p(t["p_holm"]),
-                         f"{t['cohen_dz']:.2f}", _p(w["p"]), _p(w["p_holm"])])
+            rows.append([c["labels"][k], f"{row['a']} - {row['b']}", shown(t["mean_diff"], "+.2f"),
+                         _ci(t["ci_low"], t["ci_high"]), _p(t["p"]), _p(t["p_holm"]),
+                         shown(t["cohen_dz"], ".2f"), _p(w["p"]), _p(w["p_holm"])])
+    if not rows:  # one method: no comparisons
+        return "\n\n" + per_method
     tests = markdown_table(["condition", "difference", "mean", "95% CI", "p (t)", "p Holm (t)", "d_z", "p (Wilcoxon)",
                             "p Holm (W)"], rows)
     return "\n\n" + per_method + "\n\n" + tests
 
 
-def _mean_sd(d: dict) -> str:
-    return f"{d['mean']:.2f}" + ("" if d["std"] != d["std"] else f" ± {d['std']:.2f}")
+def _mean_sd(d: dict) -> Shown:
+    if d["std"] != d["std"]:
+        return shown(d["mean"], ".2f")
+    return Shown(f"{d['mean']:.2f} ± {d['std']:.2f}", f"{d['mean']!r} ± {d['std']!r}")
 
 
 def distribution_plot(path: Path, result: dict) -> Path:
@@ -168,22 +179,26 @@ def section(run_dir: Path) -> str | None:
                     r["teacher"]["test_accuracy"] if r.get("teacher") else None,
                     errors=[(s[m]["mean"] - s[m]["ci_low"], s[m]["ci_high"] - s[m]["mean"]) for m in r["methods"]])
     acc = r["accuracy"]
-    paired_differences(run_dir / "montecarlo_differences.png",
-                       [(f"{c['a']} - {c['b']}", [x - y for x, y in zip(acc[c["a"]], acc[c["b"]])], c["t"])
-                        for c in r["comparisons"]])
-    n = r["runs_count"]
+    n, m = r["runs_count"], len(r["comparisons"])
+    # one method has no pairs: no tests to describe and no differences to draw (the text spoke of
+    # "Holm-corrected over the 0 comparisons" at "5% / 0" above an empty table and an empty plot)
+    if m:
+        paired_differences(run_dir / "montecarlo_differences.png",
+                           [(f"{c['a']} - {c['b']}", [x - y for x, y in zip(acc[c["a"]], acc[c["b"]])], c["t"])
+                            for c in r["comparisons"]])
     note = (f" With {n} runs a Wilcoxon test cannot give a two-sided p below {2 / 2 ** n:.3f}; the t-test assumes "
             "roughly normal differences." if n < 10 else "")
+    tests = (f" Paired tests on the per-run differences, Holm-corrected over the {m} comparisons. 'detectable': the "
+             "smallest true difference (points) the paired t-test would find with 80% power given the observed spread "
+             f"of the differences, at the 5% level and at Holm's strictest level (5% / {m}); a difference not found "
+             f"may still exist below it.{note}" if m else " One method: no paired comparisons.")
     text = (f"## Monte Carlo\n\n{n} runs of student `{r['model']}` on `{r['data']}`: run r trains on its own stratified "
             f"{100 * r['subset']:.0f}% subset of the training set ({r['train_images']} training images after the "
             f"validation split) with seed {r['seed']}+r, shared by all methods of that run; {r['epochs']} epochs; "
-            f"accuracy on the test split. Paired tests on the per-run differences, Holm-corrected over the "
-            f"{len(r['comparisons'])} comparisons. 'detectable': the smallest true difference (points) the paired "
-            f"t-test would find with 80% power given the observed spread of the differences, at the 5% level and at "
-            f"Holm's strictest level (5% / {len(r['comparisons'])}); a difference not found may still exist below "
-            f"it.{note}\n\n{montecarlo_tables({**r, 'corruptions': None})}\n\n"
-            "![Monte Carlo distribution](montecarlo.png)\n\n![means with 95% CI](montecarlo_bars.png)\n\n"
-            "![paired differences, every run and the mean with its 95% CI](montecarlo_differences.png)\n")
+            f"accuracy on the test split.{tests}\n\n{montecarlo_tables({**r, 'corruptions': None})}\n\n"
+            "![Monte Carlo distribution](montecarlo.png)\n\n![means with 95% CI](montecarlo_bars.png)\n"
+            + ("\n![paired differences, every run and the mean with its 95% CI](montecarlo_differences.png)\n" if m
+               else ""))
     if r.get("corruptions"):
         text += "\n" + corruption_section(run_dir, r, "montecarlo", corruption_tables(r).strip(), r["summary"])
     return text

@@ -47,7 +47,7 @@ from ..distill.parts import parse_method
 from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
 from ..progress import log
-from ..report import _plt, _save, markdown_table, read_json
+from ..report import _plt, _save, markdown_table, read_json, shown
 from ..spec import Spec, parse_spec
 from .common import save_results, setup
 from .config import ExperimentConfig, distill_config, split_list
@@ -511,7 +511,7 @@ def collect(study, cfg: ExperimentConfig, space: dict, ctx: dict, url: str) -> d
 def search_table(result: dict, top: int = 20) -> str:
     names = list(result["space"])
     done = sorted((t for t in result["trials"] if t["state"] == "COMPLETE"), key=lambda t: -t["val_accuracy"])
-    rows = [[t["number"], *[f"{t['params'].get(n, float('nan')):g}" for n in names], t["val_accuracy"],
+    rows = [[t["number"], *[shown(t["params"].get(n, float("nan")), "g") for n in names], t["val_accuracy"],
              t["test_accuracy"] if t["test_accuracy"] is not None else ""] for t in done[:top]]
     return markdown_table(["trial", *names, "val acc (%) [objective]", "test acc (%) [not used]"], rows)
 

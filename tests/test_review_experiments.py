@@ -104,3 +104,23 @@ def test_an_experiment_takes_a_torchscript_teacher_as_distill_does(tmp_path, mon
     with open(tmp_path / "t.pt", "ab") as f:  # another program at the same path: other runs
         f.write(b"\0")
     assert run_key(run) != key
+
+
+def test_cached_teacher_facts_are_keyed_by_the_architecture_read_too(tmp_path):
+    """teacher.json was reused for the same file, data and normalisation whatever
+    --teacher-model said: one foreign .pt read as another architecture kept the first's facts."""
+    import torch
+    import igkd
+    from igkd.experiments.common import teacher_facts
+    from igkd.experiments.config import resolve
+    spec = "mobilenetv2:width=0.25,drop=14"
+    torch.manual_seed(0)
+    foreign = tmp_path / "foreign.pt"
+    torch.save(igkd.build_model(spec, 10, 1).state_dict(), foreign)  # a bare state_dict: no metadata
+    cfg = resolve("ablation", overrides=dict(teacher=str(foreign), teacher_model=spec, data="demo"))
+    first = teacher_facts(cfg, tmp_path, quiet=True)
+    assert first["model"] == spec and first["teacher_model"] == spec
+    cached = json.loads((tmp_path / "teacher.json").read_text())
+    (tmp_path / "teacher.json").write_text(json.dumps({**cached, "model": "stale", "teacher_model": "other"}))
+    assert teacher_facts(cfg, tmp_path, quiet=True)["model"] == spec  # another architecture: evaluated again
+    assert teacher_facts(cfg, tmp_path, quiet=True)["model"] == spec  # and cached under this one

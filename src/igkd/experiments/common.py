@@ -63,8 +63,10 @@ def teacher_facts(cfg: ExperimentConfig, out: Path, quiet: bool) -> dict:
     cache = out / "teacher.json"
     if cache.exists():
         facts = json.loads(cache.read_text())
+        # the architecture too: one foreign .pt read as another --teacher-model is another teacher
         if facts.get("sha256") == sha and facts.get("data") == cfg.data and sha and \
-                facts.get("normalize", "auto") == cfg.teacher_normalize:
+                facts.get("normalize", "auto") == cfg.teacher_normalize and \
+                facts.get("teacher_model", "") == cfg.teacher_model:
             return facts
     # igkd evaluate takes a file: a torchscript:FILE teacher is its file with the spec as its model
     weights = teacher_file(cfg.teacher)
@@ -72,6 +74,7 @@ def teacher_facts(cfg: ExperimentConfig, out: Path, quiet: bool) -> dict:
     r = api.evaluate(str(weights), cfg.data, model=spec, device=cfg.device, batch_size=cfg.eval_batch_size,
                      normalize=cfg.teacher_normalize)
     facts = {"path": str(cfg.teacher), "sha256": sha, "data": cfg.data, "normalize": cfg.teacher_normalize,
+             "teacher_model": cfg.teacher_model,
              "model": r["model"], "params": r["params"],
              "test_accuracy": r["accuracy"], "test_images": r["total"]}
     log(f"teacher {r['model']} ({r['params']:,} params): test accuracy {r['accuracy']:.2f}%", quiet)

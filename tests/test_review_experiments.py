@@ -124,3 +124,18 @@ def test_cached_teacher_facts_are_keyed_by_the_architecture_read_too(tmp_path):
     (tmp_path / "teacher.json").write_text(json.dumps({**cached, "model": "stale", "teacher_model": "other"}))
     assert teacher_facts(cfg, tmp_path, quiet=True)["model"] == spec  # another architecture: evaluated again
     assert teacher_facts(cfg, tmp_path, quiet=True)["model"] == spec  # and cached under this one
+
+
+def test_a_value_list_the_search_does_not_try_is_said(capsys):
+    """--p-values under a method without p, or --T-values beside --space T=..., were dropped
+    without a word: the user believed those values searched."""
+    from igkd.experiments.config import resolve
+    from igkd.experiments.search import search_space
+    space = search_space(resolve("search", None, {"search_method": "kd", "p_values": "0.1,0.5", "T_values": "2,4",
+                                                  "space": "T=1,3"}))
+    assert space == {"T": [1.0, 3.0], "alpha": [0.01, 0.1, 0.5, 0.9]}
+    assert capsys.readouterr().err.splitlines() == [
+        "igkd: warning: --T-values is not searched: --space T=... replaces it",
+        "igkd: warning: --p-values is not searched: method 'kd' has no option p (pass --p-values '' to drop it)"]
+    assert search_space(resolve("search", None, {"search_method": "kd+ig", "p_values": "0.1"}))["p"] == [0.1]
+    assert capsys.readouterr().err == ""

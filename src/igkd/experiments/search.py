@@ -33,6 +33,7 @@ import inspect
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -80,11 +81,21 @@ def search_space(cfg: ExperimentConfig) -> dict[str, list[float]]:
     space: dict[str, list[float]] = {}
     for part in method.parts:
         space.update({k: [float(v) for v in vals] for k, vals in part.search.items()})
+    given = parse_space(cfg.space, method)
     for name, flag in LEGACY_LISTS.items():
         text = getattr(cfg, name + "_values")
-        if text.strip() and (name in space or name == "lr"):
+        if not text.strip():
+            continue
+        # said, not dropped in silence: a list the search will not try (a recipe's p list under
+        # --search-method kd, or a list --space replaces) would otherwise look searched
+        if name not in space and name != "lr":
+            _warn(f"{flag} is not searched: method {cfg.search_method!r} has no option {name} "
+                  f"(pass {flag} '' to drop it)")
+        elif name in given:
+            _warn(f"{flag} is not searched: --space {name}=... replaces it")
+        else:
             space[name] = split_list(text, float, flag)
-    space.update(parse_space(cfg.space, method))
+    space.update(given)
     # one value written twice (2, 2.0, 2e0) is one grid point, not two trials of the same run
     space = {k: list(dict.fromkeys(v)) for k, v in space.items() if v}
     fields_by_name = {f.name: f for f in fields(DistillConfig)}
@@ -104,6 +115,10 @@ def search_space(cfg: ExperimentConfig) -> dict[str, list[float]]:
         raise UserError(f"nothing to search for method {cfg.search_method!r}: give --space NAME=v1,v2 (any numeric "
                         "option of its parts, or lr) or --lr-values")
     return space
+
+
+def _warn(text: str) -> None:
+    print(f"igkd: warning: {text}", file=sys.stderr, flush=True)
 
 
 def searchable(method) -> dict[str, type]:

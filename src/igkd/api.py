@@ -294,8 +294,9 @@ def needs_store(method, cfg) -> bool:
     return method.needs_maps or (method.needs_logits and cfg.logits == "precomputed" and not method.online_teacher)
 
 
-def _model_params(teacher: str) -> int:
-    """Parameters of a teacher given as a checkpoint (with metadata) or a model spec."""
+def _model_params(teacher: str, num_classes: int = 10, in_channels: int = 3) -> int:
+    """Parameters of a teacher given as a checkpoint (with metadata) or a model spec; a spec
+    is built for ``num_classes`` and ``in_channels`` (the data's: its head counts too)."""
     path = Path(teacher)
     if path.is_file():
         meta = read_metadata(path)
@@ -306,7 +307,7 @@ def _model_params(teacher: str) -> int:
         return count_parameters(build_model(spec, meta.get("num_classes", 10), meta.get("in_channels", 3)))
     if path.suffix in (".safetensors", ".pt", ".pth", ".json") or ("/" in teacher and ":" not in teacher):
         raise UserError(f"--teacher {teacher} does not exist; give the teacher's checkpoint or its architecture spec")
-    return count_parameters(build_model(teacher))
+    return count_parameters(build_model(teacher, num_classes, in_channels))
 
 
 def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
@@ -399,6 +400,8 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         result["corruptions"] = evaluate_corruptions(net, images[pick], labels[pick], index[pick], corruption_names,
                                                      cfg.corruption_seed, cfg.batch_size, dev, quiet)
     if cfg.teacher:
+        if not Path(cfg.teacher).is_file():  # a spec: its size at this model's classes and channels, not 10 and 3
+            tparams = _model_params(cfg.teacher, len(classes), dataset.channels)
         result.update(teacher=cfg.teacher, teacher_params=tparams, compression=tparams / result["params"])
     return result
 

@@ -277,9 +277,23 @@ def _first_names(names: list[str], k: int) -> str:
     return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
+def _preprocessing_name(pre: dict) -> str:
+    """none, dataset, or imagenet where the mean/std are torchvision's (--normalize imagenet is
+    stored as a "dataset" normalisation with ImageNet's figures: printing "dataset" for it told
+    the user that their --normalize imagenet had been ignored)."""
+    name = pre.get("normalize", "none")
+    if name == "dataset":
+        from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+        if all(abs(a - b) < 1e-6 for a, b in zip([*pre.get("mean", []), *pre.get("std", [])],
+                                                 [*IMAGENET_MEAN, *IMAGENET_STD], strict=False)) \
+                and len(pre.get("mean", [])) == 3 and len(pre.get("std", [])) == 3:
+            return "imagenet"
+    return name
+
+
 def format_evaluation(r: dict) -> str:
     lines = [f"{r['model']} on {r['data']} ({r['split']}, {r['total']} images, preprocessing "
-             f"{r['preprocessing'].get('normalize', 'none')})",
+             f"{_preprocessing_name(r['preprocessing'])})",
              f"accuracy: {r['accuracy']:.2f}% ({r['correct']}/{r['total']})",
              f"balanced accuracy: {_figure(r['balanced_accuracy'], '.2f', '%')}, Cohen's kappa: "
              f"{_figure(r['kappa'], '.4f')}",

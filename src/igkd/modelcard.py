@@ -63,7 +63,10 @@ def model_card(summary: dict, meta: dict) -> str:
     from .models import find_family
     family = find_family(summary["model"])  # none for module:CLASS, a module handed to the API
     own_code = family is not None and family.runs_code
-    model_flag = f" --model {shlex.quote(summary['model'])}" if own_code else ""
+    # module:CLASS: no spec rebuilds it, and the file alone is refused; the user names a factory
+    api_module = family is None and str(summary["model"]).startswith("module:")
+    model_flag = (f" --model {shlex.quote(summary['model'])}" if own_code else
+                  " --model py:FILE.py:CALLABLE" if api_module else "")
     if validated:
         val_row = (f"| validation (best epoch, {summary.get('best_epoch')} of {summary.get('epochs')}) | "
                    f"{_pct(summary.get('val_accuracy'))} | | | {summary.get('val_images', '?')} |")
@@ -82,6 +85,8 @@ def model_card(summary: dict, meta: dict) -> str:
               "## Use it", "", "```python", "import igkd", "",
               (f'model, meta = igkd.load_model("model.safetensors", {summary["model"]!r})  # your code: named, '
                'never read from the file' if own_code else
+               f'model, meta = igkd.load_model("model.safetensors", "py:FILE.py:CALLABLE")  # {summary["model"]} '
+               'was handed to the API: name a factory that builds it (py:FILE.py:CALLABLE)' if api_module else
                'model, meta = igkd.load_model("model.safetensors")  # architecture, classes, preprocessing from '
                'the file'),
               "logits = model(images)  # float32 N x C x H x W in [0, 1]", 'print(meta["classes"])', "```", "",

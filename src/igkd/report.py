@@ -341,7 +341,21 @@ def terminal_summary(markdown: str) -> str:
         if line.startswith(("#", "|")):
             out.append(line)
         previous = line
-    return "\n".join(out).strip("\n")
+    # a heading with no table under it (before the next heading of its level or above) printed
+    # as an empty section: "### Export" (its text is prose) read as "nothing was exported"
+    kept = []
+    for i, line in enumerate(out):
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            rest = out[i + 1:]
+            end = next((j for j, x in enumerate(rest)
+                        if x.startswith("#") and len(x) - len(x.lstrip("#")) <= level), len(rest))
+            if not any(x.startswith("|") for x in rest[:end]):
+                if kept and kept[-1] == "":
+                    kept.pop()
+                continue
+        kept.append(line)
+    return "\n".join(kept).strip("\n")
 
 
 def _not_igkd(path: Path, why: str):

@@ -25,13 +25,14 @@ from .plots import audit_gallery
 TARGETS = ("label", "predicted")
 
 
-def _load_checked(path: str, spec: str, dataset: Dataset, normalize: str = "auto") -> tuple[nn.Module, dict]:
+def _load_checked(path: str, spec: str, dataset: Dataset, normalize: str = "auto",
+                  flag: str = "--student-model") -> tuple[nn.Module, dict]:
     meta = read_metadata(path) or {}
     if meta.get("classes") and meta["classes"] != dataset.classes:
         raise UserError(f"{path} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
                         "audit models on the dataset they were trained for")
     net, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels,
-                           preprocessing_for(normalize, dataset))
+                           preprocessing_for(normalize, dataset), flag=flag)
     for p in net.parameters():
         p.requires_grad_(False)
     return net, meta
@@ -80,7 +81,8 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
     pcfg = PrecomputeConfig(attribution=cfg.attribution, ig_steps=cfg.ig_steps, ig_method="gausslegendre",
                             ig_baseline=cfg.ig_baseline, **{n: getattr(cfg, n) for n in entry.fields})
     dataset = load_dataset(cfg.data)
-    models = [(cfg.teacher, *_load_checked(cfg.teacher, cfg.teacher_model, dataset, cfg.teacher_normalize))]
+    models = [(cfg.teacher, *_load_checked(cfg.teacher, cfg.teacher_model, dataset, cfg.teacher_normalize,
+                                           "--teacher-model"))]
     models += [(p, *_load_checked(p, cfg.student_model, dataset)) for p in paths]
     test = dataset.test
     idx = torch.linspace(0, len(test) - 1, min(cfg.images, len(test))).round().long().unique()

@@ -117,7 +117,8 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
             int8_lat = measure_latency(tmp, shape, 1, cfg.threads, 10, cfg.min_time, runtime="onnxruntime")
             result["int8_check"] = {
                 **parity(reference, q), "calibration_images": len(calib), "accuracy_fp32": accuracy(exported),
-                "accuracy_int8": accuracy(q), "accuracy_change": -drop, "max_int8_drop": cfg.max_int8_drop,
+                "accuracy_int8": accuracy(q), "accuracy_change": accuracy(q) - accuracy(exported),
+                "max_int8_drop": cfg.max_int8_drop,
                 "latency_fp32_ms": fp32_lat["median_ms"], "latency_int8_ms": int8_lat["median_ms"],
                 "speedup": fp32_lat["median_ms"] / int8_lat["median_ms"], "threads": cfg.threads, "batch": 1}
         sidecar = _sidecar(output, format, int8, weights, meta, dataset, shape, result)
@@ -166,7 +167,8 @@ def export_summary(r: dict) -> str:
     if r["int8"]:
         q = r["int8_check"]
         lines.append(f"int8: accuracy {q['accuracy_int8']:.2f}% vs fp32 {q['accuracy_fp32']:.2f}% "
-                     f"({q['accuracy_change']:+.2f} points), top-1 agreement with PyTorch {q['top1_agreement']:.2f}%, "
+                     f"({q['accuracy_change'] + 0.0:+.2f} points), "  # + 0.0: -0.0 printed "-0.00 points" for no change
+                     f"top-1 agreement with PyTorch {q['top1_agreement']:.2f}%, "
                      f"latency batch 1 ({q['threads']} thread(s)) {q['latency_int8_ms']:.3f} ms vs "
                      f"{q['latency_fp32_ms']:.3f} ms: {q['speedup']:.2f}x")
     return "\n".join(lines)

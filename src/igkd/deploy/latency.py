@@ -61,7 +61,8 @@ def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = No
         spec = specs[i] if specs else None
         if files:
             own = read_metadata(files[i])  # foreign files: --classes and --input
-            net, meta = load_model(files[i], spec, None if own else cfg.classes, None if own else shape[0])
+            net, meta = load_model(files[i], spec, None if own else cfg.classes, None if own else shape[0],
+                                   io_flags=("--classes", "--input"))
             in_shape = (meta["in_channels"], *meta.get("image_size", shape[1:]))
             entries.append((meta["model"], net, in_shape, weights_bytes(files[i]), files[i]))
         else:

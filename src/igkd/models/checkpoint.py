@@ -202,7 +202,7 @@ def _torch_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _refuse_other_io(path, state: dict, own: dict, wrong: list[str]) -> None:
+def _refuse_other_io(path, state: dict, own: dict, wrong: list[str], io_flags: tuple[str, str] | None = None) -> None:
     """A one-line UserError when the architecture is right and only the data differs: the
     first weight's input channels and/or the last layer's classes (a 3-channel ImageNet file
     on grayscale 10-class data). "Pass the --model they were trained with" sent users to
@@ -226,12 +226,25 @@ def _refuse_other_io(path, state: dict, own: dict, wrong: list[str]) -> None:
     if any(k in head for k in wrong):
         said.append(f"{state[last].shape[0]} classes")
         data.append(f"{own[last].shape[0]} classes")
+    if io_flags:  # no data: the classes and channels came from options (bench latency's --classes, --input)
+        given, fix = [], []
+        if first in wrong:
+            given.append(f"{io_flags[1]} has {own[first].shape[1]} channel(s)")
+            fix.append(f"{io_flags[1]} {state[first].shape[1]}xHxW")
+        if any(k in head for k in wrong):
+            given.append(f"{io_flags[0]} is {own[last].shape[0]}")
+            fix.append(f"{io_flags[0]} {state[last].shape[0]}")
+        raise UserError(f"weights {path} are for {' and '.join(said)}, but {' and '.join(given)}; pass "
+                        f"{' and '.join(fix)} (a file without igkd metadata is built from these options)")
     raise UserError(f"weights {path} are for {' and '.join(said)}, the data has {' and '.join(data)}; use the data "
                     "they were trained on (another number of classes: --class-map for evaluate)")
 
 
-def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", flag: str = "--model") -> nn.Module:
-    """Load weights into ``model`` (its bare network), strictly, with a one-line error."""
+def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", flag: str = "--model",
+                 io_flags: tuple[str, str] | None = None) -> nn.Module:
+    """Load weights into ``model`` (its bare network), strictly, with a one-line error.
+    ``io_flags``: the options (classes, input shape) that sized ``model`` where no dataset
+    did, named in the error when only its classes or input channels differ."""
     raw, own_file = _read_state(path)
     net = bare(model)
     own = net.state_dict()
@@ -250,7 +263,7 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", fl
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if wrong and not missing and not unexpected:
-        _refuse_other_io(path, state, own, wrong)
+        _refuse_other_io(path, state, own, wrong, io_flags)
     if missing or unexpected or wrong:
         detail = []
         if wrong:
@@ -295,7 +308,7 @@ def recorded_spec(spec: str, path: str | Path, flag: str = "--model") -> str:
 
 def load_model(path: str | Path, spec: str | None = None, num_classes: int | None = None,
                in_channels: int | None = None, preprocessing: dict | None = None,
-               flag: str = "--model") -> tuple[nn.Module, dict]:
+               flag: str = "--model", io_flags: tuple[str, str] | None = None) -> tuple[nn.Module, dict]:
     """Build and load a model. igkd checkpoints describe themselves; foreign files need
     ``spec`` (and ``num_classes``/``in_channels`` when not 10 and 3). A spec that holds its
     own weights (``torchscript:FILE``) may be given as ``path`` itself. ``flag`` is the
@@ -313,12 +326,14 @@ def load_model(path: str | Path, spec: str | None = None, num_classes: int | Non
         if not Path(path).exists():
             raise UserError(f"weights file {path} does not exist; check the path")
         raise UserError(f"{path} has no igkd metadata; say which architecture it is with {flag} SPEC")
-    meta.setdefault("model", spec)
+    # the spec that is built, not the one the file records: a --model given for a file recording
+    # module:CLASS (or another spelling) was reported, and written into export sidecars, as the record
+    meta["model"] = spec
     num_classes = num_classes or meta.get("num_classes") or 10
     in_channels = in_channels or meta.get("in_channels") or 3
     net = build_model(spec, num_classes, in_channels)
     if not family_of(spec).own_weights:
-        load_weights(net, path, f"model '{spec}'", flag)
+        load_weights(net, path, f"model '{spec}'", flag, io_flags)
     pre = preprocessing if preprocessing is not None else meta.get("preprocessing")
     if pre and pre.get("normalize") == "dataset" and len(pre["mean"]) != in_channels:
         raise UserError(f"{path}: its preprocessing has {len(pre['mean'])} channel mean(s) but the data has "

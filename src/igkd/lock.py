@@ -74,18 +74,19 @@ class DirLock:
     def acquire(self, wait: bool = False, quiet: bool = False) -> "DirLock":
         if self.fd is not None:
             raise RuntimeError(f"{self.path} is already held by this object")
-        self.created = not self.folder.exists()
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            if is_disk_full(e):  # the command line says "disk full at ..."
-                raise
-            raise UserError(f"cannot create {self.what} {self.folder}: {e.strerror}; choose another path") from None
-        told = False
+        self.created = False
+        told, rounds = False, 0
         while True:
+            # (re)made on every round: a holder that created the folder removes it again on
+            # release when it wrote nothing into it (a first run that failed), and a waiter
+            # then finds it gone
+            self._make_folder()
+            rounds += 1
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             except OSError as e:
+                if isinstance(e, FileNotFoundError) and rounds < 100:
+                    continue  # that holder's rmdir came between our mkdir and our open: make it again
                 if is_disk_full(e):
                     raise
                 raise UserError(f"cannot write {self.what} {self.folder}: {e.strerror}; choose another path") \
@@ -126,6 +127,17 @@ class DirLock:
             self.release()
             raise
         return self
+
+    def _make_folder(self) -> None:
+        exists = self.folder.exists()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if is_disk_full(e):  # the command line says "disk full at ..."
+                raise
+            raise UserError(f"cannot create {self.what} {self.folder}: {e.strerror}; choose another path") from None
+        if not exists:
+            self.created = True  # ours to remove on release, if we leave it empty
 
     def release(self) -> None:
         if self.fd is None:

@@ -35,6 +35,7 @@ from .attribution import attribution_map
 from .attribution import registry
 from .config import PrecomputeConfig
 from .data import Dataset
+from .errors import UserError
 from .distill.parallel import Dist
 from .models import Normalized, teacher_identity
 from .fileio import remove_temporaries
@@ -153,6 +154,23 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(maps[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
 
 
+def as_read_back(maps: torch.Tensor, cfg: PrecomputeConfig) -> torch.Tensor:
+    """``N x H x W`` maps as training reads them back from a store of ``cfg``: at
+    ``--map-size`` and upsampled again, quantised with ``--map-dtype uint8``, in the maps'
+    own units. The error estimate scores these: it printed 0% for a 7x7 ``--map-size`` of a
+    28x28 map, whose stored maps err by 56-73% (README). float16 rounding (2^-11 of the
+    maximum at most) is left out, so that the reference's own settings score 0."""
+    if not cfg.map_size and cfg.map_dtype != "uint8":
+        return maps
+    scale = maps.flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
+    unit = maps / scale
+    if cfg.map_size and tuple(unit.shape[-2:]) != (cfg.map_size, cfg.map_size):
+        unit = downsample_maps(unit, cfg.map_size)
+    if cfg.map_dtype == "uint8":
+        unit = unit.mul(255).round_().div_(255)
+    return upsample_maps(unit, tuple(maps.shape[-2:])) * scale
+
+
 def relative_l1(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per image ``sum |M - R| / sum |R|`` over the map (the error measure igkd reports)."""
     return (maps - reference).abs().flatten(1).sum(1) / reference.abs().flatten(1).sum(1).clamp_min(1e-30)
@@ -182,6 +200,7 @@ def estimate_error(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, 
     ref = attribution_map(attributions(teacher, x, y, ref_cfg, n_steps=steps)[0])
     ours = torch.cat([attribution_map(attributions(teacher, x[j:j + 1], y[j:j + 1], cfg,
                                                    first_index=int(idx[j]))[0]) for j in range(k)])
+    ours = as_read_back(ours, cfg)
     scaled = cfg.attribution != registry.REFERENCE
     if scaled:
         ours, ref = (m / m.flatten(1).sum(1).clamp_min(1e-30).view(-1, *[1] * (m.dim() - 1)) for m in (ours, ref))
@@ -202,6 +221,12 @@ def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | Non
     ``chunks`` computes what is missing and assembles the store.
     """
     cfg = cfg or PrecomputeConfig()
+    if not len(dataset.train):  # a store of no rows has no chunk to assemble (finalize read a chunks/000000.npz)
+        raise UserError(f"the training split of {dataset.spec} holds no images; there is nothing to precompute")
+    h, w = dataset.image_size
+    if cfg.map_size > min(h, w):  # adaptive pooling "to" a larger size repeats pixels: a bigger store, no gain
+        raise UserError(f"--map-size {cfg.map_size} is larger than the {h}x{w} images; give at most {min(h, w)}, "
+                        "or 0 to store maps at the image size")
     env = dist or Dist()
     device = torch.device(device)
     teacher = teacher.to(device).eval()
@@ -264,10 +289,20 @@ def _precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, pat
                 + (f" (resuming: {len(wanted) - len(pending)} of {len(wanted)} chunks done)"
                    if len(pending) < len(wanted) else "")
                 + (f" on {env.world} processes" if env.world > 1 else ""), quiet)
+        # estimated once per store and kept beside the chunks (StoreWriter.save_estimate), so that
+        # every way of finishing the store writes it into the manifest
+        check = {"check_images": cfg.check_images, "check_steps": cfg.check_steps}
+        estimate = writer.saved_estimate(check)
+        if estimate is None and (pending or chunks is None):
             estimate = estimate_error(teacher, dataset, cfg, device)
+            writer.save_estimate(check, estimate)
+        if pending:
             if estimate is not None:
                 what, how = ("map error vs", "relative L1; raise --ig-steps to lower it") if "scaled" not in estimate \
                     else ("distance to", "L1 of the maps scaled to sum 1, 0 to 200%: how unlike IG they are")
+                if cfg.map_size and "scaled" not in estimate:  # it includes what storing them small costs
+                    how = (f"relative L1 of the maps as kept at --map-size {cfg.map_size}; raise --ig-steps or "
+                           "--map-size to lower it")
                 log(f"precompute: {what} a {estimate['reference_steps']}-step IG reference on "
                     f"{estimate['images']} images: median {100 * estimate['median']:.1f}%, max "
                     f"{100 * estimate['max']:.1f}% ({how})", quiet)

@@ -127,7 +127,14 @@ def read_manifest(path: Path) -> dict:
                         f"delete {path} and run 'igkd precompute' again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
-        raise UserError(f"{path} has store format {fmt!r}, expected {FORMAT}; rebuild it")
+        # say how to get a usable store: "rebuild it" named no command, and a store of another
+        # igkd version can also be read by that version
+        if isinstance(fmt, str) and fmt.startswith("igkd-store/"):
+            raise UserError(f"store {path} was written by another igkd version (format {fmt}; this igkd reads "
+                            f"{FORMAT}); delete {path} and run 'igkd precompute' again, or use the igkd that wrote it")
+        raise UserError(f"{path}/manifest.json is not an igkd store manifest (store format {fmt!r}, expected "
+                        f"{FORMAT}); delete {path} and run 'igkd precompute' again, or choose another --store "
+                        "directory")
     files, n = manifest.get("files"), manifest.get("num_samples")
     if not (isinstance(files, dict) and all(isinstance(files.get(f"{a}.npy"), str) and len(files[f"{a}.npy"]) == 64
                                             for a in ARRAYS)
@@ -271,14 +278,25 @@ class StoreWriter:
         self.chunk_dir = self.path / "chunks"
         if (self.path / "manifest.json").exists():
             raise UserError(f"store {self.path} is already complete; open it instead of writing it")
+        plan = self.chunk_dir / "plan.json"
+        if not plan.exists() and self.chunk_dir.is_dir() and not any(self.chunk_dir.iterdir()):
+            # a writer killed between making chunks/ and writing its plan: nothing was computed yet
+            self.chunk_dir.rmdir()
         if self.path.exists() and any(p.name != LOCK_NAME for p in self.path.iterdir()):
-            plan = self.chunk_dir / "plan.json"
             if not plan.exists():
                 raise UserError(f"{self.path} exists and is not an igkd store; choose an empty or new --store directory")
-            old = json.loads(plan.read_text())
+            try:
+                old = json.loads(plan.read_text())
+                if not (isinstance(old, dict) and isinstance(old.get("identity"), dict)):
+                    raise ValueError("no identity")
+            except (OSError, ValueError) as e:  # written atomically, so damaged from outside: the chunks'
+                # owner is unknown, and they are not used
+                raise UserError(f"unfinished store {self.path}: chunks/plan.json is unreadable "
+                                f"({type(e).__name__}); delete {self.chunk_dir} and run the command again") from None
             if old.get("chunk_size") != chunk_size or old.get("num_samples") != num_samples:
-                raise UserError(f"unfinished store {self.path} was started with another chunk size or dataset size; "
-                                "delete it or use the same settings")
+                raise UserError(f"unfinished store {self.path} was started with --chunk-size {old.get('chunk_size')} "
+                                f"on {old.get('num_samples')} images (now {chunk_size} on {num_samples}); rerun with "
+                                f"--chunk-size {old.get('chunk_size')} to continue it, or delete {self.path}")
             check_identity(self.path, old["identity"], identity)
         self.chunk_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.chunk_dir / "plan.json",
@@ -318,6 +336,21 @@ class StoreWriter:
                 self._chunk_file(i).with_suffix(".sha256").unlink(missing_ok=True)
                 todo.append(i)
         return todo
+
+    def saved_estimate(self, check: dict) -> dict | None:
+        """The error estimate an earlier run of this store saved with the same ``check`` settings
+        (see :meth:`save_estimate`), or None."""
+        try:
+            saved = json.loads((self.chunk_dir / "estimate.json").read_text())
+            return saved["estimate"] if saved.get("check") == check and isinstance(saved["estimate"], dict) else None
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            return None  # absent or damaged: estimated again
+
+    def save_estimate(self, check: dict, estimate: dict | None) -> None:
+        """Keep the error estimate beside the chunks until the manifest takes it: a run that
+        resumes after the last chunk (killed while finalising), or assembles chunks computed
+        by hand, has nothing left to compute and wrote ``error_estimate: null`` without it."""
+        write_json(self.chunk_dir / "estimate.json", {"check": check, "estimate": estimate})
 
     def write_chunk(self, i: int, **arrays: np.ndarray) -> None:
         buf = io.BytesIO()

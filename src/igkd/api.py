@@ -51,6 +51,23 @@ def preprocessing_for(normalize: str, dataset: Dataset) -> dict | None:
     return {"normalize": "dataset", "mean": mean, "std": std}
 
 
+_WARNED_PREPROCESSING: set[str] = set()
+
+
+def warn_unknown_preprocessing(path, normalize: str, flag: str) -> None:
+    """Say once per file that a weights file without igkd metadata gets raw [0, 1] pixels under
+    ``auto``: a torchvision ImageNet teacher then scored 25% instead of 75% on its own data, and
+    distilled from that, without a word. ``flag`` is the option that states the preprocessing."""
+    if normalize != "auto" or isinstance(path, nn.Module) or not path or holds_own_weights(str(path)):
+        return
+    if read_metadata(path) is not None or str(path) in _WARNED_PREPROCESSING:
+        return
+    _WARNED_PREPROCESSING.add(str(path))
+    log(f"igkd: warning: {path} has no igkd metadata, so how its training images were normalised is unknown; it "
+        f"gets raw [0, 1] pixels. Pass {flag} imagenet for a torchvision ImageNet model, {flag} dataset for one "
+        f"trained on images normalised by this data's mean/std, or {flag} none to confirm raw pixels")
+
+
 def _describe_pre(pre: dict) -> str:
     if pre["normalize"] == "none":
         return "raw [0, 1] pixels"
@@ -178,6 +195,7 @@ def load_teacher(path: str | Path, dataset: Dataset, spec: str = "", normalize: 
     for p in teacher.parameters():
         p.requires_grad_(False)
     check_outputs(teacher, dataset, f"teacher {path} ({meta['model']})")
+    warn_unknown_preprocessing(path, normalize, "--teacher-normalize")  # once it is usable: errors stay one line
     return teacher, meta
 
 
@@ -370,6 +388,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
                         "evaluate it on the dataset it was trained for (or map the classes with --class-map)")
     net, meta = load_model(weights, model or None, len(classes), dataset.channels,
                            preprocessing_for(normalize, dataset))
+    warn_unknown_preprocessing(weights, normalize, "--normalize")
     dev = resolve_device(cfg.device)
     test = dataset.test
     # a view of the scored rows (class map, teacher-correct, corruption picks narrow it): read batch
@@ -431,6 +450,7 @@ def _teacher_correct(path: str, spec: str, dataset: Dataset, cmap, images: torch
         labels = remap(labels, dataset.classes, cmap, tclasses)["labels"]
     net, tmeta = load_model(path, spec or None, len(tclasses), dataset.channels, preprocessing_for(normalize, dataset),
                             flag="--teacher-correct-model")
+    warn_unknown_preprocessing(path, normalize, "--teacher-correct-normalize")
     right = predict(net.to(dev), images, batch_size, dev).argmax(1) == labels
     keep = torch.nonzero(right).reshape(-1)
     if not len(keep):

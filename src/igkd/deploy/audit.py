@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..api import preprocessing_for
+from ..api import preprocessing_for, warn_unknown_preprocessing
 from ..command_options import AuditConfig, api_config
 from ..data import Dataset, load_dataset
 from ..errors import UserError
@@ -33,6 +33,8 @@ def _load_checked(path: str, spec: str, dataset: Dataset, normalize: str = "auto
                         "audit models on the dataset they were trained for")
     net, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels,
                            preprocessing_for(normalize, dataset), flag=flag)
+    if flag == "--teacher-model":  # students have no option to state theirs: igkd's own, as a rule
+        warn_unknown_preprocessing(path, normalize, "--teacher-normalize")
     for p in net.parameters():
         p.requires_grad_(False)
     return net, meta

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..api import preprocessing_for
+from ..api import preprocessing_for, warn_unknown_preprocessing
 from ..command_options import ExportConfig, api_config
 from ..data import Dataset, load_dataset
 from ..errors import UserError
@@ -77,6 +77,7 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
                         "pass the --data it was trained on")
     pre = preprocessing_for(cfg.normalize, dataset)
     net, meta = load_model(weights, cfg.model or None, len(dataset.classes), dataset.channels, pre)
+    warn_unknown_preprocessing(weights, cfg.normalize, "--normalize")
     shape = (dataset.channels, *dataset.image_size)
     # evenly spaced, not the first N: an image folder lists its test split class by class, and the
     # first N images were of one class (the int8 accuracy gate then saw that class alone)

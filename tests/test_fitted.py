@@ -118,9 +118,9 @@ def test_store_holds_the_schedule_reuses_it_and_refuses_another(tmp_path):
     other["weights"] = [w * 1.01 for w in other["weights"]]
     (tmp_path / "other.json").write_text(json.dumps(other))
     from dataclasses import replace
-    with pytest.raises(UserError, match="other IG settings"):
+    with pytest.raises(UserError, match="other map settings"):
         precompute(teacher, data, replace(cfg, ig_schedule=str(tmp_path / "other.json")), tmp_path / "s", quiet=True)
-    with pytest.raises(UserError, match="other IG settings"):
+    with pytest.raises(UserError, match="other map settings"):
         from igkd.precompute import store_identity
         open_store(tmp_path / "s", store_identity(teacher, data, replace(cfg, ig_schedule=str(tmp_path / "other.json"))))
 

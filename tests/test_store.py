@@ -1,5 +1,6 @@
 """The precompute store: index keying, fingerprints, resume, corruption, refusal of mismatches."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -51,8 +52,11 @@ def test_store_is_reused_and_refused_for_another_teacher_or_dataset(tmp_path):
         precompute(tiny_teacher(seed=1), data, CFG, tmp_path / "s", quiet=True)
     with pytest.raises(UserError, match="another dataset"):
         precompute(teacher, tiny_dataset(seed=5), CFG, tmp_path / "s", quiet=True)
-    with pytest.raises(UserError, match="other IG settings"):
+    with pytest.raises(UserError) as e:  # what differs, named: not "a fingerprint differs"
         precompute(teacher, data, PrecomputeConfig(ig_steps=9, chunk_size=10), tmp_path / "s", quiet=True)
+    assert f"with other map settings (ig_steps {CFG.ig_steps} there, 9 now)" in str(e.value)
+    with pytest.raises(UserError, match=r"map 'sum_c\|IG\| / max, float16' there, 'sum_c\|IG\| / max, uint8' now"):
+        precompute(teacher, data, dataclasses.replace(CFG, map_dtype="uint8"), tmp_path / "s", quiet=True)
 
 
 def test_default_store_location_is_fingerprinted(tmp_path):

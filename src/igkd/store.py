@@ -260,11 +260,21 @@ def remove_store_files(path: Path) -> None:
 
 def check_identity(path: Path, have: dict, want: dict) -> None:
     for key in ("dataset", "teacher", "settings"):
-        if have.get(key) != want.get(key):
-            what = {"dataset": "another dataset", "teacher": "another teacher",
-                    "settings": "other IG settings"}[key]
-            raise UserError(f"store {path} was computed for {what} ({key} fingerprint differs); "
-                            "use another --store directory or delete this one to recompute")
+        if have.get(key) == want.get(key):
+            continue
+        if key == "settings" and isinstance(have.get(key), dict) and isinstance(want.get(key), dict):
+            # name what differs: "other IG settings (settings fingerprint differs)" left the user to
+            # guess that a recipe's map_dtype: uint8 met a store built as float16
+            old, new = have[key], want[key]
+            diff = "; ".join(f"{k} {old.get(k, '(none)')!r} there, {new.get(k, '(none)')!r} now"
+                             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+            raise UserError(f"store {path} was computed with other map settings ({diff}); pass the options it was "
+                            "built with, or use another --store directory, or delete this one to recompute")
+        what = {"dataset": "another dataset (or other images of it)",
+                "teacher": "another teacher (other weights, architecture or --teacher-normalize)",
+                "settings": "other map settings"}[key]
+        raise UserError(f"store {path} was computed for {what} ({key} fingerprint differs); "
+                        "use another --store directory or delete this one to recompute")
 
 
 class StoreWriter:

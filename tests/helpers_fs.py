@@ -20,6 +20,10 @@ def tmpfs(path: Path, size: str, otherwise: str = ""):
 
     def resize(new: str) -> None:
         subprocess.run(["mount", "-o", f"remount,size={new}", str(path)], check=True)
+
+    def read_only() -> None:  # the same files on a read-only mount: root cannot write them either
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+    resize.read_only = read_only
     try:
         yield resize
     finally:

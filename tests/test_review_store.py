@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,27 @@ def test_an_empty_training_split_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="holds no images; there is nothing to precompute"):
         precompute(tiny_teacher(), tiny_dataset(n=0), CFG, tmp_path / "s", quiet=True)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_finished_store_on_a_read_only_mount_is_read_for_training(tmp_path):
+    """A team's finished store on a read-only mount: distill only reads it, yet --store was
+    refused as unwritable (and the lock needs a file in it). A real read-only tmpfs."""
+    from helpers_data import write_image_folder
+    from helpers_fs import tmpfs
+    from igkd.models import build_model, save_checkpoint
+    data = f"imagefolder:{write_image_folder(tmp_path / 'data', 12, 12)}"
+    teacher = save_checkpoint(tmp_path / "teacher", build_model("resnet:depth=8", 2, 3),
+                              {"model": "resnet:depth=8", "num_classes": 2, "in_channels": 3, "classes": ["cat", "dog"]})
+    common = ["--teacher", teacher, "--data", data, "--ig-steps", "2", "--check-images", "0", "--threads", "1"]
+    with tmpfs(tmp_path / "mnt", "64m") as fs:
+        store = tmp_path / "mnt" / "store"
+        r = run_igkd("precompute", *common, "--store", store, "--quiet")
+        assert r.returncode == 0, r.stderr
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in store.iterdir())
+        fs.read_only()
+        r = run_igkd("distill", *common, "--store", store, "--method", "kd+ig", "--model",
+                     "mobilenetv2:width=0.25,drop=14", "--epochs", "1", "--batch-size", "8",
+                     "--out", tmp_path / "run")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "reusing read-only store" in r.stderr and (tmp_path / "run" / "summary.json").exists()
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in store.iterdir()) == before

@@ -211,7 +211,7 @@ def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeC
         _config(cfg, PrecomputeConfig, "precompute")
     if not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= 1024:
         raise UserError(f"threads={threads!r} is out of range; use 0 (torch's default) to 1024")
-    if store:
+    if store and not (Path(store) / "manifest.json").exists():  # a finished store is only read
         writable_dir(store, "--store")
     env = parallel.init(device)
     try:
@@ -248,7 +248,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
     _config(cfg, DistillConfig, "distill")
     out = _check_out(out)
     check_run_dir(out, resume)  # before the teacher, the data and the precompute, which take minutes
-    if cfg.store:
+    if cfg.store and not (Path(cfg.store) / "manifest.json").exists():  # a finished store is only read
         writable_dir(cfg.store, "--store")
     method = parse_method(cfg.method)
     env = parallel.init(cfg.device)

@@ -23,6 +23,7 @@ used, and one that fails is recomputed with a warning (see :mod:`igkd.store`).
 from __future__ import annotations
 
 from dataclasses import asdict, replace
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -233,6 +234,8 @@ def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | Non
     cfg = prepare_settings(teacher, dataset, cfg, device, quiet, env)
     identity = store_identity(teacher, dataset, cfg)
     path = Path(store_dir) if store_dir else default_store_dir(identity)
+    if (path / "manifest.json").exists() and not os.access(path, os.W_OK):
+        return _read_only(path, identity, cfg.verify_store, quiet)
     lock = None
     if env.rank == 0:  # one writer per store; the other ranks of this group work under rank 0's lock
         lock = DirLock(path, "store", "wait for it to finish").acquire(wait=True, quiet=quiet)
@@ -241,6 +244,20 @@ def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | Non
     finally:
         if lock is not None:
             lock.release()
+
+
+def _read_only(path: Path, identity: dict, mode: str, quiet: bool) -> Store:
+    """A finished store this process may not write (a team's store on a read-only mount, or
+    another user's): read without the lock, which needs a file in it, and never repaired. It
+    was refused as an unwritable --store, though training only reads it."""
+    try:
+        store = open_store(path, identity, mode)
+    except StoreDamaged as e:
+        raise UserError(f"store {path} is read-only here and damaged: {e.file} {e.problem}; have it rebuilt by its "
+                        "owner, or pass another --store to compute one") from None
+    log(f"precompute: reusing read-only store {path}: it is complete"
+        + (" and verified" if mode != "never" else " (--verify-store never: size and header checked)"), quiet)
+    return store
 
 
 def _reuse_or_clear(path: Path, identity: dict, mode: str, quiet: bool) -> bool:

@@ -138,3 +138,24 @@ def test_a_file_without_metadata_under_auto_normalisation_is_said_once(tmp_path)
     for extra in (["--weights", tmp_path / "foreign.pt", "--normalize", "none"], ["--weights", own]):
         r = run_igkd(*base, *extra)
         assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+
+
+def test_a_teacher_module_gets_the_teacher_normalisation_asked_for(folder, tmp_path):
+    """igkd.distill(cfg, teacher=module) ignored cfg.teacher_normalize: a torchvision model
+    handed over as it is, with teacher_normalize='imagenet', saw raw pixels."""
+    import igkd
+    from igkd.config import DistillConfig, build
+    from igkd.data import load_dataset
+    from igkd.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from igkd.store import open_store
+    torch.manual_seed(0)
+    teacher = build_model(SMALL, 2, 3).eval()
+    cfg = build(DistillConfig, dict(data=_data(folder), method="kd", epochs=1, batch_size=4, val_fraction=0.0,
+                                    teacher_normalize="imagenet", store=str(tmp_path / "store"), threads=1))
+    igkd.distill(cfg, tmp_path / "run", quiet=True, teacher=teacher)
+    x = load_dataset(_data(folder)).train.images.float() / 255
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = teacher((x - mean) / std)
+    torch.testing.assert_close(torch.from_numpy(open_store(tmp_path / "store").logits[:].copy()).float(), want,
+                               rtol=1e-4, atol=1e-4)

@@ -237,7 +237,8 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
     explanation matching, AT, CutMix...; :mod:`igkd.distill.parts`).
 
     ``teacher`` and ``student``, ``nn.Module`` s taking [0, 1] pixels (a teacher that
-    normalises does so inside), replace ``cfg.teacher`` and ``cfg.model``. With
+    normalises does so inside, or ``cfg.teacher_normalize`` puts the normalisation in front
+    of it: ``imagenet`` for a torchvision model), replace ``cfg.teacher`` and ``cfg.model``. With
     ``cfg.init == "teacher"`` the student starts from the teacher's matching tensors
     (:func:`igkd.models.copy_matching`).
 
@@ -267,9 +268,12 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
                 if not isinstance(teacher, nn.Module):
                     raise UserError(f"the teacher must be a torch.nn.Module, got {type(teacher).__name__}")
                 teacher = teacher.eval()
+                spec = module_spec(teacher, len(dataset.classes), dataset.channels, tuple(dataset.image_size))
+                # cfg.teacher_normalize applies to a module too (imagenet: a torchvision model handed
+                # over as it is); it was ignored, and such a teacher saw raw pixels
+                teacher = with_preprocessing(teacher, preprocessing_for(cfg.teacher_normalize, dataset))
                 check_outputs(teacher, dataset, "the teacher module")
-                meta["teacher"] = {"path": None, "model": module_spec(teacher, len(dataset.classes), dataset.channels,
-                                                                      tuple(dataset.image_size))}
+                meta["teacher"] = {"path": None, "model": spec}
             elif method.needs_teacher or cfg.init == "teacher":
                 teacher, tmeta = load_teacher(cfg.teacher, dataset, cfg.teacher_model, cfg.teacher_normalize)
                 meta["teacher"] = {"path": str(cfg.teacher), "model": tmeta.get("model")}

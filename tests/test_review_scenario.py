@@ -159,3 +159,7 @@ def test_a_teacher_module_gets_the_teacher_normalisation_asked_for(folder, tmp_p
         want = teacher((x - mean) / std)
     torch.testing.assert_close(torch.from_numpy(open_store(tmp_path / "store").logits[:].copy()).float(), want,
                                rtol=1e-4, atol=1e-4)
+    # igkd.precompute of the same module and normalisation is that store, not one of raw pixels
+    again = igkd.precompute(teacher, _data(folder), cfg, tmp_path / "other", teacher_normalize="imagenet",
+                            quiet=True)
+    assert again.manifest["identity"] == open_store(tmp_path / "store").manifest["identity"]

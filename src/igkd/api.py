@@ -221,8 +221,8 @@ def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeC
         with env.rank0_first():
             dataset = load_dataset(data)
             _ = dataset.train  # decoded (and cached) by rank 0 first
-        if isinstance(teacher_path, nn.Module):
-            teacher = teacher_path.eval()
+        if isinstance(teacher_path, nn.Module):  # teacher_normalize in front of it, as distill puts it
+            teacher = with_preprocessing(teacher_path.eval(), preprocessing_for(teacher_normalize, dataset))
             check_outputs(teacher, dataset, "the teacher module")
         else:
             teacher = load_teacher(teacher_path, dataset, teacher_model, teacher_normalize)[0]

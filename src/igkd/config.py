@@ -174,12 +174,13 @@ class _DistillBase(TrainConfig, PrecomputeConfig):
                          "'dataset'", choices=["dataset", "none"])
     teacher: str = opt("", "teacher checkpoint (.safetensors from igkd train, or .pt with --teacher-model)",
                        metavar="CKPT")
-    teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata")
+    teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata",
+                             metavar="SPEC")
     teacher_normalize: str = teacher_normalize_opt("teacher")
     logits: str = opt("precomputed", "teacher logits: precomputed once on clean images (by sample index) or "
                       "online on each augmented batch (always online with a mixing part such as cutmix)",
                       choices=["precomputed", "online"])
-    store: str = opt("", "precompute store directory (default: a fingerprinted folder in the cache)")
+    store: str = opt("", "precompute store directory (default: a fingerprinted folder in the cache)", metavar="DIR")
     init: str = opt("scratch", "student initialisation: scratch (random, from --seed) or teacher (copy every teacher "
                     "tensor whose name and shape the student has: a truncated or same-family student)",
                     choices=["scratch", "teacher"])

@@ -132,3 +132,13 @@ def test_decode_threads_follow_the_cpus_the_process_may_use():
     finally:
         os.sched_setaffinity(0, before)
     assert decode_threads() == min(8, len(before))
+
+
+def test_a_class_named_like_a_split_is_a_class_when_test_is_given(tmp_path):
+    """DIR/<class> with test=0.5 and a class called 'train' (or 'val'): read as half a
+    train/test layout, refused with advice to add the test= already given."""
+    from helpers_data import write_image_folder
+    from igkd.data import load_dataset
+    write_image_folder(tmp_path / "src", per_class=4, side=8, classes=("train", "zebra"))
+    ds = load_dataset(f"imagefolder:{tmp_path / 'src' / 'train'},test=0.5,cache=0")
+    assert ds.classes == ["train", "zebra"] and len(ds.train) + len(ds.test) == 8

@@ -355,7 +355,10 @@ def _layout(root: Path, spec: Spec, test: float | None, seed: int, seed_given: b
             ) -> tuple[dict[str, _Part], list[str]]:
     """The train and test :class:`_Part` of ``root`` and the class names, by its layout."""
     has = {name: (root / name).is_dir() for name in ("train", "test", "val")}
-    if any(has.values()):
+    split_layout = has["train"] and (has["test"] or has["val"])
+    # with test= the user says DIR holds class folders: one named train, test or val is a class
+    # (it was read as half a train/test layout, and the error told them to add the test= they had given)
+    if any(has.values()) and (test is None or split_layout):
         held = "test" if has["test"] else "val" if has["val"] else None
         if not has["train"] or held is None:
             there = next(n for n in ("train", "test", "val") if has[n])

@@ -23,6 +23,7 @@ used, and one that fails is recomputed with a warning (see :mod:`igkd.store`).
 from __future__ import annotations
 
 from dataclasses import asdict, replace
+import math
 import os
 import shutil
 import sys
@@ -114,9 +115,28 @@ def attributions(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Prec
     return registry.get(cfg.attribution).compute(teacher, x, y, cfg, first_index, n_steps)
 
 
+SLICE_VALUES = 1 << 23  # image values (32 MiB of float32) per attribution call within a chunk
+
+
 def compute_chunk(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PrecomputeConfig,
                   device: torch.device, first_index: int = 0) -> dict[str, np.ndarray]:
-    """Logits, normalised maps, scales and deltas for one block of clean images."""
+    """Logits, normalised maps, scales and deltas for one block of clean images.
+
+    In slices of at most :data:`SLICE_VALUES` image values: an attribution holds several
+    float copies of its input (inputs, baseline, difference, gradient sum, attributions), so a
+    chunk of 1,024 images at 224 pixels took gigabytes of short-lived memory whose page
+    faults cost more than the teacher's passes. A CIFAR chunk is one slice, as before."""
+    per_image = max(1, math.prod(images.shape[1:]))
+    step = max(1, SLICE_VALUES // per_image)
+    if len(images) <= step:
+        return _compute_slice(teacher, images, labels, cfg, device, first_index)
+    parts = [_compute_slice(teacher, images[i:i + step], labels[i:i + step], cfg, device, first_index + i)
+             for i in range(0, len(images), step)]
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+
+def _compute_slice(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PrecomputeConfig,
+                   device: torch.device, first_index: int) -> dict[str, np.ndarray]:
     x = images.to(device).float().div_(255)
     y = labels.to(device)
     entry = registry.get(cfg.attribution)

@@ -219,21 +219,20 @@ def _refuse_other_io(path, state: dict, own: dict, wrong: list[str], io_flags: t
 
     if not all((k == first and differs(k) == [1]) or (k in head and differs(k) == [0]) for k in wrong):
         return
-    said, data = [], []
+    # what the file is for, what the data gives, and (no data: bench latency) the options that gave it
+    said, data, given, fix = [], [], [], []
+    flags = io_flags or ("", "")
     if first in wrong:
         said.append(f"{state[first].shape[1]}-channel images")
         data.append(f"{own[first].shape[1]} channel(s)")
+        given.append(f"{flags[1]} has {own[first].shape[1]} channel(s)")
+        fix.append(f"{flags[1]} {state[first].shape[1]}xHxW")
     if any(k in head for k in wrong):
         said.append(f"{state[last].shape[0]} classes")
         data.append(f"{own[last].shape[0]} classes")
-    if io_flags:  # no data: the classes and channels came from options (bench latency's --classes, --input)
-        given, fix = [], []
-        if first in wrong:
-            given.append(f"{io_flags[1]} has {own[first].shape[1]} channel(s)")
-            fix.append(f"{io_flags[1]} {state[first].shape[1]}xHxW")
-        if any(k in head for k in wrong):
-            given.append(f"{io_flags[0]} is {own[last].shape[0]}")
-            fix.append(f"{io_flags[0]} {state[last].shape[0]}")
+        given.append(f"{flags[0]} is {own[last].shape[0]}")
+        fix.append(f"{flags[0]} {state[last].shape[0]}")
+    if io_flags:
         raise UserError(f"weights {path} are for {' and '.join(said)}, but {' and '.join(given)}; pass "
                         f"{' and '.join(fix)} (a file without igkd metadata is built from these options)")
     raise UserError(f"weights {path} are for {' and '.join(said)}, the data has {' and '.join(data)}; use the data "

@@ -26,6 +26,15 @@ from ..config import read_yaml_file
 from ..errors import UserError
 
 
+# YAML reads unquoted 0, 1.5, no, on, null as numbers, booleans or None: classes named so (digit
+# folders are common) were refused with no hint of why
+QUOTE = "quote class names that YAML reads as numbers, booleans or null (write '0': zero, 'no': none)"
+
+
+def _first_not_text(items: list):
+    return next(c for c in items if not isinstance(c, str))
+
+
 @dataclass
 class ClassMap:
     mapping: dict[str, str]
@@ -46,14 +55,21 @@ def read_class_map(source: str | Path | dict) -> ClassMap:
     if "map" in doc and isinstance(doc["map"], dict):
         mapping, classes = doc["map"], doc.get("classes")
         extra = set(doc) - {"map", "classes"}
-        if extra:
-            raise UserError(f"{name} has unknown keys {sorted(extra)}; use 'map:' and optionally 'classes:'")
+        if extra:  # as text: keys YAML read as numbers do not sort with names
+            raise UserError(f"{name} has unknown keys {sorted(map(str, extra))}; use 'map:' and optionally 'classes:'")
         if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
-            raise UserError(f"'classes:' in {name} must be a list of the model's class names in output order")
+            raise UserError(f"'classes:' in {name} must be a list of the model's class names in output order, "
+                            + (f"not {_first_not_text(classes)!r}; {QUOTE}" if isinstance(classes, list)
+                               else "not one name; write classes: [name, name, ...]"))
     else:
         mapping = doc
-    if not mapping or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-        raise UserError(f"{name} must map folder class names to model class names (strings)")
+    if not mapping:
+        raise UserError(f"{name} maps no class; add lines 'folder class: model class'")
+    bad = next(((k, v) for k, v in mapping.items() if not (isinstance(k, str) and isinstance(v, str))), None)
+    if bad is not None:
+        fix = "give one model class name per folder class" if isinstance(bad[1], (list, dict)) else QUOTE
+        raise UserError(f"{name} must map folder class names to model class names (strings), not "
+                        f"{bad[0]!r}: {bad[1]!r}; {fix}")
     return ClassMap(dict(mapping), classes, name)
 
 

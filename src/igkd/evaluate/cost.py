@@ -63,9 +63,9 @@ def weights_bytes(model_or_path: nn.Module | str | os.PathLike) -> int:
     metadata to the header: a few hundred bytes more)."""
     if isinstance(model_or_path, (str, os.PathLike)):
         return Path(model_or_path).stat().st_size
-    from ..models import bare
-    state = {k: v.detach().cpu().contiguous() for k, v in bare(model_or_path).state_dict().items()}
-    return len(safetensors_bytes(state))
+    # as save_checkpoint writes it: tied weights (a module used twice) made this a traceback
+    from ..models.checkpoint import storable_state
+    return len(safetensors_bytes(storable_state(model_or_path)))
 
 
 @contextmanager

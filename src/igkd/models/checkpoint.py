@@ -45,18 +45,25 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
-    """Write ``path`` (.safetensors) and its .json; returns the .safetensors path."""
-    weights, meta_path = _paths(path)
+def storable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The bare network's state dict as safetensors stores it: contiguous CPU tensors, and
+    tied weights (a classifier that is the embedding, a module used twice), which share one
+    storage and which safetensors refuses, each name with its own copy (loading fills the one
+    tensor twice)."""
     state, storages = {}, set()
     for k, v in bare(model).state_dict().items():
         t = v.detach().cpu().contiguous()
-        # tied weights (a classifier that is the embedding) share one storage, which safetensors
-        # refuses: each name gets its own copy, and loading fills the one tensor twice
         if t.untyped_storage().data_ptr() in storages and t.numel():
             t = t.clone()
         storages.add(t.untyped_storage().data_ptr())
         state[k] = t
+    return state
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
+    """Write ``path`` (.safetensors) and its .json; returns the .safetensors path."""
+    weights, meta_path = _paths(path)
+    state = storable_state(model)
     # serialised in memory and written by Python: safetensors' own writer reports a full disk as an
     # opaque SafetensorError, a Python write as OSError(ENOSPC) naming the file
     header = {HEADER_KEY: dumps({"format": FORMAT, **meta})}

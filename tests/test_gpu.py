@@ -292,3 +292,18 @@ def test_sync_batchnorm_on_cuda_is_differentiable_twice_where_a_part_needs_it():
     g, = torch.autograd.grad(net(x)[:, 0].sum(), x, create_graph=True)
     (x * g).abs().sum().backward()  # the second derivative exists, through every BatchNorm
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in bns)
+
+
+def test_corrupted_images_on_cuda_equal_those_on_the_cpu():
+    """evaluate --corruptions promises the same images whatever the device: the blur is a
+    convolution, which cuDNN runs in TF32 by default unless told otherwise."""
+    from igkd.evaluate.corruptions import CORRUPTIONS, corrupt
+    x, _ = demo_batch(8)
+    x = x.expand(-1, 3, -1, -1).contiguous()  # RGB, so brightness's HSV path runs too
+    index = torch.arange(8)
+    for name in CORRUPTIONS:
+        for level in range(1, 6):
+            cpu = corrupt(x, name, level, 0, index)
+            gpu = corrupt(x.cuda(), name, level, 0, index.cuda()).cpu()
+            torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-5,  # float rounding of the reductions
+                                       msg=lambda m, n=name, lv=level: f"{n} severity {lv}: {m}")

@@ -103,7 +103,10 @@ def gaussian_blur(x: torch.Tensor, sigma: float, noise: SampleNoise) -> torch.Te
     k = (k / k.sum()).to(device=x.device, dtype=x.dtype)
     n, c, h, w = x.shape
     y = F.pad(x.reshape(n * c, 1, h, w), (radius,) * 4, mode="replicate")  # skimage's mode='nearest'
-    y = F.conv2d(F.conv2d(y, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+    # full float32 on a GPU too: cuDNN convolves in TF32 by default (about 1e-3 off), and the
+    # corrupted images are to be the same whatever the device
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        y = F.conv2d(F.conv2d(y, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
     return y.reshape(n, c, h, w).clamp_(0, 1)
 
 

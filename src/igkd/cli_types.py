@@ -67,7 +67,12 @@ class Deprecated(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         from .options import deprecation_warning
-        deprecation_warning(option_string, self.new)
+        # one warning per old name and command line: a repeated old name (--batch 1 --batch 2)
+        # printed the same line once per use
+        warned = getattr(namespace, "_deprecated_warned", set())
+        if option_string not in warned:
+            deprecation_warning(option_string, self.new)
+        setattr(namespace, "_deprecated_warned", warned | {option_string})
         if self.append:
             values = [*(getattr(namespace, self.dest, None) or []), values]
         setattr(namespace, self.dest, values)
@@ -82,7 +87,8 @@ def config_command(sub, name: str, cls, *, help: str, description: str, epilog: 
     p = sub.add_parser(name, help=help, description=description, epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="YAML", help=f"YAML recipe, a file or a shipped name (its '{section or name}:' "
-                   "section if it has one, else the whole file); command-line options override it (default: none)")
+                   "section, or the whole file where it has no sections); command-line options override it "
+                   "(default: none)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors and the final summary")
     p.add_argument("--json", action="store_true", help="print the result as JSON (progress stays on stderr)")
     add_arguments(p, cls, main)

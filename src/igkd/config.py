@@ -90,7 +90,7 @@ class TrainConfig(_Validated):
     amp: str = opt("auto", "mixed precision autocast, GPU only: auto (bf16 on CUDA, off on CPU), off, bf16, fp16 "
                    "(with loss scaling)", choices=["auto", "off", "bf16", "fp16"])
     log: str = opt("", "experiment trackers, a comma list of csv (RUN/log/*.csv), tensorboard, wandb, mlflow: "
-                   "per-step and per-epoch scalars, rank 0 only")
+                   "per-step and per-epoch scalars, rank 0 only; repeatable", metavar="NAME[,NAME...]", repeat=True)
     log_every: int = opt(20, "optimisation steps between logged per-step scalars (the mean over them)", low=1,
                          high=1 << 20, unit="steps")
     compile: bool = opt(False, "torch.compile the training forward (slower on 2 CPU cores and ~70 s to compile; "
@@ -253,12 +253,13 @@ def validate(cfg) -> Any:
                                 + (f" in [{m['low']}, {m['high']}]" if m.get("low") is not None else ""))
             if kind is int and value != int(value):
                 raise UserError(f"{flag} must be an integer, got {value!r}")
-            value = kind(value)
+            given, value = (value if kind is int else kind(value)), kind(value)
             setattr(cfg, f.name, value)
             if (m.get("low") is not None and (
                     value < m["low"] or value > m["high"] or (m.get("low_open") and value == m["low"]))):
                 lo = "(" if m.get("low_open") else "["
-                raise UserError(f"{flag} {value} is out of range; use a value in {lo}{m['low']}, {m['high']}]")
+                # the number as given: int(1e300) printed all of its 301 digits
+                raise UserError(f"{flag} {given} is out of range; use a value in {lo}{m['low']}, {m['high']}]")
         elif not isinstance(value, str):
             if f.name in ("teacher", "model") and callable(getattr(value, "state_dict", None)):
                 keyword = "teacher" if f.name == "teacher" else "student"
@@ -267,6 +268,11 @@ def validate(cfg) -> Any:
             raise UserError(f"{flag} must be a string, got {value!r}")
         if m.get("choices") and value not in m["choices"]:
             raise UserError(f"{flag} {value!r} is not one of {', '.join(map(str, m['choices']))}")
+    if getattr(cfg, "log", ""):
+        # an unknown tracker or a missing package, refused with the config: checked only by the
+        # trainer, distill refused it after the precompute had run (minutes to hours)
+        from .loggers import parse_loggers
+        parse_loggers(cfg.log)
     for lo, hi in (("rrc_scale_min", "rrc_scale_max"), ("rrc_ratio_min", "rrc_ratio_max")):
         if hasattr(cfg, lo) and getattr(cfg, lo) > getattr(cfg, hi):
             raise UserError(f"--{lo.replace('_', '-')} {getattr(cfg, lo)} is above --{hi.replace('_', '-')} "
@@ -277,9 +283,33 @@ def validate(cfg) -> Any:
 SECTIONS = ("train", "precompute", "distill", "experiment", "demo", "evaluate", "bench", "export", "audit")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping. PyYAML keeps the
+    last one silently, so a recipe with ``lr:`` twice (a copied line, an override added at
+    the bottom) trained with whichever came last, and nothing said so. Keys brought in by a
+    merge (``<<: *base``) may still be overridden: only the mapping's own keys count."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: construct_mapping names it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' is given twice (lines {first} and {line}); keep one", None)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_file(path: str | Path, what: str = "config file"):
     """The parsed YAML (or JSON) document in ``path``, or a one-line UserError: missing file,
-    a folder, not UTF-8, not valid YAML. ``safe_load``: no tags, no code."""
+    a folder, not UTF-8, not valid YAML, a key given twice. ``SafeLoader``: no tags, no code."""
     path = Path(path)
     if not path.is_file():
         # only a recipe can be a shipped name; pointing a missing class map at 'igkd config
@@ -288,7 +318,7 @@ def read_yaml_file(path: str | Path, what: str = "config file"):
                else "give an existing JSON or YAML file")
         raise UserError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}; {fix}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # safe: no tags, no code
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
@@ -322,7 +352,8 @@ def find_config(value: str | Path) -> Path:
 
 
 def load_yaml(path: str | Path, section: str | None) -> dict:
-    """Read a YAML config; take ``section`` if the file has one, else the whole mapping.
+    """Read a YAML config; take ``section`` if the file has one, else the whole mapping (a
+    file of sections without ``section`` is refused: none of it would apply).
 
     A section that is there but not a mapping (``distill: 5``) is an error: read as absent,
     it silently gave a run with every default."""
@@ -338,12 +369,41 @@ def load_yaml(path: str | Path, section: str | None) -> dict:
     sections = [k for k in doc if k in SECTIONS]
     if loose and sections:  # which command would they be for? Read as absent, a typo'd or misplaced
         # option silently gave a run with its default
+        hints = [f"'{k}:' is not a section, did you mean '{_close(k, SECTIONS)}:'?" for k in loose
+                 if _close(k, SECTIONS)]
         raise UserError(f"{path} has sections ({', '.join(s + ':' for s in sections)}) and also options at its top "
-                        f"level ({', '.join(map(str, loose[:5]))}); indent each option under the section of the "
-                        "command it is for")
+                        f"level ({', '.join(map(str, loose[:5]))}); {'; '.join(hints + [''])}indent each option "
+                        "under the section of the command it is for")
     if section and section in doc:
-        return dict(doc[section])
-    return {k: v for k, v in doc.items() if k not in SECTIONS}
+        return _one_spelling(dict(doc[section]), f"section '{section}:' of {path}")
+    if section and sections:
+        # a recipe of other commands' sections: read as bare options, none of it applied and the
+        # command ran on its defaults (igkd train --config demo_experiments trained a 30-epoch
+        # default model, as if --config had not been given)
+        raise UserError(f"{path} has no '{section}:' section (it has {', '.join(s + ':' for s in sections)}), so "
+                        f"none of it is for this command; add a '{section}:' section or leave out --config")
+    return _one_spelling({k: v for k, v in doc.items() if k not in SECTIONS}, str(path))
+
+
+def _one_spelling(values: dict, where: str) -> dict:
+    """``values``, refused where two keys spell one option (``batch-size:`` and
+    ``batch_size:``): the later one in the file won, silently."""
+    seen: dict[str, str] = {}
+    for k in values:
+        if isinstance(k, str):
+            first = seen.setdefault(k.replace("-", "_"), k)
+            if first != k:
+                raise UserError(f"'{first}' and '{k}' in {where} both set option '{k.replace('-', '_')}'; keep one")
+    return values
+
+
+def _close(name, known) -> str | None:
+    """The known name ``name`` is most likely a typo of (``epoch`` -> ``epochs``), or None."""
+    import difflib
+    if not isinstance(name, str):
+        return None
+    match = difflib.get_close_matches(name.replace("-", "_"), list(known), n=1, cutoff=0.75)
+    return match[0] if match else None
 
 
 def renamed(cls) -> dict[str, str]:
@@ -375,6 +435,7 @@ def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, s
     by_name = {f.name: f for f in fields(cls)}
     old_names = renamed(cls)
     values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # option -> the YAML key that set it
     for k, v in (yaml_values or {}).items():
         # a YAML key that is not text (``1: 2``, ``null: x``) names no option: refused below as unknown
         key = k.replace("-", "_") if isinstance(k, str) else None
@@ -382,11 +443,21 @@ def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, s
             deprecation_warning(f"'{k}'", f"'{old_names[key]}'", f" in {source}")
             key = old_names[key]
         if key not in by_name:
-            raise UserError(f"unknown option '{k}' in {source}; known options: {', '.join(sorted(by_name))}")
+            # a near miss named first: the list of a distill config runs to a thousand characters
+            near = _close(k, [*by_name, *old_names])
+            section = _close(k, SECTIONS) if not near else None
+            hint = (f" (did you mean '{near}'?)" if near else f" (did you mean the section '{section}:'?)" if section
+                    else "")
+            raise UserError(f"unknown option '{k}' in {source}{hint}; known options: {', '.join(sorted(by_name))}")
         value = _joined(by_name[key], v)
-        if key in values and by_name[key].metadata.get("repeat"):  # old and new name of a list: both count
-            value = f"{values[key]},{value}"
-        values[key] = value
+        if key in values:
+            if not by_name[key].metadata.get("repeat"):
+                # an old and a new name (steps: 3, ig_steps: 4): the one later in the file won,
+                # silently. (Two spellings of one name are refused per section by load_yaml: an
+                # experiment's layers may respell what an earlier layer set.)
+                raise UserError(f"'{spelled[key]}' and '{k}' in {source} both set option '{key}'; keep one")
+            value = f"{values[key]},{value}"  # old and new name of a list: both count
+        values[key], spelled[key] = value, k
     values.update({k: _joined(by_name[k], v) for k, v in (overrides or {}).items() if v is not None})
     cfg = validate(cls(**values))  # a bad value is named first, then a missing one
     if cli:

@@ -155,24 +155,48 @@ def parse_loggers(value: str) -> list[str]:
 
 class Trackers:
     """All trackers of a run as one: rank 0 builds it, other ranks (and runs without
-    ``--log``) get an empty one."""
+    ``--log``) get an empty one.
+
+    A tracker that fails (a lost connection, a full or vanished log folder, a server that
+    refuses a run) is dropped with one warning line and the run goes on: a tracker only
+    mirrors what ``metrics.jsonl`` and ``last.pt`` keep, and its exception stopped the
+    training in the middle of an epoch."""
 
     def __init__(self, value: str = "", out: Path | None = None, run: dict | None = None, resume_epoch: int = 0,
                  active: bool = True):
         names = parse_loggers(value) if active else []
-        self.items = [LOGGERS[n](out, run or {}, resume_epoch) for n in names]
+        self.items: list[tuple[str, object]] = []
+        for n in names:
+            try:
+                self.items.append((n, LOGGERS[n](out, run or {}, resume_epoch)))
+            except Exception as e:  # noqa: BLE001 - any failure of a tracker's own code
+                self._failed(n, "start", e)
+
+    @staticmethod
+    def _failed(name: str, what: str, e: Exception) -> None:
+        import sys
+        reason = " ".join(str(e).split()) or type(e).__name__
+        print(f"igkd: warning: --log {name} failed to {what} ({type(e).__name__}: {reason[:200]}); it logs "
+              "nothing more, the run goes on (metrics.jsonl has every epoch)", file=sys.stderr)
+
+    def _each(self, what: str, *args) -> None:
+        for item in list(self.items):
+            name, tracker = item
+            try:
+                getattr(tracker, what)(*args)
+            except Exception as e:  # noqa: BLE001
+                self.items.remove(item)
+                self._failed(name, f"log a {what}" if what != "close" else "close", e)
 
     def __bool__(self) -> bool:
         return bool(self.items)
 
     def step(self, row: dict) -> None:
-        for t in self.items:
-            t.step(row)
+        self._each("step", row)
 
     def epoch(self, row: dict) -> None:
-        for t in self.items:
-            t.epoch(row)
+        self._each("epoch", row)
 
     def close(self) -> None:
-        for t in self.items:
-            t.close()
+        self._each("close")
+        self.items = []

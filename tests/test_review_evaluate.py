@@ -6,22 +6,12 @@ import torch
 from torch import nn
 
 import igkd
-from igkd.cli import main
 from igkd.errors import UserError
 from igkd.evaluate.classmap import read_class_map
 from igkd.evaluate.cost import weights_bytes
+from test_metrics import user_error
 
 DEMO_TEACHER = igkd.__file__.replace("__init__.py", "assets/demo_teacher.safetensors")
-
-
-def user_error(capsys, argv: list[str]) -> str:
-    """The one line ``igkd ...`` prints before it exits with status 2."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("igkd: error: "), lines
-    return lines[0]
 
 
 def test_weights_bytes_of_a_model_with_tied_weights():

@@ -169,8 +169,10 @@ def test_a_finished_store_on_a_read_only_mount_is_read_for_training(tmp_path):
 @pytest.mark.parametrize("attribution", ["ig", "smoothgrad"])
 def test_a_chunk_computed_in_slices_is_the_chunk_computed_whole(monkeypatch, attribution):
     """compute_chunk works in slices of bounded memory (a 224-pixel chunk held gigabytes of
-    temporaries, and page faults cost more than the teacher): the same bytes as one call,
-    SmoothGrad's per-index noise included (each slice passes its first dataset index)."""
+    temporaries, and page faults cost more than the teacher): the same arrays as one call, up
+    to float32 rounding (other batch sizes may reduce in another order), SmoothGrad's
+    per-index noise included (each slice passes its first dataset index; a wrong one gives
+    other maps altogether)."""
     import numpy as np
     pre = __import__("importlib").import_module("igkd.precompute")  # the module (igkd.precompute is the API call)
     data, teacher = tiny_dataset(), tiny_teacher()
@@ -180,4 +182,7 @@ def test_a_chunk_computed_in_slices_is_the_chunk_computed_whole(monkeypatch, att
     monkeypatch.setattr(pre, "SLICE_VALUES", 4 * images[0].numel())  # slices of 4, 4 and 2 images
     sliced = pre.compute_chunk(teacher, images, labels, cfg, torch.device("cpu"), first_index=20)
     for k in whole:
-        np.testing.assert_array_equal(sliced[k], whole[k])
+        if k == "maps":  # float16: a rounding difference may cross one half-precision step
+            np.testing.assert_allclose(sliced[k].astype(np.float32), whole[k].astype(np.float32), rtol=0, atol=1e-3)
+        else:
+            np.testing.assert_allclose(sliced[k], whole[k], rtol=1e-5, atol=1e-9)

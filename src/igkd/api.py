@@ -68,6 +68,13 @@ def warn_unknown_preprocessing(path, normalize: str, flag: str) -> None:
         f"trained on images normalised by this data's mean/std, or {flag} none to confirm raw pixels")
 
 
+def _check_store_dir(store) -> None:
+    """A ``--store`` to be written must be writable (said before any work); a finished one is
+    only read, and may sit on a read-only mount."""
+    if store and not (Path(store) / "manifest.json").exists():
+        writable_dir(store, "--store")
+
+
 def _describe_pre(pre: dict) -> str:
     if pre["normalize"] == "none":
         return "raw [0, 1] pixels"
@@ -211,8 +218,7 @@ def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeC
         _config(cfg, PrecomputeConfig, "precompute")
     if not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= 1024:
         raise UserError(f"threads={threads!r} is out of range; use 0 (torch's default) to 1024")
-    if store and not (Path(store) / "manifest.json").exists():  # a finished store is only read
-        writable_dir(store, "--store")
+    _check_store_dir(store)
     env = parallel.init(device)
     try:
         if not threads and env.world > 1 and env.device.type == "cpu":
@@ -249,8 +255,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
     _config(cfg, DistillConfig, "distill")
     out = _check_out(out)
     check_run_dir(out, resume)  # before the teacher, the data and the precompute, which take minutes
-    if cfg.store and not (Path(cfg.store) / "manifest.json").exists():  # a finished store is only read
-        writable_dir(cfg.store, "--store")
+    _check_store_dir(cfg.store)
     method = parse_method(cfg.method)
     env = parallel.init(cfg.device)
     try:

@@ -141,11 +141,7 @@ def _compute_slice(teacher: nn.Module, images: torch.Tensor, labels: torch.Tenso
     y = labels.to(device)
     entry = registry.get(cfg.attribution)
     attr, delta = entry.compute(teacher, x, y, cfg, first_index)
-    m = attribution_map(attr)
-    scale = m.flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
-    unit = m / scale[:, None, None]
-    if cfg.map_size and tuple(unit.shape[-2:]) != (cfg.map_size, cfg.map_size):
-        unit = downsample_maps(unit, cfg.map_size)
+    unit, scale = unit_maps(attribution_map(attr), cfg)
     maps = unit.mul(255).round_().to(torch.uint8) if cfg.map_dtype == "uint8" else unit.half()
     logits = _logits(teacher, x, 256)
     if entry.completeness:  # sum(attr) - delta = F_y(x) - F_y(baseline)
@@ -175,6 +171,16 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(maps[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
 
 
+def unit_maps(maps: torch.Tensor, cfg: PrecomputeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each ``N x H x W`` map divided by its maximum, at ``--map-size`` when set; the maxima):
+    what a store keeps, before its dtype."""
+    scale = maps.flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+    unit = maps / scale[:, None, None]
+    if cfg.map_size and tuple(unit.shape[-2:]) != (cfg.map_size, cfg.map_size):
+        unit = downsample_maps(unit, cfg.map_size)
+    return unit, scale
+
+
 def as_read_back(maps: torch.Tensor, cfg: PrecomputeConfig) -> torch.Tensor:
     """``N x H x W`` maps as training reads them back from a store of ``cfg``: at
     ``--map-size`` and upsampled again, quantised with ``--map-dtype uint8``, in the maps'
@@ -183,13 +189,10 @@ def as_read_back(maps: torch.Tensor, cfg: PrecomputeConfig) -> torch.Tensor:
     maximum at most) is left out, so that the reference's own settings score 0."""
     if not cfg.map_size and cfg.map_dtype != "uint8":
         return maps
-    scale = maps.flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
-    unit = maps / scale
-    if cfg.map_size and tuple(unit.shape[-2:]) != (cfg.map_size, cfg.map_size):
-        unit = downsample_maps(unit, cfg.map_size)
+    unit, scale = unit_maps(maps, cfg)
     if cfg.map_dtype == "uint8":
         unit = unit.mul(255).round_().div_(255)
-    return upsample_maps(unit, tuple(maps.shape[-2:])) * scale
+    return upsample_maps(unit, tuple(maps.shape[-2:])) * scale[:, None, None]
 
 
 def relative_l1(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

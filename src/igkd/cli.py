@@ -281,13 +281,12 @@ def _preprocessing_name(pre: dict) -> str:
     """none, dataset, or imagenet where the mean/std are torchvision's (--normalize imagenet is
     stored as a "dataset" normalisation with ImageNet's figures: printing "dataset" for it told
     the user that their --normalize imagenet had been ignored)."""
+    from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
     name = pre.get("normalize", "none")
-    if name == "dataset":
-        from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-        if all(abs(a - b) < 1e-6 for a, b in zip([*pre.get("mean", []), *pre.get("std", [])],
-                                                 [*IMAGENET_MEAN, *IMAGENET_STD], strict=False)) \
-                and len(pre.get("mean", [])) == 3 and len(pre.get("std", [])) == 3:
-            return "imagenet"
+    figures = [*pre.get("mean", []), *pre.get("std", [])]
+    imagenet = [*IMAGENET_MEAN, *IMAGENET_STD]
+    if name == "dataset" and len(figures) == len(imagenet) and all(abs(a - b) < 1e-6 for a, b in zip(figures, imagenet)):
+        return "imagenet"
     return name
 
 

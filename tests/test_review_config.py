@@ -195,3 +195,16 @@ def test_every_shipped_recipe_resolves_by_name_and_as_a_shown_copy(tmp_path):
                 checked += 1
     assert checked >= 14
     assert json.loads(json.dumps(dataclasses.asdict(by_name)))  # plain values all the way
+
+
+def test_the_command_line_takes_whole_numbers_as_yaml_does(tmp_path):
+    # YAML's `epochs: 3.0` and the API's epochs=3.0 were accepted and --epochs 3.0 was refused
+    from igkd.cli_types import int_range
+    parse = int_range(1)
+    assert (parse("3.0"), parse("1e3"), type(parse("2.0"))) == (3, 1000, int)
+    for text in ("3.5", "inf", "nan", "three"):
+        with pytest.raises(Exception, match="is not an integer"):
+            parse(text)
+    # through the command: parsed as 0, then refused as out of range (not as a non-integer)
+    error_line(run_igkd("train", "--data", "demo", "--out", tmp_path / "r", "--epochs", "0.0"), "out of range")
+    assert not (tmp_path / "r").exists()

@@ -28,7 +28,9 @@ def _number(cast, lo, hi, what):
         try:
             value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+            value = _whole(text) if cast is int else None
+            if value is None:
+                raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -37,6 +39,16 @@ def _number(cast, lo, hi, what):
         return value
     parse.__name__ = what  # argparse names the type in some messages
     return parse
+
+
+def _whole(text: str) -> int | None:
+    """``'3.0'`` or ``'1e3'`` as the integer it spells (a recipe's YAML and the API accept them, so
+    the command line does too); None for ``'3.5'``, ``'inf'`` or words."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) and value == int(value) else None
 
 
 def int_range(lo: int | None = None, hi: int | None = None):

@@ -9,6 +9,7 @@ import igkd
 from igkd.errors import UserError
 from igkd.evaluate.classmap import read_class_map
 from igkd.evaluate.cost import weights_bytes
+from igkd.models import build_model
 from test_metrics import user_error
 
 DEMO_TEACHER = igkd.__file__.replace("__init__.py", "assets/demo_teacher.safetensors")
@@ -48,3 +49,16 @@ def test_class_map_errors_name_the_fix():
     # keys YAML read as numbers beside names: listing them was a TypeError (int < str)
     with pytest.raises(UserError, match=r"unknown keys \['0', 'x'\]"):
         read_class_map({"map": {"a": "b"}, 0: "c", "x": "d"})
+
+
+def test_weights_for_other_classes_than_a_class_map_lists_name_the_map(tmp_path):
+    # the model is sized by the class map's `classes:`; the message said "the data has 3 classes"
+    # (the data has 10) and advised --class-map, the option already given
+    torch.save(build_model("resnet:depth=8", 10, 1).state_dict(), tmp_path / "ten.pt")
+    cmap = tmp_path / "map.yaml"
+    cmap.write_text("classes: [a, b, c]\nmap: {Trouser: a, Bag: b, Sneaker: c}\n")
+    with pytest.raises(UserError) as e:
+        igkd.evaluate(tmp_path / "ten.pt", "demo", model="resnet:depth=8", class_map=cmap)
+    line = str(e.value)
+    assert f"are for 10 classes, --class-map {cmap} lists 3 classes" in line and "under 'classes:'" in line, line
+    assert "the data has" not in line and "\n" not in line

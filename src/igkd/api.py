@@ -396,7 +396,8 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
                         "evaluate it on the dataset it was trained for (or map the classes with --class-map)")
     net, meta = load_model(weights, model or None, len(classes), dataset.channels,
-                           preprocessing_for(normalize, dataset))
+                           preprocessing_for(normalize, dataset),
+                           classes_from=f"--class-map {class_map}" if cmap else "the data")
     warn_unknown_preprocessing(weights, normalize, "--normalize")
     dev = resolve_device(cfg.device)
     test = dataset.test

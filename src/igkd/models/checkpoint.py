@@ -209,7 +209,8 @@ def _torch_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _refuse_other_io(path, state: dict, own: dict, wrong: list[str], io_flags: tuple[str, str] | None = None) -> None:
+def _refuse_other_io(path, state: dict, own: dict, wrong: list[str], io_flags: tuple[str, str] | None = None,
+                     classes_from: str = "the data") -> None:
     """A one-line UserError when the architecture is right and only the data differs: the
     first weight's input channels and/or the last layer's classes (a 3-channel ImageNet file
     on grayscale 10-class data). "Pass the --model they were trained with" sent users to
@@ -242,15 +243,21 @@ def _refuse_other_io(path, state: dict, own: dict, wrong: list[str], io_flags: t
     if io_flags:
         raise UserError(f"weights {path} are for {' and '.join(said)}, but {' and '.join(given)}; pass "
                         f"{' and '.join(fix)} (a file without igkd metadata is built from these options)")
+    if classes_from != "the data" and any(k in head for k in wrong):
+        # a class map sized the model: the classes it maps to are the weights' own
+        has = f"{classes_from} lists {data.pop()}" + (f" and the data has {data[0]}" if data else "")
+        raise UserError(f"weights {path} are for {' and '.join(said)}, {has}; list the classes the weights were "
+                        "trained on, in output order, under 'classes:'")
     raise UserError(f"weights {path} are for {' and '.join(said)}, the data has {' and '.join(data)}; use the data "
                     "they were trained on (another number of classes: --class-map for evaluate)")
 
 
 def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", flag: str = "--model",
-                 io_flags: tuple[str, str] | None = None) -> nn.Module:
+                 io_flags: tuple[str, str] | None = None, classes_from: str = "the data") -> nn.Module:
     """Load weights into ``model`` (its bare network), strictly, with a one-line error.
     ``io_flags``: the options (classes, input shape) that sized ``model`` where no dataset
-    did, named in the error when only its classes or input channels differ."""
+    did, named in the error when only its classes or input channels differ; ``classes_from``
+    what gave its number of classes where that was not the data (a class map)."""
     raw, own_file = _read_state(path)
     net = bare(model)
     own = net.state_dict()
@@ -269,7 +276,7 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", fl
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if wrong and not missing and not unexpected:
-        _refuse_other_io(path, state, own, wrong, io_flags)
+        _refuse_other_io(path, state, own, wrong, io_flags, classes_from)
     if missing or unexpected or wrong:
         detail = []
         if wrong:
@@ -314,7 +321,8 @@ def recorded_spec(spec: str, path: str | Path, flag: str = "--model") -> str:
 
 def load_model(path: str | Path, spec: str | None = None, num_classes: int | None = None,
                in_channels: int | None = None, preprocessing: dict | None = None,
-               flag: str = "--model", io_flags: tuple[str, str] | None = None) -> tuple[nn.Module, dict]:
+               flag: str = "--model", io_flags: tuple[str, str] | None = None,
+               classes_from: str = "the data") -> tuple[nn.Module, dict]:
     """Build and load a model. igkd checkpoints describe themselves; foreign files need
     ``spec`` (and ``num_classes``/``in_channels`` when not 10 and 3). A spec that holds its
     own weights (``torchscript:FILE``) may be given as ``path`` itself. ``flag`` is the
@@ -339,7 +347,7 @@ def load_model(path: str | Path, spec: str | None = None, num_classes: int | Non
     in_channels = in_channels or meta.get("in_channels") or 3
     net = build_model(spec, num_classes, in_channels)
     if not family_of(spec).own_weights:
-        load_weights(net, path, f"model '{spec}'", flag, io_flags)
+        load_weights(net, path, f"model '{spec}'", flag, io_flags, classes_from)
     pre = preprocessing if preprocessing is not None else meta.get("preprocessing")
     if pre and pre.get("normalize") == "dataset" and len(pre["mean"]) != in_channels:
         raise UserError(f"{path}: its preprocessing has {len(pre['mean'])} channel mean(s) but the data has "

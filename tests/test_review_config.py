@@ -208,3 +208,26 @@ def test_the_command_line_takes_whole_numbers_as_yaml_does(tmp_path):
     # through the command: parsed as 0, then refused as out of range (not as a non-integer)
     error_line(run_igkd("train", "--data", "demo", "--out", tmp_path / "r", "--epochs", "0.0"), "out of range")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_resumed_run_logs_no_step_twice_to_tensorboard(tmp_path):
+    # TensorBoard showed the interrupted epoch's steps twice (the old and the resumed values,
+    # one file each) until the resumed run's writer purged from its first step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from igkd.loggers import Trackers
+    t = Trackers("tensorboard", tmp_path, {"lr": 0.1}, 0)
+    for s in range(1, 6):  # 3 steps per epoch; killed after step 5, in epoch 2
+        t.step({"step": s, "epoch": (s - 1) // 3 + 1, "loss": 10.0 + s})
+        if s == 3:
+            t.epoch({"epoch": 1, "val_accuracy": 50.0})
+    t.close()
+    t = Trackers("tensorboard", tmp_path, {"lr": 0.1}, 1)  # resumed from epoch 1's checkpoint
+    for s in range(4, 7):
+        t.step({"step": s, "epoch": 2, "loss": 20.0 + s})
+    t.epoch({"epoch": 2, "val_accuracy": 60.0})
+    t.close()
+    events = EventAccumulator(str(tmp_path / "log" / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == \
+        [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0)]
+    assert [(e.step, e.value) for e in events.Scalars("epoch/val_accuracy")] == [(1, 50.0), (2, 60.0)]

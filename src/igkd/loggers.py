@@ -68,25 +68,38 @@ class CsvLogger:
 
 
 class TensorBoardLogger:
-    """Event files in ``log/tensorboard`` (``tensorboard --logdir RUN/log``)."""
+    """Event files in ``log/tensorboard`` (``tensorboard --logdir RUN/log``). A resumed run
+    writes a new event file that purges the steps logged after its checkpoint (TensorBoard's
+    ``purge_step``): without it, the steps of the interrupted epoch showed twice, as two lines."""
 
     def __init__(self, out: Path, run: dict, resume_epoch: int):
+        self.folder, self.run, self.resumed, self.writer = out / "log" / "tensorboard", run, resume_epoch > 0, None
+
+    def _open(self, first_step: int | None):
+        # opened at the first row: a resumed run's first logged step is where the old file's
+        # stale steps begin (rows come every --log-every steps from the epoch's start, as before)
         from torch.utils.tensorboard import SummaryWriter  # present: parse_loggers checked the package
-        self.writer = SummaryWriter(str(out / "log" / "tensorboard"))
-        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in run.items()))
+        self.writer = SummaryWriter(str(self.folder), purge_step=first_step if self.resumed else None)
+        if not self.resumed:
+            self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in self.run.items()))
+        return self.writer
 
     def step(self, row: dict) -> None:
+        writer = self.writer or self._open(row["step"])
         for k, v in row.items():
             if k not in ("step", "epoch"):
-                self.writer.add_scalar(f"train/{k}", v, row["step"])
+                writer.add_scalar(f"train/{k}", v, row["step"])
 
     def epoch(self, row: dict) -> None:
+        # epoch rows are logged after the checkpoint that holds them: a resumed run has none to purge
+        writer = self.writer or self._open(None)
         for k, v in row.items():
             if k != "epoch" and isinstance(v, (int, float)) and v == v:
-                self.writer.add_scalar(f"epoch/{k}", v, row["epoch"])
+                writer.add_scalar(f"epoch/{k}", v, row["epoch"])
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class WandbLogger:

@@ -142,3 +142,36 @@ def test_a_class_named_like_a_split_is_a_class_when_test_is_given(tmp_path):
     write_image_folder(tmp_path / "src", per_class=4, side=8, classes=("train", "zebra"))
     ds = load_dataset(f"imagefolder:{tmp_path / 'src' / 'train'},test=0.5,cache=0")
     assert ds.classes == ["train", "zebra"] and len(ds.train) + len(ds.test) == 8
+
+
+STRIP_CHILD = r'''
+import resource, sys
+from pathlib import Path
+from igkd.data.imagefolder import _decode_one
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (768 << 20), resource.RLIM_INFINITY))  # 768 MiB more
+a = _decode_one(Path(sys.argv[1]), "RGB", (224, 224), "shorter", Path(sys.argv[1]))
+print(a.shape)
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmSize from Linux's /proc")
+def test_resize_shorter_of_an_extreme_strip_resizes_only_the_crop(tmp_path):
+    import subprocess
+    import sys
+    # a 2 x 20000 strip at size=224 was first resized whole, to 224 x 2,240,000 (1.5 GB), then
+    # cropped: in a process allowed 768 MiB more it failed with MemoryError
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (20000, 2, 3), dtype=np.uint8)).save(tmp_path / "strip.png")
+    r = subprocess.run([sys.executable, "-c", STRIP_CHILD, str(tmp_path / "strip.png")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "(224, 224, 3)", r.stderr[-1500:]
+    # a smaller strip, both ways: the crop's region resized alone is within one grey level of the whole
+    from igkd.data.imagefolder import LONG_RESIZE, _decode_one, shorter_geometry
+    strip = rng.integers(0, 256, (4000, 3, 3), dtype=np.uint8)
+    Image.fromarray(strip).save(tmp_path / "small.png")
+    new, box = shorter_geometry(3, 4000, 16, 16)
+    assert new[0] * new[1] > LONG_RESIZE * 16 * 16  # takes the crop-only path
+    whole = np.asarray(Image.fromarray(strip).resize(new, Image.BILINEAR).crop(box)).astype(int)
+    got = _decode_one(tmp_path / "small.png", "RGB", (16, 16), "shorter", tmp_path).astype(int)
+    assert got.shape == whole.shape and np.abs(got - whole).max() <= 1

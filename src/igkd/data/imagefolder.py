@@ -27,7 +27,9 @@ come out the same size, the stored size:
   the shorter side to N, the longer to ``floor(long * N / short)``, then an N x N crop at
   offsets ``round((new - N) / 2)`` (Python's round), as torchvision's
   ``Resize(N)`` + ``CenterCrop(N)`` on PIL images. For mixed sizes and aspect ratios
-  (ImageNet: ``size=256,resize=shorter`` or ``size=224,resize=shorter``).
+  (ImageNet: ``size=256,resize=shorter`` or ``size=224,resize=shorter``). An image whose
+  resized whole would exceed 16 times the crop's area (a long strip) has only the crop's
+  region resized, in bounded memory, within one grey level of the whole.
 
 Bilinear is Pillow's (antialiased when shrinking); an image already at the target size is
 not resampled. 8-bit files (L, P, RGB, RGBA, CMYK...) convert as Pillow does (alpha is
@@ -214,6 +216,11 @@ def _peek_size(path: Path) -> tuple[int, int]:
         raise UserError(f"cannot read image {path} ({e}); remove or replace the file") from None
 
 
+# resize=shorter resizes the whole image when it is at most this many times the crop's area
+# (every photo; ImageNet's most elongated are about 5:1); beyond, only the crop's region
+LONG_RESIZE = 16
+
+
 def shorter_geometry(w: int, h: int, out_h: int, out_w: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """``resize=shorter`` for a ``w x h`` image and an ``out_h x out_w`` target: the size
     (width, height) to resize to and the crop box (left, top, right, bottom) after it.
@@ -275,9 +282,16 @@ def _decode_one(path: Path, mode: str, size: tuple[int, int], resize: str | None
                 im = im.resize((w, h), Image.BILINEAR)
             elif resize == "shorter" and im.size != (w, h):
                 new, box = shorter_geometry(im.size[0], im.size[1], h, w)
-                if im.size != new:
-                    im = im.resize(new, Image.BILINEAR)
-                im = im.crop(box)
+                if new[0] * new[1] > LONG_RESIZE * w * h:
+                    # an extreme aspect ratio (a 1 x 20000 strip made a 3 GB image at size 224):
+                    # only the crop's source region is resized, which may differ from resizing
+                    # the whole image by one grey level at some pixels (float rounding of the scale)
+                    sx, sy = im.size[0] / new[0], im.size[1] / new[1]
+                    im = im.resize((w, h), Image.BILINEAR, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+                else:  # torchvision's Resize then CenterCrop, pixel for pixel
+                    if im.size != new:
+                        im = im.resize(new, Image.BILINEAR)
+                    im = im.crop(box)
             arr = np.asarray(im)
     except UserError:
         raise

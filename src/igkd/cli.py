@@ -18,7 +18,7 @@ spec strings:
   datasets  demo                       small Fashion-MNIST subset shipped in the package
             cifar10:DIR[,download=0][,verify=0]   official python archive (downloaded when missing; md5-checked)
             cifar100:DIR[,labels=fine|coarse][,download=0][,verify=0]   the same for CIFAR-100 (100 or 20 classes)
-            imagefolder:DIR[,size=N|HxW][,resize=fixed|shorter][,test=F][,gray=1][,mmap=auto|0|1][,cache=0]
+            imagefolder:DIR[,size=N|HxW][,resize=fixed|shorter][,test=F[,seed=S]][,gray=1][,mmap=auto|0|1][,cache=0]
                                        DIR/train/<class>/* with DIR/test/<class>/* or DIR/val/<class>/*
                                        (ImageNet layout); resize=shorter: shorter side to N, centre crop
             fashion-mnist[:DIR]        IDX files (default /usr/share/datasets/fashion-mnist)
@@ -92,14 +92,14 @@ def make_parser() -> argparse.ArgumentParser:
 
     config_command(sub, "evaluate", EvaluateConfig, main=("weights", "data", "model"), epilog=epilog,
                    help="score a checkpoint on a dataset's test split",
-                   description="Accuracy, per-class accuracy, confusion matrix and parameter count of a checkpoint "
-                   "on the test split of a dataset; with --corruptions, also its accuracy under common corruptions "
+                   description="Accuracy, per-class accuracy, confusion matrix (in --json) and parameter count of a "
+                   "checkpoint on the test split of a dataset; with --corruptions, also its accuracy under common corruptions "
                    "(CIFAR-10-C's five severities, computed on the fly, seeded).")
 
     p = sub.add_parser("demo", help="the whole method on the embedded dataset, CPU, a few minutes",
                        description="Loads the shipped demo teacher (or trains one), precomputes IG maps, trains "
                        "'student' and 'kd+ig' students with the same seed and budget, evaluates them and writes "
-                       "report.md, metrics.json and gallery.png.")
+                       "report.md, metrics.json, gallery.png, accuracy.png and curves.png.")
     p.add_argument("--out", default="igkd-demo", metavar="DIR", help="report directory (default: igkd-demo)")
     p.add_argument("--config", default="", metavar="YAML", help="demo recipe, a file or a shipped name (default: demo, see 'igkd config show demo')")
     p.add_argument("--train-teacher", action="store_true", help="train the teacher instead of using the shipped one")

@@ -23,10 +23,13 @@ EXPERIMENTS = {
                    "methods a paired t-test (Cohen's d_z) and a Wilcoxon signed-rank test (rank-biserial "
                    "correlation), Holm-corrected, in montecarlo.md / montecarlo.json."),
     "compression": ("students by truncation depth and width: accuracy vs compression, MACs, latency",
-                    "Train each method on students --sweep-base with drop=K (--depths) and width=W (--widths); "
-                    "report params, compression factor, MACs, measured CPU latency and accuracy in "
+                    "Train each method on students --sweep-base with its family's depth knob set to each --depths "
+                    "value (MobileNetV2: drop=K; ResNet, WRN: depth) and its width knob to each --widths value, "
+                    "plus any --students specs; report params, compression factor, MACs, measured CPU latency "
+                    "and accuracy in "
                     "compression.md / compression.json."),
-    "search": ("grid or TPE search of T, alpha, p, lr with Optuna (validation accuracy)",
+    "search": ("grid or TPE search of the method's options (T, alpha, p, ...) and lr with Optuna (validation "
+               "accuracy)",
                "Search the hyper-parameters of --search-method with Optuna, scored on the validation split. "
                "The study is kept in --storage (default: sqlite file search.db in --out); start the same command "
                "on several processes or machines with one --storage URL (e.g. postgresql://user:pass@host/db) "
@@ -56,10 +59,12 @@ def add_experiment_commands(sub, spec_help: str) -> None:
                 action.help = argparse.SUPPRESS
 
     p = sub.add_parser("report", help="render report.md with tables and plots for an experiment or run folder",
-                       description="Write DIR/report.md with the tables and PNG plots of what DIR holds: ablation "
-                       "points, Monte Carlo distributions and tests, compression curves, search heat map, the "
-                       "teacher's IG maps and overlays, training curves. Prints the tables.")
-    p.add_argument("dir", metavar="DIR", help="folder written by 'igkd experiment ... --out DIR' or 'igkd distill'")
+                       description="Write DIR/report.md with the tables and PNG plots of what DIR holds: a run's "
+                       "summary, latency/export/audit results, ablation points, Monte Carlo distributions and tests, "
+                       "compression curves, search heat map, the teacher's IG maps and overlays, training curves. "
+                       "Prints the tables.")
+    p.add_argument("dir", metavar="DIR", help="folder written by 'igkd experiment ... --out DIR', 'igkd train' or "
+                   "'igkd distill', or by 'bench latency --out', 'export --report-dir' or 'audit --out'")
     p.add_argument("--json", action="store_true", help="print the report's path and text as JSON")
     p.add_argument("--format", default="png", metavar="F[,F...]",
                    help="figure formats: png (linked from report.md), pdf, svg; tables are always also written as "

@@ -130,8 +130,9 @@ def training_curves(path: str | Path, histories: dict[str, list[dict] | list[lis
     """Validation accuracy and training loss per epoch: per group, the mean over its runs
     and (with two or more runs) a band of +/- one standard deviation; integer epoch ticks."""
     plt = _plt()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FixedLocator, MaxNLocator
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    drawn: dict[object, set[int]] = {a: set(), b: set()}  # epochs with a value, per panel
     for name, runs in histories.items():
         runs = [runs] if runs and isinstance(runs[0], dict) else runs
         for ax, key in ((a, "val_accuracy"), (b, "loss")):
@@ -140,18 +141,26 @@ def training_curves(path: str | Path, histories: dict[str, list[dict] | list[lis
             values = [[s[e] for s in series if s.get(e) is not None] for e in epochs]
             keep = [i for i, v in enumerate(values) if v]
             ep = [epochs[i] for i in keep]
+            drawn[ax].update(ep)
             mean = np.array([np.mean(values[i]) for i in keep])
             line, = ax.plot(ep, mean, marker="o", ms=3, label=f"{name} ({len(runs)} run{'s' * (len(runs) > 1)})")
             if len(runs) > 1:
                 # sample sd (n - 1), as every table's; an epoch only one run reached has no band
                 sd = np.array([np.std(values[i], ddof=1) if len(values[i]) > 1 else 0.0 for i in keep])
                 ax.fill_between(ep, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, lw=0)
-    for ax, label in ((a, "validation accuracy (%)"), (b, "training loss")):
+    for ax, label, none in ((a, "validation accuracy (%)", "no validation accuracy: no validation split\n"
+                             "(--val-fraction 0)"), (b, "training loss", "no training loss recorded")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # MaxNLocator(integer=True) gives fractional ticks (0.945, 0.96, ...) on an axis narrower
+        # than one epoch: a one-epoch run's curves had no epoch tick at all
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True) if len(drawn[ax]) > 1
+                                   else FixedLocator(sorted(drawn[ax])))
+        if not drawn[ax]:  # an empty panel with ticks round 0 (-0.045 ... 0.045) read as a plot of nothing
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, none, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4")
         ax.grid(alpha=0.3)
-    a.legend(fontsize=7, loc="best")
+    (a if drawn[a] or not drawn[b] else b).legend(fontsize=7, loc="best")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -321,12 +330,15 @@ def write_report(run_dir: str | Path, sections: list[tuple[str, object]] | None 
         write_text(run_dir / "tables" / f"{stem}.csv", table_csv(header, rows))
         write_text(run_dir / "tables" / f"{stem}.tex", table_latex(header, rows))
     if not parts:
-        raise UserError(f"{run_dir} holds no experiment results (ablation.json, montecarlo.json, ...) and no run "
-                        "(summary.json); run 'igkd experiment' or 'igkd distill' into it first")
+        raise UserError(f"{run_dir} holds no experiment results (ablation.json, montecarlo.json, ...), no run "
+                        "(summary.json) and no latency.json, export.json or audit.json; run 'igkd experiment', "
+                        "'igkd train' or 'igkd distill' into it first")
     kinds = (read_json(run_dir / "experiment.json") or {}).get("kinds")
     kinds = [str(k) for k in kinds] if isinstance(kinds, list) else []
-    text = (f"# igkd report: {run_dir.name}\n\n" + (f"Experiments in this folder: {', '.join(kinds)}.\n\n" if kinds
-                                                     else "") + "\n".join(parts))
+    # the folder's own name: 'igkd report .' (or '..') titled the report with an empty name
+    title = run_dir.resolve().name or str(run_dir.resolve())
+    text = (f"# igkd report: {title}\n\n" + (f"Experiments in this folder: {', '.join(kinds)}.\n\n" if kinds
+                                              else "") + "\n".join(parts))
     write_text(run_dir / "report.md", text)
     return text
 
@@ -478,9 +490,18 @@ def gallery_section(run_dir: Path) -> str | None:
         maps = {"attribution": "ig", "description": f"IG {ig.get('method')} x {ig.get('steps')} steps, baseline "
                 f"{ig.get('baseline')}", "completeness_delta": ig.get("completeness_delta")}
     d = maps.get("completeness_delta") or {}
+    dataset, why = None, "The map store is gone from this machine; re-run the experiment to rebuild it."
     if (Path(ctx["store"]) / "manifest.json").exists():
+        from .errors import UserError
+        try:
+            dataset = load_dataset(ctx["data"])
+        except UserError as e:
+            # a relative folder (imagefolder:data/x) is the experiment's working directory's: a report
+            # run from elsewhere failed as a whole, naming a dataset folder, over its one illustration
+            why = (f"The images of `{ctx['data']}` cannot be read from here ({e}); run igkd report from the "
+                   "folder the experiment ran in to draw the maps.")
+    if dataset is not None:
         store = open_store(ctx["store"])
-        dataset = load_dataset(ctx["data"])
         train = dataset.train
         pick = [int((train.labels == c).nonzero()[0]) for c in range(dataset.num_classes) if (train.labels == c).any()]
         pick = torch.tensor(pick[:10])
@@ -490,8 +511,9 @@ def gallery_section(run_dir: Path) -> str | None:
                 title=f"teacher maps ({maps['description']}) and the overlays students see")
         d = d or store.manifest.get("completeness_delta") or {}  # none without completeness
     elif not (run_dir / "gallery.png").exists():
-        # The store is a cache (another machine's, or cleared): the maps can no longer be drawn.
-        return "## Teacher maps\n\nThe map store is gone from this machine; re-run the experiment to rebuild it.\n"
+        # The store is a cache (another machine's, or cleared), or the images are not found from
+        # here: the maps cannot be drawn.
+        return f"## Teacher maps\n\n{why}\n"
     # else: a committed result keeps the gallery drawn when its store existed; its text comes from the record
     err = (f" Completeness error |sum IG - (F(x) - F(x'))| / |F(x) - F(x')|: median "
            f"{100 * d['median_relative']:.1f}%, 90th percentile {100 * d['p90_relative']:.1f}%." if d else "")

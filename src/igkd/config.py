@@ -381,7 +381,7 @@ def load_yaml(path: str | Path, section: str | None) -> dict:
         # command ran on its defaults (igkd train --config demo_experiments trained a 30-epoch
         # default model, as if --config had not been given)
         raise UserError(f"{path} has no '{section}:' section (it has {', '.join(s + ':' for s in sections)}), so "
-                        f"none of it is for this command; add a '{section}:' section or leave out --config")
+                        f"none of it is for this command; add a section '{section}:' or leave out --config")
     return _one_spelling({k: v for k, v in doc.items() if k not in SECTIONS}, str(path))
 
 

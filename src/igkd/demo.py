@@ -205,7 +205,7 @@ def render_report(m: dict, cfg: DistillConfig) -> str:
     return f"""# igkd demo report
 
 Dataset `{m['dataset']}` (test split for accuracy, validation split carved from train for model
-selection). Students trained {cfg.epochs} epochs with the same seed ({cfg.seed}), budget and recipe
+selection). Students trained {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} with the same seed ({cfg.seed}), budget and recipe
 ({cfg.optimizer}, lr {cfg.lr}, batch {cfg.batch_size}); KD with T={cfg.T}, alpha={cfg.alpha}; IG overlay p={cfg.p}.
 One seed on a 2,000-image set: differences of a point or two can be run-to-run noise;
 repeat with other seeds (`seed:` in the `distill:` section of a copy of the recipe,

@@ -468,7 +468,7 @@ def run_section(run_dir: Path) -> str | None:
     rows = [[s.get("method", "train"), s["model"], s["params"], s["best_epoch"], s["val_accuracy"],
              s["test_accuracy"]]]
     comp = f" Compression {s['compression']:.2f}x against the teacher." if s.get("compression") else ""
-    return (f"## Run\n\nDataset `{s['dataset']}`, {s['epochs']} epochs.{comp}\n\n"
+    return (f"## Run\n\nDataset `{s['dataset']}`, {s['epochs']} epoch{'s' * (s['epochs'] != 1)}.{comp}\n\n"
             + markdown_table(["method", "model", "params", "best epoch", "val acc (%)", "test acc (%)"], rows) + "\n")
 
 

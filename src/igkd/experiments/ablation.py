@@ -101,7 +101,7 @@ def section(run_dir: Path) -> str | None:
                   t["test_accuracy"] if t else None, errors=errors)
     runs = "single runs" if not several else f"mean of {result['seeds']} seeds, error bars: 95% t-interval"
     text = (f"## Ablation\n\nStudent `{result['model']}` on `{result['data']}`, every method with the same "
-            f"budget ({result['epochs']} epochs), seeds and splits; test split accuracy ({runs}).\n\n"
+            f"budget ({result['epochs']} epoch{'s' * (result['epochs'] != 1)}), seeds and splits; test split accuracy ({runs}).\n\n"
             f"{ablation_table(result)}\n\n![ablation](ablation.png)\n")
     if result.get("corruptions"):
         text += "\n" + corruption_section(run_dir, result, "ablation", corruption_table(result).strip(),

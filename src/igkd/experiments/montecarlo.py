@@ -194,7 +194,7 @@ def section(run_dir: Path) -> str | None:
              f"may still exist below it.{note}" if m else " One method: no paired comparisons.")
     text = (f"## Monte Carlo\n\n{n} runs of student `{r['model']}` on `{r['data']}`: run r trains on its own stratified "
             f"{100 * r['subset']:.0f}% subset of the training set ({r['train_images']} training images after the "
-            f"validation split) with seed {r['seed']}+r, shared by all methods of that run; {r['epochs']} epochs; "
+            f"validation split) with seed {r['seed']}+r, shared by all methods of that run; {r['epochs']} epoch{'s' * (r['epochs'] != 1)}; "
             f"accuracy on the test split.{tests}\n\n{montecarlo_tables({**r, 'corruptions': None})}\n\n"
             "![Monte Carlo distribution](montecarlo.png)\n\n![means with 95% CI](montecarlo_bars.png)\n"
             + ("\n![paired differences, every run and the mean with its 95% CI](montecarlo_differences.png)\n" if m

@@ -99,7 +99,7 @@ class ConstantOverlay(Overlay):
     name = "overlay-constant"
     help = "control: the overlay's draws and blend toward a constant image of the map's mean"
     formula = "as ig, with M' replaced by its mean over the image"
-    reference = "control (issue 13)"
+    reference = "control: the overlay as a mere blur and contrast change? (README, Evidence)"
     order = 22
     constant = True
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from .attribution import attribution_map
 from .attribution import registry
+from .attribution.engine import inputs_known_finite
 from .config import PrecomputeConfig
 from .data import Dataset
 from .errors import UserError
@@ -140,7 +141,8 @@ def _compute_slice(teacher: nn.Module, images: torch.Tensor, labels: torch.Tenso
     x = images.to(device).float().div_(255)
     y = labels.to(device)
     entry = registry.get(cfg.attribution)
-    attr, delta = entry.compute(teacher, x, y, cfg, first_index)
+    with inputs_known_finite():  # bytes / 255
+        attr, delta = entry.compute(teacher, x, y, cfg, first_index)
     unit, scale = unit_maps(attribution_map(attr), cfg)
     maps = unit.mul(255).round_().to(torch.uint8) if cfg.map_dtype == "uint8" else unit.half()
     logits = _logits(teacher, x, 256)

@@ -5,6 +5,7 @@ Gaussian blur behind ``"blur"``; :func:`_resolve_baseline` turns a ``baseline`` 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -101,8 +102,9 @@ def make_baseline(kind: str, inputs: torch.Tensor, mean=None, std=None,
         return torch.zeros_like(inputs)
     if kind == "blur":
         h, w = inputs.shape[-2:]
-        if sigma is not None and not sigma > 0:
-            raise UserError(f"blur sigma must be > 0, got {sigma}")
+        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
+                                  or not 0 < sigma < math.inf):
+            raise UserError(f"blur sigma must be a finite number > 0 (pixels), got {sigma!r}")
         return gaussian_blur(inputs, (sigma, sigma) if sigma is not None else (h / 8, w / 8))
     raise UserError(f"unknown baseline {kind!r}; use one of: {', '.join(BASELINES)}")
 

@@ -31,9 +31,11 @@ results are float tensors shaped like ``inputs`` on the inputs' device.
 from __future__ import annotations
 
 import copy
+import numbers
 import weakref
 from collections import Counter
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator, Sequence
 
 import torch
@@ -256,6 +258,21 @@ def _same_function(model: nn.Module, net: nn.Module, fmt: torch.memory_format, p
     return False
 
 
+# a context variable, not a module flag: another thread's attribution keeps its check
+_KNOWN_FINITE: ContextVar[bool] = ContextVar("igkd_inputs_known_finite", default=False)
+
+
+@contextmanager
+def inputs_known_finite():
+    """Skip the NaN scan of the inputs, for a caller whose images are finite by construction
+    (precompute's: bytes / 255): one more pass over every chunk, not small beside a 1-step IG."""
+    token = _KNOWN_FINITE.set(True)
+    try:
+        yield
+    finally:
+        _KNOWN_FINITE.reset(token)
+
+
 def _check_inputs(inputs: torch.Tensor, what: str = "inputs") -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
         raise UserError(f"{what} must be a torch.Tensor of images (N x C x H x W), got {type(inputs).__name__}")
@@ -266,6 +283,9 @@ def _check_inputs(inputs: torch.Tensor, what: str = "inputs") -> torch.Tensor:
                         "convert with .float() / 255")
     if not len(inputs):
         raise UserError(f"{what} hold no images (a batch of 0); give at least one")
+    # a NaN pixel gave all-NaN IG maps, or finite but meaningless saliency ones, without a word
+    if not _KNOWN_FINITE.get() and not bool(torch.isfinite(inputs).all()):
+        raise UserError(f"{what} hold NaN or infinite values; give finite pixels (e.g. [0, 1])")
     return inputs.detach()
 
 
@@ -278,10 +298,16 @@ def check_model(model) -> None:
 
 
 def _targets(target: int | Sequence[int] | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(target, device=device)
+    try:
+        t = torch.as_tensor(target, device=device)
+    except (TypeError, ValueError, RuntimeError):  # None, a class name: torch's own error was a traceback
+        raise UserError(f"target must be a class index per image (an int, N ints or an int tensor), got "
+                        f"{target!r:.80}") from None
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise UserError(f"target must be integer class indices, got dtype {t.dtype}")
     t = t.long().reshape(-1)
+    if t.is_inference():  # labels made under torch.inference_mode: gather cannot save them for backward
+        t = t.clone()
     if t.numel() == 1:
         t = t.expand(n)
     if t.numel() != n:
@@ -296,6 +322,9 @@ def _span(target: torch.Tensor) -> tuple[int, int] | None:
 
 
 def _check_logits(logits: torch.Tensor, target: torch.Tensor, span: tuple[int, int] | None = None) -> None:
+    if not isinstance(logits, torch.Tensor):  # a tuple or dict failed with an AttributeError
+        raise UserError(f"the model must return one tensor of N x classes logits, got a {type(logits).__name__}; "
+                        "wrap it in an nn.Module whose forward returns the logits alone")
     if logits.dim() != 2:
         raise UserError(f"the model must return N x classes logits, got shape {tuple(logits.shape)}")
     lo, hi = span if span is not None else (_span(target) or (0, 0))
@@ -312,9 +341,10 @@ def _default_batch_size(inputs: torch.Tensor) -> int:
 def _check_batch_size(batch_size: int | None, inputs: torch.Tensor) -> int:
     if batch_size is None:
         return _default_batch_size(inputs)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    # numbers.Integral: a numpy integer (n_steps takes one) was refused as "not a positive integer"
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer (samples per forward pass), got {batch_size!r}")
-    return batch_size
+    return int(batch_size)
 
 
 def _input_grads(model: nn.Module, x: torch.Tensor, rows: torch.Tensor, fmt: torch.memory_format,
@@ -347,6 +377,9 @@ def _plain_gradients(model: nn.Module, inputs: torch.Tensor, target, batch_size:
     inputs = _check_inputs(inputs)
     batch_size = _check_batch_size(batch_size, inputs)
     with torch.inference_mode(False), torch.enable_grad():
+        # as integrated_gradients: an inference tensor (inputs made, or noise added, under the caller's
+        # torch.inference_mode) cannot require grad, and saliency raised a RuntimeError there
+        inputs = inputs.clone() if inputs.is_inference() else inputs
         rows = _targets(target, inputs.shape[0], inputs.device)
         span = _span(rows)
         out = torch.zeros_like(inputs, memory_format=torch.contiguous_format)

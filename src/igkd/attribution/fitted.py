@@ -195,7 +195,8 @@ def exchange(K: np.ndarray, b: np.ndarray, total: float, n: int, max_sweeps: int
     chosen = np.concatenate([chosen, others[:n - len(chosen)]])  # only when n is close to R
     _, err = _error(K, b, total, chosen[None])
     best = float(err[0])
-    for _ in range(max_sweeps):
+    # n == R: every candidate is chosen and none is free to swap in (argmin of no trials raised)
+    for _ in range(max_sweeps if n < R else 0):
         moved = False
         for k in range(n):
             free = np.setdiff1d(np.arange(R), chosen)

@@ -173,6 +173,11 @@ def _prepare(teacher: nn.Module, dataset, cfg, device, quiet: bool, key: dict):
     if cfg.ig_schedule:
         _schedule(cfg)  # a bad file is one line now, not after the store is planned
         return cfg
+    from ..errors import UserError
+    # the fit picks its points among the reference's candidates: found only after its 2 R passes per image
+    if cfg.ig_steps > cfg.ig_fit_reference:
+        raise UserError(f"--ig-method fitted picks its --ig-steps {cfg.ig_steps} points among --ig-fit-reference "
+                        f"{cfg.ig_fit_reference} candidates; give --ig-fit-reference >= --ig-steps")
     from dataclasses import replace
 
     import torch

@@ -25,6 +25,9 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target, samples: int = 16
     ``samples x C x H x W`` per image), so results are reproducible, or is ``noise`` itself
     (N x samples x C x H x W standard normal draws); ``batch_size`` noisy images per pass.
     Costs ``samples`` forward+backward passes per image."""
+    import math
+    import numbers
+
     import torch
 
     from ..errors import UserError
@@ -32,16 +35,21 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target, samples: int = 16
 
     check_model(model)
     inputs = _check_inputs(inputs)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
         raise UserError(f"smoothgrad samples must be a positive integer, got {samples!r}")
-    if not sigma >= 0:
-        raise UserError(f"smoothgrad sigma must be >= 0, got {sigma}")
+    samples = int(samples)
+    # an infinite sigma gave finite, meaningless maps; a string a TypeError
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 <= sigma < math.inf:
+        raise UserError(f"smoothgrad sigma must be a finite number >= 0 (in the inputs' units), got {sigma!r}")
     n = inputs.shape[0]
     if noise is None:
         noise = torch.randn((n, samples, *inputs.shape[1:]), generator=generator, dtype=inputs.dtype)
-    elif tuple(noise.shape) != (n, samples, *inputs.shape[1:]):
-        raise UserError(f"smoothgrad noise has shape {tuple(noise.shape)}, not {(n, samples, *inputs.shape[1:])}")
-    noisy = (inputs.unsqueeze(1) + sigma * noise.to(inputs.device)).reshape(n * samples, *inputs.shape[1:])
+    elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (n, samples, *inputs.shape[1:]):
+        got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise UserError(f"smoothgrad noise must be a tensor of shape {(n, samples, *inputs.shape[1:])}, got {got}")
+    # in the inputs' dtype: float64 draws (numpy's) made float64 images a float32 model refused
+    noise = noise.to(device=inputs.device, dtype=inputs.dtype)
+    noisy = (inputs.unsqueeze(1) + sigma * noise).reshape(n * samples, *inputs.shape[1:])
     rows = _targets(target, n, inputs.device).repeat_interleave(samples)
     grads = _plain_gradients(model, noisy, rows, batch_size, fast)
     return grads.abs().reshape(n, samples, *inputs.shape[1:]).mean(1)

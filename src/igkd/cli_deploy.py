@@ -24,9 +24,9 @@ def add_deploy_commands(sub, epilog: str = "") -> None:
         help="latency, throughput, params, MACs and size of models side by side",
         description="Measure CPU inference latency properly (warm-up, then repetitions until both a time and a "
         "count budget are met; median, p10, p90, images/s) at a fixed thread count, with parameters, MACs "
-        "(multiply-accumulates of convolutions and linear layers for one image) and weight size on disk. The "
-        "first model is the reference (the teacher): every other row shows its speed-up, measured in this run at "
-        "the same runtime and batch size.")
+        "(multiply-accumulates of convolutions, matrix products and attention for one image) and weight size "
+        "on disk. The first model is the reference (the teacher): every other row shows its speed-up, measured "
+        "in this run at the same runtime and batch size.")
     p.add_argument("--out", default="", metavar="DIR", help="run directory to write latency.json to (default: none)")
 
     p = config_command(

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, cause
 
 INSTALL_HINT = 'pip install "igkd[export]"'
 
@@ -58,9 +58,15 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, int, int], opset: int =
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice of the TorchScript-based exporter
-        torch.onnx.export(model, (torch.rand(1, *input_shape),), buf, dynamo=False, opset_version=opset,
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        try:
+            torch.onnx.export(model, (torch.rand(1, *input_shape),), buf, dynamo=False, opset_version=opset,
+                              input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        except (OSError, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - an operator ONNX has no form for (aten::fft_rfft2) was a traceback
+            raise UserError(f"the model cannot be exported to ONNX ({cause(e)}); export it with "
+                            "--format torchscript, or measure it with --runtime eager") from None
     return buf.getvalue()
 
 
@@ -82,7 +88,7 @@ def ort_session(model: bytes | str | Path, threads: int | None = None):
         opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: an error is raised to Python anyway, and was printed twice
     src = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
 
@@ -162,8 +168,7 @@ def _quantisation_step(step: Callable[[], object], what: str) -> None:
     except (OSError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - any other failure is ORT's refusal of this graph
-        cause = (str(e).strip().splitlines() or [""])[-1][:160] or "no message"
-        raise UserError(f"int8 quantisation failed while {what}: {type(e).__name__}: {cause}; ONNX Runtime "
+        raise UserError(f"int8 quantisation failed while {what}: {cause(e, 160)}; ONNX Runtime "
                         "cannot quantise this model's graph: export it without --int8") from None
 
 

@@ -53,8 +53,12 @@ def model_card(summary: dict, meta: dict) -> str:
     else:
         lines.append("- **Method:** cross-entropy alone")
     if teacher:
-        lines.append(f"- **Teacher:** `{teacher.get('model')}` from `{teacher.get('path')}`, "
-                     f"{teacher.get('params', 0):,} parameters, weights fingerprint `{teacher.get('fingerprint', '?')}`")
+        # a teacher handed to the API as a module has no file: the card said "from `None`"
+        source = f"from `{teacher['path']}`" if teacher.get("path") else "handed to the API as a module"
+        # a frozen TorchScript teacher has its weights as constants: it counts 0 parameters, not "0 parameters"
+        params = f"{teacher['params']:,} parameters" if teacher.get("params") else "parameters not countable"
+        lines.append(f"- **Teacher:** `{teacher.get('model')}` {source}, {params}, "
+                     f"weights fingerprint `{teacher.get('fingerprint', '?')}`")
     kappa = f"{test['kappa']:.3f}" if isinstance(test.get("kappa"), float) else "n/a"
     # with --val-fraction 0 there is no validation split: every epoch counts as the best, so
     # the file holds the last epoch, and no validation accuracy chose it

@@ -16,9 +16,10 @@ from ..errors import UserError
 from ..evaluate import predict
 from ..evaluate.agreement import spearman, topk_iou
 from ..fileio import writable_dir, write_json
-from ..models import count_parameters, load_model, read_metadata
+from ..models import count_parameters, holds_own_weights, load_model, read_metadata
 from ..progress import Progress
 from ..runtime import set_threads
+from ..spec import parse_spec
 from .common import existing, split_list
 from .plots import audit_gallery
 
@@ -78,7 +79,9 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
     if not cfg.data:
         raise UserError("no dataset to audit on; pass --data SPEC")
     for path in [cfg.teacher, *paths]:  # a missing file is named before the dataset is loaded
-        existing(path, "checkpoint")
+        # torchscript:FILE holds its weights, as distill's --teacher takes it: its file must exist
+        # (the spec itself was looked for as a file: "checkpoint torchscript:t.pt does not exist")
+        existing(parse_spec(path).arg if holds_own_weights(path) else path, "checkpoint")
     set_threads(cfg.threads)
     pcfg = PrecomputeConfig(attribution=cfg.attribution, ig_steps=cfg.ig_steps, ig_method="gausslegendre",
                             ig_baseline=cfg.ig_baseline, **{n: getattr(cfg, n) for n in entry.fields})
@@ -108,12 +111,13 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
         # pixels equal to the baseline get exactly zero attribution from every model (IG is
         # (x - x') times an average gradient): left out, they would count as agreement
         rho, iou = spearman(maps[0], m, (maps[0] != 0) | (m != 0)), topk_iou(maps[0], m, cfg.topk / 100)
-        rows.append({"weights": path, "model": meta["model"], "params": count_parameters(net),
+        # None ("?"), as bench latency says: a frozen TorchScript model's weights are constants, not 0
+        rows.append({"weights": path, "model": meta["model"], "params": count_parameters(net) or None,
                      "spearman_mean": float(rho.nanmean()), "topk_iou_mean": float(iou.nanmean()),
                      "top1_agreement": 100.0 * float((p == preds[0]).float().mean()), "accuracy": accuracy(p),
                      "per_image": {"spearman": rho.tolist(), "topk_iou": iou.tolist()}})
     result = {"teacher": {"weights": cfg.teacher, "model": models[0][2]["model"],
-                          "params": count_parameters(models[0][1]), "accuracy": accuracy(preds[0])},
+                          "params": count_parameters(models[0][1]) or None, "accuracy": accuracy(preds[0])},
               "data": dataset.spec, "images": len(idx), "indices": idx.tolist(), "target": cfg.target,
               "attribution": cfg.attribution, "description": entry.description(pcfg), "settings": entry.settings(pcfg),
               "ig": {"steps": cfg.ig_steps, "method": "gausslegendre", "baseline": cfg.ig_baseline},
@@ -138,8 +142,12 @@ def label(path: str | Path) -> str:
 def audit_table(result: dict) -> str:
     from ..report import markdown_table
     t = result["teacher"]
-    rows = [[label(s["weights"]), s["model"], s["params"], f"{s['spearman_mean']:.3f}", f"{s['topk_iou_mean']:.3f}",
-             f"{s['top1_agreement']:.1f}%", f"{s['accuracy']:.1f}%"] for s in result["students"]]
+
+    def mean(v) -> str:  # undefined where every image's maps were all zero: NaN here, null in audit.json
+        return "n/a" if v is None or v != v else f"{v:.3f}"
+    rows = [[label(s["weights"]), s["model"], "?" if s["params"] is None else s["params"], mean(s["spearman_mean"]),
+             mean(s["topk_iou_mean"]), f"{s['top1_agreement']:.1f}%", f"{s['accuracy']:.1f}%"]
+            for s in result["students"]]
     return (markdown_table(["student", "model", "params", "Spearman rho", f"top-{result['topk_percent']:g}% IoU",
                             "top-1 agreement", "accuracy"], rows)
             + f"\n\nteacher {label(t['weights'])} ({t['model']}, accuracy {t['accuracy']:.1f}%); "

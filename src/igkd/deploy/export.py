@@ -6,6 +6,7 @@ are the library module :mod:`igkd.export`; this is the command around them."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -14,15 +15,16 @@ import torch
 from ..api import preprocessing_for, warn_unknown_preprocessing
 from ..command_options import ExportConfig, api_config
 from ..data import Dataset, load_dataset
-from ..errors import UserError
+from ..errors import UserError, cause
 from ..evaluate import predict
 from ..evaluate.corruptions import evenly_spaced
 from ..evaluate.cost import check_budget, measure_latency
 from ..export import embed_metadata, load_runner, logits_of, onnx_bytes, parity, quantize_int8, require_onnxruntime, torchscript_module
 from ..fileio import atomic_path, finite, writable_dir, writable_file, write_json
-from ..models import load_model, read_metadata
+from ..models import holds_own_weights, load_model, read_metadata
 from ..models.checkpoint import file_sha256
 from ..progress import log
+from ..spec import parse_spec
 from .common import existing
 
 FORMATS = ("onnx", "torchscript")
@@ -33,9 +35,9 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
                  out: str | Path | None = None, **options) -> dict:
     """Export a checkpoint to ONNX or TorchScript, preprocessing included, and check it.
 
-    Parity: the exported model and PyTorch run the test split of ``data`` (the first
-    ``images`` when > 0; default the dataset named in the checkpoint's metadata); the export
-    is kept only if max |logit difference| <= ``atol`` and top-1 agrees on >=
+    Parity: the exported model and PyTorch run the test split of ``data`` (``images``
+    evenly spaced test images when > 0; default the dataset named in the checkpoint's
+    metadata); the export is kept only if max |logit difference| <= ``atol`` and top-1 agrees on >=
     ``min_agreement`` percent. With ``int8`` (ONNX only) the written model is quantised
     (ONNX Runtime static QDQ, per-channel, calibrated on ``calibration_images`` training
     images); its accuracy, agreement and latency are reported next to the fp32 export's, and
@@ -65,16 +67,32 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     if int8 and format != "onnx":
         raise UserError("--int8 needs --format onnx (ONNX Runtime quantisation)")
     check_budget(1, 1, cfg.min_time, 1, 10000)
-    meta = read_metadata(existing(weights, "weights file")) or {}
+    meta = read_metadata(existing(_weights_file(weights), "weights file")) or {}
+    _check_clobber(output, _weights_file(weights))
     if format == "onnx":
         require_onnxruntime()
     data = cfg.data or meta.get("dataset", "")
     if not data:
         raise UserError(f"{weights} names no dataset; pass --data SPEC for the parity check (its test split)")
-    dataset = load_dataset(data)
+    try:
+        dataset = load_dataset(data)
+    except UserError as e:
+        if cfg.data:
+            raise
+        # the user typed no dataset: a spec recorded with a relative path fails from another folder,
+        # and the bare "does not exist" did not say where the spec came from
+        raise UserError(f"the dataset {weights} was trained on ({data}, from its metadata) cannot be loaded: "
+                        f"{str(e).split(';')[0]}; pass --data SPEC (the same data) for the parity check") from None
     if meta.get("classes") and meta["classes"] != dataset.classes:
         raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
                         "pass the --data it was trained on")
+    trained = meta.get("image_size")
+    if trained and list(trained) != list(dataset.image_size):
+        # the export's input size is fixed to the data's: a file for another size than the model
+        # learnt on was written, and its sidecar advertised that size
+        raise UserError(f"{weights} was trained on {'x'.join(map(str, trained))} images, {dataset.spec} has "
+                        f"{'x'.join(map(str, dataset.image_size))}; pass the --data it was trained on (an image "
+                        f"folder: add ,size={'x'.join(map(str, trained))})")
     pre = preprocessing_for(cfg.normalize, dataset)
     net, meta = load_model(weights, cfg.model or None, len(dataset.classes), dataset.channels, pre)
     warn_unknown_preprocessing(weights, cfg.normalize, "--normalize")
@@ -97,7 +115,7 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit's deprecation notice
                 torch.jit.save(torchscript_module(net, shape), str(tmp))
-        exported = logits_of(load_runner(tmp, format=format), test.images)
+        exported = _exported_logits(tmp, format, test.images)
         check = {**parity(reference, exported), "atol": atol, "min_agreement": min_agreement}
         if check["max_abs_diff"] > atol or check["top1_agreement"] < min_agreement:
             raise UserError(f"parity check failed: max |logit diff| {check['max_abs_diff']:.3g} (allowed {atol}), "
@@ -106,7 +124,7 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
         if int8:
             calib = _calibration_set(dataset, cfg.calibration_images)
             quantize_int8(fp32, tmp, calib)
-            q = logits_of(load_runner(tmp, format=format), test.images)
+            q = _exported_logits(tmp, format, test.images)
             drop = accuracy(exported) - accuracy(q)
             if drop > cfg.max_int8_drop:  # quantisation can wreck a model (depthwise convs, odd ranges)
                 raise UserError(
@@ -132,6 +150,63 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     return result
 
 
+def _exported_logits(path: Path, format: str, images: torch.Tensor) -> torch.Tensor:
+    """Logits of the exported file on ``images`` (in batches of up to 256), or a one-line
+    UserError when it cannot run them: a model whose code makes the batch size a constant
+    (``int(x.shape[0])``) was exported for the tracing batch alone, and the parity check
+    died with ONNX Runtime's or TorchScript's traceback."""
+    run = load_runner(path, format=format)
+
+    def checked(x: torch.Tensor) -> torch.Tensor:
+        out = run(x)
+        if out.ndim != 2 or len(out) != len(x):  # fill_rows would broadcast one row over the batch
+            raise ValueError(f"{len(x)} images gave logits of shape {tuple(out.shape)}")
+        return out
+    try:
+        return logits_of(checked, images)
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the runtime raises on the exported graph
+        raise UserError(f"parity check failed: the exported model cannot run {min(len(images), 256)} test images "
+                        f"at once ({cause(e)}); nothing written. A model whose code makes the batch "
+                        "size a constant (int(x.shape[0])) exports for one batch size only: compute shapes with "
+                        "tensor operations (x.flatten(1))") from None
+
+
+def _weights_file(weights) -> Path:
+    """The file of ``--weights``: itself, or the FILE of a ``torchscript:FILE`` spec, which
+    holds its weights as distill's --teacher takes it (the spec was looked for as a file
+    and said not to exist)."""
+    return Path(parse_spec(str(weights)).arg if holds_own_weights(str(weights)) else weights)
+
+
+def _check_clobber(output: Path, weights: Path) -> None:
+    """Refuse an --output that would overwrite the checkpoint being exported, or whose
+    ``output.json`` sidecar would overwrite a file igkd's export did not write: ``--output
+    run/model`` wrote ``run/model.json`` over the checkpoint's own metadata (the checkpoint then
+    no longer loaded), ``--output run/summary`` over the run's summary."""
+    sources = [weights]
+    if weights.suffix in (".safetensors", ".json"):  # an igkd checkpoint is a .safetensors and its .json
+        sources += [weights.with_suffix(".safetensors"), weights.with_suffix(".json")]
+    sidecar = Path(f"{output}.json")
+    for path, what in ((output, "the exported file"), (sidecar, "its metadata file")):
+        if any(os.path.abspath(path) == os.path.abspath(s) or (path.exists() and s.exists() and
+                                                              os.path.samefile(path, s)) for s in sources):
+            raise UserError(f"--output {output}: {what} {path} would overwrite the checkpoint being exported; "
+                            "choose another --output")
+    if sidecar.is_file() and not _is_export_sidecar(sidecar):
+        raise UserError(f"--output {output}: its metadata file {sidecar} exists and is not an igkd export's; "
+                        "choose another --output (e.g. one ending in .onnx or .pt)")
+
+
+def _is_export_sidecar(path: Path) -> bool:
+    import json
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == "igkd-export/1"
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or JSON but not an object
+        return False
+
+
 def _calibration_set(dataset: Dataset, n: int) -> torch.Tensor:
     """``n`` training images, a seeded random choice (calibration never sees the test split)."""
     train = dataset.train
@@ -143,7 +218,7 @@ def _sidecar(out: Path, format: str, int8: bool, weights, meta: dict, dataset: D
     pre = meta["preprocessing"]
     return {
         "format": "igkd-export/1", "file": out.name, "runtime_format": format, "int8": int8,
-        "model": meta["model"], "source": {"weights": str(weights), "sha256": file_sha256(weights)},
+        "model": meta["model"], "source": {"weights": str(weights), "sha256": file_sha256(_weights_file(weights))},
         "input": {"name": "images", "shape": ["batch", *shape], "dtype": "float32", "layout": "NCHW",
                   "value_range": [0.0, 1.0], "channels": "grayscale" if shape[0] == 1 else "RGB"},
         "output": {"name": "logits", "shape": ["batch", len(dataset.classes)],

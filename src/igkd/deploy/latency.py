@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..command_options import LatencyConfig, api_config
-from ..errors import UserError
+from ..errors import UserError, cause
 from ..evaluate.cost import RUNTIMES, check_budget, count_macs, measure_latency, weights_bytes
 from ..export import require_onnxruntime
 from ..fileio import writable_dir, write_json
@@ -45,8 +46,10 @@ def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = No
     if files and specs and len(files) != len(specs):
         raise UserError(f"{len(specs)} --model specs but {len(files)} --weights files; give one file per model "
                         "or leave --model out (checkpoints with metadata name their architecture)")
-    batch_sizes = parse_ints(cfg.batch_size, "--batch-size")
-    runtime_list = split_list(cfg.runtime)
+    # each once: a value given twice was measured twice, and the second measurement of the
+    # reference became the speed-up base of both (the reference's own row then read 1.02x)
+    batch_sizes = list(dict.fromkeys(parse_ints(cfg.batch_size, "--batch-size")))
+    runtime_list = list(dict.fromkeys(split_list(cfg.runtime)))
     for r in runtime_list:
         if r not in RUNTIMES:
             raise UserError(f"unknown runtime '{r}'; use one of {', '.join(RUNTIMES)}")
@@ -75,17 +78,20 @@ def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = No
     if len(shapes) > 1:  # the ratios would mix the models' cost with their inputs' size
         raise UserError("the models take different inputs (" + ", ".join(f"{e[0]}: {'x'.join(map(str, e[2]))}"
                         for e in entries) + "); compare models of one input size, or measure them apart")
+    # one image through each model before any timing (counting its MACs): a model that cannot
+    # take its input (a torchscript: or py: model for 1-channel images against --input 3x32x32)
+    # was a traceback from inside the timing loop
+    macs = [_macs(spec, net, in_shape) for spec, net, in_shape, _, _ in entries]
     rows = []
     total = len(entries) * len(runtime_list) * len(batch_sizes)
     with Progress(total, "latency", "config", quiet) as progress:
         for runtime in runtime_list:
             for batch in batch_sizes:
-                for spec, net, in_shape, size, file in entries:
-                    r = measure_latency(net, in_shape, batch, cfg.threads, cfg.warmup, cfg.min_time, cfg.min_reps,
-                                        cfg.max_reps, runtime)
+                for (spec, net, in_shape, size, file), mac in zip(entries, macs):
+                    r = _measure(spec, net, in_shape, batch, runtime, cfg)
                     params = count_parameters(net) or None  # a frozen TorchScript module: not countable
                     rows.append({"model": spec, "weights": file, "params": params,
-                                 "macs": count_macs(net, in_shape), "weights_bytes": size, **r})
+                                 "macs": mac, "weights_bytes": size, **r})
                     progress.update(1, f"{spec} {runtime} batch {batch}")
     # the reference is the first entry by position: two checkpoints of one architecture share
     # a spec, and keying by it took the last of them as the reference
@@ -101,6 +107,32 @@ def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = No
     if out:
         write_json(Path(out) / "latency.json", result)
     return result
+
+
+def _measure(spec: str, net: nn.Module, in_shape: tuple[int, int, int], batch: int, runtime: str,
+             cfg: LatencyConfig) -> dict:
+    """measure_latency, or a one-line UserError when the model fails at this batch size or
+    runtime (an ONNX graph whose code made the batch size a constant runs at batch 1 alone:
+    batch 32 in ONNX Runtime was a traceback)."""
+    try:
+        return measure_latency(net, in_shape, batch, cfg.threads, cfg.warmup, cfg.min_time, cfg.min_reps,
+                               cfg.max_reps, runtime)
+    except (UserError, OSError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the model or the runtime raises
+        raise UserError(f"model {spec} fails in runtime {runtime} at batch size {batch} ({cause(e)}); measure it "
+                        "with another --runtime or --batch-size") from None
+
+
+def _macs(spec: str, net: nn.Module, in_shape: tuple[int, int, int]) -> int:
+    """MACs of one image, or a one-line UserError when the model fails on that input."""
+    try:  # a plain call first: under the MAC counter a TorchScript error loses its message
+        with torch.no_grad():
+            net(torch.zeros(1, *in_shape))
+    except Exception as e:  # noqa: BLE001 - whatever the model raises on an input it cannot take
+        raise UserError(f"model {spec} fails on a {'x'.join(map(str, in_shape))} input ({cause(e)}); pass the "
+                        "--input CxHxW it takes (checkpoints with igkd metadata give their own)") from None
+    return count_macs(net, in_shape)  # outside the try: a fault of the counter is igkd's, not the model's
 
 
 def _ratio(a, b) -> float | None:

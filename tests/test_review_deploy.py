@@ -252,3 +252,22 @@ def test_model_card_of_a_module_or_torchscript_teacher_says_what_it_knows():
     summary["teacher"].update(path="t.pt", model="torchscript:t.pt", params=0)
     line = next(line for line in model_card(summary, {}).splitlines() if line.startswith("- **Teacher:**"))
     assert " 0 parameters" not in line and "parameters not countable" in line
+
+
+def test_audit_takes_one_student_model_per_foreign_student(tmp_path):
+    # one --student-model was applied to every student: a plain student and a compressed one of
+    # another architecture, both foreign files, could not be audited together
+    torch.manual_seed(0)
+    teacher = tiny_demo_model(tmp_path / "teacher")
+    torch.save(build_model(TINY, 10, 1).state_dict(), tmp_path / "a.pt")
+    torch.save(build_model("resnet:depth=8,width=1", 10, 1).state_dict(), tmp_path / "b.pt")
+    students = f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}"
+    r = igkd.audit(teacher, students, "demo", images=2, ig_steps=2, gallery=0, quiet=True,
+                   student_model=f"{TINY}; resnet:depth=8,width=1")
+    assert [s["model"] for s in r["students"]] == [TINY, "resnet:depth=8,width=1"]
+    with pytest.raises(igkd.UserError, match="--student-model gives 3 specs for 2 --student files"):
+        igkd.audit(teacher, students, "demo", images=2, gallery=0, quiet=True, student_model=f"{TINY};{TINY};x")
+    # one spec still serves every student
+    r = igkd.audit(teacher, f"{tmp_path / 'a.pt'},{tmp_path / 'a.pt'}", "demo", images=2, ig_steps=2, gallery=0,
+                   quiet=True, student_model=TINY)
+    assert [s["model"] for s in r["students"]] == [TINY, TINY]

@@ -88,7 +88,8 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
     dataset = load_dataset(cfg.data)
     models = [(cfg.teacher, *_load_checked(cfg.teacher, cfg.teacher_model, dataset, cfg.teacher_normalize,
                                            "--teacher-model"))]
-    models += [(p, *_load_checked(p, cfg.student_model, dataset)) for p in paths]
+    models += [(p, *_load_checked(p, spec, dataset)) for p, spec in zip(paths, _student_specs(cfg.student_model,
+                                                                                              len(paths)))]
     test = dataset.test
     idx = torch.linspace(0, len(test) - 1, min(cfg.images, len(test))).round().long().unique()
     x_u8, labels = test.images[idx], test.labels[idx]
@@ -131,6 +132,20 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
             result["gallery"] = "audit.png"
         write_json(Path(out) / "audit.json", result)
     return result
+
+
+def _student_specs(text: str, n: int) -> list[str]:
+    """--student-model: one spec for every student, or one per student separated by ';' (a
+    spec holds commas: mobilenetv2:drop=5,width=0.5), '' where a file's metadata names it.
+    A plain student and a compressed one of another architecture took the same spec and one
+    of them failed to load."""
+    specs = [s.strip() for s in text.split(";")] if text else [""]
+    if len(specs) == 1:
+        return specs * n
+    if len(specs) != n:
+        raise UserError(f"--student-model gives {len(specs)} specs for {n} --student files; give one for all, or "
+                        "one per student in their order, separated by ';' (empty where the file's metadata names it)")
+    return specs
 
 
 def label(path: str | Path) -> str:

@@ -305,7 +305,9 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
         if needs_store(method, cfg):
             store = _precompute(teacher, dataset, cfg, cfg.store or None, device, quiet or env.rank > 0, dist=env)
         if teacher is not None:
-            meta["compression"] = meta["teacher"]["params"] / count_parameters(net)
+            # None, not 0.0, for a frozen TorchScript teacher: its weights are constants, not parameters
+            meta["compression"] = (meta["teacher"]["params"] / count_parameters(net)) if meta["teacher"]["params"] \
+                else None
         if method.needs_logits:
             meta["logits"] = "online" if method.online_teacher else cfg.logits
         if method.needs_maps:

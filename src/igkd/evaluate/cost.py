@@ -86,8 +86,8 @@ def check_budget(batch: int, warmup: int, min_time: float, min_reps: int, max_re
     if batch <= 0:
         raise UserError(f"batch size must be a positive number, got {batch}")
     if warmup < 0 or min_reps < 1 or max_reps < min_reps or min_time < 0:
-        raise UserError(f"bad timing budget: warmup={warmup}, min_reps={min_reps}, max_reps={max_reps}, "
-                        f"min_time={min_time}; use warmup >= 0, 1 <= min_reps <= max_reps, min_time >= 0")
+        raise UserError(f"bad timing budget: --warmup {warmup}, --min-reps {min_reps}, --max-reps {max_reps}, "
+                        f"--min-time {min_time}; use --warmup >= 0, 1 <= --min-reps <= --max-reps, --min-time >= 0")
 
 
 def time_calls(call: Callable[[], object], batch: int, warmup: int = 10, min_time: float = 1.0, min_reps: int = 10,

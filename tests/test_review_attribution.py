@@ -7,6 +7,7 @@ made under torch.inference_mode, and the fitted schedule's step count."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
 from torch import nn
 
+import igkd
 from igkd.attribution import (METHODS, gradcam, input_x_gradient, integrated_gradients, make_baseline, saliency,
                               smoothgrad)
 from igkd.attribution.fitted import fit_schedule
@@ -226,3 +228,14 @@ def test_a_fitted_schedule_with_more_steps_than_candidates_is_refused_before_any
     _one_line(lambda: precompute(teacher, data, cfg, tmp_path / "s", quiet=True),
               "give --ig-fit-reference >= --ig-steps")
     assert passes == [] and not (tmp_path / "s").exists()
+
+
+def test_too_few_steps_for_the_trapezoid_rule_names_the_option(tmp_path):
+    # the library's "n_steps=1 is too small" reached the command line, where --ig-steps was typed
+    from helpers_cli import run_igkd
+    r = run_igkd("precompute", "--teacher", Path(igkd.__file__).parent / "assets" / "demo_teacher.safetensors",
+                 "--data", "demo", "--ig-method", "riemann_trapezoid", "--ig-steps", "1", "--store", tmp_path / "s")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--ig-steps 1 is too small for --ig-method riemann_trapezoid" \
+        in lines[0], r.stderr
+    assert not (tmp_path / "s").exists()

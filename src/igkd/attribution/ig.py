@@ -168,6 +168,10 @@ def _settings(cfg) -> dict:
 def _prepare(teacher: nn.Module, dataset, cfg, device, quiet: bool, key: dict):
     """With ``--ig-method fitted`` and no ``--ig-schedule``: the schedule fitted for this
     teacher, data and fit settings, from the cache or fitted now (printed, with its time)."""
+    if cfg.ig_method == "riemann_trapezoid" and cfg.ig_steps < 2:
+        from ..errors import UserError  # named by its option: the library's "n_steps=1" is not what was typed
+        raise UserError(f"--ig-steps {cfg.ig_steps} is too small for --ig-method riemann_trapezoid (its two ends "
+                        "are points); use at least 2 (50 is the usual choice)")
     if cfg.ig_method != "fitted":
         return cfg
     if cfg.ig_schedule:

@@ -225,6 +225,9 @@ class Trainer:
         self.train_model = maybe_compile(net, getattr(cfg, "compile", False))
         self.epoch = 0
         self.best = {"val_accuracy": -1.0, "epoch": 0}
+        # training time of the sessions before a --resume (last.pt keeps it) and this one's start:
+        # summary.json's train_seconds was the last session's alone
+        self.seconds_before, self.started = 0.0, None
 
     def hook_teacher(self, name: str) -> FeatureHook:
         """A forward hook keeping the output of the teacher's layer ``name`` (for a part's setup)."""
@@ -414,9 +417,15 @@ class Trainer:
     def _checked(self, acc: torch.Tensor, epoch: int) -> list[float]:
         total = self.dist.all_reduce(acc.clone()).tolist()
         if not all(np.isfinite(total)):
+            # what works next: --resume replays the same steps into the same NaN and refuses another
+            # --lr, and before epoch 1 ended there is no last.pt to name
+            if self.epoch == 0:
+                raise TrainingDiverged(f"loss became {total[0]} at epoch {epoch}, before any checkpoint; "
+                                       "lower --lr and run again, or check the data")
             raise TrainingDiverged(
                 f"loss became {total[0]} at epoch {epoch}; the last good checkpoint is "
-                f"{self.out / 'last.pt'}; lower --lr or check the data")
+                f"{self.out / 'last.pt'} (epoch {self.epoch}), but --resume would repeat the same steps: "
+                "lower --lr and train into a new --out, or check the data")
         return total
 
     def evaluate(self, indices: torch.Tensor | None = None, split: str = "val") -> dict:
@@ -455,12 +464,16 @@ class Trainer:
         state = {"model": bare(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "best": self.best,
                  "history": history, "torch_rng": rngs["torch_rng_ranks"][0], "config": to_dict(self.cfg),
-                 "world_size": self.world, **rngs}
+                 "world_size": self.world, "train_seconds": self.train_seconds(), **rngs}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         if "cuda_rng_ranks" in rngs:
             state["cuda_rng"] = rngs["cuda_rng_ranks"][0]
         return state
+
+    def train_seconds(self) -> float:
+        """Seconds this run has trained, over all its sessions so far."""
+        return self.seconds_before + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
     def save_state(self, history: list, rngs: dict | None = None) -> None:
         buf = io.BytesIO()  # serialised in memory: torch.save turns a full disk into an opaque RuntimeError
@@ -483,9 +496,18 @@ class Trainer:
         saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k not in RESUME_FREE}
         now = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUME_FREE}
         if saved != now:
-            diff = sorted(k for k in now if saved.get(k) != now[k])
-            raise UserError(f"cannot resume {self.out}: its config differs in {', '.join(diff)}; "
+            # an option the run has and this igkd no longer knows counts too (the list was empty)
+            diff = sorted(k for k in {*saved, *now} if k not in saved or k not in now or saved[k] != now[k])
+
+            def value(d: dict, k: str) -> str:
+                return repr(d[k]) if k in d else "not an option"
+            said = ", ".join(f"{k} ({value(saved, k)} in the run, {value(now, k)} now)" for k in diff[:4])
+            said += ", ..." if len(diff) > 4 else ""
+            raise UserError(f"cannot resume {self.out}: its config differs in {said}; "
                             "resume with the same options or start a new --out directory")
+        if state["epoch"] > self.cfg.epochs:  # the summary said N epochs of a model trained longer
+            raise UserError(f"cannot resume {self.out}: it has finished {state['epoch']} epochs, more than "
+                            f"--epochs {self.cfg.epochs}; resume with --epochs {state['epoch']} or more")
         if state.get("world_size", 1) != self.world:
             raise UserError(f"cannot resume {self.out}: it ran with {state.get('world_size', 1)} process(es), "
                             f"this run has {self.world} (the global batch would change); resume with "
@@ -503,6 +525,7 @@ class Trainer:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best = state["epoch"], state["best"]
+        self.seconds_before = float(state.get("train_seconds", 0.0))
         ranks = state.get("torch_rng_ranks")
         if ranks is not None and len(ranks) == self.world:
             torch.set_rng_state(ranks[self.rank])
@@ -535,8 +558,14 @@ class Trainer:
         if self.rank == 0:
             try:
                 lock = DirLock(self.out, "run directory", "wait for it to finish or choose another --out").acquire()
+                # judged here by rank 0 alone: another rank looking while rank 0 writes config.yaml
+                # (before metrics.jsonl) took the folder for the user's and failed on its own
+                check_run_dir(self.out, resume)
             except UserError as e:
                 refused = str(e)
+                if lock is not None:
+                    lock.release()
+                    lock = None
         refused = self.dist.broadcast_object(refused)
         if refused:
             raise UserError(refused)
@@ -551,12 +580,21 @@ class Trainer:
     def _fit(self, resume: bool) -> dict:
         cfg, rank0 = self.cfg, self.rank == 0
         history: list = []
-        check_run_dir(self.out, resume)
-        if resume and (self.out / "last.pt").exists():
+        # rank 0 decides for all: a rank that looked for itself (a node whose --out is not rank 0's
+        # folder) trained from epoch 1 beside ranks resumed after epoch N, and their collectives
+        # no longer matched: the group hung until the default timeout (30 minutes on gloo)
+        resuming = self.dist.broadcast_object(resume and (self.out / "last.pt").exists())
+        if resuming and (self.out / "last.pt").exists():
             history = self.load_state()
             log(f"resuming {self.out} after epoch {self.epoch}", self.quiet)
-        else:
+        elif not resuming:
             torch.manual_seed(rank_seed(cfg.seed, self.rank))  # each rank its own dropout masks
+        epochs = self.dist.all_gather_object(self.epoch)
+        other = next((r for r, e in enumerate(epochs) if e != epochs[0]), None)
+        if other is not None:
+            raise UserError(f"cannot resume {self.out}: rank 0 resumes it after epoch {epochs[0]}, rank {other} after "
+                            f"epoch {epochs[other]} (0: it sees no last.pt there); --out must be one folder that "
+                            "every node sees")
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             self.settle_best()
@@ -575,12 +613,13 @@ class Trainer:
             + "".join(f", {w}" for w in words)
             + (f"; streaming batches ({self.stream_reason})" if self.streaming else ""), self.quiet)
         start, first = time.perf_counter(), self.epoch
+        self.started = start
         try:
             self._epochs(history, start, first)
         finally:
             self.close()
             self.trackers.close()
-        return self.finish(history, time.perf_counter() - start)
+        return self.finish(history, self.train_seconds())
 
     def _epochs(self, history: list, start: float, first: int) -> None:
         cfg, rank0 = self.cfg, self.rank == 0
@@ -631,25 +670,37 @@ class Trainer:
         """Rank 0 scores the best epoch on the test split and writes the summary; every rank
         returns it."""
         summary = None
-        if self.rank == 0:
-            load_weights(self.model, self.out / "model.safetensors", self.cfg.model)
-            test = self.evaluate(split="test")
-            summary = {
-                "method": self.method.name, "model": self.cfg.model, "dataset": self.dataset.spec,
-                "params": count_parameters(bare(self.model)), "best_epoch": self.best["epoch"],
-                "val_accuracy": self.best["val_accuracy"], "test_accuracy": test["accuracy"],
-                "test": test, "epochs": self.cfg.epochs, "train_seconds": seconds,
-                "train_images": len(self.train_idx), "val_images": len(self.val_idx),
-                "processes": self.world, "global_batch": self.batch * self.world, "lr": self.lr, **self.meta,
-            }
-            meta = {**self.model_meta(), "metrics": {"val_accuracy": self.best["val_accuracy"],
-                                                     "test_accuracy": test["accuracy"], "epoch": self.best["epoch"]}}
-            save_checkpoint(self.out / "model", self.model, meta)
-            write_json(self.out / "summary.json", summary)
-            write_text(self.out / "README.md", model_card(finite(summary), meta))
-            log(f"done: best epoch {self.best['epoch']} (val {self.best['val_accuracy']:.2f}%), "
-                f"test accuracy {test['accuracy']:.2f}% -> {self.out}", self.quiet)
+        try:
+            if self.rank == 0:
+                summary = self._summary(seconds)
+        finally:
+            # the other ranks wait out rank 0's test evaluation on the long group: on the default
+            # one they gave up after its timeout (30 minutes on gloo), torchrun killed rank 0 before
+            # summary.json, and every --resume ran into the same wall. Rank 0 comes here even when
+            # it fails, so that they then wait on the default group's timeout, not for days.
+            self.dist.barrier(long=True)
         return self.dist.broadcast_object(summary)
+
+    def _summary(self, seconds: float) -> dict:
+        """Rank 0's part of :meth:`finish`: the test split, model.*, summary.json, README.md."""
+        load_weights(self.model, self.out / "model.safetensors", self.cfg.model)
+        test = self.evaluate(split="test")
+        summary = {
+            "method": self.method.name, "model": self.cfg.model, "dataset": self.dataset.spec,
+            "params": count_parameters(bare(self.model)), "best_epoch": self.best["epoch"],
+            "val_accuracy": self.best["val_accuracy"], "test_accuracy": test["accuracy"],
+            "test": test, "epochs": self.cfg.epochs, "train_seconds": seconds,
+            "train_images": len(self.train_idx), "val_images": len(self.val_idx),
+            "processes": self.world, "global_batch": self.batch * self.world, "lr": self.lr, **self.meta,
+        }
+        meta = {**self.model_meta(), "metrics": {"val_accuracy": self.best["val_accuracy"],
+                                                 "test_accuracy": test["accuracy"], "epoch": self.best["epoch"]}}
+        save_checkpoint(self.out / "model", self.model, meta)
+        write_json(self.out / "summary.json", summary)
+        write_text(self.out / "README.md", model_card(finite(summary), meta))
+        log(f"done: best epoch {self.best['epoch']} (val {self.best['val_accuracy']:.2f}%), "
+            f"test accuracy {test['accuracy']:.2f}% -> {self.out}", self.quiet)
+        return summary
 
 
 def _is_tty() -> bool:

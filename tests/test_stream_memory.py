@@ -99,8 +99,8 @@ def test_streaming_kd_ig_on_data_larger_than_memory_keeps_rss_bounded(tmp_path, 
     assert pre.returncode == 0, pre.stderr[-2000:]
     code, out, peak, where = run_sampled(
         ["distill", *common, "--threads", "1", "--model", "py:tinynet.py:Net,width=4", "--method", "kd+ig",
-         "--stream", "on", "--epochs", "1", "--augment", "random-resized-crop", "--batch-size", "16", "--eval-batch-size", "16",
-         "--out", "run"], env, tmp_path)
+         "--stream", "on", "--epochs", "1", "--augment", "random-resized-crop", "--batch-size", "16",
+         "--eval-batch-size", "16", "--out", "run"], env, tmp_path)
     assert code == 0, out[-2000:]
     assert "streaming batches" in out and (tmp_path / "run" / "summary.json").exists()
     record_property("peak_rss_anon_mib", round(peak / 2**20, 1))

@@ -15,7 +15,7 @@ from igkd.distill.parallel import Dist
 from igkd.errors import UserError
 from igkd.models import build_model
 
-from test_trainer import dataset
+from test_trainer import dataset, stop_in_epoch
 
 STUDENT = "mobilenetv2:width=0.25,drop=14"
 
@@ -30,16 +30,7 @@ def student_run(out, epochs=1, dist=None, **kw) -> Trainer:
 
 
 def interrupted_in_epoch_2(out, epochs=3) -> None:
-    run = student_run(out, epochs)
-    real = run.train_epoch
-
-    def train_epoch(epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(epoch)
-    run.train_epoch = train_epoch
-    with pytest.raises(KeyboardInterrupt):
-        run.fit()
+    stop_in_epoch(student_run(out, epochs), 2)
 
 
 def test_a_rank_other_than_0_leaves_the_run_directory_to_rank_0(tmp_path):

@@ -177,6 +177,19 @@ def test_training_learns(tmp_path):
     assert s["val_accuracy"] > 60  # 4 classes: chance is 25%
 
 
+def stop_in_epoch(run: Trainer, epoch: int) -> None:
+    """``run.fit()`` interrupted (Ctrl-C) as ``epoch`` starts."""
+    real = run.train_epoch
+
+    def train_epoch(e):
+        if e == epoch:
+            raise KeyboardInterrupt
+        return real(e)
+    run.train_epoch = train_epoch
+    with pytest.raises(KeyboardInterrupt):
+        run.fit()
+
+
 @pytest.mark.parametrize("method", ["kd+ig", "kd+cutmix"])  # an overlay, and a mix that changes the labels
 def test_same_seed_same_weights_and_resume_is_exact(tmp_path, method):
     a = trainer(tmp_path / "a", method, epochs=3)
@@ -184,16 +197,7 @@ def test_same_seed_same_weights_and_resume_is_exact(tmp_path, method):
     again = trainer(tmp_path / "again", method, epochs=3)
     again.fit()
     # a run interrupted during epoch 2 (Ctrl-C), then resumed with the same command
-    b = trainer(tmp_path / "b", method, epochs=3)
-    real = b.train_epoch
-
-    def interrupted(epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(epoch)
-    b.train_epoch = interrupted
-    with pytest.raises(KeyboardInterrupt):
-        b.fit()
+    stop_in_epoch(trainer(tmp_path / "b", method, epochs=3), 2)
     assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["epoch"] == 1
     trainer(tmp_path / "b", method, epochs=3).fit(resume=True)
     final = {name: torch.load(tmp_path / name / "run" / "last.pt", weights_only=True)["model"]

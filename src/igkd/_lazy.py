@@ -13,6 +13,7 @@ however the submodules were imported, as it was with eager imports.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -25,6 +26,13 @@ def lazy_package(package: str, names: dict[str, str]) -> None:
     class LazyPackage(types.ModuleType):
         def __dir__(self):
             return sorted(set(super().__dir__()) | set(names))
+
+        def __getattr__(self, name):
+            # a submodule not imported yet: eager imports had bound the API's (igkd.experiments.resolve,
+            # as the README writes it after `import igkd`), so lazy ones made it an AttributeError
+            if not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}") is not None:
+                return importlib.import_module(f"{package}.{name}")
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     def attribute(name: str, source: str) -> property:
         def get(self):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from .attribution import registry as attributions
-from .config import PrecomputeConfig, _extended, _Validated, renamed, teacher_normalize_opt
+from .config import PrecomputeConfig, _extended, _Validated, attribution_owners, renamed, teacher_normalize_opt
 from .evaluate import corruptions as corruption_registry
 from .options import opt
 
@@ -183,7 +183,7 @@ class _AuditBase(_Validated):
 # layer, a plug-in's), as precompute takes them: an audit compares the maps precompute makes
 AuditConfig = _extended("AuditConfig", _AuditBase, attributions.config_fields(),
                         "Options of ``igkd audit``: do students attribute like their teacher? The options of "
-                        "each attribution come from its module in igkd/attribution/.")
+                        "each attribution come from its module in igkd/attribution/.", attribution_owners())
 
 
 # Keyword names the API functions took before their options became these dataclasses.

@@ -147,9 +147,31 @@ class _PrecomputeBase(_Validated):
                             choices=["always", "auto", "never"])
 
 
-def _extended(name: str, base: type, fields_: dict, doc: str) -> type:
+def refuse_taken(config: str, taken, owners: dict) -> None:
+    """One line naming the first option of an extension (``owners``: option name -> ``method
+    part 'x'`` or ``attribution 'y'``) that is already a field of ``config``: made into one
+    dataclass, the extension's field silently replaced igkd's (a part's ``lr`` changed every
+    run's learning rate), or igkd's replaced the extension's."""
+    clash = sorted(set(owners) & set(taken))
+    if clash:
+        n = clash[0]
+        other = attribution_owners().get(n)  # an attribution's option is a field of every config built on it
+        where = f"which {other} declares too" if other and other != owners[n] else f"which {config} already has"
+        raise UserError(f"{owners[n]} declares option {n!r}, {where}; name the option after its part or "
+                        f"attribution (e.g. {owners[n].split()[-1].strip(chr(39)).replace('-', '_')}_{n})")
+
+
+def attribution_owners() -> dict:
+    return {n: f"attribution {e.name!r}" for e in attributions.entries() for n in e.fields}
+
+
+def _extended(name: str, base: type, fields_: dict, doc: str, owners: dict | None = None,
+              reserved: tuple = ()) -> type:
     """The dataclass ``name``: ``base`` and ``fields_`` (option name -> ``opt(...)``), as
-    the registries declare them (a method part's, an attribution's options)."""
+    the registries declare them (a method part's, an attribution's options; ``owners``:
+    who declared each, for the error when one is already an option of ``base`` or
+    ``reserved``)."""
+    refuse_taken(name, {*(f.name for f in fields(base)), *reserved}, owners or {})
     cls = dataclasses.make_dataclass(name, [(n, type(f.default), f) for n, f in fields_.items()], bases=(base,))
     # pickles and prints as the module of its base's: igkd.config.PrecomputeConfig, igkd.command_options.AuditConfig
     cls.__module__, cls.__qualname__, cls.__doc__ = base.__module__, name, doc
@@ -161,7 +183,8 @@ def _extended(name: str, base: type, fields_: dict, doc: str) -> type:
 # the CLI, YAML and the API, as a method part does
 PrecomputeConfig = _extended("PrecomputeConfig", _PrecomputeBase, attributions.config_fields(),
                              "Options of ``igkd precompute``: teacher logits and maps for the training set. The "
-                             "options of each attribution come from its module in igkd/attribution/.")
+                             "options of each attribution come from its module in igkd/attribution/.",
+                             attribution_owners())
 
 
 @dataclass
@@ -200,7 +223,8 @@ def _distill_config() -> type:
                  + registry.methods_help())
     return _extended("DistillConfig", _DistillBase, {"method": method, **registry.config_fields(freeze=True)},
                      "Options of ``igkd distill``; defaults are the paper's method settings. The fields of "
-                     "each method part come from its module in igkd/distill/parts/.")
+                     "each method part come from its module in igkd/distill/parts/.",
+                     registry.field_owners(), reserved=("method",))
 
 
 DistillConfig = _distill_config()

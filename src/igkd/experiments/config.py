@@ -20,11 +20,37 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 
-from ..config import DistillConfig, build, find_config, load_yaml, opt, read_yaml_file, validate
+from ..config import (DistillConfig, attribution_owners, build, find_config, load_yaml, opt, read_yaml_file,
+                      refuse_taken, validate)
+from ..distill.parts import field_owners
 from ..distill.methods import parse_method
 from ..errors import UserError
 
 KINDS = ("ablation", "montecarlo", "compression", "search")
+
+# the options only some experiments read (every other one is a run's, read by all four). Given
+# where only one kind can mean them (its command line, its 'experiment: KIND:' section), another
+# kind's option was dropped without a word: 'compression --seeds 3' trained one seed, 'search
+# --corruptions all' scored nothing. The shared 'experiment:' section may hold them for its kinds.
+READ_BY = {"methods": ("ablation", "montecarlo", "compression"), "seeds": ("ablation",),
+           "runs": ("montecarlo",), "mc_subset": ("montecarlo",),
+           **dict.fromkeys(("corruptions", "corruption_seed", "corruption_images"), ("ablation", "montecarlo")),
+           **dict.fromkeys(("depths", "widths", "sweep_base", "sweep_knobs", "students", "latency", "latency_batch",
+                            "latency_threads", "latency_min_time"), ("compression",)),
+           **dict.fromkeys(("sampler", "search_method", "T_values", "alpha_values", "p_values", "space",
+                            "lr_values", "trials", "storage", "study", "heartbeat"), ("search",))}
+
+
+def check_read_by(kind: str, names, where: str) -> None:
+    """One-line UserError when ``where`` (the command line, a kind's section) sets an option
+    that experiment ``kind`` does not read."""
+    for name in names:
+        key = name.replace("-", "_") if isinstance(name, str) else name  # a key that is no text: refused later
+        kinds = READ_BY.get(key)
+        if kinds and kind not in kinds:
+            flag = "--" + key.replace("_", "-") if where == "the command line" else f"'{name}'"
+            raise UserError(f"{flag} on {where} is an option of experiment {' and '.join(kinds)}, which "
+                            f"'igkd experiment {kind}' does not read; drop it (or run {kinds[0]})")
 
 
 @dataclass
@@ -95,6 +121,10 @@ class ExperimentConfig(DistillConfig):
         corruption_names(self)  # an unknown corruption: one line listing the valid ones, wherever built
 
 
+# an option of a part or attribution named like an experiment's (runs, space, ...) was replaced by it
+refuse_taken("ExperimentConfig", ExperimentConfig.__annotations__, {**attribution_owners(), **field_owners()})
+
+
 def split_list(text: str, cast=str, flag: str = "") -> list:
     """``"a, b,c"`` -> [cast(a), cast(b), cast(c)]; one-line UserError on bad items."""
     items = [s.strip() for s in str(text).split(",") if s.strip()]
@@ -131,6 +161,7 @@ def yaml_layers(path: str | Path | None, kind: str) -> dict:
         exp.pop(other, None)
     if not isinstance(specific, dict):
         raise UserError(f"'experiment: {kind}:' in {path} must be a mapping of option: value")
+    check_read_by(kind, specific, f"'experiment: {kind}:' in {path}")
     return _flatten_lists({**(doc.get("distill") or {}), **exp, **specific})
 
 
@@ -138,6 +169,8 @@ def resolve(kind: str, config: str | Path | None = None, overrides: dict | None 
             cli: bool = False) -> ExperimentConfig:
     """Defaults <- YAML layers <- overrides, validated; methods and lists checked too.
     ``cli``: the command line's required options (--data) must be given."""
+    check_read_by(kind, [k for k, v in (overrides or {}).items() if v is not None],
+                  "the command line" if cli else "the overrides")
     cfg = build(ExperimentConfig, yaml_layers(config, kind), overrides, source=str(config or "options"), cli=cli)
     return check(cfg)
 

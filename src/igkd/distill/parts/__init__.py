@@ -107,6 +107,11 @@ def config_fields(freeze: bool = False) -> dict:
     return out
 
 
+def field_owners() -> dict[str, str]:
+    """Option name -> ``method part 'x'`` (the configs name it when an option is taken)."""
+    return {n: f"method part {p.name!r}" for p in parts().values() for n in p.fields}
+
+
 def parse_method(name: str) -> Method:
     """``"at+kd"`` -> Method("kd+at", (kd, at)); one-line UserError for anything else."""
     text = str(name).strip().lower()

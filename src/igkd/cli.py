@@ -342,9 +342,42 @@ def _stdout_to_devnull() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a job scheduler's stop), raised where Ctrl-C raises KeyboardInterrupt.
+    Its default action ended the process at once, skipping the clean-up written for Ctrl-C:
+    a search trial stayed RUNNING, so a rerun waited three heartbeats for it or ended with the
+    point untrained, 'still running on other workers'."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """Install :func:`_terminated` for SIGTERM; returns the handler to restore (None: left as it
+    was, e.g. ignored by the parent, under torchrun, or not the main thread, where no handler
+    can be set)."""
+    import os
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    # under torchrun, SIGTERM is the agent stopping the ranks after one failed: a rank blocked in a
+    # collective would run a Python handler only once the collective returned, so it kept running
+    # until the agent's SIGKILL 30 s later; the default action ends it at once
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _terminated)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+
     from .runtime import tune_malloc
     tune_malloc()
+    previous = _catch_sigterm()
     try:
         code = run(argv)
         sys.stdout.flush()  # a closed pipe (igkd methods | head -1) raises here, not at exit, where it is a traceback
@@ -366,10 +399,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             raise
         code = 2
-    except KeyboardInterrupt:
-        print("igkd: interrupted; finished epochs/chunks are kept: rerun the same command (with --resume for "
+    except KeyboardInterrupt as e:
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"igkd: {stopped}; finished epochs/chunks are kept: rerun the same command (with --resume for "
               "train/distill) to continue", file=sys.stderr)
-        code = 130
+        code = 143 if isinstance(e, Terminated) else 130  # 128 + the signal, as the shell reports a kill
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(code)
 
 

@@ -16,7 +16,7 @@ from ..fileio import write_json, write_text
 from ..progress import log
 from ..runtime import set_threads
 from .config import ExperimentConfig, check, split_list
-from .runs import file_sha256, prepare_out, teacher_file
+from .runs import data_sha256, file_sha256, prepare_out, teacher_file
 
 
 def methods_of(cfg: ExperimentConfig) -> list[str]:
@@ -60,11 +60,13 @@ def precompute_config(cfg) -> PrecomputeConfig:
 def teacher_facts(cfg: ExperimentConfig, out: Path, quiet: bool) -> dict:
     """Model, parameters and test accuracy of the teacher; cached by file hash and dataset."""
     sha = file_sha256(teacher_file(cfg.teacher))
+    test_sha = data_sha256(cfg.data)["test"]  # the images, not the spec: a folder's files may have changed
     cache = out / "teacher.json"
     if cache.exists():
         facts = json.loads(cache.read_text())
         # the architecture too: one foreign .pt read as another --teacher-model is another teacher
         if facts.get("sha256") == sha and facts.get("data") == cfg.data and sha and \
+                facts.get("test_sha256") == test_sha and \
                 facts.get("normalize", "auto") == cfg.teacher_normalize and \
                 facts.get("teacher_model", "") == cfg.teacher_model:
             return facts
@@ -76,7 +78,7 @@ def teacher_facts(cfg: ExperimentConfig, out: Path, quiet: bool) -> dict:
     facts = {"path": str(cfg.teacher), "sha256": sha, "data": cfg.data, "normalize": cfg.teacher_normalize,
              "teacher_model": cfg.teacher_model,
              "model": r["model"], "params": r["params"],
-             "test_accuracy": r["accuracy"], "test_images": r["total"]}
+             "test_accuracy": r["accuracy"], "test_images": r["total"], "test_sha256": test_sha}
     log(f"teacher {r['model']} ({r['params']:,} params): test accuracy {r['accuracy']:.2f}%", quiet)
     write_json(cache, facts)
     return facts

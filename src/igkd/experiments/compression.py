@@ -94,10 +94,12 @@ def run_compression(cfg: ExperimentConfig, out: str | Path, quiet: bool = False)
     from .. import api
     methods = methods_of(cfg)
     specs = student_specs(cfg)
-    for _, _, spec in specs:  # bad specs fail before any training
-        build_model(spec, 10, 3)
-    out, ctx = setup(cfg, out, "compression", methods, quiet, need_teacher=True)
     dataset = load_dataset(cfg.data)
+    # bad specs fail before any training; built for the data's classes and channels, not CIFAR's
+    # 10 and 3: a valid student of a grayscale folder (a stem with groups=in_channels) was refused
+    for _, _, spec in specs:
+        build_model(spec, dataset.num_classes, dataset.channels)
+    out, ctx = setup(cfg, out, "compression", methods, quiet, need_teacher=True)
     shape = (dataset.channels, *dataset.image_size)
     teacher, _ = api.load_teacher(cfg.teacher, dataset, cfg.teacher_model, cfg.teacher_normalize)
     log(f"compression: measuring the cost of the teacher and {len(specs)} students"

@@ -184,12 +184,41 @@ def prepare_out(out: str | Path, kind: str) -> Path:
     return out
 
 
+def data_sha256(spec: str) -> dict:
+    """sha256 of the train and test splits of dataset ``spec``: its images, not its text."""
+    from ..data import load_dataset
+    dataset = load_dataset(spec)
+    return {"train": dataset.fingerprint("train"), "test": dataset.fingerprint("test")}
+
+
+def check_same_data(path: Path, now: dict, spec: str) -> None:
+    """Refuse to reuse or resume the run in ``path`` if the images of ``spec`` are not those
+    it was trained (and scored) on. A run is found by its config, whose data is a spec: files
+    added to or replaced in an image folder left the spec as it was, and the old runs' figures
+    were reported, beside a teacher scored again, as results on the new images."""
+    record = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
+    was = record.get("data_sha256")
+    if was is None and (path / "model.json").exists():  # a run recorded before: its checkpoint names the train split
+        fingerprint = json.loads((path / "model.json").read_text()).get("dataset_fingerprint")
+        was = {"train": fingerprint} if fingerprint else None
+    changed = [split for split in ("train", "test") if (was or {}).get(split, now[split]) != now[split]]
+    if changed:
+        raise UserError(f"{path} was trained on other images than {spec} holds now (its {' and '.join(changed)} "
+                        f"split changed since); give the changed data another --out, or delete {path} to train it "
+                        "again")
+
+
 def run_jobs(jobs: list[Job], out: Path, what: str, quiet: bool = False, train_quiet: bool | None = None) -> list[dict]:
     """Train (or reuse, or resume) every job in order; returns their summaries.
 
     One line per run on stderr: ``what run i/N label: ...`` with accuracy and ETA.
     """
     train_quiet = quiet if train_quiet is None else train_quiet
+    data = {spec: data_sha256(spec) for spec in dict.fromkeys(j.cfg.data for j in jobs)}
+    for job in jobs:  # before any work: a finished or interrupted run on other images is not this run
+        path = run_dir(out, job)
+        if (path / "summary.json").exists() or (path / "last.pt").exists():
+            check_same_data(path, data[job.cfg.data], job.cfg.data)
     todo = [j for j in jobs if finished(out, j) is None]
     log(f"{what}: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to train -> {out}", quiet)
     results, trained, spent = [], 0, 0.0
@@ -205,7 +234,8 @@ def run_jobs(jobs: list[Job], out: Path, what: str, quiet: bool = False, train_q
         resume = (path / "last.pt").exists()
         log(f"{head}: {'resuming' if resume else 'training'} in {path}", quiet)
         write_json(path / "run.json", {"key": job.key, "label": job.label, "tags": job.tags,
-                                       "experiment": what.split()[0], "config": semantic_config(job.cfg)})
+                                       "experiment": what.split()[0], "config": semantic_config(job.cfg),
+                                       "data_sha256": data[job.cfg.data]})
         start = time.perf_counter()
         summary = api.distill(job.cfg, path, resume=resume, quiet=train_quiet)
         trained += 1

@@ -79,8 +79,16 @@ def search_space(cfg: ExperimentConfig) -> dict[str, list[float]]:
     question). An empty list drops an option."""
     method = parse_method(cfg.search_method)
     space: dict[str, list[float]] = {}
+    allowed = searchable(method)
     for part in method.parts:
-        space.update({k: [float(v) for v in vals] for k, vals in part.search.items()})
+        for k, vals in part.search.items():
+            # a plug-in's lists are read here first: a word (a choice option's values) or a name the
+            # part lacks was a traceback, and the search can only vary numbers
+            if k not in allowed or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                own = ", ".join(n for n in allowed if n in part.fields) or "none"
+                raise UserError(f"method part {part.name!r} lists search values {list(vals)!r} for {k!r}, which is "
+                                f"not one of its numeric options ({own}); fix the part's 'search' lists")
+            space[k] = [float(v) for v in vals]
     given = parse_space(cfg.space, method)
     for name, flag in LEGACY_LISTS.items():
         text = getattr(cfg, name + "_values")
@@ -576,7 +584,10 @@ def section(run_dir: Path) -> str | None:
     best_text = ("Best by validation accuracy: trial {} ({}), val {:.2f}%, test {:.2f}%.".format(
         best["number"], ", ".join(f"{k}={v:g}" for k, v in best["params"].items()), best["val_accuracy"],
         best["test_accuracy"]) if best else "No trial has finished yet.")
-    space = "; ".join(f"{k} in {{{', '.join(f'{v:g}' for v in vals)}}}" for k, vals in r["space"].items())
+    # TPE draws from each list's range, not its values: 'T in {1, 4}' read as the two points tried
+    ranged = r["sampler"] == "tpe"
+    space = "; ".join(f"{k} in [{min(vals):g}, {max(vals):g}]" if ranged and len(set(vals)) > 1
+                      else f"{k} in {{{', '.join(f'{v:g}' for v in vals)}}}" for k, vals in r["space"].items())
     return (f"## Hyper-parameter search\n\n{r['sampler']} search of `{r['method']}` (student `{r['model']}`, "
             f"{r['epochs']} epochs) over {space}; {r['complete']} complete trial(s) in study `{r['study']}` "
             f"({r['storage']}). Objective: accuracy on the validation split ({100 * r['val_fraction']:.0f}% of the "

@@ -185,6 +185,19 @@ def test_smoothgrad_takes_float64_noise_for_a_float32_model(case):
     _one_line(lambda: smoothgrad(net, x, y, samples=2, noise=noise.numpy()), "smoothgrad noise must be a tensor")
 
 
+def test_images_of_another_dtype_than_the_model_are_one_line_and_a_float64_model_takes_them(case):
+    # float64 images (numpy's default) failed in the first convolution: "expected scalar type
+    # Double but found Float", a torch traceback from the API
+    net, x, y = case
+    z = x.double()
+    for call in (lambda: integrated_gradients(net, z, y, n_steps=3), lambda: saliency(net, z, y),
+                 lambda: input_x_gradient(net, z, y), lambda: smoothgrad(net, z, y, samples=2),
+                 lambda: gradcam(net, z, y, layer="conv2")):
+        _one_line(call, r"inputs are torch.float64 but the model's parameters are torch.float32; convert one")
+    wide = copy.deepcopy(net).double()
+    _close(integrated_gradients(wide, z, y, n_steps=3).float(), integrated_gradients(net, x, y, n_steps=3))
+
+
 def test_every_attribution_works_on_images_and_labels_made_under_inference_mode(case):
     # only IG and Grad-CAM did on images; saliency, input x gradient and SmoothGrad raised "Setting
     # requires_grad=True on inference tensor", and labels made there failed Grad-CAM ("Inference

@@ -31,6 +31,7 @@ results are float tensors shaped like ``inputs`` on the inputs' device.
 from __future__ import annotations
 
 import copy
+import itertools
 import numbers
 import weakref
 from collections import Counter
@@ -273,7 +274,7 @@ def inputs_known_finite():
         _KNOWN_FINITE.reset(token)
 
 
-def _check_inputs(inputs: torch.Tensor, what: str = "inputs") -> torch.Tensor:
+def _check_inputs(inputs: torch.Tensor, what: str = "inputs", model: nn.Module | None = None) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
         raise UserError(f"{what} must be a torch.Tensor of images (N x C x H x W), got {type(inputs).__name__}")
     if inputs.dim() != 4:
@@ -286,7 +287,24 @@ def _check_inputs(inputs: torch.Tensor, what: str = "inputs") -> torch.Tensor:
     # a NaN pixel gave all-NaN IG maps, or finite but meaningless saliency ones, without a word
     if not _KNOWN_FINITE.get() and not bool(torch.isfinite(inputs).all()):
         raise UserError(f"{what} hold NaN or infinite values; give finite pixels (e.g. [0, 1])")
+    if model is not None:
+        _check_against(model, inputs, what)
     return inputs.detach()
+
+
+def _check_against(model: nn.Module, inputs: torch.Tensor, what: str) -> None:
+    """Inputs the model can take: on its device, in its dtype (outside autocast, which casts
+    them itself). float64 images (numpy's default) or a GPU model given CPU images failed deep
+    in the first convolution with torch's 'expected scalar type Double but found Float'."""
+    ref = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
+    if ref is None:
+        return
+    if ref.device != inputs.device:
+        raise UserError(f"{what} are on {inputs.device} but the model is on {ref.device}; move one to the other "
+                        f"({what}.to('{ref.device}') or model.to('{inputs.device}'))")
+    if ref.dtype != inputs.dtype and not torch.is_autocast_enabled(inputs.device.type):
+        raise UserError(f"{what} are {inputs.dtype} but the model's parameters are {ref.dtype}; convert one "
+                        f"({what}.to({ref.dtype}) or model.to({inputs.dtype}))")
 
 
 def check_model(model) -> None:
@@ -374,7 +392,7 @@ def _forward_selected(model: nn.Module, x: torch.Tensor, rows: torch.Tensor, bat
 def _plain_gradients(model: nn.Module, inputs: torch.Tensor, target, batch_size: int | None,
                      fast: bool) -> torch.Tensor:
     check_model(model)
-    inputs = _check_inputs(inputs)
+    inputs = _check_inputs(inputs, model=model)
     batch_size = _check_batch_size(batch_size, inputs)
     with torch.inference_mode(False), torch.enable_grad():
         # as integrated_gradients: an inference tensor (inputs made, or noise added, under the caller's

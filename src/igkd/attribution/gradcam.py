@@ -105,7 +105,7 @@ def gradcam(model: nn.Module, inputs: torch.Tensor, target, layer: str = "auto",
                          check_model)
 
     check_model(model)
-    inputs = _check_inputs(inputs)
+    inputs = _check_inputs(inputs, model=model)
     batch_size = _check_batch_size(batch_size, inputs)
     if not isinstance(layer, str) or not layer:
         raise UserError(f"layer must be a layer name or 'auto', got {layer!r}")

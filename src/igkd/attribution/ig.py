@@ -82,7 +82,7 @@ def integrated_gradients(
     from .quadrature import check_method, check_schedule, quadrature
 
     check_model(model)
-    inputs = _check_inputs(inputs)
+    inputs = _check_inputs(inputs, model=model)
     if schedule is not None:
         alphas, weights = check_schedule(schedule)
     else:

@@ -34,7 +34,7 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target, samples: int = 16
     from .engine import _check_inputs, _plain_gradients, _targets, check_model
 
     check_model(model)
-    inputs = _check_inputs(inputs)
+    inputs = _check_inputs(inputs, model=model)
     if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
         raise UserError(f"smoothgrad samples must be a positive integer, got {samples!r}")
     samples = int(samples)

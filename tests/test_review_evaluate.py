@@ -62,3 +62,20 @@ def test_weights_for_other_classes_than_a_class_map_lists_name_the_map(tmp_path)
     line = str(e.value)
     assert f"are for 10 classes, --class-map {cmap} lists 3 classes" in line and "under 'classes:'" in line, line
     assert "the data has" not in line and "\n" not in line
+
+
+def test_a_teacher_spec_is_built_once_at_the_data_classes(monkeypatch):
+    # it was built twice: at 10 classes and 3 channels as an early check, then at the data's
+    import igkd.api as api
+    built = []
+
+    def counting(spec, *args, **kwargs):
+        built.append((spec, *args))
+        return build_model(spec, *args, **kwargs)
+
+    monkeypatch.setattr(api, "build_model", counting)
+    r = igkd.evaluate(DEMO_TEACHER, "demo", teacher="resnet:depth=8", threads=1)
+    assert built == [("resnet:depth=8", 10, 1)]
+    assert r["teacher_params"] == igkd.count_parameters(build_model("resnet:depth=8", 10, 1))
+    with pytest.raises(UserError, match="resnet"):
+        igkd.evaluate(DEMO_TEACHER, "demo", teacher="resnet:depth=7", threads=1)

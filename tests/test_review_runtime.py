@@ -201,3 +201,15 @@ def test_ranks_wait_out_rank_0s_long_test_evaluation(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["processes"], summary["global_batch"], summary["train_images"]) == (2, 8, 14)
+
+
+def test_train_under_torchrun_is_refused_before_the_data_is_read(tmp_path, monkeypatch, capsys):
+    # the refusal came from the Trainer, after the dataset was decoded (minutes for a big folder):
+    # here the folder does not exist, so a data error would mean the data was read first
+    from igkd.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", f"imagefolder:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "under torchrun only 'igkd distill' trains" in err, err
+    assert not (tmp_path / "run").exists()

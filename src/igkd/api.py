@@ -17,7 +17,7 @@ from .command_options import EvaluateConfig, api_config
 from .config import DistillConfig, PrecomputeConfig, TrainConfig
 from .data import Dataset, RowView, load_dataset
 from .distill import Trainer, parallel, parse_method
-from .distill.trainer import check_run_dir
+from .distill.trainer import check_run_dir, refuse_world
 from .distill.speed import amp_dtype
 from .errors import UserError
 from .fileio import writable_dir
@@ -174,6 +174,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool =
     """Train a model from scratch with cross-entropy (a teacher, or a plain student);
     ``model``, an ``nn.Module`` taking [0, 1] pixels, replaces ``cfg.model``."""
     _config(cfg, TrainConfig, "train")
+    refuse_world()  # before the data is read (a folder's first decode takes minutes), not after
     out = _check_out(out)
     check_run_dir(out, resume)  # before the data is read, not after
     set_threads(cfg.threads)
@@ -387,8 +388,8 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
             and not Path(teacher_correct).is_file():
         raise UserError(f"--teacher-correct {teacher_correct} does not exist (or is not a file); give the teacher's "
                         "checkpoint")
-    # the teacher's size first: a bad --teacher is named before the evaluation, not after it
-    tparams = _model_params(cfg.teacher) if cfg.teacher else None
+    # a teacher checkpoint's size first: a bad --teacher is named before any data is loaded
+    tparams = _model_params(cfg.teacher) if cfg.teacher and Path(cfg.teacher).is_file() else None
     set_threads(cfg.threads)
     dataset = load_dataset(data)
     meta = read_metadata(weights) or {}
@@ -401,6 +402,9 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
                            preprocessing_for(normalize, dataset),
                            classes_from=f"--class-map {class_map}" if cmap else "the data")
     warn_unknown_preprocessing(weights, normalize, "--normalize")
+    if cfg.teacher and tparams is None:
+        # a spec, built once, at this model's classes and channels (not 10 and 3), before the evaluation
+        tparams = _model_params(cfg.teacher, len(classes), dataset.channels)
     dev = resolve_device(cfg.device)
     test = dataset.test
     # a view of the scored rows (class map, teacher-correct, corruption picks narrow it): read batch
@@ -431,8 +435,6 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         result["corruptions"] = evaluate_corruptions(net, images[pick], labels[pick], index[pick], corruption_names,
                                                      cfg.corruption_seed, cfg.batch_size, dev, quiet)
     if cfg.teacher:
-        if not Path(cfg.teacher).is_file():  # a spec: its size at this model's classes and channels, not 10 and 3
-            tparams = _model_params(cfg.teacher, len(classes), dataset.channels)
         result.update(teacher=cfg.teacher, teacher_params=tparams, compression=tparams / result["params"])
     return result
 

@@ -138,6 +138,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63 - 1)
 
 
+def refuse_world() -> None:
+    """One line under torchrun for what trains in one process (``igkd train``, a Trainer made
+    without ``dist``): N copies would write one run directory."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("under torchrun only 'igkd distill' trains with several processes; run this in one")
+
+
 class Trainer:
     """Trains ``model`` on ``dataset`` as ``cfg`` says; see the module docstring.
 
@@ -149,8 +156,8 @@ class Trainer:
                  device: torch.device, teacher: nn.Module | None = None, store=None, meta: dict | None = None,
                  quiet: bool = False, dist: Dist | None = None):
         self.cfg, self.dataset, self.device, self.quiet = cfg, dataset, device, quiet
-        if dist is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would write one run dir
-            raise UserError("under torchrun only 'igkd distill' trains with several processes; run this in one")
+        if dist is None:
+            refuse_world()
         self.dist = dist or Dist(device=device)
         self.rank, self.world = self.dist.rank, self.dist.world
         self.out = Path(out_dir)

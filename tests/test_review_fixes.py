@@ -81,6 +81,24 @@ def test_the_model_card_names_a_py_model_in_its_commands():
     assert "--model" not in model_card({**summary, "model": TINY}, {})
 
 
+def test_the_model_card_commands_name_relative_files_from_anywhere(tmp_path, monkeypatch):
+    # the commands run in the run folder: 'imagefolder:data/pets' and 'py:nets.py:make' named
+    # files beside the folder the run was started in, not in the run folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "pets").mkdir(parents=True)
+    (tmp_path / "nets.py").write_text("")
+    summary = {"model": "py:nets.py:make,width=16", "dataset": "imagefolder:data/pets,size=32", "params": 10,
+               "epochs": 1, "test_accuracy": 50.0, "method": "student"}
+    card = model_card(summary, {})
+    evaluate = shlex.split(next(line for line in card.splitlines() if line.startswith("igkd evaluate")))
+    assert evaluate[evaluate.index("--data") + 1] == f"imagefolder:{tmp_path / 'data' / 'pets'},size=32"
+    assert evaluate[evaluate.index("--model") + 1] == f"py:{tmp_path / 'nets.py'}:make,width=16"
+    assert f"igkd.load_model(\"model.safetensors\", 'py:{tmp_path / 'nets.py'}:make,width=16')" in card
+    # what names no file here (a built-in dataset, a path that is gone) stays as recorded
+    card = model_card({**summary, "dataset": "cifar10:gone,subset=100"}, {})
+    assert "--data cifar10:gone,subset=100" in card
+
+
 def test_evaluate_names_a_bad_teacher_before_evaluating(tmp_path):
     foreign = tmp_path / "foreign.pth"
     torch.save(build_model(TINY, 10, 1).state_dict(), foreign)

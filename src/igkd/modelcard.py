@@ -8,8 +8,30 @@ folder copied elsewhere explains itself.
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from .distill.parts import parse_method
+
+def _anywhere(text: str) -> str:
+    """``text`` (a data or model spec) with a relative path in it made absolute: the card's
+    commands run in the run folder, where ``imagefolder:data/pets`` or ``py:nets.py:make``
+    named another folder's files. Resolved while the run that read them is still in its own
+    working directory."""
+    from .spec import Spec, parse_spec
+    try:
+        spec = parse_spec(str(text))
+    except Exception:  # noqa: BLE001 - a spec igkd cannot parse stays as it was recorded
+        return text
+    if not spec.arg:
+        return text
+    # py:FILE.py:CALLABLE holds its file before the last ':'; a data spec's argument is the path
+    head, sep, tail = spec.arg.rpartition(":") if spec.kind == "py" else ("", "", spec.arg)
+    path = Path(head if sep else tail)
+    if path.is_absolute() or not path.exists():
+        return text
+    arg = f"{path.resolve()}{sep}{tail}" if sep else str(path.resolve())
+    return str(Spec(spec.kind, arg, spec.options))
+
 
 def _pct(v) -> str:
     return "n/a" if v is None or v != v else f"{v:.2f}%"
@@ -69,7 +91,7 @@ def model_card(summary: dict, meta: dict) -> str:
     own_code = family is not None and family.runs_code
     # module:CLASS: no spec rebuilds it, and the file alone is refused; the user names a factory
     api_module = family is None and str(summary["model"]).startswith("module:")
-    model_flag = (f" --model {shlex.quote(summary['model'])}" if own_code else
+    model_flag = (f" --model {shlex.quote(_anywhere(summary['model']))}" if own_code else
                   " --model py:FILE.py:CALLABLE" if api_module else "")
     if validated:
         val_row = (f"| validation (best epoch, {summary.get('best_epoch')} of {summary.get('epochs')}) | "
@@ -87,7 +109,7 @@ def model_card(summary: dict, meta: dict) -> str:
               f"{summary.get('processes', 1)} process(es), global batch {summary.get('global_batch')}, lr "
               f"{summary.get('lr', 0):g}); {kept}", "",
               "## Use it", "", "```python", "import igkd", "",
-              (f'model, meta = igkd.load_model("model.safetensors", {summary["model"]!r})  # your code: named, '
+              (f'model, meta = igkd.load_model("model.safetensors", {_anywhere(summary["model"])!r})  # your code: named, '
                'never read from the file' if own_code else
                f'model, meta = igkd.load_model("model.safetensors", "py:FILE.py:CALLABLE")  # {summary["model"]} '
                'was handed to the API: name a factory that builds it (py:FILE.py:CALLABLE)' if api_module else
@@ -96,7 +118,7 @@ def model_card(summary: dict, meta: dict) -> str:
               "logits = model(images)  # float32 N x C x H x W in [0, 1]", 'print(meta["classes"])', "```", "",
               "```bash",
               # quoted: a spec holds shell characters (imagefolder:"/my data",size=32)
-              f"igkd evaluate --weights model.safetensors{model_flag} --data {shlex.quote(str(summary['dataset']))}",
+              f"igkd evaluate --weights model.safetensors{model_flag} --data {shlex.quote(_anywhere(summary['dataset']))}",
               f"igkd export --weights model.safetensors{model_flag} --format onnx --output model.onnx",
               "```", "",
               "Files: `model.safetensors` (weights; its header also holds the metadata), `model.json` (metadata), "

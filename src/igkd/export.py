@@ -26,7 +26,10 @@ onnx/onnxruntime are the optional extra ``igkd[export]``.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -50,13 +53,45 @@ def require_onnxruntime():
     return onnxruntime
 
 
+@contextlib.contextmanager
+def _stdout_dropped_on_error():
+    """Hold what is written to file descriptor 1 meanwhile; give it back unless an exception
+    leaves. torch's TorchScript exporter turns its C++ log on for good (``setup_onnx_logging``
+    tests the function ``_jit_is_onnx_log_enabled``, not its value) and, when a model fails,
+    dumps the whole Torch IR graph on standard output: above the one-line error, and into
+    the JSON that ``--json`` promises on stdout."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 (a closed stdout): nothing to hold
+        yield
+        return
+    failed = False
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 1)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            if not failed:  # back where it was going: descriptor 1, whatever sys.stdout is now
+                held.seek(0)
+                data = held.read()
+                while data:
+                    data = data[os.write(1, data):]
+
+
 def onnx_bytes(model: nn.Module, input_shape: tuple[int, int, int], opset: int = 17) -> bytes:
     """The model (in eval mode, on CPU) as a serialised ONNX graph: input ``images``
     (N x C x H x W float32, N dynamic), output ``logits``."""
     require_onnxruntime()
     model = model.cpu().eval()
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _stdout_dropped_on_error():
         warnings.simplefilter("ignore")  # the deprecation notice of the TorchScript-based exporter
         try:
             torch.onnx.export(model, (torch.rand(1, *input_shape),), buf, dynamo=False, opset_version=opset,

@@ -213,6 +213,11 @@ def test_every_attribution_works_on_images_and_labels_made_under_inference_mode(
         xi, yi = x.clone(), y.clone()
         for name, call in calls.items():
             torch.testing.assert_close(call(xi, yi).clone(), expected[name], msg=name)
+    # a fitted schedule too: its labels and Gram matrix were inference tensors in its autograd block
+    want = fit_schedule(net, x, y, torch.zeros_like(x), n_steps=3, reference_steps=8)
+    with torch.inference_mode():
+        got = fit_schedule(net, x.clone(), y.clone(), torch.zeros_like(x), n_steps=3, reference_steps=8)
+    assert (got.alphas, got.weights) == (want.alphas, want.weights)
 
 
 def test_numpy_integers_are_taken_as_batch_size_and_samples(case):

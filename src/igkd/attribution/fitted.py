@@ -128,12 +128,16 @@ def gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor, baseline: torch.Ten
     cand, _ = quadrature("riemann_middle", R)
     ref_a, ref_w = quadrature("gausslegendre", R)
     batch = _check_batch_size(batch_size, x)
-    rows = _targets(y, x.shape[0], x.device)
-    span = _span(rows)
-    K = torch.zeros(R, R, dtype=torch.float64)
-    b = torch.zeros(R, dtype=torch.float64)
     with torch.inference_mode(False), torch.enable_grad():
+        K = torch.zeros(R, R, dtype=torch.float64)  # made here, so updated in place here
+        b = torch.zeros(R, dtype=torch.float64)
+        # images, labels and baselines made under the caller's torch.inference_mode cannot be saved
+        # for backward; labels read into rows out here were still inference tensors ("Inference
+        # tensors cannot be saved for backward" from the first gather)
         x = x.clone() if x.is_inference() else x
+        baseline = baseline.clone() if baseline.is_inference() else baseline
+        rows = _targets(y, x.shape[0], x.device)
+        span = _span(rows)
         net, fmt = _prepare(model, x, True)
         ones = (1,) * (x.dim() - 1)
         with _eval_without_param_grads(net):

@@ -129,7 +129,8 @@ class ExportConfig(_Validated):
     model: str = opt("", "architecture spec, required for files without igkd metadata (default: from the "
                      "metadata)", metavar="SPEC")
     data: str = opt("", "dataset for the parity check (its test split) and int8 calibration (its training "
-                    "split) (default: none, the dataset named in the checkpoint's metadata)", metavar="SPEC")
+                    "split) (default: none, the dataset named in the checkpoint's metadata: igkd's own kinds "
+                    "only, never downloaded)", metavar="SPEC")
     normalize: str = opt("auto", NORMALIZE_HELP, choices=["auto", "none", "dataset", "imagenet"])
     images: int = opt(0, "parity (and the int8 check) on N test images, evenly spaced over the split; 0 = all",
                       low=0, high=1 << 30, unit="images")

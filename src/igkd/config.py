@@ -347,6 +347,9 @@ def read_yaml_file(path: str | Path, what: str = "config file"):
         raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:  # PyYAML composes nested lists and mappings recursively: a traceback
+        raise UserError(f"{what} {path} nests lists or mappings thousands of levels deep, which no {what} "
+                        "needs; fix the file") from None
 
 
 def shipped_configs() -> dict[str, Path]:

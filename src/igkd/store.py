@@ -56,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 from contextlib import ExitStack
@@ -122,7 +123,7 @@ def read_manifest(path: Path) -> dict:
         raise UserError(f"{path} is not a complete igkd store (no manifest.json); run 'igkd precompute' to build it")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
         raise UserError(f"store {path}: manifest.json is unreadable or not valid JSON ({type(e).__name__}); "
                         f"delete {path} and run 'igkd precompute' again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -176,7 +177,9 @@ def check_array(path: Path, name: str, manifest: dict) -> os.stat_result:
             or (name == "logits" and isinstance(classes, list) and shape[1] != len(classes))):
         raise StoreDamaged(path, file, f"holds {dtype.str} {tuple(shape)}{' (Fortran order)' if fortran else ''}, "
                                        f"not the layout its manifest gives ({n} rows)")
-    size = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python ints: numpy's int64 product wraps for a forged header (4 x 2**32 x 2**32 float16 is 0 bytes),
+    # which then matched a header-only file and failed in np.load with a traceback
+    size = offset + math.prod(shape) * dtype.itemsize
     if st.st_size != size:
         raise StoreDamaged(path, file, f"is {'truncated' if st.st_size < size else 'too long'}: {st.st_size} bytes, "
                                        f"its header says {size}")
@@ -193,7 +196,7 @@ def _read_verified(path: Path) -> dict:
     try:
         records = json.loads((path / VERIFIED).read_text()).get("arrays", {})
         return records if isinstance(records, dict) else {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return {}  # absent or damaged: everything counts as unverified
 
 

@@ -18,7 +18,8 @@ import torch
 
 from ..errors import UserError
 from ..spec import Spec, reject_leftovers
-from .base import Dataset, Split, existing_dir
+from .base import Dataset, Split, available_memory, existing_dir
+from .image_cache import human_bytes
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -35,26 +36,38 @@ def _find(root: Path, name: str) -> Path:
                     f"({', '.join(n for pair in FILES.values() for n in pair)})")
 
 
+READ_BYTES = 16 << 20  # block size of reads: memory grows only with bytes really there
+
+
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """An IDX file of unsigned bytes (magic 0x0000 08 ``ndim``) as a uint8 array."""
+    header = 4 + 4 * ndim
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
-            raw = f.read()
+            head = f.read(header)
+            magic = int.from_bytes(head[:4], "big") if len(head) >= 4 else -1
+            if magic != 0x0800 + ndim:
+                raise UserError(f"{path} is not an IDX file of {ndim}-D unsigned bytes (magic {magic:#010x}, "
+                                f"expected {0x0800 + ndim:#010x}); replace the file")
+            shape = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+            # math.prod of Python ints: numpy's int64 product wraps for a forged header (2**31 x 2**31 x 4
+            # is 0), which then passed for an empty file and failed in reshape with a traceback
+            want = math.prod(shape)
+            # at most the header's size and one byte more, in blocks: the whole file was decompressed
+            # before any check, so a small .gz of padding (a gzip bomb) took memory without bound
+            limit, data = available_memory(), bytearray()
+            while len(data) <= want and (block := f.read(min(READ_BYTES, want + 1 - len(data)))):
+                data += block
+                if len(data) > limit:
+                    raise UserError(f"{path} holds more than the {human_bytes(limit)} of memory available (its "
+                                    f"header says {shape}); replace the file, or free memory")
     except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"cannot read {path} ({e}); replace the file") from None
-    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
-    if magic != 0x0800 + ndim:
-        raise UserError(f"{path} is not an IDX file of {ndim}-D unsigned bytes (magic {magic:#010x}, "
-                        f"expected {0x0800 + ndim:#010x}); replace the file")
-    header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    # math.prod of Python ints: numpy's int64 product wraps for a forged header (2**31 x 2**31 x 4
-    # is 0), which then passed for an empty file and failed in reshape with a traceback
-    if len(raw) != header + math.prod(shape):
+    if len(head) != header or len(data) != want:
         raise UserError(f"{path} is truncated or padded: header says {shape}, "
-                        f"{len(raw) - header} data bytes follow; replace the file")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+                        f"{len(data)}{'+' if len(data) > want else ''} data bytes follow; replace the file")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _read_split(images_path: Path, labels_path: Path) -> Split:

@@ -165,7 +165,7 @@ def _read_header(fd: int, path: Path) -> tuple[dict | None, str]:
     raw = os.pread(fd, HEADER_BYTES, 0)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         return None, "has a damaged header"
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         return None, "is not an igkd decoded-image cache"

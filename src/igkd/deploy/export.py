@@ -24,7 +24,7 @@ from ..fileio import atomic_path, finite, writable_dir, writable_file, write_jso
 from ..models import holds_own_weights, load_model, read_metadata
 from ..models.checkpoint import file_sha256
 from ..progress import log
-from ..spec import parse_spec
+from ..spec import Spec, parse_spec
 from .common import existing
 
 FORMATS = ("onnx", "torchscript")
@@ -37,8 +37,9 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
 
     Parity: the exported model and PyTorch run the test split of ``data`` (``images``
     evenly spaced test images when > 0; default the dataset named in the checkpoint's
-    metadata); the export is kept only if max |logit difference| <= ``atol`` and top-1 agrees on >=
-    ``min_agreement`` percent. With ``int8`` (ONNX only) the written model is quantised
+    metadata, if one of igkd's own kinds, never downloaded); the export is kept only if
+    max |logit difference| <= ``atol`` and top-1 agrees on >= ``min_agreement`` percent. With
+    ``int8`` (ONNX only) the written model is quantised
     (ONNX Runtime static QDQ, per-channel, calibrated on ``calibration_images`` training
     images); its accuracy, agreement and latency are reported next to the fp32 export's, and
     it is kept only if its test accuracy is at most ``max_int8_drop`` points below fp32.
@@ -71,7 +72,7 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     _check_clobber(output, _weights_file(weights))
     if format == "onnx":
         require_onnxruntime()
-    data = cfg.data or meta.get("dataset", "")
+    data = cfg.data or _recorded_dataset(meta.get("dataset", ""), weights)
     if not data:
         raise UserError(f"{weights} names no dataset; pass --data SPEC for the parity check (its test split)")
     try:
@@ -148,6 +149,28 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     if report_dir:
         write_json(Path(report_dir) / "export.json", result)
     return result
+
+
+# the dataset kinds igkd itself defines: what a file's metadata may name (see _recorded_dataset)
+RECORDED_KINDS = ("cifar10", "cifar100", "imagefolder", "fashion-mnist", "demo")
+
+
+def _recorded_dataset(text: str, weights) -> str:
+    """The dataset spec a checkpoint records, made safe to load without the user naming it:
+    the file chose it, not the user. An installed plug-in's kind would run that plug-in's code on
+    the file's say, and ``cifar10:DIR`` (download on by default) made export create DIR wherever the
+    file said and download into it; so only igkd's own kinds are taken, never downloading
+    (``download=0``): a spec that cannot be read as it is asks for --data."""
+    if not text:
+        return ""
+    spec = parse_spec(text, f"dataset spec recorded in {weights}")
+    if spec.kind not in RECORDED_KINDS:
+        raise UserError(f"{weights} records dataset {text!r}, which is not one of igkd's own kinds "
+                        f"({', '.join(RECORDED_KINDS)}); igkd loads no other data a file names: pass --data SPEC "
+                        "(the same data) for the parity check")
+    if spec.kind in ("cifar10", "cifar100"):
+        spec = Spec(spec.kind, spec.arg, {**spec.options, "download": "0"})
+    return str(spec)
 
 
 def _exported_logits(path: Path, format: str, images: torch.Tensor) -> torch.Tensor:

@@ -62,8 +62,11 @@ def teacher_facts(cfg: ExperimentConfig, out: Path, quiet: bool) -> dict:
     sha = file_sha256(teacher_file(cfg.teacher))
     test_sha = data_sha256(cfg.data)["test"]  # the images, not the spec: a folder's files may have changed
     cache = out / "teacher.json"
-    if cache.exists():
-        facts = json.loads(cache.read_text())
+    try:
+        facts = json.loads(cache.read_text()) if cache.exists() else None
+    except (OSError, ValueError):  # damaged from outside: a cache, so the teacher is scored again (was a traceback)
+        facts = None
+    if isinstance(facts, dict):  # a JSON list or number there crashed on .get
         # the architecture too: one foreign .pt read as another --teacher-model is another teacher
         if facts.get("sha256") == sha and facts.get("data") == cfg.data and sha and \
                 facts.get("test_sha256") == test_sha and \

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, cause
 from ..fileio import dumps, file_digest, write_bytes, write_json
 from ..spec import parse_spec
 from .preprocess import bare, with_preprocessing
@@ -77,13 +77,17 @@ def header_metadata(path: str | Path) -> dict | None:
     try:
         with safe_open(str(path), "pt") as f:
             text = (f.metadata() or {}).get(HEADER_KEY)
-    except Exception:  # noqa: BLE001 - not a safetensors file: read_state_dict reports it
-        return None
+    except Exception as e:  # noqa: BLE001 - any failure to parse the header is the file's fault
+        # returning None here made a truncated or foreign file read as "has no igkd metadata; pass
+        # --model", sending the user to an option that cannot help: the file itself is bad
+        raise UserError(f"{path} is not a readable safetensors file ({cause(e, 120)}); it is truncated, damaged "
+                        "or of another format: copy or save it again (a PyTorch state dict is named .pt or .pth)") \
+            from None
     if text is None:
         return None
     try:
         meta = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
         raise UserError(f"the igkd metadata in the header of {path} is not valid JSON ({e}); re-save the model "
                         "or give its .json beside it") from None
     check_metadata(meta, f"in the header of {path}")
@@ -105,7 +109,7 @@ def read_metadata(path: str | Path) -> dict | None:
         return header_metadata(weights) if weights.exists() else None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # Recursion: nested thousands deep
         raise UserError(f"metadata file {meta_path} is not valid JSON ({e}); restore it or re-export the model") from None
     check_metadata(meta, meta_path)
     return meta
@@ -126,6 +130,13 @@ def check_metadata(meta, where) -> None:
             bad(f"has {key} {meta[key]!r}, not a positive integer")
     if "classes" in meta and not (isinstance(meta["classes"], list) and all(isinstance(c, str) for c in meta["classes"])):
         bad("has classes that are not a list of names")
+    # read by export (the parity data) and bench latency (the input size): a number there was a traceback
+    if "dataset" in meta and not isinstance(meta["dataset"], str):
+        bad(f"has dataset {meta['dataset']!r}, not a dataset spec string")
+    size = meta.get("image_size")
+    if "image_size" in meta and not (isinstance(size, list) and len(size) == 2 and all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
+        bad(f"has image_size {size!r}, not [height, width] in pixels")
     pre = meta.get("preprocessing")
     if pre is None:
         return

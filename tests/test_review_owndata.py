@@ -183,3 +183,23 @@ def test_runs_of_an_image_folder_whose_files_changed_are_not_reused(own, tmp_pat
     with pytest.raises(UserError, match=r"student_seed_0--\w+ was trained on other images than imagefolder:.*its test "
                                         r"split changed"):
         run_ablation(cfg, out, quiet=True)
+
+
+def test_a_damaged_record_in_an_experiment_folder_is_one_line_naming_the_fix(own, tmp_path):
+    """A run's summary.json or run.json cut short from outside (a partial copy of the folder)
+    was a JSONDecodeError traceback when the experiment was run again."""
+    from igkd.experiments import run_ablation
+    cfg = resolve("ablation", None, {**_base(own), "methods": "student"})
+    out = tmp_path / "exp"
+    run_ablation(cfg, out, quiet=True)
+    (run,) = out.glob("runs/*")
+    for name in ("summary.json", "run.json"):
+        kept = (run / name).read_text()
+        (run / name).write_text(kept[:20])
+        with pytest.raises(UserError, match=rf"{name} is damaged \(JSONDecodeError\); delete .*{run.name} to train "
+                                            "that run again"):
+            run_ablation(cfg, out, quiet=True)
+        (run / name).write_text(kept)
+    (out / "experiment.json").write_text("[1]")
+    with pytest.raises(UserError, match=r"experiment.json is damaged \(not a JSON object\); delete it"):
+        run_ablation(cfg, out, quiet=True)

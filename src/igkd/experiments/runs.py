@@ -143,7 +143,7 @@ def _recorded_config(path: Path) -> dict:
     """The config a run.json records (read once per file version)."""
     key = (str(path), path.stat().st_mtime_ns)
     if key not in _records:
-        _records[key] = json.loads(path.read_text()).get("config", {})
+        _records[key] = read_record(path).get("config", {})
     return _records[key]
 
 
@@ -165,7 +165,21 @@ def run_dir(out: Path, job: Job) -> Path:
 
 def finished(out: Path, job: Job) -> dict | None:
     path = run_dir(out, job) / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_record(path) if path.exists() else None
+
+
+def read_record(path: Path, fix: str = "") -> dict:
+    """A JSON record igkd wrote (atomically) into a run or experiment folder; damaged from
+    outside (a truncated copy, an editor), it was a JSONDecodeError traceback: one line naming
+    it and the fix (default: delete the run folder it belongs to, which trains that run again)."""
+    fix = fix or f"delete {path.parent} to train that run again"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}); {fix}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); {fix}")
+    return record
 
 
 def prepare_out(out: str | Path, kind: str) -> Path:
@@ -176,7 +190,8 @@ def prepare_out(out: str | Path, kind: str) -> Path:
     # hidden names are other workers' temporary files and locks (several workers may start at once)
     if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()) and not (out / MARKER).exists():
         raise UserError(f"{out} exists and is not an igkd experiment folder; choose another --out")
-    marker = json.loads((out / MARKER).read_text()) if (out / MARKER).exists() else {"igkd": "experiment"}
+    marker = read_record(out / MARKER, "delete it (the folder is marked again)") if (out / MARKER).exists() \
+        else {"igkd": "experiment"}
     kinds = marker.setdefault("kinds", [])
     if kind not in kinds:
         kinds.append(kind)
@@ -196,10 +211,10 @@ def check_same_data(path: Path, now: dict, spec: str) -> None:
     it was trained (and scored) on. A run is found by its config, whose data is a spec: files
     added to or replaced in an image folder left the spec as it was, and the old runs' figures
     were reported, beside a teacher scored again, as results on the new images."""
-    record = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
+    record = read_record(path / "run.json") if (path / "run.json").exists() else {}
     was = record.get("data_sha256")
     if was is None and (path / "model.json").exists():  # a run recorded before: its checkpoint names the train split
-        fingerprint = json.loads((path / "model.json").read_text()).get("dataset_fingerprint")
+        fingerprint = read_record(path / "model.json").get("dataset_fingerprint")
         was = {"train": fingerprint} if fingerprint else None
     changed = [split for split in ("train", "test") if (was or {}).get(split, now[split]) != now[split]]
     if changed:
@@ -285,7 +300,10 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
         weights = d / "model.safetensors"
         key = {"names": list(names), "seed": seed, "images": images, "data": job.cfg.data,
                "weights_sha256": file_sha256(weights)}
-        cached = json.loads((d / CORRUPTIONS_FILE).read_text()) if (d / CORRUPTIONS_FILE).exists() else {}
+        try:  # a cache: damaged, it is computed again
+            cached = read_record(d / CORRUPTIONS_FILE) if (d / CORRUPTIONS_FILE).exists() else {}
+        except UserError:
+            cached = {}
         if cached.get("key") == key:
             rows.append(cached["result"])
             continue

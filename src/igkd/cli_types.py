@@ -18,6 +18,11 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        if message.endswith(": expected one argument") and message.startswith("argument -"):
+            # argparse takes a value starting with '-' (--out -run, --data -d) for an option and
+            # said only this: say how such a path is written
+            flag = message[len("argument "):-len(": expected one argument")].split("/")[-1]
+            message += f"; a value starting with '-' is written {flag}=-VALUE (a path also as ./-NAME)"
         print(f"igkd: error: {message}{f' (see igkd {sub} --help)' if sub else ' (see igkd --help)'}",
               file=sys.stderr)
         sys.exit(2)

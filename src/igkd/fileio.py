@@ -177,7 +177,10 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode())
+    # a Python that is not in UTF-8 mode (PYTHONUTF8=0 under an ASCII locale) reads a non-ASCII
+    # argument or file name as surrogate escapes: written back as the bytes they stand for, as
+    # the file system does with them, where a plain encode() failed (a traceback after training)
+    write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 # Pseudo file systems: creating a folder there fails in odd ways (ENOENT in /proc, EPERM in /sys)

@@ -53,5 +53,15 @@ def set_threads(n: int) -> None:
 
 def cache_dir(*parts: str) -> Path:
     """``$IGKD_CACHE_DIR`` (default ``~/.cache/igkd``) joined with ``parts``."""
-    root = Path(os.environ.get("IGKD_CACHE_DIR", Path.home() / ".cache" / "igkd"))
-    return root.joinpath(*parts)
+    if os.environ.get("IGKD_CACHE_DIR"):
+        # a '~' no shell expanded (a Dockerfile's ENV, a quoted export) made a folder named '~' in
+        # the working directory, printed as if it were the home's
+        return Path(os.path.expanduser(os.environ["IGKD_CACHE_DIR"])).joinpath(*parts)
+    # looked up only without IGKD_CACHE_DIR: without HOME and a passwd entry (a container run
+    # as an arbitrary uid) Path.home() raised RuntimeError, a traceback even where the variable
+    # named the cache
+    home = os.path.expanduser("~")
+    if home == "~":
+        raise UserError("no home folder for igkd's cache (~/.cache/igkd): HOME is unset and this user has "
+                        "none; set IGKD_CACHE_DIR to a writable folder")
+    return Path(home, ".cache", "igkd", *parts)

@@ -195,11 +195,18 @@ class Dataset:
         return self._stats
 
 
+def expand_user(path: str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded where there is such a home, else as
+    written: ``Path.expanduser`` raised RuntimeError (a traceback) for a folder named ``~x`` or
+    ``~`` without a home (HOME unset, no passwd entry), as ``os.path.expanduser`` does not."""
+    return Path(os.path.expanduser(path))
+
+
 def existing_dir(path: str | None, spec, hint: str) -> Path:
     """``path`` as a resolved directory, or a one-line UserError (``hint`` says what goes there)."""
     if not path:
         raise UserError(f"dataset spec '{spec}' needs a directory, e.g. '{spec.kind}:DIR'; {hint}")
-    p = Path(path).expanduser()
+    p = expand_user(path)
     if not p.is_dir():
         raise UserError(f"dataset directory {p} does not exist; {hint}")
     return p.resolve()

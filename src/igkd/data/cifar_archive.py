@@ -47,8 +47,8 @@ def release_dir(release: Release, spec, download: bool, md5: str | None) -> Path
     """The extracted release of a ``KIND:DIR`` dataset spec. A missing DIR is created when
     downloading is allowed (and removed again if the download fails): the README's
     ``cifar10:data/cifar10`` downloads on first use, where it had to exist first."""
-    from .base import existing_dir
-    path = Path(spec.arg).expanduser() if spec.arg else None
+    from .base import existing_dir, expand_user
+    path = expand_user(spec.arg) if spec.arg else None
     if download and path is not None and not path.exists():
         with new_folder(path) as root:
             return ensure_release(release, root.resolve(), download=True, md5=md5)

@@ -20,7 +20,7 @@ from ..models import count_parameters, holds_own_weights, load_model, read_metad
 from ..progress import Progress
 from ..runtime import set_threads
 from ..spec import parse_spec
-from .common import existing, split_list
+from .common import existing, split_files
 from .plots import audit_gallery
 
 TARGETS = ("label", "predicted")
@@ -71,7 +71,7 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
     from ..attribution import attribution_map, registry
     from ..config import PrecomputeConfig
     entry = registry.get(cfg.attribution)
-    paths = split_list(cfg.student)
+    paths = split_files(cfg.student, "--student")
     if not cfg.teacher:
         raise UserError("no teacher to audit against; pass --teacher CKPT")
     if not paths:

@@ -9,17 +9,80 @@ from pathlib import Path
 from ..errors import UserError
 
 
+def _pieces(text: str) -> list[str]:
+    """``text`` split at the commas outside quotes, the quotes kept: a spec's quoted path
+    (``py:'/my nets, v2/net.py:make'``) is one piece. Where a quote is never closed (a path
+    like ``/data/bob's/m.pt``), at every comma as before."""
+    pieces, current, quote = [], [], ""
+    for c in text:
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == ",":
+            pieces.append("".join(current))
+            current = []
+            continue
+        current.append(c)
+    if quote:
+        return text.split(",")
+    return pieces + ["".join(current)]
+
+
+def _cut_at_comma(piece: str) -> bool:
+    """Whether ``piece`` is missing because a file or folder name holding a comma was cut
+    there: its folder has an entry named ``piece``'s name, a comma and more."""
+    path = Path(piece)
+    if not path.name or path.exists():
+        return False
+    try:
+        return any(e.name.startswith(path.name + ",") for e in path.parent.iterdir())
+    except OSError:
+        return False
+
+
 def split_specs(values: str | list[str] | tuple[str, ...]) -> list[str]:
     """Model specs from comma lists: ``"mobilenetv2,mobilenetv2:width=0.5,drop=3"`` is two
-    specs (a piece with '=' but no ':' is an option of the spec before it)."""
+    specs (a piece ``key=value``, no ':' before its '=', is an option of the spec before it).
+    Commas inside a spec's quotes do not split: the quoted path of
+    ``py:'/a, b/net.py:make',width=4`` was cut in two and its halves read as two specs."""
     specs: list[str] = []
     for text in [values] if isinstance(values, str) else values:
-        for piece in filter(None, (p.strip() for p in text.split(","))):
-            if specs and "=" in piece and ":" not in piece:
+        for piece in filter(None, (p.strip() for p in _pieces(text))):
+            if specs and "=" in piece and ":" not in piece.partition("=")[0]:
                 specs[-1] += "," + piece
             else:
                 specs.append(piece)
     return specs
+
+
+def split_files(values: str | list[str] | tuple[str, ...], flag: str) -> list[str]:
+    """Checkpoint paths (or ``torchscript:FILE`` specs) from comma lists. A value that names
+    an existing file as a whole is that file, commas and all; otherwise it is split at the
+    commas outside quotes, and a piece in quotes is unquoted (``'/a, b/m.safetensors',c.pt``).
+    A path holding a comma was cut at it, and no way of writing it was accepted."""
+    from ..models import holds_own_weights
+    from ..spec import parse_spec
+    files: list[str] = []
+    for text in [values] if isinstance(values, str) else values:
+        whole = text.strip()
+        try:
+            own = holds_own_weights(whole) and Path(parse_spec(whole).arg or "").is_file()
+        except UserError:
+            own = False
+        if own or Path(whole).is_file():
+            files.append(whole)
+            continue
+        pieces = [p.strip() for p in _pieces(text) if p.strip()]
+        pieces = [p[1:-1] if len(p) > 1 and p[0] == p[-1] and p[0] in "'\"" else p for p in pieces]
+        if len(pieces) > 1:
+            for p in pieces:
+                if _cut_at_comma(p):
+                    raise UserError(f"{flag} {whole!r}: no file {p}; a path holding a comma is given alone "
+                                    f"({flag} 'DIR, 2/model.safetensors') or in quotes in a list "
+                                    f"({flag} \"'DIR, 2/model.safetensors',other.safetensors\")")
+        files += pieces
+    return files
 
 
 def split_list(values: str | list[str] | tuple[str, ...]) -> list[str]:

@@ -16,7 +16,7 @@ from ..fileio import writable_dir, write_json
 from ..models import build_model, count_parameters, holds_own_weights, load_model, read_metadata
 from ..progress import Progress
 from ..spec import parse_spec
-from .common import environment, existing, parse_ints, parse_shape, split_list, split_specs
+from .common import environment, existing, parse_ints, parse_shape, split_files, split_list, split_specs
 
 
 def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = None,
@@ -40,7 +40,7 @@ def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = No
     cfg = api_config(LatencyConfig, config, {"model": model, "weights": weights, **options}, "bench_latency")
     if out:
         writable_dir(out, "--out")
-    specs, files = split_specs(cfg.model), split_list(cfg.weights)
+    specs, files = split_specs(cfg.model), split_files(cfg.weights, "--weights")
     if not specs and not files:
         raise UserError("no model to measure; pass --model SPEC[,SPEC...] and/or --weights FILE[,FILE...]")
     if files and specs and len(files) != len(specs):

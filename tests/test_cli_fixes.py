@@ -296,3 +296,15 @@ def test_readme_states_the_ig_method_default():
     row = next(line for line in README.read_text().splitlines() if line.startswith("| `--ig-steps`, `--ig-method`"))
     defaults = row.split(" | ")[1]
     assert f"`{PrecomputeConfig().ig_method}`" in defaults, row
+
+
+@pytest.mark.parametrize("argv, sub", [(["train", "--data", "demo", "--out", "x", "--bogus"], "train"),
+                                       (["experiment", "ablation", "--out", "x", "--bogus", "1"], "experiment ablation"),
+                                       (["bench", "latency", "--zz"], "bench latency")])
+def test_an_option_the_command_lacks_points_to_the_commands_help(argv, sub, tmp_path, monkeypatch):
+    # it said '(see igkd --help)', whose help lists the commands, not their options
+    monkeypatch.chdir(tmp_path)
+    r = run_igkd(*argv)
+    extra = " ".join(argv[argv.index(next(a for a in argv if a in ("--bogus", "--zz"))):])
+    assert r.returncode == 2 and r.stderr == f"igkd: error: unrecognized arguments: {extra} (see igkd {sub} --help)\n"
+    assert not (tmp_path / "x").exists()

@@ -169,7 +169,12 @@ def _print_train_summary(s: dict, as_json: bool = False) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # parse_args said '(see igkd --help)', the top level's help, for an option the command lacks
+        chosen = [getattr(args, n, None) for n in ("command", "kind", "bench_command")]
+        Parser(prog=" ".join(["igkd", *filter(None, chosen)])).error(f"unrecognized arguments: {' '.join(extra)}")
     from . import api
     from .command_options import EvaluateConfig, PrecomputeCommandConfig
     from .config import DistillConfig, TrainConfig

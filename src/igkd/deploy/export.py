@@ -144,6 +144,10 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
         sidecar = _sidecar(output, format, int8, weights, meta, dataset, shape, result)
         embed_metadata(tmp, finite(sidecar), format)  # inside the file too: it travels without the .json
         result["bytes"] = tmp.stat().st_size
+        # an earlier export's sidecar goes before the new file takes its name: a kill between the two
+        # renames left the new model beside a .json describing the old one (its spec, classes,
+        # source); now it is beside none, and its own embedded metadata still describes it
+        Path(f"{output}.json").unlink(missing_ok=True)
     write_json(Path(f"{output}.json"), sidecar)
     result["sidecar"] = f"{output}.json"
     if report_dir:

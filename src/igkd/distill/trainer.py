@@ -58,7 +58,8 @@ from ..data import Dataset, RowView, stratified_split, subset_indices
 from ..errors import UserError
 from ..evaluate import classification_metrics, predict
 from ..loggers import Trackers, parse_loggers
-from ..fileio import disk_full_names, dumps, finite, remove_temporaries, write_bytes, write_json, write_text
+from ..fileio import (disk_full_names, dumps, file_digest, finite, remove_temporaries, write_bytes, write_json,
+                      write_text)
 from ..lock import DirLock
 from ..modelcard import model_card
 from ..models import bare, count_parameters, load_weights, preprocessing_of, save_checkpoint
@@ -81,7 +82,11 @@ RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best", "history", "t
 # else is the user's, and a run would overwrite their config.yaml or README.md in it
 PENDING = "model-pending"  # a new best epoch's checkpoint until last.pt names it (Trainer.settle_best)
 RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "summary.json", "model.safetensors", "model.json",
-             "README.md", "log", "run.json", "corruptions.json", f"{PENDING}.safetensors", f"{PENDING}.json"}
+             "README.md", "log", "run.json", "corruptions.json", f"{PENDING}.safetensors", f"{PENDING}.json",
+             # what igkd's readers write into a run folder (report; export --report-dir, bench latency
+             # --out, audit --out): a run looked at before --resume was refused as the user's folder
+             "report.md", "tables", "export.json", "latency.json", "audit.json",
+             *(f"{name}.{fmt}" for name in ("curves", "audit") for fmt in ("png", "pdf", "svg"))}
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
@@ -663,6 +668,11 @@ class Trainer:
         weights = self.out / f"{PENDING}.safetensors"
         meta = self.out / f"{PENDING}.json"
         if not weights.exists():
+            # a kill between the two renames below: model.safetensors is already the pending epoch's
+            # and its metadata is still here. Dropped, model.json went on describing another epoch's
+            # weights (its epoch and sha256, as igkd.load_model returns them) until the run finished
+            if meta.exists() and self._pending_meta_fits(meta):
+                os.replace(meta, self.out / "model.json")
             meta.unlink(missing_ok=True)
             return
         recorded = json.loads(meta.read_text()).get("epoch") if meta.exists() else None
@@ -672,6 +682,17 @@ class Trainer:
         else:
             weights.unlink()
             meta.unlink(missing_ok=True)
+
+    def _pending_meta_fits(self, meta: Path) -> bool:
+        """Whether ``meta`` (a model-pending.json left alone) describes the best epoch last.pt
+        names and the very bytes of model.safetensors (its sha256), i.e. only its rename is missing."""
+        try:
+            recorded = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return False
+        target = self.out / "model.safetensors"
+        return isinstance(recorded, dict) and self.best["epoch"] > 0 and recorded.get("epoch") == self.best["epoch"] \
+            and target.exists() and recorded.get("sha256") == file_digest(target)
 
     def finish(self, history: list, seconds: float) -> dict:
         """Rank 0 scores the best epoch on the test split and writes the summary; every rank
@@ -703,8 +724,10 @@ class Trainer:
         meta = {**self.model_meta(), "metrics": {"val_accuracy": self.best["val_accuracy"],
                                                  "test_accuracy": test["accuracy"], "epoch": self.best["epoch"]}}
         save_checkpoint(self.out / "model", self.model, meta)
-        write_json(self.out / "summary.json", summary)
         write_text(self.out / "README.md", model_card(finite(summary), meta))
+        # summary.json last: it marks the run finished (experiments reuse it as it is, and a run
+        # killed after it but before the model card was never resumed, so it lacked README.md)
+        write_json(self.out / "summary.json", summary)
         log(f"done: best epoch {self.best['epoch']} (val {self.best['val_accuracy']:.2f}%), "
             f"test accuracy {test['accuracy']:.2f}% -> {self.out}", self.quiet)
         return summary

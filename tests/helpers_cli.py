@@ -23,3 +23,16 @@ def run_igkd(*args, cwd=None, process=False, module="igkd") -> subprocess.Comple
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def installed_plugin(root, module: str, code: str, entry_points: str) -> dict:
+    """A package installed as pip would leave it (``module``.py and its ``.dist-info`` with
+    ``entry_points``) in ``root``/plugin; returns the environment whose PYTHONPATH finds it."""
+    from pathlib import Path
+    plugin = Path(root) / "plugin"
+    info = plugin / f"{module}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (plugin / f"{module}.py").write_text(code)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    return {**os.environ, "PYTHONPATH": str(plugin)}

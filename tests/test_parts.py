@@ -2,7 +2,6 @@
 batch transforms, and a part from outside the package run through the igkd command."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from igkd.errors import UserError
 from igkd.experiments.config import resolve
 from igkd.experiments.runs import semantic_config
 from igkd.experiments.search import search_space
+from helpers_cli import installed_plugin
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,13 +294,7 @@ PART = Toy()
 
 
 def test_a_part_from_outside_the_package_runs_through_the_command(tmp_path, small_real):
-    plugin = tmp_path / "plugin"
-    info = plugin / "toy_igkd_part-0.1.dist-info"
-    info.mkdir(parents=True)
-    (plugin / "toy_igkd_part.py").write_text(TOY)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-igkd-part\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[igkd.parts]\ntoy = toy_igkd_part:PART\n")
-    env = {**os.environ, "PYTHONPATH": str(plugin)}
+    env = installed_plugin(tmp_path, "toy_igkd_part", TOY, "[igkd.parts]\ntoy = toy_igkd_part:PART\n")
     helptext = subprocess.run([sys.executable, "-m", "igkd", "distill", "--help"], capture_output=True, text=True,
                               env=env, timeout=120)
     assert "--toy-weight" in helptext.stdout and "toy: mean squared logit" in helptext.stdout

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import igkd
-from helpers_cli import run_igkd
+from helpers_cli import installed_plugin, run_igkd
 from igkd.errors import UserError
 from igkd.experiments import run_experiment
 from igkd.modelcard import model_card
@@ -546,16 +546,9 @@ gradsq = igkdext:GRADSQ
 def test_models_data_corruptions_trackers_and_attributions_come_from_an_installed_package(tmp_path):
     """Only method parts could come from another package: the other registries were dicts
     inside igkd, and --attribution's choices were frozen when igkd was imported."""
-    import os
     import subprocess
     import sys
-    plugin = tmp_path / "plugin"
-    info = plugin / "igkdext-0.1.dist-info"
-    info.mkdir(parents=True)
-    (plugin / "igkdext.py").write_text(EXT)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: igkdext\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    env = {**os.environ, "PYTHONPATH": str(plugin), "PYTHONWARNINGS": "ignore"}
+    env = {**installed_plugin(tmp_path, "igkdext", EXT, ENTRY_POINTS), "PYTHONWARNINGS": "ignore"}
 
     def igkd_(*args):
         r = subprocess.run([sys.executable, "-m", "igkd", *map(str, args)], capture_output=True, text=True, env=env,
@@ -582,16 +575,12 @@ def test_a_plugin_importing_a_config_built_from_plugins_is_one_line_naming_the_c
     configs were imported with igkd.cli, outside main's error handling)."""
     import subprocess
     import sys
-    plugin = tmp_path / "plugin"
-    info = plugin / "cyclic-0.1.dist-info"
-    info.mkdir(parents=True)
-    (plugin / "cyclic.py").write_text("from igkd.attribution.registry import Attribution\n"
-                                      "from igkd.config import PrecomputeConfig\n"
-                                      "A = Attribution(name='cyc', help='x', compute=None, settings=dict)\n")
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cyclic\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[igkd.attributions]\ncyc = cyclic:A\n")
+    env = installed_plugin(tmp_path, "cyclic", "from igkd.attribution.registry import Attribution\n"
+                           "from igkd.config import PrecomputeConfig\n"
+                           "A = Attribution(name='cyc', help='x', compute=None, settings=dict)\n",
+                           "[igkd.attributions]\ncyc = cyclic:A\n")
     r = subprocess.run([sys.executable, "-m", "igkd", "precompute", "--help"], capture_output=True, text=True,
-                       env={**__import__("os").environ, "PYTHONPATH": str(plugin)}, timeout=120)
+                       env=env, timeout=120)
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("igkd: error: cannot load attribution 'cyc'")
     assert "import it inside the plug-in's functions" in r.stderr

@@ -1,7 +1,6 @@
 """A researcher's method part and attribution from outside igkd: what only worked for
 igkd's own parts, and the README's Python API as written."""
 
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from igkd.distill import parts as registry
 from igkd.distill.parts import Part
 from igkd.errors import UserError
 from igkd.options import opt
+from helpers_cli import installed_plugin
 
 
 class Named(Part):
@@ -66,14 +66,9 @@ PART = Repeat()
 def test_a_plugin_option_named_like_an_experiments_is_one_line(tmp_path):
     """ExperimentConfig extends DistillConfig: its `runs` silently replaced the part's, so
     `--runs` set the Monte Carlo count and the part never saw its option."""
-    plugin = tmp_path / "plugin"
-    info = plugin / "repeat_part-0.1.dist-info"
-    info.mkdir(parents=True)
-    (plugin / "repeat_part.py").write_text(PLUG)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: repeat-part\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[igkd.parts]\nrepeat = repeat_part:PART\n")
+    env = installed_plugin(tmp_path, "repeat_part", PLUG, "[igkd.parts]\nrepeat = repeat_part:PART\n")
     r = subprocess.run([sys.executable, "-m", "igkd", "experiment", "montecarlo", "--help"], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": str(plugin)}, timeout=120)
+                       text=True, env=env, timeout=120)
     assert r.returncode == 2 and r.stdout == "", r.stdout[-500:]
     assert r.stderr == ("igkd: error: method part 'repeat' declares option 'runs', which ExperimentConfig already "
                         "has; name the option after its part or attribution (e.g. repeat_runs)\n")

@@ -14,7 +14,7 @@ import torch
 
 from igkd.fileio import file_digest as file_sha256
 from igkd.models import build_model, read_metadata, save_checkpoint
-from test_trainer import trainer
+from test_trainer import stop_in_epoch, trainer
 
 from conftest import TINY_TEACHER
 
@@ -39,20 +39,6 @@ def _interrupt_after_replace(monkeypatch, name: str, nth: int) -> None:
     monkeypatch.setattr(os, "replace", replace)
 
 
-def _resume_until(run, epoch: int) -> None:
-    """``run.fit(resume=True)`` interrupted (Ctrl-C) as ``epoch`` starts (test_trainer's
-    stop_in_epoch, for a run that resumes)."""
-    real = run.train_epoch
-
-    def train_epoch(e):
-        if e == epoch:
-            raise KeyboardInterrupt
-        return real(e)
-    run.train_epoch = train_epoch
-    with pytest.raises(KeyboardInterrupt):
-        run.fit(resume=True)
-
-
 def _epoch_of(run: Path) -> tuple:
     """(epoch model.json names, whether its sha256 is model.safetensors')."""
     meta = json.loads((run / "model.json").read_text())
@@ -73,7 +59,7 @@ def test_a_kill_between_the_checkpoint_renames_is_completed_and_a_report_does_no
         trainer(tmp_path, "kd", epochs=3, val_fraction=0).fit()
     monkeypatch.undo()
     assert (run / "model-pending.json").exists() and _epoch_of(run) == (1, False)  # the state a kill leaves
-    _resume_until(trainer(tmp_path, "kd", epochs=3, val_fraction=0), 3)  # resumed, interrupted again
+    stop_in_epoch(trainer(tmp_path, "kd", epochs=3, val_fraction=0), 3, resume=True)  # resumed, interrupted again
     assert torch.load(run / "last.pt", weights_only=True)["best"]["epoch"] == 2
     assert _epoch_of(run) == (2, True) and not (run / "model-pending.json").exists()
     assert read_metadata(run / "model.safetensors")["epoch"] == 2

@@ -177,8 +177,8 @@ def test_training_learns(tmp_path):
     assert s["val_accuracy"] > 60  # 4 classes: chance is 25%
 
 
-def stop_in_epoch(run: Trainer, epoch: int) -> None:
-    """``run.fit()`` interrupted (Ctrl-C) as ``epoch`` starts."""
+def stop_in_epoch(run: Trainer, epoch: int, resume: bool = False) -> None:
+    """``run.fit(resume)`` interrupted (Ctrl-C) as ``epoch`` starts."""
     real = run.train_epoch
 
     def train_epoch(e):
@@ -187,7 +187,7 @@ def stop_in_epoch(run: Trainer, epoch: int) -> None:
         return real(e)
     run.train_epoch = train_epoch
     with pytest.raises(KeyboardInterrupt):
-        run.fit()
+        run.fit(resume)
 
 
 @pytest.mark.parametrize("method", ["kd+ig", "kd+cutmix"])  # an overlay, and a mix that changes the labels

@@ -329,18 +329,58 @@ def write_report(run_dir: str | Path, sections: list[tuple[str, object]] | None 
         stem = section + (f"_{seen[section]}" if seen[section] > 1 else "")
         write_text(run_dir / "tables" / f"{stem}.csv", table_csv(header, rows))
         write_text(run_dir / "tables" / f"{stem}.tex", table_latex(header, rows))
-    if not parts:
+    if not parts and not unfinished_experiments(run_dir, kinds_of(run_dir)):
         raise UserError(f"{run_dir} holds no experiment results (ablation.json, montecarlo.json, ...), no run "
                         "(summary.json) and no latency.json, export.json or audit.json; run 'igkd experiment', "
                         "'igkd train' or 'igkd distill' into it first")
-    kinds = (read_json(run_dir / "experiment.json") or {}).get("kinds")
-    kinds = [str(k) for k in kinds] if isinstance(kinds, list) else []
+    kinds = kinds_of(run_dir)
     # the folder's own name: 'igkd report .' (or '..') titled the report with an empty name
     title = run_dir.resolve().name or str(run_dir.resolve())
+    unfinished = unfinished_experiments(run_dir, kinds)
     text = (f"# igkd report: {title}\n\n" + (f"Experiments in this folder: {', '.join(kinds)}.\n\n" if kinds
-                                              else "") + "\n".join(parts))
+                                              else "") + (unfinished + "\n\n" if unfinished else "")
+            + "\n".join(parts))
     write_text(run_dir / "report.md", text)
     return text
+
+
+def kinds_of(run_dir: Path) -> list[str]:
+    """The experiments ``experiment.json`` says ran in ``run_dir`` (none for other folders)."""
+    kinds = (read_json(run_dir / "experiment.json") or {}).get("kinds")
+    return [str(k) for k in kinds] if isinstance(kinds, list) else []
+
+
+def unfinished_experiments(run_dir: Path, kinds: list[str]) -> str:
+    """What did not finish, in words: an experiment is marked in experiment.json when it starts
+    but writes ``KIND.json`` only once all its runs are done, so a killed one showed nothing but
+    its runs' curves under "Experiments in this folder: montecarlo", and runs of a later
+    invocation that did not finish (--runs raised, a method added) sat unmentioned beside the
+    results of the last one that did. Counts the runs ``runs/*/run.json`` tag with each
+    experiment and no results file lists; empty when everything finished."""
+    kinds = [k for k in kinds if k in CURVE_KINDS]  # a search's trials are its own section's
+    if not kinds or not (run_dir / "runs").is_dir():
+        return ""
+    results = {k: read_json(run_dir / f"{k}.json") for k in CURVE_KINDS}
+    listed = {row.get("run") for r in results.values() if r and isinstance(r.get("runs"), list)
+              for row in r["runs"] if isinstance(row, dict)}
+    counts: dict[str, list[int]] = {k: [0, 0] for k in kinds}  # finished, unfinished
+    for record in sorted((run_dir / "runs").glob("*/run.json")):
+        kind = (read_json(record) or {}).get("experiment")
+        if kind in counts and f"runs/{record.parent.name}" not in listed:
+            counts[kind][not (record.parent / "summary.json").exists()] += 1
+    notes = []
+    for kind in kinds:
+        done, open_ = counts[kind]
+        runs = (f"{done} finished and {open_} unfinished run{'s' * (open_ != 1)}" if open_
+                else f"{done} finished run{'s' * (done != 1)}")
+        if results[kind] is None:
+            notes.append(f"**{kind} has not finished**: no {kind}.json yet, so no {kind} results; runs/ holds "
+                         f"{runs} of it. Its command, run again, reuses the finished runs and resumes the others.")
+        elif done or open_:
+            notes.append(f"runs/ also holds {runs} of {kind} that {kind}.json does not list (other settings, "
+                         f"or a later {kind} that has not finished): the {kind} section shows the runs "
+                         f"{kind}.json lists.")
+    return "\n\n".join(notes)
 
 
 def terminal_summary(markdown: str) -> str:
@@ -457,11 +497,33 @@ def check_results(run_dir: Path) -> None:
 RUN_KEYS = ("model", "params", "best_epoch", "val_accuracy", "test_accuracy", "dataset", "epochs")
 
 
+def run_config(run_dir: Path) -> dict:
+    """The config.yaml a run writes when it starts ({} when absent or unreadable: it only
+    names an unfinished run's method and epoch budget)."""
+    import yaml
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _last_epoch(history: list[dict]) -> int:
+    return max((r["epoch"] for r in history), default=0)
+
+
 def run_section(run_dir: Path) -> str | None:
-    """A single training run folder (igkd train / distill): its summary."""
+    """A single training run folder (igkd train / distill): its summary, or what an unfinished
+    run got through (it has no summary.json: the report showed its curves and nothing else)."""
     s = read_json(run_dir / "summary.json")
     if s is None:
-        return None
+        if not ((run_dir / "metrics.jsonl").exists() or (run_dir / "last.pt").exists()):
+            return None
+        cfg, hist = run_config(run_dir), read_history(run_dir / "metrics.jsonl")
+        resume = ("its command with --resume continues it from last.pt" if (run_dir / "last.pt").exists()
+                  else "it has no last.pt to resume from")
+        return (f"## Run\n\n**Not finished**: no summary.json, so no test accuracy; epochs logged in metrics.jsonl: "
+                f"{_last_epoch(hist)} of {cfg.get('epochs', '?')}; {resume}.\n")
     missing = [k for k in RUN_KEYS if k not in s]
     if missing:
         raise _not_igkd(run_dir / "summary.json", f"has no {', '.join(repr(k) for k in missing)}")
@@ -540,8 +602,13 @@ def curve_groups(run_dir: Path) -> dict[str, list[list[dict]]]:
         return read_history(d / "metrics.jsonl")
 
     if (run_dir / "metrics.jsonl").exists():
-        summary = read_json(run_dir / "summary.json") or {}
-        groups[f"{summary.get('method', 'run')} ({summary.get('epochs', '?')} ep)"] = [history(run_dir)]
+        summary = read_json(run_dir / "summary.json")
+        if summary is None:  # unfinished: "run (? ep)" said neither that nor how far it got
+            cfg, hist = run_config(run_dir), history(run_dir)
+            name = f"{cfg.get('method', 'run')} (unfinished: {_last_epoch(hist)} of {cfg.get('epochs', '?')} ep)"
+        else:
+            name = f"{summary.get('method', 'run')} ({summary.get('epochs', '?')} ep)"
+        groups[name] = [history(run_dir)]
     listed: list[tuple[str | None, Path]] = []
     results = {kind: read_json(run_dir / f"{kind}.json") for kind in (*CURVE_KINDS, "search")}
     if any(results.values()):

@@ -41,7 +41,7 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) ->
         rows.append({"method": m, **{k: d[k] for k in ("n", "mean", "std", "ci_low", "ci_high")},
                      "gain": d["mean"] - describe(acc[base])["mean"], "params": params,
                      "compression": teacher["params"] / params if teacher else None,
-                     "val_mean": describe([r["val_accuracy"] for r in runs if r["method"] == m])["mean"]})
+                     "val_mean": _val_mean([r["val_accuracy"] for r in runs if r["method"] == m])})
     result = {**ctx, "baseline": base, "methods": methods, "seeds": cfg.seeds, "model": cfg.model,
               "epochs": cfg.epochs, "rows": rows, "runs": runs}
     if names:  # no paired tests here (single runs by default): the Monte Carlo has them
@@ -49,6 +49,13 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) ->
     table = ablation_table(result) + corruption_table(result)
     save_results(out, "ablation", result, table, cfg)
     return result
+
+
+def _val_mean(values: list) -> float:
+    """The mean validation accuracy, NaN without a validation split: --val-fraction 0 gives
+    every run NaN (None once read back from its summary.json), which describe refused with a
+    ValueError traceback after all the training."""
+    return describe(values)["mean"] if all(v is not None and v == v for v in values) else float("nan")
 
 
 def ablation_table(result: dict) -> str:

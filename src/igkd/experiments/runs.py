@@ -29,6 +29,7 @@ from .. import api
 from ..attribution import registry as attribution_registry
 from ..config import DistillConfig, PrecomputeConfig, to_dict
 from ..distill.parts import config_fields as part_config_fields, parse_method
+from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
 from ..fileio import write_json
 from ..progress import fmt_seconds, log
@@ -243,7 +244,7 @@ def run_jobs(jobs: list[Job], out: Path, what: str, quiet: bool = False, train_q
         summary = finished(out, job)
         if summary is not None:
             log(f"{head}: finished earlier (test {summary['test_accuracy']:.2f}%, val "
-                f"{summary['val_accuracy']:.2f}%), skipped", quiet)
+                f"{_pct(summary['val_accuracy'])}), skipped", quiet)
             results.append(summary)
             continue
         resume = (path / "last.pt").exists()
@@ -252,15 +253,27 @@ def run_jobs(jobs: list[Job], out: Path, what: str, quiet: bool = False, train_q
                                        "experiment": what.split()[0], "config": semantic_config(job.cfg),
                                        "data_sha256": data[job.cfg.data]})
         start = time.perf_counter()
-        summary = api.distill(job.cfg, path, resume=resume, quiet=train_quiet)
+        try:
+            summary = api.distill(job.cfg, path, resume=resume, quiet=train_quiet)
+        except TrainingDiverged as e:
+            if len(jobs) == 1:  # a search trial: its caller names it
+                raise
+            # the experiment stops here, and under --quiet its one line named no run of the N
+            raise TrainingDiverged(f"{head} ({path.relative_to(out)}): {e}") from None
         trained += 1
         spent += time.perf_counter() - start
         left = sum(1 for j in jobs[i:] if any(j is t for t in todo))
-        log(f"{head}: test {summary['test_accuracy']:.2f}%, val {summary['val_accuracy']:.2f}% in "
+        log(f"{head}: test {summary['test_accuracy']:.2f}%, val {_pct(summary['val_accuracy'])} in "
             f"{fmt_seconds(time.perf_counter() - start)}; ETA {fmt_seconds(spent / trained * left)} "
             f"({left} run(s) left)", quiet)
         results.append(summary)
     return results
+
+
+def _pct(value) -> str:
+    """An accuracy for the log; none without a validation split (--val-fraction 0: NaN, and
+    null in a reused run's summary.json, whose format was a TypeError traceback)."""
+    return "n/a" if value is None or value != value else f"{value:.2f}%"
 
 
 def run_record(summary: dict, job: Job, out: Path, corruptions: dict | None = None) -> dict:

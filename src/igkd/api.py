@@ -17,7 +17,7 @@ from .command_options import EvaluateConfig, api_config
 from .config import DistillConfig, PrecomputeConfig, TrainConfig
 from .data import Dataset, RowView, load_dataset
 from .distill import Trainer, parallel, parse_method
-from .distill.trainer import check_run_dir, refuse_world
+from .distill.trainer import check_run_dir, refuse_busy_run_dir, refuse_world
 from .distill.speed import amp_dtype
 from .errors import UserError
 from .fileio import writable_dir
@@ -176,6 +176,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool =
     _config(cfg, TrainConfig, "train")
     refuse_world()  # before the data is read (a folder's first decode takes minutes), not after
     out = _check_out(out)
+    refuse_busy_run_dir(out)
     check_run_dir(out, resume)  # before the data is read, not after
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -255,6 +256,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
     """
     _config(cfg, DistillConfig, "distill")
     out = _check_out(out)
+    refuse_busy_run_dir(out)  # another run writing it is named now, not after our precompute
     check_run_dir(out, resume)  # before the teacher, the data and the precompute, which take minutes
     _check_store_dir(cfg.store)
     method = parse_method(cfg.method)

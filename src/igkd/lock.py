@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -71,6 +72,40 @@ class DirLock:
                 return info
             time.sleep(0.02)
 
+    def refuse_if_held(self) -> None:
+        """Refuse, as ``acquire()`` would, while a live process holds the lock; take nothing.
+
+        For a command whose lock is taken only after long work (``distill`` locks its run
+        directory once the data, the teacher and the precompute are ready): a second run into
+        a folder being written did all that work first, then was refused; and one that looked
+        at the folder meanwhile was told it "already holds a run; pass --resume". Creates
+        nothing: a shared lock, got and dropped at once, fails only against a holder."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # no lock file (nobody holds it), or none we may open: acquire() will say so
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{self.what} {self.folder} is being written by {describe_owner(self._owner_soon())}; "
+                            f"{self.advice}") from None
+        except OSError:
+            pass  # a filesystem without flock: acquire() decides
+        finally:
+            os.close(fd)
+
+    def _lock_now(self, fd: int) -> bool:
+        """``flock(LOCK_EX | LOCK_NB)``, tried a few times over 0.1 s: a ``refuse_if_held`` look
+        holds its shared lock for microseconds and must not refuse a run that starts then."""
+        for attempt in range(5):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if attempt < 4:
+                    time.sleep(0.025)
+        return False
+
     def acquire(self, wait: bool = False, quiet: bool = False) -> "DirLock":
         if self.fd is not None:
             raise RuntimeError(f"{self.path} is already held by this object")
@@ -91,9 +126,7 @@ class DirLock:
                     raise
                 raise UserError(f"cannot write {self.what} {self.folder}: {e.strerror}; choose another path") \
                     from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not self._lock_now(fd):
                 holder = describe_owner(self._owner_soon())
                 if not wait:
                     os.close(fd)
@@ -160,3 +193,26 @@ class DirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextmanager
+def folder_held(folder: str | os.PathLike):
+    """Hold ``flock(LOCK_EX)`` on the folder itself while the block runs, waiting for whoever
+    holds it: for short steps that must not interleave with another process's (an export's
+    file and its sidecar landing together; an experiment folder's marker, read and written
+    back). No lock file is made, and a run directory's ``.igkd.lock`` (another
+    file) is not touched. Where a folder cannot be flocked (NFS emulates flock with POSIX
+    locks, which need a file open for writing) the block runs unlocked."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # not lockable here (see above): unlocked, as before
+        yield
+    finally:
+        os.close(fd)  # drops the lock

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from ..evaluate.corruptions import evenly_spaced
 from ..evaluate.cost import check_budget, measure_latency
 from ..export import embed_metadata, load_runner, logits_of, onnx_bytes, parity, quantize_int8, require_onnxruntime, torchscript_module
 from ..fileio import atomic_path, finite, writable_dir, writable_file, write_json
+from ..lock import folder_held
 from ..models import holds_own_weights, load_model, read_metadata
 from ..models.checkpoint import file_sha256
 from ..progress import log
@@ -108,7 +110,9 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     result: dict = {"out": str(output), "format": format, "int8": int8, "weights": str(weights),
                     "model": meta["model"], "data": dataset.spec, "accuracy_pytorch": accuracy(reference)}
     atol, min_agreement = cfg.atol, cfg.min_agreement
-    with atomic_path(output) as tmp:
+    # the file and its sidecar land together under the output folder's flock: two exports to one
+    # --output at once left one's file beside the other's sidecar (other weights, sha256, parity)
+    with ExitStack() as landing, atomic_path(output) as tmp:
         if format == "onnx":
             fp32 = onnx_bytes(net, shape)
             tmp.write_bytes(fp32)
@@ -144,11 +148,16 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
         sidecar = _sidecar(output, format, int8, weights, meta, dataset, shape, result)
         embed_metadata(tmp, finite(sidecar), format)  # inside the file too: it travels without the .json
         result["bytes"] = tmp.stat().st_size
+        landing.enter_context(folder_held(output.parent))
         # an earlier export's sidecar goes before the new file takes its name: a kill between the two
         # renames left the new model beside a .json describing the old one (its spec, classes,
         # source); now it is beside none, and its own embedded metadata still describes it
         Path(f"{output}.json").unlink(missing_ok=True)
-    write_json(Path(f"{output}.json"), sidecar)
+
+        def land(failed, *_) -> None:  # after atomic_path renamed the file, before the flock is dropped
+            if failed is None:
+                write_json(Path(f"{output}.json"), sidecar)
+        landing.push(land)
     result["sidecar"] = f"{output}.json"
     if report_dir:
         write_json(Path(report_dir) / "export.json", result)

@@ -89,6 +89,17 @@ RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "summary.json", "model.s
              *(f"{name}.{fmt}" for name in ("curves", "audit") for fmt in ("png", "pdf", "svg"))}
 
 
+RUN_LOCK_ADVICE = "wait for it to finish or choose another --out"
+
+
+def refuse_busy_run_dir(out: Path) -> None:
+    """Refuse an --out another run is writing now, naming it, before any work: ``Trainer.fit``
+    takes the lock only after the data, the teacher and the precompute (minutes of work, then
+    refused), and :func:`check_run_dir` meanwhile took that run's last.pt for a run to be
+    resumed ("already holds a run; pass --resume")."""
+    DirLock(out, "run directory", RUN_LOCK_ADVICE).refuse_if_held()
+
+
 def check_run_dir(out: Path, resume: bool) -> None:
     """Refuse an --out a run cannot use, before any work (``api.train``/``api.distill`` call it
     ahead of the data and the precompute, ``Trainer.fit`` again under the lock): a finished
@@ -569,7 +580,7 @@ class Trainer:
         lock, refused = None, None
         if self.rank == 0:
             try:
-                lock = DirLock(self.out, "run directory", "wait for it to finish or choose another --out").acquire()
+                lock = DirLock(self.out, "run directory", RUN_LOCK_ADVICE).acquire()
                 # judged here by rank 0 alone: another rank looking while rank 0 writes config.yaml
                 # (before metrics.jsonl) took the folder for the user's and failed on its own
                 check_run_dir(self.out, resume)

@@ -31,7 +31,8 @@ from ..config import DistillConfig, PrecomputeConfig, to_dict
 from ..distill.parts import config_fields as part_config_fields, parse_method
 from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
-from ..fileio import write_json
+from ..fileio import new_folder, write_json
+from ..lock import folder_held
 from ..progress import fmt_seconds, log
 from ..spec import canonical_spec
 from ..store import sha256_file
@@ -191,12 +192,15 @@ def prepare_out(out: str | Path, kind: str) -> Path:
     # hidden names are other workers' temporary files and locks (several workers may start at once)
     if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()) and not (out / MARKER).exists():
         raise UserError(f"{out} exists and is not an igkd experiment folder; choose another --out")
-    marker = read_record(out / MARKER, "delete it (the folder is marked again)") if (out / MARKER).exists() \
-        else {"igkd": "experiment"}
-    kinds = marker.setdefault("kinds", [])
-    if kind not in kinds:
-        kinds.append(kind)
-    write_json(out / MARKER, marker)
+    # read and written back under the folder's flock: two experiments started at once into one
+    # --out each wrote the marker it had read, and the other's kind was lost
+    with new_folder(out), folder_held(out):
+        marker = read_record(out / MARKER, "delete it (the folder is marked again)") if (out / MARKER).exists() \
+            else {"igkd": "experiment"}
+        kinds = marker.setdefault("kinds", [])
+        if kind not in kinds:
+            kinds.append(kind)
+        write_json(out / MARKER, marker)
     return out
 
 

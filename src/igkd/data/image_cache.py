@@ -310,7 +310,10 @@ def _build(folder: Path, source: str, labels: np.ndarray, shape: tuple, decode: 
             # no progress record yet: the first one is written after SYNC_SECONDS or when the build
             # stops, so a build that finishes sooner (any small dataset) never writes one
         elif any(done):
-            log.info("resuming the dataset cache %s: %d of %d chunks were already decoded", folder, sum(done), nchunks)
+            # shown (a warning: igkd sets no logging handler, so only warnings reach stderr): a user who
+            # stopped a long decode should see it resume, not wonder whether it started over
+            log.warning("resuming the dataset cache %s: %d of %d chunks were already decoded", folder, sum(done),
+                        nchunks)
         _fill(partial, progress_file, plan, lay, done, rows, row, n, decode, desc)
         fd = os.open(partial, os.O_RDWR | os.O_CLOEXEC)
         try:

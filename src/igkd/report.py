@@ -160,7 +160,7 @@ def training_curves(path: str | Path, histories: dict[str, list[dict] | list[lis
             ax.set_yticks([])
             ax.text(0.5, 0.5, none, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4")
         ax.grid(alpha=0.3)
-    (a if drawn[a] or not drawn[b] else b).legend(fontsize=7, loc="best")
+    legend_outside(b if drawn[b] or not drawn[a] else a)  # right of the panels: one legend for both
     fig.tight_layout()
     return _save(fig, path)
 
@@ -180,7 +180,11 @@ def accuracy_points(path: str | Path, names: list[str], accuracies: list[float],
     for i, v in enumerate(accuracies):
         ax.annotate(f"{v:.2f}", (i, v), xytext=(8, 0), textcoords="offset points", va="center", fontsize=8)
     if reference is not None:
-        ax.axhline(reference, color="k", ls="--", lw=1, label="teacher")
+        lows = [v - (e[0] if errors else 0) for v, e in zip(accuracies, errors or accuracies)]
+        highs = [v + (e[1] if errors else 0) for v, e in zip(accuracies, errors or accuracies)]
+        note = teacher_line(ax, reference, float(np.nanmin(lows)), float(np.nanmax(highs)))
+        if note:
+            ax.set_title(note, fontsize=8, loc="right")
     ax.set_xticks(x, names, rotation=20 if max(map(len, names)) > 10 else 0, ha="right" if max(map(len, names)) > 10
                   else "center")
     ax.set_xlim(-0.6, len(names) - 0.4)
@@ -191,6 +195,21 @@ def accuracy_points(path: str | Path, names: list[str], accuracies: list[float],
     return _save(fig, path)
 
 
+def teacher_line(ax, value: float, low: float, high: float, label: str = "teacher") -> str | None:
+    """The teacher's accuracy as a dashed line; or, where drawing it would squeeze the data
+    (``low`` .. ``high``) into under a third of the axis, no line and the note to show
+    instead (returned, for the caller's title): a teacher 35 points above students 2 points
+    apart left their differences a few pixels tall."""
+    span = max(high - low, 1.0)
+    if max(high, value) - min(low, value) <= 3 * span:
+        ax.axhline(value, color="k", ls="--", lw=1, label=label)
+        return None
+    return f"{label}: {value:.2f}, {'above' if value > high else 'below'} this axis"
+
+
+MARKERS = "os^Dv"  # per ten series: tab10's colours repeat from the eleventh
+
+
 def condition_points(path: str | Path, conditions: list[str], points: dict[str, list[dict]],
                      what: str = "test accuracy (%)") -> Path:
     """Accuracy per condition (clean, each corruption, ...) on the x-axis, one series per
@@ -198,6 +217,7 @@ def condition_points(path: str | Path, conditions: list[str], points: dict[str, 
     (``ci_low``/``ci_high`` not NaN), methods side by side within a condition."""
     plt = _plt()
     methods = list(points)
+    cmap = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(1.2 * len(conditions) + 3, 3.6))
     x = np.arange(len(conditions))
     width = 0.7 / max(1, len(methods))
@@ -207,37 +227,53 @@ def condition_points(path: str | Path, conditions: list[str], points: dict[str, 
         lo = np.array([p.get("ci_low", float("nan")) for p in points[m]], dtype=float)
         hi = np.array([p.get("ci_high", float("nan")) for p in points[m]], dtype=float)
         yerr = np.nan_to_num(np.vstack([means - lo, hi - means]), nan=0.0)
-        ax.errorbar(xs, means, yerr=yerr, fmt="o", ms=4, capsize=2, label=m)
+        # tab10 has ten colours: the eleventh method took the first one's, so its marker differs
+        ax.errorbar(xs, means, yerr=yerr, fmt=MARKERS[j // 10 % len(MARKERS)], ms=4, capsize=2, color=cmap(j % 10),
+                    label=m)
     ax.set_xticks(x, conditions, rotation=20, ha="right")
     ax.set_ylabel(what)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    legend_outside(ax)
     fig.tight_layout()
     return _save(fig, path)
 
 
 def paired_differences(path: str | Path, comparisons: list[tuple[str, list[float], dict]]) -> Path:
-    """Per comparison 'a - b': every run's paired difference as a dot, the mean with its 95%
-    CI, and zero: what the paired tests are about (a difference is significant where its
-    interval leaves zero)."""
+    """Per comparison 'a - b' (one row each): every run's paired difference as a dot, the
+    mean with its 95% CI, and zero: what the paired tests are about (a difference is
+    significant where its interval leaves zero). Rows, not columns: k methods make
+    k (k - 1) / 2 comparisons, and a figure one column wider per comparison (24 inches at
+    six methods) was shrunk by any page that showed it until its labels could not be read."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.4 * len(comparisons) + 2.5, 3.4))
+    n_rows = len(comparisons)
+    fig, ax = plt.subplots(figsize=(7.0, 0.34 * n_rows + 1.3))
     cmap = plt.get_cmap("tab10")
     for i, (name, diffs, t) in enumerate(comparisons):
         n = len(diffs)
-        xs = [i + (j - (n - 1) / 2) * min(0.05, 0.3 / max(1, n)) for j in range(n)]
-        ax.scatter(xs, diffs, s=14, c=[cmap(j % 10) for j in range(n)], zorder=3,
+        ys = [i - 0.12 + (j - (n - 1) / 2) * min(0.04, 0.2 / max(1, n)) for j in range(n)]
+        ax.scatter(diffs, ys, s=14, c=[cmap(j % 10) for j in range(n)], zorder=3,
                    label="runs (same colour = same run)" if i == 0 else None)
         if t.get("ci_low") is not None and t["ci_low"] == t["ci_low"]:
-            ax.errorbar([i + 0.3], [t["mean_diff"]], yerr=[[t["mean_diff"] - t["ci_low"]], [t["ci_high"] - t["mean_diff"]]],
-                        fmt="D", color="k", capsize=4, ms=5, label="mean, 95% CI" if i == 0 else None)
-    ax.axhline(0, color="gray", lw=1)
-    ax.set_xticks(range(len(comparisons)), [c[0] for c in comparisons], rotation=20, ha="right")
-    ax.set_ylabel("paired difference (points)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+            ax.errorbar([t["mean_diff"]], [i + 0.22], xerr=[[t["mean_diff"] - t["ci_low"]], [t["ci_high"] - t["mean_diff"]]],
+                        fmt="D", color="k", capsize=3, ms=4, label="mean, 95% CI" if i == 0 else None)
+    ax.axvline(0, color="gray", lw=1)
+    ax.set_yticks(range(n_rows), [c[0] for c in comparisons], fontsize=8)
+    ax.set_ylim(n_rows - 0.5, -0.5)  # the first comparison on top, as in the table
+    ax.set_xlabel("paired difference a - b (accuracy points)")
+    ax.grid(axis="x", alpha=0.3)
+    legend_outside(ax, above=True)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def legend_outside(ax, fontsize: int = 7, above: bool = False, **kwargs):
+    """The legend outside the axes (right of them, or ``above``), where it covers no data:
+    'best' inside the axes put it over points once a plot had many methods, and a fixed
+    corner put it over the last one."""
+    if above:
+        return ax.legend(fontsize=fontsize, loc="lower left", bbox_to_anchor=(0, 1.01), borderaxespad=0,
+                         ncol=kwargs.pop("ncol", 2), **kwargs)
+    return ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, **kwargs)
 
 
 FORMATS = ("png", "pdf", "svg")
@@ -566,6 +602,8 @@ def gallery_section(run_dir: Path) -> str | None:
         store = open_store(ctx["store"])
         train = dataset.train
         pick = [int((train.labels == c).nonzero()[0]) for c in range(dataset.num_classes) if (train.labels == c).any()]
+        which = (f"each of the first 10 of the {len(pick)} classes" if len(pick) > 10  # "each class" over 10 of 20
+                 else "each class")
         pick = torch.tensor(pick[:10])
         gallery(run_dir / "gallery.png", train.images[pick],
                 torch.from_numpy(store.maps[pick.numpy()].astype("float32")),
@@ -576,10 +614,11 @@ def gallery_section(run_dir: Path) -> str | None:
         # The store is a cache (another machine's, or cleared), or the images are not found from
         # here: the maps cannot be drawn.
         return f"## Teacher maps\n\n{why}\n"
-    # else: a committed result keeps the gallery drawn when its store existed; its text comes from the record
+    else:  # a committed result keeps the gallery drawn when its store existed; its text comes from the record
+        which = "each class"
     err = (f" Completeness error |sum IG - (F(x) - F(x'))| / |F(x) - F(x')|: median "
            f"{100 * d['median_relative']:.1f}%, 90th percentile {100 * d['p90_relative']:.1f}%." if d else "")
-    return (f"## Teacher maps\n\nFirst training image of each class, its map ({maps['description']}; sum over "
+    return (f"## Teacher maps\n\nFirst training image of {which}, its map ({maps['description']}; sum over "
             f"channels of the absolute attribution) and the overlay (p = 1).{err}\n\n![gallery](gallery.png)\n")
 
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from ..data import load_dataset
 from ..evaluate.cost import count_macs, measure_latency
 from ..errors import UserError
 from ..models import bare, build_model, count_parameters, family_of
 from ..progress import log
-from ..report import Shown, _plt, _save, markdown_table, read_json, shown
+from ..report import Shown, _plt, _save, legend_outside, markdown_table, read_json, shown
 from ..spec import Spec, canonical_spec, parse_spec
 from .common import methods_of, save_results, setup
 from .config import ExperimentConfig, distill_config, split_list
@@ -154,13 +156,14 @@ def curves(path: Path, result: dict) -> Path:
     with_lat = result["teacher_cost"].get("latency") is not None
     panels = [("compression", "compression factor (teacher params / student params)")]
     panels += [("latency", "CPU latency, median ms per call")] if with_lat else []
-    panels += [("macs", "multiply-accumulates per image")]
+    panels += [("macs", "multiply-accumulates per image (millions)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     cmap = plt.get_cmap("tab10")
     t = result["teacher"]
 
     def xval(row: dict, what: str) -> float:
-        return row["latency"]["median_ms"] if what == "latency" else row[what]
+        return (row["latency"]["median_ms"] if what == "latency" else row[what] / 1e6 if what == "macs"
+                else row[what])
 
     for ax, (what, label) in zip(axes[0], panels):
         for i, m in enumerate(result["methods"]):
@@ -175,13 +178,31 @@ def curves(path: Path, result: dict) -> Path:
             ax.plot([xval({**result["teacher_cost"], "latency": result["teacher_cost"].get("latency")}, what)],
                     [t["test_accuracy"]], "k*", ms=9)
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # no crowded labels between decades
+        log_ticks(ax, [xval(r, what) for r in result["runs"]]
+                  + ([] if what == "compression" else [xval(result["teacher_cost"], what)]))
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=7)
+    legend_outside(axes[0][-1])  # right of the panels, as the other figures': "best" could cover points
     fig.tight_layout()
     return _save(fig, path)
+
+
+def log_ticks(ax, values: list[float]) -> None:
+    """Labelled ticks on a log x-axis at 1, 2 and 5 times powers of ten, or, over a range too
+    narrow for two of those, at four points across it: labels only at powers of ten left a
+    panel whose values lay within one decade (latencies of 4 to 9 ms) with no number at all."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+    values = [float(v) for v in values if float(v) > 0]
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    ticks = [t for t in LogLocator(subs=(1.0, 2.0, 5.0)).tick_values(lo, hi) if lo / 1.05 <= t <= hi * 1.05]
+    if len(ticks) < 2:
+        ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(lo, hi, 4)})
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded labels between the ticks
 
 
 def section(run_dir: Path) -> str | None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import Shown, _plt, _save, accuracy_points, markdown_table, paired_differences, read_json, shown
+from ..report import (Shown, _plt, _save, accuracy_points, legend_outside, markdown_table, paired_differences, read_json,
+                      shown, teacher_line)
 from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, setup
 from .config import ExperimentConfig, corruption_names, distill_config
 from .runs import Job, corruption_scores, run_jobs, run_record
@@ -158,11 +159,15 @@ def distribution_plot(path: Path, result: dict) -> Path:
         n = len(acc[m])
         xs = [i + (j - (n - 1) / 2) * min(0.05, 0.35 / max(1, n)) for j in range(n)]
         ax.scatter(xs, acc[m], s=14, c=[cmap(j % 10) for j in range(n)], zorder=3)
+    note = None
     if result.get("teacher"):
-        ax.axhline(result["teacher"]["test_accuracy"], color="k", ls="--", lw=1, label="teacher")
-        ax.legend(loc="lower right")
+        values = [v for m in methods for v in acc[m]]
+        note = teacher_line(ax, result["teacher"]["test_accuracy"], min(values), max(values))
+        if note is None:
+            legend_outside(ax)  # "lower right" covered the last method's runs
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{result['runs_count']} runs, each on its own {100 * result['subset']:.0f}% subset", fontsize=9)
+    ax.set_title(f"{result['runs_count']} runs, each on its own {100 * result['subset']:.0f}% subset"
+                 + (f"\n{note}" if note else ""), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
@@ -196,6 +201,10 @@ def section(run_dir: Path) -> str | None:
             f"{100 * r['subset']:.0f}% subset of the training set ({r['train_images']} training images after the "
             f"validation split) with seed {r['seed']}+r, shared by all methods of that run; {r['epochs']} epoch{'s' * (r['epochs'] != 1)}; "
             f"accuracy on the test split.{tests}\n\n{montecarlo_tables({**r, 'corruptions': None})}\n\n"
+            # the box plot's marks were explained nowhere (a green triangle, an orange line)
+            "Figures: each run's accuracy per method (dots, one colour per run; box: quartiles, orange line: "
+            "median, triangle: mean); the means with their 95% t-intervals"
+            + ("; each comparison's per-run paired differences with their mean and 95% CI" if m else "") + ".\n\n"
             "![Monte Carlo distribution](montecarlo.png)\n\n![means with 95% CI](montecarlo_bars.png)\n"
             + ("\n![paired differences, every run and the mean with its 95% CI](montecarlo_differences.png)\n" if m
                else ""))

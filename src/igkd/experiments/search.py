@@ -561,7 +561,10 @@ def heat_map(path: Path, result: dict) -> Path | None:
         for i in range(len(als)):
             for j in range(len(ts)):
                 if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w")
+                    # white on viridis' yellow end could not be read, and those are the best cells
+                    light = im.norm(grid[i, j]) > 0.6
+                    ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7,
+                            color="k" if light else "w")
     else:
         im = ax.scatter([t["params"]["T"] for t in done], [t["params"]["alpha"] for t in done],
                         c=[t["val_accuracy"] for t in done], cmap="viridis", s=30)
@@ -570,7 +573,10 @@ def heat_map(path: Path, result: dict) -> Path | None:
     ax.set_xlabel("temperature T")
     ax.set_ylabel("KD weight alpha")
     others = [n for n in result["space"] if n not in ("T", "alpha")]
-    ax.set_title("mean over " + ", ".join(others) if others and result["sampler"] == "grid" else "trials", fontsize=9)
+    # "trials" said neither what the colour is nor that a grid cell is a mean
+    ax.set_title(("validation accuracy per (T, alpha), mean over " + ", ".join(others) if others else
+                  "validation accuracy per (T, alpha)") if result["sampler"] == "grid" else
+                 f"validation accuracy of each of the {len(done)} trials", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -157,13 +157,13 @@ def check_cache_dir() -> None:
 
 
 def _print_train_summary(s: dict, as_json: bool = False) -> None:
-    from .progress import is_rank0
+    from .progress import fmt_percent, is_rank0
     if not is_rank0():  # under torchrun only rank 0 prints
         return
     if as_json:
         print(dumps(s, indent=2))
         return
-    val = "n/a" if s["val_accuracy"] is None or s["val_accuracy"] != s["val_accuracy"] else f"{s['val_accuracy']:.2f}%"
+    val = fmt_percent(s["val_accuracy"])
     print(f"{s['method']}: {s['model']} ({s['params']:,} params) test accuracy {s['test_accuracy']:.2f}% "
           f"(best epoch {s['best_epoch']}, val {val})")
 

@@ -11,6 +11,8 @@ import shlex
 from pathlib import Path
 
 from .distill.parts import parse_method
+from .progress import fmt_percent
+
 
 def _anywhere(text: str) -> str:
     """``text`` (a data or model spec) with a relative path in it made absolute: the card's
@@ -31,10 +33,6 @@ def _anywhere(text: str) -> str:
         return text
     arg = f"{path.resolve()}{sep}{tail}" if sep else str(path.resolve())
     return str(Spec(spec.kind, arg, spec.options))
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None or v != v else f"{v:.2f}%"
 
 
 def model_card(summary: dict, meta: dict) -> str:
@@ -95,14 +93,14 @@ def model_card(summary: dict, meta: dict) -> str:
                   " --model py:FILE.py:CALLABLE" if api_module else "")
     if validated:
         val_row = (f"| validation (best epoch, {summary.get('best_epoch')} of {summary.get('epochs')}) | "
-                   f"{_pct(summary.get('val_accuracy'))} | | | {summary.get('val_images', '?')} |")
+                   f"{fmt_percent(summary.get('val_accuracy'))} | | | {summary.get('val_images', '?')} |")
         kept = "`model.safetensors` holds the best epoch by validation accuracy."
     else:
         val_row = "| validation | none (--val-fraction 0) | | | 0 |"
         kept = "`model.safetensors` holds the last epoch (no validation split chose one: --val-fraction 0)."
     lines += ["", "## Accuracy", "",
               "| split | accuracy | balanced accuracy | Cohen's kappa | images |", "|---|---:|---:|---:|---:|",
-              f"| test | {_pct(summary.get('test_accuracy'))} | {_pct(test.get('balanced_accuracy'))} | {kappa} | "
+              f"| test | {fmt_percent(summary.get('test_accuracy'))} | {fmt_percent(test.get('balanced_accuracy'))} | {kappa} | "
               f"{test.get('total', '?')} |",
               val_row, "",
               f"Trained for {summary.get('epochs')} epochs ({summary.get('train_seconds', 0):.0f} s, "

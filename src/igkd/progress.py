@@ -16,6 +16,12 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+def fmt_percent(v) -> str:
+    """An accuracy in percent, ``n/a`` where there is none (no validation split: NaN, or null
+    once read back from JSON)."""
+    return "n/a" if v is None or v != v else f"{v:.2f}%"
+
+
 class Progress:
     """``with Progress(total, "precompute", "img") as p: p.update(n)``.
 

@@ -365,14 +365,14 @@ def write_report(run_dir: str | Path, sections: list[tuple[str, object]] | None 
         stem = section + (f"_{seen[section]}" if seen[section] > 1 else "")
         write_text(run_dir / "tables" / f"{stem}.csv", table_csv(header, rows))
         write_text(run_dir / "tables" / f"{stem}.tex", table_latex(header, rows))
-    if not parts and not unfinished_experiments(run_dir, kinds_of(run_dir)):
+    kinds = kinds_of(run_dir)
+    unfinished = unfinished_experiments(run_dir, kinds)
+    if not parts and not unfinished:
         raise UserError(f"{run_dir} holds no experiment results (ablation.json, montecarlo.json, ...), no run "
                         "(summary.json) and no latency.json, export.json or audit.json; run 'igkd experiment', "
                         "'igkd train' or 'igkd distill' into it first")
-    kinds = kinds_of(run_dir)
     # the folder's own name: 'igkd report .' (or '..') titled the report with an empty name
     title = run_dir.resolve().name or str(run_dir.resolve())
-    unfinished = unfinished_experiments(run_dir, kinds)
     text = (f"# igkd report: {title}\n\n" + (f"Experiments in this folder: {', '.join(kinds)}.\n\n" if kinds
                                               else "") + (unfinished + "\n\n" if unfinished else "")
             + "\n".join(parts))

@@ -33,7 +33,7 @@ from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
 from ..fileio import new_folder, write_json
 from ..lock import folder_held
-from ..progress import fmt_seconds, log
+from ..progress import fmt_percent, fmt_seconds, log
 from ..spec import canonical_spec
 from ..store import sha256_file
 
@@ -248,7 +248,7 @@ def run_jobs(jobs: list[Job], out: Path, what: str, quiet: bool = False, train_q
         summary = finished(out, job)
         if summary is not None:
             log(f"{head}: finished earlier (test {summary['test_accuracy']:.2f}%, val "
-                f"{_pct(summary['val_accuracy'])}), skipped", quiet)
+                f"{fmt_percent(summary['val_accuracy'])}), skipped", quiet)
             results.append(summary)
             continue
         resume = (path / "last.pt").exists()
@@ -267,17 +267,11 @@ def run_jobs(jobs: list[Job], out: Path, what: str, quiet: bool = False, train_q
         trained += 1
         spent += time.perf_counter() - start
         left = sum(1 for j in jobs[i:] if any(j is t for t in todo))
-        log(f"{head}: test {summary['test_accuracy']:.2f}%, val {_pct(summary['val_accuracy'])} in "
+        log(f"{head}: test {summary['test_accuracy']:.2f}%, val {fmt_percent(summary['val_accuracy'])} in "
             f"{fmt_seconds(time.perf_counter() - start)}; ETA {fmt_seconds(spent / trained * left)} "
             f"({left} run(s) left)", quiet)
         results.append(summary)
     return results
-
-
-def _pct(value) -> str:
-    """An accuracy for the log; none without a validation split (--val-fraction 0: NaN, and
-    null in a reused run's summary.json, whose format was a TypeError traceback)."""
-    return "n/a" if value is None or value != value else f"{value:.2f}%"
 
 
 def run_record(summary: dict, job: Job, out: Path, corruptions: dict | None = None) -> dict:

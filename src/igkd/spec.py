@@ -56,25 +56,34 @@ def _quote(text: str, arg: bool = False) -> str:
     return "".join(out) + quote
 
 
-def _split(rest: str, text: str, what: str) -> list[str]:
-    """Split at commas outside single or double quotes; the quotes themselves are removed."""
+def split_outside_quotes(text: str, keep_quotes: bool = False) -> tuple[list[str], str]:
+    """``text`` split at the commas outside single or double quotes, the quotes removed (or
+    kept), and the quote left open at its end ("" when every quote is closed)."""
     items, current, quote = [], [], ""
-    for c in rest:
+    for c in text:
         if quote:
             if c == quote:
                 quote = ""
-            else:
-                current.append(c)
+                if not keep_quotes:
+                    continue
         elif c in "'\"":
             quote = c
+            if not keep_quotes:
+                continue
         elif c == ",":
             items.append("".join(current))
             current = []
-        else:
-            current.append(c)
+            continue
+        current.append(c)
+    items.append("".join(current))
+    return items, quote
+
+
+def _split(rest: str, text: str, what: str) -> list[str]:
+    """Split at commas outside single or double quotes; the quotes themselves are removed."""
+    items, quote = split_outside_quotes(rest)
     if quote:
         raise UserError(f"unclosed {quote} quote in {what} '{text}'; close it, e.g. imagefolder:\"/data/a,b\"")
-    items.append("".join(current))
     return items
 
 

@@ -13,20 +13,9 @@ def _pieces(text: str) -> list[str]:
     """``text`` split at the commas outside quotes, the quotes kept: a spec's quoted path
     (``py:'/my nets, v2/net.py:make'``) is one piece. Where a quote is never closed (a path
     like ``/data/bob's/m.pt``), at every comma as before."""
-    pieces, current, quote = [], [], ""
-    for c in text:
-        if quote:
-            quote = "" if c == quote else quote
-        elif c in "'\"":
-            quote = c
-        elif c == ",":
-            pieces.append("".join(current))
-            current = []
-            continue
-        current.append(c)
-    if quote:
-        return text.split(",")
-    return pieces + ["".join(current)]
+    from ..spec import split_outside_quotes
+    pieces, quote = split_outside_quotes(text, keep_quotes=True)
+    return text.split(",") if quote else pieces
 
 
 def _cut_at_comma(piece: str) -> bool:

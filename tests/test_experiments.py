@@ -373,8 +373,11 @@ def test_search_requeues_the_point_of_a_dead_worker(exp_dir, tmp_path):
     assert done == [0.3, 0.7] and result["complete"] == 2
 
 
-def test_tpe_search_samples_within_the_ranges_up_to_the_trial_budget(exp_dir, tmp_path):
+def test_tpe_search_samples_within_the_ranges_up_to_the_trial_budget(exp_dir, tmp_path, monkeypatch):
     pytest.importorskip("optuna")
+    import fcntl
+
+    from igkd.experiments import search
     from igkd.experiments.search import run_search
     cfg = resolve("search", write_config(tmp_path / "s.yaml", {"search": {
         "sampler": "tpe", "trials": 2, "search_method": "kd", "T_values": [2], "alpha_values": [0.2, 0.8]}}),
@@ -386,7 +389,22 @@ def test_tpe_search_samples_within_the_ranges_up_to_the_trial_budget(exp_dir, tm
         assert t["params"]["T"] == 2 and 0.2 <= t["params"]["alpha"] <= 0.8
         summary = json.loads((exp_dir / t["run"] / "summary.json").read_text())
         assert t["val_accuracy"] == summary["val_accuracy"]
+    # a worker reads the study and writes search.json under the folder's lock: two workers finishing
+    # at once could otherwise leave the file as the one that read the study first saw it
+    collect, held = search.collect, []
+
+    def collect_checking_the_lock(*args):
+        with open(exp_dir / ".setup.lock") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return collect(*args)
+    monkeypatch.setattr(search, "collect", collect_checking_the_lock)
     assert run_search(cfg, exp_dir, quiet=True)["complete"] == 2  # the budget is spent: no third trial
+    assert held == [True]
 
 
 def test_missing_optuna_is_a_one_line_install_hint(monkeypatch):

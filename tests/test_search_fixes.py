@@ -45,6 +45,18 @@ def study_of(cfg, heartbeat: int | None = None):
 
 
 # ---------------------------------------------------------------- 1. the study's recipe
+@pytest.mark.parametrize("attr", ["x", ["a"], {"sampler": "grid", "method": "kd", "space": {}, "heartbeat": "soon"}])
+def test_a_study_another_tool_set_up_is_refused_in_one_line(tmp_path, attr):
+    """A study of igkd's name whose 'igkd' attribute is not igkd's record was an AttributeError
+    (a string or list) or a ValueError (a heartbeat that is not a number) in every worker."""
+    cfg = config(tmp_path, {"search_method": "kd", "T_values": [1], "alpha_values": [0.5]},
+                 {"storage": f"sqlite:///{tmp_path / 'other.db'}", "study": "other"})
+    optuna.create_study(study_name="other", storage=cfg.storage).set_user_attr("igkd", attr)
+    with pytest.raises(UserError, match=r"^study 'other' in this storage was not set up by igkd \(its 'igkd' "
+                                        r"attribute, a (str|list|dict), .*; use another --study name$"):
+        study_of(cfg)
+
+
 def test_a_study_refuses_a_worker_with_another_recipe(tmp_path):
     """Rerun with --epochs 2, the study reported (and TPE learnt from) 1-epoch trials."""
     db = {"storage": f"sqlite:///{tmp_path / 'recipe.db'}", "study": "recipe"}

@@ -279,6 +279,11 @@ def open_study(cfg: ExperimentConfig, storage, space: dict, sampler) -> tuple[ob
                             "while queueing the grid); use another --study name")
         time.sleep(0.5)
     have = study.user_attrs["igkd"]
+    if not _igkd_attr(have):
+        # a study of the same name set up by another tool (or a damaged storage): its trials are
+        # not igkd's, and reading its attribute as igkd's was an AttributeError or a ValueError
+        raise UserError(f"study {cfg.study!r} in this storage was not set up by igkd (its 'igkd' attribute, a "
+                        f"{type(have).__name__}, is not the record igkd writes); use another --study name")
     meta = json.loads(json.dumps(meta))
     if any(meta[k] != have.get(k) for k in ("sampler", "method", "space")):
         raise UserError(f"study {cfg.study!r} in this storage searches {have['sampler']} {have['method']} over "
@@ -292,6 +297,14 @@ def open_study(cfg: ExperimentConfig, storage, space: dict, sampler) -> tuple[ob
                         f"{recipe_difference(stored, meta['recipe'])}; use the study's settings, or another "
                         "--study name (or --storage, or --out for the default search.db)")
     return study, False
+
+
+def _igkd_attr(have) -> bool:
+    """Whether a study's ``igkd`` user attribute has the shape :func:`open_study` writes."""
+    beat = have.get("heartbeat", 1) if isinstance(have, dict) else None
+    return (isinstance(have, dict) and all(isinstance(have.get(k), str) for k in ("sampler", "method"))
+            and isinstance(have.get("space"), dict) and isinstance(have.get("recipe", {}), dict)
+            and isinstance(beat, int) and not isinstance(beat, bool) and beat > 0)
 
 
 def _as_now(recipe: dict, now: dict) -> dict:
@@ -505,10 +518,13 @@ def run_search(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> d
                 f"{3 * beat} s) and queued its point again; its finished run will be reused there", quiet)
             continue
         done_here += 1
-    result = collect(study, cfg, space, ctx, url)
+    # collected and written under the folder's lock: two workers finishing at once could each read
+    # the study, then the one that read it first wrote last, leaving search.json a trial behind
+    with folder_lock(out / ".setup.lock"):
+        result = collect(study, cfg, space, ctx, url)
+        table = search_table(result)
+        save_results(out, "search", result, table, cfg)
     running = sum(1 for t in result["trials"] if t["state"] == "RUNNING")
-    table = search_table(result)
-    save_results(out, "search", result, table, cfg)
     best = result["best"]
     log(f"search: this worker ran {done_here} trial(s); {result['complete']} complete"
         + (f", {running} still running on other workers" if running else "")

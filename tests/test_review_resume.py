@@ -109,8 +109,11 @@ def test_an_export_killed_before_its_sidecar_leaves_no_sidecar_of_another_model(
     first = _checkpoint(tmp_path / "a", TINY_TEACHER, 0)
     second = _checkpoint(tmp_path / "b", "mobilenetv2:width=0.25,drop=14", 1)
     out = tmp_path / "m.pt"
-    igkd.export_model(first, out, "torchscript", data="demo", images=16, quiet=True)
+    report = tmp_path / "run"
+    report.mkdir()
+    igkd.export_model(first, out, "torchscript", data="demo", images=16, report_dir=report, quiet=True)
     assert json.loads(Path(f"{out}.json").read_text())["model"] == TINY_TEACHER
+    assert json.loads((report / "export.json").read_text())["model"] == TINY_TEACHER
 
     real = export_module.write_json
 
@@ -120,7 +123,9 @@ def test_an_export_killed_before_its_sidecar_leaves_no_sidecar_of_another_model(
         real(path, obj)
     monkeypatch.setattr(export_module, "write_json", write_json)
     with pytest.raises(KeyboardInterrupt):
-        igkd.export_model(second, out, "torchscript", data="demo", images=16, quiet=True)
+        igkd.export_model(second, out, "torchscript", data="demo", images=16, report_dir=report, quiet=True)
     assert read_export_metadata(out)["model"] == "mobilenetv2:width=0.25,drop=14"  # the new file
     sidecar = Path(f"{out}.json")
     assert not sidecar.exists() or json.loads(sidecar.read_text())["source"]["sha256"] == file_sha256(second)
+    # nor a report folder's export.json describing the old export (its model, parity, sha256)
+    assert not (report / "export.json").exists()

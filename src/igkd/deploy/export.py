@@ -153,6 +153,8 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
         # renames left the new model beside a .json describing the old one (its spec, classes,
         # source); now it is beside none, and its own embedded metadata still describes it
         Path(f"{output}.json").unlink(missing_ok=True)
+        if report_dir:  # likewise the run's export.json: a kill before it is rewritten left the old export's
+            (Path(report_dir) / "export.json").unlink(missing_ok=True)
 
         def land(failed, *_) -> None:  # after atomic_path renamed the file, before the flock is dropped
             if failed is None:

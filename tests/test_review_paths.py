@@ -103,3 +103,30 @@ def test_text_naming_a_non_ascii_path_is_written_under_a_python_without_utf8_mod
     from igkd.fileio import write_text
     write_text(tmp_path / "README.md", "run st\udcc3\udcbcdent")
     assert (tmp_path / "README.md").read_text(encoding="utf-8") == "run stüdent"
+
+
+def test_a_semicolon_inside_quotes_belongs_to_its_spec_in_lists_of_students(tmp_path):
+    """--students and audit's --student-model separate specs with ';': a module in a folder
+    named 'a;b' was cut in two. Quoted, its path is one spec; a YAML list entry holding an
+    unquoted ';' is refused rather than read as two students."""
+    from igkd.deploy.audit import _student_specs
+    from igkd.errors import UserError
+    from igkd.experiments.compression import student_specs
+    from igkd.experiments.config import _flatten_lists, resolve
+    from igkd.spec import canonical_spec, split_specs
+    folder = tmp_path / "a;b"
+    folder.mkdir()
+    (folder / "net.py").write_text(NET)
+    quoted = f'py:"{folder}/net.py":make,width=3'
+    cfg = resolve("compression", overrides=dict(depths="", widths="", students=f"{quoted}; resnet:depth=8"))
+    specs = [spec for _, _, spec in student_specs(cfg)]
+    assert specs == [quoted, "resnet:depth=8"]
+    assert build_model(specs[0], 10, 3)[0].out_channels == 3
+    assert _student_specs(f"{quoted};", 2) == [quoted, ""]
+    # a spec written back (a run's record, a canonical key) is quoted, so it splits as one again
+    assert split_specs(canonical_spec(quoted) + ";resnet", "x") == [f"py:'{folder}/net.py:make',width=3", "resnet"]
+    assert _flatten_lists({"students": [quoted, "resnet:depth=8"]})["students"] == f"{quoted};resnet:depth=8"
+    with pytest.raises(UserError, match=r"^students entry 'py:.*a;b/net.py:make' holds a ';'; quote the part"):
+        _flatten_lists({"students": [f"py:{folder}/net.py:make"]})
+    with pytest.raises(UserError, match=r"^unclosed \" quote in --student-model"):
+        _student_specs(f'py:"{folder}/net.py:make', 1)

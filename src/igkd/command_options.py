@@ -162,7 +162,8 @@ class _AuditBase(_Validated):
     teacher_normalize: str = teacher_normalize_opt("teacher")
     student_model: str = opt("", "architecture of foreign student files, e.g. mobilenetv2:drop=5 for the "
                              "paper's: one for every student, or one per --student in their order, empty where "
-                             "the file's metadata names it (default: from their metadata)",
+                             "the file's metadata names it, separated by ';' (quote a path holding ';') (default: from their "
+                             "metadata)",
                              metavar="SPEC[;SPEC...]")
     images: int = opt(64, "test images, evenly spaced over the split", low=1, high=1 << 20, unit="images")
     target: str = opt("label", "class each model attributes: the true label (the same question for all) or its "

@@ -38,11 +38,12 @@ class Spec:
 
 def _quote(text: str, arg: bool = False) -> str:
     """``text`` quoted when it would otherwise be read back differently: a comma or quote
-    splits or confuses the spec, outer spaces are stripped, and in the positional argument an
+    splits or confuses the spec, a ';' splits a list of specs (--students), outer spaces are
+    stripped, and in the positional argument an
     ``=`` makes it an option (``key=value``) and an empty one vanishes. (``:`` needs no quotes:
     only the first one, after the kind, separates.) A text holding both quote characters is
     written as adjacent quoted runs (``'a"b'"c'd"``), which the parser joins."""
-    if not (any(c in text for c in ',"\'') or text != text.strip() or (arg and ("=" in text or not text))):
+    if not (any(c in text for c in ',;"\'') or text != text.strip() or (arg and ("=" in text or not text))):
         return text
     if not ("'" in text and '"' in text):
         return "'" + text + "'" if "'" not in text else '"' + text + '"'
@@ -56,9 +57,9 @@ def _quote(text: str, arg: bool = False) -> str:
     return "".join(out) + quote
 
 
-def split_outside_quotes(text: str, keep_quotes: bool = False) -> tuple[list[str], str]:
-    """``text`` split at the commas outside single or double quotes, the quotes removed (or
-    kept), and the quote left open at its end ("" when every quote is closed)."""
+def split_outside_quotes(text: str, keep_quotes: bool = False, sep: str = ",") -> tuple[list[str], str]:
+    """``text`` split at the ``sep`` characters outside single or double quotes, the quotes
+    removed (or kept), and the quote left open at its end ("" when every quote is closed)."""
     items, current, quote = [], [], ""
     for c in text:
         if quote:
@@ -70,13 +71,23 @@ def split_outside_quotes(text: str, keep_quotes: bool = False) -> tuple[list[str
             quote = c
             if not keep_quotes:
                 continue
-        elif c == ",":
+        elif c == sep:
             items.append("".join(current))
             current = []
             continue
         current.append(c)
     items.append("".join(current))
     return items, quote
+
+
+def split_specs(text: str, what: str) -> list[str]:
+    """A list of specs separated by ';' (a spec holds commas itself), stripped; a ';' inside
+    quotes belongs to its spec (``py:"/a;b/net.py":make``), and the quotes stay for
+    :func:`parse_spec` to remove."""
+    items, quote = split_outside_quotes(text, keep_quotes=True, sep=";")
+    if quote:
+        raise UserError(f"unclosed {quote} quote in {what} '{text}'; close it, e.g. py:\"/a;b/net.py\":make")
+    return [item.strip() for item in items]
 
 
 def _split(rest: str, text: str, what: str) -> list[str]:

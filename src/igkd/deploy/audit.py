@@ -19,7 +19,7 @@ from ..fileio import writable_dir, write_json
 from ..models import count_parameters, holds_own_weights, load_model, read_metadata
 from ..progress import Progress
 from ..runtime import set_threads
-from ..spec import parse_spec
+from ..spec import parse_spec, split_specs
 from .common import existing, split_files
 from .plots import audit_gallery
 
@@ -139,7 +139,7 @@ def _student_specs(text: str, n: int) -> list[str]:
     spec holds commas: mobilenetv2:drop=5,width=0.5), '' where a file's metadata names it.
     A plain student and a compressed one of another architecture took the same spec and one
     of them failed to load."""
-    specs = [s.strip() for s in text.split(";")] if text else [""]
+    specs = split_specs(text, "--student-model") if text else [""]
     if len(specs) == 1:
         return specs * n
     if len(specs) != n:

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..models import bare, build_model, count_parameters, family_of
 from ..progress import log
 from ..report import Shown, _plt, _save, legend_outside, markdown_table, read_json, shown
-from ..spec import Spec, canonical_spec, parse_spec
+from ..spec import Spec, canonical_spec, parse_spec, split_specs
 from .common import methods_of, save_results, setup
 from .config import ExperimentConfig, distill_config, split_list
 from .runs import Job, run_jobs, run_record
@@ -46,7 +46,7 @@ def student_specs(cfg: ExperimentConfig) -> list[tuple[str, float, str]]:
                             f"--sweep-knobs {axis}=NAME, or give students with --students and empty {flag}")
         for v in values:
             out.append((axis, v, str(Spec(base.kind, base.arg, {**base.options, knob: f"{v:g}"}))))
-    out += [("spec", i, s) for i, s in enumerate(s.strip() for s in cfg.students.split(";")) if s]
+    out += [("spec", i, s) for i, s in enumerate(split_specs(cfg.students, "--students")) if s]
     if not out:
         raise UserError("the sweep is empty; give --depths, --widths and/or --students")
     return _once(out)

@@ -25,6 +25,7 @@ from ..config import (DistillConfig, attribution_owners, build, find_config, loa
 from ..distill.parts import field_owners
 from ..distill.methods import parse_method
 from ..errors import UserError
+from ..spec import split_specs
 
 KINDS = ("ablation", "montecarlo", "compression", "search")
 
@@ -76,7 +77,7 @@ class ExperimentConfig(DistillConfig):
                            "'depth=NAME,width=NAME' (either alone); empty: its family's (for a py: factory, name "
                            "its own keyword arguments, e.g. depth=blocks,width=mult)")
     students: str = opt("", "compression: further student specs, any family, separated by ';' (a list in YAML), "
-                        "e.g. 'resnet:depth=20;wrn:depth=16,k=2'")
+                        "e.g. 'resnet:depth=20;wrn:depth=16,k=2' (quote a path holding ';': py:\"/a;b/net.py\":make)")
     latency: bool = opt(True, "compression: measure CPU latency of the teacher and every student (batch "
                         "--latency-batch, --latency-threads threads, median of repeated calls)")
     latency_batch: int = opt(1, "compression: images per timed call", low=1, high=65536, unit="images")
@@ -141,8 +142,14 @@ def _flatten_lists(values: dict) -> dict:
         if k == "space" and isinstance(v, dict):
             return ";".join(f"{n}=" + ",".join(map(str, vals if isinstance(vals, (list, tuple)) else [vals]))
                             for n, vals in v.items())
+        if isinstance(v, (list, tuple)) and k == "students":
+            for spec in map(str, v):  # joined with ';', one holding ';' itself would become two
+                if len(split_specs(spec, "students entry")) > 1:
+                    raise UserError(f"students entry '{spec}' holds a ';'; quote the part that holds it, e.g. "
+                                    "py:\"/a;b/net.py\":make")
+            return ";".join(map(str, v))
         if isinstance(v, (list, tuple)):
-            return (";" if k == "students" else ",").join(map(str, v))
+            return ",".join(map(str, v))
         return v
     return {k: flat(k, v) for k, v in values.items()}
 

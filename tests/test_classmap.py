@@ -25,7 +25,8 @@ PER_CLASS = 40
 
 @pytest.fixture(scope="module")
 def renamed_folder(tmp_path_factory):
-    """Real CIFAR-10 test JPEGs under new class names, plus an unmapped class."""
+    """Real CIFAR-10 test JPEGs under new class names, plus an unmapped class: test/ alone, as
+    a folder brought only to be scored."""
     shared_or_skip("data", "cifar10-jpg.tar.gz")
     src = cifar10_jpg_dir() / "test"
     root = tmp_path_factory.mktemp("renamed")
@@ -33,14 +34,11 @@ def renamed_folder(tmp_path_factory):
                "pony": ["horse"], "lorry": ["ship"]}
     files = {}
     for new, olds in sources.items():
-        for part in ("train", "test"):
-            (root / part / new).mkdir(parents=True)
+        (root / "test" / new).mkdir(parents=True)
         for old in olds:
             for f in sorted((src / old).iterdir())[:PER_CLASS]:
                 shutil.copy(f, root / "test" / new / f.name)
                 files.setdefault(new, []).append((f, old))
-            first = sorted((src / old).iterdir())[0]
-            shutil.copy(first, root / "train" / new / first.name)  # the layout needs a train/ part
     return root, files
 
 
@@ -110,20 +108,19 @@ def test_class_map_errors(renamed_folder, tmp_path):
 
 
 def test_class_map_with_checkpoint_metadata_needs_no_class_list(tmp_path):
-    """The demo teacher knows its classes; a plain mapping scores it on a renamed copy of the demo test set."""
+    """The demo teacher knows its classes; a plain mapping scores it on a renamed copy of the demo
+    test set, a folder of test/ alone."""
     from igkd.data import load_dataset
     data = load_dataset("demo")
     classes = data.classes
     root = tmp_path / "fm"
     names = {"Trouser": "pants", "Sneaker": "shoe", "Bag": "bag", "Coat": "other"}
-    for part, split in (("train", data.train), ("test", data.test)):
-        for c in names.values():
-            (root / part / c).mkdir(parents=True)
-        for i in range(len(split)):
-            c = classes[int(split.labels[i])]
-            folder = root / part / names.get(c, "")
-            if c in names and (part == "test" or not any(folder.iterdir())):  # train/: one image per class
-                Image.fromarray(split.images[i, 0].numpy()).save(folder / f"{i:05d}.png")
+    for c in names.values():
+        (root / "test" / c).mkdir(parents=True)
+    for i in range(len(data.test)):
+        c = classes[int(data.test.labels[i])]
+        if c in names:
+            Image.fromarray(data.test.images[i, 0].numpy()).save(root / "test" / names[c] / f"{i:05d}.png")
     teacher = igkd.__file__.replace("__init__.py", "assets/demo_teacher.safetensors")
     mapping = tmp_path / "map.yaml"
     mapping.write_text("pants: Trouser\nshoe: Sneaker\nbag: Bag\n")

@@ -4,6 +4,7 @@ unlabelled test/ beside a sorted val/, and an IDX header whose size overflows.""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import struct
@@ -175,3 +176,120 @@ def test_resize_shorter_of_an_extreme_strip_resizes_only_the_crop(tmp_path):
     whole = np.asarray(Image.fromarray(strip).resize(new, Image.BILINEAR).crop(box)).astype(int)
     got = _decode_one(tmp_path / "small.png", "RGB", (16, 16), "shorter", tmp_path).astype(int)
     assert got.shape == whole.shape and np.abs(got - whole).max() <= 1
+
+
+# ---------------------------------------------------------------- a folder of test/ (or val/) alone
+
+
+def _held_out(tmp_path, split="test", classes=("cat", "dog")) -> Path:
+    """``root/split/<class>/`` alone: 3 random 8x8 PNGs per class (no train/)."""
+    import shutil
+    from helpers_data import write_image_folder
+    root = write_image_folder(tmp_path / "held", 3, 8, classes)
+    shutil.rmtree(root / "train")
+    if split != "test":
+        (root / "test").rename(root / split)
+    return root
+
+
+def _tiny_checkpoint(path: Path, classes=("cat", "dog")) -> Path:
+    import torch
+    from conftest import TINY_TEACHER
+    from igkd.models import build_model, save_checkpoint
+    torch.manual_seed(0)
+    return save_checkpoint(path, build_model(TINY_TEACHER, len(classes), 3),
+                           {"model": TINY_TEACHER, "num_classes": len(classes), "in_channels": 3,
+                            "classes": list(classes), "preprocessing": {"normalize": "none"}})
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_folder_of_a_test_split_alone_loads_without_train(tmp_path, split):
+    """Such a folder was refused ('has test/ but no train/; add it'): users made up a train/
+    of one image per class to score a model on it."""
+    root = _held_out(tmp_path, split)
+    ds = load_dataset(f"imagefolder:{root}")
+    assert ds.classes == ["cat", "dog"] and ds.image_size == (8, 8) and not ds.has_train
+    files = sorted((root / split).glob("*/*.png"))
+    want = np.stack([np.asarray(Image.open(f)) for f in files]).transpose(0, 3, 1, 2)
+    assert np.array_equal(ds.test.images.numpy(), want) and ds.test.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert ds.fingerprint("test")
+    # whatever reads the train split gets one line naming the folder and what to add
+    advice = f"{root} has {split}/ but no train/, so it can be scored (igkd evaluate), not trained on; add " \
+             f"{root}/train/<class>/ with the class folders of {split}/"
+    for read in (lambda: ds.train, lambda: ds.fingerprint("train"), ds.channel_stats, ds.require_train):
+        with pytest.raises(UserError) as e:
+            read()
+        assert str(e.value).endswith(advice) and "\n" not in str(e.value)
+    # its size: the first image's, as for a train split
+    Image.fromarray(np.zeros((5, 6, 3), np.uint8)).save(root / split / "cat" / "0.png")
+    assert load_dataset(f"imagefolder:{root}").image_size == (5, 6)
+    assert load_dataset(f"imagefolder:{root},size=4").test.images.shape == (6, 3, 4, 4)
+
+
+def test_folder_of_a_test_split_alone_refuses_test_and_seed_and_strays(tmp_path):
+    root = _held_out(tmp_path)
+    for opts, given in ((",test=0.2", "test="), (",seed=3", "seed="), (",test=0.5,seed=1", "test= and seed=")):
+        with pytest.raises(UserError, match=rf"holds only test/, a test split to score; drop {given} \(or use "
+                                            rf"imagefolder:.*/test,test=0.2 to split"):
+            load_dataset(f"imagefolder:{root}{opts}")
+    (root / "val").mkdir()  # test/ is the test split whenever it exists, as beside train/
+    assert load_dataset(f"imagefolder:{root}").test.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    (root / "val").rmdir()
+    (root / "notes").mkdir()  # another folder: neither a folder to score nor class folders: said
+    with pytest.raises(UserError, match=r"has test/ but no train/, and other folders beside it \(notes\); keep only "
+                                        r"test/<class>/ there to score it"):
+        load_dataset(f"imagefolder:{root}")
+    (root / "notes").rmdir()
+    # ImageNet's unlabelled test/ beside a sorted val/, without train/: told to move test/ away
+    (root / "test").rename(root / "val")
+    _png(root / "test" / "ILSVRC2012_test_00000001.JPEG")
+    with pytest.raises(UserError, match=r"test has no class subfolders \(unlabelled images"):
+        load_dataset(f"imagefolder:{root}")
+
+
+def test_evaluate_scores_a_folder_of_test_alone_through_the_cli(tmp_path):
+    import json
+    from helpers_cli import run_igkd
+    root = _held_out(tmp_path)
+    weights = _tiny_checkpoint(tmp_path / "model")
+    r = run_igkd("evaluate", "--weights", weights, "--data", f"imagefolder:{root}", "--json")
+    assert r.returncode == 0, r.stderr
+    plain = json.loads(r.stdout)
+    assert plain["total"] == 6 and plain["split"] == "test"
+    # renamed classes, one unmapped, and the teacher-correct protocol (the model as its own teacher)
+    import shutil
+    renamed = tmp_path / "renamed"
+    for old, new in (("cat", "bird"), ("cat", "kitty"), ("dog", "puppy")):
+        shutil.copytree(root / "test" / old, renamed / "test" / new)
+    (tmp_path / "map.yaml").write_text("kitty: cat\npuppy: dog\n")
+    r = run_igkd("evaluate", "--weights", weights, "--data", f"imagefolder:{renamed}", "--class-map",
+                 tmp_path / "map.yaml", "--teacher-correct", weights, "--json")
+    assert r.returncode == 0, r.stderr
+    mapped = json.loads(r.stdout)
+    assert mapped["class_map"]["dropped_images"] == 3 and mapped["class_map"]["dropped_classes"] == ["bird"]
+    # kitty and puppy are the images of cat and dog: the model gets the same ones right
+    assert mapped["teacher_correct"]["of"] == 6 and mapped["teacher_correct"]["images"] == plain["correct"]
+    assert mapped["total"] == mapped["correct"] == plain["correct"]
+
+
+def test_training_on_a_folder_of_test_alone_is_one_line_and_writes_nothing(tmp_path):
+    from helpers_cli import run_igkd
+    from conftest import TINY_TEACHER
+    root = _held_out(tmp_path)
+    weights = _tiny_checkpoint(tmp_path / "model")
+    data = f"imagefolder:{root}"
+    advice = f"{root} has test/ but no train/"
+    runs = {"train": ["train", "--data", data, "--model", TINY_TEACHER, "--epochs", 1, "--out", tmp_path / "t"],
+            "distill": ["distill", "--data", data, "--teacher", weights, "--model", TINY_TEACHER, "--epochs", 1,
+                        "--store", tmp_path / "s1", "--out", tmp_path / "d"],
+            "precompute": ["precompute", "--data", data, "--teacher", weights, "--store", tmp_path / "s2"],
+            "experiment": ["experiment", "ablation", "--data", data, "--teacher", weights, "--model", TINY_TEACHER,
+                           "--epochs", 1, "--out", tmp_path / "e"],
+            "normalize": ["evaluate", "--weights", weights, "--data", data, "--normalize", "dataset"]}
+    if importlib.util.find_spec("onnxruntime"):  # said before the fp32 export, not after it
+        runs["int8"] = ["export", "--weights", weights, "--data", data, "--output", tmp_path / "m.onnx", "--int8"]
+    for name, args in runs.items():
+        r = run_igkd(*args)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and advice in lines[0], (name, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held", "model.json", "model.safetensors"]

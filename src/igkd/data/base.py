@@ -1,4 +1,5 @@
-"""Datasets: a :class:`Split` is images and labels, a :class:`Dataset` two lazy splits.
+"""Datasets: a :class:`Split` is images and labels, a :class:`Dataset` two lazy splits
+(or a test split alone: a held-out folder to score, :attr:`Dataset.has_train`).
 
 Every source decodes to uint8 ``N x C x H x W`` images and int64 labels. A sample's index
 is its row position, fixed by the source's documented order, so artifacts computed per
@@ -118,26 +119,44 @@ class Dataset:
 
     ``train`` and ``test`` may be given as :class:`Split` objects or as zero-argument
     callables that decode them; a callable runs once, on first access of its split.
+
+    ``train=None``: a dataset of a test split alone (an image folder of ``test/<class>/``
+    only), which can be scored but not trained on. ``no_train`` is then the one-line
+    error for anything that reads the train split (what the source lacks and what to add);
+    training entry points call :meth:`require_train` before they write or load anything.
     """
 
     def __init__(self, spec: str, classes: list[str], channels: int, image_size: tuple[int, int],
-                 train: SplitSource, test: SplitSource):
+                 train: Optional[SplitSource], test: SplitSource, no_train: str = ""):
         self.spec = str(spec)
         self.classes = list(classes)
         self.channels = int(channels)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self._sources = {"train": train, "test": test}
+        self.no_train = no_train or f"dataset {self.spec} has no train split, only a test split to score"
         self._splits: dict[str, Split] = {}
         self._fingerprints: dict[str, str] = {}
         self._stats: tuple[list[float], list[float]] | None = None
 
     def __repr__(self) -> str:
         h, w = self.image_size
-        return f"Dataset('{self.spec}', {len(self.classes)} classes, {self.channels}x{h}x{w})"
+        alone = "" if self.has_train else ", test split only"
+        return f"Dataset('{self.spec}', {len(self.classes)} classes, {self.channels}x{h}x{w}{alone})"
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def has_train(self) -> bool:
+        """Whether there is a train split (cheap: nothing is decoded)."""
+        return self._sources["train"] is not None
+
+    def require_train(self, use: str = "") -> None:
+        """A one-line UserError (:attr:`no_train`, after ``use``: what needs the train split)
+        when there is no train split; nothing otherwise."""
+        if not self.has_train:
+            raise UserError(f"{use}: {self.no_train}" if use else self.no_train)
 
     @property
     def train(self) -> Split:
@@ -150,6 +169,8 @@ class Dataset:
     def _split(self, name: str) -> Split:
         if name not in self._sources:
             raise ValueError(f"unknown split {name!r}; use 'train' or 'test'")
+        if name == "train":
+            self.require_train()  # fingerprint("train") too
         if name not in self._splits:
             source = self._sources[name]
             split = source if isinstance(source, Split) else source()
@@ -176,6 +197,8 @@ class Dataset:
 
         Exact: computed from per-channel 256-bin histograms, so no float image copy."""
         if self._stats is None:
+            self.require_train("normalising by the dataset (normalize: dataset) takes the mean and std of its "
+                               "train images")
             images = self.train.images
             values = torch.arange(256, dtype=torch.float64)
             # in row blocks: images[:, c].reshape(-1) would copy a third of the split (all of a mapped one's pages)

@@ -1,12 +1,16 @@
 """``imagefolder:DIR[,size=N|HxW][,resize=fixed|shorter][,gray=1][,test=F,seed=S][,cache=0][,mmap=auto|0|1]``.
 
-Three layouts:
+Four layouts:
 
 * ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (the same class folders in both);
 * the ImageNet layout ``DIR/train/<wnid>/*.JPEG`` and ``DIR/val/<wnid>/*.JPEG``: ``val/``
   is the test split (used only when there is no ``test/``; igkd carves its own
   validation split from train). A ``val/`` of loose images, as ImageNet ships it, must
   first be sorted into one folder per class;
+* ``DIR/test/<class>/*`` (or ``DIR/val/<class>/*``) alone: a held-out folder to score
+  (``igkd evaluate``, often with ``--class-map``). Its classes and stored size come from
+  it; the dataset has no train split (:attr:`Dataset.has_train` is False), so training,
+  precomputing, ``normalize: dataset`` and int8 calibration on it are refused in one line;
 * ``DIR/<class>/*`` with ``test=0.2``: a seeded stratified hold-out (``seed``, default 0)
   of each class becomes the test split.
 
@@ -365,28 +369,63 @@ def _has_subfolders(folder: Path) -> bool:
         return True  # unreadable: _scan says so, naming the cause
 
 
+def _subfolders(folder: Path) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    except OSError:
+        return []  # unreadable: _scan says so, naming the cause
+
+
+def _refuse_unlabelled_test(root: Path, held: str, has: dict[str, bool]) -> None:
+    if held == "test" and has["val"] and not _has_subfolders(root / "test"):
+        # ImageNet as distributed (ILSVRC/Data/CLS-LOC): test/ is loose unlabelled images beside
+        # the val/<wnid>/ the user sorted; telling them to sort test/ into classes cannot be done
+        raise UserError(f"{root}/test has no class subfolders (unlabelled images, like ImageNet's test set?), "
+                        f"and test/ is the test split whenever it exists; move {root}/test out of {root} to "
+                        f"use val/<class>/ as the test split, or sort test/ into test/<class>/")
+
+
+def _test_alone(root: Path, held: str, has: dict[str, bool]) -> tuple[dict[str, _Part], list[str]]:
+    """``root/held/<class>/*`` as the test split of a dataset with no train split."""
+    _refuse_unlabelled_test(root, held, has)
+    part = _scan(root / held)
+    return {"test": part}, part.classes
+
+
 def _layout(root: Path, spec: Spec, test: float | None, seed: int, seed_given: bool
             ) -> tuple[dict[str, _Part], list[str]]:
-    """The train and test :class:`_Part` of ``root`` and the class names, by its layout."""
+    """The :class:`_Part` of each split of ``root`` (no ``train`` for a folder of ``test/`` or
+    ``val/`` alone) and the class names, by its layout."""
     has = {name: (root / name).is_dir() for name in ("train", "test", "val")}
     split_layout = has["train"] and (has["test"] or has["val"])
+    held = "test" if has["test"] else "val" if has["val"] else None
+    # test/ (or val/) and nothing else: a held-out folder to score; no train/ needed (users made
+    # up a train/ of one image per class to evaluate on it). With test=, test/ and val/ holding
+    # images are classes, as any folder is; holding class folders, they are splits, and test= is refused
+    if not has["train"] and held is not None and set(_subfolders(root)) <= {"test", "val"}:
+        if test is None and not seed_given:
+            return _test_alone(root, held, has)
+        if test is None or any(_has_subfolders(root / n) for n in ("test", "val") if has[n]):
+            given = " and ".join(f"{o}=" for o, on in (("test", test is not None), ("seed", seed_given)) if on)
+            raise UserError(f"{root} holds only {held}/, a test split to score; drop {given} (or use "
+                            f"imagefolder:{root / held},test=0.2 to split its class folders into train and test)")
     # with test= the user says DIR holds class folders: one named train, test or val is a class
     # (it was read as half a train/test layout, and the error told them to add the test= they had given)
     if any(has.values()) and (test is None or split_layout):
-        held = "test" if has["test"] else "val" if has["val"] else None
         if not has["train"] or held is None:
             there = next(n for n in ("train", "test", "val") if has[n])
             missing = "test/ or val/" if has["train"] else "train/"
+            others = [n for n in _subfolders(root) if n not in ("train", "test", "val")]
+            if others and not has["train"]:  # neither a folder to score nor one of class folders
+                raise UserError(f"{root} has {there}/ but no train/, and other folders beside it ("
+                                f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); keep only "
+                                f"{there}/<class>/ there to score it, add train/<class>/ to train on it, or add "
+                                f"',test=0.2' if its folders are classes")
             raise UserError(f"{root} has {there}/ but no {missing}; add it, or point at a folder of class "
                             f"folders and add ',test=0.2'")
         if test is not None or seed_given:
             raise UserError(f"{root} already has train/ and {held}/; drop the test= and seed= options")
-        if held == "test" and has["val"] and not _has_subfolders(root / "test"):
-            # ImageNet as distributed (ILSVRC/Data/CLS-LOC): test/ is loose unlabelled images beside
-            # the val/<wnid>/ the user sorted; telling them to sort test/ into classes cannot be done
-            raise UserError(f"{root}/test has no class subfolders (unlabelled images, like ImageNet's test set?), "
-                            f"and test/ is the test split whenever it exists; move {root}/test out of {root} to "
-                            f"use val/<class>/ as the test split, or sort test/ into test/<class>/")
+        _refuse_unlabelled_test(root, held, has)
         parts = {"train": _scan(root / "train"), "test": _scan(root / held)}
         classes = parts["train"].classes
         if parts["test"].classes != classes:
@@ -447,9 +486,15 @@ def load_imagefolder(spec: Spec) -> Dataset:
     root = existing_dir(spec.arg, spec, "give a folder holding train/<class>/ and test/<class>/ (or val/<class>/), "
                                         "or <class>/ folders plus ',test=0.2'")
     parts, classes = _layout(root, spec, test, seed, "seed" in spec.options)
-    first = parts["train"]
+    first = parts.get("train", parts["test"])  # the stored size (without size=) is its first image's
     ref = first.folder / first.files[0]
     image_size = size or _peek_size(ref)
     load = _Loader(mode, image_size, resize if size is not None else None, ref, use_cache, mmap)
-    return Dataset(str(spec), classes, 1 if mode == "L" else 3, image_size,
+    channels = 1 if mode == "L" else 3
+    if "train" not in parts:  # a held-out folder alone
+        held = parts["test"].folder.name
+        return Dataset(str(spec), classes, channels, image_size, train=None, test=lambda: load(parts["test"]),
+                       no_train=f"{root} has {held}/ but no train/, so it can be scored (igkd evaluate), not "
+                                f"trained on; add {root}/train/<class>/ with the class folders of {held}/")
+    return Dataset(str(spec), classes, channels, image_size,
                    train=lambda: load(parts["train"]), test=lambda: load(parts["test"]))

@@ -89,6 +89,8 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     if meta.get("classes") and meta["classes"] != dataset.classes:
         raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
                         "pass the --data it was trained on")
+    if int8:  # said now, not after the fp32 export and its parity check
+        dataset.require_train("--int8 calibrates on training images")
     trained = meta.get("image_size")
     if trained and list(trained) != list(dataset.image_size):
         # the export's input size is fixed to the data's: a file for another size than the model

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import api
 from ..config import PrecomputeConfig, to_dict
+from ..data import load_dataset
 from ..distill.methods import parse_method
 from ..errors import UserError
 from ..precompute import maps_record
@@ -38,6 +39,9 @@ def setup(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str],
     if teacher and not teacher_file(cfg.teacher).is_file():
         raise UserError(f"teacher checkpoint {teacher_file(cfg.teacher)} does not exist; pass --teacher CHECKPOINT "
                         "(paths in a config are relative to the current folder)")
+    # every experiment trains: data without a train split (a folder of test/ alone) is refused
+    # before the folder is marked, not at its first run
+    load_dataset(cfg.data).require_train(f"igkd experiment {kind} trains on the train split")
     out = prepare_out(out, kind)
     set_threads(cfg.threads)
     ctx: dict = {"kind": kind, "data": cfg.data, "teacher": None, "store": None}

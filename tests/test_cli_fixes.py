@@ -224,7 +224,11 @@ def test_demo_rerun_with_another_train_teacher_is_refused_at_once(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"distill:\n  data: imagefolder:{tmp_path / 'gone'}\n")
     out = tmp_path / "out"
-    one_line_error(run_igkd("demo", "--config", recipe, "--out", out), "does not exist")  # got as far as the data
+    one_line_error(run_igkd("demo", "--config", recipe, "--out", out), "does not exist")
+    assert not out.exists() or not any(out.iterdir())  # data that does not load: nothing recorded
+    # two classes, not the shipped teacher's ten: the run gets past the data (demo.json), then stops
+    recipe.write_text(f"distill:\n  data: imagefolder:{write_image_folder(tmp_path / 'two', 2, 8)}\n")
+    one_line_error(run_igkd("demo", "--config", recipe, "--out", out), "classes")
     assert json.loads((out / "demo.json").read_text())["train_teacher"] is False
     line = one_line_error(run_igkd("demo", "--config", recipe, "--out", out, "--train-teacher"),
                           "holds a demo run with no --train-teacher", "another --out")

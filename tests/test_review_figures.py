@@ -149,7 +149,7 @@ def test_gallery_text_says_only_ten_of_twenty_classes_are_shown(figures, tmp_pat
                                                         "maps": {"description": "IG", "completeness_delta": None}}))
     train = SimpleNamespace(labels=torch.arange(20), images=torch.zeros(20, 3, 8, 8, dtype=torch.uint8))
     monkeypatch.setattr(igkd.data, "load_dataset", lambda spec: SimpleNamespace(
-        train=train, num_classes=20, classes=[f"c{i}" for i in range(20)]))
+        train=train, num_classes=20, classes=[f"c{i}" for i in range(20)], require_train=lambda why: None))
     monkeypatch.setattr(igkd.store, "open_store", lambda path: SimpleNamespace(
         maps=np.zeros((20, 8, 8), dtype="float16"), manifest={}))
     text = report.gallery_section(tmp_path)
@@ -163,3 +163,83 @@ def test_montecarlo_text_explains_the_box_plot(figures, tmp_path):
     shutil.copy(RESULTS / "montecarlo.json", copy / "montecarlo.json")
     text = montecarlo.section(copy)
     assert "box: quartiles" in text and "triangle: mean" in text
+
+
+NAMES = ("猫", "犬", "🐶", "Ⓐ", "a$b$c", "cat")  # CJK and emoji: no glyph in DejaVu Sans; Ⓐ: in STIX only
+
+
+def test_class_names_no_font_can_draw_are_stand_ins_the_markdown_names(figures, tmp_path, monkeypatch, recwarn, caplog):
+    """Class folders named 猫 or 🐶 drew empty boxes and printed "Glyph ... missing from font(s)
+    DejaVu Sans": such a name is drawn in an installed font that has it, or as "class I" with
+    the Markdown beside the gallery saying which name that is; '$' is no mathtext."""
+    import igkd.store
+    from helpers_data import write_image_folder
+    write_image_folder(tmp_path / "data", 1, 8, classes=NAMES)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text("{}")
+    (tmp_path / "ablation.json").write_text(json.dumps({"store": str(store), "data": f"imagefolder:{tmp_path / 'data'}",
+                                                        "maps": {"description": "IG", "completeness_delta": None}}))
+    monkeypatch.setattr(igkd.store, "open_store", lambda path: SimpleNamespace(
+        maps=np.zeros((len(NAMES), 8, 8), dtype="float16"), manifest={}))
+    text = report.gallery_section(tmp_path)
+    report.accuracy_points(tmp_path / "a.png", ["student", "蒸留"], [50.0, 51.0])  # a plug-in's method name
+    method_key = report.names_key()
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+    assert "Glyph" not in caplog.text
+    from igkd.data import load_dataset
+    classes = load_dataset(f"imagefolder:{tmp_path / 'data'}").classes
+    titles = [ax.get_title() for ax in figures[0].axes[:len(NAMES)]]
+    for i, name in enumerate(classes):
+        shown = titles[i]
+        assert shown == name.replace("$", r"\$") or (shown == f"class {i}" and f"class {i} = `{name}`" in text), \
+            (name, shown)
+    assert titles[classes.index("Ⓐ")] == "Ⓐ"  # STIXGeneral, shipped with matplotlib, has it
+    assert "蒸留" in method_key or "蒸留" in [t.get_text() for t in figures[1].axes[0].get_xticklabels()]
+    assert report.names_key() == ""  # listed once
+
+
+def test_compression_names_the_students_given_as_specs(figures, tmp_path):
+    """--students 'SPEC;SPEC' were triangles with nothing saying which model each was: each
+    is numbered beside its point (above its methods' topmost) and named in the legend."""
+    specs = ["mobilenetv2:drop=5,width=0.5", "resnet8:width=0.25", "wrn:depth=10,k=1"]
+    runs = [{"method": m, "axis": "depth", "model": f"mobilenetv2:drop={3 + 2 * i}", "test_accuracy": 60.0 - 3 * i + j,
+             "compression": 2.0 * 2 ** i, "macs": (9 - 2 * i) * 1e6} for j, m in enumerate(["student", "kd"])
+            for i in range(3)]
+    runs += [{"method": m, "axis": "spec", "value": i, "model": s, "test_accuracy": 55.0 + 2 * i + j,
+              "compression": 3.0 + i, "macs": (6 - i) * 1e6} for j, m in enumerate(["student", "kd"])
+             for i, s in enumerate(specs)]
+    compression.curves(tmp_path / "c.png", {"teacher_cost": {"macs": 1.2e7}, "teacher": {"test_accuracy": 70.0},
+                                            "methods": ["student", "kd"], "runs": runs})
+    axes = figures[0].axes
+    legend = [t.get_text() for t in axes[-1].get_legend().get_texts()]
+    assert all(s in legend for s in specs)
+    for ax in axes:  # the number of spec k beside its topmost point, k as the legend's marker
+        marks = {t.get_text(): t.xy for t in ax.texts}
+        assert [marks[str(k)][1] for k in (1, 2, 3)] == [56.0, 58.0, 60.0]
+    handles = dict(zip(*reversed(axes[-1].get_legend_handles_labels())))
+    assert [handles[s].get_marker() for s in specs] == ["$1$", "$2$", "$3$"]
+
+
+def test_audit_gallery_names_its_stand_ins_in_the_deployment_section(tmp_path, recwarn):
+    """audit.png drew class names no font has as empty boxes (with Glyph warnings); its
+    stand-ins are now named in audit.json, and in the report's Deployment section."""
+    import igkd
+    from conftest import TINY_TEACHER
+    from helpers_data import write_image_folder
+    from igkd.deploy.report import deployment_section
+    from igkd.models import build_model, save_checkpoint
+    classes = ["cat", "猫"]
+    data = write_image_folder(tmp_path / "data", 1, 8, classes=classes)
+    shutil.rmtree(data / "train")  # a folder to score: test/ alone
+    weights = save_checkpoint(tmp_path / "m", build_model(TINY_TEACHER, 2, 3),
+                              {"model": TINY_TEACHER, "num_classes": 2, "in_channels": 3, "classes": classes,
+                               "preprocessing": {"normalize": "none"}})
+    result = igkd.audit(weights, weights, f"imagefolder:{data}", images=2, ig_steps=2, gallery=2,
+                        out=tmp_path / "run", quiet=True)
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+    if "gallery_names" in result:  # no CJK font installed here: the stand-in is named
+        assert "class 1 = `猫`" in result["gallery_names"]
+        assert "class 1 = `猫`" in deployment_section(tmp_path / "run")
+    else:  # drawn in an installed font that has it
+        assert report.figure_text("猫") == "猫" and report._installed_fallbacks()

@@ -23,7 +23,7 @@ from .fileio import writable_dir, write_json, write_text
 from .models import count_parameters
 from .precompute import precompute
 from .progress import log
-from .report import accuracy_points, gallery, markdown_table, training_curves
+from .report import accuracy_points, class_label, gallery, markdown_table, names_key, training_curves
 from .runtime import resolve_device
 
 
@@ -101,8 +101,9 @@ def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teach
     # logits): another one is refused now, not after training it, at the store's check
     resolved = {"epochs": dcfg.epochs, "ig_steps": pcfg.ig_steps, "train_teacher": train_teacher}
     check_same_demo(out, recipe, resolved)
-    write_json(out / "demo.json", {"recipe": recipe, **resolved, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     dataset = load_dataset(dcfg.data)
+    dataset.require_train("igkd demo trains on the train split")  # before demo.json, the first file
+    write_json(out / "demo.json", {"recipe": recipe, **resolved, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
 
     # 1. teacher
     if train_teacher:
@@ -138,7 +139,7 @@ def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teach
     train = dataset.train
     pick = torch.tensor([int((train.labels == c).nonzero()[0]) for c in range(len(dataset.classes))])[:n]
     gallery(out / "gallery.png", train.images[pick], torch.from_numpy(store.maps[pick.numpy()].astype("float32")),
-            [dataset.classes[int(train.labels[i])] for i in pick],
+            [class_label(dataset.classes, int(train.labels[i])) for i in pick],
             title=f"teacher IG maps ({pcfg.ig_method}, {pcfg.ig_steps} steps) and the overlays students see")
     histories = {m: [json.loads(line) for line in (out / "runs" / m / "metrics.jsonl").read_text().splitlines()]
                  for m in methods}
@@ -156,7 +157,7 @@ def run_demo(out: str | Path, recipe_path: str | Path | None = None, train_teach
         "seconds": seconds,
     }
     write_json(out / "metrics.json", metrics)
-    write_text(out / "report.md", render_report(metrics, dcfg))
+    write_text(out / "report.md", render_report(metrics, dcfg, names_key()))
     base = results[methods[0]]["test_accuracy"]
     summary = "; ".join(f"{m} {results[m]['test_accuracy']:.2f}%" for m in methods)
     if print_summary:
@@ -193,7 +194,8 @@ def _option(name: str, value) -> str:
     return f"{flag} {value}"
 
 
-def render_report(m: dict, cfg: DistillConfig) -> str:
+def render_report(m: dict, cfg: DistillConfig, key: str = "") -> str:
+    """The demo's report.md; ``key``: :func:`~igkd.report.names_key` of its figures."""
     t = m["teacher"]
     rows = [["teacher", t["model"], t["params"], "1.00x", t["test_accuracy"], "", ""]]
     students = m["students"]
@@ -222,7 +224,7 @@ target = true label, map = sum over channels of |IG|. Completeness error
 |sum IG - (F(x) - F(x'))| relative to |F(x) - F(x')|: median {100 * d['median_relative']:.1f}%,
 90th percentile {100 * d['p90_relative']:.1f}% (the quadrature error; more steps lower it).
 
-![gallery](gallery.png)
+![gallery](gallery.png){chr(10) * 2 + key if key else ""}
 
 ## Training curves
 

@@ -20,6 +20,104 @@ def _plt():
     return plt
 
 
+# ---------------------------------------------------------------- user text in figures
+# Class names and method names are the user's: a folder named 猫 or 🐶 drew an empty box and
+# printed "Glyph ... missing from font(s) DejaVu Sans". Figures (functions decorated with
+# @figure) draw with the installed fonts of FALLBACK_FONTS behind the user's own, and
+# figure_text puts a stand-in ("class 3", listed by names_key in the Markdown beside the
+# figure) in place of a text that none of those fonts can draw.
+FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR", "Source Han Sans",
+                  "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback", "Microsoft YaHei", "SimHei",
+                  "Yu Gothic", "MS Gothic", "Malgun Gothic", "PingFang SC", "Hiragino Sans", "Arial Unicode MS",
+                  "Noto Sans", "Noto Sans Arabic", "Noto Sans Hebrew", "Noto Sans Devanagari", "Noto Sans Thai",
+                  "Noto Emoji", "Symbola", "STIXGeneral")  # STIX ships with matplotlib: symbols, letterlike forms
+_STAND_INS: dict[str, str] = {}  # text -> stand-in, since names_key last listed them
+
+
+def _font_file(family: str) -> str | None:
+    import logging
+    from matplotlib import font_manager
+    logger = logging.getLogger("matplotlib.font_manager")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # "findfont: Font family ... not found" of a user's family that is not installed
+    try:
+        return font_manager.findfont(font_manager.FontProperties(family=[family]), fallback_to_default=False)
+    except ValueError:
+        return None
+    finally:
+        logger.setLevel(level)
+
+
+@functools.lru_cache(maxsize=65536)
+def _has_glyph(path: str, char: str) -> bool:
+    from matplotlib import font_manager
+    try:
+        return font_manager.get_font(path).get_char_index(ord(char)) != 0
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_fallbacks() -> tuple[str, ...]:
+    from matplotlib import font_manager
+    names = {f.name for f in font_manager.fontManager.ttflist}
+    return tuple(n for n in FALLBACK_FONTS if n in names)
+
+
+def _families() -> list[str]:
+    """``font.family`` and behind it the installed fallback fonts: what a figure draws with."""
+    import matplotlib
+    own = list(matplotlib.rcParams["font.family"])
+    return own + [f for f in _installed_fallbacks() if f not in own]
+
+
+def figure_text(text: str, kind: str = "name", stand_in: str | None = None) -> str:
+    """``text`` (a class name, a method name: the user's) as a figure shows it: literally
+    ('$' is no mathtext); where no font of the figure has all its glyphs, ``stand_in``
+    (default "KIND N"), which :func:`names_key` lists. Idempotent: figure functions apply
+    it to the labels they are given, which callers may have passed through it already."""
+    import re
+    text = str(text)
+    if not text.isascii():
+        files = [p for p in map(_font_file, _families()) if p]
+        if not all(c == "\n" or any(_has_glyph(p, c) for p in files) for c in set(text)):
+            if text not in _STAND_INS:
+                n = sum(s.startswith(f"{kind} ") for s in _STAND_INS.values()) + 1
+                _STAND_INS[text] = stand_in or f"{kind} {n}"
+            return _STAND_INS[text]
+    return re.sub(r"(?<!\\)\$", r"\\$", text)
+
+
+def class_label(classes: list[str], index: int) -> str:
+    """Class ``index``'s name for a figure (:func:`figure_text`), "class INDEX" where it cannot be drawn."""
+    return figure_text(classes[index], stand_in=f"class {index}")
+
+
+def names_key() -> str:
+    """Markdown naming what the figures drawn since the last call showed as stand-ins
+    ('' when none); forgets them."""
+    if not _STAND_INS:
+        return ""
+    pairs = "; ".join(f"{s} = {_code(t)}" for t, s in _STAND_INS.items())
+    _STAND_INS.clear()
+    return f"No installed font has every character of some names, so the figures show them as: {pairs}."
+
+
+def _code(text: str) -> str:
+    text = " ".join(text.splitlines())
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def figure(draw):
+    """Decorator of a function that draws a figure: it draws with the installed fallback
+    fonts behind ``font.family`` (the caller's rcParams are left as they were)."""
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        with _plt().rc_context({"font.family": _families()}):
+            return draw(*args, **kwargs)
+    return drawn
+
+
 # While write_report runs, every table and figure is also kept for CSV/LaTeX and the
 # extra figure formats; outside it (the demo, a caller's own plots) nothing is collected.
 _REPORT: dict | None = None
@@ -98,6 +196,7 @@ def overlay_examples(images: torch.Tensor, maps: torch.Tensor, seed: int = 0) ->
     return ig_overlay(images.float() / 255, maps.float(), 1.0, gen)
 
 
+@figure
 def gallery(path: str | Path, images: torch.Tensor, maps: torch.Tensor, labels: list[str],
             title: str = "teacher IG maps and overlays") -> Path:
     """A PNG with one column per image: the image, its IG map (sum_c |IG|), its overlay."""
@@ -118,14 +217,15 @@ def gallery(path: str | Path, images: torch.Tensor, maps: torch.Tensor, labels: 
                       else 1) if cmap == "gray" else None, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[0, j].set_title(labels[j], fontsize=8)
+        axes[0, j].set_title(figure_text(labels[j]), fontsize=8)
     for i, name in enumerate(["image", "IG map", "overlay"]):
         axes[i, 0].set_ylabel(name, fontsize=9)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(figure_text(title, "title"), fontsize=10)  # holds an attribution plug-in's description
     fig.tight_layout()
     return _save(fig, path)
 
 
+@figure
 def training_curves(path: str | Path, histories: dict[str, list[dict] | list[list[dict]]]) -> Path:
     """Validation accuracy and training loss per epoch: per group, the mean over its runs
     and (with two or more runs) a band of +/- one standard deviation; integer epoch ticks."""
@@ -143,7 +243,8 @@ def training_curves(path: str | Path, histories: dict[str, list[dict] | list[lis
             ep = [epochs[i] for i in keep]
             drawn[ax].update(ep)
             mean = np.array([np.mean(values[i]) for i in keep])
-            line, = ax.plot(ep, mean, marker="o", ms=3, label=f"{name} ({len(runs)} run{'s' * (len(runs) > 1)})")
+            line, = ax.plot(ep, mean, marker="o", ms=3,
+                            label=f"{figure_text(name, 'curve')} ({len(runs)} run{'s' * (len(runs) > 1)})")
             if len(runs) > 1:
                 # sample sd (n - 1), as every table's; an epoch only one run reached has no band
                 sd = np.array([np.std(values[i], ddof=1) if len(values[i]) > 1 else 0.0 for i in keep])
@@ -165,6 +266,7 @@ def training_curves(path: str | Path, histories: dict[str, list[dict] | list[lis
     return _save(fig, path)
 
 
+@figure
 def accuracy_points(path: str | Path, names: list[str], accuracies: list[float], reference: float | None = None,
                     errors: list[tuple[float, float]] | None = None, what: str = "test accuracy (%)") -> Path:
     """One point per method with its error bar (``errors``: (below, above) lengths, e.g. a
@@ -172,6 +274,7 @@ def accuracy_points(path: str | Path, names: list[str], accuracies: list[float],
     value, so bars on an axis that starts near the smallest one exaggerate differences
     (1.8 points looked 25% taller in the demo), and bars from 0 hide them."""
     plt = _plt()
+    names = [figure_text(n, "method") for n in names]
     fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2.5, 3.2))
     x = np.arange(len(names))
     yerr = np.array(errors, dtype=float).T if errors else None
@@ -210,6 +313,7 @@ def teacher_line(ax, value: float, low: float, high: float, label: str = "teache
 MARKERS = "os^Dv"  # per ten series: tab10's colours repeat from the eleventh
 
 
+@figure
 def condition_points(path: str | Path, conditions: list[str], points: dict[str, list[dict]],
                      what: str = "test accuracy (%)") -> Path:
     """Accuracy per condition (clean, each corruption, ...) on the x-axis, one series per
@@ -229,8 +333,8 @@ def condition_points(path: str | Path, conditions: list[str], points: dict[str, 
         yerr = np.nan_to_num(np.vstack([means - lo, hi - means]), nan=0.0)
         # tab10 has ten colours: the eleventh method took the first one's, so its marker differs
         ax.errorbar(xs, means, yerr=yerr, fmt=MARKERS[j // 10 % len(MARKERS)], ms=4, capsize=2, color=cmap(j % 10),
-                    label=m)
-    ax.set_xticks(x, conditions, rotation=20, ha="right")
+                    label=figure_text(m, "method"))
+    ax.set_xticks(x, [figure_text(c) for c in conditions], rotation=20, ha="right")
     ax.set_ylabel(what)
     ax.grid(axis="y", alpha=0.3)
     legend_outside(ax)
@@ -238,6 +342,7 @@ def condition_points(path: str | Path, conditions: list[str], points: dict[str, 
     return _save(fig, path)
 
 
+@figure
 def paired_differences(path: str | Path, comparisons: list[tuple[str, list[float], dict]]) -> Path:
     """Per comparison 'a - b' (one row each): every run's paired difference as a dot, the
     mean with its 95% CI, and zero: what the paired tests are about (a difference is
@@ -257,7 +362,7 @@ def paired_differences(path: str | Path, comparisons: list[tuple[str, list[float
             ax.errorbar([t["mean_diff"]], [i + 0.22], xerr=[[t["mean_diff"] - t["ci_low"]], [t["ci_high"] - t["mean_diff"]]],
                         fmt="D", color="k", capsize=3, ms=4, label="mean, 95% CI" if i == 0 else None)
     ax.axvline(0, color="gray", lw=1)
-    ax.set_yticks(range(n_rows), [c[0] for c in comparisons], fontsize=8)
+    ax.set_yticks(range(n_rows), [figure_text(c[0], "comparison") for c in comparisons], fontsize=8)
     ax.set_ylim(n_rows - 0.5, -0.5)  # the first comparison on top, as in the table
     ax.set_xlabel("paired difference a - b (accuracy points)")
     ax.grid(axis="x", alpha=0.3)
@@ -341,6 +446,7 @@ def write_report(run_dir: str | Path, sections: list[tuple[str, object]] | None 
     check_results(run_dir)
     parts = []
     _REPORT = {"formats": formats, "tables": [], "section": ""}
+    names_key()  # stand-ins of figures drawn before are not this report's
     try:
         for name, ref in sections or SECTIONS:
             _REPORT["section"] = name
@@ -354,8 +460,9 @@ def write_report(run_dir: str | Path, sections: list[tuple[str, object]] | None 
                 raise UserError(f"cannot render the {name} section of {run_dir}: {what} is not as igkd writes it "
                                 f"({type(e).__name__}: {e}); move the file out of the folder or rerun the command "
                                 "that writes it") from None
+            key = names_key()  # what its figures show as stand-ins, where the section did not list it
             if text:
-                parts.append(text.rstrip() + "\n")
+                parts.append(text.rstrip() + "\n" + (f"\n{key}\n" if key else ""))
         tables = _REPORT["tables"]
     finally:
         _REPORT = None
@@ -593,6 +700,7 @@ def gallery_section(run_dir: Path) -> str | None:
         from .errors import UserError
         try:
             dataset = load_dataset(ctx["data"])
+            dataset.require_train("the gallery shows training images")  # train/ removed since the run
         except UserError as e:
             # a relative folder (imagefolder:data/x) is the experiment's working directory's: a report
             # run from elsewhere failed as a whole, naming a dataset folder, over its one illustration
@@ -607,7 +715,7 @@ def gallery_section(run_dir: Path) -> str | None:
         pick = torch.tensor(pick[:10])
         gallery(run_dir / "gallery.png", train.images[pick],
                 torch.from_numpy(store.maps[pick.numpy()].astype("float32")),
-                [dataset.classes[int(train.labels[i])] for i in pick],
+                [class_label(dataset.classes, int(train.labels[i])) for i in pick],
                 title=f"teacher maps ({maps['description']}) and the overlays students see")
         d = d or store.manifest.get("completeness_delta") or {}  # none without completeness
     elif not (run_dir / "gallery.png").exists():
@@ -619,7 +727,8 @@ def gallery_section(run_dir: Path) -> str | None:
     err = (f" Completeness error |sum IG - (F(x) - F(x'))| / |F(x) - F(x')|: median "
            f"{100 * d['median_relative']:.1f}%, 90th percentile {100 * d['p90_relative']:.1f}%." if d else "")
     return (f"## Teacher maps\n\nFirst training image of {which}, its map ({maps['description']}; sum over "
-            f"channels of the absolute attribution) and the overlay (p = 1).{err}\n\n![gallery](gallery.png)\n")
+            f"channels of the absolute attribution) and the overlay (p = 1).{err}\n\n![gallery](gallery.png)\n"
+            + (f"\n{key}\n" if (key := names_key()) else ""))
 
 
 CURVE_KINDS = ("ablation", "montecarlo", "compression")  # search trials: one curve each would be noise

@@ -18,6 +18,7 @@ from ..evaluate.agreement import spearman, topk_iou
 from ..fileio import writable_dir, write_json
 from ..models import count_parameters, holds_own_weights, load_model, read_metadata
 from ..progress import Progress
+from ..report import class_label, names_key
 from ..runtime import set_threads
 from ..spec import parse_spec, split_specs
 from .common import existing, split_files
@@ -127,9 +128,12 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
         if cfg.gallery:
             n = min(cfg.gallery, len(idx))
             names = [label(p) for p, _, _ in models]
+            names_key()  # stand-ins of figures drawn before are not this gallery's
             audit_gallery(Path(out) / "audit.png", x_u8[:n], [m[:n] for m in maps], names,
-                          [dataset.classes[int(c)] for c in labels[:n]])
+                          [class_label(dataset.classes, int(c)) for c in labels[:n]])
             result["gallery"] = "audit.png"
+            if key := names_key():  # the names no installed font could draw, for the report's text
+                result["gallery_names"] = key
         write_json(Path(out) / "audit.json", result)
     return result
 

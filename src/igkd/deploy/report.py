@@ -31,5 +31,7 @@ def deployment_section(run_dir: str | Path) -> str:
         text = "### Attribution agreement with the teacher\n\n" + audit_table(aud)
         if aud.get("gallery") and (run_dir / aud["gallery"]).is_file():
             text += f"\n\n![teacher and student IG maps]({aud['gallery']})"
+            if aud.get("gallery_names"):
+                text += f"\n\n{aud['gallery_names']}"
         parts.append(text)
     return ("## Deployment\n\n" + "\n\n".join(parts) + "\n") if parts else ""

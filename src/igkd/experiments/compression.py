@@ -25,7 +25,7 @@ from ..evaluate.cost import count_macs, measure_latency
 from ..errors import UserError
 from ..models import bare, build_model, count_parameters, family_of
 from ..progress import log
-from ..report import Shown, _plt, _save, legend_outside, markdown_table, read_json, shown
+from ..report import Shown, _plt, _save, figure, figure_text, legend_outside, markdown_table, read_json, shown
 from ..spec import Spec, canonical_spec, parse_spec, split_specs
 from .common import methods_of, save_results, setup
 from .config import ExperimentConfig, distill_config, split_list
@@ -150,8 +150,10 @@ def compression_table(result: dict) -> str:
     return markdown_table(header, rows)
 
 
+@figure
 def curves(path: Path, result: dict) -> Path:
-    """Accuracy against compression factor (log x), against latency and against MACs."""
+    """Accuracy against compression factor (log x), against latency and against MACs. The
+    students given as specs are numbered beside their points, the legend names each number."""
     plt = _plt()
     with_lat = result["teacher_cost"].get("latency") is not None
     panels = [("compression", "compression factor (teacher params / student params)")]
@@ -160,6 +162,10 @@ def curves(path: Path, result: dict) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     cmap = plt.get_cmap("tab10")
     t = result["teacher"]
+    # no curve joins them, so nothing said which triangle was which model: a number beside each
+    # (a spec's methods share its x: above the topmost), the spec in the legend
+    spec_runs = [r for r in result["runs"] if r["axis"] == "spec"]
+    specs = list(dict.fromkeys(r["model"] for r in sorted(spec_runs, key=lambda r: r.get("value", 0))))
 
     def xval(row: dict, what: str) -> float:
         return (row["latency"]["median_ms"] if what == "latency" else row[what] / 1e6 if what == "macs"
@@ -172,7 +178,13 @@ def curves(path: Path, result: dict) -> Path:
                               key=lambda r: xval(r, what))
                 if rows:
                     ax.plot([xval(r, what) for r in rows], [r["test_accuracy"] for r in rows], style, ms=4,
-                            color=cmap(i % 10), label=f"{m} ({axis})")
+                            color=cmap(i % 10), label=f"{figure_text(m, 'method')} ({axis})")
+        for k, spec in enumerate(specs, 1):
+            x, y = max(((xval(r, what), r["test_accuracy"]) for r in spec_runs if r["model"] == spec),
+                       key=lambda p: p[1])
+            ax.annotate(str(k), (x, y), xytext=(0, 4), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=7, fontweight="bold", bbox={"boxstyle": "round,pad=0.1", "fc": "w", "ec": "none",
+                                                             "alpha": 0.8})
         ax.axhline(t["test_accuracy"], color="k", ls=":", lw=1, label="teacher")
         if what != "compression":
             ax.plot([xval({**result["teacher_cost"], "latency": result["teacher_cost"].get("latency")}, what)],
@@ -183,6 +195,9 @@ def curves(path: Path, result: dict) -> Path:
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3, which="both")
+    for k, spec in enumerate(specs, 1):  # legend entries only: no data
+        axes[0][-1].plot([], [], ls="none", marker=f"${k}$", ms=6, color="k",
+                         label=figure_text(spec, "model"))
     legend_outside(axes[0][-1])  # right of the panels, as the other figures': "best" could cover points
     fig.tight_layout()
     return _save(fig, path)
@@ -216,7 +231,10 @@ def section(run_dir: Path) -> str | None:
     c, h, w = r["input_shape"]
     return (f"## Compression sweep\n\nStudents by depth, width or spec on `{r['data']}`, "
             f"{r['epochs']} epochs, seed {r['seed']}; MACs per {c}x{h}x{w} image; {how}. Truncation cuts "
-            f"parameters but few MACs; width cuts both.\n\n{compression_table(r)}\n\n![compression](compression.png)\n")
+            f"parameters but few MACs; width cuts both."
+            + (" Students given as specs: triangles, numbered as in the legend." if any(x["axis"] == "spec" for x in
+                                                                                        r["runs"]) else "")
+            + f"\n\n{compression_table(r)}\n\n![compression](compression.png)\n")
 
 
 __all__ = ["compression_table", "run_compression", "section", "student_specs"]

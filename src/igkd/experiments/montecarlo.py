@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import (Shown, _plt, _save, accuracy_points, legend_outside, markdown_table, paired_differences, read_json,
-                      shown, teacher_line)
+from ..report import (Shown, _plt, _save, accuracy_points, figure, figure_text, legend_outside, markdown_table,
+                      paired_differences, read_json, shown, teacher_line)
 from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, setup
 from .config import ExperimentConfig, corruption_names, distill_config
 from .runs import Job, corruption_scores, run_jobs, run_record
@@ -147,13 +147,14 @@ def _mean_sd(d: dict) -> Shown:
     return Shown(f"{d['mean']:.2f} ± {d['std']:.2f}", f"{d['mean']!r} ± {d['std']!r}")
 
 
+@figure
 def distribution_plot(path: Path, result: dict) -> Path:
     """Box plot per method with every run as a point (same run = same colour), teacher line."""
     plt = _plt()
     methods, acc = result["methods"], result["accuracy"]
     fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2.5, 3.6))
     ax.boxplot([acc[m] for m in methods], widths=0.5, showmeans=True, showfliers=False)  # every run is a dot
-    ax.set_xticks(range(1, len(methods) + 1), methods)
+    ax.set_xticks(range(1, len(methods) + 1), [figure_text(m, "method") for m in methods])
     cmap = plt.get_cmap("tab10")
     for i, m in enumerate(methods, 1):
         n = len(acc[m])
@@ -189,8 +190,8 @@ def section(run_dir: Path) -> str | None:
     # "Holm-corrected over the 0 comparisons" at "5% / 0" above an empty table and an empty plot)
     if m:
         paired_differences(run_dir / "montecarlo_differences.png",
-                           [(f"{c['a']} - {c['b']}", [x - y for x, y in zip(acc[c["a"]], acc[c["b"]])], c["t"])
-                            for c in r["comparisons"]])
+                           [(f"{figure_text(c['a'], 'method')} - {figure_text(c['b'], 'method')}",
+                             [x - y for x, y in zip(acc[c["a"]], acc[c["b"]])], c["t"]) for c in r["comparisons"]])
     note = (f" With {n} runs a Wilcoxon test cannot give a two-sided p below {2 / 2 ** n:.3f}; the t-test assumes "
             "roughly normal differences." if n < 10 else "")
     tests = (f" Paired tests on the per-run differences, Holm-corrected over the {m} comparisons. 'detectable': the "

@@ -48,7 +48,7 @@ from ..distill.parts import parse_method
 from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
 from ..progress import log
-from ..report import _plt, _save, markdown_table, read_json, shown
+from ..report import _plt, _save, figure, figure_text, markdown_table, read_json, shown
 from ..spec import Spec, parse_spec
 from .common import save_results, setup
 from .config import ExperimentConfig, distill_config, split_list
@@ -555,6 +555,7 @@ def search_table(result: dict, top: int = 20) -> str:
     return markdown_table(["trial", *names, "val acc (%) [objective]", "test acc (%) [not used]"], rows)
 
 
+@figure
 def heat_map(path: Path, result: dict) -> Path | None:
     """Mean validation accuracy over (T, alpha) (other parameters averaged); TPE trials as a scatter."""
     done = [t for t in result["trials"] if t["state"] == "COMPLETE"]
@@ -588,7 +589,7 @@ def heat_map(path: Path, result: dict) -> Path | None:
     fig.colorbar(im, ax=ax, label="validation accuracy (%)")
     ax.set_xlabel("temperature T")
     ax.set_ylabel("KD weight alpha")
-    others = [n for n in result["space"] if n not in ("T", "alpha")]
+    others = [figure_text(n) for n in result["space"] if n not in ("T", "alpha")]
     # "trials" said neither what the colour is nor that a grid cell is a mean
     ax.set_title(("validation accuracy per (T, alpha), mean over " + ", ".join(others) if others else
                   "validation accuracy per (T, alpha)") if result["sampler"] == "grid" else

@@ -1,11 +1,15 @@
 """The GPU paths (issue 15): integrated gradients on CUDA against the CPU, under bf16 and fp16
 autocast against the error the quadrature already has, distillation with AMP through the
 command, torchrun with nccl, export of a CUDA-trained checkpoint, and a checkpoint saved
-from CUDA tensors loading on a machine without a GPU.
+from CUDA tensors loading on a machine without a GPU, a frozen TorchScript teacher on CUDA,
+the statistics of the differentiable synchronised BatchNorm under fp16, and training steps
+that never make the host wait for the GPU.
 
-Marked ``gpu`` (``pytest -m gpu``; ``scripts/gpu_check.sh`` runs them with the benchmarks) and
-skipped with a reason where torch sees no CUDA device, so the CPU suite and CI pass over them.
-Measured figures go to the JUnit XML (``--junitxml``) as properties, for the README.
+The GPU tests are marked ``gpu`` (:func:`gpu`; ``pytest -m gpu``, which
+``scripts/gpu_check.sh`` runs with the benchmarks) and skipped with a reason where torch sees
+no CUDA device, so the CPU suite and CI pass over them; the tests without the mark check on
+the CPU what the GPU paths rely on. Measured figures go to the JUnit XML (``--junitxml``) as
+properties, for the README.
 
 Map errors are the relative L1 igkd reports everywhere (``igkd.precompute.relative_l1``,
 sum |M - R| / sum |R| per image, over the map sum_c |IG|), on 16 evenly spaced training
@@ -45,12 +49,17 @@ from igkd.data import load_dataset
 from igkd.models import bare
 from igkd.precompute import relative_l1
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU: torch.cuda.is_available() is False (scripts/gpu_check.sh runs these "
-                       "on one)"),
-]
+NO_CUDA = "needs a CUDA GPU: torch.cuda.is_available() is False (scripts/gpu_check.sh runs these on one)"
+
+
+def gpu(test):
+    """A GPU test: marked ``gpu`` and skipped, with the reason, where torch sees no CUDA device.
+    The tests here without it check on the CPU what the GPU paths rely on."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)(test))
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)])
+
 
 DEMO_TEACHER = Path(igkd.__file__).parent / "assets" / "demo_teacher.safetensors"
 STUDENT = "mobilenetv2:width=0.5,drop=5"  # the demo recipe's student
@@ -94,6 +103,7 @@ def quadrature():
     return x, y, fp32, relative_l1(fp32, reference)
 
 
+@gpu
 def test_ig_on_cuda_equals_ig_on_cpu(quadrature, record_property):
     x, y, _, quad = quadrature
     cpu = ig_map(teacher("cpu"), x.cpu(), y.cpu())
@@ -108,6 +118,7 @@ def test_ig_on_cuda_equals_ig_on_cpu(quadrature, record_property):
     assert tf32.mean() < quad.mean(), (tf32, quad)
 
 
+@gpu
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_autocast_ig_errs_less_than_the_quadrature(quadrature, amp, record_property):
     """IG run by a user under torch.autocast (igkd has no precision option for IG): the maps
@@ -145,6 +156,7 @@ def amp_run(tmp_path_factory):
     return get
 
 
+@gpu
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_distill_with_amp(amp_run, amp, record_property):
     """Two epochs with autocast (and loss scaling for fp16) through the command: finite losses
@@ -170,6 +182,7 @@ def test_distill_with_amp(amp_run, amp, record_property):
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                     reason=f"nccl under torchrun needs a GPU per process (igkd puts rank r on cuda:r) and this "
                     f"machine has {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+@gpu
 def test_two_nccl_processes_train_like_one(small_real, tmp_path):
     """tests/test_distributed.py's gloo comparison on two GPUs: 2 nccl processes with batch 32
     each against one process with batch 64. GPU kernels are not bitwise deterministic (atomic
@@ -196,6 +209,7 @@ def test_two_nccl_processes_train_like_one(small_real, tmp_path):
     assert (sb["processes"], sb["global_batch"]) == (2, 64)
 
 
+@gpu
 def test_export_a_cuda_trained_checkpoint(amp_run, tmp_path):
     out, _ = amp_run("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     formats = ["torchscript"]
@@ -222,6 +236,7 @@ def test_export_a_cuda_trained_checkpoint(amp_run, tmp_path):
         torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-4)
 
 
+@gpu
 def test_a_checkpoint_saved_from_cuda_loads_on_a_machine_without_one(amp_run, tmp_path):
     """A plain .pt state dict of CUDA tensors (as the paper's published students are) evaluated
     by a process that sees no GPU (CUDA_VISIBLE_DEVICES empty): igkd loads it with
@@ -241,6 +256,7 @@ def test_a_checkpoint_saved_from_cuda_loads_on_a_machine_without_one(amp_run, tm
     assert got["correct"] == want["correct"] and got["confusion"] == want["confusion"]
 
 
+@gpu
 def test_streamed_batches_on_cuda_equal_the_device_resident_ones(tmp_path):
     """The streaming path on a GPU (pinned buffers, the side-stream copy one step ahead)
     gives the batches of the device-resident path, maps and logits included."""
@@ -248,6 +264,7 @@ def test_streamed_batches_on_cuda_equal_the_device_resident_ones(tmp_path):
     assert_same_batches(*pair(tmp_path, "kd+ig", device="cuda", p=0.5))
 
 
+@gpu
 def test_resume_on_cuda_restores_the_gpu_generator(tmp_path):
     """Dropout on a GPU draws from the CUDA generator: last.pt keeps its state and a resumed
     run continues it, as the CPU generator is (bitwise weights are not compared here: cuDNN's
@@ -273,6 +290,7 @@ def test_resume_on_cuda_restores_the_gpu_generator(tmp_path):
     assert torch.equal(torch.cuda.get_rng_state(), saved)
 
 
+@gpu
 def test_sync_batchnorm_on_cuda_is_differentiable_twice_where_a_part_needs_it():
     """Under torchrun on GPUs BatchNorm is synchronised; torch's SyncBatchNorm has no second
     derivative, which `explain` (a loss on the student's gradients) needs, so there the
@@ -294,6 +312,7 @@ def test_sync_batchnorm_on_cuda_is_differentiable_twice_where_a_part_needs_it():
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in bns)
 
 
+@gpu
 def test_corrupted_images_on_cuda_equal_those_on_the_cpu():
     """evaluate --corruptions promises the same images whatever the device: the blur is a
     convolution, which cuDNN runs in TF32 by default unless told otherwise."""
@@ -307,3 +326,139 @@ def test_corrupted_images_on_cuda_equal_those_on_the_cpu():
             gpu = corrupt(x.cuda(), name, level, 0, index.cuda()).cpu()
             torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-5,  # float rounding of the reductions
                                        msg=lambda m, n=name, lv=level: f"{n} severity {lv}: {m}")
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_global_batchnorm_keeps_float32_statistics_of_a_half_precision_batch(device, dtype):
+    """GlobalBatchNorm2d (torchrun's BatchNorm where a part differentiates the student's
+    gradients) under autocast, whose convolutions hand it float16 or bfloat16: 64 images of
+    32x32 per channel, a count above float16's largest number (65504), are normalised as
+    nn.BatchNorm2d normalises them in float32, and the running statistics move alike. The sum
+    over processes is one process's here: the statistics' arithmetic is the point."""
+    from igkd.distill.parallel import GlobalBatchNorm2d
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)).mul_(3).add_(1).to(device, dtype)
+    reference = torch.nn.BatchNorm2d(3).to(device).train()
+    want = reference(x.float())
+    bn = GlobalBatchNorm2d(3).to(device).train()
+    with torch.autocast(device, dtype=dtype):
+        got = bn.normalize(x, lambda t: t)
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=4 * torch.finfo(dtype).eps)
+    assert got.dtype == dtype  # as nn.BatchNorm2d gives it
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(bn, name), getattr(reference, name), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's
+def test_a_frozen_torchscript_module_keeps_its_weights_through_module_to(tmp_path):
+    """What models.to_device is for: the TorchScript igkd export writes (frozen) has no
+    parameters; its weights are constants of its code, which Module.to leaves where they were
+    loaded (the meta device stands in for a GPU here: torch.jit.load cannot load onto it).
+    to_device sees them, and leaves a module on its device as it is."""
+    from igkd.export import torchscript_module
+    from igkd.models import Normalized, to_device
+    from igkd.models.user import _constants_elsewhere
+    from test_trainer import teacher as small_teacher
+    torch.jit.save(torchscript_module(small_teacher(), (3, 12, 12)), str(tmp_path / "t.pt"))
+    frozen = torch.jit.load(str(tmp_path / "t.pt"), map_location="cpu")
+    assert not list(frozen.parameters())
+    with pytest.raises(RuntimeError, match="device"):
+        frozen.to("meta")(torch.zeros(1, 3, 12, 12, device="meta"))
+    assert _constants_elsewhere(frozen, torch.device("meta")) and not _constants_elsewhere(frozen, torch.device("cpu"))
+    assert to_device(frozen, "cpu") is frozen
+    wrapped = Normalized(frozen, [0.5] * 3, [0.25] * 3)
+    assert to_device(wrapped, "cpu") is wrapped and wrapped.net is frozen
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))  # weights as parameters: Module.to moves them
+    assert not _constants_elsewhere(scripted, torch.device("meta"))
+
+
+@gpu
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's
+def test_a_frozen_torchscript_teacher_precomputes_and_teaches_on_cuda(tmp_path):
+    """A teacher as igkd export writes it (torchscript:FILE, loaded on the CPU) precomputes its
+    store on CUDA, the same store as on the CPU (its identity, its logits to TF32 rounding: the
+    frozen code convolves in TF32), and runs online in a CUDA training step."""
+    import numpy as np
+    from igkd.distill import Trainer
+    from igkd.export import torchscript_module
+    from igkd.models import build_model
+    from igkd.precompute import precompute
+    from test_trainer import config, dataset, teacher as small_teacher
+    data = dataset()
+    torch.jit.save(torchscript_module(small_teacher(), (3, 12, 12)), str(tmp_path / "t.pt"))
+    spec = f"torchscript:{tmp_path / 't.pt'}"
+    cfg = config(method="kd+ig", check_images=0)
+    cpu = precompute(build_model(spec, 4, 3), data, cfg, tmp_path / "cpu", quiet=True)
+    cuda = precompute(build_model(spec, 4, 3), data, cfg, tmp_path / "cuda", device="cuda", quiet=True)
+    assert cuda.manifest["identity"] == cpu.manifest["identity"]
+    np.testing.assert_allclose(cuda.logits, cpu.logits, rtol=0, atol=1e-2 * float(np.abs(cpu.logits).max()))
+    online = config(method="kd", logits="online")
+    torch.manual_seed(0)
+    run = Trainer(online, build_model(online.model, 4, 3), data, tmp_path / "run", torch.device("cuda"),
+                  teacher=build_model(spec, 4, 3), quiet=True)
+    batch = next(run.batches(1))
+    logits = run.teacher_outputs(batch)
+    assert logits.is_cuda and tuple(logits.shape) == (len(batch.idx), 4)
+    run.train_step(batch)
+
+
+@gpu
+@pytest.mark.parametrize("method, options", [("kd+ig+cutmix", {"amp": "fp16"}),
+                                             ("kd+ig-shuffled+at", {"augment": "random-resized-crop"}),
+                                             ("dkd+explain", {"amp": "bf16"}), ("dist", {"optimizer": "sgd"})],
+                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()))
+def test_training_steps_never_make_the_host_wait_for_the_gpu(tmp_path, method, options):
+    """After the first step (cuDNN's first calls, the optimizer's state made lazily), making a
+    batch and training on it never synchronise with the GPU, which would drain its queue of
+    work at every step: torch raises at any operation that does (set_sync_debug_mode("error"):
+    .item(), a boolean mask index, a copy from pageable host memory)."""
+    from igkd.distill import Trainer
+    from igkd.models import build_model
+    from igkd.precompute import precompute
+    from test_trainer import config, dataset, teacher as small_teacher
+    cfg = config(method=method, batch_size=8, p=0.5, check_images=0, **options)
+    data = dataset()
+    store = precompute(small_teacher(), data, cfg, tmp_path / "store", quiet=True)
+    torch.manual_seed(0)
+    run = Trainer(cfg, build_model(cfg.model, 4, 3), data, tmp_path / "run", torch.device("cuda"),
+                  teacher=small_teacher(), store=store, quiet=True)
+    run.train_model.train()
+    steps = run.batches(1)
+    run.train_step(next(steps))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for n, batch in enumerate(steps, 2):
+            run.train_step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert n >= 3
+
+
+@contextmanager
+def conv_fp32_precision(value: str):
+    """TF32 for cuDNN's convolutions set as torch's documentation now says, restored after."""
+    old = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = value
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = old
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch before 2.9 has no fp32_precision settings")
+def test_tf32_set_through_torchs_newer_settings_breaks_neither_the_blur_nor_the_fast_ig_check():
+    """A process that sets TF32 through torch's fp32_precision settings, on which its older
+    TF32 flags raise, still blurs images for the corruptions (the same images), and the check of
+    IG's fast copy still knows CUDA's float32 precision (it assumes TF32) instead of failing
+    and leaving every attribution to the slow path."""
+    from igkd.attribution.engine import _cuda_float32_eps
+    from igkd.evaluate.corruptions import corrupt
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    want = corrupt(x, "gaussian_blur", 3, 0, torch.arange(4))
+    assert _cuda_float32_eps() == 2.0 ** -10  # torch's default: TF32 convolutions
+    with conv_fp32_precision("ieee"):
+        with pytest.raises(RuntimeError, match="legacy and new"):
+            torch.backends.cudnn.allow_tf32
+        assert torch.equal(corrupt(x, "gaussian_blur", 3, 0, torch.arange(4)), want)
+        assert _cuda_float32_eps() == 2.0 ** -10

@@ -54,8 +54,9 @@ def test_rehearsal_of_the_test_stage(tmp_path):
     assert "device: REHEARSAL on the CPU" in summary
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| stage")]
     assert len(rows) == 1 and rows[0].startswith("| gpu_tests | passed |"), summary
-    import test_gpu  # the module the stage ran: one summary line per test in it
-    names = [n for n in dir(test_gpu) if n.startswith("test_")]
+    import test_gpu  # the module the stage ran: one summary line per gpu test in it
+    names = [n for n in dir(test_gpu) if n.startswith("test_")
+             and any(m.name == "gpu" for m in getattr(getattr(test_gpu, n), "pytestmark", []))]
     assert names
     listed = [line for line in summary.splitlines() if line.startswith("- ")]
     assert len(listed) >= len(names), summary
@@ -64,6 +65,17 @@ def test_rehearsal_of_the_test_stage(tmp_path):
     with tarfile.open(out / "gpu-check.tar.gz") as tar:
         members = {Path(m).name for m in tar.getnames()}
     assert {"summary.md", "gpu_tests.xml", "gpu_tests.log", "device.txt"} <= members, members
+
+
+def test_stages_are_named_with_or_without_spaces(tmp_path):
+    """GPU_CHECK_STAGES='gpu_tests, train_throughput' asks for both stages (here each is skipped
+    at once: 40 s leave no stage its 30 s)."""
+    r = run_check(tmp_path, GPU_CHECK_DEVICE="cpu", GPU_CHECK_STAGES=" gpu_tests,  train_throughput ",
+                  GPU_CHECK_SECONDS="40")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line.split(" | ")[0] for line in (tmp_path / "out" / "summary.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| stage")]
+    assert rows == ["| gpu_tests", "| train_throughput"], rows
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_prepare.sh"])

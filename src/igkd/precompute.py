@@ -40,7 +40,7 @@ from .config import PrecomputeConfig
 from .data import Dataset
 from .errors import UserError
 from .distill.parallel import Dist
-from .models import Normalized, teacher_identity
+from .models import Normalized, teacher_identity, to_device
 from .fileio import remove_temporaries
 from .lock import DirLock
 from .progress import Progress, log
@@ -255,7 +255,7 @@ def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | Non
                         "or 0 to store maps at the image size")
     env = dist or Dist()
     device = torch.device(device)
-    teacher = teacher.to(device).eval()
+    teacher = to_device(teacher, device).eval()  # a frozen TorchScript teacher's weights too
     cfg = prepare_settings(teacher, dataset, cfg, device, quiet, env)
     identity = store_identity(teacher, dataset, cfg)
     path = Path(store_dir) if store_dir else default_store_dir(identity)

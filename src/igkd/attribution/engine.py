@@ -216,14 +216,26 @@ def _working_eps(t: torch.Tensor) -> float:
         return 0.0
     eps = torch.finfo(t.dtype).eps
     if t.is_cuda and t.dtype == torch.float32:
-        precision = torch.get_float32_matmul_precision()
-        if precision == "medium":
-            eps = max(eps, torch.finfo(torch.bfloat16).eps)
-        elif precision == "high" or torch.backends.cudnn.allow_tf32:
-            eps = max(eps, 2.0 ** -10)
+        eps = max(eps, _cuda_float32_eps())
     if torch.is_autocast_enabled(t.device.type):
         eps = max(eps, torch.finfo(torch.get_autocast_dtype(t.device.type)).eps)
     return eps
+
+
+def _cuda_float32_eps() -> float:
+    """The epsilon of CUDA's float32 convolutions and matmuls under torch's precision settings.
+    TF32 is assumed where it was set through torch's newer ``fp32_precision`` settings: the
+    older flags read here then raise ("a mix of the legacy and new APIs"), which would fail
+    the check of the fast copy and send every attribution to the model itself, twice as slow,
+    without a word."""
+    try:
+        precision = torch.get_float32_matmul_precision()
+        tf32_convolutions = torch.backends.cudnn.allow_tf32
+    except RuntimeError:
+        return 2.0 ** -10
+    if precision == "medium":
+        return torch.finfo(torch.bfloat16).eps
+    return 2.0 ** -10 if precision == "high" or tf32_convolutions else torch.finfo(torch.float32).eps
 
 
 def _same_function(model: nn.Module, net: nn.Module, fmt: torch.memory_format, probe: torch.Tensor) -> bool:

@@ -160,12 +160,25 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
+        return self.normalize(x, all_reduce)
+
+    def normalize(self, x: torch.Tensor, all_reduce) -> torch.Tensor:
+        """Training-mode BatchNorm of ``x`` with the statistics of ``all_reduce`` (a
+        differentiable sum over the processes) of this process's sums; updates the running
+        statistics.
+
+        The statistics are computed in float32 (or x's dtype if wider) and the result has
+        x's dtype, as nn.BatchNorm2d and nn.SyncBatchNorm do: under fp16 autocast x is
+        float16, where the count of 64 images of 32x32 per process (65,536) and the sums of
+        squares overflow to inf, and every output of the layer became NaN."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xs = x.to(dtype)
         c = x.shape[1]
-        count = x.new_tensor([float(x.numel() // c)])
-        s = all_reduce(torch.cat([x.sum((0, 2, 3)), count]))
+        count = torch.tensor([float(x.numel() // c)], dtype=dtype, device=x.device)
+        s = all_reduce(torch.cat([xs.sum((0, 2, 3)), count]))
         n = s[c]
         mean = s[:c] / n
-        centered = x - mean[None, :, None, None]
+        centered = xs - mean[None, :, None, None]
         var = all_reduce(centered.pow(2).sum((0, 2, 3))) / n
         if self.track_running_stats:
             with torch.no_grad():
@@ -177,7 +190,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if self.affine:
             scale = scale * self.weight
         out = centered * scale[None, :, None, None]
-        return out + self.bias[None, :, None, None] if self.affine else out
+        return (out + self.bias[None, :, None, None] if self.affine else out).to(x.dtype)
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device, double_backward: bool = False) -> nn.Module:

@@ -62,7 +62,7 @@ from ..fileio import (disk_full_names, dumps, file_digest, finite, remove_tempor
                       write_text)
 from ..lock import DirLock
 from ..modelcard import model_card
-from ..models import bare, count_parameters, load_weights, preprocessing_of, save_checkpoint
+from ..models import bare, count_parameters, load_weights, preprocessing_of, save_checkpoint, to_device
 from ..progress import Progress, fmt_seconds, log
 from .attention import FeatureHook, StopForward
 from .augment import crop_flip, resized_crop_flip
@@ -209,7 +209,7 @@ class Trainer:
         keep, held = stratified_split(train.labels[pool], cfg.val_fraction, cfg.seed) if cfg.val_fraction > 0 \
             else (torch.arange(len(pool)), torch.empty(0, dtype=torch.long))
         self.train_idx, self.val_idx = pool[keep].to(device), pool[held]
-        self.teacher = teacher.to(device).eval() if teacher is not None else None
+        self.teacher = to_device(teacher, device).eval() if teacher is not None else None
         if self.teacher is not None and cfg.channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.maps = self.logits = None

@@ -100,13 +100,15 @@ def gaussian_blur(x: torch.Tensor, sigma: float, noise: SampleNoise) -> torch.Te
     radius = int(4.0 * sigma + 0.5)  # scipy.ndimage's (and so skimage's) kernel at truncate=4
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(device=x.device, dtype=x.dtype)
+    # in float64 on a GPU: cuDNN convolves float32 in TF32 by default (about 1e-3 off), and the
+    # corrupted images are to be the same whatever the device. Not by switching TF32 off with
+    # torch.backends.cudnn.flags: it reads the older TF32 flag, which raises (on the CPU too) in
+    # a process that set TF32 through torch's newer fp32_precision settings
+    work = torch.float64 if x.is_cuda else x.dtype
+    k = (k / k.sum()).to(device=x.device, dtype=work)
     n, c, h, w = x.shape
     y = F.pad(x.reshape(n * c, 1, h, w), (radius,) * 4, mode="replicate")  # skimage's mode='nearest'
-    # full float32 on a GPU too: cuDNN convolves in TF32 by default (about 1e-3 off), and the
-    # corrupted images are to be the same whatever the device
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
-        y = F.conv2d(F.conv2d(y, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+    y = F.conv2d(F.conv2d(y.to(work), k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1)).to(x.dtype)
     return y.reshape(n, c, h, w).clamp_(0, 1)
 
 

@@ -11,7 +11,8 @@ weights file naming ``py:`` (or ``torchscript:``) would run code the user never 
 ``torchscript:FILE`` loads a scripted or traced network (``torch.jit.load``, on the CPU)
 with its weights inside: a teacher without any Python code. Gradients flow through it,
 so IG, KD and the overlay work; it cannot take forward hooks, so attention transfer
-refuses it (:mod:`igkd.distill.attention`).
+refuses it (:mod:`igkd.distill.attention`). :func:`to_device` puts it on a GPU (a frozen
+module's weights are constants of its code, which ``Module.to`` does not move).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import io
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -116,6 +119,50 @@ def _build_torchscript(spec: Spec, num_classes: int, in_channels: int) -> nn.Mod
     except Exception as e:  # noqa: BLE001 - any decode failure is the file's fault
         raise UserError(f"{path} is not a TorchScript file ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                         "write one with torch.jit.save(torch.jit.script(model), FILE) or torch.jit.trace") from None
+
+
+def to_device(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model.to(device)``, TorchScript included; returns the moved model (``model`` itself
+    unless it is a TorchScript module that had to be loaded again).
+
+    A frozen TorchScript module (what ``igkd export`` writes, ``torch.jit.freeze``) keeps its
+    weights as constants of its code, which ``Module.to`` leaves where ``torch.jit.load`` put
+    them (the CPU, for ``torchscript:FILE``): on a GPU its first forward failed ("Expected all
+    tensors to be on the same device"). Such a module, the model itself or one inside it (in
+    :class:`~igkd.models.Normalized`, say), is saved and loaded again with its constants on
+    ``device``; its code and weights, and so its :func:`~igkd.models.teacher_identity`, stay
+    the same."""
+    device = torch.device(device)
+    model = model.to(device)
+    if isinstance(model, torch.jit.ScriptModule):
+        return _reload(model, device) if _constants_elsewhere(model, device) else model
+    for parent in list(model.modules()):
+        if isinstance(parent, torch.jit.ScriptModule):
+            continue
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.jit.ScriptModule) and _constants_elsewhere(child, device):
+                setattr(parent, name, _reload(child, device))
+    return model
+
+
+def _constants_elsewhere(module: torch.jit.ScriptModule, device: torch.device) -> bool:
+    """Whether a tensor constant of the code of ``module`` (or of a module in it) is not on ``device``."""
+    for m in module.modules():
+        for method in m._c._method_names():
+            for value in m._c._get_method(method).code_with_constants[1].values():
+                if isinstance(value, torch.Tensor) and (value.device.type != device.type or (
+                        device.index is not None and value.device.index != device.index)):
+                    return True
+    return False
+
+
+def _reload(module: torch.jit.ScriptModule, device: torch.device) -> torch.jit.ScriptModule:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # torch.jit's deprecation notices: the module is TorchScript already
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(module, buf)
+        buf.seek(0)
+        return torch.jit.load(buf, map_location=device)
 
 
 PY = Family(_build_py, "your factory: py:MODULE:CALLABLE[,key=value...]", runs_code=True)

@@ -52,8 +52,9 @@ class CutMix(Part):
         cols = torch.arange(w, device=x.device)[None, None, :]
         box = (rows >= y1[:, None, None]) & (rows < y2[:, None, None]) & (cols >= x1[:, None, None]) \
             & (cols < x2[:, None, None]) & apply[:, None, None]  # N x H x W
-        partner = torch.arange(n, device=x.device) ^ 1
-        partner[partner >= n] = n - 1  # an odd last sample is its own partner
+        # an odd last sample is its own partner; clamped, not assigned through a boolean mask,
+        # which makes the host wait for the GPU at every step
+        partner = (torch.arange(n, device=x.device) ^ 1).clamp_(max=n - 1)
         batch.x = torch.where(box[:, None], x[partner], x)
         if batch.maps is not None:
             batch.maps = torch.where(box, batch.maps[partner], batch.maps)

@@ -462,3 +462,18 @@ def test_tf32_set_through_torchs_newer_settings_breaks_neither_the_blur_nor_the_
             torch.backends.cudnn.allow_tf32
         assert torch.equal(corrupt(x, "gaussian_blur", 3, 0, torch.arange(4)), want)
         assert _cuda_float32_eps() == 2.0 ** -10
+
+
+@gpu
+def test_attribution_agreement_on_cuda_equals_on_the_cpu():
+    """audit's Spearman correlation (average ranks, masked rows, NaN rows) on CUDA tensors: its
+    buffers were allocated on the CPU, and indexing them with CUDA indices failed."""
+    from igkd.evaluate.agreement import spearman
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(4, 8, 8, generator=g).round(decimals=1), torch.rand(4, 8, 8, generator=g)  # ties in a
+    mask = torch.rand(4, 8, 8, generator=g) > 0.3
+    mask[3] = False  # a row with nothing masked in: NaN
+    cpu = spearman(a, b, mask)
+    gpu_ = spearman(a.cuda(), b.cuda(), mask.cuda())
+    assert gpu_.is_cuda and torch.allclose(gpu_.cpu(), cpu, equal_nan=True) and cpu[3].isnan()
+    assert torch.allclose(spearman(a.cuda(), b.cuda()).cpu(), spearman(a, b))

@@ -17,10 +17,10 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """Ranks 1..n along the last dimension, ties given the average of their ranks."""
     n = x.shape[-1]
     if n == 0:
-        return torch.empty(x.shape, dtype=torch.float64)
+        return torch.empty(x.shape, dtype=torch.float64, device=x.device)
     sorted_x, order = x.sort(dim=-1, stable=True)
     flat_sorted = sorted_x.reshape(-1, n)
-    out = torch.empty(flat_sorted.shape, dtype=torch.float64)
+    out = torch.empty(flat_sorted.shape, dtype=torch.float64, device=x.device)  # on x's device: a GPU audit
     for row, (values, idx) in enumerate(zip(flat_sorted, order.reshape(-1, n))):
         # runs of equal values: start positions and lengths, each gets its mean rank
         _, counts = torch.unique_consecutive(values, return_counts=True)
@@ -39,8 +39,9 @@ def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
     if mask is None:
         return _pearson(average_ranks(a), average_ranks(b))
     mask = mask.reshape(len(mask), -1)
-    return torch.stack([_pearson(average_ranks(x[m]), average_ranks(y[m])) if int(m.sum()) >= 2
-                        else torch.tensor(math.nan, dtype=torch.float64) for x, y, m in zip(a, b, mask)])
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=a.device)
+    return torch.stack([_pearson(average_ranks(x[m]), average_ranks(y[m])) if int(m.sum()) >= 2 else nan
+                        for x, y, m in zip(a, b, mask)])
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

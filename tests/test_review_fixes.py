@@ -298,7 +298,7 @@ def test_weights_for_other_channels_or_classes_say_so(tmp_path):
         load_model(tmp_path / "imagenet.pth", "resnet18", 10, 1)  # said: pass the --model they were trained with
     with pytest.raises(UserError, match=r"are for 1000 classes, the data has 10 classes"):
         load_model(tmp_path / "imagenet.pth", "resnet18", 10, 3)
-    with pytest.raises(UserError, match=r"pass the --model they were trained with"):  # another architecture
+    with pytest.raises(UserError, match=r"they fit the built-in resnet18: pass --model resnet18"):  # another one
         load_model(tmp_path / "imagenet.pth", "resnet34", 1000, 3)
 
 

@@ -31,9 +31,10 @@ from torch import nn
 
 from ..errors import UserError, cause
 from ..fileio import dumps, file_digest, write_bytes, write_json
-from ..spec import parse_spec
+from ..spec import canonical_spec, parse_spec
 from .preprocess import bare, with_preprocessing
-from .registry import SPEC_ATTRIBUTE, build_model, family_of, find_family
+from .mobilenetv2 import NUM_FEATURE_BLOCKS
+from .registry import SPEC_ATTRIBUTE, build_model, built_spec, family_of, find_family
 
 FORMAT = "igkd-checkpoint/1"
 HEADER_KEY = "igkd"  # safetensors header metadata key holding the JSON metadata
@@ -177,17 +178,66 @@ def _read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
         else:
             obj = _torch_load(path)
     except Exception as e:  # noqa: BLE001 - any decode failure is the file's fault
-        first = (str(e).strip().splitlines() or ["empty or unreadable file"])[0][:160]
-        raise UserError(f"cannot read weights from {path} ({type(e).__name__}: {first}); "
-                        "give a .safetensors file or a PyTorch state dict saved with torch.save") from None
-    for key in ("state_dict", "model_state_dict", "model", "student"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path} does not hold a state dict of tensors; save one with torch.save(model.state_dict())")
+        raise _unreadable(path, e) from None
+    obj = _state_inside(obj, path)
     # igkd's own file holds the bare network's names: there a child named `module` is the model's own
     return obj, path.suffix == ".safetensors" and _has_igkd_header(path)
+
+
+# where checkpoints keep the state dict beside other things (optimizer, epoch, args), in the
+# order they are preferred: torchvision's reference scripts save "model" and "model_ema"
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "student")
+
+
+def _is_state(obj) -> bool:
+    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _state_inside(obj, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict a loaded file holds: the file itself, the entry of a known container
+    key (a few levels deep), or else its one entry that is a state dict (``{"ema": ...,
+    "epoch": 3}``). Several such entries and no known key are refused naming them rather
+    than one picked silently (a file of a ``teacher`` and a ``net``)."""
+    for _ in range(4):
+        if _is_state(obj) or not isinstance(obj, dict):
+            break
+        known = next((k for k in CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
+        inner = [k for k, v in obj.items() if isinstance(v, dict) and v and _is_state(v)]
+        if known is None and len(inner) > 1:
+            raise UserError(f"{path} holds several state dicts ({_names(inner)}) and none under "
+                            f"{'/'.join(CONTAINER_KEYS)}; save the one to use alone: "
+                            "torch.save(torch.load(FILE)[KEY], 'weights.pth')")
+        if known is None and not inner:
+            break
+        obj = obj[known if known is not None else inner[0]]
+    if not _is_state(obj):
+        what = f"a dict with keys {_names(list(obj))}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise UserError(f"{path} does not hold a state dict of tensors (it holds {what}); save one with "
+                        "torch.save(model.state_dict(), FILE)")
+    return obj
+
+
+def _names(keys: list, k: int = 5) -> str:
+    shown = ", ".join(repr(x)[:40] for x in keys[:k])
+    return shown + (f" and {len(keys) - k} more" if len(keys) > k else "") if keys else "none"
+
+
+def _unreadable(path: Path, e: Exception) -> UserError:
+    """The one-line error for a file torch or safetensors cannot read, saying what it is where
+    that is known: torch's own message for these is a paragraph about ``weights_only``."""
+    text = str(e)
+    if "TorchScript" in text:
+        return UserError(f"cannot read weights from {path}: it is a TorchScript program, not a state dict; give it "
+                         f"as torchscript:{path} (--teacher or --model; its weights are inside)")
+    found = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", text)  # torch >= 2.4 | older
+    if found:
+        return UserError(f"cannot read weights from {path}: it holds a pickled {found.group(1)}, which igkd does not "
+                         "unpickle (only tensors and plain containers, so that no code runs); if you trust the file, "
+                         "open it with torch.load(FILE, weights_only=False) and save the network's state dict alone: "
+                         "torch.save(model.state_dict(), 'weights.pth')")
+    first = (text.strip().splitlines() or ["empty or unreadable file"])[0][:160]
+    return UserError(f"cannot read weights from {path} ({type(e).__name__}: {first}); "
+                     "give a .safetensors file or a PyTorch state dict saved with torch.save")
 
 
 def _has_igkd_header(path: Path) -> bool:
@@ -210,6 +260,67 @@ def _unwrap_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             break
         state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
+
+
+def _named_as(raw: dict[str, torch.Tensor], names: set[str], optional: set[str]) -> dict[str, torch.Tensor]:
+    """A foreign state dict with the model's names: as stored where they fit (a network whose
+    only child is named `module`), else without a DDP or torch.compile wrapper's prefixes,
+    else without the prefix every name shares where that makes them fit (a PyTorch Lightning
+    module's attribute: `model.conv1.weight`). Fitting: no name the model lacks, and every
+    name it has but those in ``optional``. Where nothing fits, the candidate sharing the most
+    names with the model, for the error to report its differences (one missing `fc.bias`,
+    not every name under `model.`)."""
+    candidates = [raw, _unwrap_prefixes(raw)]
+    while candidates[-1] and all("." in k for k in candidates[-1]) and \
+            len({k.partition(".")[0] for k in candidates[-1]}) == 1:
+        candidates.append({k.partition(".")[2]: v for k, v in candidates[-1].items()})
+    for state in candidates:
+        if set(state) <= names and names - set(state) <= optional:
+            return state
+    return max(candidates[1:], key=lambda state: len(names & set(state)))
+
+
+def _specs_fitting(state: dict[str, torch.Tensor]) -> list[str]:
+    """The built-in specs whose networks have exactly these names and shapes (at the file's own
+    classes and input channels; num_batches_tracked optional), for an error to name: guessed
+    from the layout of torchvision's, the CIFAR ResNets', RepDistiller's WRNs' and MobileNetV2's
+    names, then built on the meta device (no memory, no initialisation) to compare."""
+    def blocks(prefix: str) -> int:
+        return len({k[len(prefix):].partition(".")[0] for k in state if k.startswith(prefix)})
+
+    def dim(key: str, i: int) -> int:
+        t = state.get(key)
+        return t.shape[i] if isinstance(t, torch.Tensor) and t.dim() > i else 0
+
+    guesses = []  # (spec, first weight, head weight)
+    if "layer4.0.conv1.weight" in state:
+        guesses += [(f"resnet{d}", "conv1.weight", "fc.weight") for d in (18, 34, 50)]
+    elif "layer3.0.conv1.weight" in state and dim("layer1.0.conv1.weight", 0) % 16 == 0:
+        width = dim("layer1.0.conv1.weight", 0) // 16
+        guesses.append((f"resnet:depth={6 * blocks('layer1.') + 2}" + (f",width={width}" if width != 1 else ""),
+                        "conv1.weight", "fc.weight"))
+    if "block1.layer.0.conv1.weight" in state:
+        guesses.append((f"wrn:depth={6 * blocks('block1.layer.') + 4},k={dim('block1.layer.0.conv1.weight', 0) // 16}",
+                        "conv1.weight", "fc.weight"))
+    if "features.0.0.weight" in state:
+        options = [f"drop={NUM_FEATURE_BLOCKS - blocks('features.')}"] if blocks("features.") < NUM_FEATURE_BLOCKS else []
+        for width in sorted({dim("features.0.0.weight", 0) / 32, 0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, 1.5, 2.0}):
+            opts = ",".join(([f"width={width:g}"] if width != 1 else []) + options)
+            guesses += [(f"{name}:{opts}" if opts else name, "features.0.0.weight", "classifier.1.weight")
+                        for name in ("mobilenetv2", "mobilenetv2_imagenet")]
+    names = {k for k in state if not k.endswith(".num_batches_tracked")}
+    found = []
+    for spec, first, head in guesses:
+        try:
+            with torch.device("meta"):
+                net = build_model(spec, dim(head, 0) or 1, dim(first, 1) or 1)
+        except Exception:  # noqa: BLE001 - a guess no family builds (a depth out of range) fits nothing
+            continue
+        theirs = net.state_dict()
+        if names <= set(theirs) and set(theirs) <= set(state) | {k for k in theirs if k.endswith(".num_batches_tracked")} \
+                and all(tuple(theirs[k].shape) == tuple(state[k].shape) for k in names):
+            found.append(spec)
+    return found
 
 
 def _torch_load(path: Path):
@@ -272,17 +383,15 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", fl
     raw, own_file = _read_state(path)
     net = bare(model)
     own = net.state_dict()
-    # names that fit the model as stored are used as stored (a foreign file of a network whose
-    # only child is named `module`); otherwise a wrapper's prefixes are removed
-    state = raw if own_file or set(raw) == set(own) else _unwrap_prefixes(raw)
     # BatchNorm's num_batches_tracked (torch >= 0.4.1) is absent from older files (torchvision's
     # original ImageNet weights among them) and torch's own loader accepts that; it only counts
     # training batches (used when momentum is None), so a missing one starts at 0
-    for k in own:
-        owner, _, leaf = k.rpartition(".")
-        if leaf == "num_batches_tracked" and k not in state and \
-                isinstance(net.get_submodule(owner), nn.modules.batchnorm._NormBase):
-            state[k] = torch.zeros_like(own[k])
+    counters = {k for k in own if k.rpartition(".")[2] == "num_batches_tracked" and
+                isinstance(net.get_submodule(k.rpartition(".")[0]), nn.modules.batchnorm._NormBase)}
+    state = raw if own_file else _named_as(raw, set(own), counters)
+    stored = dict(state)
+    for k in counters - set(state):
+        state[k] = torch.zeros_like(own[k])
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -298,9 +407,15 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model", fl
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
         meta = read_metadata(path)
-        hint = f" (its metadata says {flag} {meta['model']})" if meta and "model" in meta else ""
-        raise UserError(f"weights {path} do not fit {spec}: {'; '.join(detail)}; pass the {flag} they were trained "
-                        f"with{hint}")
+        if meta and "model" in meta:
+            fix = f"pass the {flag} they were trained with (its metadata says {flag} {meta['model']})"
+        else:
+            fits = [s for s in _specs_fitting(stored) if canonical_spec(s) != built_spec(net)]
+            fix = (f"pass the {flag} they were trained with" if not fits else
+                   f"they fit the built-in {fits[0]}: pass {flag} {fits[0]}" if len(fits) == 1 else
+                   f"they fit the built-in {' and '.join(fits)} (alike state dicts): pass {flag} with the one they "
+                   "were trained with")
+        raise UserError(f"weights {path} do not fit {spec}: {'; '.join(detail)}; {fix}")
     net.load_state_dict(state)
     return model
 

@@ -48,7 +48,11 @@ class CifarResNet(nn.Module):
 def _build(spec, num_classes: int, in_channels: int) -> nn.Module:
     o = options(spec, {"depth": (int, 20), "width": (int, 1)}, "resnet:depth=20")
     if o["depth"] < 8 or (o["depth"] - 2) % 6:
-        raise out_of_range(spec, f"depth={o['depth']}", "a CIFAR ResNet's depth is 6n+2: 8, 14, 20, 32, 44, 56, 110...")
+        # torchvision's depths: a user bringing its ResNet-18 writes resnet:depth=18
+        imagenet = "; the ImageNet ResNets are the specs resnet18, resnet34 and resnet50" \
+            if o["depth"] in (18, 34, 101, 152) else ""
+        raise out_of_range(spec, f"depth={o['depth']}",
+                           f"a CIFAR ResNet's depth is 6n+2: 8, 14, 20, 32, 44, 56, 110...{imagenet}")
     if not 1 <= o["width"] <= 16:
         raise out_of_range(spec, f"width={o['width']}", "use an integer multiplier 1 to 16 (4 for ResNet8x4)")
     return CifarResNet(o["depth"], num_classes, in_channels, o["width"])

@@ -2,6 +2,8 @@
 with the logits of the module it came from, or is refused in one line saying what the file
 holds and what to pass instead."""
 
+import re
+
 import pytest
 import torch
 
@@ -106,3 +108,15 @@ def test_torchvision_resnet_depths_name_the_imagenet_specs(tmp_path):
     assert r.stderr.strip() == ("igkd: error: depth=18 in 'resnet:depth=18' is out of range; a CIFAR ResNet's depth "
                                 "is 6n+2: 8, 14, 20, 32, 44, 56, 110...; the ImageNet ResNets are the specs resnet18, "
                                 "resnet34 and resnet50")
+
+
+def test_a_batch_of_one_image_where_batchnorm_sees_1x1_maps_is_refused_before_the_run(tmp_path):
+    """resnet18 on 28-pixel images ends in 1x1 maps: at --batch-size 1 its first step failed with
+    torch's "Expected more than 1 value per channel when training", after config.yaml and
+    metrics.jsonl were written."""
+    r = run_igkd("train", "--model", "resnet18", "--data", "demo", "--batch-size", 1, "--epochs", 1,
+                 "--out", tmp_path / "run")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert re.search(r"BatchNorm layer layer4\.0\.[\w.]+ a 1x1 feature map", lines[0]) and "--batch-size 2 or more" in lines[0]
+    assert not (tmp_path / "run").exists()

@@ -230,6 +230,8 @@ class Trainer:
         self.batch = min(cfg.batch_size, n // self.world)
         if self.batch < 1:
             raise UserError(f"the training split has {n} images, fewer than the {self.world} processes")
+        if self.batch == 1:
+            refuse_lone_values(self.model, (dataset.channels, *dataset.image_size), device)
         self.steps_per_epoch = max(1, n // (self.batch * self.world))
         self.lr = cfg.lr * (self.world if getattr(cfg, "scale_lr", False) else 1)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -742,6 +744,36 @@ class Trainer:
         log(f"done: best epoch {self.best['epoch']} (val {self.best['val_accuracy']:.2f}%), "
             f"test accuracy {test['accuracy']:.2f}% -> {self.out}", self.quiet)
         return summary
+
+
+def refuse_lone_values(model: nn.Module, input_shape: tuple[int, int, int], device: torch.device) -> None:
+    """Refuse a batch of one image where a BatchNorm layer of ``model`` sees a 1x1 feature map:
+    one value per channel, which training-mode BatchNorm cannot normalise (resnet18 on 28-pixel
+    images, whose last stage is 1x1, failed at its first step with torch's ValueError, after
+    the run folder was written). Probed in eval mode, without gradients: nothing changes."""
+    lone = []
+
+    def hook(module, inputs, _):
+        if inputs[0].numel() // max(1, inputs[0].shape[1]) <= 1:
+            lone.append(module)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    handles = [m.register_forward_hook(hook) for m in norms]
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    if lone:
+        name = next((n for n, m in bare(model).named_modules() if m is lone[0]), "")  # as --explain-layer names
+        raise UserError(f"a batch of one image gives BatchNorm layer {name or 'the model'} a 1x1 feature map, one value "
+                        "per channel, which it cannot normalise in training; use --batch-size 2 or more (or more "
+                        "training images per process)")
 
 
 def _is_tty() -> bool:

@@ -106,8 +106,15 @@ def test_torchvision_resnet_depths_name_the_imagenet_specs(tmp_path):
     r = run_igkd("evaluate", "--weights", tmp_path / "w.pth", "--model", "resnet:depth=18", "--data", "demo")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip() == ("igkd: error: depth=18 in 'resnet:depth=18' is out of range; a CIFAR ResNet's depth "
-                                "is 6n+2: 8, 14, 20, 32, 44, 56, 110...; the ImageNet ResNets are the specs resnet18, "
-                                "resnet34 and resnet50")
+                                "is 6n+2: 8, 14, 20, 32, 44, 56, 110 ... 1202; the ImageNet ResNets are the specs "
+                                "resnet18, resnet34 and resnet50")
+
+
+@pytest.mark.parametrize("spec", ["resnet:depth=600002", "wrn:depth=600004,k=1"])
+def test_a_depth_past_the_deepest_published_network_is_refused_not_built(spec):
+    """No upper bound: a typo'd depth began building 100,000 blocks per stage."""
+    with pytest.raises(UserError, match=r"is out of range; a (CIFAR ResNet|WRN)'s depth is 6n\+\d: .* \.\.\. 1\d0\d"):
+        build_model(spec, 10, 3)
 
 
 def test_a_batch_of_one_image_where_batchnorm_sees_1x1_maps_is_refused_before_the_run(tmp_path):

@@ -47,12 +47,14 @@ class CifarResNet(nn.Module):
 
 def _build(spec, num_classes: int, in_channels: int) -> nn.Module:
     o = options(spec, {"depth": (int, 20), "width": (int, 1)}, "resnet:depth=20")
-    if o["depth"] < 8 or (o["depth"] - 2) % 6:
+    # at most the deepest CIFAR ResNet of He et al. (2016): resnet:depth=600002 began building
+    # a network of 100,000 blocks per stage
+    if o["depth"] < 8 or (o["depth"] - 2) % 6 or o["depth"] > 1202:
         # torchvision's depths: a user bringing its ResNet-18 writes resnet:depth=18
         imagenet = "; the ImageNet ResNets are the specs resnet18, resnet34 and resnet50" \
             if o["depth"] in (18, 34, 101, 152) else ""
         raise out_of_range(spec, f"depth={o['depth']}",
-                           f"a CIFAR ResNet's depth is 6n+2: 8, 14, 20, 32, 44, 56, 110...{imagenet}")
+                           f"a CIFAR ResNet's depth is 6n+2: 8, 14, 20, 32, 44, 56, 110 ... 1202{imagenet}")
     if not 1 <= o["width"] <= 16:
         raise out_of_range(spec, f"width={o['width']}", "use an integer multiplier 1 to 16 (4 for ResNet8x4)")
     return CifarResNet(o["depth"], num_classes, in_channels, o["width"])

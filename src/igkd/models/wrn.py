@@ -81,8 +81,8 @@ class WideResNet(nn.Module):
 
 def _build(spec, num_classes: int, in_channels: int) -> nn.Module:
     o = options(spec, {"depth": (int, 40), "k": (int, 2), "dropout": (float, 0.0)}, "wrn:depth=40,k=2")
-    if o["depth"] < 10 or (o["depth"] - 4) % 6:
-        raise out_of_range(spec, f"depth={o['depth']}", "a WRN's depth is 6n+4: 10, 16, 22, 28, 40...")
+    if o["depth"] < 10 or (o["depth"] - 4) % 6 or o["depth"] > 1000:  # unbounded, wrn:depth=600004 hung building
+        raise out_of_range(spec, f"depth={o['depth']}", "a WRN's depth is 6n+4: 10, 16, 22, 28, 40 ... 1000")
     if not 1 <= o["k"] <= 32:
         raise out_of_range(spec, f"k={o['k']}", "use an integer widening factor 1 to 32")
     if not 0 <= o["dropout"] < 1:

@@ -1,12 +1,13 @@
 """The Python API behind every command: ``igkd.train``, ``igkd.distill``, ``igkd.evaluate``...
 
 Each function takes a validated config (or plain arguments), does the work, writes its
-outputs atomically, and returns a summary dict. The command line only parses arguments
-and calls these.
+outputs atomically, and returns a summary dict (``precompute``: the opened store). The
+command line only parses arguments and calls these.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from .models import (bare, build_model, built_spec, copy_matching, count_paramet
                      with_preprocessing)
 from .precompute import maps_record, precompute as _precompute
 from .progress import log
-from .runtime import resolve_device, set_threads
+from .runtime import keeps_threads, resolve_device, set_threads
 
 
 def preprocessing_for(normalize: str, dataset: Dataset) -> dict | None:
@@ -153,6 +154,34 @@ def check_outputs(net: nn.Module, dataset: Dataset, what: str) -> None:
                         f"needs float logits of shape (1, {classes}), one per class")
 
 
+@contextlib.contextmanager
+def _as_given(*modules):
+    """The caller's modules (None, or anything else, is skipped) come back as they were
+    given: each submodule's training flag, and no ``.grad`` where there was none, so that a
+    notebook's teacher given in train mode is not left in eval mode, nor a student given
+    in eval mode left in train mode holding the last step's gradients."""
+    saved = [([(m, m.training) for m in module.modules()], [p for p in module.parameters() if p.grad is None])
+             for module in modules if isinstance(module, nn.Module)]
+    try:
+        yield
+    finally:
+        for modes, gradless in saved:
+            for m, training in modes:
+                m.training = training
+            for p in gradless:
+                p.grad = None
+
+
+@contextlib.contextmanager
+def _own_rng():
+    """The run seeds torch's global CPU generator (``cfg.seed``: initialisation, dropout)
+    and a resumed run restores it from last.pt; the caller's is put back afterwards, so a
+    notebook's random numbers do not restart from the run's seed. (CUDA generators are
+    seeded by the run, as ``torch.manual_seed`` does.)"""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
 def _student(cfg, dataset: Dataset, model: nn.Module | None):
     """(cfg with the spec of a given module, the network wrapped with its preprocessing)."""
     torch.manual_seed(cfg.seed)  # initialisation follows the seed
@@ -169,10 +198,31 @@ def _student(cfg, dataset: Dataset, model: nn.Module | None):
     return cfg, net
 
 
+@keeps_threads
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool = False,
           model: nn.Module | None = None) -> dict:
-    """Train a model from scratch with cross-entropy (a teacher, or a plain student);
-    ``model``, an ``nn.Module`` taking [0, 1] pixels, replaces ``cfg.model``."""
+    """Train a model from scratch with cross-entropy (a teacher, or a plain student) into
+    the run folder ``out`` (``resume``: go on from its ``last.pt``; ``quiet``: no progress
+    lines on stderr).
+
+    ``model``, an ``nn.Module`` taking float [0, 1] pixels N x C x H x W and returning
+    N x classes logits, replaces ``cfg.model``; it is moved to the run's device, trained in
+    place and holds the best epoch's weights afterwards, those of ``out/model.safetensors``;
+    its training flags are as given. ``cfg.threads`` holds for the call only; the global CPU
+    random generator is the caller's again afterwards.
+
+    Returns the run's summary (what ``out/summary.json`` and ``igkd train --json`` hold,
+    except that an undefined figure, such as ``val_accuracy`` without a validation split,
+    is NaN here and null there): ``method``, ``model`` (the recorded spec), ``dataset``,
+    ``params``, ``best_epoch``, ``val_accuracy``, ``test_accuracy``, ``test`` (the test
+    split's ``accuracy``, ``correct``, ``total``, ``balanced_accuracy``, ``kappa``,
+    ``per_class``, ``confusion``), ``epochs``, ``train_seconds``, ``train_images``,
+    ``val_images``, ``processes``, ``global_batch``, ``lr``."""
+    with _as_given(model), _own_rng():
+        return _train(cfg, out, resume, quiet, model)
+
+
+def _train(cfg, out, resume: bool, quiet: bool, model) -> dict:
     _config(cfg, TrainConfig, "train")
     refuse_world()  # before the data is read (a folder's first decode takes minutes), not after
     out = _check_out(out)
@@ -186,10 +236,21 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool =
     return Trainer(cfg, model, dataset, out, device, quiet=quiet).fit(resume)
 
 
-def load_teacher(path: str | Path, dataset: Dataset, spec: str = "", normalize: str = "auto") -> tuple[nn.Module, dict]:
+def load_teacher(path: str | Path, dataset: Dataset | str, spec: str = "",
+                 normalize: str = "auto") -> tuple[nn.Module, dict]:
     """Load a teacher checkpoint and check it fits the dataset's classes and channels.
-    ``normalize`` (``--teacher-normalize``): auto = as its metadata says (raw [0, 1] pixels
-    for a foreign file), or none, dataset, imagenet (torchvision's ImageNet checkpoints)."""
+    ``dataset``: an :class:`igkd.data.Dataset` or its spec string (``"demo"``). ``spec``:
+    the architecture of a file without igkd metadata (``--teacher-model``). ``normalize``
+    (``--teacher-normalize``): auto = as its metadata says (raw [0, 1] pixels for a foreign
+    file), or none, dataset, imagenet (torchvision's ImageNet checkpoints).
+
+    Returns ``(teacher, metadata)``: the network in eval mode with its preprocessing in
+    front, parameters not requiring gradients, and the checkpoint's metadata dict."""
+    if isinstance(dataset, str):
+        dataset = load_dataset(dataset)
+    elif not isinstance(dataset, Dataset):
+        raise UserError(f"load_teacher() needs the dataset (an igkd.data.Dataset from igkd.load_dataset, or its spec "
+                        f"string), got {type(dataset).__name__}")
     if not path:
         raise UserError("this method needs a teacher; pass --teacher CHECKPOINT (train one with 'igkd train')")
     meta = read_metadata(path) or {}
@@ -208,14 +269,28 @@ def load_teacher(path: str | Path, dataset: Dataset, spec: str = "", normalize: 
     return teacher, meta
 
 
+@keeps_threads
 def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeConfig | None = None,
                store: str | Path | None = None, teacher_model: str = "", device: str = "auto",
                quiet: bool = False, threads: int = 0, teacher_normalize: str = "auto"):
     """Compute (or reuse, or resume) the store of teacher logits and IG maps of a teacher
-    checkpoint (or spec holding its weights, or an ``nn.Module`` taking [0, 1] pixels).
+    checkpoint (or spec holding its weights, or an ``nn.Module`` taking [0, 1] pixels: run
+    in eval mode, its training flags as given afterwards) on the training split of the
+    dataset spec ``data``. ``store``: its folder (default: one in the cache, named by its
+    fingerprint); ``threads`` holds for the call only.
+
+    Returns the opened :class:`igkd.store.Store`, not a dict: ``.path``, ``.logits``
+    (N x classes), ``.maps`` (N x H x W), ``.manifest`` (what ``igkd precompute --json``
+    prints, after ``store`` and ``images``).
 
     Under torchrun the processes share the work (chunk i on rank i % N, gloo on CPU, nccl
     on CUDA) and write one store; every rank returns it opened."""
+    with _as_given(teacher_path):
+        return _precompute_api(teacher_path, data, cfg, store, teacher_model, device, quiet, threads,
+                               teacher_normalize)
+
+
+def _precompute_api(teacher_path, data, cfg, store, teacher_model, device, quiet, threads, teacher_normalize):
     if cfg is not None:
         _config(cfg, PrecomputeConfig, "precompute")
     if not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= 1024:
@@ -239,21 +314,39 @@ def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeC
         parallel.shutdown(env)
 
 
+@keeps_threads
 def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bool = False,
             teacher: nn.Module | None = None, student: nn.Module | None = None) -> dict:
     """Train a student with the parts of ``cfg.method`` (CE, KD, DKD, DIST, IG overlay,
-    explanation matching, AT, CutMix...; :mod:`igkd.distill.parts`).
+    explanation matching, AT, CutMix...; :mod:`igkd.distill.parts`) into the run folder
+    ``out`` (``resume``: go on from its ``last.pt``; ``quiet``: no progress lines on stderr).
 
-    ``teacher`` and ``student``, ``nn.Module`` s taking [0, 1] pixels (a teacher that
-    normalises does so inside, or ``cfg.teacher_normalize`` puts the normalisation in front
-    of it: ``imagenet`` for a torchvision model), replace ``cfg.teacher`` and ``cfg.model``. With
-    ``cfg.init == "teacher"`` the student starts from the teacher's matching tensors
-    (:func:`igkd.models.copy_matching`).
+    ``teacher`` and ``student``, ``nn.Module`` s taking float [0, 1] pixels N x C x H x W
+    and returning N x classes logits (a teacher that normalises does so inside, or
+    ``cfg.teacher_normalize`` puts the normalisation in front of it: ``imagenet`` for a
+    torchvision model), replace ``cfg.teacher`` and ``cfg.model``. Both are moved to the
+    run's device. The teacher runs in eval mode and its weights are not changed; the
+    student is trained in place and holds the best epoch's weights afterwards, those of
+    ``out/model.safetensors``. Both come back with the training flags they were given.
+    With ``cfg.init == "teacher"`` the student starts from the teacher's matching tensors
+    (:func:`igkd.models.copy_matching`). ``cfg.threads`` holds for the call only; the
+    global CPU random generator is the caller's again afterwards.
+
+    Returns the run's summary (what ``out/summary.json`` and ``igkd distill --json`` hold,
+    except that an undefined figure is NaN here and null there): the keys :func:`train`
+    returns, plus ``teacher`` (its path, spec, parameters and weights fingerprint),
+    ``compression``, the method's options (``T``, ``alpha``, ``p``...), ``logits`` and
+    ``maps`` where the method uses them.
 
     Under torchrun (WORLD_SIZE > 1) this process joins the group (gloo on CPU, nccl on
     CUDA, see :mod:`igkd.distill.parallel`); rank 0 loads the data and builds the store
     first, the other ranks then read them; rank 0 alone writes the run directory.
     """
+    with _as_given(teacher, student), _own_rng():
+        return _distill(cfg, out, resume, quiet, teacher, student)
+
+
+def _distill(cfg, out, resume: bool, quiet: bool, teacher, student) -> dict:
     _config(cfg, DistillConfig, "distill")
     out = _check_out(out)
     refuse_busy_run_dir(out)  # another run writing it is named now, not after our precompute
@@ -342,10 +435,18 @@ def _model_params(teacher: str, num_classes: int = 10, in_channels: int = 3) -> 
     return count_parameters(build_model(teacher, num_classes, in_channels))
 
 
+@keeps_threads
 def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
              class_map: str | Path | dict | None = None, quiet: bool = False, **options) -> dict:
     """Accuracy, balanced accuracy, Cohen's kappa, per-class accuracy, confusion matrix,
-    parameters (and compression factor) of a checkpoint on a dataset's test split.
+    parameters (and compression factor) of a checkpoint ``weights`` (a path) on the test
+    split of the dataset spec ``data``.
+
+    Returns the dict ``igkd evaluate --json`` prints: ``weights``, ``model``, ``data``,
+    ``split``, ``preprocessing``, ``params``, ``accuracy``, ``correct``, ``total``,
+    ``balanced_accuracy``, ``kappa``, ``per_class``, ``confusion``, and ``class_map``,
+    ``teacher_correct``, ``corruptions``, ``teacher``/``teacher_params``/``compression``
+    when those options are given. ``threads`` holds for the call only.
 
     The options (``model``, ``normalize``, ``teacher``, ``batch_size``, ``device``,
     ``threads``) are the fields of :class:`igkd.command_options.EvaluateConfig`, given as

@@ -285,11 +285,21 @@ def validate(cfg) -> Any:
                 # the number as given: int(1e300) printed all of its 301 digits
                 raise UserError(f"{flag} {given} is out of range; use a value in {lo}{m['low']}, {m['high']}]")
         elif not isinstance(value, str):
-            if f.name in ("teacher", "model") and callable(getattr(value, "state_dict", None)):
+            is_module = callable(getattr(value, "state_dict", None))
+            # only distill and train take a module (as an argument); audit, export, bench and the
+            # experiments read files, and the hint would send their callers to distill
+            if is_module and f.name in ("teacher", "model") and isinstance(cfg, TrainConfig) \
+                    and type(cfg).__name__ != "ExperimentConfig":
                 keyword = "teacher" if f.name == "teacher" else "student"
                 raise UserError(f"{flag} takes a spec or a checkpoint path; pass a torch.nn.Module as "
                                 f"igkd.distill(cfg, out, {keyword}=module) (igkd.train(cfg, out, model=module))")
-            raise UserError(f"{flag} must be a string, got {value!r}")
+            if is_module and f.name in ("teacher", "model", "student", "weights", "teacher_correct"):
+                raise UserError(f"{flag} takes a checkpoint path or a spec, not a {type(value).__name__} module; "
+                                "save the module first (igkd.models.save_checkpoint) and pass its path")
+            # a module's or an array's repr runs to hundreds of lines: no one-line error then
+            shown = repr(value)
+            shown = shown if len(shown) <= 120 and "\n" not in shown else f"a {type(value).__name__}"
+            raise UserError(f"{flag} must be a string, got {shown}")
         if m.get("choices") and value not in m["choices"]:
             raise UserError(f"{flag} {value!r} is not one of {', '.join(map(str, m['choices']))}")
     if getattr(cfg, "log", ""):

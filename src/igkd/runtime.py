@@ -46,9 +46,29 @@ def resolve_device(name: str = "auto"):
 
 
 def set_threads(n: int) -> None:
+    """``torch.set_num_threads(n)`` for ``n > 0`` (0: torch's default), process-wide: an
+    API function that calls it is decorated with :func:`keeps_threads`."""
     import torch
     if n and n > 0:
         torch.set_num_threads(n)
+
+
+def keeps_threads(function):
+    """``function`` with torch's thread count put back as the caller had it when it returns
+    or raises: its ``threads=N`` holds for the call only, so a notebook's later work does
+    not go on at ``igkd.distill``'s ``threads=1``."""
+    import functools
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        import torch
+        before = torch.get_num_threads()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
+    return call
 
 
 def cache_dir(*parts: str) -> Path:

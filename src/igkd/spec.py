@@ -13,6 +13,7 @@ value holding a comma is quoted: ``imagefolder:"/data/cats, dogs",size=64``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
 from .errors import UserError
 
@@ -100,6 +101,13 @@ def _split(rest: str, text: str, what: str) -> list[str]:
 
 def parse_spec(text: str, what: str = "spec") -> Spec:
     """Parse ``kind[:arg][,key=value...]``; a first item without ``=`` is the argument."""
+    if text is not None and not isinstance(text, str):
+        # a Path, a Dataset or a module from the Python API: one line, not an AttributeError from .strip()
+        like = "'demo' or 'imagefolder:DIR'" if "dataset" in what else "'mobilenetv2:width=0.5'" if "model" in what \
+            else "'mobilenetv2:width=0.5' or 'imagefolder:DIR'"
+        folder = f" (a folder of images: 'imagefolder:{text}')" if "dataset" in what and isinstance(text, PurePath) \
+            else ""
+        raise UserError(f"{what} must be a string like {like}{folder}, got {type(text).__name__}")
     text = (text or "").strip()
     if not text:
         raise UserError(f"empty {what}; give one like 'mobilenetv2:drop=5' or 'imagefolder:DIR'")

@@ -19,7 +19,7 @@ from ..fileio import writable_dir, write_json
 from ..models import count_parameters, holds_own_weights, load_model, read_metadata
 from ..progress import Progress
 from ..report import class_label, names_key
-from ..runtime import set_threads
+from ..runtime import keeps_threads, set_threads
 from ..spec import parse_spec, split_specs
 from .common import existing, split_files
 from .plots import audit_gallery
@@ -42,6 +42,7 @@ def _load_checked(path: str, spec: str, dataset: Dataset, normalize: str = "auto
     return net, meta
 
 
+@keeps_threads
 def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None = None,
           out: str | Path | None = None, quiet: bool = False, **options) -> dict:
     """Do the students attribute like the teacher? Attribution maps (IG by default: sum

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..report import Shown, accuracy_points, markdown_table, read_json, shown
 from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, setup
-from .config import ExperimentConfig, corruption_names, distill_config
+from .config import ExperimentConfig, corruption_names, distill_config, entry_point
 from .runs import Job, corruption_scores, run_jobs, run_record
 from .stats import describe
 
@@ -22,6 +22,7 @@ def ablation_jobs(cfg: ExperimentConfig, methods: list[str]) -> list[Job]:
                 {"method": m, "seed_index": s}) for s in range(cfg.seeds) for m in methods]
 
 
+@entry_point
 def run_ablation(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> dict:
     """Train (or reuse) every method x seed; write and return the table's data."""
     methods = methods_of(cfg)

@@ -28,7 +28,7 @@ from ..progress import log
 from ..report import Shown, _plt, _save, figure, figure_text, legend_outside, markdown_table, read_json, shown
 from ..spec import Spec, canonical_spec, parse_spec, split_specs
 from .common import methods_of, save_results, setup
-from .config import ExperimentConfig, distill_config, split_list
+from .config import ExperimentConfig, distill_config, entry_point, split_list
 from .runs import Job, run_jobs, run_record
 
 
@@ -92,7 +92,13 @@ def cost(net, shape: tuple[int, int, int], cfg: ExperimentConfig) -> dict:
     return c
 
 
+@entry_point
 def run_compression(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> dict:
+    """Distill every method into students of ``cfg.depths`` and ``cfg.widths`` (and the
+    specs of ``cfg.students``); write ``out/compression.json``, ``.md`` and ``.yaml`` and
+    return the results: ``teacher_cost`` and ``students`` (parameters, MACs, latency and
+    compression factor of each architecture) and ``runs`` (test accuracy of each method
+    and student)."""
     from .. import api
     methods = methods_of(cfg)
     specs = student_specs(cfg)

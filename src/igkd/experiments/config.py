@@ -182,6 +182,24 @@ def resolve(kind: str, config: str | Path | None = None, overrides: dict | None 
     return check(cfg)
 
 
+def entry_point(function):
+    """Decorate ``run_KIND(cfg, out, quiet)``, an experiment's API function: ``cfg`` must be
+    an ExperimentConfig (a dict or a DistillConfig would fail deep inside with an
+    AttributeError), and ``cfg.threads`` holds for the call only."""
+    import functools
+
+    from ..runtime import keeps_threads
+    name, kind = function.__name__, function.__name__.removeprefix("run_")
+
+    @functools.wraps(function)
+    def call(cfg, *args, **kwargs):
+        if not isinstance(cfg, ExperimentConfig):
+            raise UserError(f"{name}() needs an igkd.ExperimentConfig as its config, got {type(cfg).__name__}; build "
+                            f"one with igkd.experiments.resolve({kind!r}, CONFIG, overrides)")
+        return function(cfg, *args, **kwargs)
+    return keeps_threads(call)
+
+
 def check(cfg: ExperimentConfig) -> ExperimentConfig:
     validate(cfg)
     methods = split_list(cfg.methods, str, "--methods")
@@ -217,5 +235,5 @@ def distill_config(cfg: ExperimentConfig, **changes) -> DistillConfig:
     return validate(DistillConfig(**values))
 
 
-__all__ = ["ExperimentConfig", "KINDS", "check", "corruption_names", "distill_config", "resolve", "split_list",
-           "yaml_layers"]
+__all__ = ["ExperimentConfig", "KINDS", "check", "corruption_names", "distill_config", "entry_point", "resolve",
+           "split_list", "yaml_layers"]

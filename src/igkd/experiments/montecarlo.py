@@ -17,7 +17,7 @@ from pathlib import Path
 from ..report import (Shown, _plt, _save, accuracy_points, figure, figure_text, legend_outside, markdown_table,
                       paired_differences, read_json, shown, teacher_line)
 from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, setup
-from .config import ExperimentConfig, corruption_names, distill_config
+from .config import ExperimentConfig, corruption_names, distill_config, entry_point
 from .runs import Job, corruption_scores, run_jobs, run_record
 from .stats import compare, describe
 
@@ -28,7 +28,14 @@ def montecarlo_jobs(cfg: ExperimentConfig, methods: list[str]) -> list[Job]:
             for r in range(cfg.runs) for m in methods]
 
 
+@entry_point
 def run_montecarlo(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> dict:
+    """Train (or reuse) every method on ``cfg.runs`` random stratified subsets of the
+    training set (``cfg.mc_subset`` of it, one seed per run, the methods of a run paired);
+    write ``out/montecarlo.json``, ``.md`` and ``.yaml`` and return the results: the
+    per-run test ``accuracy`` by method, ``runs`` (one record per trained run),
+    ``summary`` (mean, std, CI per method), ``comparisons`` (paired t and Wilcoxon tests,
+    Holm-corrected) and, with ``cfg.corruptions``, ``corruptions``."""
     methods = methods_of(cfg)
     out, ctx = setup(cfg, out, "montecarlo", methods, quiet)
     jobs = montecarlo_jobs(cfg, methods)

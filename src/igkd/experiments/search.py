@@ -51,7 +51,7 @@ from ..progress import log
 from ..report import _plt, _save, figure, figure_text, markdown_table, read_json, shown
 from ..spec import Spec, parse_spec
 from .common import save_results, setup
-from .config import ExperimentConfig, distill_config, split_list
+from .config import ExperimentConfig, distill_config, entry_point, split_list
 from .runs import Job, canonical_specs, prepare_out, run_jobs, run_record, semantic_config
 
 # the pre-parts options for value lists: option -> its flag (--space covers every other)
@@ -435,6 +435,7 @@ def finish(study, trial, value: float | None = None, failed: bool = False, **att
         return False
 
 
+@entry_point
 def run_search(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> dict:
     """Work on the study until no grid point (or trial budget) is left; return the results."""
     optuna = optuna_or_error()

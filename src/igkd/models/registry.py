@@ -100,5 +100,9 @@ def built_spec(net: nn.Module) -> str | None:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters (BatchNorm running statistics are buffers, not counted)."""
+    """Elements of all of ``model``'s parameters, frozen ones (``requires_grad=False``, a
+    teacher's) included; BatchNorm running statistics are buffers, not counted."""
+    if not isinstance(model, nn.Module):  # a spec string: one line, not an AttributeError
+        raise UserError(f"count_parameters() takes a torch.nn.Module, got {type(model).__name__}; build one with "
+                        "igkd.build_model(spec, num_classes, in_channels)")
     return sum(p.numel() for p in model.parameters())

@@ -70,16 +70,43 @@ def register_part(part: Part) -> Part:
     """Register a part from outside the package (``igkd.register_part``). Its options
     become config fields, so a part with options must be registered before
     :class:`igkd.config.DistillConfig` is first used; an entry point in the group
-    ``igkd.parts`` always is."""
+    ``igkd.parts`` always is. A part whose class has the module and name of a registered
+    one's (a notebook cell run again) replaces it (once a config was built, only with the
+    same options); another part of a registered name is refused. Returns ``part``."""
     if not isinstance(part, Part):
         raise UserError(f"register_part gave {part!r}, not an igkd.distill.parts.Part")
     _load()
+    old = _parts.get(part.name)
+    if old is not None and old is not part and _redefined(old, part):
+        # a notebook cell run again defines the class anew; refused, it would need a restart
+        # of the kernel. The new definition replaces the old one (its loss, its needs)
+        del _parts[part.name]
+        try:
+            register_part(part)
+        except UserError:
+            _parts[part.name] = old
+            raise
+        return part
     new = set(part.fields) - set().union(*(p.fields for p in _parts.values()))
     if _frozen_fields is not None and new - _frozen_fields:
         raise UserError(f"part {part.name!r} brings options {', '.join(sorted(new))} after igkd.config was built; "
                         "register it before using any config, or through the 'igkd.parts' entry point")
     _add(part, "register_part")
     return part
+
+
+def _redefined(old: Part, part: Part) -> bool:
+    """Whether ``part`` is ``old``'s class defined again (same module and name), with the same
+    options where igkd.config was already built from them (DistillConfig keeps its fields)."""
+    a, b = type(old), type(part)
+    if (a.__module__, a.__qualname__) != (b.__module__, b.__qualname__):
+        return False
+    if _frozen_fields is not None and any(
+            name not in old.fields or (f.default, f.metadata) != (old.fields[name].default, old.fields[name].metadata)
+            for name, f in part.fields.items()):
+        raise UserError(f"part {part.name!r} is registered again with other options after igkd.config was built; "
+                        "restart Python (the notebook's kernel) to use them")
+    return True
 
 
 def parts() -> dict[str, Part]:

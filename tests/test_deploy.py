@@ -244,6 +244,9 @@ def test_export_torchscript_parity_demo_teacher(tmp_path, demo):
     Path(f"{out}.json").unlink()
     inside = read_export_metadata(out)
     assert inside == beside and inside["classes"] == demo.classes and inside["runtime_format"] == "torchscript"
+    # evaluated as the file distill's --teacher takes (its weights inside): was "does not exist"
+    scored = igkd.evaluate(f"torchscript:{out}", data="demo", quiet=True)
+    assert scored["accuracy"] == igkd.evaluate(DEMO_TEACHER, data="demo", quiet=True)["accuracy"]
 
 
 def test_export_int8_demo_teacher(tmp_path, demo):

@@ -27,11 +27,12 @@ from .evaluate.classmap import model_classes, read_class_map, remap
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .models import (bare, build_model, built_spec, copy_matching, count_parameters, eval_mode, holds_own_weights,
-                     load_model, read_metadata, preprocessing_of, recorded_spec, weights_fingerprint,
+                     load_model, read_metadata, preprocessing_of, recorded_spec, to_device, weights_fingerprint,
                      with_preprocessing)
 from .precompute import maps_record, precompute as _precompute
 from .progress import log
 from .runtime import keeps_threads, resolve_device, set_threads
+from .spec import parse_spec
 
 
 def preprocessing_for(normalize: str, dataset: Dataset) -> dict | None:
@@ -484,9 +485,10 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         raise UserError("no checkpoint to evaluate; pass --weights FILE")
     if not data:
         raise UserError("no dataset to evaluate on; pass --data SPEC")
-    if not Path(weights).exists() or Path(weights).is_dir():  # named before a dataset is loaded (or downloaded)
-        raise UserError(f"weights file {weights} {'is a folder' if Path(weights).is_dir() else 'does not exist'}; "
-                        "check the path")
+    # named before a dataset is loaded (or downloaded); torchscript:FILE holds its weights, as --teacher takes it
+    file = Path(parse_spec(str(weights)).arg or "") if holds_own_weights(str(weights)) else Path(weights)
+    if not file.exists() or file.is_dir():
+        raise UserError(f"weights file {file} {'is a folder' if file.is_dir() else 'does not exist'}; check the path")
     if teacher_correct is not None and not holds_own_weights(str(teacher_correct)) \
             and not Path(teacher_correct).is_file():
         raise UserError(f"--teacher-correct {teacher_correct} does not exist (or is not a file); give the teacher's "
@@ -524,7 +526,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         keep, protocol = _teacher_correct(str(teacher_correct), teacher_correct_model, dataset, cmap, images,
                                           cfg.batch_size, dev, cfg.teacher_correct_normalize)
         images, labels, index = images[keep], labels[keep], index[keep]
-    logits = predict(net.to(dev), images, cfg.batch_size, dev)
+    logits = predict(to_device(net, dev), images, cfg.batch_size, dev)
     result = {"weights": str(weights), "model": meta["model"], "data": dataset.spec, "split": "test",
               "preprocessing": meta["preprocessing"], "params": count_parameters(net),
               **classification_metrics(logits, labels, classes)}
@@ -568,7 +570,7 @@ def _teacher_correct(path: str, spec: str, dataset: Dataset, cmap, images: torch
     net, tmeta = load_model(path, spec or None, len(tclasses), dataset.channels, preprocessing_for(normalize, dataset),
                             flag="--teacher-correct-model")
     warn_unknown_preprocessing(path, normalize, "--teacher-correct-normalize")
-    right = predict(net.to(dev), images, batch_size, dev).argmax(1) == labels
+    right = predict(to_device(net, dev), images, batch_size, dev).argmax(1) == labels
     keep = torch.nonzero(right).reshape(-1)
     if not len(keep):
         raise UserError(f"the --teacher-correct teacher {path} classifies none of the {len(labels)} test images "

@@ -169,6 +169,12 @@ def test_wrong_argument_types_are_one_line_errors(tmp_path):
     assert meta["model"] == "mobilenetv2:width=0.5" and not any(p.requires_grad for p in net.parameters())
     with pytest.raises(UserError, match="load_teacher.. needs the dataset .* got int"):
         igkd.load_teacher(teacher, 3)
+    # a Path for a file field is a path, as evaluate and export take one ("must be a string" before);
+    # data and model are specs, where a Path is told how to write one
+    cfg = igkd.DistillConfig(data="demo", teacher=Path(teacher), store=tmp_path / "store", method="kd")
+    assert cfg.teacher == teacher and cfg.store == str(tmp_path / "store")
+    with pytest.raises(UserError, match=r"^--data must be a string, got PosixPath"):
+        igkd.DistillConfig(data=Path("demo"))
 
 
 def test_a_part_registered_again_from_a_rerun_cell_replaces_the_old_one(monkeypatch):

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, fields
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -284,6 +284,11 @@ def validate(cfg) -> Any:
                 lo = "(" if m.get("low_open") else "["
                 # the number as given: int(1e300) printed all of its 301 digits
                 raise UserError(f"{flag} {given} is out of range; use a value in {lo}{m['low']}, {m['high']}]")
+        elif kind is str and isinstance(value, PurePath) and f.name not in ("data", "model"):
+            # a notebook's Path for a file or folder (teacher=Path(...)), as evaluate, audit and
+            # export take one, was refused with "must be a string" (data and model are specs:
+            # a Path there gets parse_spec's hint, imagefolder:PATH)
+            setattr(cfg, f.name, str(value))
         elif not isinstance(value, str):
             is_module = callable(getattr(value, "state_dict", None))
             # only distill and train take a module (as an argument); audit, export, bench and the

@@ -292,4 +292,5 @@ def test_training_on_a_folder_of_test_alone_is_one_line_and_writes_nothing(tmp_p
         r = run_igkd(*args)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2 and len(lines) == 1 and advice in lines[0], (name, r.stderr)
+        assert name != "normalize" or "the others are none and imagenet" in lines[0]  # the way out without train/
     assert sorted(p.name for p in tmp_path.iterdir()) == ["held", "model.json", "model.safetensors"]

@@ -197,8 +197,8 @@ class Dataset:
 
         Exact: computed from per-channel 256-bin histograms, so no float image copy."""
         if self._stats is None:
-            self.require_train("normalising by the dataset (normalize: dataset) takes the mean and std of its "
-                               "train images")
+            self.require_train("normalising by the dataset (normalize: dataset; the others are none and imagenet) "
+                               "takes the mean and std of its train images")
             images = self.train.images
             values = torch.arange(256, dtype=torch.float64)
             # in row blocks: images[:, c].reshape(-1) would copy a third of the split (all of a mapped one's pages)

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -34,6 +34,10 @@ class _Validated:
 @dataclass
 class TrainConfig(_Validated):
     """Options shared by ``igkd train`` (teacher) and ``igkd distill`` (student)."""
+
+    # igkd.train and igkd.distill take the model and teacher as modules too (as arguments):
+    # a module given as the field is pointed there
+    takes_modules: ClassVar[bool] = True
 
     data: str = opt("demo", "dataset spec: demo, cifar10:DIR, cifar100:DIR, imagefolder:DIR[,size=N], fashion-mnist[:DIR] "
                     "(the Python API's TrainConfig defaults to demo)", required=True, metavar="SPEC")
@@ -293,8 +297,7 @@ def validate(cfg) -> Any:
             is_module = callable(getattr(value, "state_dict", None))
             # only distill and train take a module (as an argument); audit, export, bench and the
             # experiments read files, and the hint would send their callers to distill
-            if is_module and f.name in ("teacher", "model") and isinstance(cfg, TrainConfig) \
-                    and type(cfg).__name__ != "ExperimentConfig":
+            if is_module and f.name in ("teacher", "model") and getattr(cfg, "takes_modules", False):
                 keyword = "teacher" if f.name == "teacher" else "student"
                 raise UserError(f"{flag} takes a spec or a checkpoint path; pass a torch.nn.Module as "
                                 f"igkd.distill(cfg, out, {keyword}=module) (igkd.train(cfg, out, model=module))")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 
 from ..config import (DistillConfig, attribution_owners, build, find_config, load_yaml, opt, read_yaml_file,
@@ -57,6 +58,8 @@ def check_read_by(kind: str, names, where: str) -> None:
 @dataclass
 class ExperimentConfig(DistillConfig):
     """Options of ``igkd experiment``: the base distill recipe, then the experiments' own."""
+
+    takes_modules: ClassVar[bool] = False  # the run_* functions read files only
 
     methods: str = opt("student,kd,ig,kd+ig,ig-shuffled", "comma-separated methods to train (ablation, montecarlo, "
                        "compression); the first one, or 'student' when present, is the baseline gains are "

@@ -33,8 +33,7 @@ from ..errors import UserError, cause
 from ..fileio import dumps, file_digest, write_bytes, write_json
 from ..spec import canonical_spec, parse_spec
 from .preprocess import bare, with_preprocessing
-from .mobilenetv2 import NUM_FEATURE_BLOCKS
-from .registry import SPEC_ATTRIBUTE, build_model, built_spec, family_of, find_family
+from .registry import MODELS, SPEC_ATTRIBUTE, build_model, built_spec, family_of, find_family
 
 FORMAT = "igkd-checkpoint/1"
 HEADER_KEY = "igkd"  # safetensors header metadata key holding the JSON metadata
@@ -281,45 +280,28 @@ def _named_as(raw: dict[str, torch.Tensor], names: set[str], optional: set[str])
 
 
 def _specs_fitting(state: dict[str, torch.Tensor]) -> list[str]:
-    """The built-in specs whose networks have exactly these names and shapes (at the file's own
-    classes and input channels; num_batches_tracked optional), for an error to name: guessed
-    from the layout of torchvision's, the CIFAR ResNets', RepDistiller's WRNs' and MobileNetV2's
-    names, then built on the meta device (no memory, no initialisation) to compare."""
-    def blocks(prefix: str) -> int:
-        return len({k[len(prefix):].partition(".")[0] for k in state if k.startswith(prefix)})
-
-    def dim(key: str, i: int) -> int:
-        t = state.get(key)
-        return t.shape[i] if isinstance(t, torch.Tensor) and t.dim() > i else 0
-
-    guesses = []  # (spec, first weight, head weight)
-    if "layer4.0.conv1.weight" in state:
-        guesses += [(f"resnet{d}", "conv1.weight", "fc.weight") for d in (18, 34, 50)]
-    elif "layer3.0.conv1.weight" in state and dim("layer1.0.conv1.weight", 0) % 16 == 0:
-        width = dim("layer1.0.conv1.weight", 0) // 16
-        guesses.append((f"resnet:depth={6 * blocks('layer1.') + 2}" + (f",width={width}" if width != 1 else ""),
-                        "conv1.weight", "fc.weight"))
-    if "block1.layer.0.conv1.weight" in state:
-        guesses.append((f"wrn:depth={6 * blocks('block1.layer.') + 4},k={dim('block1.layer.0.conv1.weight', 0) // 16}",
-                        "conv1.weight", "fc.weight"))
-    if "features.0.0.weight" in state:
-        options = [f"drop={NUM_FEATURE_BLOCKS - blocks('features.')}"] if blocks("features.") < NUM_FEATURE_BLOCKS else []
-        for width in sorted({dim("features.0.0.weight", 0) / 32, 0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, 1.5, 2.0}):
-            opts = ",".join(([f"width={width:g}"] if width != 1 else []) + options)
-            guesses += [(f"{name}:{opts}" if opts else name, "features.0.0.weight", "classifier.1.weight")
-                        for name in ("mobilenetv2", "mobilenetv2_imagenet")]
+    """The registered specs whose networks have exactly these names and shapes (at the file's
+    own classes and input channels; num_batches_tracked optional), for an error to name: each
+    family's :attr:`~igkd.models.family.Family.guess` proposes members, each is built on the
+    meta device (no memory, no initialisation) and compared."""
+    tensors = [t for t in state.values() if isinstance(t, torch.Tensor)]
+    # the first convolution's input channels, the last linear layer's outputs (the head)
+    channels = next((t.shape[1] for t in tensors if t.dim() == 4), 1)
+    classes = next((t.shape[0] for t in reversed(tensors) if t.dim() == 2), 1)
     names = {k for k in state if not k.endswith(".num_batches_tracked")}
     found = []
-    for spec, first, head in guesses:
-        try:
-            with torch.device("meta"):
-                net = build_model(spec, dim(head, 0) or 1, dim(first, 1) or 1)
-        except Exception:  # noqa: BLE001 - a guess no family builds (a depth out of range) fits nothing
-            continue
-        theirs = net.state_dict()
-        if names <= set(theirs) and set(theirs) <= set(state) | {k for k in theirs if k.endswith(".num_batches_tracked")} \
-                and all(tuple(theirs[k].shape) == tuple(state[k].shape) for k in names):
-            found.append(spec)
+    for kind, family in MODELS.items():
+        for options in (family.guess(state) if family.guess else []):
+            spec = f"{kind}:{options}" if options else kind
+            try:
+                with torch.device("meta"):
+                    net = build_model(spec, classes, channels)
+            except Exception:  # noqa: BLE001 - a guess no family builds (a depth out of range) fits nothing
+                continue
+            theirs = net.state_dict()
+            if names <= set(theirs) and set(theirs) <= set(state) | {k for k in theirs if k.endswith(
+                    ".num_batches_tracked")} and all(tuple(theirs[k].shape) == tuple(state[k].shape) for k in names):
+                found.append(spec)
     return found
 
 

@@ -5,7 +5,9 @@ its size options, so code outside ``models/`` (the compression sweep) can make s
 members without knowing the family: ``depth_knob`` is the option a ``--depths`` value
 sets (``drop`` for MobileNetV2 truncation, ``depth`` for ResNets), ``width_knob`` the one
 a ``--widths`` value sets. ``own_weights``: the spec itself holds the weights
-(TorchScript), so no separate weights file is loaded.
+(TorchScript), so no separate weights file is loaded. ``guess``: the option strings of the
+members a foreign state dict may be (from its names and shapes), which a loading error
+names where one fits exactly (:func:`igkd.models.checkpoint.load_weights`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Family:
     # builds from code or a file the spec names (py: imports a module, torchscript: loads a
     # program): such a spec runs only when the user gives it, never when a weights file does
     runs_code: bool = False
+    # state dict -> option strings ("" for the defaults) of members it may be; checked by building them
+    guess: Callable[[dict], list[str]] | None = None
 
 
 def options(spec: Spec, schema: dict[str, tuple[type, object]], example: str) -> dict:
@@ -44,3 +48,14 @@ def options(spec: Spec, schema: dict[str, tuple[type, object]], example: str) ->
 
 def out_of_range(spec: Spec, what: str, fix: str) -> UserError:
     return UserError(f"{what} in '{spec}' is out of range; {fix}")
+
+
+def blocks(state: dict, prefix: str) -> int:
+    """How many numbered children ``prefix`` has in a state dict's names (``layer1.`` -> 3)."""
+    return len({k[len(prefix):].partition(".")[0] for k in state if k.startswith(prefix)})
+
+
+def dim(state: dict, key: str, i: int) -> int:
+    """Size ``i`` of tensor ``key`` of a state dict, 0 where it has none."""
+    t = state.get(key)
+    return t.shape[i] if t is not None and t.dim() > i else 0

@@ -27,7 +27,7 @@ from .. import plugins
 from ..errors import UserError
 from ..spec import Spec, parse_spec
 from . import resnet, resnet_cifar, user, wrn
-from .family import Family, options, out_of_range
+from .family import Family, blocks, dim, options, out_of_range
 from .mobilenetv2 import NUM_FEATURE_BLOCKS, MobileNetV2
 
 
@@ -44,13 +44,24 @@ def _mobilenetv2(imagenet: bool):
     return build
 
 
+def _mobilenetv2_guess(state: dict) -> list[str]:
+    """drop from the feature blocks present; width from the stem's channels, or a common one
+    (a width's channels are rounded to multiples of 8, so the stem alone can mislead)."""
+    if "features.0.0.weight" not in state:
+        return []
+    present = blocks(state, "features.")
+    drop = [f"drop={NUM_FEATURE_BLOCKS - present}"] if present < NUM_FEATURE_BLOCKS else []
+    widths = sorted({dim(state, "features.0.0.weight", 0) / 32, 0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, 1.5, 2.0})
+    return [",".join(([f"width={w:g}"] if w != 1 else []) + drop) for w in widths]
+
+
 SPEC_ATTRIBUTE = "_igkd_spec"  # set by build_model on the network: the spec it was built from
 
 MODELS: dict[str, Family] = plugins.Registry({
     "mobilenetv2": Family(_mobilenetv2(False), "CIFAR MobileNetV2: drop=K truncation, width=W",
-                          depth_knob="drop", width_knob="width"),
+                          depth_knob="drop", width_knob="width", guess=_mobilenetv2_guess),
     "mobilenetv2_imagenet": Family(_mobilenetv2(True), "torchvision's ImageNet MobileNetV2 (224-pixel images)",
-                                   depth_knob="drop", width_knob="width"),
+                                   depth_knob="drop", width_knob="width", guess=_mobilenetv2_guess),
     "resnet": resnet_cifar.FAMILY,
     "wrn": wrn.FAMILY,
     "resnet18": resnet.family(18),

@@ -107,5 +107,6 @@ def family(depth: int) -> Family:
     def build(spec, num_classes: int, in_channels: int) -> nn.Module:
         options(spec, {}, f"resnet{depth}")
         return ResNet(*ARCHS[depth], num_classes=num_classes, in_channels=in_channels)
-    return Family(build, f"ImageNet ResNet-{depth}, torchvision's state_dict keys (224-pixel images)")
+    return Family(build, f"ImageNet ResNet-{depth}, torchvision's state_dict keys (224-pixel images)",
+                  guess=lambda state: [""] if "layer4.0.conv1.weight" in state else [])
 

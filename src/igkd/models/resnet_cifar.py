@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .family import Family, options, out_of_range
+from .family import Family, blocks, dim, options, out_of_range
 from .resnet import BasicBlock, init_weights, make_stage
 
 
@@ -60,5 +60,13 @@ def _build(spec, num_classes: int, in_channels: int) -> nn.Module:
     return CifarResNet(o["depth"], num_classes, in_channels, o["width"])
 
 
+def _guess(state: dict) -> list[str]:
+    if "layer4.0.conv1.weight" in state or "layer3.0.conv1.weight" not in state \
+            or dim(state, "layer1.0.conv1.weight", 0) % 16:
+        return []
+    width = dim(state, "layer1.0.conv1.weight", 0) // 16
+    return [f"depth={6 * blocks(state, 'layer1.') + 2}" + (f",width={width}" if width != 1 else "")]
+
+
 FAMILY = Family(_build, "CIFAR ResNet: depth=6n+2 (20, 32, 44, 56, 110), width=W (4: ResNet8x4/32x4)",
-                depth_knob="depth", width_knob="width")
+                depth_knob="depth", width_knob="width", guess=_guess)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .family import Family, options, out_of_range
+from .family import Family, blocks, dim, options, out_of_range
 
 
 class BasicBlock(nn.Module):
@@ -90,5 +90,11 @@ def _build(spec, num_classes: int, in_channels: int) -> nn.Module:
     return WideResNet(o["depth"], o["k"], num_classes, in_channels, o["dropout"])
 
 
+def _guess(state: dict) -> list[str]:
+    if "block1.layer.0.conv1.weight" not in state:
+        return []
+    return [f"depth={6 * blocks(state, 'block1.layer.') + 4},k={dim(state, 'block1.layer.0.conv1.weight', 0) // 16}"]
+
+
 FAMILY = Family(_build, "Wide ResNet WRN-depth-k: depth=6n+4 (16, 40), k=widening (2)",
-                depth_knob="depth", width_knob="k")
+                depth_knob="depth", width_knob="k", guess=_guess)

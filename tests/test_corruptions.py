@@ -195,3 +195,64 @@ def test_unknown_corruption_is_one_line_listing_the_valid_names():
     for text in ("--corruptions NAME[,NAME...]", "--corruption-seed", "--corruption-images", "gaussian_noise (",
                  "jpeg (JPEG compression, quality 80/65/58/50/40)", "CIFAR-10-C"):
         assert text in help_text, text
+
+
+@pytest.mark.parametrize("name", ["gaussian_blur", "contrast", "brightness", "jpeg"])
+def test_gray_images_are_corrupted_as_each_channel_of_equal_rgb(name):
+    """Fashion-MNIST-like 1-channel images (odd, non-square sizes: JPEG's 8x8 blocks and 2x2
+    chroma subsampling do not divide them) come out as each channel of the RGB image made of
+    three copies of them: a gray JPEG, HSV with S = 0, blur and contrast channel by channel."""
+    x = as_float(torch.randint(0, 256, (2, 1, 13, 7), generator=torch.Generator().manual_seed(5), dtype=torch.uint8))
+    for severity in (1, 5):
+        gray = corrupt(x, name, severity, 0, torch.arange(2))
+        rgb = corrupt(x.expand(-1, 3, -1, -1).contiguous(), name, severity, 0, torch.arange(2))
+        assert gray.shape == x.shape and torch.equal(rgb, gray.expand(-1, 3, -1, -1))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 3, 40), (1, 1, 8, 8)])
+def test_blur_kernel_wider_than_the_image_repeats_its_edges(shape):
+    # sigma 1 (severity 5): radius 4, a 9-pixel kernel; sigma stays in pixels whatever the size
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    want = ndimage.gaussian_filter(x.double().numpy(), sigma=(0, 0, 1.0, 1.0), mode="nearest", truncate=4.0)
+    np.testing.assert_allclose(corrupt(x, "gaussian_blur", 5, 0, torch.arange(1)).numpy(), want, atol=2e-6)
+
+
+class CountingNet(torch.nn.Module):
+    """A 4-channel classifier that counts its forward passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.head = 0, torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.head(x.mean((2, 3)))
+
+
+def test_hsv_and_jpeg_refuse_other_channel_counts_in_one_line_before_scoring():
+    """A dataset plugin may give 2 or 4 channels: PIL cannot write them as JPEG, and the max
+    over RGBA's channels is no HSV value (an opaque alpha of 1 would hide any brightening)."""
+    for channels in (2, 4):
+        for name in ("jpeg", "brightness"):
+            with pytest.raises(UserError, match=rf"^corruption {name} is defined on gray or RGB images .*not on "
+                                                rf"{channels}-channel ones; leave {name} out of --corruptions"):
+                corrupt(torch.rand(2, channels, 5, 5), name, 1, 0, torch.arange(2))
+    net = CountingNet()
+    images = torch.randint(0, 256, (6, 4, 5, 5), dtype=torch.uint8)
+    with pytest.raises(UserError, match="corruption jpeg"):
+        evaluate_corruptions(net, images, torch.zeros(6, dtype=torch.long), torch.arange(6), ["contrast", "jpeg"])
+    assert net.calls == 0  # refused before the clean pass and contrast's five
+    r = evaluate_corruptions(net, images, torch.zeros(6, dtype=torch.long), torch.arange(6), ["contrast", "gaussian_noise"],
+                             batch_size=4)
+    assert len(r["accuracy"]["gaussian_noise"]) == 5  # the others take any channels
+
+
+def test_evenly_spaced_picks_as_many_images_as_asked():
+    # --corruption-images 9999 of a 10,000-image test split scores 9999 of them, not 9997
+    from igkd.evaluate.corruptions import evenly_spaced
+    for n, k in ((10000, 9999), (10000, 9990), (60000, 59999)):
+        got = evenly_spaced(n, k)
+        assert len(got) == k and got[0] == 0 and got[-1] == n - 1 and bool((got.diff() <= 2).all())
+    for n, k in ((10000, 2000), (200, 20), (7, 3)):  # numpy's linspace, rounded (the README's evidence: 2000)
+        assert np.array_equal(evenly_spaced(n, k).numpy(), np.unique(np.round(np.linspace(0, n - 1, k)).astype(int)))
+    assert torch.equal(evenly_spaced(5, 0), torch.arange(5)) and torch.equal(evenly_spaced(5, 9), torch.arange(5))

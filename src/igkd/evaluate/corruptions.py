@@ -33,6 +33,12 @@ Where igkd differs from the generator, on purpose:
   and every model scored with one seed sees the same corrupted images (paired
   comparisons). The generator drew from NumPy's global state in test-set order.
 
+The levels are CIFAR-10-C's for images of any size: the blur's sigma is in pixels, not scaled
+with the image (ImageNet-C's generator has its own, stronger levels for 224-pixel images);
+a kernel wider than the image repeats its edges, as ``mode='nearest'`` does. A gray
+(1-channel) image comes out of blur, contrast, brightness and JPEG as each channel of the RGB
+image of three copies of it would; brightness (HSV) and JPEG take 1 or 3 channels only.
+
 Corruptions act on images in [0, 1], before the model's own normalisation (an igkd model
 normalises inside ``forward``, :class:`igkd.models.Normalized`).
 
@@ -117,8 +123,15 @@ def contrast(x: torch.Tensor, c: float, noise: SampleNoise) -> torch.Tensor:
     return ((x - mean) * c + mean).clamp_(0, 1)
 
 
+def _gray_or_rgb(x: torch.Tensor, name: str, what: str) -> None:
+    if x.shape[1] not in (1, 3):
+        raise UserError(f"corruption {name} is defined on gray or RGB images ({what}), not on {x.shape[1]}-channel "
+                        f"ones; leave {name} out of --corruptions (corruptions: in a config)")
+
+
 def brightness(x: torch.Tensor, c: float, noise: SampleNoise) -> torch.Tensor:
     import torch
+    _gray_or_rgb(x, "brightness", "HSV")  # the max over 4 channels is no HSV value: RGBA's alpha would hide any change
     v = x.amax(1, keepdim=True)  # HSV value
     raised = (v + c).clamp(max=1.0)
     # RGB is V times a function of (H, S): scale by V'/V; black (V = 0, S = H = 0) becomes gray V'
@@ -132,6 +145,7 @@ def jpeg_compression(x: torch.Tensor, quality: float, noise: SampleNoise) -> tor
     import numpy as np
     import torch
     from PIL import Image
+    _gray_or_rgb(x, "jpeg", "a JPEG holds 1 or 3 channels")
     pixels = x.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     out = np.empty_like(pixels)
     for i, image in enumerate(pixels):  # no tensor JPEG codec: one PIL round trip per image
@@ -207,7 +221,8 @@ def evenly_spaced(n: int, k: int):
     import torch
     if not k or k >= n:
         return torch.arange(n)
-    return torch.linspace(0, n - 1, k).round().long().unique()
+    # float64: float32 holds positions near 10,000 only to 0.001, and two picks could round onto one image
+    return torch.linspace(0, n - 1, k, dtype=torch.float64).round().long().unique()
 
 
 def evaluate_corruptions(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
@@ -228,6 +243,10 @@ def evaluate_corruptions(model: nn.Module, images: torch.Tensor, labels: torch.T
     if not n:
         raise UserError("no test images to score under corruptions")
     labels = labels.cpu()
+    # each corruption once on one image first: one that cannot take these images (a jpeg of 4
+    # channels) says so before any pass over the split
+    for name in names:
+        corrupt(images[0:1].float().div(255), name, 1, seed, indices[0:1])
 
     def accuracy(transform=None) -> float:
         logits = predict(model, images, batch_size, device, transform=transform)

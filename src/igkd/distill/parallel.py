@@ -193,6 +193,20 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return (out + self.bias[None, :, None, None] if self.affine else out).to(x.dtype)
 
 
+def gather_batch(t: torch.Tensor) -> torch.Tensor:
+    """Every process's ``t`` (equal shapes: its slice of the global batch), concatenated in
+    rank order along dim 0, differentiable (``t`` itself in a single process): for a loss
+    that relates the samples of a batch (DIST's per-class correlations), which on each
+    slice alone differs from one process's loss on the whole batch. Every rank computes the
+    same loss; the backward sums its gradient over the ranks and DDP averages them, which is
+    one process's gradient."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    from torch.distributed.nn.functional import all_reduce
+    rank = dist.get_rank()
+    return all_reduce(torch.cat([t if r == rank else torch.zeros_like(t) for r in range(dist.get_world_size())]))
+
+
 def sync_batchnorm(model: nn.Module, device: torch.device, double_backward: bool = False) -> nn.Module:
     """Replace every BatchNorm2d by a synchronised one (same names, weights and buffers):
     on CUDA torch's SyncBatchNorm (fused kernels), elsewhere, or where the loss
@@ -212,4 +226,4 @@ def sync_batchnorm(model: nn.Module, device: torch.device, double_backward: bool
     return model
 
 
-__all__ = ["Dist", "GlobalBatchNorm2d", "default_threads", "init", "shutdown", "sync_batchnorm"]
+__all__ = ["Dist", "GlobalBatchNorm2d", "default_threads", "gather_batch", "init", "shutdown", "sync_batchnorm"]

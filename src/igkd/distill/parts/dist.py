@@ -31,8 +31,12 @@ class DIST(Part):
 
     def loss(self, state, step):
         from ..losses import dist_terms
+        from ..parallel import gather_batch
         cfg = step.cfg
-        inter, intra = dist_terms(step.logits, step.teacher_logits, cfg.dist_T)
+        # intra correlates each class over the batch: over the global batch under torchrun, as
+        # one process does, not over each process's slice
+        inter, intra = dist_terms(gather_batch(step.logits.float()), gather_batch(step.teacher_logits.float()),
+                                  cfg.dist_T)
         scale = cfg.dist_T ** 2
         return {"inter": (cfg.dist_beta * scale, inter), "intra": (cfg.dist_gamma * scale, intra)}
 

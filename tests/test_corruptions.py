@@ -256,3 +256,21 @@ def test_evenly_spaced_picks_as_many_images_as_asked():
     for n, k in ((10000, 2000), (200, 20), (7, 3)):  # numpy's linspace, rounded (the README's evidence: 2000)
         assert np.array_equal(evenly_spaced(n, k).numpy(), np.unique(np.round(np.linspace(0, n - 1, k)).astype(int)))
     assert torch.equal(evenly_spaced(5, 0), torch.arange(5)) and torch.equal(evenly_spaced(5, 9), torch.arange(5))
+
+
+def test_an_experiment_refuses_a_corruption_its_images_cannot_take_before_any_run(tmp_path, monkeypatch):
+    """A 4-channel plug-in dataset with --corruptions jpeg: refused after every run had trained
+    (the scores come last); now at the experiment's start, with nothing written."""
+    import igkd
+    from igkd.data import DATASETS, Dataset, Split
+    from igkd.experiments import resolve, run_ablation
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return Split(torch.randint(0, 256, (n, 4, 8, 8), dtype=torch.uint8, generator=g), torch.arange(n) % 2)
+    monkeypatch.setitem(DATASETS, "fourch", lambda spec: Dataset(str(spec), ["a", "b"], 4, (8, 8), split(8), split(4)))
+    cfg = resolve("ablation", overrides={"data": "fourch", "methods": "student", "corruptions": "contrast,jpeg",
+                                         "model": "resnet:depth=8", "epochs": 1})
+    with pytest.raises(igkd.UserError, match="^corruption jpeg is defined on gray or RGB images"):
+        run_ablation(cfg, tmp_path / "exp", quiet=True)
+    assert not (tmp_path / "exp").exists()

@@ -225,6 +225,14 @@ def evenly_spaced(n: int, k: int):
     return torch.linspace(0, n - 1, k, dtype=torch.float64).round().long().unique()
 
 
+def check_images(names: list[str], shape: tuple[int, int, int]) -> None:
+    """Each corruption once on one blank C x H x W image: one that cannot take such images (a
+    jpeg of 4 channels) says so in one line before any pass over a split, or any training."""
+    import torch
+    for name in names:
+        corrupt(torch.zeros((1, *shape)), name, 1, 0, torch.arange(1))
+
+
 def evaluate_corruptions(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
                          names: Sequence[str], seed: int = 0, batch_size: int = 128, device="cpu",
                          quiet: bool = True) -> dict:
@@ -243,10 +251,7 @@ def evaluate_corruptions(model: nn.Module, images: torch.Tensor, labels: torch.T
     if not n:
         raise UserError("no test images to score under corruptions")
     labels = labels.cpu()
-    # each corruption once on one image first: one that cannot take these images (a jpeg of 4
-    # channels) says so before any pass over the split
-    for name in names:
-        corrupt(images[0:1].float().div(255), name, 1, seed, indices[0:1])
+    check_images(names, tuple(images[0:1].shape[1:]))  # (a RowView has no shape: one row has)
 
     def accuracy(transform=None) -> float:
         logits = predict(model, images, batch_size, device, transform=transform)
@@ -270,5 +275,5 @@ def evaluate_corruptions(model: nn.Module, images: torch.Tensor, labels: torch.T
     return result
 
 
-__all__ = ["ALL", "CORRUPTIONS", "Corruption", "NAMES", "SEVERITIES", "SampleNoise", "corrupt", "evaluate_corruptions",
-           "evenly_spaced", "help_text", "parse"]
+__all__ = ["ALL", "CORRUPTIONS", "Corruption", "NAMES", "SEVERITIES", "SampleNoise", "check_images", "corrupt",
+           "evaluate_corruptions", "evenly_spaced", "help_text", "parse"]

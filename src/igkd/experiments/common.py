@@ -12,11 +12,12 @@ from ..config import PrecomputeConfig, to_dict
 from ..data import load_dataset
 from ..distill.methods import parse_method
 from ..errors import UserError
+from ..evaluate.corruptions import check_images
 from ..precompute import maps_record
 from ..fileio import write_json, write_text
 from ..progress import log
 from ..runtime import set_threads
-from .config import ExperimentConfig, check, split_list
+from .config import ExperimentConfig, check, corruption_names, split_list
 from .runs import data_sha256, file_sha256, prepare_out, teacher_file
 
 
@@ -41,7 +42,10 @@ def setup(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str],
                         "(paths in a config are relative to the current folder)")
     # every experiment trains: data without a train split (a folder of test/ alone) is refused
     # before the folder is marked, not at its first run
-    load_dataset(cfg.data).require_train(f"igkd experiment {kind} trains on the train split")
+    dataset = load_dataset(cfg.data)
+    dataset.require_train(f"igkd experiment {kind} trains on the train split")
+    if getattr(cfg, "corruptions", ""):  # a corruption these images cannot take, before any run trains
+        check_images(corruption_names(cfg), (dataset.channels, *dataset.image_size))
     out = prepare_out(out, kind)
     set_threads(cfg.threads)
     ctx: dict = {"kind": kind, "data": cfg.data, "teacher": None, "store": None}

@@ -274,9 +274,15 @@ def _named_as(raw: dict[str, torch.Tensor], names: set[str], optional: set[str])
             len({k.partition(".")[0] for k in candidates[-1]}) == 1:
         candidates.append({k.partition(".")[2]: v for k, v in candidates[-1].items()})
     for state in candidates:
-        if set(state) <= names and names - set(state) <= optional:
+        if _fits(state, names, optional):
             return state
     return max(candidates[1:], key=lambda state: len(names & set(state)))
+
+
+def _fits(keys, names: set[str], optional: set[str]) -> bool:
+    """Whether state dict names ``keys`` are a model's ``names``: none it lacks, and all it has
+    but those in ``optional`` (BatchNorm counters, absent from old files)."""
+    return set(keys) <= names and names - set(keys) <= optional
 
 
 def _specs_fitting(state: dict[str, torch.Tensor]) -> list[str]:
@@ -288,7 +294,6 @@ def _specs_fitting(state: dict[str, torch.Tensor]) -> list[str]:
     # the first convolution's input channels, the last linear layer's outputs (the head)
     channels = next((t.shape[1] for t in tensors if t.dim() == 4), 1)
     classes = next((t.shape[0] for t in reversed(tensors) if t.dim() == 2), 1)
-    names = {k for k in state if not k.endswith(".num_batches_tracked")}
     found = []
     for kind, family in MODELS.items():
         for options in (family.guess(state) if family.guess else []):
@@ -299,8 +304,8 @@ def _specs_fitting(state: dict[str, torch.Tensor]) -> list[str]:
             except Exception:  # noqa: BLE001 - a guess no family builds (a depth out of range) fits nothing
                 continue
             theirs = net.state_dict()
-            if names <= set(theirs) and set(theirs) <= set(state) | {k for k in theirs if k.endswith(
-                    ".num_batches_tracked")} and all(tuple(theirs[k].shape) == tuple(state[k].shape) for k in names):
+            if _fits(state, set(theirs), {k for k in theirs if k.endswith(".num_batches_tracked")}) and \
+                    all(tuple(theirs[k].shape) == tuple(state[k].shape) for k in state):
                 found.append(spec)
     return found
 

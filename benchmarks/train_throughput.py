@@ -15,7 +15,12 @@ the same machine, batch, threads and data:
     overlay and crop/flip as batched tensor ops) and ``Trainer.train_step`` (KD on
     precomputed logits, channels_last, igkd's copy-free in-place ReLU6, fused Adam);
 (c) the compute limit: ``Trainer.train_step`` on batches made beforehand;
-(d) the compute limit with torch's ``nn.ReLU6`` instead of igkd's (what that change buys).
+(d) the compute limit with torch's ``nn.ReLU6`` instead of igkd's (what that change buys);
+(e) with ``--cudnn-benchmark`` on CUDA: (c) with cuDNN's autotuner off and on
+    (``torch.backends.cudnn.benchmark``, on while igkd trains on CUDA), each in a child
+    process: cuDNN keeps the algorithm it first chose for a convolution for the rest of
+    the process, whatever the setting, so the two cannot share one. The variants (a)-(d)
+    run with torch's default, autotuner off.
 
 Data: the JPEG CIFAR-10 (``shared/data/cifar10-jpg.tar.gz``, unpacked once into
 /tmp/igkd-test-data/cifar10-jpg) when present, else random 32x32 images; IG maps and
@@ -25,7 +30,7 @@ runs ``--warmup`` steps, then ``--steps`` timed steps; the variants take turns f
 variants the same way, before the others). Check that nothing else loads the CPU
 (``uptime``) before trusting the numbers.
 
-    python benchmarks/train_throughput.py [--steps 30] [--batch 128] [--threads N] [--device cpu]
+    python benchmarks/train_throughput.py [--steps 30] [--batch 128] [--threads N] [--device cpu] [--cudnn-benchmark]
 """
 
 from __future__ import annotations
@@ -131,6 +136,10 @@ def main(argv=None):
     ap.add_argument("--workers", default="2,0", help="DataLoader workers of the reference runs (default 2,0)")
     ap.add_argument("--no-child", action="store_true",
                     help="skip timing the reference with glibc's default malloc settings (child process)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="on CUDA, also time (c) with cuDNN's autotuner off and on, each in a child process, and "
+                    "print the ratio (skipped with a note on the CPU)")
+    ap.add_argument("--cudnn-child", choices=("on", "off"), help=argparse.SUPPRESS)  # one side of that A/B
     ap.add_argument("--reference-only", action="store_true",
                     help="time only the reference variants, glibc malloc as is, and print their images/s as JSON "
                     "(the child process the benchmark starts)")
@@ -150,7 +159,17 @@ def main(argv=None):
     except UserError as e:
         ap.error(str(e))
     untuned: dict[str, float] = {}
-    if not args.reference_only and not args.no_child and args.device == "cpu":
+    cudnn: dict[str, float] = {}
+    if args.cudnn_child:
+        args.reference_only = False
+        torch.backends.cudnn.benchmark = args.cudnn_child == "on"
+    elif args.cudnn_benchmark and torch.device(args.device).type == "cuda":
+        own = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--cudnn-benchmark"]
+        for side in ("off", "on"):
+            child = subprocess.run([sys.executable, __file__, "--cudnn-child", side, *own],
+                                   capture_output=True, text=True, check=True)
+            cudnn[side] = json.loads(child.stdout.strip().splitlines()[-1])["(c) compute limit, pre-made batches"]
+    if not args.reference_only and not args.no_child and not args.cudnn_child and args.device == "cpu":
         # the reference as the paper's code runs: glibc's default malloc (mallopt is process-wide)
         own = argv if argv is not None else sys.argv[1:]
         child = subprocess.run([sys.executable, __file__, "--reference-only", *own],
@@ -203,12 +222,14 @@ def main(argv=None):
         trainer.train_step(b)
 
     variants = {}
-    for w in [int(v) for v in args.workers.split(",") if v != ""]:
+    for w in ([] if args.cudnn_child else [int(v) for v in args.workers.split(",") if v != ""]):
         loader = lambda w=w: torch.utils.data.DataLoader(  # noqa: E731
             ref_data, batch_size=args.batch, shuffle=True, num_workers=w, drop_last=True,
             pin_memory=device.type == "cuda", persistent_workers=w > 0)
         variants[f"(a) reference, DataLoader workers={w}"] = (ref_step, forever(loader))
-    if not args.reference_only:
+    if args.cudnn_child:
+        variants["(c) compute limit, pre-made batches"] = (igkd_step, itertools.cycle(premade))
+    elif not args.reference_only:
         stock = make_trainer(stock_relu6=True)
         stock.train_model.train()
         variants["(b) igkd Trainer.batches + train_step"] = (igkd_step, igkd_batches)
@@ -220,7 +241,7 @@ def main(argv=None):
         for name, (step, batches) in variants.items():
             rates[name].append(timed(step, batches, args.warmup, args.steps, args.batch, device))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    if args.reference_only:
+    if args.reference_only or args.cudnn_child:
         print(json.dumps(med))
         return med
 
@@ -245,6 +266,12 @@ def main(argv=None):
             print(line)
     print(f"  (b)/(c): {100 * b / c:.1f}% of the compute limit")
     print(f"  (c)/(d): {c / d:.2f}x from igkd's copy-free in-place ReLU6")
+    if cudnn:
+        for side in ("off", "on"):
+            print(f"  {'(e) (c), cuDNN autotuner ' + side:<44} {cudnn[side]:8.1f} img/s   (child process)")
+        print(f"  (e) autotuner on/off: {cudnn['on'] / cudnn['off']:.2f}x")
+    elif args.cudnn_benchmark:
+        print(f"  (e) cuDNN autotuner: not measured on {device.type} (CUDA only)")
     return med
 
 

@@ -70,7 +70,7 @@ from .parallel import Dist, rank_seed, sync_batchnorm
 from .parts import PLAIN, Batch, Step, parse_method
 from .stream import Prefetcher, Rows
 from .stream import choose as choose_stream
-from .speed import amp_dtype, autocast, lr_lambda, make_optimizer, maybe_compile
+from .speed import amp_dtype, autocast, cudnn_autotune, lr_lambda, make_optimizer, maybe_compile
 
 CHECK_EVERY = 20  # steps between finite-loss checks (one tiny all-reduce under DDP)
 RESUME_FREE = ("epochs", "threads", "stream", "compile", "verify_store", "log", "log_every")  # options a resumed run may change
@@ -597,7 +597,8 @@ class Trainer:
         if lock is not None:  # a killed run's half-written last.pt etc.; safe only under the lock
             remove_temporaries(self.out)
         try:
-            return self._fit(resume)
+            with cudnn_autotune(self.device):  # fixed batch shapes: cuDNN's fastest algorithms
+                return self._fit(resume)
         finally:
             if lock is not None:
                 lock.release()

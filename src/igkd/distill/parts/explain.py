@@ -13,12 +13,37 @@ weights):
   (``--explain-layer``; auto: the attribution registry's Grad-CAM choice), the
   teacher's map average-pooled to that layer's size;
 * ``input_x_gradient``: sum_c |x dy/dx| at full resolution.
+
+Under ``--amp fp16`` both gradients are taken through float16 layers, where a gradient
+below 6e-8 is 0: as in PyTorch's AMP gradient-penalty recipe, they are taken of the
+label logits times a scale and divided by it in float32 (:func:`score_grad`).
 """
 
 from __future__ import annotations
 
 from ...options import opt
 from .base import Part
+
+# the largest scale of the explanation's gradient under fp16. Its backward starts at 1 per
+# sample (the label logit of a summed score), where the GradScaler's scale (65536 at first,
+# growing while the mean loss's gradients, N times smaller, fit) is itself past fp16's
+# largest value, 65504: inf at the first step. 2^10 is what the GradScaler's first scale
+# gives a batch of 64's mean loss, and lifts gradients down to 6e-11 out of underflow
+SCORE_SCALE_MAX = 2.0 ** 10
+
+
+def score_grad(score, inputs, scaler=None):
+    """``d score / d inputs`` with ``create_graph`` (a loss of it trains the student). With a
+    GradScaler (``--amp fp16``): the gradient of ``score * s``, ``s`` the scaler's scale
+    capped at :data:`SCORE_SCALE_MAX`, divided by ``s`` in float32, so that gradients below
+    fp16's smallest subnormal survive its float16 backward. Without one: the plain gradient."""
+    import torch
+    if scaler is None or not scaler.is_enabled():
+        return torch.autograd.grad(score, inputs, create_graph=True)[0]
+    # the scale as a tensor on the device (scaler.scale of a one): get_scale() would sync each step
+    s = scaler.scale(torch.ones((), device=score.device)).clamp(max=SCORE_SCALE_MAX)
+    grads, = torch.autograd.grad(score * s, inputs, create_graph=True)
+    return grads.float() / s
 
 
 def _gradcam_layer(cfg, student, input_shape, device="cpu") -> str:
@@ -55,13 +80,11 @@ class GradCAM:
         run.meta["explain"] = {"method": run.cfg.explain_method, "student_layer": layer}
         return {"layer": layer, "hook": run.hook_student(layer)}
 
-    def pair(self, state, step, score, maps):
-        import torch
+    def pair(self, state, step, score, maps, scaler=None):
         import torch.nn.functional as F
         from ...attribution.gradcam import gradcam_map
         acts = state["hook"].pop()
-        grads, = torch.autograd.grad(score, acts, create_graph=True)
-        mine = gradcam_map(acts, grads)
+        mine = gradcam_map(acts, score_grad(score, acts, scaler))
         return mine, F.adaptive_avg_pool2d(maps[:, None], mine.shape[-2:])[:, 0]
 
     def describe(self, state) -> str:
@@ -79,11 +102,9 @@ class InputXGradient:
         run.meta["explain"] = {"method": run.cfg.explain_method}
         return {}
 
-    def pair(self, state, step, score, maps):
-        import torch
+    def pair(self, state, step, score, maps, scaler=None):
         x = step.batch.x
-        grads, = torch.autograd.grad(score, x, create_graph=True)
-        return (x * grads).abs().sum(1), maps
+        return (x * score_grad(score, x, scaler)).abs().sum(1), maps
 
     def describe(self, state) -> str:
         return "explain: student input x gradient"
@@ -124,12 +145,14 @@ class Explain(Part):
 
     def setup(self, run):
         how = STUDENT_EXPLANATIONS[run.cfg.explain_method]
-        return {"how": how, **how.setup(run)}
+        # the trainer's GradScaler (--amp fp16), made after the parts' setup: looked up per step
+        return {"how": how, "scaler": lambda: getattr(run, "scaler", None), **how.setup(run)}
 
     def loss(self, state, step):
         from ..losses import cosine_distance
         score = step.logits.float().gather(1, step.batch.y[:, None]).sum()
-        mine, maps = state["how"].pair(state, step, score, step.batch.maps.float())
+        scaler = state["scaler"]() if "scaler" in state else None
+        mine, maps = state["how"].pair(state, step, score, step.batch.maps.float(), scaler)
         return {"explain": (step.cfg.explain_lambda, cosine_distance(mine, maps))}
 
     def describe(self, state) -> str:

@@ -22,7 +22,7 @@ _API = {
     "distill": ".api", "evaluate": ".api", "load_teacher": ".api", "precompute": ".api", "train": ".api",
     "attribution_map": ".attribution", "integrated_gradients": ".attribution",
     "DistillConfig": ".config", "PrecomputeConfig": ".config", "TrainConfig": ".config",
-    "load_dataset": ".data",
+    "from_tensors": ".data", "load_dataset": ".data",
     "Part": ".distill.parts", "register_part": ".distill.parts",
     "audit": ".deploy", "bench_latency": ".deploy", "deployment_section": ".deploy", "export_model": ".deploy",
     "UserError": ".errors",

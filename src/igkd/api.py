@@ -12,16 +12,18 @@ import dataclasses
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from .command_options import EvaluateConfig, api_config
 from .config import DistillConfig, PrecomputeConfig, TrainConfig
 from .data import Dataset, RowView, load_dataset
+from .data.memory import KIND as MEMORY_KIND, given_data
 from .distill import Trainer, parallel, parse_method
 from .distill.trainer import check_run_dir, refuse_busy_run_dir, refuse_world
 from .distill.speed import amp_dtype
 from .errors import UserError
-from .fileio import writable_dir
+from .fileio import native_path, writable_dir
 from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
@@ -93,7 +95,44 @@ def _config(cfg, cls: type, function: str):
 
 
 def _check_out(out: str | Path | None) -> Path:
-    return writable_dir(out or "", "--out")
+    # safetensors opens the run's model.safetensors by a UTF-8 name: a folder name that is not
+    # (bytes that are not UTF-8; any non-ASCII name under an ASCII locale) failed after training
+    return native_path(writable_dir(out or "", "--out"), "--out")
+
+
+def _run_data(cfg, data, out: Path, resume: bool):
+    """``(dataset, cfg)``: the data a run trains on, ``data`` (a Dataset or a spec string,
+    recorded in ``cfg.data`` by :func:`igkd.data.memory.given_data`) when given, else
+    ``cfg.data`` loaded. A run resumed with other in-memory data (or in-memory data where it
+    had a spec, or the reverse) is refused here, in words, before any work: the trainer's
+    config check would refuse it only after the precompute."""
+    if data is None:
+        _check_resumed_data(out, cfg.data, resume)
+        return load_dataset(cfg.data), cfg
+    dataset, spec = given_data(data)
+    _check_resumed_data(out, spec, resume)
+    return dataset, dataclasses.replace(cfg, data=spec)
+
+
+def _is_memory(spec) -> bool:
+    return isinstance(spec, str) and spec.partition(":")[0].strip() == MEMORY_KIND
+
+
+def _check_resumed_data(out: Path, spec: str, resume: bool) -> None:
+    if not resume or not (out / "last.pt").exists():
+        return
+    try:
+        recorded = (yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}).get("data")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return  # the trainer compares last.pt's own config
+    if recorded == spec or not (_is_memory(recorded) or _is_memory(spec)):
+        return
+    if _is_memory(recorded):
+        what = "data= the same images, labels and classes (igkd.data.from_tensors)"
+    else:
+        what = f"data={recorded!r}"
+    raise UserError(f"cannot resume {out}: it was trained on {recorded}, this call gives {spec} (other images, labels "
+                    f"or classes); pass {what}, or start a new out directory")
 
 
 def module_spec(net: nn.Module, num_classes: int, in_channels: int, image_size: tuple[int, int] = (32, 32)) -> str:
@@ -201,7 +240,7 @@ def _student(cfg, dataset: Dataset, model: nn.Module | None):
 
 @keeps_threads
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool = False,
-          model: nn.Module | None = None) -> dict:
+          model: nn.Module | None = None, data: Dataset | str | None = None) -> dict:
     """Train a model from scratch with cross-entropy (a teacher, or a plain student) into
     the run folder ``out`` (``resume``: go on from its ``last.pt``; ``quiet``: no progress
     lines on stderr).
@@ -209,8 +248,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool =
     ``model``, an ``nn.Module`` taking float [0, 1] pixels N x C x H x W and returning
     N x classes logits, replaces ``cfg.model``; it is moved to the run's device, trained in
     place and holds the best epoch's weights afterwards, those of ``out/model.safetensors``;
-    its training flags are as given. ``cfg.threads`` holds for the call only; the global CPU
-    random generator is the caller's again afterwards.
+    its training flags are as given. ``data``, an :class:`igkd.data.Dataset` (e.g. from
+    :func:`igkd.data.from_tensors`) or a spec string, replaces ``cfg.data``; in-memory data
+    is recorded as ``memory:sha256=HEX``, its content digest (:mod:`igkd.data.memory`), and
+    a resumed run must be given the same data. ``cfg.threads`` holds for the call only; the
+    global CPU random generator is the caller's again afterwards.
 
     Returns the run's summary (what ``out/summary.json`` and ``igkd train --json`` hold,
     except that an undefined figure, such as ``val_accuracy`` without a validation split,
@@ -220,10 +262,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, quiet: bool =
     ``per_class``, ``confusion``), ``epochs``, ``train_seconds``, ``train_images``,
     ``val_images``, ``processes``, ``global_batch``, ``lr``."""
     with _as_given(model), _own_rng():
-        return _train(cfg, out, resume, quiet, model)
+        return _train(cfg, out, resume, quiet, model, data)
 
 
-def _train(cfg, out, resume: bool, quiet: bool, model) -> dict:
+def _train(cfg, out, resume: bool, quiet: bool, model, data=None) -> dict:
     _config(cfg, TrainConfig, "train")
     refuse_world()  # before the data is read (a folder's first decode takes minutes), not after
     out = _check_out(out)
@@ -231,7 +273,7 @@ def _train(cfg, out, resume: bool, quiet: bool, model) -> dict:
     check_run_dir(out, resume)  # before the data is read, not after
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    dataset = load_dataset(cfg.data)
+    dataset, cfg = _run_data(cfg, data, out, resume)
     _ = dataset.train, dataset.test  # a bad test image is found now, not after every epoch has run
     cfg, model = _student(cfg, dataset, model)
     return Trainer(cfg, model, dataset, out, device, quiet=quiet).fit(resume)
@@ -271,14 +313,16 @@ def load_teacher(path: str | Path, dataset: Dataset | str, spec: str = "",
 
 
 @keeps_threads
-def precompute(teacher_path: str | Path | nn.Module, data: str, cfg: PrecomputeConfig | None = None,
+def precompute(teacher_path: str | Path | nn.Module, data: str | Dataset, cfg: PrecomputeConfig | None = None,
                store: str | Path | None = None, teacher_model: str = "", device: str = "auto",
                quiet: bool = False, threads: int = 0, teacher_normalize: str = "auto"):
     """Compute (or reuse, or resume) the store of teacher logits and IG maps of a teacher
     checkpoint (or spec holding its weights, or an ``nn.Module`` taking [0, 1] pixels: run
     in eval mode, its training flags as given afterwards) on the training split of the
-    dataset spec ``data``. ``store``: its folder (default: one in the cache, named by its
-    fingerprint); ``threads`` holds for the call only.
+    dataset spec ``data`` (or an :class:`igkd.data.Dataset`, e.g. in memory from
+    :func:`igkd.data.from_tensors`: the store is keyed by its fingerprint all the same).
+    ``store``: its folder (default: one in the cache, named by its fingerprint); ``threads``
+    holds for the call only.
 
     Returns the opened :class:`igkd.store.Store`, not a dict: ``.path``, ``.logits``
     (N x classes), ``.maps`` (N x H x W), ``.manifest`` (what ``igkd precompute --json``
@@ -303,7 +347,7 @@ def _precompute_api(teacher_path, data, cfg, store, teacher_model, device, quiet
             threads = parallel.default_threads(env.local_world)
         set_threads(threads)
         with env.rank0_first():
-            dataset = load_dataset(data)
+            dataset = given_data(data)[0]
             _ = dataset.train  # decoded (and cached) by rank 0 first
         if isinstance(teacher_path, nn.Module):  # teacher_normalize in front of it, as distill puts it
             teacher = with_preprocessing(teacher_path.eval(), preprocessing_for(teacher_normalize, dataset))
@@ -317,7 +361,8 @@ def _precompute_api(teacher_path, data, cfg, store, teacher_model, device, quiet
 
 @keeps_threads
 def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bool = False,
-            teacher: nn.Module | None = None, student: nn.Module | None = None) -> dict:
+            teacher: nn.Module | None = None, student: nn.Module | None = None,
+            data: Dataset | str | None = None) -> dict:
     """Train a student with the parts of ``cfg.method`` (CE, KD, DKD, DIST, IG overlay,
     explanation matching, AT, CutMix...; :mod:`igkd.distill.parts`) into the run folder
     ``out`` (``resume``: go on from its ``last.pt``; ``quiet``: no progress lines on stderr).
@@ -330,8 +375,10 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
     student is trained in place and holds the best epoch's weights afterwards, those of
     ``out/model.safetensors``. Both come back with the training flags they were given.
     With ``cfg.init == "teacher"`` the student starts from the teacher's matching tensors
-    (:func:`igkd.models.copy_matching`). ``cfg.threads`` holds for the call only; the
-    global CPU random generator is the caller's again afterwards.
+    (:func:`igkd.models.copy_matching`). ``data`` replaces ``cfg.data`` as in :func:`train`
+    (in-memory data is recorded by its content digest; the store of teacher outputs is
+    checked by its fingerprint). ``cfg.threads`` holds for the call only; the global CPU
+    random generator is the caller's again afterwards.
 
     Returns the run's summary (what ``out/summary.json`` and ``igkd distill --json`` hold,
     except that an undefined figure is NaN here and null there): the keys :func:`train`
@@ -344,10 +391,10 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
     first, the other ranks then read them; rank 0 alone writes the run directory.
     """
     with _as_given(teacher, student), _own_rng():
-        return _distill(cfg, out, resume, quiet, teacher, student)
+        return _distill(cfg, out, resume, quiet, teacher, student, data)
 
 
-def _distill(cfg, out, resume: bool, quiet: bool, teacher, student) -> dict:
+def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -> dict:
     _config(cfg, DistillConfig, "distill")
     out = _check_out(out)
     refuse_busy_run_dir(out)  # another run writing it is named now, not after our precompute
@@ -363,7 +410,7 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student) -> dict:
         device = env.device
         amp_dtype(cfg.amp, device)  # option errors before any long work
         with env.rank0_first():
-            dataset = load_dataset(cfg.data)
+            dataset, cfg = _run_data(cfg, data, out, resume)
             _ = dataset.train, dataset.test  # decoded (and cached) by rank 0 first
             meta = {"method": method.name}
             if teacher is not None:
@@ -441,7 +488,8 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
              class_map: str | Path | dict | None = None, quiet: bool = False, **options) -> dict:
     """Accuracy, balanced accuracy, Cohen's kappa, per-class accuracy, confusion matrix,
     parameters (and compression factor) of a checkpoint ``weights`` (a path) on the test
-    split of the dataset spec ``data``.
+    split of the dataset spec ``data`` (or an :class:`igkd.data.Dataset`, e.g. in memory from
+    :func:`igkd.data.from_tensors`; ``result["data"]`` is then its ``memory:sha256=HEX``).
 
     Returns the dict ``igkd evaluate --json`` prints: ``weights``, ``model``, ``data``,
     ``split``, ``preprocessing``, ``params``, ``accuracy``, ``correct``, ``total``,
@@ -475,6 +523,9 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     if class_map is not None and not isinstance(class_map, dict):
         options["class_map"] = class_map
         class_map = None
+    given = None
+    if isinstance(data, Dataset):  # the config holds a spec string: the one it is recorded as
+        given, data = given_data(data)
     cfg = api_config(EvaluateConfig, config, {"weights": weights, "data": data, **options}, "evaluate")
     if class_map is None and cfg.class_map:
         class_map = cfg.class_map
@@ -496,7 +547,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     # a teacher checkpoint's size first: a bad --teacher is named before any data is loaded
     tparams = _model_params(cfg.teacher) if cfg.teacher and Path(cfg.teacher).is_file() else None
     set_threads(cfg.threads)
-    dataset = load_dataset(data)
+    dataset = given if given is not None else load_dataset(data)
     meta = read_metadata(weights) or {}
     cmap = read_class_map(class_map) if class_map is not None else None
     classes = model_classes(cmap, meta.get("classes"), str(weights)) if cmap else dataset.classes

@@ -304,6 +304,9 @@ def validate(cfg) -> Any:
             if is_module and f.name in ("teacher", "model", "student", "weights", "teacher_correct"):
                 raise UserError(f"{flag} takes a checkpoint path or a spec, not a {type(value).__name__} module; "
                                 "save the module first (igkd.models.save_checkpoint) and pass its path")
+            if f.name == "data" and callable(getattr(value, "fingerprint", None)):  # an igkd.data.Dataset
+                raise UserError(f"{flag} takes a dataset spec string; pass a Dataset as igkd.train(cfg, out, "
+                                "data=dataset) (igkd.distill, igkd.precompute and igkd.evaluate take data= too)")
             # a module's or an array's repr runs to hundreds of lines: no one-line error then
             shown = repr(value)
             shown = shown if len(shown) <= 120 and "\n" not in shown else f"a {type(value).__name__}"

@@ -85,13 +85,42 @@ def _stdout_dropped_on_error():
                     data = data[os.write(1, data):]
 
 
+@contextlib.contextmanager
+def _on_cpu_in_eval(model: nn.Module):
+    """``model`` in eval mode with its parameters and buffers on the CPU for the export, then
+    as the caller had it: each submodule's training flag, and each parameter, gradient and
+    buffer back on its own device as the very tensor it was (its storage kept meanwhile, so
+    nothing is copied back, and an optimizer's or a CUDA graph's hold on it stays valid).
+    (``model.cpu().eval()`` alone would leave a notebook's CUDA model on the CPU, in eval mode.)
+    Only the tensors off the CPU are copied (once, to the CPU); a CPU model is not copied."""
+    flags = [(m, m.training) for m in model.modules()]
+    params = [(m, name, p, p.data, None if p.grad is None else p.grad.data)
+              for m in model.modules() for name, p in m._parameters.items()
+              if p is not None and p.device.type != "cpu"]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
+               if b is not None and b.device.type != "cpu"]
+    try:
+        yield model.cpu().eval()
+    finally:
+        for m, name, p, data, grad in params:
+            if m._parameters.get(name) is not p:  # torch's overwrite_module_params_on_conversion replaced it
+                m._parameters[name] = p
+            p.data = data
+            if grad is not None and p.grad is not None:
+                p.grad.data = grad
+        for m, name, b in buffers:
+            m._buffers[name] = b
+        for m, training in flags:
+            m.training = training
+
+
 def onnx_bytes(model: nn.Module, input_shape: tuple[int, int, int], opset: int = 17) -> bytes:
     """The model (in eval mode, on CPU) as a serialised ONNX graph: input ``images``
-    (N x C x H x W float32, N dynamic), output ``logits``."""
+    (N x C x H x W float32, N dynamic), output ``logits``. The caller's module comes back on
+    its device with its training flags (:func:`_on_cpu_in_eval`)."""
     require_onnxruntime()
-    model = model.cpu().eval()
     buf = io.BytesIO()
-    with warnings.catch_warnings(), _stdout_dropped_on_error():
+    with _on_cpu_in_eval(model) as model, warnings.catch_warnings(), _stdout_dropped_on_error():
         warnings.simplefilter("ignore")  # the deprecation notice of the TorchScript-based exporter
         try:
             torch.onnx.export(model, (torch.rand(1, *input_shape),), buf, dynamo=False, opset_version=opset,
@@ -106,9 +135,9 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, int, int], opset: int =
 
 
 def torchscript_module(model: nn.Module, input_shape: tuple[int, int, int]) -> torch.jit.ScriptModule:
-    """Traced and frozen TorchScript module of the model (eval mode, CPU)."""
-    model = model.cpu().eval()
-    with warnings.catch_warnings(), torch.no_grad():
+    """Traced and frozen TorchScript module of the model (eval mode, CPU); the caller's module
+    comes back on its device with its training flags (:func:`_on_cpu_in_eval`)."""
+    with _on_cpu_in_eval(model) as model, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, torch.rand(2, *input_shape), check_trace=False)  # parity is checked on data
         return torch.jit.freeze(traced)

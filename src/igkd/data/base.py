@@ -137,6 +137,10 @@ class Dataset:
         self._splits: dict[str, Split] = {}
         self._fingerprints: dict[str, str] = {}
         self._stats: tuple[list[float], list[float]] | None = None
+        # how the API records it when given as data= (igkd.data.memory): as the spec string
+        # load_dataset loaded it from, or (memory) as its spec, its content digest
+        self.loaded_from: Optional[str] = None
+        self.memory = False
 
     def __repr__(self) -> str:
         h, w = self.image_size

@@ -405,7 +405,8 @@ def test_a_frozen_torchscript_teacher_precomputes_and_teaches_on_cuda(tmp_path):
 @gpu
 @pytest.mark.parametrize("method, options", [("kd+ig+cutmix", {"amp": "fp16"}),
                                              ("kd+ig-shuffled+at", {"augment": "random-resized-crop"}),
-                                             ("dkd+explain", {"amp": "bf16"}), ("dist", {"optimizer": "sgd"})],
+                                             ("dkd+explain", {"amp": "bf16"}), ("explain", {"amp": "fp16"}),
+                                             ("dist", {"optimizer": "sgd"})],
                          ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()))
 def test_training_steps_never_make_the_host_wait_for_the_gpu(tmp_path, method, options):
     """After the first step (cuDNN's first calls, the optimizer's state made lazily), making a
@@ -477,3 +478,73 @@ def test_attribution_agreement_on_cuda_equals_on_the_cpu():
     gpu_ = spearman(a.cuda(), b.cuda(), mask.cuda())
     assert gpu_.is_cuda and torch.allclose(gpu_.cpu(), cpu, equal_nan=True) and cpu[3].isnan()
     assert torch.allclose(spearman(a.cuda(), b.cuda()).cpu(), spearman(a, b))
+
+
+@gpu
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's
+def test_export_leaves_a_cuda_module_on_its_device():
+    """onnx_bytes and torchscript_module export on the CPU; the caller's CUDA module stays on
+    CUDA with the very tensors (storage), gradients and buffers it had, and its training flags
+    (``model.cpu().eval()`` moved it to the CPU for good). The exports run on the CPU, not
+    holding CUDA tensors put back under them."""
+    import copy
+    from igkd.export import onnx_bytes, ort_runner, ort_session, torchscript_module
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)).cuda()
+    net(torch.rand(2, 1, 8, 8, device="cuda")).sum().backward()
+    net[1].eval()  # mixed modes, as a caller may keep them
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        want = copy.deepcopy(net).cpu().eval()(x)
+
+    def state():
+        return [m.training for m in net.modules()], \
+            [(id(t), t.data_ptr(), t.device) for p in net.parameters() for t in (p, p.grad)] + \
+            [(id(b), b.data_ptr(), b.device) for b in net.buffers()]
+    before = state()
+    assert all(device.type == "cuda" for *_, device in before[1])
+    scripted = torchscript_module(net, (1, 8, 8))
+    assert state() == before
+    graph = onnx_bytes(net, (1, 8, 8))
+    assert state() == before
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ort_runner(ort_session(graph))(x), want, rtol=1e-4, atol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("method", ["explain", "explain+input_x_gradient"])
+def test_explain_trains_under_fp16_loss_scaling_with_cudnns_autotuner(tmp_path, method):
+    """``explain`` under ``--amp fp16``: its Grad-CAM (or input x gradient) gradient is taken of
+    the label logits times a scale (the GradScaler's, at most 2^10: its first scale, 65536, is
+    past fp16's largest value) and divided back in float32, so the explanation term is finite
+    and not the 1 of an all-zero map; fit() turns cuDNN's autotuner on for the run and gives
+    the caller's setting back."""
+    from igkd.distill import Trainer
+    from igkd.models import build_model
+    from igkd.precompute import precompute
+    from test_trainer import config, dataset, teacher as small_teacher
+    name, how = (method.split("+") + ["gradcam"])[:2]
+    cfg = config(method=name, explain_method=how, amp="fp16", epochs=1, batch_size=8, check_images=0)
+    data = dataset()
+    store = precompute(small_teacher(), data, cfg, tmp_path / "store", quiet=True)
+    torch.manual_seed(0)
+    run = Trainer(cfg, build_model(cfg.model, 4, 3), data, tmp_path / "run", torch.device("cuda"),
+                  teacher=small_teacher(), store=store, quiet=True)
+    assert run.scaler is not None
+    seen = []
+    step = run.train_step
+
+    def watch(batch):
+        seen.append(torch.backends.cudnn.benchmark)
+        loss, terms = step(batch)
+        term = terms["explain"].item()
+        assert math.isfinite(loss.item()) and math.isfinite(term) and term < 1 - 1e-6, terms
+        return loss, terms
+
+    run.train_step = watch
+    before = torch.backends.cudnn.benchmark
+    run.fit()
+    assert seen and all(seen) and torch.backends.cudnn.benchmark == before
+

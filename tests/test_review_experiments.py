@@ -85,7 +85,7 @@ def test_an_experiment_takes_a_torchscript_teacher_as_distill_does(tmp_path, mon
     teacher ('teacher checkpoint torchscript:FILE does not exist'), and a run's key named
     the spec's text, not its file: another program saved there reused the old runs."""
     from igkd.config import DistillConfig
-    from igkd.experiments.common import setup
+    from igkd.experiments.common import start
     from igkd.experiments.config import resolve
     from igkd.experiments.runs import run_key, semantic_config, teacher_file
     from igkd.store import sha256_file
@@ -95,7 +95,7 @@ def test_an_experiment_takes_a_torchscript_teacher_as_distill_does(tmp_path, mon
     assert teacher_file("") is None
     cfg = resolve("ablation", None, {"data": "demo", "teacher": "torchscript:t.pt", "methods": "kd",
                                      "logits": "online", "threads": 1, "epochs": 1})
-    out, ctx = setup(cfg, tmp_path / "exp", "ablation", ["kd"], quiet=True)
+    out, ctx, _ = start(cfg, tmp_path / "exp", "ablation", ["kd"], quiet=True)
     assert ctx["teacher"]["params"] == 90 and ctx["teacher"]["test_images"] == 1000  # scored as igkd evaluate does
     assert ctx["teacher"]["sha256"] == sha256_file(tmp_path / "t.pt")
     run = DistillConfig(data="demo", method="kd", teacher="torchscript:t.pt", logits="online")

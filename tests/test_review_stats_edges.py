@@ -34,8 +34,8 @@ def test_an_ablation_without_a_validation_split_is_tabled(tmp_path, monkeypatch)
     from igkd.experiments import ablation, resolve
     cfg = resolve("ablation", None, {"data": "demo", "model": SPEC, "methods": "student", "seeds": 2,
                                      "val_fraction": 0.0, "threads": 1})
-    monkeypatch.setattr(ablation, "run_jobs", lambda jobs, out, what, quiet: [_summary(math.nan, 50 + i)
-                                                                              for i, _ in enumerate(jobs)])
+    monkeypatch.setattr(ablation, "run_jobs", lambda jobs, out, what, quiet, data=None:
+                        [_summary(math.nan, 50 + i) for i, _ in enumerate(jobs)])
     result = ablation.run_ablation(cfg, tmp_path / "abl", quiet=True)
     row = result["rows"][0]
     assert row["mean"] == 50.5 and math.isnan(row["val_mean"])

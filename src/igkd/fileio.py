@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -222,6 +223,24 @@ def writable_dir(path: str | os.PathLike, flag: str = "--out", fix: str | None =
     if why:
         raise UserError(why)
     return path
+
+
+def native_path(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` for a library that opens the file itself (ONNX Runtime, TorchScript,
+    safetensors), or a one-line UserError naming it by ``flag``. Those take the name as
+    strict UTF-8: a name Python holds with surrogate escapes (bytes that are not UTF-8, or
+    any non-ASCII name under an ASCII locale without UTF-8 mode) failed deep inside them with
+    a TypeError traceback."""
+    from .errors import UserError
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        encoding = sys.getfilesystemencoding()
+        hint = ("; or, if the name is UTF-8, run Python in UTF-8 mode (PYTHONUTF8=1 or a UTF-8 locale)"
+                if encoding.lower().replace("-", "") != "utf8" else "")
+        raise UserError(f"{flag} {path}: its name is not valid {encoding} text, and the library that opens it "
+                        f"takes UTF-8 names only; rename it (or its folder) to plain ASCII{hint}") from None
+    return Path(path)
 
 
 def writable_file(path: str | os.PathLike, flag: str = "--out") -> Path:

@@ -74,7 +74,8 @@ def _families() -> list[str]:
 def figure_text(text: str, kind: str = "name", stand_in: str | None = None) -> str:
     """``text`` (a class name, a method name: the user's) as a figure shows it: literally
     ('$' is no mathtext); where no font of the figure has all its glyphs, ``stand_in``
-    (default "KIND N"), which :func:`names_key` lists. Idempotent: figure functions apply
+    (default "KIND N"), which :func:`names_key` lists; a leading "_" behind an invisible
+    character (a legend drops labels that start with "_"). Idempotent: figure functions apply
     it to the labels they are given, which callers may have passed through it already."""
     import re
     text = str(text)
@@ -85,7 +86,17 @@ def figure_text(text: str, kind: str = "name", stand_in: str | None = None) -> s
                 n = sum(s.startswith(f"{kind} ") for s in _STAND_INS.values()) + 1
                 _STAND_INS[text] = stand_in or f"{kind} {n}"
             return _STAND_INS[text]
-    return re.sub(r"(?<!\\)\$", r"\\$", text)
+    text = re.sub(r"(?<!\\)\$", r"\\$", text)
+    # matplotlib leaves out of a legend every label starting with "_" (its mark for artists not
+    # to list): a method named _mine had no legend entry. An invisible first character keeps it.
+    return _legend_safe_prefix() + text if text.startswith("_") else text
+
+
+def _legend_safe_prefix() -> str:
+    """A zero-width space where a font of the figure draws one (DejaVu Sans, matplotlib's
+    default, does), else a plain space: what :func:`figure_text` puts before a leading "_"."""
+    files = [p for p in map(_font_file, _families()) if p]
+    return "\u200b" if any(_has_glyph(p, "\u200b") for p in files) else " "
 
 
 def class_label(classes: list[str], index: int) -> str:

@@ -108,7 +108,11 @@ def _scan(folder: Path) -> _Part:
     try:
         return _scan_entries(folder)
     except OSError as e:  # a symlink loop, a dangling link, an unreadable folder
-        raise UserError(f"cannot read {e.filename or folder} ({e.strerror or e}); fix or remove it") from None
+        raise _cannot_read(e, folder) from None
+
+
+def _cannot_read(e: OSError, folder: Path) -> UserError:
+    return UserError(f"cannot read {e.filename or folder} ({e.strerror or e}); fix or remove it")
 
 
 def _dangling(e: os.DirEntry) -> bool:
@@ -362,22 +366,18 @@ class _Loader:
                             f"{have / 2**30:.1f} GiB of memory available; {fix}, or add ',size=N' with a smaller N")
 
 
-def _has_subfolders(folder: Path) -> bool:
-    try:
-        return any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(folder))
-    except OSError:
-        return True  # unreadable: _scan says so, naming the cause
-
-
 def _subfolders(folder: Path) -> list[str]:
+    """The visible subfolders of ``folder``, or the UserError :func:`_scan` gives for a folder
+    it cannot read: taking an unreadable folder as one with (or without) subfolders led to
+    errors about the layout ("holds only test/", "no train/") instead of the cause."""
     try:
         return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-    except OSError:
-        return []  # unreadable: _scan says so, naming the cause
+    except OSError as e:
+        raise _cannot_read(e, folder) from None
 
 
 def _refuse_unlabelled_test(root: Path, held: str, has: dict[str, bool]) -> None:
-    if held == "test" and has["val"] and not _has_subfolders(root / "test"):
+    if held == "test" and has["val"] and not _subfolders(root / "test"):
         # ImageNet as distributed (ILSVRC/Data/CLS-LOC): test/ is loose unlabelled images beside
         # the val/<wnid>/ the user sorted; telling them to sort test/ into classes cannot be done
         raise UserError(f"{root}/test has no class subfolders (unlabelled images, like ImageNet's test set?), "
@@ -405,7 +405,7 @@ def _layout(root: Path, spec: Spec, test: float | None, seed: int, seed_given: b
     if not has["train"] and held is not None and set(_subfolders(root)) <= {"test", "val"}:
         if test is None and not seed_given:
             return _test_alone(root, held, has)
-        if test is None or any(_has_subfolders(root / n) for n in ("test", "val") if has[n]):
+        if test is None or any(_subfolders(root / n) for n in ("test", "val") if has[n]):
             given = " and ".join(f"{o}=" for o, on in (("test", test is not None), ("seed", seed_given)) if on)
             raise UserError(f"{root} holds only {held}/, a test split to score; drop {given} (or use "
                             f"imagefolder:{root / held},test=0.2 to split its class folders into train and test)")

@@ -21,7 +21,7 @@ from ..evaluate import predict
 from ..evaluate.corruptions import evenly_spaced
 from ..evaluate.cost import check_budget, measure_latency
 from ..export import embed_metadata, load_runner, logits_of, onnx_bytes, parity, quantize_int8, require_onnxruntime, torchscript_module
-from ..fileio import atomic_path, finite, writable_dir, writable_file, write_json
+from ..fileio import atomic_path, finite, native_path, writable_dir, writable_file, write_json
 from ..lock import folder_held
 from ..models import holds_own_weights, load_model, read_metadata
 from ..models.checkpoint import file_sha256
@@ -61,7 +61,7 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     if not cfg.weights:
         raise UserError("no checkpoint to export; pass --weights FILE")
     weights, format, int8 = cfg.weights, cfg.format, cfg.int8
-    output = writable_file(output, "--output")
+    output = native_path(writable_file(output, "--output"), "--output")  # ONNX Runtime and TorchScript open it
     if report_dir:
         writable_dir(report_dir, "--report-dir")
     if (output.suffix == ".onnx") != (format == "onnx") or output.suffix == ".json":
@@ -70,6 +70,8 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     if int8 and format != "onnx":
         raise UserError("--int8 needs --format onnx (ONNX Runtime quantisation)")
     check_budget(1, 1, cfg.min_time, 1, 10000)
+    if _weights_file(weights).suffix in (".safetensors", ".json") or holds_own_weights(str(weights)):
+        native_path(_weights_file(weights), "--weights")  # opened by safetensors or TorchScript
     meta = read_metadata(existing(_weights_file(weights), "weights file")) or {}
     _check_clobber(output, _weights_file(weights))
     if format == "onnx":
@@ -169,7 +171,7 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
 
 
 # the dataset kinds igkd itself defines: what a file's metadata may name (see _recorded_dataset)
-RECORDED_KINDS = ("cifar10", "cifar100", "imagefolder", "fashion-mnist", "demo")
+RECORDED_KINDS = ("cifar10", "cifar100", "imagefolder", "fashion-mnist", "demo", "memory")  # memory: loads nothing
 
 
 def _recorded_dataset(text: str, weights) -> str:

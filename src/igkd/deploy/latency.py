@@ -101,8 +101,10 @@ def bench_latency(model=None, weights=None, *, config: LatencyConfig | None = No
         ref = reference[(r["runtime"], r["batch"])]
         r.update(speedup=ref["median_ms"] / r["median_ms"], param_ratio=_ratio(ref["params"], r["params"]),
                  mac_ratio=_ratio(ref["macs"], r["macs"]))
+    # the --warmup asked for; each row's "warmup" is the number that ran (compiled makes at least
+    # one, the compilation): a top-level "warmup" of 0 sat above rows that had each made one
     result = {"reference": entries[0][0], "threads": cfg.threads, "input_shape": list(entries[0][2]),
-              "warmup": cfg.warmup, "min_time": cfg.min_time, "min_reps": cfg.min_reps, "rows": rows,
+              "warmup_requested": cfg.warmup, "min_time": cfg.min_time, "min_reps": cfg.min_reps, "rows": rows,
               "environment": environment("onnxruntime" in runtime_list)}
     if out:
         write_json(Path(out) / "latency.json", result)

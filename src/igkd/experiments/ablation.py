@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..report import Shown, accuracy_points, markdown_table, read_json, shown
-from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, setup
+from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, start
 from .config import ExperimentConfig, corruption_names, distill_config, entry_point
 from .runs import Job, corruption_scores, run_jobs, run_record
 from .stats import describe
@@ -26,9 +26,9 @@ def ablation_jobs(cfg: ExperimentConfig, methods: list[str]) -> list[Job]:
 def run_ablation(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> dict:
     """Train (or reuse) every method x seed; write and return the table's data."""
     methods = methods_of(cfg)
-    out, ctx = setup(cfg, out, "ablation", methods, quiet)
+    out, ctx, data = start(cfg, out, "ablation", methods, quiet)
     jobs = ablation_jobs(cfg, methods)
-    summaries = run_jobs(jobs, out, "ablation", quiet)
+    summaries = run_jobs(jobs, out, "ablation", quiet, data=data)
     names = corruption_names(cfg)
     scores = corruption_scores(jobs, out, names, cfg.corruption_seed, cfg.corruption_images, "ablation", quiet)
     runs = [run_record(s, j, out, c) for s, j, c in zip(summaries, jobs, scores)]

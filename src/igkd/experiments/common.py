@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import api
 from ..config import PrecomputeConfig, to_dict
-from ..data import load_dataset
+from ..data import Dataset, load_dataset
 from ..distill.methods import parse_method
 from ..errors import UserError
 from ..evaluate.corruptions import check_images
@@ -29,9 +29,20 @@ def baseline_of(methods: list[str]) -> str:
     return "student" if "student" in methods else methods[0]
 
 
-def setup(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str], quiet: bool,
-          need_teacher: bool = False) -> tuple[Path, dict]:
-    """Prepare ``out``; return it and the context (teacher facts, store path) for the results."""
+def start(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str], quiet: bool,
+          need_teacher: bool = False, dataset: Dataset | None = None) -> tuple[Path, dict, dict[str, dict]]:
+    """Check the config, prepare ``out`` and the teacher's facts and store; return ``out``, the
+    context (teacher facts, store path) for the results, and the sha256 of the data's splits as
+    :func:`~igkd.experiments.runs.run_jobs` takes them (``{spec: {"train": ..., "test": ...}}``).
+    The dataset (``dataset``: ``cfg.data`` already loaded) is loaded once for the checks, the
+    teacher's score, the store and these (each loaded it again, and run_jobs once more), and not
+    kept: the runs load their own."""
+    out, ctx, dataset = _prepare(cfg, out, kind, methods, quiet, need_teacher, dataset)
+    return out, ctx, {cfg.data: data_sha256(dataset)}
+
+
+def _prepare(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str], quiet: bool,
+             need_teacher: bool, dataset: Dataset | None) -> tuple[Path, dict, Dataset]:
     check(cfg)
     parsed = [parse_method(m) for m in methods]
     teacher = need_teacher or any(m.needs_teacher for m in parsed)
@@ -42,7 +53,7 @@ def setup(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str],
                         "(paths in a config are relative to the current folder)")
     # every experiment trains: data without a train split (a folder of test/ alone) is refused
     # before the folder is marked, not at its first run
-    dataset = load_dataset(cfg.data)
+    dataset = dataset if dataset is not None else load_dataset(cfg.data)
     dataset.require_train(f"igkd experiment {kind} trains on the train split")
     if getattr(cfg, "corruptions", ""):  # a corruption these images cannot take, before any run trains
         check_images(corruption_names(cfg), (dataset.channels, *dataset.image_size))
@@ -50,14 +61,14 @@ def setup(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str],
     set_threads(cfg.threads)
     ctx: dict = {"kind": kind, "data": cfg.data, "teacher": None, "store": None}
     if teacher:
-        ctx["teacher"] = teacher_facts(cfg, out, quiet)
+        ctx["teacher"] = teacher_facts(cfg, out, quiet, dataset)
     if any(api.needs_store(m, cfg) for m in parsed):
-        store = api.precompute(cfg.teacher, cfg.data, precompute_config(cfg), cfg.store or None, cfg.teacher_model,
+        store = api.precompute(cfg.teacher, dataset, precompute_config(cfg), cfg.store or None, cfg.teacher_model,
                                cfg.device, quiet, threads=cfg.threads, teacher_normalize=cfg.teacher_normalize)
         ctx["store"] = str(Path(store.path).resolve())
         ctx["maps"] = {**maps_record(precompute_config(cfg), store),
                        "completeness_delta": store.manifest.get("completeness_delta")}
-    return out, ctx
+    return out, ctx, dataset
 
 
 def precompute_config(cfg) -> PrecomputeConfig:
@@ -65,10 +76,12 @@ def precompute_config(cfg) -> PrecomputeConfig:
     return PrecomputeConfig(**{f.name: getattr(cfg, f.name) for f in fields(PrecomputeConfig)})
 
 
-def teacher_facts(cfg: ExperimentConfig, out: Path, quiet: bool) -> dict:
-    """Model, parameters and test accuracy of the teacher; cached by file hash and dataset."""
+def teacher_facts(cfg: ExperimentConfig, out: Path, quiet: bool, dataset: Dataset | None = None) -> dict:
+    """Model, parameters and test accuracy of the teacher; cached by file hash and dataset
+    (``dataset``: ``cfg.data`` loaded, else it is loaded here)."""
+    dataset = dataset if dataset is not None else load_dataset(cfg.data)
     sha = file_sha256(teacher_file(cfg.teacher))
-    test_sha = data_sha256(cfg.data)["test"]  # the images, not the spec: a folder's files may have changed
+    test_sha = dataset.fingerprint("test")  # the images, not the spec: a folder's files may have changed
     cache = out / "teacher.json"
     try:
         facts = json.loads(cache.read_text()) if cache.exists() else None
@@ -84,7 +97,7 @@ def teacher_facts(cfg: ExperimentConfig, out: Path, quiet: bool) -> dict:
     # igkd evaluate takes a file: a torchscript:FILE teacher is its file with the spec as its model
     weights = teacher_file(cfg.teacher)
     spec = cfg.teacher_model or (cfg.teacher if weights != Path(cfg.teacher) else "")
-    r = api.evaluate(str(weights), cfg.data, model=spec, device=cfg.device, batch_size=cfg.eval_batch_size,
+    r = api.evaluate(str(weights), dataset, model=spec, device=cfg.device, batch_size=cfg.eval_batch_size,
                      normalize=cfg.teacher_normalize)
     facts = {"path": str(cfg.teacher), "sha256": sha, "data": cfg.data, "normalize": cfg.teacher_normalize,
              "teacher_model": cfg.teacher_model,
@@ -162,5 +175,5 @@ def corruption_section(run_dir: Path, result: dict, kind: str, tables: str, clea
             f"![accuracy clean and under each corruption, mean and 95% CI]({kind}_corruptions.png)\n")
 
 
-__all__ = ["MEAN", "baseline_of", "corruption_section", "corruption_summary", "methods_of", "save_results", "setup",
+__all__ = ["MEAN", "baseline_of", "corruption_section", "corruption_summary", "methods_of", "save_results", "start",
            "teacher_facts"]

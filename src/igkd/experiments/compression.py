@@ -27,7 +27,7 @@ from ..models import bare, build_model, count_parameters, family_of
 from ..progress import log
 from ..report import Shown, _plt, _save, figure, figure_text, legend_outside, markdown_table, read_json, shown
 from ..spec import Spec, canonical_spec, parse_spec, split_specs
-from .common import methods_of, save_results, setup
+from .common import methods_of, save_results, start
 from .config import ExperimentConfig, distill_config, entry_point, split_list
 from .runs import Job, run_jobs, run_record
 
@@ -107,7 +107,8 @@ def run_compression(cfg: ExperimentConfig, out: str | Path, quiet: bool = False)
     # 10 and 3: a valid student of a grayscale folder (a stem with groups=in_channels) was refused
     for _, _, spec in specs:
         build_model(spec, dataset.num_classes, dataset.channels)
-    out, ctx = setup(cfg, out, "compression", methods, quiet, need_teacher=True)
+    out, ctx, data = start(cfg, out, "compression", methods, quiet, need_teacher=True,
+                            dataset=dataset)
     shape = (dataset.channels, *dataset.image_size)
     teacher, _ = api.load_teacher(cfg.teacher, dataset, cfg.teacher_model, cfg.teacher_normalize)
     log(f"compression: measuring the cost of the teacher and {len(specs)} students"
@@ -118,7 +119,7 @@ def run_compression(cfg: ExperimentConfig, out: str | Path, quiet: bool = False)
     jobs = [Job(f"{m} {spec}", distill_config(cfg, model=spec, method=m),
                 {"method": m, "model": spec, "axis": axis, "value": value})
             for axis, value, spec in specs for m in methods]
-    summaries = run_jobs(jobs, out, "compression", quiet)
+    summaries = run_jobs(jobs, out, "compression", quiet, data=data)
     tp = ctx["teacher"]["params"]
     runs = []
     for s, j in zip(summaries, jobs):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..report import (Shown, _plt, _save, accuracy_points, figure, figure_text, legend_outside, markdown_table,
                       paired_differences, read_json, shown, teacher_line)
-from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, setup
+from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, start
 from .config import ExperimentConfig, corruption_names, distill_config, entry_point
 from .runs import Job, corruption_scores, run_jobs, run_record
 from .stats import compare, describe
@@ -37,9 +37,9 @@ def run_montecarlo(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) 
     ``summary`` (mean, std, CI per method), ``comparisons`` (paired t and Wilcoxon tests,
     Holm-corrected) and, with ``cfg.corruptions``, ``corruptions``."""
     methods = methods_of(cfg)
-    out, ctx = setup(cfg, out, "montecarlo", methods, quiet)
+    out, ctx, data = start(cfg, out, "montecarlo", methods, quiet)
     jobs = montecarlo_jobs(cfg, methods)
-    summaries = run_jobs(jobs, out, "montecarlo", quiet)
+    summaries = run_jobs(jobs, out, "montecarlo", quiet, data=data)
     names = corruption_names(cfg)
     scores = corruption_scores(jobs, out, names, cfg.corruption_seed, cfg.corruption_images, "montecarlo", quiet)
     runs = [run_record(s, j, out, c) for s, j, c in zip(summaries, jobs, scores)]
@@ -117,6 +117,8 @@ def _detectable(t: dict, m: int) -> Shown:
     """The smallest difference the paired t-test would detect with 80% power, at 5% and at
     Holm's strictest level 5%/m (results written before it was stored: computed here)."""
     from .stats import detectable_difference
+    if t["sd_diff"] == 0:  # compare() leaves it undefined (NaN, null in JSON): see stats.NO_SPREAD
+        return Shown("n/a: all differences equal", float("nan"))
     a = t.get("detectable", detectable_difference(t["sd_diff"], t["n"], 0.05))
     b = t.get("detectable_holm", detectable_difference(t["sd_diff"], t["n"], 0.05 / m))
     return Shown(f"{a:.2f} / {b:.2f}", f"{a!r} / {b!r}")
@@ -201,10 +203,12 @@ def section(run_dir: Path) -> str | None:
                              [x - y for x, y in zip(acc[c["a"]], acc[c["b"]])], c["t"]) for c in r["comparisons"]])
     note = (f" With {n} runs a Wilcoxon test cannot give a two-sided p below {2 / 2 ** n:.3f}; the t-test assumes "
             "roughly normal differences." if n < 10 else "")
+    flat = ("; n/a where every run gave the same difference: no spread to size it by"
+            if any(c["t"]["sd_diff"] == 0 for c in r["comparisons"]) else "")
     tests = (f" Paired tests on the per-run differences, Holm-corrected over the {m} comparisons. 'detectable': the "
              "smallest true difference (points) the paired t-test would find with 80% power given the observed spread "
              f"of the differences, at the 5% level and at Holm's strictest level (5% / {m}); a difference not found "
-             f"may still exist below it.{note}" if m else " One method: no paired comparisons.")
+             f"may still exist below it{flat}.{note}" if m else " One method: no paired comparisons.")
     text = (f"## Monte Carlo\n\n{n} runs of student `{r['model']}` on `{r['data']}`: run r trains on its own stratified "
             f"{100 * r['subset']:.0f}% subset of the training set ({r['train_images']} training images after the "
             f"validation split) with seed {r['seed']}+r, shared by all methods of that run; {r['epochs']} epoch{'s' * (r['epochs'] != 1)}; "

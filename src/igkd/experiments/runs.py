@@ -31,7 +31,7 @@ from ..config import DistillConfig, PrecomputeConfig, to_dict
 from ..distill.parts import config_fields as part_config_fields, parse_method
 from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
-from ..fileio import new_folder, write_json
+from ..fileio import native_path, new_folder, write_json
 from ..lock import folder_held
 from ..progress import fmt_percent, fmt_seconds, log
 from ..spec import canonical_spec
@@ -186,7 +186,7 @@ def read_record(path: Path, fix: str = "") -> dict:
 
 def prepare_out(out: str | Path, kind: str) -> Path:
     """Check ``out`` is new, empty or an igkd experiment folder; mark it as one."""
-    out = Path(out)
+    out = native_path(out, "--out")  # its runs' checkpoints are opened by safetensors: UTF-8 names only
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the experiment")
     # hidden names are other workers' temporary files and locks (several workers may start at once)
@@ -204,10 +204,11 @@ def prepare_out(out: str | Path, kind: str) -> Path:
     return out
 
 
-def data_sha256(spec: str) -> dict:
-    """sha256 of the train and test splits of dataset ``spec``: its images, not its text."""
+def data_sha256(data) -> dict:
+    """sha256 of the train and test splits of a dataset (a spec, or a loaded
+    :class:`~igkd.data.Dataset`): its images, not its text."""
     from ..data import load_dataset
-    dataset = load_dataset(spec)
+    dataset = load_dataset(data) if isinstance(data, str) else data
     return {"train": dataset.fingerprint("train"), "test": dataset.fingerprint("test")}
 
 
@@ -228,13 +229,16 @@ def check_same_data(path: Path, now: dict, spec: str) -> None:
                         "again")
 
 
-def run_jobs(jobs: list[Job], out: Path, what: str, quiet: bool = False, train_quiet: bool | None = None) -> list[dict]:
+def run_jobs(jobs: list[Job], out: Path, what: str, quiet: bool = False, train_quiet: bool | None = None,
+             data: dict[str, dict] | None = None) -> list[dict]:
     """Train (or reuse, or resume) every job in order; returns their summaries.
 
+    ``data``: the :func:`data_sha256` of data specs already fingerprinted (by
+    :func:`~igkd.experiments.common.start`); the others are loaded to fingerprint them.
     One line per run on stderr: ``what run i/N label: ...`` with accuracy and ETA.
     """
     train_quiet = quiet if train_quiet is None else train_quiet
-    data = {spec: data_sha256(spec) for spec in dict.fromkeys(j.cfg.data for j in jobs)}
+    data = {spec: (data or {}).get(spec) or data_sha256(spec) for spec in dict.fromkeys(j.cfg.data for j in jobs)}
     for job in jobs:  # before any work: a finished or interrupted run on other images is not this run
         path = run_dir(out, job)
         if (path / "summary.json").exists() or (path / "last.pt").exists():

@@ -50,7 +50,7 @@ from ..errors import UserError
 from ..progress import log
 from ..report import _plt, _save, figure, figure_text, markdown_table, read_json, shown
 from ..spec import Spec, parse_spec
-from .common import save_results, setup
+from .common import save_results, start
 from .config import ExperimentConfig, distill_config, entry_point, split_list
 from .runs import Job, canonical_specs, prepare_out, run_jobs, run_record, semantic_config
 
@@ -448,7 +448,7 @@ def run_search(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> d
     storage = make_storage(cfg.storage, cfg.heartbeat) if cfg.storage else None  # a bad URL fails first
     out = prepare_out(out, "search")
     with folder_lock(out / ".setup.lock"):  # concurrent workers: one builds the store, the others reuse it
-        out, ctx = setup(cfg, out, "search", [method], quiet)
+        out, ctx, data = start(cfg, out, "search", [method], quiet)
     url = storage_url(cfg, out)
     storage = storage or make_storage(url, cfg.heartbeat)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, constant_liar=True) if cfg.sampler == "tpe" else None
@@ -495,7 +495,7 @@ def run_search(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) -> d
                 retrying(lambda: trial.set_user_attr("worker", worker))
                 job = Job(f"{method} " + " ".join(f"{k}={v:g}" for k, v in params.items()),
                           distill_config(cfg, method=method, **params), {"method": method, **params})
-                summary = run_jobs([job], out, f"search trial {trial.number}", quiet)[0]
+                summary = run_jobs([job], out, f"search trial {trial.number}", quiet, data=data)[0]
         except TrainingDiverged as e:  # a bad point (e.g. too high a learning rate), not a broken worker
             finish(study, trial, failed=True, diverged=str(e))
             log(f"search trial {trial.number}: diverged, recorded as failed ({e})", quiet)

@@ -13,7 +13,8 @@ seed) are paired: the tests work on the per-run differences.
   ``r = (W+ - W-) / (W+ + W-)`` (+1: every run favours the first method).
 * :func:`holm`: Holm-Bonferroni step-down adjusted p-values.
 * :func:`detectable_difference`: the smallest mean difference the paired t-test detects
-  with 80% power given the observed spread (per comparison in :func:`compare`).
+  with 80% power given the observed spread (per comparison in :func:`compare`; undefined,
+  NaN with ``detectable_note``, where every paired difference is equal).
 * :func:`compare`: every pair of methods, both tests, Holm-adjusted per test family.
 * :func:`by_condition`: the same for each of several conditions (accuracy under each
   corruption and their mean), Holm within each condition.
@@ -182,9 +183,18 @@ def compare(groups: dict[str, list[float]], pairs: list[tuple[str, str]] | None 
             row[test]["p_holm"] = adj
     for row in rows:  # what these runs could detect: at 5% per test, and at Holm's strictest level
         t = row["t"]
+        if t["sd_diff"] == 0:
+            # the power calculation scales by the observed spread: with none it said "detectable
+            # 0.00", as if these runs could detect any difference, from runs that measured no spread
+            t.update(detectable=math.nan, detectable_holm=math.nan, detectable_note=NO_SPREAD)
+            continue
         t["detectable"] = detectable_difference(t["sd_diff"], t["n"], 0.05)
         t["detectable_holm"] = detectable_difference(t["sd_diff"], t["n"], 0.05 / len(rows))
     return rows
+
+
+# why a comparison has no detectable difference (null in JSON)
+NO_SPREAD = "every paired difference equal (sd 0): no spread to size the smallest detectable difference by"
 
 
 def by_condition(values: dict[str, dict[str, list[float]]], pairs: list[tuple[str, str]] | None = None,
@@ -199,4 +209,4 @@ def by_condition(values: dict[str, dict[str, list[float]]], pairs: list[tuple[st
                    "comparisons": compare(groups, pairs, confidence)} for cond, groups in values.items()}
 
 
-__all__ = ["by_condition", "compare", "describe", "detectable_difference", "holm", "paired_t", "signed_rank_sums", "wilcoxon"]
+__all__ = ["NO_SPREAD", "by_condition", "compare", "describe", "detectable_difference", "holm", "paired_t", "signed_rank_sums", "wilcoxon"]

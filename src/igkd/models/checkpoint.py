@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from ..errors import UserError, cause
-from ..fileio import dumps, file_digest, write_bytes, write_json
+from ..fileio import dumps, file_digest, native_path, write_bytes, write_json
 from ..spec import canonical_spec, parse_spec
 from .preprocess import bare, with_preprocessing
 from .registry import MODELS, SPEC_ATTRIBUTE, build_model, built_spec, family_of, find_family
@@ -74,6 +74,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
 
 def header_metadata(path: str | Path) -> dict | None:
     """igkd's metadata from a .safetensors header (read without loading the tensors), or None."""
+    native_path(path, "weights file")  # else "damaged": safetensors takes UTF-8 names only
     try:
         with safe_open(str(path), "pt") as f:
             text = (f.metadata() or {}).get(HEADER_KEY)
@@ -171,6 +172,8 @@ def _read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
         raise UserError(f"weights file {path} does not exist; check the path")
     if path.suffix == ".json":
         path = _paths(path)[0]
+    if path.suffix == ".safetensors":
+        native_path(path, "weights file")  # else "cannot read": safetensors takes UTF-8 names only
     try:
         if path.suffix == ".safetensors":
             obj = load_file(str(path), device="cpu")

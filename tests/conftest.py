@@ -65,3 +65,22 @@ def small_real(tmp_path_factory):
                                                 "classes": [f"class{i:02d}" for i in range(10)], "preprocessing": {
                                                     "normalize": "dataset", "mean": [0.3], "std": [0.3]}})
     return root
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every figure a plotting function makes, drawn and kept instead of written."""
+    made = []
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        made.append(fig)
+        return Path(path)
+    from igkd import report
+    from igkd.experiments import compression, montecarlo, search
+    for module in (report, montecarlo, compression, search):
+        monkeypatch.setattr(module, "_save", keep)
+    yield made
+    import matplotlib.pyplot as plt
+    for fig in made:
+        plt.close(fig)

@@ -10,30 +10,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 
 from igkd import report
 from igkd.experiments import compression, montecarlo, search
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "cifar10-cpu"
-
-
-@pytest.fixture
-def figures(monkeypatch):
-    """Every figure a plotting function makes, drawn and kept instead of written."""
-    made = []
-
-    def keep(fig, path):
-        fig.canvas.draw()
-        made.append(fig)
-        return Path(path)
-    for module in (report, montecarlo, compression, search):
-        monkeypatch.setattr(module, "_save", keep)
-    yield made
-    import matplotlib.pyplot as plt
-    for fig in made:
-        plt.close(fig)
 
 
 def _legend_outside_axes(ax) -> bool:

@@ -21,29 +21,13 @@ from igkd.errors import UserError
 DEMO_TEACHER = Path(igkd.__file__).parent / "assets" / "demo_teacher.safetensors"
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """The figures the plotting functions make, drawn and kept instead of written."""
-    made = []
-
-    def keep(fig, path):
-        fig.canvas.draw()
-        made.append(fig)
-        return Path(path)
-    monkeypatch.setattr(report, "_save", keep)
-    yield made
-    import matplotlib.pyplot as plt
-    for fig in made:
-        plt.close(fig)
-
-
-def test_a_name_starting_with_underscore_keeps_its_legend_entry(drawn, tmp_path, recwarn):
+def test_a_name_starting_with_underscore_keeps_its_legend_entry(figures, tmp_path, recwarn):
     # matplotlib leaves labels starting with "_" out of legends: the method _mine had no entry
     report.condition_points(tmp_path / "c.png", ["clean", "blur"],
                             {m: [{"mean": 50.0}, {"mean": 40.0}] for m in ("student", "_mine")})
     report.training_curves(tmp_path / "t.png", {name: [[{"epoch": 1, "val_accuracy": 30.0, "loss": 2.0}]]
                                                 for name in ("_mine", "kd")})
-    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for fig in drawn for ax in fig.axes
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for fig in figures for ax in fig.axes
                if ax.get_legend() is not None]
     assert [[t.lstrip("\u200b ") for t in legend] for legend in legends] == \
         [["student", "_mine"], ["_mine (1 run)", "kd (1 run)"]]

@@ -2,7 +2,12 @@
 export leaving the caller's module as it was."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -56,8 +61,9 @@ def test_distill_kd_ig_on_tensors_gives_the_weights_of_the_same_data_as_a_spec(t
 
 def test_train_evaluate_resume_and_reloading_on_tensors(tmp_path):
     """Train and evaluate on tensors; what the run records loads nothing: the command given its
-    config, or the evaluate line of its model card, is refused in one line naming what to pass;
-    resuming takes the same data (rebuilt from the same tensors) and nothing else."""
+    config or its data spec is refused in one line naming what to pass, and the model card says
+    how to score the model instead (the Python call on the same tensors, not a command that is
+    refused); resuming takes the same data (rebuilt from the same tensors) and nothing else."""
     tensors = demo_tensors(200, 100)
     mem = from_tensors(**tensors)
     net = dict(model="mobilenetv2:width=0.25,drop=14", batch_size=32, threads=1, normalize="none")
@@ -73,6 +79,11 @@ def test_train_evaluate_resume_and_reloading_on_tensors(tmp_path):
         assert f"dataset {mem.spec} was given to igkd's Python API in memory (data=) and cannot be loaded" in r.stderr
         assert "pass the same data again as data=" in r.stderr
     assert not (tmp_path / "again").exists()
+    card = (run / "README.md").read_text()
+    assert "igkd evaluate" not in card and "--data memory:" not in card
+    assert 'data = igkd.from_tensors(train=(x_train, y_train), test=(x_test, y_test), classes=meta["classes"])' in card
+    assert 'igkd.evaluate("model.safetensors", data=data)' in card and f"in memory ({mem.spec})" in card
+    assert "igkd export --weights model.safetensors --data SPEC --format onnx" in card
     r = run_igkd("export", "--weights", run / "model.safetensors", "--output", tmp_path / "m.pt", "--format",
                  "torchscript")  # the parity check's data, from the file's metadata
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "given to igkd's Python API in memory" in r.stderr
@@ -126,6 +137,11 @@ Y = torch.tensor([0, 1, 0, 1])
     (dict(train=(U8, Y + 1)), r"^train labels run from 1 to 2, outside 0..1 \(2 class names given\)"),
     (dict(train=(U8, Y.float())), r"^train labels are torch.float32; pass integer class indices"),
     (dict(train=(U8, Y[:, None])), r"^train labels must be 1-D \(one class index per image\), got shape \(4, 1\)"),
+    (dict(train=(U8[:, :, :0], Y)), r"^train images of shape \(4, 1, 0, 8\) have no pixels; give images of at "
+                                    r"least 1 x 1 pixel$"),
+    (dict(train=(U8, np.array(list("abab")))), r"^train labels are a numpy array of <U1; pass numbers"),
+    (dict(classes=np.array([["a", "b"], ["c", "d"]])), r"^classes must be a non-empty list of class names \(strings\), got a "
+                                           r"ndarray$"),
     (dict(train=U8), r"^train= must be a pair \(images, labels\), got Tensor$"),
     (dict(train=([1], Y)), r"^train images must be a torch.Tensor \(or numpy array\), got list$"),
     (dict(test=(torch.zeros(4, 1, 9, 9, dtype=torch.uint8), Y)), r"^train images are 1x8x8 but test images are "
@@ -168,3 +184,107 @@ def test_export_leaves_the_callers_module_as_it_was():
         assert [m.training for m in net.modules()] == modes
         assert [(id(t), t.data_ptr()) for p in net.parameters() for t in (p, p.grad)] + \
             [(id(b), b.data_ptr()) for b in net.buffers()] == before
+
+
+def test_arrays_as_a_notebook_holds_them():
+    """A reversed numpy view (x[::-1]; torch.from_numpy refuses it), a read-only array, numpy
+    int32 labels, class names as a numpy array and channels-last uint8 are taken, each image
+    copied once into a contiguous tensor; float pixels are converted block by block (here one
+    image a block) to what the whole tensor gives, and a bad value names the whole range."""
+    from igkd.data import memory
+    ref = from_tensors(train=(U8.flip(0), Y.flip(0)), test=(U8, Y), classes=["a", "b"])
+    ro = U8.numpy().copy()
+    ro.flags.writeable = False
+    mem = from_tensors(train=(U8.numpy()[::-1], Y.numpy()[::-1].astype(np.int32)), test=(ro, Y),
+                       classes=np.array(["a", "b"]))
+    assert mem.spec == ref.spec and mem.classes == ["a", "b"]
+    last = U8.contiguous(memory_format=torch.channels_last).expand(4, 3, 8, 8).contiguous(
+        memory_format=torch.channels_last)
+    rgb = from_tensors(train=(last, Y), test=(last, Y), classes=["a", "b"])
+    assert rgb.train.images.is_contiguous() and torch.equal(rgb.train.images, last)
+    floats = torch.rand(5, 3, 4, 6, dtype=torch.float64)
+    whole = floats.mul(255).round().to(torch.uint8)
+    memory.BLOCK_BYTES, saved = 4 * 3 * 4 * 6, memory.BLOCK_BYTES
+    try:
+        got = from_tensors(train=(floats, torch.zeros(5, dtype=torch.long)), test=(floats, torch.zeros(5, dtype=torch.long)),
+                           classes=["a"])
+        assert torch.equal(got.train.images, whole)
+        floats[4, 0, 0, 0] = 1.5  # in the last block: the error names the whole tensor's range
+        with pytest.raises(UserError, match=rf"^train images are float with values in \[{floats.min():g}, 1.5\]"):
+            from_tensors(train=(floats, torch.zeros(5, dtype=torch.long)), test=(U8, Y), classes=["a"])
+    finally:
+        memory.BLOCK_BYTES = saved
+
+
+def test_a_split_over_the_memory_budget_is_refused_unless_it_is_a_file_map(tmp_path, monkeypatch):
+    """from_tensors copies a tensor into memory: above the memory budget (README "Memory
+    model") that copy is refused in one line, not left to the OOM killer; a uint8 array that
+    np.load(FILE, mmap_mode="r") gave (or a slice of one) is mapped from its file, not copied,
+    and trains streaming as an image folder's mapped cache does. A write through the split
+    never reaches the file (a copy-on-write map)."""
+    demo = igkd.load_dataset("demo")
+    x, y = demo.train.images[:64], demo.train.labels[:64]
+    np.save(tmp_path / "x.npy", x.numpy())
+    monkeypatch.setenv("IGKD_DATA_MEMORY", "40K")  # 64 images of 28 x 28: 49 KiB
+    with pytest.raises(UserError, match=r"^train images take 49.0 KiB as uint8, more than the memory budget of "
+                                        r"40.0 KiB .* pass np.load\(FILE, mmap_mode='r'\) \(mapped, not copied\)"):
+        from_tensors(train=(x, y), test=(x[:8], y[:8]), classes=demo.classes)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    mapped = from_tensors(train=(mm, y), test=(mm[8:24], y[8:24]), classes=demo.classes)
+    assert mapped.train.mapped == mapped.test.mapped == tmp_path / "x.npy"
+    assert torch.equal(mapped.test.images, x[8:24])  # the slice's own rows, not its parent's first ones
+    monkeypatch.setenv("IGKD_DATA_MEMORY", "1G")
+    assert mapped.spec == from_tensors(train=(x, y), test=(x[8:24], y[8:24]), classes=demo.classes).spec
+    monkeypatch.setenv("IGKD_DATA_MEMORY", "40K")
+    summary = igkd.train(igkd.TrainConfig(epochs=1, batch_size=16, threads=1, normalize="dataset"),
+                         tmp_path / "run", model=tiny(), data=mapped, quiet=True)
+    assert summary["dataset"] == mapped.spec and summary["train_images"] + summary["val_images"] == 64
+    mapped.train.images[0] = 7
+    assert np.array_equal(np.load(tmp_path / "x.npy"), x.numpy())
+
+
+def test_model_card_of_a_module_trained_on_tensors_names_its_factory_in_the_python_call():
+    from igkd.modelcard import model_card
+    summary = {"model": "module:Sequential", "dataset": "memory:sha256=" + "0" * 32, "params": 10, "epochs": 1,
+               "method": "student", "val_images": 4}
+    card = model_card(summary, {})
+    assert 'igkd.evaluate("model.safetensors", data=data, model=\'py:FILE.py:CALLABLE\')' in card
+    assert "igkd evaluate" not in card
+    assert "igkd export --weights model.safetensors --model py:FILE.py:CALLABLE --data SPEC --format onnx" in card
+    assert "igkd evaluate --weights model.safetensors --data demo" in model_card({**summary, "model": "resnet:depth=8",
+                                                                                  "dataset": "demo"}, {})
+
+
+TORCHRUN = """
+import os, sys, torch, igkd
+from pathlib import Path
+rank = int(os.environ["RANK"])
+demo = igkd.load_dataset("demo")
+tr, te = demo.train, demo.test
+cfg = igkd.DistillConfig(model="mobilenetv2:width=0.25,drop=14", method="student", epochs=1, batch_size=16,
+                         threads=1, check_images=0, normalize="none", channels_last=False, val_fraction=0)
+mem = igkd.from_tensors(train=(tr.images[rank:64 + rank], tr.labels[:64]), test=(te.images[:16], te.labels[:16]),
+                        classes=demo.classes)  # each process its own images, as an unseeded random pick gives
+try:
+    igkd.distill(cfg, sys.argv[1], data=mem, quiet=True)
+except igkd.UserError as e:
+    Path(sys.argv[1] + f".rank{rank}").write_text(str(e))
+"""
+
+
+def test_distill_on_tensors_under_torchrun(tmp_path):
+    """Two gloo processes, each building its tensors, given different images: each process
+    trained on its own (or, with a store, one rank alone failed at its check and the other with
+    a gloo error); every process is now refused in one line, before any work. (Given
+    the same tensors, they train and record the same spec on every rank.)"""
+    (tmp_path / "script.py").write_text(TORCHRUN)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(tmp_path / "script.py"),
+                        str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    refused = [(tmp_path / f"run.rank{rank}").read_text() for rank in (0, 1)]
+    assert refused[0] == refused[1] and "\n" not in refused[0], refused
+    assert re.fullmatch(r"the torchrun processes were given different data: rank 0 (memory:sha256=\w+), rank 1 "
+                        r"(memory:sha256=\w+); build the same data in every process \(seed any random choice\)",
+                        refused[0])
+    assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -114,6 +114,18 @@ def _run_data(cfg, data, out: Path, resume: bool):
     return dataset, dataclasses.replace(cfg, data=spec)
 
 
+def _same_data_on_every_rank(env, spec: str) -> None:
+    """Under torchrun each process builds its own ``data=``: processes given other tensors
+    (unseeded random data, a per-process shuffle) trained each on its own images, or failed
+    on one rank alone at the store check. One line on every rank instead (the recorded
+    specs, content digests for in-memory data, are compared: one all-gather of a string)."""
+    specs = env.all_gather_object(spec)
+    if len(set(specs)) > 1:
+        other = next(r for r, s in enumerate(specs) if s != specs[0])
+        raise UserError(f"the torchrun processes were given different data: rank 0 {specs[0]}, rank {other} "
+                        f"{specs[other]}; build the same data in every process (seed any random choice)")
+
+
 def _is_memory(spec) -> bool:
     return isinstance(spec, str) and spec.partition(":")[0].strip() == MEMORY_KIND
 
@@ -347,8 +359,9 @@ def _precompute_api(teacher_path, data, cfg, store, teacher_model, device, quiet
             threads = parallel.default_threads(env.local_world)
         set_threads(threads)
         with env.rank0_first():
-            dataset = given_data(data)[0]
+            dataset, spec = given_data(data)
             _ = dataset.train  # decoded (and cached) by rank 0 first
+        _same_data_on_every_rank(env, spec)
         if isinstance(teacher_path, nn.Module):  # teacher_normalize in front of it, as distill puts it
             teacher = with_preprocessing(teacher_path.eval(), preprocessing_for(teacher_normalize, dataset))
             check_outputs(teacher, dataset, "the teacher module")
@@ -377,7 +390,8 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
     With ``cfg.init == "teacher"`` the student starts from the teacher's matching tensors
     (:func:`igkd.models.copy_matching`). ``data`` replaces ``cfg.data`` as in :func:`train`
     (in-memory data is recorded by its content digest; the store of teacher outputs is
-    checked by its fingerprint). ``cfg.threads`` holds for the call only; the global CPU
+    checked by its fingerprint; under torchrun every process must give the same data, else
+    each is refused in one line). ``cfg.threads`` holds for the call only; the global CPU
     random generator is the caller's again afterwards.
 
     Returns the run's summary (what ``out/summary.json`` and ``igkd distill --json`` hold,
@@ -428,6 +442,7 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -
                 meta["teacher"] = {"path": str(cfg.teacher), "model": tmeta.get("model")}
             if teacher is not None:
                 meta["teacher"].update(params=count_parameters(teacher), fingerprint=weights_fingerprint(teacher))
+        _same_data_on_every_rank(env, cfg.data)
         cfg, model = _student(cfg, dataset, student)
         net = bare(model)
         if cfg.init == "teacher":  # (a resumed run then loads its own weights over these)

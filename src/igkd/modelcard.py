@@ -35,6 +35,21 @@ def _anywhere(text: str) -> str:
     return str(Spec(spec.kind, arg, spec.options))
 
 
+def _given_in_memory(dataset: str) -> bool:
+    from .data.memory import KIND
+    return str(dataset).partition(":")[0].strip() == KIND
+
+
+def _memory_evaluation(dataset: str, model: str) -> list[str]:
+    """Python lines scoring the model on data given in memory: the same tensors again
+    (``model``: the spec ``evaluate`` must be given, where the file alone does not rebuild it)."""
+    model = f", model={model!r}" if model else ""
+    return ["", f"# trained on data given to the Python API in memory ({dataset}): no spec or command loads it;",
+            "# build it again from the same tensors (its .spec is then the one above) and score the model on it",
+            'data = igkd.from_tensors(train=(x_train, y_train), test=(x_test, y_test), classes=meta["classes"])',
+            f'print(igkd.evaluate("model.safetensors", data=data{model})["accuracy"])']
+
+
 def model_card(summary: dict, meta: dict) -> str:
     """Markdown text of the card; ``meta`` is the checkpoint's metadata (classes, preprocessing...)."""
     method = summary.get("method", "student")
@@ -89,8 +104,11 @@ def model_card(summary: dict, meta: dict) -> str:
     own_code = family is not None and family.runs_code
     # module:CLASS: no spec rebuilds it, and the file alone is refused; the user names a factory
     api_module = family is None and str(summary["model"]).startswith("module:")
-    model_flag = (f" --model {shlex.quote(_anywhere(summary['model']))}" if own_code else
-                  " --model py:FILE.py:CALLABLE" if api_module else "")
+    model_spec = _anywhere(summary["model"]) if own_code else "py:FILE.py:CALLABLE" if api_module else ""
+    model_flag = f" --model {shlex.quote(model_spec)}" if model_spec else ""
+    # data given to the Python API in memory (memory:sha256=HEX): no spec loads it, and the
+    # command line igkd evaluate --data memory:... is refused; the card says how to score it instead
+    in_memory = _given_in_memory(summary["dataset"])
     if validated:
         val_row = (f"| validation (best epoch, {summary.get('best_epoch')} of {summary.get('epochs')}) | "
                    f"{fmt_percent(summary.get('val_accuracy'))} | | | {summary.get('val_images', '?')} |")
@@ -113,11 +131,16 @@ def model_card(summary: dict, meta: dict) -> str:
                'was handed to the API: name a factory that builds it (py:FILE.py:CALLABLE)' if api_module else
                'model, meta = igkd.load_model("model.safetensors")  # architecture, classes, preprocessing from '
                'the file'),
-              "logits = model(images)  # float32 N x C x H x W in [0, 1]", 'print(meta["classes"])', "```", "",
+              "logits = model(images)  # float32 N x C x H x W in [0, 1]", 'print(meta["classes"])',
+              *(_memory_evaluation(summary["dataset"], model_spec) if in_memory else []), "```", "",
               "```bash",
-              # quoted: a spec holds shell characters (imagefolder:"/my data",size=32)
-              f"igkd evaluate --weights model.safetensors{model_flag} --data {shlex.quote(_anywhere(summary['dataset']))}",
-              f"igkd export --weights model.safetensors{model_flag} --format onnx --output model.onnx",
+              *([] if in_memory else [
+                  # quoted: a spec holds shell characters (imagefolder:"/my data",size=32)
+                  f"igkd evaluate --weights model.safetensors{model_flag} --data "
+                  f"{shlex.quote(_anywhere(summary['dataset']))}"]),
+              *(["# the export checks its parity on test images: the same data, on disk (a spec)"] if in_memory else []),
+              f"igkd export --weights model.safetensors{model_flag}{' --data SPEC' if in_memory else ''} "
+              "--format onnx --output model.onnx",
               "```", "",
               "Files: `model.safetensors` (weights; its header also holds the metadata), `model.json` (metadata), "
               "`config.yaml` (the resolved options), `metrics.jsonl` (one line per epoch), `summary.json`, "

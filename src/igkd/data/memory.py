@@ -18,27 +18,64 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserError
 from ..spec import Spec
-from .base import Dataset, Split, content_digest
+from .base import BLOCK_BYTES, MEMORY_ENV, Dataset, Split, content_digest, memory_budget
+from .image_cache import human_bytes
 
 KIND = "memory"
 
 
 def _tensor(value, what: str) -> torch.Tensor:
     if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
+        if any(stride < 0 for stride in value.strides):  # a reversed view (x[::-1]): torch.from_numpy refuses it
+            value = np.ascontiguousarray(value)
+        try:
+            with warnings.catch_warnings():  # a read-only array (np.load(mmap_mode="r")): it is only read
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                value = torch.from_numpy(value)
+        except TypeError:
+            raise UserError(f"{what} are a numpy array of {value.dtype}; pass numbers (uint8 or float pixels, "
+                            "integer class indices)") from None
     if not isinstance(value, torch.Tensor):
         raise UserError(f"{what} must be a torch.Tensor (or numpy array), got {type(value).__name__}")
     return value.detach()
 
 
-def _images(value, what: str) -> torch.Tensor:
-    x = _tensor(value, what)
+def _file_map(value) -> tuple[np.ndarray, Path] | None:
+    """A copy-on-write map of the file under ``value``, a C-contiguous uint8 array that
+    ``np.load(FILE, mmap_mode="r")`` (or ``np.memmap(..., mode="r")``) gave, or a slice of
+    one; None for any other array. Used in place: a split larger than memory stays on disk
+    (README "Memory model"), and a stray in-place write copies a page, never into the file."""
+    if not isinstance(value, np.memmap) or value.dtype != np.uint8 or value.mode != "r" \
+            or not value.flags.c_contiguous or not value.filename:
+        return None
+    root = value
+    while isinstance(root.base, np.ndarray):  # a slice's .offset is its parent's: measure from the root map
+        root = root.base
+    if not isinstance(root, np.memmap) or not isinstance(root.base, mmap.mmap):
+        return None
+    offset = root.offset + (value.ctypes.data - root.ctypes.data)
+    try:
+        mapped = np.memmap(value.filename, dtype=np.uint8, mode="c", offset=offset, shape=value.shape)
+    except (OSError, ValueError):  # the file is gone or shorter now: copied instead, as any array
+        return None
+    return mapped, Path(value.filename)
+
+
+def _images(value, what: str) -> tuple[torch.Tensor, Path | None]:
+    """``(images, mapped file)``: uint8 N x C x H x W, contiguous, on the CPU. One copy of
+    ``value`` (the caller's tensor may change later, and the digest recorded must stay true),
+    float pixels converted in row blocks (no float copy of the whole split), and refused
+    above the memory budget; a read-only uint8 ``np.memmap`` is mapped, not copied."""
+    x = _tensor(value, what)  # an array's view, not a copy
     if x.dim() != 4:
         raise UserError(f"{what} must be 4-D N x C x H x W, got shape {tuple(x.shape)}"
                         + ("; add the channel dimension with images.unsqueeze(1)" if x.dim() == 3 else ""))
@@ -47,17 +84,33 @@ def _images(value, what: str) -> torch.Tensor:
                         "images.permute(0, 3, 1, 2) (N x C x H x W)")
     if not len(x):
         raise UserError(f"{what} are empty (0 of shape {tuple(x.shape[1:])}); give at least one image")
-    if x.dtype == torch.uint8:
-        # a copy: the caller's tensor may change later, and the digest recorded must stay true
-        return x.clone() if x.device.type == "cpu" else x.cpu()
-    if not x.is_floating_point():
+    if not x.numel():
+        raise UserError(f"{what} of shape {tuple(x.shape)} have no pixels; give images of at least 1 x 1 pixel")
+    if x.dtype != torch.uint8 and not x.is_floating_point():
         raise UserError(f"{what} are {x.dtype}; pass uint8 pixels (0..255) or float pixels in [0, 1]")
-    lo, hi = float(x.min()), float(x.max())
-    if not (0.0 <= lo and hi <= 1.0):  # NaN fails both
-        raise UserError(f"{what} are float with values in [{lo:g}, {hi:g}]; float pixels must lie in [0, 1] "
-                        "(divide uint8 pixels by 255, or pass them as uint8)")
-    # exact for pixels that were uint8 / 255 (float32 at least: a bfloat16 255 * v is off by up to 0.5)
-    return (x if x.element_size() >= 4 else x.float()).mul(255).round_().to(device="cpu", dtype=torch.uint8)
+    mapped = _file_map(value)
+    if mapped is not None:
+        return torch.from_numpy(mapped[0]), mapped[1]
+    budget = memory_budget()
+    if x.numel() > budget:  # the copy would take what the training needs, or get the process killed
+        raise UserError(f"{what} take {human_bytes(x.numel())} as uint8, more than the memory budget of "
+                        f"{human_bytes(budget)} (${MEMORY_ENV}, default half the available memory); save them "
+                        "as a uint8 .npy file and pass np.load(FILE, mmap_mode='r') (mapped, not copied), "
+                        f"or raise ${MEMORY_ENV}")
+    if x.dtype == torch.uint8:
+        return x.to(device="cpu", memory_format=torch.contiguous_format, copy=True), None
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    step = max(1, BLOCK_BYTES // (4 * x[0].numel()))  # a float32 working copy of one block at a time
+    for i in range(0, len(x), step):
+        block = x[i:i + step]
+        lo, hi = (float(v) for v in torch.aminmax(block))
+        if not (0.0 <= lo and hi <= 1.0):  # NaN fails both
+            lo, hi = (float(v) for v in torch.aminmax(x))
+            raise UserError(f"{what} are float with values in [{lo:g}, {hi:g}]; float pixels must lie in [0, 1] "
+                            "(divide uint8 pixels by 255, or pass them as uint8)")
+        # exact for pixels that were uint8 / 255 (float32 at least: a bfloat16 255 * v is off by up to 0.5)
+        out[i:i + step] = (block if block.element_size() >= 4 else block.float()).mul(255).round_()
+    return out, None
 
 
 def _labels(value, what: str, n: int, classes: int) -> torch.Tensor:
@@ -90,11 +143,16 @@ def from_tensors(train, test, classes) -> Dataset:
     or float in [0, 1] (stored as uint8: rounded to the nearest of 256 levels, exact for
     pixels that were uint8 / 255), labels integer class indices. ``train=None`` gives a
     dataset to score only (``evaluate``). ``classes``: the class names, index i naming
-    label i. The tensors are copied (to the CPU); its ``spec`` is ``memory:sha256=HEX``
-    (:func:`memory_spec`). Bad input is a one-line UserError."""
+    label i. Each split is copied once to the CPU (refused above the memory budget), except a
+    uint8 array ``np.load(FILE, mmap_mode="r")`` gave, which is mapped from its file; its
+    ``spec`` is ``memory:sha256=HEX`` (:func:`memory_spec`). Bad input is a one-line UserError."""
+    if isinstance(classes, np.ndarray) and classes.ndim == 1:  # np.unique(names), a pandas column's .values
+        classes = classes.tolist()
     if isinstance(classes, str) or not isinstance(classes, (list, tuple)) or not classes \
             or not all(isinstance(c, str) and c for c in classes):
-        raise UserError(f"classes must be a non-empty list of class names (strings), got {classes!r}"[:300])
+        shown = repr(classes)  # an array's repr runs over lines: the error stays one line
+        shown = shown if len(shown) <= 120 and "\n" not in shown else f"a {type(classes).__name__}"
+        raise UserError(f"classes must be a non-empty list of class names (strings), got {shown}")
     if len(set(classes)) != len(classes):
         dup = next(c for c in classes if list(classes).count(c) > 1)
         raise UserError(f"classes name {dup!r} twice; give each class its own name")
@@ -103,8 +161,8 @@ def from_tensors(train, test, classes) -> Dataset:
         if pair is None and name == "train":
             continue
         images, labels = _pair(pair, name)
-        x = _images(images, f"{name} images")
-        splits[name] = Split(x, _labels(labels, f"{name} labels", len(x), len(classes)))
+        x, mapped = _images(images, f"{name} images")
+        splits[name] = Split(x, _labels(labels, f"{name} labels", len(x), len(classes)), mapped=mapped)
     shapes = {name: tuple(s.images.shape[1:]) for name, s in splits.items()}
     if len(set(shapes.values())) > 1:
         raise UserError(f"train images are {'x'.join(map(str, shapes['train']))} but test images are "

@@ -68,16 +68,24 @@ def gradcam_map(activations: torch.Tensor, grads: torch.Tensor,
 def auto_layer(model: nn.Module, input_shape: tuple[int, int, int], device="cpu") -> str:
     """The layer ``auto`` stands for (rule in the module docstring), found by one probe
     forward pass of a zero image of ``input_shape`` (C, H, W) in eval mode."""
-    from ..distill.attention import candidate_blocks, last_with_size, probe_shapes, spatial_only
+    from ..distill.attention import candidate_blocks, last_with_size, probe_shapes, spatial_only, stem_only
     from ..errors import UserError
 
     _refuse_script(model)
-    shapes = spatial_only(probe_shapes(model, candidate_blocks(model), tuple(input_shape), device, "model"))
+    hw = tuple(input_shape[-2:])
+    probed = probe_shapes(model, candidate_blocks(model), tuple(input_shape), device, "model")
+    shapes = spatial_only(probed, hw)
     if not shapes:
         raise UserError("no block of the network gives a C x H x W feature map larger than 1x1 for Grad-CAM; name "
                         "a convolutional layer with --gradcam-layer")
     smallest = min((s[-2:] for s in shapes.values()), key=lambda hw: hw[0] * hw[1])
-    return last_with_size(shapes, smallest)
+    chosen = last_with_size(shapes, smallest)
+    tokens = stem_only(probed, chosen, hw)
+    if tokens:
+        raise UserError(f"auto found the network's only C x H x W feature map at its first layer {chosen}, before "
+                        f"blocks giving {tokens} (tokens, as in a ViT): a Grad-CAM there would explain the patch "
+                        f"embedding alone; name a layer with --gradcam-layer ({chosen} to use it anyway)")
+    return chosen
 
 
 def _refuse_script(model: nn.Module) -> None:
@@ -99,7 +107,7 @@ def gradcam(model: nn.Module, inputs: torch.Tensor, target, layer: str = "auto",
     :func:`~igkd.attribution.saliency`)."""
     import torch
 
-    from ..distill.attention import resolve_layer
+    from ..distill.attention import resolve_layer, warn_unlike_input
     from ..errors import UserError
     from .engine import (_check_batch_size, _check_inputs, _check_logits, _eval_without_param_grads, _span, _targets,
                          check_model)
@@ -135,6 +143,8 @@ def gradcam(model: nn.Module, inputs: torch.Tensor, target, layer: str = "auto",
                         shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
                         raise UserError(f"layer {name} gives {shape}, not an N x C x H x W feature map; pick a "
                                         "convolutional block for --gradcam-layer")
+                    if layer != "auto":  # auto passed such outputs over; a named one may be channels-last
+                        warn_unlike_input(name, tuple(a.shape[1:]), size, "--gradcam-layer")
                     if a._version != version:
                         raise UserError(f"the output of layer {name} is modified in place by a later layer; pick "
                                         "another --gradcam-layer (e.g. the enclosing block)")

@@ -11,7 +11,9 @@ bare network (``igkd.models.bare``: through the ``Normalized`` wrapper), e.g.
 top-level modules and the children of top-level containers (``features.N`` of MobileNetV2,
 ``layer2.1`` of a ResNet, ``block2`` of a WRN), in the order their forward passes end;
 of several returning the same tensor (``features`` and its last block) the deepest
-counts. Outputs with a 1x1 or no spatial extent are not candidates.
+counts. Outputs with a 1x1 or no spatial extent are not candidates, nor channels-last
+N x H x W x C ones (:func:`is_feature_map`). ``auto`` refuses a network whose only map is
+its first layer, before blocks of tokens (a ViT's patch embedding: :func:`stem_only`).
 
 * both auto: the student's last block in its second-largest spatial stage (the 16x16
   stage for 32x32 inputs; the only stage if it has one), and the teacher's last block of
@@ -121,10 +123,57 @@ def candidate_blocks(model: nn.Module) -> list[str]:
     return names
 
 
-def spatial_only(shapes: dict[str, tuple]) -> dict[str, tuple]:
+def is_feature_map(shape: tuple, input_hw: tuple[int, int] | None = None) -> bool:
+    """Whether a layer's output ``shape`` (per sample) is a C x H x W map larger than 1x1;
+    with the input's ``input_hw``, also one whose h x w keeps the input's aspect, as one
+    stride on both axes gives (``|h W - w H| < H + W``, each side rounded by under one
+    pixel). A channels-last N x H x W x C tensor (a Swin stage, the permuted LayerNorm
+    of a ConvNeXt block) is 3-dimensional too, but read as C x H x W its "w" is the
+    channel count: attention maps and Grad-CAMs of it mix channels into space."""
+    if len(shape) != 3 or tuple(shape[-2:]) == (1, 1):
+        return False
+    if input_hw is None:
+        return True
+    (h, w), (big_h, big_w) = shape[-2:], input_hw
+    return abs(h * big_w - w * big_h) < big_h + big_w
+
+
+_WARNED: set = set()
+
+
+def warn_unlike_input(name: str, shape: tuple, input_hw: tuple[int, int], flag: str) -> None:
+    """Say once, for a layer the user named (``flag``), that its C x H x W output does not
+    keep the input's aspect (:func:`is_feature_map`): a channels-last N x H x W x C tensor
+    looks like that, and so does a map shrunk by unpadded convolutions on a non-square
+    input, which is why a named layer is taken, not refused."""
+    if is_feature_map(shape, input_hw) or (flag, name, tuple(shape)) in _WARNED:
+        return
+    from ..progress import log
+    _WARNED.add((flag, name, tuple(shape)))
+    log(f"igkd: warning: {flag} {name} gives {' x '.join(map(str, shape))}, whose H x W does not keep the "
+        f"{input_hw[0]}x{input_hw[1]} input's aspect; if it is a channels-last N x H x W x C output (a Swin "
+        "stage, a ConvNeXt block's permuted LayerNorm) its maps mix channels into space: name a layer giving "
+        "N x C x H x W")
+
+
+def spatial_only(shapes: dict[str, tuple], input_hw: tuple[int, int] | None = None) -> dict[str, tuple]:
     """The entries of ``shapes`` (from :func:`probe_shapes`) that are C x H x W feature
-    maps larger than 1x1."""
-    return {n: s for n, s in shapes.items() if len(s) == 3 and s[-2:] != (1, 1)}
+    maps larger than 1x1 (:func:`is_feature_map`; with ``input_hw``, channels-last
+    tensors left out)."""
+    return {n: s for n, s in shapes.items() if is_feature_map(s, input_hw)}
+
+
+def stem_only(shapes: dict[str, tuple], chosen: str, input_hw: tuple[int, int]) -> str | None:
+    """Where ``auto`` chose the first layer to run (``shapes`` from :func:`probe_shapes`,
+    all candidates) and later blocks give tokens (N x L x D, or channels-last maps),
+    as in a ViT whose only spatial output is its patch embedding: the shape of the first
+    such block, for the refusal to name; else None. A map of the stem alone is the
+    embedding of each patch, not what the network computed from the image."""
+    names = list(shapes)
+    if not names or names[0] != chosen:
+        return None
+    tokens = [s for s in shapes.values() if len(s) >= 2 and not is_feature_map(s, input_hw) and s[-2:] != (1, 1)]
+    return " x ".join(map(str, tokens[0])) if tokens else None
 
 
 def last_with_size(shapes: dict[str, tuple], size: tuple[int, int]) -> str | None:
@@ -145,6 +194,8 @@ def choose_layers(teacher: nn.Module, student: nn.Module, teacher_layer: str, st
     """
     for model, who in ((teacher, "teacher"), (student, "student")):
         resolve_layer(model, "", who) if isinstance(bare(model), torch.jit.ScriptModule) else None
+    hw = tuple(input_shape[-2:])
+    teacher_given, student_given = teacher_layer, student_layer
     t_shapes = probe_shapes(teacher, candidate_blocks(teacher) if teacher_layer == "auto" else [teacher_layer],
                             input_shape, device, "teacher")
     s_shapes = probe_shapes(student, candidate_blocks(student) if student_layer == "auto" else [student_layer],
@@ -152,13 +203,16 @@ def choose_layers(teacher: nn.Module, student: nn.Module, teacher_layer: str, st
     for name, shapes, who in ((teacher_layer, t_shapes, "teacher"), (student_layer, s_shapes, "student")):
         # a 1x1 map (a pooling layer) normalises to the constant 1 on both sides: a term of 0
         # that trains nothing, so it is refused like a layer giving no feature map at all
-        if name != "auto" and (len(shapes.get(name, ())) != 3 or shapes[name][-2:] == (1, 1)):
+        if name != "auto" and not is_feature_map(shapes.get(name, ())):
             raise UserError(f"{who} layer {name} gives {'no output' if name not in shapes else f'shape {shapes[name]}'}"
                             ", not a C x H x W feature map larger than 1x1; pick a convolutional block (e.g. features.6)")
+        if name != "auto":
+            warn_unlike_input(name, shapes[name], hw, f"--at-{who}-layer")
+    t_all, s_all = t_shapes, s_shapes
     if teacher_layer == "auto":
-        t_shapes = spatial_only(t_shapes)
+        t_shapes = spatial_only(t_shapes, hw)
     if student_layer == "auto":
-        s_shapes = spatial_only(s_shapes)
+        s_shapes = spatial_only(s_shapes, hw)
         if not s_shapes:
             raise UserError("no block of the student gives a C x H x W feature map for attention transfer; name "
                             "the layers with --at-teacher-layer and --at-student-layer, or use a method without 'at'")
@@ -173,6 +227,14 @@ def choose_layers(teacher: nn.Module, student: nn.Module, teacher_layer: str, st
         if name == "auto":
             raise UserError(f"no {who} block has the spatial size of the other network's layer; name both "
                             "layers with --at-teacher-layer and --at-student-layer")
+    for name, given, all_shapes, who, flag in ((teacher_layer, teacher_given, t_all, "teacher", "--at-teacher-layer"),
+                                               (student_layer, student_given, s_all, "student", "--at-student-layer")):
+        tokens = stem_only(all_shapes, name, hw) if given == "auto" else None
+        if tokens:
+            raise UserError(f"auto found the {who}'s only C x H x W feature map at its first layer {name}, before "
+                            f"blocks giving {tokens} (tokens, as in a ViT): attention there would be of the patch "
+                            f"embedding alone; name the layers with --at-teacher-layer and --at-student-layer "
+                            f"({flag} {name} to use it anyway), or use a method without 'at'")
     ts, ss = t_shapes[teacher_layer], s_shapes[student_layer]
     if ts[-2:] != ss[-2:]:
         raise UserError(f"attention transfer needs feature maps of equal spatial size, but teacher layer "
@@ -186,5 +248,5 @@ def _fmt(shape: tuple) -> str:
     return f"{shape[0]} x {shape[1]} x {shape[2]} (C x H x W)"
 
 
-__all__ = ["FeatureHook", "StopForward", "candidate_blocks", "choose_layers", "last_with_size", "layer_names",
-           "probe_shapes", "resolve_layer", "spatial_only"]
+__all__ = ["FeatureHook", "StopForward", "candidate_blocks", "choose_layers", "is_feature_map", "last_with_size",
+           "layer_names", "probe_shapes", "resolve_layer", "spatial_only", "stem_only", "warn_unlike_input"]

@@ -39,6 +39,7 @@ The step's speed switches (fused optimizers, AMP on CUDA, torch.compile) are in
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
@@ -71,6 +72,19 @@ from .parts import PLAIN, Batch, Step, parse_method
 from .stream import Prefetcher, Rows
 from .stream import choose as choose_stream
 from .speed import amp_dtype, autocast, cudnn_autotune, lr_lambda, make_optimizer, maybe_compile
+
+
+def twice_differentiable(on: bool):
+    """Where a part differentiates a gradient of the student (``explain``): its attention
+    (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) by the math kernel, whose
+    ops have second derivatives; the fused flash and memory-efficient kernels have none
+    ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented" at a ViT student's first step)."""
+    if not on:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
+
 
 CHECK_EVERY = 20  # steps between finite-loss checks (one tiny all-reduce under DDP)
 RESUME_FREE = ("epochs", "threads", "stream", "compile", "verify_store", "log", "log_every")  # options a resumed run may change
@@ -182,6 +196,7 @@ class Trainer:
         self.meta = dict(meta or {})
         self.method = parse_method(cfg.method) if hasattr(cfg, "method") else PLAIN  # a teacher's TrainConfig
         second = [p.name for p in self.method.parts if p.double_backward]
+        self.double_backward = bool(second)
         if second and getattr(cfg, "compile", False):  # any such part, a plug-in's too: one line, not a step's traceback
             raise UserError(f"method part '{second[0]}' differentiates gradients of the student, which torch.compile "
                             f"does not support (no double backward); drop --compile or use a method without "
@@ -361,7 +376,8 @@ class Trainer:
             batch.x.requires_grad_(True)
         with autocast(self.amp, self.device):
             t_logits = self.teacher_outputs(batch)
-            out = self.train_model(batch.x)
+            with twice_differentiable(self.double_backward):
+                out = self.train_model(batch.x)
         target = batch.target if batch.target is not None else batch.y
         ce = F.cross_entropy(out.float(), target, label_smoothing=cfg.label_smoothing)
         weight = 1.0

@@ -46,7 +46,15 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, devic
             x = transform(x, i)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return model(x)
+        out = model(x)
+        if not isinstance(out, torch.Tensor):  # mdistiller's (logits, features), a dict, an object with .logits
+            from ..errors import UserError
+            hint = "net(x)[0]" if isinstance(out, (tuple, list)) else "net(x)['logits']" if isinstance(out, dict) \
+                else "net(x).logits"
+            raise UserError(f"the model returns a {type(out).__name__}, not a tensor of logits; make its forward "
+                            f"return the logits alone (N x classes), e.g. wrap it in a module whose forward returns "
+                            f"{hint}")
+        return out
 
     try:
         return fill_rows(len(images), batch_size, logits_at)

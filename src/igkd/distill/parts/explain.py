@@ -49,22 +49,26 @@ def score_grad(score, inputs, scaler=None):
 def _gradcam_layer(cfg, student, input_shape, device="cpu") -> str:
     from ...errors import UserError
     if cfg.explain_layer != "auto":
-        from ..attention import probe_shapes, resolve_layer
+        from ..attention import is_feature_map, probe_shapes, resolve_layer, warn_unlike_input
         resolve_layer(student, cfg.explain_layer, "student", "explanation matching", "use a method without 'explain'")
         # a named layer must give what auto guarantees: a linear layer's N x K output failed the
         # first step with a ValueError, and a 1x1 map (a pooling layer) made the cosine of two
         # scalars, a term that is 0 or 1 with no gradient
         shape = probe_shapes(student, [cfg.explain_layer], input_shape, device, "student").get(cfg.explain_layer, ())
-        if len(shape) != 3 or tuple(shape[-2:]) == (1, 1):
+        if not is_feature_map(shape):
             got = "no output" if not shape else "shape " + " x ".join(map(str, shape))
             raise UserError(f"--explain-layer {cfg.explain_layer} gives {got}, not the C x H x W feature map larger "
                             "than 1x1 that Grad-CAM needs; pick a convolutional block, or auto")
+        warn_unlike_input(cfg.explain_layer, shape, tuple(input_shape[-2:]), "--explain-layer")
         return cfg.explain_layer
     from ...attribution.gradcam import auto_layer
     try:
         return auto_layer(student, input_shape, device)
     except UserError as e:
-        raise UserError(str(e).replace("--gradcam-layer", "--explain-layer")) from None
+        text = str(e).replace("--gradcam-layer", "--explain-layer").replace("the network's", "the student's")
+        if "tokens, as in a ViT" in text:
+            text += ", or use --explain-method input_x_gradient"
+        raise UserError(text) from None
 
 
 class GradCAM:

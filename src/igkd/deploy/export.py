@@ -16,6 +16,7 @@ import torch
 from ..api import preprocessing_for, warn_unknown_preprocessing
 from ..command_options import ExportConfig, api_config
 from ..data import Dataset, load_dataset
+from ..data.memory import KIND as MEMORY_KIND, given_data
 from ..errors import UserError, cause
 from ..evaluate import predict
 from ..evaluate.corruptions import evenly_spaced
@@ -37,9 +38,11 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
                  out: str | Path | None = None, **options) -> dict:
     """Export a checkpoint to ONNX or TorchScript, preprocessing included, and check it.
 
-    Parity: the exported model and PyTorch run the test split of ``data`` (``images``
-    evenly spaced test images when > 0; default the dataset named in the checkpoint's
-    metadata, if one of igkd's own kinds, never downloaded); the export is kept only if
+    Parity: the exported model and PyTorch run the test split of ``data`` (a spec, or an
+    :class:`igkd.data.Dataset`, e.g. in memory from :func:`igkd.data.from_tensors`, then
+    recorded as its ``memory:sha256=HEX``; ``images`` evenly spaced test images when > 0;
+    default the dataset named in the checkpoint's metadata, if one of igkd's own kinds,
+    never downloaded); the export is kept only if
     max |logit difference| <= ``atol`` and top-1 agrees on >= ``min_agreement`` percent. With
     ``int8`` (ONNX only) the written model is quantised
     (ONNX Runtime static QDQ, per-channel, calibrated on ``calibration_images`` training
@@ -57,6 +60,9 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
         output = output if output is not None else out
     if output is None:
         raise UserError("no file to write; pass --output FILE (*.onnx for ONNX, e.g. *.pt for TorchScript)")
+    given = None
+    if isinstance(options.get("data"), Dataset):  # the config holds a spec string: the one it is recorded as
+        given, options["data"] = given_data(options["data"])
     cfg = api_config(ExportConfig, config, {"weights": weights, "format": format, **options}, "export_model")
     if not cfg.weights:
         raise UserError("no checkpoint to export; pass --weights FILE")
@@ -80,14 +86,17 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     if not data:
         raise UserError(f"{weights} names no dataset; pass --data SPEC for the parity check (its test split)")
     try:
-        dataset = load_dataset(data)
+        dataset = given if given is not None else load_dataset(data)
     except UserError as e:
         if cfg.data:
             raise
         # the user typed no dataset: a spec recorded with a relative path fails from another folder,
         # and the bare "does not exist" did not say where the spec came from
+        fix = "pass --data SPEC (the same data)"
+        if parse_spec(data).kind == MEMORY_KIND:
+            fix = "pass the same data as igkd.export_model(..., data=dataset), or --data SPEC of it on disk,"
         raise UserError(f"the dataset {weights} was trained on ({data}, from its metadata) cannot be loaded: "
-                        f"{str(e).split(';')[0]}; pass --data SPEC (the same data) for the parity check") from None
+                        f"{str(e).split(';')[0]}; {fix} for the parity check") from None
     if meta.get("classes") and meta["classes"] != dataset.classes:
         raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
                         "pass the --data it was trained on")

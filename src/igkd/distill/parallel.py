@@ -27,10 +27,19 @@ Multi-node: run the same torchrun on every node, e.g. 2 nodes x 4 GPUs::
 Rank 0 writes the run directory and builds the precompute store while the other ranks
 wait; they then read it, so on several nodes ``--store`` (and ``--out`` for --resume)
 must be on a filesystem all nodes see, or run ``igkd precompute`` on each node first.
+
+Lifecycle: the first call that needs the group creates it and keeps it for the life of
+the process (destroyed at exit), so a script may call ``igkd.distill`` or
+``igkd.precompute`` many times: destroying it after each call and creating it again
+through torchrun's store met the previous group's addresses there ("Gloo connectFullMesh
+... Connection refused", or a hang). A group the caller created is used as it is and
+never destroyed. Each call has its own long-timeout gloo group (:meth:`Dist.barrier`),
+freed by :func:`shutdown`.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
 from contextlib import contextmanager
@@ -123,8 +132,12 @@ def default_threads(local_world: int, cores: int | None = None) -> int:
     return max(1, cores // max(1, local_world))
 
 
+_created: list = []  # [the default group igkd created, its backend], kept until exit
+
+
 def init(device: str = "auto") -> Dist:
-    """Join torchrun's process group when WORLD_SIZE > 1; a single-process Dist otherwise."""
+    """Join torchrun's process group when WORLD_SIZE > 1 (creating it on the first call, or
+    using the caller's); a single-process Dist otherwise. Pair each call with :func:`shutdown`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(device=resolve_device(device))
@@ -139,13 +152,29 @@ def init(device: str = "auto") -> Dist:
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
+        if not _created:
+            atexit.register(_destroy_created)
+        _created[:] = [dist.group.WORLD, backend]
+    elif _created and _created[0] is dist.group.WORLD and _created[1] != backend:
+        raise UserError(f"this process joined torchrun's group with {_created[1]} in an earlier call, which "
+                        f"cannot serve device '{dev}'; run every igkd call of one torchrun script on the same "
+                        f"kind of device")
     wait = dist.new_group(backend="gloo", timeout=timedelta(days=2))
     return Dist(rank, world, local, local_world, dev, backend, wait)
 
 
 def shutdown(env: Dist) -> None:
-    if env.active:
+    """Free the call's own group; the default group stays for the next call (see the module doc)."""
+    if env._wait_group is not None and dist.is_initialized():
+        dist.destroy_process_group(env._wait_group)
+    env._wait_group = None
+
+
+def _destroy_created() -> None:
+    """At exit: the default group igkd created, if it is still the one in use (not a caller's)."""
+    if _created and dist.is_initialized() and _created[0] is dist.group.WORLD:
         dist.destroy_process_group()
+    _created.clear()
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):

@@ -21,8 +21,9 @@ A part that looks up maps or logits by other rows than the batch's own (the shuf
 control) reads them through :class:`Rows`, which gathers those few rows synchronously.
 
 Which path runs (:func:`choose`): ``--stream on|off`` forces it; ``auto`` streams when
-the training images are memory-mapped (larger than the memory budget,
-:func:`igkd.data.base.memory_budget`), when the maps and logits would not fit the budget
+the training images are memory-mapped (an image folder larger than the memory budget,
+:func:`igkd.data.base.memory_budget`, or one with ``mmap=1``, or a memory-mapped array
+given to :func:`igkd.data.from_tensors`), when the maps and logits would not fit the budget
 beside the images in memory, or, on a GPU, when images and maps would take more than half
 of its free memory.
 """
@@ -162,7 +163,14 @@ def choose(mode: str, images: torch.Tensor, mapped: bool, extra_bytes: int, devi
     if mode in ("on", "off"):
         return mode == "on", f"--stream {mode}"
     if mapped:
-        return True, "the images are memory-mapped (larger than the memory budget)"
+        # mapped where an image folder's cache exceeds the budget, but also as given (mmap=1, a
+        # np.load(mmap_mode="r") array through from_tensors), which may be far smaller
+        size, budget = images.numel() * images.element_size(), memory_budget()
+        if size > budget:
+            return True, (f"the training images are memory-mapped ({human_bytes(size)}, more than the memory "
+                          f"budget of {human_bytes(budget)})")
+        return True, (f"the data gives the training images memory-mapped ({human_bytes(size)}, within the memory "
+                      f"budget of {human_bytes(budget)}; read from their file, not copied)")
     if device.type == "cuda":
         need, free = images.numel() + extra_bytes, torch.cuda.mem_get_info(device)[0]
         if need > free // 2:

@@ -231,8 +231,10 @@ def rgb(num_classes=10, in_channels=1):
 
 @pytest.mark.parametrize("factory,words", [
     ("fixed7", "returns torch.float32 of shape (1, 7) for one image; demo needs float logits of shape (1, 10)"),
-    ("tuple_out", "returns a tuple, not a tensor of logits"),
-    ("dict_out", "returns a dict, not a tensor of logits"),
+    ("tuple_out", "returns a tuple, not a tensor of logits; make its forward return the logits alone (N x classes), "
+                  "e.g. wrap it in a module whose forward returns net(x)[0]"),
+    ("dict_out", "returns a dict, not a tensor of logits; make its forward return the logits alone (N x classes), "
+                 "e.g. wrap it in a module whose forward returns net(x)['logits']"),
     ("integers", "returns torch.int64 of shape (1, 10)"),
     ("rgb", "fails on one 1x28x28 image of demo (RuntimeError: "),
 ])

@@ -26,6 +26,7 @@ from .errors import UserError
 from .fileio import native_path, writable_dir
 from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
+from .evaluate.metrics import not_logits
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .models import (bare, build_model, built_spec, copy_matching, count_parameters, eval_mode, holds_own_weights,
@@ -199,8 +200,7 @@ def check_outputs(net: nn.Module, dataset: Dataset, what: str) -> None:
                         "pixels in [0, 1] and return logits") from None
     classes = len(dataset.classes)
     if not isinstance(out, torch.Tensor):
-        raise UserError(f"{what} returns a {type(out).__name__}, not a tensor of logits; make its forward return "
-                        "the logits alone (N x classes)")
+        raise not_logits(out, what)
     if not out.is_floating_point() or tuple(out.shape) != (1, classes):
         raise UserError(f"{what} returns {out.dtype} of shape {tuple(out.shape)} for one image; {dataset.spec} "
                         f"needs float logits of shape (1, {classes}), one per class")

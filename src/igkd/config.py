@@ -306,7 +306,8 @@ def validate(cfg) -> Any:
                                 "save the module first (igkd.models.save_checkpoint) and pass its path")
             if f.name == "data" and callable(getattr(value, "fingerprint", None)):  # an igkd.data.Dataset
                 raise UserError(f"{flag} takes a dataset spec string; pass a Dataset as igkd.train(cfg, out, "
-                                "data=dataset) (igkd.distill, igkd.precompute and igkd.evaluate take data= too)")
+                                "data=dataset) (igkd.distill, igkd.precompute, igkd.evaluate and igkd.export_model "
+                                "take data= too)")
             # a module's or an array's repr runs to hundreds of lines: no one-line error then
             shown = repr(value)
             shown = shown if len(shown) <= 120 and "\n" not in shown else f"a {type(value).__name__}"

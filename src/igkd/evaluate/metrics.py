@@ -28,6 +28,17 @@ def fill_rows(n: int, batch_size: int, rows_at: Callable[[int], torch.Tensor]) -
 
 
 @torch.inference_mode()
+def not_logits(out, what: str):
+    """The one-line UserError for a network whose forward returned ``out``, not a logits
+    tensor (mdistiller's (logits, features), a dict, an object with ``.logits``), saying how
+    to wrap it."""
+    from ..errors import UserError
+    hint = "net(x)[0]" if isinstance(out, (tuple, list)) else "net(x)['logits']" if isinstance(out, dict) \
+        else "net(x).logits"
+    return UserError(f"{what} returns a {type(out).__name__}, not a tensor of logits; make its forward return the "
+                     f"logits alone (N x classes), e.g. wrap it in a module whose forward returns {hint}")
+
+
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, device: torch.device | str = "cpu",
             channels_last: bool = True, transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None
             ) -> torch.Tensor:
@@ -47,13 +58,8 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, devic
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x)
-        if not isinstance(out, torch.Tensor):  # mdistiller's (logits, features), a dict, an object with .logits
-            from ..errors import UserError
-            hint = "net(x)[0]" if isinstance(out, (tuple, list)) else "net(x)['logits']" if isinstance(out, dict) \
-                else "net(x).logits"
-            raise UserError(f"the model returns a {type(out).__name__}, not a tensor of logits; make its forward "
-                            f"return the logits alone (N x classes), e.g. wrap it in a module whose forward returns "
-                            f"{hint}")
+        if not isinstance(out, torch.Tensor):
+            raise not_logits(out, "the model")
         return out
 
     try:

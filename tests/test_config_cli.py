@@ -143,7 +143,7 @@ def test_wheel_holds_license_types_configs_and_no_torch_cap(tmp_path):
     assert meta["License-Expression"] == "Apache-2.0"
     requires = meta.get_all("Requires-Dist")
     torch_req = next(r for r in requires if r.startswith("torch"))
-    assert torch_req.replace(" ", "") == "torch>=2.2" and "<" not in torch_req
+    assert torch_req.replace(" ", "") == "torch>=2.5" and "<" not in torch_req
     assert not any(r.startswith("captum") and "extra" not in r for r in requires)  # captum: test extra only
 
 

@@ -70,6 +70,15 @@ def test_balanced_accuracy_and_kappa_by_hand():
         assert m["kappa"] == pytest.approx(cohen_kappa_score(labels, pred))
 
 
+def test_predict_builds_no_autograd_graph_for_a_model_that_trains():
+    # out of inference mode, every batch's graph stayed alive through the filled output tensor:
+    # 24 GB resident to score 10,000 CIFAR images with a MobileNetV2
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    assert all(p.requires_grad for p in model.parameters())
+    logits = predict(model, torch.zeros(5, 3, 2, 2, dtype=torch.uint8), batch_size=2, channels_last=False)
+    assert logits.shape == (5, 3) and not logits.requires_grad and logits.grad_fn is None
+
+
 def test_kappa_extremes_and_undefined_cases():
     k = ["a", "b", "c"]
     perfect = classification_metrics(logits_for([0, 1, 2, 2], 3), torch.tensor([0, 1, 2, 2]), k)

@@ -27,7 +27,6 @@ def fill_rows(n: int, batch_size: int, rows_at: Callable[[int], torch.Tensor]) -
     return out if out is not None else torch.empty(0)
 
 
-@torch.inference_mode()
 def not_logits(out, what: str):
     """The one-line UserError for a network whose forward returned ``out``, not a logits
     tensor (mdistiller's (logits, features), a dict, an object with ``.logits``), saying how
@@ -39,6 +38,7 @@ def not_logits(out, what: str):
                      f"logits alone (N x classes), e.g. wrap it in a module whose forward returns {hint}")
 
 
+@torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, device: torch.device | str = "cpu",
             channels_last: bool = True, transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None
             ) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 from .command_options import EvaluateConfig, api_config
 from .config import DistillConfig, PrecomputeConfig, TrainConfig
 from .data import Dataset, RowView, load_dataset
-from .data.memory import KIND as MEMORY_KIND, given_data
+from .data.memory import given_data, is_memory_spec
 from .distill import Trainer, parallel, parse_method
 from .distill.trainer import check_run_dir, refuse_busy_run_dir, refuse_world
 from .distill.speed import amp_dtype
@@ -127,10 +127,6 @@ def _same_data_on_every_rank(env, spec: str) -> None:
                         f"{specs[other]}; build the same data in every process (seed any random choice)")
 
 
-def _is_memory(spec) -> bool:
-    return isinstance(spec, str) and spec.partition(":")[0].strip() == MEMORY_KIND
-
-
 def _check_resumed_data(out: Path, spec: str, resume: bool) -> None:
     if not resume or not (out / "last.pt").exists():
         return
@@ -138,9 +134,9 @@ def _check_resumed_data(out: Path, spec: str, resume: bool) -> None:
         recorded = (yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}).get("data")
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return  # the trainer compares last.pt's own config
-    if recorded == spec or not (_is_memory(recorded) or _is_memory(spec)):
+    if recorded == spec or not (is_memory_spec(recorded) or is_memory_spec(spec)):
         return
-    if _is_memory(recorded):
+    if is_memory_spec(recorded):
         what = "data= the same images, labels and classes (igkd.data.from_tensors)"
     else:
         what = f"data={recorded!r}"

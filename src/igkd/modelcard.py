@@ -35,11 +35,6 @@ def _anywhere(text: str) -> str:
     return str(Spec(spec.kind, arg, spec.options))
 
 
-def _given_in_memory(dataset: str) -> bool:
-    from .data.memory import KIND
-    return str(dataset).partition(":")[0].strip() == KIND
-
-
 def _memory_evaluation(dataset: str, model: str) -> list[str]:
     """Python lines scoring the model on data given in memory: the same tensors again
     (``model``: the spec ``evaluate`` must be given, where the file alone does not rebuild it)."""
@@ -108,7 +103,8 @@ def model_card(summary: dict, meta: dict) -> str:
     model_flag = f" --model {shlex.quote(model_spec)}" if model_spec else ""
     # data given to the Python API in memory (memory:sha256=HEX): no spec loads it, and the
     # command line igkd evaluate --data memory:... is refused; the card says how to score it instead
-    in_memory = _given_in_memory(summary["dataset"])
+    from .data.memory import is_memory_spec
+    in_memory = is_memory_spec(summary["dataset"])
     if validated:
         val_row = (f"| validation (best epoch, {summary.get('best_epoch')} of {summary.get('epochs')}) | "
                    f"{fmt_percent(summary.get('val_accuracy'))} | | | {summary.get('val_images', '?')} |")

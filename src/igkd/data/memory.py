@@ -222,6 +222,11 @@ def given_data(data) -> tuple[Dataset, str]:
     return in_memory(data)
 
 
+def is_memory_spec(spec) -> bool:
+    """Whether ``spec`` (a recorded dataset spec) is the record of data given in memory."""
+    return isinstance(spec, str) and spec.partition(":")[0].strip() == KIND
+
+
 def load_memory(spec: Spec) -> Dataset:
     """What ``load_dataset`` does with a ``memory:`` spec, the record of data given in memory:
     a one-line UserError saying what to pass instead (it is no source in ``DATASETS``)."""
@@ -230,4 +235,4 @@ def load_memory(spec: Spec) -> Dataset:
                     "dataset spec of data on disk (e.g. --data imagefolder:DIR)")
 
 
-__all__ = ["KIND", "from_tensors", "given_data", "in_memory", "load_memory", "memory_spec"]
+__all__ = ["KIND", "from_tensors", "given_data", "in_memory", "is_memory_spec", "load_memory", "memory_spec"]

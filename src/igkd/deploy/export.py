@@ -16,7 +16,7 @@ import torch
 from ..api import preprocessing_for, warn_unknown_preprocessing
 from ..command_options import ExportConfig, api_config
 from ..data import Dataset, load_dataset
-from ..data.memory import KIND as MEMORY_KIND, given_data
+from ..data.memory import given_data, is_memory_spec
 from ..errors import UserError, cause
 from ..evaluate import predict
 from ..evaluate.corruptions import evenly_spaced
@@ -93,7 +93,7 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
         # the user typed no dataset: a spec recorded with a relative path fails from another folder,
         # and the bare "does not exist" did not say where the spec came from
         fix = "pass --data SPEC (the same data)"
-        if parse_spec(data).kind == MEMORY_KIND:
+        if is_memory_spec(data):
             fix = "pass the same data as igkd.export_model(..., data=dataset), or --data SPEC of it on disk,"
         raise UserError(f"the dataset {weights} was trained on ({data}, from its metadata) cannot be loaded: "
                         f"{str(e).split(';')[0]}; {fix} for the parity check") from None

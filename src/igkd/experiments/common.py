@@ -37,12 +37,6 @@ def start(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str],
     The dataset (``dataset``: ``cfg.data`` already loaded) is loaded once for the checks, the
     teacher's score, the store and these (each loaded it again, and run_jobs once more), and not
     kept: the runs load their own."""
-    out, ctx, dataset = _prepare(cfg, out, kind, methods, quiet, need_teacher, dataset)
-    return out, ctx, {cfg.data: data_sha256(dataset)}
-
-
-def _prepare(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str], quiet: bool,
-             need_teacher: bool, dataset: Dataset | None) -> tuple[Path, dict, Dataset]:
     check(cfg)
     parsed = [parse_method(m) for m in methods]
     teacher = need_teacher or any(m.needs_teacher for m in parsed)
@@ -68,7 +62,7 @@ def _prepare(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[st
         ctx["store"] = str(Path(store.path).resolve())
         ctx["maps"] = {**maps_record(precompute_config(cfg), store),
                        "completeness_delta": store.manifest.get("completeness_delta")}
-    return out, ctx, dataset
+    return out, ctx, {cfg.data: data_sha256(dataset)}
 
 
 def precompute_config(cfg) -> PrecomputeConfig:

@@ -34,13 +34,13 @@ class Hook:  # what GradCAM.pair pops: the hooked layer's output of the last for
         return self.model.acts
 
 
-def fp16_step(model, x, y, explanation, scaler):
+def fp16_step(model, x, y, explanation, scaler, state=None):
     """The explain part's term as the trainer computes it under --amp fp16 (CPU autocast)."""
     with torch.autocast("cpu", dtype=torch.float16):
         out = model(x)
     score = out.float().gather(1, y[:, None]).sum()
     step = type("Step", (), {"batch": type("Batch", (), {"x": x})()})()
-    mine, maps = explanation.pair({"hook": Hook(model)}, step, score, torch.rand(len(y), 8, 8), scaler)
+    mine, maps = explanation.pair(state or {"hook": Hook(model)}, step, score, torch.rand(len(y), 8, 8), scaler)
     return mine, cosine_distance(mine, maps)
 
 
@@ -97,6 +97,60 @@ def test_the_scale_follows_a_grad_scaler_that_backed_off_and_is_ignored_without_
     small = torch.amp.GradScaler("cpu", init_scale=4.0)  # below the cap: its own scale
     assert torch.equal(score_grad(score, model.acts, small), want * 4.0 / 4.0)
     assert SCORE_SCALE_MAX * 1.0 < torch.finfo(torch.float16).max
+
+
+class Steep(nn.Module):
+    """A 2x2 feature map and a head of weight 1000: the label logit's gradient at the conv
+    output is 250, 1000 before the mean, which the cap's 2^10 lifts past fp16's largest
+    value (65504)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4, 3)
+        nn.init.constant_(self.fc.weight, 1000.0)
+        nn.init.constant_(self.conv.bias, 2.0)  # positive maps: a Grad-CAM that is not 0
+
+    def forward(self, x):
+        self.acts = self.conv(x)
+        return self.fc(self.acts.mean((2, 3)))
+
+
+def test_an_overflowing_explanation_gradient_is_dropped_for_the_step_and_its_cap_halved():
+    """fp16: a scaled gradient that overflows gives a 0 explanation and a finite loss (it was
+    inf, and the run stopped with TrainingDiverged); the GradScaler then skips the step if
+    the gradients are not finite, and the cap falls until the gradient fits."""
+    from igkd.attribution.gradcam import gradcam_map
+    model, x, y = Steep(), torch.rand(2, 3, 2, 2), torch.tensor([0, 2])
+    exact = exact_grad(model, x, y, lambda m, x: m.acts)
+    assert 200 < exact.abs().max() < 300
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(x)
+    score = out.float().gather(1, y[:, None]).sum()
+    scaler = torch.amp.GradScaler("cpu")
+    assert not score_grad(score, model.acts, scaler).any()  # 250 x 2^10 overflows: 0, not inf
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state, caps = {"hook": Hook(model)}, []
+    for _ in range(6):
+        before = [p.detach().clone() for p in model.parameters()]
+        mine, term = fp16_step(model, x, y, GradCAM(), scaler, state)
+        assert torch.isfinite(term)  # what the trainer sums and checks
+        caps.append(state["score_cap"].item())
+        want = gradcam_map(model.acts, exact_grad(model, x, y, lambda m, x: m.acts))  # before the step
+        scaler.scale(term).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if mine.any():
+            break
+        # an overflowing step trains nothing: its term has no gradient (or a non-finite one, which
+        # the scaler skips), and the weights stay as they were
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert caps[0] == SCORE_SCALE_MAX / 2 and caps == sorted(caps, reverse=True) and caps[-1] >= 64
+    assert mine.any() and len(caps) > 1
+    torch.testing.assert_close(mine.detach(), want, rtol=2e-2, atol=want.abs().max().item() * 1e-2)
 
 
 CPU = torch.device("cpu")

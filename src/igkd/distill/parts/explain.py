@@ -32,18 +32,29 @@ from .base import Part
 SCORE_SCALE_MAX = 2.0 ** 10
 
 
-def score_grad(score, inputs, scaler=None):
+def score_grad(score, inputs, scaler=None, state=None):
     """``d score / d inputs`` with ``create_graph`` (a loss of it trains the student). With a
     GradScaler (``--amp fp16``): the gradient of ``score * s``, ``s`` the scaler's scale
     capped at :data:`SCORE_SCALE_MAX`, divided by ``s`` in float32, so that gradients below
-    fp16's smallest subnormal survive its float16 backward. Without one: the plain gradient."""
+    fp16's smallest subnormal survive its float16 backward. Without one: the plain gradient.
+
+    A scaled gradient that overflowed (gradients growing over 64 times from the logits to
+    ``inputs``) gives 0 for that step, not inf: the loss stays finite and the GradScaler
+    skips the step if its gradients are not, as for any fp16 overflow. The cap, kept in
+    ``state`` (the part's), is halved for the next steps, down to 1."""
     import torch
     if scaler is None or not scaler.is_enabled():
         return torch.autograd.grad(score, inputs, create_graph=True)[0]
+    holder = {} if state is None else state
+    cap = holder.get("score_cap")
+    if cap is None or cap.device != score.device:
+        cap = holder["score_cap"] = torch.full((), SCORE_SCALE_MAX, device=score.device)
     # the scale as a tensor on the device (scaler.scale of a one): get_scale() would sync each step
-    s = scaler.scale(torch.ones((), device=score.device)).clamp(max=SCORE_SCALE_MAX)
+    s = torch.minimum(scaler.scale(torch.ones((), device=score.device)), cap)
     grads, = torch.autograd.grad(score * s, inputs, create_graph=True)
-    return grads.float() / s
+    ok = torch.isfinite(grads).all()
+    cap.copy_(torch.where(ok, cap, (cap / 2).clamp(min=1.0)))  # on the device: no sync per step
+    return torch.where(ok, grads.float() / s, torch.zeros((), device=grads.device))
 
 
 def _gradcam_layer(cfg, student, input_shape, device="cpu") -> str:
@@ -88,7 +99,7 @@ class GradCAM:
         import torch.nn.functional as F
         from ...attribution.gradcam import gradcam_map
         acts = state["hook"].pop()
-        mine = gradcam_map(acts, score_grad(score, acts, scaler))
+        mine = gradcam_map(acts, score_grad(score, acts, scaler, state))
         return mine, F.adaptive_avg_pool2d(maps[:, None], mine.shape[-2:])[:, 0]
 
     def describe(self, state) -> str:
@@ -108,7 +119,7 @@ class InputXGradient:
 
     def pair(self, state, step, score, maps, scaler=None):
         x = step.batch.x
-        return (x * score_grad(score, x, scaler)).abs().sum(1), maps
+        return (x * score_grad(score, x, scaler, state)).abs().sum(1), maps
 
     def describe(self, state) -> str:
         return "explain: student input x gradient"

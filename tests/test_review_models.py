@@ -127,3 +127,28 @@ def test_a_batch_of_one_image_where_batchnorm_sees_1x1_maps_is_refused_before_th
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert re.search(r"BatchNorm layer layer4\.0\.[\w.]+ a 1x1 feature map", lines[0]) and "--batch-size 2 or more" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_torchvisions_mobilenet_loaded_as_the_cifar_one_for_large_images_is_named(tmp_path, capsys):
+    """mobilenetv2 and mobilenetv2_imagenet have one state dict layout and other strides: a
+    foreign file loads into either without a mismatch, so the one made for images nearer the
+    data's is named in a warning (once), and nothing is said where the choice fits."""
+    net = build_model("mobilenetv2_imagenet:drop=12", 10, 3)
+    torch.save(net.state_dict(), tmp_path / "mobilenet_v2.pth")
+    path = str(tmp_path / "mobilenet_v2.pth")
+    for _ in range(2):
+        load_model(path, "mobilenetv2:drop=12", 10, 3, image_size=(224, 224), flag="--teacher-model")
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1
+    assert "fits mobilenetv2:drop=12 (strides for 32-pixel images) and mobilenetv2_imagenet:drop=12 " \
+           "(for 224-pixel images) alike" in err and "pass --teacher-model mobilenetv2_imagenet:drop=12" in err
+    # the paper's way round: a CIFAR file named as the ImageNet network for 32-pixel images
+    load_model(path, "mobilenetv2_imagenet:drop=12", 10, 3, image_size=(32, 32))
+    assert "pass --model mobilenetv2:drop=12" in capsys.readouterr().err
+    # fitting choices, sizes within 2x, unknown sizes and a CIFAR ResNet (no alike family): silent
+    load_model(path, "mobilenetv2_imagenet:drop=12", 10, 3, image_size=(224, 224))
+    load_model(path, "mobilenetv2:drop=12", 10, 3, image_size=(64, 48))
+    load_model(path, "mobilenetv2:drop=12", 10, 3)
+    torch.save(_source().state_dict(), tmp_path / "r8.pth")
+    load_model(str(tmp_path / "r8.pth"), SPEC, 10, 3, image_size=(224, 224))
+    assert "warning" not in capsys.readouterr().err

@@ -312,7 +312,8 @@ def load_teacher(path: str | Path, dataset: Dataset | str, spec: str = "",
         raise UserError(f"teacher {path} takes {meta['in_channels']}-channel images but {dataset.spec} has "
                         f"{dataset.channels}; use a teacher trained on this dataset")
     teacher, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels,
-                               preprocessing_for(normalize, dataset), flag="--teacher-model")
+                               preprocessing_for(normalize, dataset), flag="--teacher-model",
+                               image_size=dataset.image_size)
     for p in teacher.parameters():
         p.requires_grad_(False)
     check_outputs(teacher, dataset, f"teacher {path} ({meta['model']})")
@@ -567,7 +568,8 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
                         "evaluate it on the dataset it was trained for (or map the classes with --class-map)")
     net, meta = load_model(weights, model or None, len(classes), dataset.channels,
                            preprocessing_for(normalize, dataset),
-                           classes_from=f"--class-map {class_map}" if cmap else "the data")
+                           classes_from=f"--class-map {class_map}" if cmap else "the data",
+                           image_size=dataset.image_size)
     warn_unknown_preprocessing(weights, normalize, "--normalize")
     if cfg.teacher and tparams is None:
         # a spec, built once, at this model's classes and channels (not 10 and 3), before the evaluation
@@ -630,7 +632,7 @@ def _teacher_correct(path: str, spec: str, dataset: Dataset, cmap, images: torch
                             f"({', '.join(tclasses[:10])}); use a teacher with the student's classes")
         labels = remap(labels, dataset.classes, cmap, tclasses)["labels"]
     net, tmeta = load_model(path, spec or None, len(tclasses), dataset.channels, preprocessing_for(normalize, dataset),
-                            flag="--teacher-correct-model")
+                            flag="--teacher-correct-model", image_size=dataset.image_size)
     warn_unknown_preprocessing(path, normalize, "--teacher-correct-normalize")
     right = predict(to_device(net, dev), images, batch_size, dev).argmax(1) == labels
     keep = torch.nonzero(right).reshape(-1)

@@ -34,7 +34,7 @@ def _load_checked(path: str, spec: str, dataset: Dataset, normalize: str = "auto
         raise UserError(f"{path} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
                         "audit models on the dataset they were trained for")
     net, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels,
-                           preprocessing_for(normalize, dataset), flag=flag)
+                           preprocessing_for(normalize, dataset), flag=flag, image_size=dataset.image_size)
     if flag == "--teacher-model":  # students have no option to state theirs: igkd's own, as a rule
         warn_unknown_preprocessing(path, normalize, "--teacher-normalize")
     for p in net.parameters():

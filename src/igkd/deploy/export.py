@@ -110,7 +110,7 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
                         f"{'x'.join(map(str, dataset.image_size))}; pass the --data it was trained on (an image "
                         f"folder: add ,size={'x'.join(map(str, trained))})")
     pre = preprocessing_for(cfg.normalize, dataset)
-    net, meta = load_model(weights, cfg.model or None, len(dataset.classes), dataset.channels, pre)
+    net, meta = load_model(weights, cfg.model or None, len(dataset.classes), dataset.channels, pre, image_size=dataset.image_size)
     warn_unknown_preprocessing(weights, cfg.normalize, "--normalize")
     shape = (dataset.channels, *dataset.image_size)
     # evenly spaced, not the first N: an image folder lists its test split class by class, and the

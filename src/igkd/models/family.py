@@ -8,6 +8,10 @@ a ``--widths`` value sets. ``own_weights``: the spec itself holds the weights
 (TorchScript), so no separate weights file is loaded. ``guess``: the option strings of the
 members a foreign state dict may be (from its names and shapes), which a loading error
 names where one fits exactly (:func:`igkd.models.checkpoint.load_weights`).
+``native_size``: the image side its strides were designed for (32 for the CIFAR networks,
+224 for the ImageNet ones); where a foreign state dict also fits another family's member
+(``mobilenetv2`` and ``mobilenetv2_imagenet`` share torchvision's layout and differ only in
+strides), loading it for images nearer that family's size gets a warning naming it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Family:
     runs_code: bool = False
     # state dict -> option strings ("" for the defaults) of members it may be; checked by building them
     guess: Callable[[dict], list[str]] | None = None
+    native_size: int | None = None
 
 
 def options(spec: Spec, schema: dict[str, tuple[type, object]], example: str) -> dict:

@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..spec import Spec, parse_spec
 from . import resnet, resnet_cifar, user, wrn
 from .family import Family, blocks, dim, options, out_of_range
-from .mobilenetv2 import NUM_FEATURE_BLOCKS, MobileNetV2
+from .mobilenetv2 import NUM_FEATURE_BLOCKS, MobileNetV2, make_divisible
 
 
 def _mobilenetv2(imagenet: bool):
@@ -51,7 +51,9 @@ def _mobilenetv2_guess(state: dict) -> list[str]:
         return []
     present = blocks(state, "features.")
     drop = [f"drop={NUM_FEATURE_BLOCKS - present}"] if present < NUM_FEATURE_BLOCKS else []
-    widths = sorted({dim(state, "features.0.0.weight", 0) / 32, 0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, 1.5, 2.0})
+    stem = dim(state, "features.0.0.weight", 0)
+    # only widths whose stem has the file's channels (each guess is built to be compared)
+    widths = sorted(w for w in {stem / 32, 0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, 1.5, 2.0} if make_divisible(32 * w) == stem)
     return [",".join(([f"width={w:g}"] if w != 1 else []) + drop) for w in widths]
 
 
@@ -59,9 +61,10 @@ SPEC_ATTRIBUTE = "_igkd_spec"  # set by build_model on the network: the spec it 
 
 MODELS: dict[str, Family] = plugins.Registry({
     "mobilenetv2": Family(_mobilenetv2(False), "CIFAR MobileNetV2: drop=K truncation, width=W",
-                          depth_knob="drop", width_knob="width", guess=_mobilenetv2_guess),
+                          depth_knob="drop", width_knob="width", guess=_mobilenetv2_guess, native_size=32),
     "mobilenetv2_imagenet": Family(_mobilenetv2(True), "torchvision's ImageNet MobileNetV2 (224-pixel images)",
-                                   depth_knob="drop", width_knob="width", guess=_mobilenetv2_guess),
+                                   depth_knob="drop", width_knob="width", guess=_mobilenetv2_guess,
+                                   native_size=224),
     "resnet": resnet_cifar.FAMILY,
     "wrn": wrn.FAMILY,
     "resnet18": resnet.family(18),

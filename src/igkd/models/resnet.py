@@ -108,5 +108,5 @@ def family(depth: int) -> Family:
         options(spec, {}, f"resnet{depth}")
         return ResNet(*ARCHS[depth], num_classes=num_classes, in_channels=in_channels)
     return Family(build, f"ImageNet ResNet-{depth}, torchvision's state_dict keys (224-pixel images)",
-                  guess=lambda state: [""] if "layer4.0.conv1.weight" in state else [])
+                  guess=lambda state: [""] if "layer4.0.conv1.weight" in state else [], native_size=224)
 

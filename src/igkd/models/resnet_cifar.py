@@ -69,4 +69,4 @@ def _guess(state: dict) -> list[str]:
 
 
 FAMILY = Family(_build, "CIFAR ResNet: depth=6n+2 (20, 32, 44, 56, 110), width=W (4: ResNet8x4/32x4)",
-                depth_knob="depth", width_knob="width", guess=_guess)
+                depth_knob="depth", width_knob="width", guess=_guess, native_size=32)

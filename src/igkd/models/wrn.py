@@ -97,4 +97,4 @@ def _guess(state: dict) -> list[str]:
 
 
 FAMILY = Family(_build, "Wide ResNet WRN-depth-k: depth=6n+4 (16, 40), k=widening (2)",
-                depth_knob="depth", width_knob="k", guess=_guess)
+                depth_knob="depth", width_knob="k", guess=_guess, native_size=32)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -52,10 +51,6 @@ from torch import nn
 
 from ..errors import UserError
 from ..runtime import resolve_device
-
-# the differentiable all_reduce below is deprecated in favour of functional collectives,
-# which have no autograd support on gloo yet
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated")
 
 
 @dataclass
@@ -177,6 +172,35 @@ def _destroy_created() -> None:
     _created.clear()
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """Differentiable all-reduce (sum) over the default group, looked up at each call; its
+    backward sums the gradient over the ranks by the same function, so it differentiates
+    again (double backward).
+
+    torch.distributed.nn.functional.all_reduce does the same, but its ``group=group.WORLD``
+    default is evaluated when that module is first imported: imported after the group was
+    made, as here, the default kept the group for the life of the process, so
+    ``destroy_process_group`` left its gloo threads running; at exit a thread still releasing
+    its last collective's tensors waited for the GIL while the interpreter finalized, and the
+    process aborted ("terminate called without an active exception", SIGABRT) after all its
+    work was done, about 1 run in 10 of 2 processes (torch 2.11, 2.13) after a collective in a
+    backward."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _SumOverRanks.apply(grad)
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    return _SumOverRanks.apply(t)
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d with training statistics over the batches of all processes, on any device.
 
@@ -188,8 +212,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-        return self.normalize(x, all_reduce)
+        return self.normalize(x, _sum_over_ranks)
 
     def normalize(self, x: torch.Tensor, all_reduce) -> torch.Tensor:
         """Training-mode BatchNorm of ``x`` with the statistics of ``all_reduce`` (a
@@ -231,9 +254,8 @@ def gather_batch(t: torch.Tensor) -> torch.Tensor:
     one process's gradient."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return t
-    from torch.distributed.nn.functional import all_reduce
     rank = dist.get_rank()
-    return all_reduce(torch.cat([t if r == rank else torch.zeros_like(t) for r in range(dist.get_world_size())]))
+    return _sum_over_ranks(torch.cat([t if r == rank else torch.zeros_like(t) for r in range(dist.get_world_size())]))
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device, double_backward: bool = False) -> nn.Module:

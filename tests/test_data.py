@@ -731,7 +731,9 @@ def test_imagefolder_real_cifar10_jpg():
         if os.environ.get("IGKD_REQUIRE_SHARED"):
             pytest.fail(reason + "; IGKD_REQUIRE_SHARED is set, so it is mandatory here")
         pytest.skip(reason)
-    ds = load_dataset(f"imagefolder:{root},cache=0")
+    # through the session's decoded cache (conftest), as users load it: test_deploy and
+    # test_published then read these images instead of decoding the JPEGs again
+    ds = load_dataset(f"imagefolder:{root}")
     assert ds.classes == CIFAR_CLASSES and ds.channels == 3 and ds.image_size == (32, 32)
     assert ds.train.images.shape == (50000, 3, 32, 32) and ds.test.images.shape == (10000, 3, 32, 32)
     assert ds.train.labels.bincount().tolist() == [5000] * 10

@@ -4,7 +4,6 @@ the README; evaluation is deterministic (same JPEG decoder, same float32 CPU ker
 so they must come out exactly."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -27,22 +26,16 @@ def jpg_dir():
     return cifar10_jpg_dir()
 
 
-@pytest.fixture(scope="module")
-def decoded_cache(tmp_path_factory):
-    """One decoded-image cache for the three evaluations: the second and third read the
-    10,000 test images from it instead of decoding the JPEGs again (3 s each)."""
-    return tmp_path_factory.mktemp("published-cache")
-
-
 # scored through the command line (--json), as a user runs it: in a fresh process each 10,000-image
-# evaluation took 31 s on 2 cores, in the long-lived pytest process 50 s (API, CI dry run)
+# evaluation took 31 s on 2 cores, in the long-lived pytest process 50 s (API, CI dry run). The
+# decoded test images come from the session's cache (conftest), which test_data's real-JPEG test
+# and test_deploy's parity test fill: the JPEGs are decoded once per session, not once per test
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_published_checkpoint_accuracy_on_jpeg_cifar10(name, jpg_dir, decoded_cache):
+def test_published_checkpoint_accuracy_on_jpeg_cifar10(name, jpg_dir):
     path = shared_or_skip("checkpoints", "nordlinglab", name)
     out = subprocess.run([sys.executable, "-m", "igkd.cli", "evaluate", "--model", "mobilenetv2:drop=5",
                           "--weights", str(path), "--data", f"imagefolder:{jpg_dir}", "--normalize", "none",
-                          "--teacher", "mobilenetv2", "--json"], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "IGKD_CACHE_DIR": str(decoded_cache)})
+                          "--teacher", "mobilenetv2", "--json"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     assert r["preprocessing"] == {"normalize": "none"}

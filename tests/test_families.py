@@ -200,7 +200,7 @@ def test_ig_of_every_family_agrees_with_captum(spec, size, monkeypatch):
     from captum.attr import IntegratedGradients
 
     from igkd.attribution import integrated_gradients
-    from igkd.attribution.engine import _fold_batchnorm
+    from igkd.models import fold_batchnorm as _fold_batchnorm
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     torch.manual_seed(0)
     net = _trained_like(build_model(spec, 5, 3))

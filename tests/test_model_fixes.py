@@ -9,7 +9,8 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import nn
 
-from igkd.attribution.engine import _fold_batchnorm, _prepare
+from igkd.attribution.engine import _prepare
+from igkd.models import fold_batchnorm as _fold_batchnorm
 from igkd.attribution.ig import integrated_gradients
 from igkd.config import PrecomputeConfig
 from igkd.data import Dataset, Split

@@ -30,8 +30,8 @@ from .evaluate.metrics import not_logits
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .models import (bare, build_model, built_spec, copy_matching, count_parameters, eval_mode, holds_own_weights,
-                     load_model, read_metadata, preprocessing_of, recorded_spec, to_device, weights_fingerprint,
-                     with_preprocessing)
+                     inference_copy, load_model, read_metadata, preprocessing_of, recorded_spec, to_device,
+                     weights_fingerprint, with_preprocessing)
 from .precompute import maps_record, precompute as _precompute
 from .progress import log
 from .runtime import keeps_threads, resolve_device, set_threads
@@ -571,6 +571,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
                            classes_from=f"--class-map {class_map}" if cmap else "the data",
                            image_size=dataset.image_size)
     warn_unknown_preprocessing(weights, normalize, "--normalize")
+    params = count_parameters(net)  # the checkpoint's, before BatchNorm is folded away
     if cfg.teacher and tparams is None:
         # a spec, built once, at this model's classes and channels (not 10 and 3), before the evaluation
         tparams = _model_params(cfg.teacher, len(classes), dataset.channels)
@@ -590,9 +591,10 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         keep, protocol = _teacher_correct(str(teacher_correct), teacher_correct_model, dataset, cmap, images,
                                           cfg.batch_size, dev, cfg.teacher_correct_normalize)
         images, labels, index = images[keep], labels[keep], index[keep]
-    logits = predict(to_device(net, dev), images, cfg.batch_size, dev)
+    net = _for_inference(net, images, dev)
+    logits = predict(net, images, cfg.batch_size, dev)
     result = {"weights": str(weights), "model": meta["model"], "data": dataset.spec, "split": "test",
-              "preprocessing": meta["preprocessing"], "params": count_parameters(net),
+              "preprocessing": meta["preprocessing"], "params": params,
               **classification_metrics(logits, labels, classes)}
     if mapped:
         result["class_map"] = {"source": cmap.source, "map": cmap.mapping, "dropped_images": mapped["dropped_images"],
@@ -606,6 +608,13 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     if cfg.teacher:
         result.update(teacher=cfg.teacher, teacher_params=tparams, compression=tparams / result["params"])
     return result
+
+
+def _for_inference(net: nn.Module, images, dev: torch.device) -> nn.Module:
+    """``net``, loaded here to infer only, on ``dev`` with its BatchNorm folded where that
+    gives its logits on the first images (:func:`igkd.models.fold.inference_copy`)."""
+    net = to_device(net, dev)
+    return inference_copy(net, images[:4].to(dev).float().div_(255)) if len(images) else net
 
 
 def _teacher_correct(path: str, spec: str, dataset: Dataset, cmap, images: torch.Tensor, batch_size: int,
@@ -634,7 +643,7 @@ def _teacher_correct(path: str, spec: str, dataset: Dataset, cmap, images: torch
     net, tmeta = load_model(path, spec or None, len(tclasses), dataset.channels, preprocessing_for(normalize, dataset),
                             flag="--teacher-correct-model", image_size=dataset.image_size)
     warn_unknown_preprocessing(path, normalize, "--teacher-correct-normalize")
-    right = predict(to_device(net, dev), images, batch_size, dev).argmax(1) == labels
+    right = predict(_for_inference(net, images, dev), images, batch_size, dev).argmax(1) == labels
     keep = torch.nonzero(right).reshape(-1)
     if not len(keep):
         raise UserError(f"the --teacher-correct teacher {path} classifies none of the {len(labels)} test images "

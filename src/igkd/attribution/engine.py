@@ -2,7 +2,7 @@
 batching, and the gradient core.
 
 * :func:`_prepare`: the network to differentiate. With ``fast``, an eval-mode copy with
-  BatchNorm folded into the convolutions that feed it (:func:`_fold_batchnorm`, any
+  BatchNorm folded into the convolutions that feed it (:func:`~igkd.models.fold.fold_batchnorm`, any
   architecture), activations out of place and channels_last on CPU; the caller's model
   is never modified.
 * :func:`_input_grads`: ``d logit[rows] / d x`` for one batch, one forward and one
@@ -34,18 +34,16 @@ import copy
 import itertools
 import numbers
 import weakref
-from collections import Counter
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import UserError
 from ..models import ReLU6, bare, copy_free_relu6, eval_mode
+from ..models.fold import fold_batchnorm
 from ..progress import log
 
 # Interpolated samples per forward pass at 32x32x3, scaled inversely with the input size.
@@ -87,66 +85,6 @@ def _channels_last(model: nn.Module) -> bool:
     return False
 
 
-def _fold_batchnorm(net: nn.Module, probe: torch.Tensor) -> int:
-    """Fold every eval-mode BatchNorm2d whose input is the output of a Conv2d that nothing
-    else uses into that convolution (in place); returns how many were folded.
-
-    Pairs are found on any architecture by one forward pass of ``probe`` with hooks: the
-    BatchNorm's input must be the very tensor the convolution returned (not modified in
-    place since), each module must run once, and the autograd graph must show no other
-    consumer of that tensor (a residual branch, say), or folding would change the function.
-    """
-    outputs, pairs, calls = {}, [], Counter()
-
-    def on_conv(m, inputs, out):
-        calls[m] += 1
-        outputs[id(out)] = (m, out, out.grad_fn)
-
-    def on_bn(m, inputs):
-        calls[m] += 1
-        x = inputs[0]
-        hit = outputs.get(id(x))
-        if hit is not None and hit[1] is x and x.grad_fn is hit[2]:
-            pairs.append((hit[0], m, x.grad_fn))
-
-    # a conv whose weight is made by a hook or a parametrization (weight_norm, spectral_norm)
-    # has no fixed weight to fold into (and deep-copying it mid-graph fails); a module with
-    # hooks of its own would lose them when replaced
-    handles = [m.register_forward_hook(on_conv) for m in net.modules()
-               if type(m) is nn.Conv2d and not _hooked(m) and not parametrize.is_parametrized(m)]
-    handles += [m.register_forward_pre_hook(on_bn) for m in net.modules()
-                if type(m) is nn.BatchNorm2d and not _hooked(m) and m.running_mean is not None
-                and m.running_var is not None]
-    try:
-        out = net(probe.detach().requires_grad_(True))
-    finally:
-        for h in handles:
-            h.remove()
-    uses, stack, seen = Counter(), [out.grad_fn] if isinstance(out, torch.Tensor) else [], set()
-    while stack:  # how many autograd nodes consume each node's output
-        node = stack.pop()
-        for nxt, _ in node.next_functions if node is not None else ():
-            if nxt is not None:
-                uses[nxt] += 1
-                if nxt not in seen:
-                    seen.add(nxt)
-                    stack.append(nxt)
-    names = {m: n for n, m in net.named_modules()}
-    folded = 0
-    for conv, bn, node in pairs:
-        if calls[conv] == 1 and calls[bn] == 1 and uses[node] == 1 and conv.out_channels == bn.num_features:
-            fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
-            for module, new in ((conv, fused), (bn, nn.Identity())):
-                parent, _, attr = names[module].rpartition(".")
-                setattr(net.get_submodule(parent), attr, new)
-            folded += 1
-    return folded
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_pre_hooks or m._forward_hooks)
-
-
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     """channels_last for an NHWC-strided 4-d tensor (e.g. images from ``permute``), else NCHW."""
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
@@ -158,7 +96,7 @@ def _prepare(model: nn.Module, inputs: torch.Tensor, fast: bool) -> tuple[nn.Mod
     """The network to differentiate and the memory format to feed it.
 
     ``fast``: an eval-mode copy with BatchNorm folded into the convolutions that feed it
-    (:func:`_fold_batchnorm`, any architecture), activations
+    (:func:`~igkd.models.fold.fold_batchnorm`, any architecture), activations
     out of place and, on CPU, channels_last weights (about 2x faster for MobileNetV2 on CPU; the same function up
     to float rounding). The caller's model is never modified. Falls back to the model
     itself when it cannot be copied or prepared, or when the copy's logits on the first
@@ -190,7 +128,7 @@ def _fast_copy(model: nn.Module, inputs: torch.Tensor) -> tuple[nn.Module, torch
     try:
         net = copy.deepcopy(model)
         net.eval()
-        _fold_batchnorm(net, inputs[:1])
+        fold_batchnorm(net, inputs[:1])
         # torch's in-place activations cost a copy of their input under autograd (~7% of a
         # pass), so they run out of place, except ReLU6, which has a copy-free in-place form
         # (3-7% faster than out of place); only ReLU6s the model had in place stay in place

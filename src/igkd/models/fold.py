@@ -1,0 +1,117 @@
+"""BatchNorm folded into the convolution that feeds it, on any architecture.
+
+In eval mode a BatchNorm2d whose input is a Conv2d's output is a per-channel affine map
+that the convolution's weights and bias can absorb (torch's ``fuse_conv_bn_eval``): one
+pass over the activations less per layer, the same function up to float rounding.
+
+* :func:`fold_batchnorm`: the fold, in place. Pairs are found by one forward pass with
+  hooks and the autograd graph, never from names (a pre-activation network's ``bn1``
+  comes before its ``conv1``). The attributions' fast copy uses it
+  (:mod:`igkd.attribution.engine`).
+* :func:`inference_copy`: a folded copy of a network loaded to infer only (``igkd
+  evaluate``, its corruptions and ``--teacher-correct``, the experiments' corruption
+  scores), checked to give the network's logits; the network itself where it is not.
+  On 2 CPU cores (``python benchmarks/eval_throughput.py``) the CIFAR MobileNetV2 student
+  scored 1.26x as many images per second, the teacher 1.23x, ResNet-18 1.07x, ResNet-20
+  and WRN-16-2 1.02-1.03x; the published students' predictions on the 10,000 CIFAR-10
+  test images are all the same (logits within 2e-5).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .preprocess import eval_mode
+
+
+def fold_batchnorm(net: nn.Module, probe: torch.Tensor) -> int:
+    """Fold every eval-mode BatchNorm2d whose input is the output of a Conv2d that nothing
+    else uses into that convolution (in place); returns how many were folded.
+
+    Pairs are found on any architecture by one forward pass of ``probe`` with hooks: the
+    BatchNorm's input must be the very tensor the convolution returned (not modified in
+    place since), each module must run once, and the autograd graph must show no other
+    consumer of that tensor (a residual branch, say), or folding would change the function.
+    """
+    outputs, pairs, calls = {}, [], Counter()
+
+    def on_conv(m, inputs, out):
+        calls[m] += 1
+        outputs[id(out)] = (m, out, out.grad_fn)
+
+    def on_bn(m, inputs):
+        calls[m] += 1
+        x = inputs[0]
+        hit = outputs.get(id(x))
+        if hit is not None and hit[1] is x and x.grad_fn is hit[2]:
+            pairs.append((hit[0], m, x.grad_fn))
+
+    # a conv whose weight is made by a hook or a parametrization (weight_norm, spectral_norm)
+    # has no fixed weight to fold into (and deep-copying it mid-graph fails); a module with
+    # hooks of its own would lose them when replaced
+    handles = [m.register_forward_hook(on_conv) for m in net.modules()
+               if type(m) is nn.Conv2d and not _hooked(m) and not parametrize.is_parametrized(m)]
+    handles += [m.register_forward_pre_hook(on_bn) for m in net.modules()
+                if type(m) is nn.BatchNorm2d and not _hooked(m) and m.running_mean is not None
+                and m.running_var is not None]
+    try:
+        out = net(probe.detach().requires_grad_(True))
+    finally:
+        for h in handles:
+            h.remove()
+    uses, stack, seen = Counter(), [out.grad_fn] if isinstance(out, torch.Tensor) else [], set()
+    while stack:  # how many autograd nodes consume each node's output
+        node = stack.pop()
+        for nxt, _ in node.next_functions if node is not None else ():
+            if nxt is not None:
+                uses[nxt] += 1
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+    names = {m: n for n, m in net.named_modules()}
+    folded = 0
+    for conv, bn, node in pairs:
+        if calls[conv] == 1 and calls[bn] == 1 and uses[node] == 1 and conv.out_channels == bn.num_features:
+            fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+            for module, new in ((conv, fused), (bn, nn.Identity())):
+                parent, _, attr = names[module].rpartition(".")
+                setattr(net.get_submodule(parent), attr, new)
+            folded += 1
+    return folded
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_pre_hooks or m._forward_hooks)
+
+
+def inference_copy(model: nn.Module, probe: torch.Tensor) -> nn.Module:
+    """An eval-mode copy of ``model`` with its BatchNorm folded (:func:`fold_batchnorm`),
+    for inference only; ``model`` itself (left as it was) where it cannot be copied, nothing
+    folds, or the copy's logits on ``probe`` (a few inputs of what the model takes) differ
+    from the model's by more than ``4 sqrt(eps)`` of the largest logit, ``eps`` the
+    arithmetic's (float32's, or TF32's on CUDA): folding only reorders arithmetic (2e-7 to
+    1.3e-6 of the logit scale on five families), while a network that uses a convolution's
+    output beyond its BatchNorm in a way the graph does not show would move them by ~1."""
+    try:
+        net = copy.deepcopy(model).eval()
+        with torch.enable_grad():  # the autograd graph shows each convolution's other consumers
+            if not fold_batchnorm(net, probe):
+                return model
+        with torch.no_grad(), eval_mode(model):
+            ref = model(probe)
+            got = net(probe)
+        eps = torch.finfo(ref.dtype).eps if not ref.is_cuda else max(torch.finfo(ref.dtype).eps, 2.0 ** -10)
+        if float((ref - got).abs().max()) <= 4 * eps ** 0.5 * float(ref.abs().max()):
+            return net
+    except Exception:  # noqa: BLE001 - a module that cannot be copied or probed: the model itself is correct
+        pass
+    return model
+
+
+__all__ = ["fold_batchnorm", "inference_copy"]

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
 import re
 import shlex
+import threading
 import warnings
 from pathlib import Path
 
@@ -289,21 +291,46 @@ def _fits(keys, names: set[str], optional: set[str]) -> bool:
     return set(keys) <= names and names - set(keys) <= optional
 
 
+_NO_INIT = threading.local()  # .on: this thread builds networks only for their names and shapes
+_NO_INIT_LOCK = threading.Lock()
+_no_init_users = 0  # threads inside _no_init; torch.nn.init holds the skipping wrappers while any is
+_SAVED_INIT: dict = {}  # torch.nn.init's own initialisers meanwhile
+
+
 @contextlib.contextmanager
 def _no_init():
-    """``torch.nn.init``'s in-place initialisers as no-ops, for networks built only for their
-    names and shapes: on the meta device each is a Python decomposition, and initialising
-    a MobileNetV2 took 0.2 s of its 0.24 s build there (as transformers' no_init_weights)."""
+    """``torch.nn.init``'s in-place initialisers as no-ops in this thread, for networks built
+    only for their names and shapes: on the meta device each is a Python decomposition, and
+    initialising a MobileNetV2 took 0.2 s of its 0.24 s build there (as transformers'
+    no_init_weights). The wrappers skip only where this thread asked: a network another
+    thread builds meanwhile (an API caller's) is initialised, not left as torch.empty's memory."""
+    global _no_init_users
     init = torch.nn.init
-    saved = {name: getattr(init, name) for name in dir(init)
-             if name.endswith("_") and not name.startswith("_") and callable(getattr(init, name))}
+    with _NO_INIT_LOCK:
+        if not _no_init_users:
+            _SAVED_INIT.update({name: getattr(init, name) for name in dir(init)
+                                if name.endswith("_") and not name.startswith("_") and callable(getattr(init, name))})
+            for name, fn in _SAVED_INIT.items():
+                setattr(init, name, _skipping(fn))
+        _no_init_users += 1
+    was, _NO_INIT.on = getattr(_NO_INIT, "on", False), True
     try:
-        for name in saved:
-            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(init, name, fn)
+        _NO_INIT.on = was
+        with _NO_INIT_LOCK:
+            _no_init_users -= 1
+            if not _no_init_users:
+                for name, fn in _SAVED_INIT.items():
+                    setattr(init, name, fn)
+                _SAVED_INIT.clear()
+
+
+def _skipping(fn):
+    @functools.wraps(fn)
+    def init_unless_skipped(tensor, *args, **kwargs):
+        return tensor if getattr(_NO_INIT, "on", False) else fn(tensor, *args, **kwargs)
+    return init_unless_skipped
 
 
 def _specs_fitting(state: dict[str, torch.Tensor]) -> list[str]:
@@ -317,7 +344,11 @@ def _specs_fitting(state: dict[str, torch.Tensor]) -> list[str]:
     classes = next((t.shape[0] for t in reversed(tensors) if t.dim() == 2), 1)
     found = []
     for kind, family in MODELS.items():
-        for options in (family.guess(state) if family.guess else []):
+        try:
+            guesses = family.guess(state) if family.guess else []
+        except Exception:  # noqa: BLE001 - a plug-in family's guess that fails names nothing, and breaks no load
+            guesses = []
+        for options in guesses:
             spec = f"{kind}:{options}" if options else kind
             try:
                 with torch.device("meta"), _no_init():
@@ -518,9 +549,12 @@ def warn_other_strides(path, spec: str, net: nn.Module, image_size: tuple[int, i
     if better:
         from ..progress import log
         _WARNED.add((path, spec, side))
+        other = family_of(better[0]).native_size
+        # torchvision's weights are the ImageNet member's, not the CIFAR one's
+        note = " (torchvision's weights are)" if other > family.native_size else ""
         log(f"igkd: warning: {path} fits {spec} (strides for {family.native_size}-pixel images) and "
-            f"{better[0]} (for {family_of(better[0]).native_size}-pixel images) alike, and the data's images are "
-            f"{image_size[0]}x{image_size[1]}: if it was trained as {better[0]} (torchvision's weights are), pass "
+            f"{better[0]} (for {other}-pixel images) alike, and the data's images are "
+            f"{image_size[0]}x{image_size[1]}: if it was trained as {better[0]}{note}, pass "
             f"{flag} {better[0]}; it was loaded as {spec}")
 
 

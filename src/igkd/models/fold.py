@@ -27,8 +27,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .preprocess import eval_mode
-
 
 def fold_batchnorm(net: nn.Module, probe: torch.Tensor) -> int:
     """Fold every eval-mode BatchNorm2d whose input is the output of a Conv2d that nothing
@@ -93,25 +91,38 @@ def _hooked(m: nn.Module) -> bool:
 def inference_copy(model: nn.Module, probe: torch.Tensor) -> nn.Module:
     """An eval-mode copy of ``model`` with its BatchNorm folded (:func:`fold_batchnorm`),
     for inference only; ``model`` itself (left as it was) where it cannot be copied, nothing
-    folds, or the copy's logits on ``probe`` (a few inputs of what the model takes) differ
-    from the model's by more than ``4 sqrt(eps)`` of the largest logit, ``eps`` the
-    arithmetic's (float32's, or TF32's on CUDA): folding only reorders arithmetic (2e-7 to
-    1.3e-6 of the logit scale on five families), while a network that uses a convolution's
-    output beyond its BatchNorm in a way the graph does not show would move them by ~1."""
+    folds, or the copy computes another function (:func:`_same_logits` on ``probe``, a few
+    inputs of what the model takes)."""
     try:
         net = copy.deepcopy(model).eval()
         with torch.enable_grad():  # the autograd graph shows each convolution's other consumers
             if not fold_batchnorm(net, probe):
                 return model
-        with torch.no_grad(), eval_mode(model):
-            ref = model(probe)
-            got = net(probe)
-        eps = torch.finfo(ref.dtype).eps if not ref.is_cuda else max(torch.finfo(ref.dtype).eps, 2.0 ** -10)
-        if float((ref - got).abs().max()) <= 4 * eps ** 0.5 * float(ref.abs().max()):
+        if _same_logits(model, net, probe):
             return net
     except Exception:  # noqa: BLE001 - a module that cannot be copied or probed: the model itself is correct
         pass
     return model
+
+
+def _same_logits(model: nn.Module, net: nn.Module, probe: torch.Tensor) -> bool:
+    """Whether the folded ``net`` gives ``model``'s logits on ``probe`` within ``4 sqrt(eps)``
+    of the largest logit, ``eps`` that of the weights' dtype: folding only rounds the fused
+    weights (2e-7 to 1.3e-6 of the logit scale on five families), while a network that uses
+    a convolution's output beyond its BatchNorm in a way the graph does not show (a mask,
+    say) moves them by 0.07-1. Both run on copies in float64 without autocast, so that the
+    check sees the function and not the arithmetic it would run at: under CUDA's TF32 or an
+    autocast the tolerance of that arithmetic (0.125, 0.35 of the scale) let such a network
+    through, and its reported accuracy was another network's."""
+    eps = max((torch.finfo(p.dtype).eps for p in net.parameters() if p.is_floating_point()),
+              default=torch.finfo(torch.float32).eps)
+    x = probe.double()
+    with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
+        ref = copy.deepcopy(model).eval().double()(x)
+        got = copy.deepcopy(net).double()(x)
+    if not (isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.shape == got.shape):
+        return False  # the model itself runs, and reports what is wrong with its output
+    return float((ref - got).abs().max()) <= 4 * eps ** 0.5 * float(ref.abs().max())
 
 
 __all__ = ["fold_batchnorm", "inference_copy"]

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import ReLU6, bare, copy_free_relu6, eval_mode
-from ..models.fold import fold_batchnorm
+from ..models.fold import fold_batchnorm, logit_gap
 from ..progress import log
 
 # Interpolated samples per forward pass at 32x32x3, scaled inversely with the input size.
@@ -111,7 +111,7 @@ def _prepare(model: nn.Module, inputs: torch.Tensor, fast: bool) -> tuple[nn.Mod
     """
     if fast and not isinstance(bare(model), torch.jit.ScriptModule):  # scripted: no hooks, run as is
         prepared = _fast_copy(model, inputs)
-        if prepared is not None and _same_function(model, *prepared, inputs[:_PROBE_IMAGES]):
+        if prepared is not None and _same_function(model, prepared[0], inputs[:_PROBE_IMAGES]):
             return prepared
     return model, torch.channels_last if _channels_last(model) else _memory_format(inputs)
 
@@ -145,61 +145,18 @@ def _fast_copy(model: nn.Module, inputs: torch.Tensor) -> tuple[nn.Module, torch
         return None
 
 
-def _working_eps(t: torch.Tensor) -> float:
-    """The machine epsilon the model's arithmetic ran at for output ``t``: its dtype's, or
-    coarser where CUDA lets float32 convolutions and matmuls use TF32 (10-bit mantissa;
-    cuDNN's default for convolutions) or bfloat16 (``set_float32_matmul_precision("medium")``),
-    or where autocast runs them in half precision."""
-    if not t.is_floating_point():
-        return 0.0
-    eps = torch.finfo(t.dtype).eps
-    if t.is_cuda and t.dtype == torch.float32:
-        eps = max(eps, _cuda_float32_eps())
-    if torch.is_autocast_enabled(t.device.type):
-        eps = max(eps, torch.finfo(torch.get_autocast_dtype(t.device.type)).eps)
-    return eps
-
-
-def _cuda_float32_eps() -> float:
-    """The epsilon of CUDA's float32 convolutions and matmuls under torch's precision settings.
-    TF32 is assumed where it was set through torch's newer ``fp32_precision`` settings: the
-    older flags read here then raise ("a mix of the legacy and new APIs"), which would fail
-    the check of the fast copy and send every attribution to the model itself, twice as slow,
-    without a word."""
+def _same_function(model: nn.Module, net: nn.Module, probe: torch.Tensor) -> bool:
+    """Whether the fast copy ``net`` gives the model's logits on ``probe`` up to rounding
+    (:func:`igkd.models.fold.logit_gap`: in float64, so TF32 and autocast play no part);
+    says once per model where it does not."""
     try:
-        precision = torch.get_float32_matmul_precision()
-        tf32_convolutions = torch.backends.cudnn.allow_tf32
-    except RuntimeError:
-        return 2.0 ** -10
-    if precision == "medium":
-        return torch.finfo(torch.bfloat16).eps
-    return 2.0 ** -10 if precision == "high" or tf32_convolutions else torch.finfo(torch.float32).eps
-
-
-def _same_function(model: nn.Module, net: nn.Module, fmt: torch.memory_format, probe: torch.Tensor) -> bool:
-    """Whether the fast copy ``net`` gives the model's logits on ``probe`` up to rounding.
-
-    Tolerance: ``4 sqrt(eps)`` of the largest logit, ``eps`` that of the arithmetic used
-    (:func:`_working_eps`): 1.4e-3 in float32, 6e-8 in float64, 0.125 with CUDA's TF32.
-    Folding BatchNorm and NHWC convolutions only reorder arithmetic; the rounding that moves
-    grows with depth and was 2e-7 to 1.3e-6 of the logit scale in float32 on CPU on the CIFAR
-    MobileNetV2, ResNet-56, WRN-16-2, ResNet-50 and ImageNet MobileNetV2 (random BatchNorm
-    statistics), 1000x below the tolerance (the TF32 margin, scaled by eps, is ~15x; not
-    measured on a GPU), while a copy that computes another function moved the logits by
-    0.7-1.2 of their scale on the cases that motivated the check. Relative to the logit scale
-    so that the check does not depend on how large a network's logits are."""
-    try:
-        with torch.no_grad(), _eval_without_param_grads(model):
-            ref = model(probe)
-            got = net(probe.contiguous(memory_format=fmt))
-        if not (isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.shape == got.shape):
-            return False  # the model itself runs, and reports what is wrong with its output
-        eps = _working_eps(ref)
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
-        diff = float((ref - got).abs().max()) if ref.numel() else 0.0
+        gap = logit_gap(model, net, probe)
     except Exception:  # noqa: BLE001 - the model itself then runs and raises what it raises
         return False
-    if diff <= 4 * eps ** 0.5 * scale:
+    if gap is None:
+        return False
+    diff, scale, tolerance = gap
+    if diff <= tolerance:
         return True
     if model not in _noted:
         _noted.add(model)

@@ -27,6 +27,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .preprocess import eval_mode
+
 
 def fold_batchnorm(net: nn.Module, probe: torch.Tensor) -> int:
     """Fold every eval-mode BatchNorm2d whose input is the output of a Conv2d that nothing
@@ -91,38 +93,57 @@ def _hooked(m: nn.Module) -> bool:
 def inference_copy(model: nn.Module, probe: torch.Tensor) -> nn.Module:
     """An eval-mode copy of ``model`` with its BatchNorm folded (:func:`fold_batchnorm`),
     for inference only; ``model`` itself (left as it was) where it cannot be copied, nothing
-    folds, or the copy computes another function (:func:`_same_logits` on ``probe``, a few
+    folds, or the copy computes another function (:func:`logit_gap` on ``probe``, a few
     inputs of what the model takes)."""
     try:
         net = copy.deepcopy(model).eval()
         with torch.enable_grad():  # the autograd graph shows each convolution's other consumers
             if not fold_batchnorm(net, probe):
                 return model
-        if _same_logits(model, net, probe):
+        gap = logit_gap(model, net, probe)
+        if gap is not None and gap[0] <= gap[2]:
             return net
     except Exception:  # noqa: BLE001 - a module that cannot be copied or probed: the model itself is correct
         pass
     return model
 
 
-def _same_logits(model: nn.Module, net: nn.Module, probe: torch.Tensor) -> bool:
-    """Whether the folded ``net`` gives ``model``'s logits on ``probe`` within ``4 sqrt(eps)``
-    of the largest logit, ``eps`` that of the weights' dtype: folding only rounds the fused
-    weights (2e-7 to 1.3e-6 of the logit scale on five families), while a network that uses
-    a convolution's output beyond its BatchNorm in a way the graph does not show (a mask,
-    say) moves them by 0.07-1. Both run on copies in float64 without autocast, so that the
-    check sees the function and not the arithmetic it would run at: under CUDA's TF32 or an
-    autocast the tolerance of that arithmetic (0.125, 0.35 of the scale) let such a network
-    through, and its reported accuracy was another network's."""
+def logit_gap(model: nn.Module, net: nn.Module, probe: torch.Tensor) -> tuple[float, float, float] | None:
+    """How far ``net`` (a fast copy of ``model``: BatchNorm folded, activations changed)
+    computes another function on ``probe``: ``(largest logit difference, largest logit,
+    tolerance)``, or None where either output is not a tensor of one shape (the model itself
+    then runs and reports what is wrong with its output).
+
+    Tolerance: ``4 sqrt(eps)`` of the largest logit, ``eps`` that of the weights' dtype
+    (1.4e-3 for float32): a fold only rounds the fused weights (2e-7 to 1.3e-6 of the logit
+    scale on five families), while a copy that computes another function (a convolution's
+    output used beyond its BatchNorm where the autograd graph does not show it, as a mask;
+    an in-place activation whose result only aliasing applies) moved the logits by 0.07-1.2
+    of their scale. Both run first as they are; where they differ by more, they run again on
+    copies in float64 without autocast, which decides: in a coarser arithmetic (CUDA's TF32,
+    an autocast) a right fold can differ by more, and a tolerance of that arithmetic's
+    (0.125 of the scale under TF32, 0.35 under a bfloat16 autocast) let wrong copies through."""
     eps = max((torch.finfo(p.dtype).eps for p in net.parameters() if p.is_floating_point()),
               default=torch.finfo(torch.float32).eps)
-    x = probe.double()
-    with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
-        ref = copy.deepcopy(model).eval().double()(x)
-        got = copy.deepcopy(net).double()(x)
-    if not (isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.shape == got.shape):
-        return False  # the model itself runs, and reports what is wrong with its output
-    return float((ref - got).abs().max()) <= 4 * eps ** 0.5 * float(ref.abs().max())
+
+    def gap(ref, got):
+        if not (isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.shape == got.shape):
+            return None
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        diff = float((ref - got).abs().max()) if ref.numel() else 0.0
+        return diff, scale, 4 * eps ** 0.5 * scale
+
+    x = probe.detach()
+    with torch.no_grad(), eval_mode(model), eval_mode(net):
+        found = gap(model(x), net(x))
+    if found is None or found[0] <= found[2]:
+        return found
+
+    def in_float64(m: nn.Module):
+        m64 = copy.deepcopy(m).eval().double()
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            return m64(x.double())
+    return gap(in_float64(model), in_float64(net))
 
 
-__all__ = ["fold_batchnorm", "inference_copy"]
+__all__ = ["fold_batchnorm", "inference_copy", "logit_gap"]

@@ -28,10 +28,11 @@ from .evaluate import classification_metrics, predict
 from .evaluate.classmap import model_classes, read_class_map, remap
 from .evaluate.metrics import not_logits
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
+from .models.fold import for_inference
 from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .models import (bare, build_model, built_spec, copy_matching, count_parameters, eval_mode, holds_own_weights,
-                     inference_copy, load_model, read_metadata, preprocessing_of, recorded_spec, to_device,
-                     weights_fingerprint, with_preprocessing)
+                     load_model, read_metadata, preprocessing_of, recorded_spec, weights_fingerprint,
+                     with_preprocessing)
 from .precompute import maps_record, precompute as _precompute
 from .progress import log
 from .runtime import keeps_threads, resolve_device, set_threads
@@ -591,7 +592,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         keep, protocol = _teacher_correct(str(teacher_correct), teacher_correct_model, dataset, cmap, images,
                                           cfg.batch_size, dev, cfg.teacher_correct_normalize)
         images, labels, index = images[keep], labels[keep], index[keep]
-    net = _for_inference(net, images, dev)
+    net = for_inference(net, images, dev)  # loaded here to infer only: BatchNorm folded
     logits = predict(net, images, cfg.batch_size, dev)
     result = {"weights": str(weights), "model": meta["model"], "data": dataset.spec, "split": "test",
               "preprocessing": meta["preprocessing"], "params": params,
@@ -608,13 +609,6 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     if cfg.teacher:
         result.update(teacher=cfg.teacher, teacher_params=tparams, compression=tparams / result["params"])
     return result
-
-
-def _for_inference(net: nn.Module, images, dev: torch.device) -> nn.Module:
-    """``net``, loaded here to infer only, on ``dev`` with its BatchNorm folded where that
-    gives its logits on the first images (:func:`igkd.models.fold.inference_copy`)."""
-    net = to_device(net, dev)
-    return inference_copy(net, images[:4].to(dev).float().div_(255)) if len(images) else net
 
 
 def _teacher_correct(path: str, spec: str, dataset: Dataset, cmap, images: torch.Tensor, batch_size: int,
@@ -643,7 +637,7 @@ def _teacher_correct(path: str, spec: str, dataset: Dataset, cmap, images: torch
     net, tmeta = load_model(path, spec or None, len(tclasses), dataset.channels, preprocessing_for(normalize, dataset),
                             flag="--teacher-correct-model", image_size=dataset.image_size)
     warn_unknown_preprocessing(path, normalize, "--teacher-correct-normalize")
-    right = predict(_for_inference(net, images, dev), images, batch_size, dev).argmax(1) == labels
+    right = predict(for_inference(net, images, dev), images, batch_size, dev).argmax(1) == labels
     keep = torch.nonzero(right).reshape(-1)
     if not len(keep):
         raise UserError(f"the --teacher-correct teacher {path} classifies none of the {len(labels)} test images "

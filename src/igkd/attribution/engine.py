@@ -147,8 +147,8 @@ def _fast_copy(model: nn.Module, inputs: torch.Tensor) -> tuple[nn.Module, torch
 
 def _same_function(model: nn.Module, net: nn.Module, probe: torch.Tensor) -> bool:
     """Whether the fast copy ``net`` gives the model's logits on ``probe`` up to rounding
-    (:func:`igkd.models.fold.logit_gap`: in float64, so TF32 and autocast play no part);
-    says once per model where it does not."""
+    (:func:`igkd.models.fold.logit_gap`: as they run, and in float64 where that differs, so
+    that TF32 and autocast decide nothing); says once per model where it does not."""
     try:
         gap = logit_gap(model, net, probe)
     except Exception:  # noqa: BLE001 - the model itself then runs and raises what it raises

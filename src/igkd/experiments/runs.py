@@ -307,7 +307,8 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
         return [None] * len(jobs)
     from ..data import RowView, load_dataset
     from ..evaluate.corruptions import evaluate_corruptions, evenly_spaced
-    from ..models import inference_copy, load_model
+    from ..models import load_model
+    from ..models.fold import for_inference
     from ..runtime import resolve_device
     rows, datasets = [], {}
     for i, job in enumerate(jobs, 1):
@@ -331,7 +332,7 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
         device = resolve_device(job.cfg.device)
         pick = evenly_spaced(len(dataset.test.labels), images)  # as igkd evaluate --corruption-images picks them
         scored = RowView(dataset.test.images, pick)
-        net = inference_copy(net.to(device), scored[:4].to(device).float().div_(255))  # loaded here to infer only
+        net = for_inference(net, scored, device)  # loaded here to infer only: BatchNorm folded
         r = evaluate_corruptions(net, scored, dataset.test.labels[pick], pick, names,
                                  seed, job.cfg.eval_batch_size, device)
         r["test_images"] = len(dataset.test.labels)  # whether the scored images are a subset of them

@@ -108,6 +108,15 @@ def inference_copy(model: nn.Module, probe: torch.Tensor) -> nn.Module:
     return model
 
 
+def for_inference(net: nn.Module, images, device) -> nn.Module:
+    """``net``, loaded only to infer on uint8 ``images`` (N x C x H x W, a tensor or a row
+    view), on ``device`` and folded by :func:`inference_copy` with its first 4 images as the
+    probe."""
+    from .user import to_device
+    net = to_device(net, device)
+    return inference_copy(net, images[:4].to(device).float().div_(255)) if len(images) else net
+
+
 def logit_gap(model: nn.Module, net: nn.Module, probe: torch.Tensor) -> tuple[float, float, float] | None:
     """How far ``net`` (a fast copy of ``model``: BatchNorm folded, activations changed)
     computes another function on ``probe``: ``(largest logit difference, largest logit,
@@ -146,4 +155,4 @@ def logit_gap(model: nn.Module, net: nn.Module, probe: torch.Tensor) -> tuple[fl
     return gap(in_float64(model), in_float64(net))
 
 
-__all__ = ["fold_batchnorm", "inference_copy", "logit_gap"]
+__all__ = ["fold_batchnorm", "for_inference", "inference_copy", "logit_gap"]

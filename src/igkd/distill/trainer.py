@@ -648,8 +648,15 @@ class Trainer:
         params = count_parameters(bare(self.model))
         procs = f" x {self.world} processes = {self.batch * self.world}" if self.world > 1 else ""
         words = [w for w in (part.describe(state) for part, state in self.parts) if w]
+        side = min(self.dataset.image_size)
+        if cfg.augment == "pad-crop" and cfg.crop_padding and side >= 128:
+            # the default was made for CIFAR: a 4-pixel shift of a 224-pixel image barely augments it,
+            # and ImageNet-style training (torchvision's and timm's references) crops a random box
+            log(f"igkd: note: --augment pad-crop shifts the {side}-pixel images by at most {cfg.crop_padding} "
+                "pixels (made for CIFAR-sized images); --augment random-resized-crop, as --config "
+                "imagefolder224 sets, is the usual choice at this size", self.quiet)
         log(f"training {cfg.model} ({params:,} params) with method {self.method.name} on {self.dataset.spec}: "
-            f"{len(self.train_idx)} train / {len(self.val_idx)} val images, {cfg.epochs} epochs, "
+            f"{len(self.train_idx)} train / {len(self.val_idx)} val images, {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'}, "
             f"batch {self.batch}{procs}, {cfg.optimizer} lr {self.lr:g}, device {self.device}"
             + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else "")
             + "".join(f", {w}" for w in words)

@@ -270,14 +270,15 @@ def test_export_int8_demo_teacher(tmp_path, demo):
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["int8"] is True and sidecar["parity"]["max_abs_diff"] == q["max_abs_diff"]  # the file's own
     assert sidecar["parity_fp32"]["max_abs_diff"] <= 1e-3  # the fp32 graph's, which gated the export
-    # the accuracy gate: on these 500 images int8 loses 0.8 points, so a gate of half that
-    # refuses the model and writes nothing (a wrecked quantisation was written as a success)
+    # the accuracy gate: on these 500 images int8 loses some points (0.8 on a Xeon, 0.4 on an AMD
+    # EPYC: onnxruntime's int8 kernels differ by processor), so a gate of half the loss refuses the
+    # model and writes nothing (a wrecked quantisation was written as a success)
     assert q["accuracy_change"] < 0 and q["max_int8_drop"] == 1.0
-    refused = tmp_path / "refused.onnx"
-    with pytest.raises(UserError, match=r"int8 check failed: test accuracy .* points lower, allowed 0\.4.*"
+    refused, gate = tmp_path / "refused.onnx", -q["accuracy_change"] / 2
+    with pytest.raises(UserError, match=rf"int8 check failed: test accuracy .* points lower, allowed {gate:g}.*"
                                         r"nothing written"):
         igkd.export_model(DEMO_TEACHER, refused, "onnx", int8=True, images=500, calibration_images=128,
-                          min_time=0.05, max_int8_drop=-q["accuracy_change"] / 2, quiet=True)
+                          min_time=0.05, max_int8_drop=gate, quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher-int8.onnx", "teacher-int8.onnx.json"]
 
 

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import zlib
 from pathlib import Path
 
@@ -80,7 +81,18 @@ def test_metadata_export_and_bench_read_is_checked(tmp_path, meta, words):
 
 
 # ---------------------------------------------------------------- nesting past the recursion limit
-def test_files_nested_thousands_deep_are_one_line_not_a_recursion_error(tmp_path):
+@pytest.fixture
+def default_recursion_limit():
+    """Python's default limit for the test: torch.compile (inductor) raises it to 2000 for the rest
+    of the process, and an earlier test that compiled then let PyYAML compose 700 levels (no error
+    to turn into a line; the file is then refused as the wrong kind of document, also one line)."""
+    was = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(was)
+
+
+def test_files_nested_thousands_deep_are_one_line_not_a_recursion_error(tmp_path, default_recursion_limit):
     """json and PyYAML parse nested lists recursively: a small file of brackets raised
     RecursionError (a traceback) from a checkpoint's metadata, a recipe or class map, a store's
     manifest, and the decoded-image cache's header."""

@@ -135,6 +135,10 @@ def test_ablation_killed_then_restarted_retrains_only_unfinished_runs(tmp_path, 
     # same budget, seed and splits for every method
     configs = [yaml.safe_load((out / run["run"] / "config.yaml").read_text()) for run in result["runs"]]
     assert {(c["seed"], c["epochs"], c["subset"], c["val_fraction"]) for c in configs} == {(0, 2, 0.1, 0.1)}
+    # --augment auto, resolved for 28-pixel images in the run and in its key alike (as runs from
+    # before auto recorded it, so that they are found)
+    records = [json.loads((out / run["run"] / "run.json").read_text()) for run in result["runs"]]
+    assert {c["augment"] for c in configs} == {r["config"]["augment"] for r in records} == {"pad-crop"}
     assert len({run["train_images"] for run in result["runs"]}) == 1
     # a third invocation (in this process) trains nothing
     code, stdout, _ = igkd_main(capsys, "experiment", "ablation", "--config", cfg, "--out", out, "--quiet")
@@ -522,7 +526,8 @@ def test_run_key_ignores_speed_fields_and_fields_the_method_does_not_use():
 
 def test_a_spec_in_another_option_order_is_the_same_run(tmp_path):
     # --model mobilenetv2:width=0.5,drop=5 and mobilenetv2:drop=5,width=0.5 trained twice
-    base = ExperimentConfig(**TINY)
+    # (an augmentation given: --augment auto would load these made-up data specs to resolve it)
+    base = ExperimentConfig(**{**TINY, "augment": "pad-crop"})
     a = distill_config(base, method="kd", model="mobilenetv2:width=0.5,drop=14", data="demo:size=12,gray=0")
     b = distill_config(base, method="kd", model="mobilenetv2:drop=14,width=0.5", data="demo:gray=0,size=12")
     assert run_key(a) == run_key(b) and semantic_config(a)["model"] == "mobilenetv2:drop=14,width=0.5"

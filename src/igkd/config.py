@@ -56,10 +56,12 @@ class TrainConfig(_Validated):
                         choices=["cosine", "constant"])
     warmup_epochs: float = opt(1.0, "linear warm-up from 0 to lr", low=0.0, high=1000.0, unit="epochs")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy term", low=0.0, high=0.5)
-    augment: str = opt("pad-crop", "geometric augmentation: pad-crop (zero padding by --crop-padding and a random "
-                       "crop back, for CIFAR-sized images) or random-resized-crop (a random box of --rrc-scale-min/max area share "
-                       "and --rrc-ratio-min/max aspect, resized back to the image size, for 224-pixel-class images); maps "
-                       "compared by a loss take the same crop", choices=["pad-crop", "random-resized-crop"])
+    augment: str = opt("auto", "geometric augmentation: pad-crop (zero padding by --crop-padding and a random "
+                       "crop back, for CIFAR-sized images), random-resized-crop (a random box of --rrc-scale-min/max area "
+                       "share and --rrc-ratio-min/max aspect, resized back to the image size, for 224-pixel-class images) "
+                       "or auto (pad-crop below 128 pixels on the shorter side, random-resized-crop from 128 up; the run "
+                       "records which); maps compared by a loss take the same crop",
+                       choices=["auto", "pad-crop", "random-resized-crop"])
     crop_padding: int = opt(4, "random crop after zero padding by this many pixels (0 = off)", low=0, high=64,
                             unit="pixels")
     rrc_scale_min: float = opt(0.08, "random-resized-crop: smallest area share of the box", low=0.0, high=1.0,

@@ -203,7 +203,7 @@ def relative_l1(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def estimate_error(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, device: torch.device,
-                   images: int | None = None, reference_steps: int | None = None) -> dict | None:
+                   images: int | None = None, reference_steps: int | None = None, quiet: bool = True) -> dict | None:
     """Map error of ``cfg``'s attribution against IG (``attribution.registry.REFERENCE``)
     with ``reference_steps`` Gauss-Legendre steps (same baseline), on ``images`` evenly
     spaced training images: what choosing these settings costs in accuracy, known before
@@ -213,7 +213,9 @@ def estimate_error(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, 
     x')), and their raw L1 distance moved with the IG baseline that saliency never reads:
     both maps are then scaled to sum 1 per image first, and the figure is their distance
     as shares of the map (0 to 2), marked ``"scaled": "sum 1"``. Each image's maps are
-    computed with its own index, as the store's are (smoothgrad's noise follows it)."""
+    computed with its own index, as the store's are (smoothgrad's noise follows it).
+    ``quiet=False`` shows progress by image where the check takes more than a few seconds
+    (8 images of a ResNet-50 at 224 pixels: minutes on a CPU)."""
     k = min(cfg.check_images if images is None else images, len(dataset.train))
     steps = reference_steps or cfg.check_steps
     if k <= 0:
@@ -223,9 +225,15 @@ def estimate_error(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, 
     x = train.images[idx].to(device).float().div_(255)
     y = train.labels[idx].to(device)
     ref_cfg = replace(cfg, attribution=registry.REFERENCE, ig_method="gausslegendre")  # cfg may be a DistillConfig
-    ref = attribution_map(attributions(teacher, x, y, ref_cfg, n_steps=steps)[0])
-    ours = torch.cat([attribution_map(attributions(teacher, x[j:j + 1], y[j:j + 1], cfg,
-                                                   first_index=int(idx[j]))[0]) for j in range(k)])
+    refs, ours = [], []
+    with Progress(k, f"precompute: checking the maps against a {steps}-step IG reference", "img", quiet=quiet,
+                  delay=5.0) as bar:
+        for j in range(k):  # image by image, for the progress; the attributions batch the steps
+            refs.append(attribution_map(attributions(teacher, x[j:j + 1], y[j:j + 1], ref_cfg, n_steps=steps)[0]))
+            ours.append(attribution_map(attributions(teacher, x[j:j + 1], y[j:j + 1], cfg,
+                                                     first_index=int(idx[j]))[0]))
+            bar.update(1)
+    ref, ours = torch.cat(refs), torch.cat(ours)
     ours = as_read_back(ours, cfg)
     scaled = cfg.attribution != registry.REFERENCE
     if scaled:
@@ -336,7 +344,7 @@ def _precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, pat
         check = {"check_images": cfg.check_images, "check_steps": cfg.check_steps}
         estimate = writer.saved_estimate(check)
         if estimate is None and (pending or chunks is None):
-            estimate = estimate_error(teacher, dataset, cfg, device)
+            estimate = estimate_error(teacher, dataset, cfg, device, quiet=quiet)
             writer.save_estimate(check, estimate)
         if pending:
             if estimate is not None:

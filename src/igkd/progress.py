@@ -26,11 +26,15 @@ class Progress:
     """``with Progress(total, "precompute", "img") as p: p.update(n)``.
 
     On a terminal the line is redrawn in place; otherwise a line is printed about every
-    10% (and at the end), so logs stay short.
+    10% (and at the end), so logs stay short. ``delay``: print nothing before this many
+    seconds have passed, and nothing at all for work done sooner (a step that is instant on
+    small data and minutes on large data is silent where it does not keep anyone waiting).
     """
 
-    def __init__(self, total: int, desc: str, unit: str = "it", quiet: bool = False, stream=None):
-        self.total, self.desc, self.unit = total, desc, unit
+    def __init__(self, total: int, desc: str, unit: str = "it", quiet: bool = False, stream=None,
+                 delay: float = 0.0):
+        self.total, self.desc, self.unit, self.delay = total, desc, unit, delay
+        self.shown = False
         self.stream = stream or sys.stderr
         self.quiet = quiet or not is_rank0()
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -44,7 +48,7 @@ class Progress:
         return self
 
     def __exit__(self, *exc):
-        if not self.quiet and exc[0] is None:
+        if not self.quiet and exc[0] is None and (self.shown or not self.delay):
             self._print(final=True)
 
     def update(self, n: int = 1, extra: str = "") -> None:
@@ -53,6 +57,8 @@ class Progress:
         if self.quiet:
             return
         now = time.perf_counter()
+        if now - self.start < self.delay:
+            return
         decile = int(10 * self.done / max(1, self.total))
         if (self.tty and now - self.last_print > 0.5) or (not self.tty and decile > self.last_decile):
             self.last_print, self.last_decile = now, decile
@@ -63,6 +69,7 @@ class Progress:
         return self.done / max(1e-9, time.perf_counter() - self.start)
 
     def _print(self, final: bool = False) -> None:
+        self.shown = True
         elapsed = time.perf_counter() - self.start
         rate = self.rate
         eta = (self.total - self.done) / rate if rate > 0 else 0.0

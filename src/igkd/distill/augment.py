@@ -63,6 +63,21 @@ def ig_overlay(x: torch.Tensor, maps: torch.Tensor, p: float, generator: torch.G
     return torch.where(pick[:, None, None, None], (1 - blend) * x + blend * m[:, None], x)
 
 
+# ``--augment auto`` takes random resized crops from this shorter side up
+LARGE_SIDE = 128
+
+
+def resolve_augment(augment: str, image_size: tuple[int, ...]) -> str:
+    """The geometric augmentation ``augment`` names for images of ``image_size`` (H, W):
+    ``auto`` is ``pad-crop`` below 128 pixels on the shorter side (CIFAR, Fashion-MNIST, Tiny
+    ImageNet's 64, STL-10's 96: a shift of a few pixels moves the object by a real share of the
+    image) and ``random-resized-crop`` from 128 up (ImageNet-class images, which torchvision's and
+    timm's recipes train on random boxes: 4 pixels of 224 barely change the image)."""
+    if augment != "auto":
+        return augment
+    return "random-resized-crop" if min(image_size) >= LARGE_SIDE else "pad-crop"
+
+
 def crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator,
               shard: tuple[int, int] | None = None) -> torch.Tensor:
     """Random crop of the zero-padded batch back to H x W, and random horizontal flip."""

@@ -46,6 +46,7 @@ import json
 import os
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ from ..modelcard import model_card
 from ..models import bare, count_parameters, load_weights, preprocessing_of, save_checkpoint, to_device
 from ..progress import Progress, fmt_seconds, log
 from .attention import FeatureHook, StopForward
-from .augment import crop_flip, resized_crop_flip
+from .augment import crop_flip, resized_crop_flip, resolve_augment
 from .parallel import Dist, rank_seed, sync_batchnorm
 from .parts import PLAIN, Batch, Step, parse_method
 from .stream import Prefetcher, Rows
@@ -185,6 +186,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, dataset: Dataset, out_dir: str | Path,
                  device: torch.device, teacher: nn.Module | None = None, store=None, meta: dict | None = None,
                  quiet: bool = False, dist: Dist | None = None):
+        if getattr(cfg, "augment", None) == "auto":  # resolved here, so config.yaml and a resume see the choice
+            cfg = replace(cfg, augment=resolve_augment(cfg.augment, dataset.image_size))
         self.cfg, self.dataset, self.device, self.quiet = cfg, dataset, device, quiet
         if dist is None:
             refuse_world()
@@ -335,6 +338,12 @@ class Trainer:
             if self.logits is not None:
                 self.logits.ready(idx, got["logits"])
             yield got["images"], got["labels"]
+
+    def _augment_words(self) -> str:
+        cfg = self.cfg
+        crop = "random resized crops" if cfg.augment == "random-resized-crop" else \
+            f"pad-crop {cfg.crop_padding}" if cfg.crop_padding else "no crop"
+        return crop + (" + flip" if cfg.flip else "")
 
     def _crop_flip(self, x: torch.Tensor, gen: torch.Generator, shard) -> torch.Tensor:
         cfg = self.cfg
@@ -648,16 +657,9 @@ class Trainer:
         params = count_parameters(bare(self.model))
         procs = f" x {self.world} processes = {self.batch * self.world}" if self.world > 1 else ""
         words = [w for w in (part.describe(state) for part, state in self.parts) if w]
-        side = min(self.dataset.image_size)
-        if cfg.augment == "pad-crop" and cfg.crop_padding and side >= 128:
-            # the default was made for CIFAR: a 4-pixel shift of a 224-pixel image barely augments it,
-            # and ImageNet-style training (torchvision's and timm's references) crops a random box
-            log(f"igkd: note: --augment pad-crop shifts the {side}-pixel images by at most {cfg.crop_padding} "
-                "pixels (made for CIFAR-sized images); --augment random-resized-crop, as --config "
-                "imagefolder224 sets, is the usual choice at this size", self.quiet)
         log(f"training {cfg.model} ({params:,} params) with method {self.method.name} on {self.dataset.spec}: "
             f"{len(self.train_idx)} train / {len(self.val_idx)} val images, {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'}, "
-            f"batch {self.batch}{procs}, {cfg.optimizer} lr {self.lr:g}, device {self.device}"
+            f"batch {self.batch}{procs}, {cfg.optimizer} lr {self.lr:g}, {self._augment_words()}, device {self.device}"
             + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else "")
             + "".join(f", {w}" for w in words)
             + (f"; streaming batches ({self.stream_reason})" if self.streaming else ""), self.quiet)

@@ -18,7 +18,7 @@ from ..fileio import write_json, write_text
 from ..progress import log
 from ..runtime import set_threads
 from .config import ExperimentConfig, check, corruption_names, split_list
-from .runs import data_sha256, file_sha256, prepare_out, teacher_file
+from .runs import data_sha256, file_sha256, know_image_size, prepare_out, teacher_file
 
 
 def methods_of(cfg: ExperimentConfig) -> list[str]:
@@ -49,6 +49,7 @@ def start(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str],
     # before the folder is marked, not at its first run
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
     dataset.require_train(f"igkd experiment {kind} trains on the train split")
+    know_image_size(cfg.data, dataset)  # the runs' keys resolve --augment auto by it
     if getattr(cfg, "corruptions", ""):  # a corruption these images cannot take, before any run trains
         check_images(corruption_names(cfg), (dataset.channels, *dataset.image_size))
     out = prepare_out(out, kind)

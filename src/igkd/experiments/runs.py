@@ -29,6 +29,7 @@ from .. import api
 from ..attribution import registry as attribution_registry
 from ..config import DistillConfig, PrecomputeConfig, to_dict
 from ..distill.parts import config_fields as part_config_fields, parse_method
+from ..distill.augment import resolve_augment
 from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
 from ..fileio import native_path, new_folder, write_json
@@ -76,6 +77,11 @@ def semantic_config(cfg: DistillConfig) -> dict:
     method = parse_method(cfg.method)
     d = to_dict(cfg)
     d["method"] = method.name
+    if d.get("augment") == "auto" and cfg.data in _image_sizes:
+        # as the run will resolve and record it: runs made before auto existed recorded pad-crop.
+        # The size is the one start() saw; a key asked for before any data was loaded keeps auto
+        # rather than load the data for it (a config checked without its data at hand)
+        d["augment"] = resolve_augment("auto", _image_sizes[cfg.data])
     drop = set(NON_SEMANTIC)
     drop.update(name for name in part_config_fields() if name not in method.fields)  # other parts' options
     if not method.needs_logits:
@@ -202,6 +208,15 @@ def prepare_out(out: str | Path, kind: str) -> Path:
             kinds.append(kind)
         write_json(out / MARKER, marker)
     return out
+
+
+_image_sizes: dict[str, tuple[int, int]] = {}  # data spec -> image size, as start() loaded it
+
+
+def know_image_size(spec: str, dataset) -> None:
+    """Record the image size of the data ``spec`` names (``dataset``: it, loaded), by which run
+    keys resolve ``--augment auto`` (:func:`semantic_config`)."""
+    _image_sizes[spec] = tuple(dataset.image_size)
 
 
 def data_sha256(data) -> dict:

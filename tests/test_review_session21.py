@@ -66,3 +66,67 @@ def test_a_delayed_progress_is_silent_for_quick_work_and_a_plain_one_is_not():
             for _ in range(3):
                 bar.update(1)
         assert ("check: 3/3 img (100%)" in out.getvalue()) == shown, out.getvalue()
+
+
+# ---------------------------------------------------------------- py: factories with their own argument names
+FACTORIES = '''
+import torch.nn as nn
+
+def head(c_in, n, width=4):
+    return nn.Sequential(nn.Conv2d(c_in, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, n))
+
+def plain(num_classes=10):                  # the most common: no channels argument
+    return head(3, num_classes)
+
+class Net(nn.Module):                       # a class, its own name for the classes
+    def __init__(self, n_classes):
+        super().__init__()
+        self.body = head(3, n_classes)
+    def forward(self, x):
+        return self.body(x)
+
+def timm_style(num_classes=1000, in_chans=3):
+    return head(in_chans, num_classes)
+
+def forwarding(**kwargs):                   # torchvision's builders pass their keywords on
+    return head(kwargs.pop("in_channels", 3), kwargs.pop("num_classes"), **kwargs)
+
+def wide(num_classes, channels=6):          # 'channels' is a width here, not the input's
+    return head(3, num_classes, width=channels)
+
+def no_classes(width=4):
+    return head(3, 10, width)
+'''
+
+
+@pytest.fixture(scope="module")
+def factories(tmp_path_factory):
+    path = tmp_path_factory.mktemp("factories") / "user_nets.py"
+    path.write_text(FACTORIES)
+    return path
+
+
+@pytest.mark.parametrize("name,channels,first,last", [
+    ("plain", 3, 3, 5), ("Net", 3, 3, 5), ("timm_style", 1, 1, 5), ("forwarding", 3, 3, 5), ("forwarding", 1, 1, 5),
+    ("wide", 3, 3, 5)])
+def test_a_factory_gets_the_size_arguments_by_its_own_names(factories, name, channels, first, last):
+    from igkd.models import build_model
+    net = build_model(f"py:{factories}:{name}", 5, channels)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert (convs[0].in_channels, linears[-1].out_features) == (first, last)
+    if name == "wide":
+        assert convs[0].out_channels == 6  # its width, untouched
+
+
+@pytest.mark.parametrize("name,channels,words", [
+    ("plain", 1, "plain takes no argument for the image channels .* these have 1 channel"),
+    ("no_classes", 3, "no_classes takes no argument for the number of classes .* it takes width"),
+    ("plain", 3, "cannot be called with num_classes, depth")])
+def test_a_factory_that_cannot_take_the_data_is_one_line(factories, name, channels, words):
+    from igkd.errors import UserError
+    from igkd.models import build_model
+    spec = f"py:{factories}:{name}" + (",depth=3" if "depth" in words else "")
+    with pytest.raises(UserError, match=words) as e:
+        build_model(spec, 5, channels)
+    assert "\n" not in str(e.value)

@@ -2,7 +2,9 @@
 
 ``py:`` imports ``MODULE`` (a module name, found on ``sys.path`` or in the current
 directory, or a ``.py`` file path) and calls ``CALLABLE(num_classes=..., in_channels=...,
-**options)``; option values are read as int, float, true/false, or else kept as text.
+**options)``, the two size arguments by the names its signature gives them (``n_classes``,
+timm's ``in_chans``, ...: :func:`_size_arguments`); option values are read as int, float,
+true/false, or else kept as text.
 The spec string is recorded in the checkpoint's metadata, but never run from there: a
 weights file naming ``py:`` (or ``torchscript:``) would run code the user never chose
 (``py:torch.hub:load,...`` fetches and runs a repository), so ``evaluate``, ``export`` and
@@ -84,6 +86,40 @@ def _import_file(path: Path):
     return mod
 
 
+# the names factories give their size arguments: igkd's and torchvision's first, timm's in_chans
+CLASS_NAMES = ("num_classes", "n_classes", "nclasses", "num_class")
+# ("channels" and "num_channels" are left out: as often a width as the input's channels)
+CHANNEL_NAMES = ("in_channels", "in_chans", "in_ch", "input_channels")
+
+
+def _size_arguments(params, num_classes: int, in_channels: int, who: str) -> dict:
+    """The keyword arguments that tell a factory the class count and the image channels, by
+    the names its signature has: ``make(num_classes=10)``, ``Net(n_classes)`` and timm-style
+    ``in_chans`` are all common. A factory taking ``**kwargs`` (torchvision's builders) gets
+    ``num_classes``, and ``in_channels`` only for images other than RGB: its keywords go on to a
+    class that may take no channels. One without a channels argument builds for RGB: other images
+    are refused here, as the network's first convolution would refuse them later with a shape
+    error."""
+    if params is None:
+        return {"num_classes": num_classes, "in_channels": in_channels}
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    out = {}
+    classes = next((n for n in CLASS_NAMES if n in named), "num_classes" if var_kw else None)
+    if classes is None:
+        raise UserError(f"{who} takes no argument for the number of classes (any of {', '.join(CLASS_NAMES)}; it "
+                        f"takes {', '.join(named) or 'none'}); add num_classes=, which igkd sets from the data")
+    out[classes] = num_classes
+    channels = next((n for n in CHANNEL_NAMES if n in named), None)
+    if channels is not None or (var_kw and in_channels != 3):
+        out[channels or "in_channels"] = in_channels
+    elif in_channels != 3:
+        raise UserError(f"{who} takes no argument for the image channels (any of {', '.join(CHANNEL_NAMES)}), so it "
+                        f"builds a network for RGB images, and these have {in_channels} channel(s); add "
+                        "in_channels=, which igkd sets from the data")
+    return out
+
+
 def _build_py(spec: Spec, num_classes: int, in_channels: int) -> nn.Module:
     module, _, name = (spec.arg or "").rpartition(":")
     if not module or not name:
@@ -92,15 +128,20 @@ def _build_py(spec: Spec, num_classes: int, in_channels: int) -> nn.Module:
     if not callable(factory):
         raise UserError(f"module '{module}' has no callable '{name}' (model spec '{spec}'); name the function or "
                         "class that builds your network")
-    kwargs = {"num_classes": num_classes, "in_channels": in_channels,
-              **{k: _value(v) for k, v in spec.options.items()}}
+    options = {k: _value(v) for k, v in spec.options.items()}
     try:
-        inspect.signature(factory).bind(**kwargs)
-    except TypeError as e:
-        raise UserError(f"{module}:{name} cannot be called with {', '.join(kwargs)} ({e}); igkd passes num_classes, "
-                        "in_channels and the spec's options as keyword arguments") from None
-    except ValueError:  # no signature (a builtin): just call it
-        pass
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature (a builtin): igkd's own names
+        params = None
+    kwargs = {**_size_arguments(params, num_classes, in_channels, f"{module}:{name}"), **options}
+    if params is not None:
+        try:
+            inspect.signature(factory).bind(**kwargs)
+        except TypeError as e:
+            raise UserError(f"{module}:{name} cannot be called with {', '.join(kwargs)} ({e}); igkd passes the "
+                            f"number of classes (as {'/'.join(CLASS_NAMES)}), the image channels where it takes "
+                            f"them (as {'/'.join(CHANNEL_NAMES)}) and the spec's options as keyword arguments") \
+                from None
     net = factory(**kwargs)
     if not isinstance(net, nn.Module):
         raise UserError(f"{module}:{name} returned {type(net).__name__}, not a torch.nn.Module; make it return "

@@ -178,15 +178,16 @@ def _rebuilds(spec: str, net: nn.Module, num_classes: int, in_channels: int, ima
         return False
 
 
-def check_outputs(net: nn.Module, dataset: Dataset, what: str) -> None:
-    """One training image through ``net`` (eval mode, no gradients): it must give a float
+def check_outputs(net: nn.Module, dataset: Dataset, what: str, split: str = "train") -> None:
+    """One image of ``split`` through ``net`` (eval mode, no gradients): it must give a float
     logits tensor of shape (1, classes). A user's network returning a tuple or a dict, the
     wrong number of classes or channels, or failing, is one line naming it here, not a
     traceback from inside a training step (or a store computed whole, then refused)."""
-    if not len(dataset.train.labels):
+    rows = getattr(dataset, split)
+    if not len(rows.labels):
         return
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
-    x = dataset.train.images[:1].to(device).float().div(255)
+    x = rows.images[:1].to(device).float().div(255)
     try:
         with torch.no_grad(), eval_mode(net):
             out = net(x)
@@ -504,6 +505,13 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     split of the dataset spec ``data`` (or an :class:`igkd.data.Dataset`, e.g. in memory from
     :func:`igkd.data.from_tensors`; ``result["data"]`` is then its ``memory:sha256=HEX``).
 
+    ``weights`` may also be an ``nn.Module`` taking float [0, 1] pixels (a network
+    :func:`distill` or :func:`train` just trained in place, say): it is scored as it is, its
+    outputs read as the dataset's classes in order (``normalize`` ``dataset`` or ``imagenet``
+    puts that normalisation in front of it); ``result["weights"]`` is then None and
+    ``result["model"]`` ``module:CLASSNAME``. The module is moved to ``device``, and its
+    training flag is left as it was.
+
     Returns the dict ``igkd evaluate --json`` prints: ``weights``, ``model``, ``data``,
     ``split``, ``preprocessing``, ``params``, ``accuracy``, ``correct``, ``total``,
     ``balanced_accuracy``, ``kappa``, ``per_class``, ``confusion``, and ``class_map``,
@@ -539,6 +547,11 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     given = None
     if isinstance(data, Dataset):  # the config holds a spec string: the one it is recorded as
         given, data = given_data(data)
+    module = weights if isinstance(weights, nn.Module) else None
+    if module is not None:
+        if options.get("model") or (config is not None and config.model):
+            raise UserError("evaluate got a module to score and a --model spec; give one of them")
+        weights = f"module:{type(module).__name__}"  # for the config's checks; never read as a file
     cfg = api_config(EvaluateConfig, config, {"weights": weights, "data": data, **options}, "evaluate")
     if class_map is None and cfg.class_map:
         class_map = cfg.class_map
@@ -551,8 +564,11 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         raise UserError("no dataset to evaluate on; pass --data SPEC")
     # named before a dataset is loaded (or downloaded); torchscript:FILE holds its weights, as --teacher takes it
     file = Path(parse_spec(str(weights)).arg or "") if holds_own_weights(str(weights)) else Path(weights)
-    if not file.exists() or file.is_dir():
+    if module is None and (not file.exists() or file.is_dir()):
         raise UserError(f"weights file {file} {'is a folder' if file.is_dir() else 'does not exist'}; check the path")
+    if module is not None and class_map is not None:
+        raise UserError("a class map names the model's classes, which a module does not record; save it with its "
+                        "classes first (igkd.models.save_checkpoint) and evaluate the file")
     if teacher_correct is not None and not holds_own_weights(str(teacher_correct)) \
             and not Path(teacher_correct).is_file():
         raise UserError(f"--teacher-correct {teacher_correct} does not exist (or is not a file); give the teacher's "
@@ -561,17 +577,23 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     tparams = _model_params(cfg.teacher) if cfg.teacher and Path(cfg.teacher).is_file() else None
     set_threads(cfg.threads)
     dataset = given if given is not None else load_dataset(data)
-    meta = read_metadata(weights) or {}
+    meta = (read_metadata(weights) or {}) if module is None else {}
     cmap = read_class_map(class_map) if class_map is not None else None
     classes = model_classes(cmap, meta.get("classes"), str(weights)) if cmap else dataset.classes
     if not cmap and meta.get("classes") and meta["classes"] != dataset.classes:
         raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
                         "evaluate it on the dataset it was trained for (or map the classes with --class-map)")
-    net, meta = load_model(weights, model or None, len(classes), dataset.channels,
-                           preprocessing_for(normalize, dataset),
-                           classes_from=f"--class-map {class_map}" if cmap else "the data",
-                           image_size=dataset.image_size)
-    warn_unknown_preprocessing(weights, normalize, "--normalize")
+    if module is not None:  # scored as it is: its outputs are the data's classes, in order
+        pre = preprocessing_for(normalize, dataset) or {"normalize": "none"}
+        net, meta = with_preprocessing(module, pre), {"model": weights, "preprocessing": pre}
+        net.train(module.training)  # a new wrapper trains; predict would leave the module so
+        check_outputs(net, dataset, f"the module {type(module).__name__}", split="test")
+    else:
+        net, meta = load_model(weights, model or None, len(classes), dataset.channels,
+                               preprocessing_for(normalize, dataset),
+                               classes_from=f"--class-map {class_map}" if cmap else "the data",
+                               image_size=dataset.image_size)
+        warn_unknown_preprocessing(weights, normalize, "--normalize")
     params = count_parameters(net)  # the checkpoint's, before BatchNorm is folded away
     if cfg.teacher and tparams is None:
         # a spec, built once, at this model's classes and channels (not 10 and 3), before the evaluation
@@ -594,7 +616,8 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         images, labels, index = images[keep], labels[keep], index[keep]
     net = for_inference(net, images, dev)  # loaded here to infer only: BatchNorm folded
     logits = predict(net, images, cfg.batch_size, dev)
-    result = {"weights": str(weights), "model": meta["model"], "data": dataset.spec, "split": "test",
+    result = {"weights": str(weights) if module is None else None, "model": meta["model"], "data": dataset.spec,
+              "split": "test",
               "preprocessing": meta["preprocessing"], "params": params,
               **classification_metrics(logits, labels, classes)}
     if mapped:

@@ -130,3 +130,77 @@ def test_a_factory_that_cannot_take_the_data_is_one_line(factories, name, channe
     with pytest.raises(UserError, match=words) as e:
         build_model(spec, 5, channels)
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- evaluate of an in-memory module
+def test_evaluate_scores_a_module_as_its_checkpoint_scores(tmp_path):
+    """A network igkd.train (or distill) just trained in place is scored without saving it (its
+    checkpoint records module:Sequential, which igkd cannot rebuild), its training flag left as it was."""
+    from igkd.errors import UserError
+    data = _images(32, 32)
+    net = _net()
+    cfg = igkd.TrainConfig(data="demo", epochs=1, batch_size=4, val_fraction=0.0, threads=1)
+    igkd.train(cfg, tmp_path / "run", quiet=True, model=net, data=data)
+    net.train()
+    got = igkd.evaluate(net, data, corruptions="gaussian_noise", corruption_images=4, quiet=True)
+    assert net.training  # as it was
+    with torch.no_grad():
+        right = (net.eval()(data.test.images.float() / 255).argmax(1) == data.test.labels).sum().item()
+    assert got["weights"] is None and got["model"] == "module:Sequential"
+    assert (got["correct"], got["total"], got["params"]) == (right, 4, sum(p.numel() for p in net.parameters()))
+    assert set(got["corruptions"]["accuracy"]) == {"gaussian_noise"}
+    with pytest.raises(UserError, match="returns torch.float32 of shape \\(1, 3\\)"):
+        igkd.evaluate(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)), data)
+    with pytest.raises(UserError, match="a class map names the model's classes"):
+        igkd.evaluate(net, data, class_map={"a": "a"})
+
+
+def _without_augment(run):
+    """``run``'s last.pt as igkd wrote it before --augment existed: no augment options (it ran pad-crop)."""
+    state = torch.load(run / "last.pt", weights_only=True)
+    for name in ("augment", "rrc_scale_min", "rrc_scale_max", "rrc_ratio_min", "rrc_ratio_max"):
+        del state["config"][name]
+    torch.save(state, run / "last.pt")
+
+
+def test_a_run_from_before_the_augment_option_resumes_under_auto(tmp_path):
+    # its missing augment counted as today's default, auto, against the resolved pad-crop:
+    # refused whatever --augment was given ("'auto' in the run")
+    data = _images(32, 32)
+    base = dict(data="demo", batch_size=4, val_fraction=0.0, threads=1)
+    igkd.train(igkd.TrainConfig(**base, epochs=1, augment="pad-crop"), tmp_path / "run", quiet=True, model=_net(),
+               data=data)
+    _without_augment(tmp_path / "run")
+    assert igkd.train(igkd.TrainConfig(**base, epochs=2), tmp_path / "run", resume=True, quiet=True, model=_net(),
+                      data=data)["epochs"] == 2
+
+
+def test_a_pad_crop_run_of_large_images_resumed_under_auto_is_told_the_option(tmp_path):
+    # recorded pad-crop before auto: the same command line now means random boxes, and
+    # 'resume with the same options' said nothing the user could act on
+    from igkd.errors import UserError
+    data = _images(128, 128)
+    base = dict(data="demo", batch_size=4, val_fraction=0.0, threads=1)
+    igkd.train(igkd.TrainConfig(**base, epochs=1, augment="pad-crop"), tmp_path / "run", quiet=True, model=_net(),
+               data=data)
+    with pytest.raises(UserError, match=r"--augment pad-crop: the default, --augment auto, takes random-resized-crop "
+                                        r"for these 128x128 images"):
+        igkd.train(igkd.TrainConfig(**base, epochs=2), tmp_path / "run", resume=True, quiet=True, model=_net(), data=data)
+    assert igkd.train(igkd.TrainConfig(**base, epochs=2, augment="pad-crop"), tmp_path / "run", resume=True,
+                      quiet=True, model=_net(), data=data)["epochs"] == 2
+
+
+def test_experiment_records_and_study_recipes_from_before_the_augment_option_still_match():
+    """A finished run's run.json (or a search study's recipe) without augment ran pad-crop:
+    it counted as auto and matched nothing (the run was trained again, the study refused)."""
+    from igkd.experiments.runs import know_image_size, run_key, same_run, semantic_config
+    from igkd.experiments.search import _as_now
+    know_image_size("demo:size=12,gray=0", _images(32, 32))
+    wanted = semantic_config(igkd.DistillConfig(data="demo:size=12,gray=0", method="kd"))
+    assert wanted["augment"] == "pad-crop"
+    older = {k: v for k, v in wanted.items() if k != "augment" and not k.startswith("rrc_")}
+    assert same_run(older, wanted)
+    assert _as_now(older, wanted) == wanted
+    # the data spec in another option order is the same data: auto resolved for both spellings
+    assert run_key(igkd.DistillConfig(data="demo:gray=0,size=12", method="kd")) == \
+        run_key(igkd.DistillConfig(data="demo:size=12,gray=0", method="kd"))

@@ -576,3 +576,16 @@ def overrides_from(args: argparse.Namespace, cls) -> dict:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# What a run recorded before an option existed ran with, where that is not the option's
+# default now: every run before --augment (and its default auto) trained with pad-crop. A
+# record without the option counted with today's default, auto, matched no resolved run
+# (a resume was refused, an experiment trained its finished runs again).
+PREDATED = {"augment": "pad-crop"}
+
+
+def recorded_defaults(cls) -> dict:
+    """The value each field of ``cls`` stands at in a run recorded before the field existed
+    (a resume's config check, an experiment's finished runs, a search study's recipe)."""
+    return {f.name: PREDATED.get(f.name, f.default) for f in fields(cls)}

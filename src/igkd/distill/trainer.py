@@ -55,7 +55,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from ..config import TrainConfig, to_dict
+from ..config import TrainConfig, recorded_defaults, to_dict
 from ..data import Dataset, RowView, stratified_split, subset_indices
 from ..errors import UserError
 from ..evaluate import classification_metrics, predict
@@ -186,7 +186,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, dataset: Dataset, out_dir: str | Path,
                  device: torch.device, teacher: nn.Module | None = None, store=None, meta: dict | None = None,
                  quiet: bool = False, dist: Dist | None = None):
-        if getattr(cfg, "augment", None) == "auto":  # resolved here, so config.yaml and a resume see the choice
+        # resolved here, so config.yaml and a resume see the choice; a resume refused over it says so
+        self.auto_augment = getattr(cfg, "augment", None) == "auto"
+        if self.auto_augment:
             cfg = replace(cfg, augment=resolve_augment(cfg.augment, dataset.image_size))
         self.cfg, self.dataset, self.device, self.quiet = cfg, dataset, device, quiet
         if dist is None:
@@ -542,7 +544,7 @@ class Trainer:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
             raise UserError(f"cannot resume {self.out}: {path} is damaged or not igkd's ({first}); restore it, or "
                             "delete it to start the run over") from None
-        defaults = to_dict(type(self.cfg)())  # options added since the run started take their defaults
+        defaults = recorded_defaults(type(self.cfg))  # options added since the run started, as it ran
         saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k not in RESUME_FREE}
         now = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUME_FREE}
         if saved != now:
@@ -553,8 +555,15 @@ class Trainer:
                 return repr(d[k]) if k in d else "not an option"
             said = ", ".join(f"{k} ({value(saved, k)} in the run, {value(now, k)} now)" for k in diff[:4])
             said += ", ..." if len(diff) > 4 else ""
+            how = "the same options"
+            if "augment" in diff and self.auto_augment and isinstance(saved.get("augment"), str):
+                # the options typed may be the very ones the run started with: it was recorded
+                # before auto (pad-crop for every size), and auto takes random boxes at this size
+                h, w = self.dataset.image_size
+                how += (f" (--augment {saved['augment']}: the default, --augment auto, takes "
+                        f"{now['augment']} for these {h}x{w} images)")
             raise UserError(f"cannot resume {self.out}: its config differs in {said}; "
-                            "resume with the same options or start a new --out directory")
+                            f"resume with {how} or start a new --out directory")
         if state["epoch"] > self.cfg.epochs:  # the summary said N epochs of a model trained longer
             raise UserError(f"cannot resume {self.out}: it has finished {state['epoch']} epochs, more than "
                             f"--epochs {self.cfg.epochs}; resume with --epochs {state['epoch']} or more")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .. import api
 from ..attribution import registry as attribution_registry
-from ..config import DistillConfig, PrecomputeConfig, to_dict
+from ..config import DistillConfig, PrecomputeConfig, recorded_defaults, to_dict
 from ..distill.parts import config_fields as part_config_fields, parse_method
 from ..distill.augment import resolve_augment
 from ..distill.trainer import TrainingDiverged
@@ -77,11 +77,12 @@ def semantic_config(cfg: DistillConfig) -> dict:
     method = parse_method(cfg.method)
     d = to_dict(cfg)
     d["method"] = method.name
-    if d.get("augment") == "auto" and cfg.data in _image_sizes:
+    size = _image_sizes.get(_size_key(cfg.data))
+    if d.get("augment") == "auto" and size is not None:
         # as the run will resolve and record it: runs made before auto existed recorded pad-crop.
         # The size is the one start() saw; a key asked for before any data was loaded keeps auto
         # rather than load the data for it (a config checked without its data at hand)
-        d["augment"] = resolve_augment("auto", _image_sizes[cfg.data])
+        d["augment"] = resolve_augment("auto", size)
     drop = set(NON_SEMANTIC)
     drop.update(name for name in part_config_fields() if name not in method.fields)  # other parts' options
     if not method.needs_logits:
@@ -139,7 +140,7 @@ def same_run(recorded: dict, wanted: dict) -> bool:
 
     Compared on the fields that matter now; a field the recorded run predates counts with
     its default value, so adding an option to igkd does not orphan finished runs."""
-    defaults = {f.name: f.default for f in fields(DistillConfig)}
+    defaults = recorded_defaults(DistillConfig)  # augment: pad-crop, as every run before it
     recorded = canonical_specs(recorded)
     return all(recorded.get(k, defaults.get(k)) == v for k, v in wanted.items())
 
@@ -216,7 +217,13 @@ _image_sizes: dict[str, tuple[int, int]] = {}  # data spec -> image size, as sta
 def know_image_size(spec: str, dataset) -> None:
     """Record the image size of the data ``spec`` names (``dataset``: it, loaded), by which run
     keys resolve ``--augment auto`` (:func:`semantic_config`)."""
-    _image_sizes[spec] = tuple(dataset.image_size)
+    _image_sizes[_size_key(spec)] = tuple(dataset.image_size)
+
+
+def _size_key(spec: str) -> str:
+    # the spec in canonical option order, as run keys compare it (canonical_specs): one data
+    # spec written in two orders resolved auto for one spelling and kept it for the other
+    return canonical_spec(spec) if isinstance(spec, str) and spec else spec
 
 
 def data_sha256(data) -> dict:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from dataclasses import fields
 
-from ..config import DistillConfig, TrainConfig
+from ..config import DistillConfig, TrainConfig, recorded_defaults
 from ..distill.parts import parse_method
 from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
@@ -311,7 +311,7 @@ def _as_now(recipe: dict, now: dict) -> dict:
     """A stored recipe as this igkd writes one: specs in canonical option order (older studies
     kept the order given) and options added since at their defaults (as for finished runs,
     :func:`~igkd.experiments.runs.same_run`), so a new option does not orphan a study."""
-    defaults = {f.name: f.default for f in fields(DistillConfig)}
+    defaults = recorded_defaults(DistillConfig)  # augment: pad-crop, as every study before it
     recipe = canonical_specs(recipe)
     return {**{k: defaults[k] for k in now if k not in recipe and k in defaults}, **recipe}
 

@@ -204,3 +204,52 @@ def test_experiment_records_and_study_recipes_from_before_the_augment_option_sti
     # the data spec in another option order is the same data: auto resolved for both spellings
     assert run_key(igkd.DistillConfig(data="demo:gray=0,size=12", method="kd")) == \
         run_key(igkd.DistillConfig(data="demo:size=12,gray=0", method="kd"))
+
+
+# ---------------------------------------------------------------- a part's own state survives a resume
+def test_a_parts_running_state_is_kept_in_the_checkpoint_and_resumed(tmp_path, monkeypatch):
+    from igkd.distill import parts as registry
+    registry.parts()
+    monkeypatch.setattr(registry, "_parts", dict(registry._parts))  # the registration ends with the test
+    seen = []
+
+    class Counter(registry.Part):  # a part whose state changes as it trains (as an EMA would)
+        name = "test-counter"
+
+        def setup(self, run):
+            return {"steps": torch.zeros((), dtype=torch.long)}
+
+        def loss(self, state, step):
+            state["steps"] += 1
+            seen.append(int(state["steps"]))
+            return {}
+
+        def state_dict(self, state):
+            return {"steps": state["steps"]}
+
+        def load_state_dict(self, state, saved):
+            state["steps"] = saved["steps"].clone()
+    igkd.register_part(Counter())
+    data = _images(32, 32)
+    cfg = dict(method="test-counter", batch_size=4, val_fraction=0.0, threads=1)
+    igkd.distill(igkd.DistillConfig(**cfg, epochs=1), tmp_path / "run", quiet=True, student=_net(), data=data)
+    assert seen == [1, 2]  # 8 images, batches of 4
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["parts"] == {"test-counter": {"steps": 2}}
+    igkd.distill(igkd.DistillConfig(**cfg, epochs=2), tmp_path / "run", resume=True, quiet=True, student=_net(),
+                 data=data)
+    assert seen == [1, 2, 3, 4]  # went on, not from 0
+
+
+def test_the_fp16_explanation_cap_is_kept_and_put_back_on_the_device():
+    from igkd.distill.parts.explain import Explain, score_grad
+    part, state = Explain(), {}
+    assert part.state_dict(state) == {}  # never scaled (fp32, bf16): nothing to keep
+    state["score_cap"] = torch.tensor(64.0)
+    saved = part.state_dict(state)
+    fresh = {}
+    part.load_state_dict(fresh, saved)
+    assert fresh["score_cap"].item() == 64.0
+    x = torch.ones(2, requires_grad=True)
+    scaler = torch.amp.GradScaler("cpu")
+    score_grad((x * 3).sum(), x, scaler, fresh)
+    assert fresh["score_cap"].item() == 64.0  # used, not reset to 2^10

@@ -519,6 +519,9 @@ class Trainer:
                  "world_size": self.world, "train_seconds": self.train_seconds(), **rngs}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        kept = {part.name: part.state_dict(st) for part, st in self.parts}
+        if any(kept.values()):
+            state["parts"] = {name: d for name, d in kept.items() if d}
         if "cuda_rng_ranks" in rngs:
             state["cuda_rng"] = rngs["cuda_rng_ranks"][0]
         return state
@@ -583,6 +586,8 @@ class Trainer:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        for part, st in self.parts:
+            part.load_state_dict(st, state.get("parts", {}).get(part.name, {}))
         self.epoch, self.best = state["epoch"], state["best"]
         self.seconds_before = float(state.get("train_seconds", 0.0))
         ranks = state.get("torch_rng_ranks")

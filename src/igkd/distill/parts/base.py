@@ -14,7 +14,10 @@ term and the terms of every part, and knows no part by name. A part declares:
 * ``transform``: an optional change of the batch, at stage ``overlay`` (clean images,
   before crop and flip, like the IG overlay) or ``mix`` (after them, like CutMix);
 * ``loss``: named terms ``{name: (weight, value)}``; the trainer adds ``weight * value``
-  and logs ``value``. ``ce_weight`` scales the cross-entropy term (KD's ``1 - alpha``).
+  and logs ``value``. ``ce_weight`` scales the cross-entropy term (KD's ``1 - alpha``);
+* ``state_dict`` / ``load_state_dict``: what of its run state a part that changes it while
+  training (a running scale, an EMA, a schedule of its own) keeps in ``last.pt``, so that a
+  resumed run goes on as the uninterrupted one.
 
 Part modules import torch inside their functions: ``igkd --help`` reads every part's
 options and must not pay for importing torch.
@@ -110,6 +113,19 @@ class Part:
     def describe(self, state) -> str:
         """Extra words for the run's first log line (e.g. the layers attention transfer chose)."""
         return ""
+
+    def state_dict(self, state) -> dict:
+        """What of ``state`` (what :meth:`setup` returned, as training changed it) the run's
+        checkpoint keeps: tensors (on any device) and plain values, loadable with
+        ``torch.load(weights_only=True)``. ``{}`` for a part whose state :meth:`setup` rebuilds
+        (hooks, chosen layers): most parts. Under torchrun, rank 0's is saved and every rank
+        loads it."""
+        return {}
+
+    def load_state_dict(self, state, saved: dict) -> None:
+        """Put back into ``state`` (a fresh :meth:`setup`'s) what :meth:`state_dict` returned
+        when the checkpoint was written; ``saved`` is ``{}`` for a checkpoint without it (one
+        written before the part kept any)."""
 
     def close(self, state) -> None:
         """Release what setup took (hooks) when training ends."""

@@ -47,8 +47,10 @@ def score_grad(score, inputs, scaler=None, state=None):
         return torch.autograd.grad(score, inputs, create_graph=True)[0]
     holder = {} if state is None else state
     cap = holder.get("score_cap")
-    if cap is None or cap.device != score.device:
+    if cap is None:
         cap = holder["score_cap"] = torch.full((), SCORE_SCALE_MAX, device=score.device)
+    elif cap.device != score.device:  # a resumed run's, loaded on the CPU
+        cap = holder["score_cap"] = cap.to(score.device)
     # the scale as a tensor on the device (scaler.scale of a one): get_scale() would sync each step
     s = torch.minimum(scaler.scale(torch.ones((), device=score.device)), cap)
     grads, = torch.autograd.grad(score * s, inputs, create_graph=True)
@@ -172,6 +174,15 @@ class Explain(Part):
 
     def describe(self, state) -> str:
         return state["how"].describe(state)
+
+    def state_dict(self, state) -> dict:
+        # the fp16 explanation's cap, halved where its gradient overflowed: a resumed run at 2^10
+        # again would overflow (and lose the explanation of) the same steps over
+        return {"score_cap": state["score_cap"].detach().cpu()} if "score_cap" in state else {}
+
+    def load_state_dict(self, state, saved: dict) -> None:
+        if "score_cap" in saved:
+            state["score_cap"] = saved["score_cap"].clone()
 
 
 PARTS = [Explain()]

@@ -586,7 +586,9 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     if module is not None:  # scored as it is: its outputs are the data's classes, in order
         pre = preprocessing_for(normalize, dataset) or {"normalize": "none"}
         net, meta = with_preprocessing(module, pre), {"model": weights, "preprocessing": pre}
-        net.train(module.training)  # a new wrapper trains; predict would leave the module so
+        # the wrapper's own flag only: net.train(flag) set every module inside to one flag, and a
+        # training module's frozen BatchNorm or Dropout came back training
+        net.training = module.training
         check_outputs(net, dataset, f"the module {type(module).__name__}", split="test")
     else:
         net, meta = load_model(weights, model or None, len(classes), dataset.channels,

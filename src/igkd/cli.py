@@ -30,6 +30,7 @@ spec strings:
             wrn:depth=D,k=K            Wide ResNet WRN-D-K (wrn:depth=40,k=2, wrn:depth=16,k=2)
             resnet18 resnet34 resnet50 ImageNet ResNets with torchvision's state_dict keys
             py:MODULE:CALLABLE[,k=v]   your factory(num_classes=, in_channels=, **options); MODULE may be a .py file
+                                       (or n_classes, timm's in_chans...; no channels argument: RGB images only)
             torchscript:FILE           a TorchScript teacher (--teacher torchscript:FILE; no hooks, so no 'at')
 """
 

@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..models.preprocess import eval_mode
+
 
 def fill_rows(n: int, batch_size: int, rows_at: Callable[[int], torch.Tensor]) -> torch.Tensor:
     """Rows 0 ... n-1 (float32, on CPU) of a batched computation, ``rows_at(i)`` giving rows
@@ -48,8 +50,6 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, devic
     ``device``, images ``start`` ... ``start + len(x) - 1``) before the model sees it (a
     corruption, :mod:`igkd.evaluate.corruptions`)."""
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
 
     def logits_at(i: int) -> torch.Tensor:
         x = images[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
@@ -62,10 +62,10 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, devic
             raise not_logits(out, "the model")
         return out
 
-    try:
+    # each module's own flag back after, not model.train(prev): a user's module scored as it is
+    # (igkd.evaluate(module)) with a frozen BatchNorm or Dropout inside a training model kept it
+    with eval_mode(model):
         return fill_rows(len(images), batch_size, logits_at)
-    finally:
-        model.train(was_training)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:

@@ -9,7 +9,8 @@
 ``resnet:depth=8,width=4``      the KD benchmarks' ResNet8x4 (``depth=32,width=4``: ResNet32x4)
 ``wrn:depth=40,k=2``            Wide ResNet WRN-40-2 (``depth=16,k=2``: WRN-16-2)
 ``resnet18`` ``resnet34`` ``resnet50``  ImageNet ResNets, torchvision's state_dict keys
-``py:MODULE:CALLABLE[,key=value...]``  your factory, called with num_classes, in_channels, options
+``py:MODULE:CALLABLE[,key=value...]``  your factory, called with the class count and image channels
+                                     by its own names (:func:`.user._size_arguments`) and the options
 ``torchscript:FILE``            a TorchScript file (a teacher; no Python code needed)
 
 The number of classes and input channels come from the dataset, not the spec. A new

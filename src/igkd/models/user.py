@@ -92,32 +92,66 @@ CLASS_NAMES = ("num_classes", "n_classes", "nclasses", "num_class")
 CHANNEL_NAMES = ("in_channels", "in_chans", "in_ch", "input_channels")
 
 
-def _size_arguments(params, num_classes: int, in_channels: int, who: str) -> dict:
+def _size_arguments(params, num_classes: int, in_channels: int, who: str, given=()) -> dict:
     """The keyword arguments that tell a factory the class count and the image channels, by
     the names its signature has: ``make(num_classes=10)``, ``Net(n_classes)`` and timm-style
     ``in_chans`` are all common. A factory taking ``**kwargs`` (torchvision's builders) gets
     ``num_classes``, and ``in_channels`` only for images other than RGB: its keywords go on to a
-    class that may take no channels. One without a channels argument builds for RGB: other images
-    are refused here, as the network's first convolution would refuse them later with a shape
-    error."""
+    class that may take no channels; where the spec's options (``given``) name one of these
+    arguments itself (``py:timm:create_model,model_name=...,in_chans=1``: its keywords go on
+    to a class that takes ``in_chans``), igkd adds no second name for it. One without a
+    channels argument builds for RGB: other images are refused here, as the network's first
+    convolution would refuse them later with a shape error."""
     if params is None:
         return {"num_classes": num_classes, "in_channels": in_channels}
     named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    # a size argument before a '/' cannot be given by name (and was reported as no argument at all)
+    by_position = [n for n, p in params.items() if p.kind is p.POSITIONAL_ONLY and
+                   (n in CLASS_NAMES or (n in CHANNEL_NAMES and in_channels != 3))]
+    if by_position:
+        raise UserError(f"{who} takes {', '.join(by_position)} by position only (before its '/'), and igkd passes "
+                        "the size arguments by name; remove the '/'")
     out = {}
-    classes = next((n for n in CLASS_NAMES if n in named), "num_classes" if var_kw else None)
-    if classes is None:
+    classes = next((n for n in CLASS_NAMES if n in named), None)
+    if classes is None and var_kw:
+        classes = None if set(CLASS_NAMES) & set(given) else "num_classes"  # else the options name it
+    elif classes is None:
+        takes = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         raise UserError(f"{who} takes no argument for the number of classes (any of {', '.join(CLASS_NAMES)}; it "
-                        f"takes {', '.join(named) or 'none'}); add num_classes=, which igkd sets from the data")
-    out[classes] = num_classes
+                        f"takes {', '.join(takes) or 'none'}); add num_classes=, which igkd sets from the data")
+    if classes is not None:
+        out[classes] = num_classes
     channels = next((n for n in CHANNEL_NAMES if n in named), None)
-    if channels is not None or (var_kw and in_channels != 3):
-        out[channels or "in_channels"] = in_channels
-    elif in_channels != 3:
+    if channels is not None:
+        out[channels] = in_channels
+    elif var_kw and in_channels != 3 and not set(CHANNEL_NAMES) & set(given):
+        out["in_channels"] = in_channels
+    elif in_channels != 3 and not var_kw:
         raise UserError(f"{who} takes no argument for the image channels (any of {', '.join(CHANNEL_NAMES)}), so it "
                         f"builds a network for RGB images, and these have {in_channels} channel(s); add "
                         "in_channels=, which igkd sets from the data")
     return out
+
+
+def _signature(factory) -> inspect.Signature | None:
+    """The signature igkd reads the factory's argument names from, None where it has none (a
+    builtin). A class whose own signature passes everything on (``*args, **kwargs``: a
+    ``__new__`` or a metaclass ``__call__`` that Python's ``inspect`` reads before
+    ``__init__``) is read from its ``__init__``: ``Net(n_classes)`` with such a ``__new__``
+    was given num_classes, a TypeError from inside its ``__init__``."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    generic = all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values())
+    if inspect.isclass(factory) and sig.parameters and generic and factory.__init__ is not object.__init__:
+        try:
+            init = list(inspect.signature(factory.__init__).parameters.values())[1:]  # less self
+        except (TypeError, ValueError):
+            return sig
+        return sig.replace(parameters=init)
+    return sig
 
 
 def _build_py(spec: Spec, num_classes: int, in_channels: int) -> nn.Module:
@@ -129,14 +163,12 @@ def _build_py(spec: Spec, num_classes: int, in_channels: int) -> nn.Module:
         raise UserError(f"module '{module}' has no callable '{name}' (model spec '{spec}'); name the function or "
                         "class that builds your network")
     options = {k: _value(v) for k, v in spec.options.items()}
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # no signature (a builtin): igkd's own names
-        params = None
-    kwargs = {**_size_arguments(params, num_classes, in_channels, f"{module}:{name}"), **options}
-    if params is not None:
+    sig = _signature(factory)
+    params = sig.parameters if sig is not None else None
+    kwargs = {**_size_arguments(params, num_classes, in_channels, f"{module}:{name}", options), **options}
+    if sig is not None:
         try:
-            inspect.signature(factory).bind(**kwargs)
+            sig.bind(**kwargs)
         except TypeError as e:
             raise UserError(f"{module}:{name} cannot be called with {', '.join(kwargs)} ({e}); igkd passes the "
                             f"number of classes (as {'/'.join(CLASS_NAMES)}), the image channels where it takes "

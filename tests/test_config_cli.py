@@ -54,7 +54,7 @@ def test_help_shows_choices_and_a_bad_choice_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         main(["distill", "--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and "--normalize {dataset,none}" in out and "--optimizer {sgd,adam}" in out
+    assert e.value.code == 0 and "--normalize {dataset,none,imagenet}" in out and "--optimizer {sgd,adam}" in out
     with pytest.raises(SystemExit) as e:
         main(["distill", "--optimizer", "adamw", "--out", "x"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -253,3 +253,61 @@ def test_the_fp16_explanation_cap_is_kept_and_put_back_on_the_device():
     scaler = torch.amp.GradScaler("cpu")
     score_grad((x * 3).sum(), x, scaler, fresh)
     assert fresh["score_cap"].item() == 64.0  # used, not reset to 2^10
+
+
+# ---------------------------------------------------------------- --init FILE: fine-tuning from other weights
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory):
+    """A resnet:depth=8 for 5 classes saved as a plain PyTorch state dict, as torchvision's are."""
+    from igkd.models import build_model
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("init") / "pretrained.pth"
+    torch.save(build_model("resnet:depth=8", 5, 3).state_dict(), path)
+    return path
+
+
+def test_train_starts_from_every_matching_tensor_of_a_weights_file(tmp_path, capsys, other_weights):
+    from safetensors.torch import load_file
+    cfg = igkd.TrainConfig(data="demo", model="resnet:depth=8", init=str(other_weights), epochs=1, batch_size=4,
+                           val_fraction=0.0, lr=1e-12, weight_decay=0.0, warmup_epochs=0.0, threads=1)
+    summary = igkd.train(cfg, tmp_path / "run", model=None, data=_images(32, 32))
+    init = summary["init"]
+    assert (init["copied"], init["kept"]) == (init["of"] - 2, ["fc.weight", "fc.bias"])  # 5 classes, not 2
+    err = capsys.readouterr().err
+    assert f"--init {other_weights}: copied {init['of'] - 2} of {init['of']} tensors; left as initialised: " \
+           "fc.weight, fc.bias" in err
+    assert "does not say how its training images were normalised" in err and "--normalize imagenet" in err
+    trained = load_file(str(tmp_path / "run" / "model.safetensors"))
+    source = torch.load(other_weights, weights_only=True)
+    assert torch.allclose(trained["conv1.weight"], source["conv1.weight"], atol=1e-6)  # lr 1e-12: as copied
+
+
+def test_distill_takes_init_file_for_its_student_and_run_keys_follow_the_files_content(tmp_path, other_weights):
+    import shutil
+    from igkd.experiments.runs import run_key
+    data = _images(32, 32)
+    cfg = igkd.DistillConfig(data="demo", method="student", model="resnet:depth=8", init=str(other_weights),
+                             epochs=1, batch_size=4, val_fraction=0.0, threads=1)
+    assert igkd.distill(cfg, tmp_path / "run", quiet=True, data=data)["init"]["from"] == str(other_weights)
+    same = tmp_path / "copy.pth"
+    shutil.copy(other_weights, same)
+    other = tmp_path / "other.pth"
+    torch.save({k: v + 1 for k, v in torch.load(other_weights, weights_only=True).items()}, other)
+    key = lambda path: run_key(igkd.DistillConfig(data="demo", model="resnet:depth=8", init=str(path)))  # noqa: E731
+    assert key(other_weights) == key(same) != key(other) != key("scratch")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["train", "--init", "teacher"], "--init teacher copies a teacher's layers into a student: it is an option of "
+                                     "igkd distill"),
+    (["train", "--init", "missing.pth"], "--init missing.pth: no such file"),
+    (["train", "--init", "OTHER", "--model", "mobilenetv2:width=0.25"], "shares no tensor .* with "
+                                                                        "mobilenetv2:width=0.25"),
+])
+def test_a_bad_init_is_one_line_and_writes_nothing(tmp_path, other_weights, args, words):
+    from helpers_cli import run_igkd
+    args = [str(other_weights) if a == "OTHER" else a for a in args]
+    r = run_igkd(*args, "--data", "demo", "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert __import__("re").search(words, r.stderr), r.stderr
+    assert not (tmp_path / "run").exists()

@@ -30,7 +30,7 @@ from .evaluate.metrics import not_logits
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models.fold import for_inference
 from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .models import (bare, build_model, built_spec, copy_matching, count_parameters, eval_mode, holds_own_weights,
+from .models import (bare, build_model, built_spec, copy_from_file, copy_matching, count_parameters, eval_mode, holds_own_weights,
                      load_model, read_metadata, preprocessing_of, recorded_spec, weights_fingerprint,
                      with_preprocessing)
 from .precompute import maps_record, precompute as _precompute
@@ -232,8 +232,9 @@ def _own_rng():
         yield
 
 
-def _student(cfg, dataset: Dataset, model: nn.Module | None):
-    """(cfg with the spec of a given module, the network wrapped with its preprocessing)."""
+def _student(cfg, dataset: Dataset, model: nn.Module | None, quiet: bool = False):
+    """(cfg with the spec of a given module, the network wrapped with its preprocessing, the
+    record of ``--init FILE``'s copy or None)."""
     torch.manual_seed(cfg.seed)  # initialisation follows the seed
     if model is None:
         net = build_model(cfg.model, len(dataset.classes), dataset.channels)
@@ -243,9 +244,46 @@ def _student(cfg, dataset: Dataset, model: nn.Module | None):
         net = bare(model)
         cfg = dataclasses.replace(cfg, model=module_spec(net, len(dataset.classes), dataset.channels,
                                                          tuple(dataset.image_size)))
-    net = with_preprocessing(net, preprocessing_for(cfg.normalize, dataset))
+    pre = preprocessing_for(cfg.normalize, dataset)
+    init = _init_from_file(cfg, net, pre, quiet) if init_file(cfg.init) else None
+    net = with_preprocessing(net, pre)
     check_outputs(net, dataset, f"model {cfg.model}" if model is None else "the student module")
-    return cfg, net
+    return cfg, net, init
+
+
+def init_file(init: str) -> bool:
+    """Whether ``--init`` names a weights file (not scratch or teacher)."""
+    return init not in ("scratch", "teacher")
+
+
+def _check_init(cfg, command: str) -> None:
+    """A bad ``--init`` in one line before any data is read."""
+    if cfg.init == "teacher" and command == "train":
+        raise UserError("--init teacher copies a teacher's layers into a student: it is an option of igkd distill; "
+                        "igkd train takes --init scratch or a weights FILE")
+    if init_file(cfg.init) and not Path(cfg.init).is_file():
+        raise UserError(f"--init {cfg.init}: no such file; give scratch, a weights file (.safetensors, .pt, .pth)"
+                        + (" or teacher" if command == "distill" else ""))
+
+
+def _init_from_file(cfg, net: nn.Module, pre: dict, quiet: bool) -> dict:
+    """Copy ``cfg.init``'s matching tensors into ``net`` and say what it did (and, where the
+    weights were trained on inputs normalised otherwise than this run's, that too: torchvision's
+    ImageNet weights fed raw pixels start far from where they were trained)."""
+    info = copy_from_file(net, cfg.init, cfg.model)
+    kept = f"; left as initialised: {', '.join(info['kept'])}{', ...' if info['of'] - info['copied'] > 8 else ''}" \
+        if info["kept"] else ""
+    log(f"--init {cfg.init}: copied {info['copied']} of {info['of']} tensors{kept}", quiet)
+    theirs = (read_metadata(cfg.init) or {}).get("preprocessing") if Path(cfg.init).suffix in (
+        ".safetensors", ".json") else None
+    ours = pre or {"normalize": "none"}
+    if theirs is None and cfg.normalize != "imagenet":
+        log(f"igkd: note: {cfg.init} does not say how its training images were normalised; torchvision's ImageNet "
+            "weights expect --normalize imagenet", quiet)
+    elif theirs is not None and _describe_pre(theirs) != _describe_pre(ours):
+        log(f"igkd: note: {cfg.init} was trained on {_describe_pre(theirs)}, this run gives {_describe_pre(ours)} "
+            "(--normalize)", quiet)
+    return info
 
 
 @keeps_threads
@@ -283,10 +321,11 @@ def _train(cfg, out, resume: bool, quiet: bool, model, data=None) -> dict:
     check_run_dir(out, resume)  # before the data is read, not after
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    _check_init(cfg, "train")
     dataset, cfg = _run_data(cfg, data, out, resume)
     _ = dataset.train, dataset.test  # a bad test image is found now, not after every epoch has run
-    cfg, model = _student(cfg, dataset, model)
-    return Trainer(cfg, model, dataset, out, device, quiet=quiet).fit(resume)
+    cfg, model, init = _student(cfg, dataset, model, quiet)
+    return Trainer(cfg, model, dataset, out, device, meta={"init": init} if init else None, quiet=quiet).fit(resume)
 
 
 def load_teacher(path: str | Path, dataset: Dataset | str, spec: str = "",
@@ -413,6 +452,7 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -
     refuse_busy_run_dir(out)  # another run writing it is named now, not after our precompute
     check_run_dir(out, resume)  # before the teacher, the data and the precompute, which take minutes
     _check_store_dir(cfg.store)
+    _check_init(cfg, "distill")
     method = parse_method(cfg.method)
     env = parallel.init(cfg.device)
     try:
@@ -442,7 +482,9 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -
             if teacher is not None:
                 meta["teacher"].update(params=count_parameters(teacher), fingerprint=weights_fingerprint(teacher))
         _same_data_on_every_rank(env, cfg.data)
-        cfg, model = _student(cfg, dataset, student)
+        cfg, model, init = _student(cfg, dataset, student, quiet or env.rank > 0)
+        if init:
+            meta["init"] = init
         net = bare(model)
         if cfg.init == "teacher":  # (a resumed run then loads its own weights over these)
             copied = copy_matching(net, teacher)

@@ -43,8 +43,15 @@ class TrainConfig(_Validated):
                     "(the Python API's TrainConfig defaults to demo)", required=True, metavar="SPEC")
     model: str = opt("mobilenetv2", "architecture spec, e.g. mobilenetv2, mobilenetv2:drop=5, mobilenetv2:width=0.5",
                      metavar="SPEC")
-    normalize: str = opt("dataset", "input preprocessing baked into the model: 'dataset' mean/std or 'none' "
-                         "(the paper's students take raw [0,1] pixels)", choices=["dataset", "none"])
+    normalize: str = opt("dataset", "input preprocessing baked into the model: 'dataset' mean/std, 'none' "
+                         "(the paper's students take raw [0,1] pixels) or 'imagenet' (torchvision's ImageNet "
+                         "mean/std, what weights from torchvision given to --init expect)",
+                         choices=["dataset", "none", "imagenet"])
+    init: str = opt("scratch", "initial weights: scratch (random, from --seed); a weights FILE (an igkd checkpoint, "
+                    "a PyTorch state dict .pt/.pth or a .safetensors, such as torchvision's ImageNet weights): "
+                    "every tensor whose name and shape the model has is copied and the rest (a classifier for "
+                    "other classes) stays random, i.e. fine-tuning; or, for distill, teacher (the teacher's "
+                    "matching tensors: a truncated or same-family student)", metavar="scratch|teacher|FILE")
     epochs: int = opt(30, "training epochs", low=1, high=100000)
     batch_size: int = opt(128, "images per optimisation step", low=1, high=65536, unit="images")
     optimizer: str = opt("sgd", "sgd (momentum, Nesterov) or adam (the paper's)", choices=["sgd", "adam"])
@@ -199,8 +206,9 @@ class _DistillBase(TrainConfig, PrecomputeConfig):
 
     model: str = opt("mobilenetv2:drop=5", "student architecture spec (the paper's 4.12x student by default)",
                      metavar="SPEC")
-    normalize: str = opt("none", "student input preprocessing: 'none' (the paper's, raw [0,1] pixels) or "
-                         "'dataset'", choices=["dataset", "none"])
+    normalize: str = opt("none", "student input preprocessing: 'none' (the paper's, raw [0,1] pixels), "
+                         "'dataset' or 'imagenet' (for a student --init from torchvision's weights)",
+                         choices=["dataset", "none", "imagenet"])
     teacher: str = opt("", "teacher checkpoint (.safetensors from igkd train, or .pt with --teacher-model)",
                        metavar="CKPT")
     teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata",
@@ -210,9 +218,6 @@ class _DistillBase(TrainConfig, PrecomputeConfig):
                       "online on each augmented batch (always online with a mixing part such as cutmix)",
                       choices=["precomputed", "online"])
     store: str = opt("", "precompute store directory (default: a fingerprinted folder in the cache)", metavar="DIR")
-    init: str = opt("scratch", "student initialisation: scratch (random, from --seed) or teacher (copy every teacher "
-                    "tensor whose name and shape the student has: a truncated or same-family student)",
-                    choices=["scratch", "teacher"])
     scale_lr: bool = opt(False, "under torchrun: multiply lr by the number of processes (linear scaling rule; "
                          "the global batch is batch-size x processes)")
     sync_bn: bool = opt(True, "under torchrun: BatchNorm statistics over the global batch, so N processes train "

@@ -94,6 +94,8 @@ def semantic_config(cfg: DistillConfig) -> dict:
         drop.update(f for f in STORE_FIELDS if f not in keep)
     # --init teacher copies the teacher's weights into the student: then the teacher decides the
     # result even for a method without one (student runs from two teachers shared one key)
+    if api.init_file(cfg.init) and Path(cfg.init).is_file():  # the weights by content, as the teacher's
+        d["init"] = "sha256:" + file_sha256(cfg.init)
     weights = teacher_file(cfg.teacher)
     if not method.needs_teacher and cfg.init != "teacher":
         drop.update(TEACHER_FIELDS)

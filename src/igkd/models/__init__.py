@@ -1,6 +1,6 @@
 """Architectures (one module per family), spec strings, preprocessing and checkpoints."""
 
-from .checkpoint import (copy_matching, holds_own_weights, load_model, load_weights, read_metadata, read_state_dict,
+from .checkpoint import (copy_from_file, copy_matching, holds_own_weights, load_model, load_weights, read_metadata, read_state_dict,
                          recorded_spec, save_checkpoint, teacher_identity, weights_fingerprint)
 from .family import Family
 from .fold import fold_batchnorm, inference_copy
@@ -11,7 +11,7 @@ from .user import to_device
 
 __all__ = [
     "Family", "MODELS", "MobileNetV2", "Normalized", "ReLU6", "bare", "build_model", "built_spec", "copy_free_relu6",
-    "copy_matching", "count_parameters", "eval_mode", "fold_batchnorm", "inference_copy", "family_of", "find_family", "holds_own_weights", "load_model",
+    "copy_from_file", "copy_matching", "count_parameters", "eval_mode", "fold_batchnorm", "inference_copy", "family_of", "find_family", "holds_own_weights", "load_model",
     "load_weights", "preprocessing_of", "read_metadata", "read_state_dict", "recorded_spec", "save_checkpoint",
     "teacher_identity", "to_device", "weights_fingerprint", "with_preprocessing",
 ]

@@ -641,10 +641,47 @@ def copy_matching(student: nn.Module, teacher: nn.Module) -> list[str]:
     included) whose name and shape the student also has: a truncated or narrower student
     of the same family starts from the teacher's layers. Returns the copied names; a
     student that shares none is a one-line UserError."""
-    own, theirs = bare(student).state_dict(), bare(teacher).state_dict()
-    names = [k for k, v in own.items() if k in theirs and tuple(theirs[k].shape) == tuple(v.shape)]
+    theirs = bare(teacher).state_dict()
+    names = _copy_state(student, theirs)
     if not names:
         raise UserError("--init teacher: the student shares no tensor (same name and shape) with the teacher; "
                         "use a student of the teacher's family (e.g. a truncated one) or --init scratch")
-    bare(student).load_state_dict({k: theirs[k] for k in names}, strict=False)
     return names
+
+
+def _copy_state(model: nn.Module, theirs: dict[str, torch.Tensor]) -> list[str]:
+    """Copy the tensors of ``theirs`` whose name and shape the bare ``model`` has; the names, or
+    none where no parameter matches. A BatchNorm's step counter (a 0-dim buffer, the same shape
+    in every network) goes with its statistics only: two unrelated networks shared nothing
+    else, and a file of another architecture was taken as 9 tensors copied."""
+    own = bare(model).state_dict()
+    names = [k for k, v in own.items() if k in theirs and tuple(theirs[k].shape) == tuple(v.shape)]
+    kept = set(names)
+    names = [k for k in names if not k.endswith("num_batches_tracked")
+             or k.removesuffix("num_batches_tracked") + "running_mean" in kept]
+    params = {n for n, _ in bare(model).named_parameters()}
+    if not params & set(names):
+        return []
+    bare(model).load_state_dict({k: theirs[k] for k in names}, strict=False)
+    return names
+
+
+def copy_from_file(model: nn.Module, path: str | Path, spec: str = "the model") -> dict:
+    """Fine-tuning's start: copy into ``model`` every tensor of the weights file ``path`` (an
+    igkd checkpoint, a PyTorch state dict read without unpickling code, a .safetensors; a DDP,
+    torch.compile or Lightning wrapper's prefix dropped as for a teacher) whose name and shape
+    the bare network has. What the file lacks or shapes otherwise (torchvision's 1000-class
+    ``fc`` against the data's classes) keeps the model's own initialisation. Returns ``{"from":
+    path, "sha256", "copied", "of", "kept"}`` (``kept``: the first names left as they were); a
+    file sharing no tensor with the model is a one-line UserError."""
+    raw, own_file = _read_state(path)
+    own = bare(model).state_dict()
+    theirs = raw if own_file else _named_as(raw, set(own), set())
+    names = _copy_state(model, theirs)
+    if not names:
+        raise UserError(f"--init {path} shares no tensor (same name and shape) with {spec}: the file has "
+                        f"{_names(list(theirs))}, the model {_names(list(own))}; give weights of this architecture "
+                        "(torchvision's names are those of igkd's resnet18/34/50 and mobilenetv2_imagenet)")
+    copied = set(names)
+    return {"from": str(path), "sha256": file_sha256(_paths(path)[0] if Path(path).suffix == ".json" else path),
+            "copied": len(names), "of": len(own), "kept": [k for k in own if k not in copied][:8]}

@@ -311,3 +311,15 @@ def test_a_bad_init_is_one_line_and_writes_nothing(tmp_path, other_weights, args
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert __import__("re").search(words, r.stderr), r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_started_from_a_weights_file_resumes_without_it(tmp_path, other_weights):
+    import shutil
+    mine = tmp_path / "weights.pth"
+    shutil.copy(other_weights, mine)
+    base = dict(data="demo", model="resnet:depth=8", init=str(mine), batch_size=4, val_fraction=0.0, threads=1)
+    first = igkd.train(igkd.TrainConfig(**base, epochs=1), tmp_path / "run", quiet=True, data=_images(32, 32))
+    mine.unlink()  # last.pt holds the weights now
+    again = igkd.train(igkd.TrainConfig(**base, epochs=2), tmp_path / "run", resume=True, quiet=True,
+                       data=_images(32, 32))
+    assert again["epochs"] == 2 and again["init"] == first["init"]

@@ -232,9 +232,10 @@ def _own_rng():
         yield
 
 
-def _student(cfg, dataset: Dataset, model: nn.Module | None, quiet: bool = False):
+def _student(cfg, dataset: Dataset, model: nn.Module | None, quiet: bool = False, resuming: bool = False):
     """(cfg with the spec of a given module, the network wrapped with its preprocessing, the
-    record of ``--init FILE``'s copy or None)."""
+    record of ``--init FILE``'s copy or None). ``resuming``: from a ``last.pt``, whose weights
+    replace any initial ones: the file is not read (it may be gone), the record comes from there."""
     torch.manual_seed(cfg.seed)  # initialisation follows the seed
     if model is None:
         net = build_model(cfg.model, len(dataset.classes), dataset.channels)
@@ -245,7 +246,7 @@ def _student(cfg, dataset: Dataset, model: nn.Module | None, quiet: bool = False
         cfg = dataclasses.replace(cfg, model=module_spec(net, len(dataset.classes), dataset.channels,
                                                          tuple(dataset.image_size)))
     pre = preprocessing_for(cfg.normalize, dataset)
-    init = _init_from_file(cfg, net, pre, quiet) if init_file(cfg.init) else None
+    init = _init_from_file(cfg, net, pre, quiet) if init_file(cfg.init) and not resuming else None
     net = with_preprocessing(net, pre)
     check_outputs(net, dataset, f"model {cfg.model}" if model is None else "the student module")
     return cfg, net, init
@@ -256,12 +257,12 @@ def init_file(init: str) -> bool:
     return init not in ("scratch", "teacher")
 
 
-def _check_init(cfg, command: str) -> None:
-    """A bad ``--init`` in one line before any data is read."""
+def _check_init(cfg, command: str, resuming: bool = False) -> None:
+    """A bad ``--init`` in one line before any data is read (a resumed run does not read it)."""
     if cfg.init == "teacher" and command == "train":
         raise UserError("--init teacher copies a teacher's layers into a student: it is an option of igkd distill; "
                         "igkd train takes --init scratch or a weights FILE")
-    if init_file(cfg.init) and not Path(cfg.init).is_file():
+    if init_file(cfg.init) and not resuming and not Path(cfg.init).is_file():
         raise UserError(f"--init {cfg.init}: no such file; give scratch, a weights file (.safetensors, .pt, .pth)"
                         + (" or teacher" if command == "distill" else ""))
 
@@ -321,10 +322,11 @@ def _train(cfg, out, resume: bool, quiet: bool, model, data=None) -> dict:
     check_run_dir(out, resume)  # before the data is read, not after
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    _check_init(cfg, "train")
+    resuming = resume and (out / "last.pt").exists()
+    _check_init(cfg, "train", resuming)
     dataset, cfg = _run_data(cfg, data, out, resume)
     _ = dataset.train, dataset.test  # a bad test image is found now, not after every epoch has run
-    cfg, model, init = _student(cfg, dataset, model, quiet)
+    cfg, model, init = _student(cfg, dataset, model, quiet, resuming)
     return Trainer(cfg, model, dataset, out, device, meta={"init": init} if init else None, quiet=quiet).fit(resume)
 
 
@@ -452,7 +454,8 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -
     refuse_busy_run_dir(out)  # another run writing it is named now, not after our precompute
     check_run_dir(out, resume)  # before the teacher, the data and the precompute, which take minutes
     _check_store_dir(cfg.store)
-    _check_init(cfg, "distill")
+    resuming = resume and (out / "last.pt").exists()
+    _check_init(cfg, "distill", resuming)
     method = parse_method(cfg.method)
     env = parallel.init(cfg.device)
     try:
@@ -482,7 +485,7 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -
             if teacher is not None:
                 meta["teacher"].update(params=count_parameters(teacher), fingerprint=weights_fingerprint(teacher))
         _same_data_on_every_rank(env, cfg.data)
-        cfg, model, init = _student(cfg, dataset, student, quiet or env.rank > 0)
+        cfg, model, init = _student(cfg, dataset, student, quiet or env.rank > 0, resuming)
         if init:
             meta["init"] = init
         net = bare(model)

@@ -519,6 +519,8 @@ class Trainer:
                  "world_size": self.world, "train_seconds": self.train_seconds(), **rngs}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if "init" in self.meta:  # a resume does not read the --init file again (it may be gone)
+            state["init"] = self.meta["init"]
         kept = {part.name: part.state_dict(st) for part, st in self.parts}
         if any(kept.values()):
             state["parts"] = {name: d for name, d in kept.items() if d}
@@ -588,6 +590,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         for part, st in self.parts:
             part.load_state_dict(st, state.get("parts", {}).get(part.name, {}))
+        if "init" in state:
+            self.meta["init"] = state["init"]
         self.epoch, self.best = state["epoch"], state["best"]
         self.seconds_before = float(state.get("train_seconds", 0.0))
         ranks = state.get("torch_rng_ranks")

@@ -277,6 +277,9 @@ def test_train_starts_from_every_matching_tensor_of_a_weights_file(tmp_path, cap
     assert f"--init {other_weights}: copied {init['of'] - 2} of {init['of']} tensors; left as initialised: " \
            "fc.weight, fc.bias" in err
     assert "does not say how its training images were normalised" in err and "--normalize imagenet" in err
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"- **Initialised from:** `{other_weights}` (sha256 `{init['sha256'][:16]}...`), {init['copied']} of " \
+           f"{init['of']} tensors copied" in card
     trained = load_file(str(tmp_path / "run" / "model.safetensors"))
     source = torch.load(other_weights, weights_only=True)
     assert torch.allclose(trained["conv1.weight"], source["conv1.weight"], atol=1e-6)  # lr 1e-12: as copied

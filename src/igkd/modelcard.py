@@ -82,6 +82,12 @@ def model_card(summary: dict, meta: dict) -> str:
                          f"{ig.get('method')}, baseline {ig.get('baseline')}")
     else:
         lines.append("- **Method:** cross-entropy alone")
+    init = summary.get("init") or {}
+    if init.get("from") == "teacher":
+        lines.append(f"- **Initialised from:** the teacher's matching tensors ({init.get('copied')} of {init.get('of')})")
+    elif init.get("from"):
+        lines.append(f"- **Initialised from:** `{init['from']}` (sha256 `{init.get('sha256', '?')[:16]}...`), "
+                     f"{init.get('copied')} of {init.get('of')} tensors copied")
     if teacher:
         # a teacher handed to the API as a module has no file: the card said "from `None`"
         source = f"from `{teacher['path']}`" if teacher.get("path") else "handed to the API as a module"

@@ -16,7 +16,7 @@ import yaml
 from torch import nn
 
 from .command_options import EvaluateConfig, api_config
-from .config import DistillConfig, PrecomputeConfig, TrainConfig
+from .config import DistillConfig, PrecomputeConfig, TrainConfig, init_file
 from .data import Dataset, RowView, load_dataset
 from .data.memory import given_data, is_memory_spec
 from .distill import Trainer, parallel, parse_method
@@ -250,11 +250,6 @@ def _student(cfg, dataset: Dataset, model: nn.Module | None, quiet: bool = False
     net = with_preprocessing(net, pre)
     check_outputs(net, dataset, f"model {cfg.model}" if model is None else "the student module")
     return cfg, net, init
-
-
-def init_file(init: str) -> bool:
-    """Whether ``--init`` names a weights file (not scratch or teacher)."""
-    return init not in ("scratch", "teacher")
 
 
 def _check_init(cfg, command: str, resuming: bool = False) -> None:

@@ -583,6 +583,11 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def init_file(init) -> bool:
+    """Whether ``--init`` names a weights file (not scratch or teacher)."""
+    return isinstance(init, str) and init not in ("scratch", "teacher")
+
+
 # What a run recorded before an option existed ran with, where that is not the option's
 # default now: every run before --augment (and its default auto) trained with pad-crop. A
 # record without the option counted with today's default, auto, matched no resolved run

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from ..config import TrainConfig, recorded_defaults, to_dict
+from ..config import TrainConfig, init_file, recorded_defaults, to_dict
 from ..data import Dataset, RowView, stratified_split, subset_indices
 from ..errors import UserError
 from ..evaluate import classification_metrics, predict
@@ -64,7 +64,8 @@ from ..fileio import (disk_full_names, dumps, file_digest, finite, remove_tempor
                       write_text)
 from ..lock import DirLock
 from ..modelcard import model_card
-from ..models import bare, count_parameters, load_weights, preprocessing_of, save_checkpoint, to_device
+from ..models import (bare, count_parameters, load_weights, preprocessing_of, save_checkpoint, to_device,
+                      weights_file)
 from ..progress import Progress, fmt_seconds, log
 from .attention import FeatureHook, StopForward
 from .augment import crop_flip, resized_crop_flip, resolve_augment
@@ -88,6 +89,19 @@ def twice_differentiable(on: bool):
 
 
 CHECK_EVERY = 20  # steps between finite-loss checks (one tiny all-reduce under DDP)
+
+
+def _same_start(record, init) -> bool:
+    """Whether ``init``, a resumed run's ``--init`` now, is a file with the weights the run
+    started from (``record``: last.pt's record of that copy, with their sha256). Its path is
+    no part of the result: an experiment finds its runs by the file's sha256, and a run found
+    after the file moved was then refused for the path it was recorded with."""
+    if not (init_file(init) and isinstance(record, dict) and isinstance(record.get("sha256"), str)):
+        return False
+    path = weights_file(init)
+    return path.is_file() and file_digest(path, "sha256") == record["sha256"]
+
+
 RESUME_FREE = ("epochs", "threads", "stream", "compile", "verify_store", "log", "log_every")  # options a resumed run may change
 # what a last.pt written by Trainer.state always holds
 RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best", "history", "torch_rng", "config"}
@@ -552,6 +566,8 @@ class Trainer:
         defaults = recorded_defaults(type(self.cfg))  # options added since the run started, as it ran
         saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k not in RESUME_FREE}
         now = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUME_FREE}
+        if saved.get("init") != now.get("init") and _same_start(state.get("init"), now.get("init")):
+            saved["init"] = now["init"]  # the weights file moved or named otherwise: the same start
         if saved != now:
             # an option the run has and this igkd no longer knows counts too (the list was empty)
             diff = sorted(k for k in {*saved, *now} if k not in saved or k not in now or saved[k] != now[k])
@@ -567,6 +583,10 @@ class Trainer:
                 h, w = self.dataset.image_size
                 how += (f" (--augment {saved['augment']}: the default, --augment auto, takes "
                         f"{now['augment']} for these {h}x{w} images)")
+            if "init" in diff and init_file(saved.get("init")):
+                # the file is not read again (it may be gone): the run's own --init always resumes
+                how += (f" (--init {saved['init']}: the run started from its weights, which last.pt holds now; "
+                        "the file need not be there, and a copy of it at another path is taken too)")
             raise UserError(f"cannot resume {self.out}: its config differs in {said}; "
                             f"resume with {how} or start a new --out directory")
         if state["epoch"] > self.cfg.epochs:  # the summary said N epochs of a model trained longer

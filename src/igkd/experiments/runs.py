@@ -27,13 +27,14 @@ from pathlib import Path
 
 from .. import api
 from ..attribution import registry as attribution_registry
-from ..config import DistillConfig, PrecomputeConfig, recorded_defaults, to_dict
+from ..config import DistillConfig, PrecomputeConfig, init_file, recorded_defaults, to_dict
 from ..distill.parts import config_fields as part_config_fields, parse_method
 from ..distill.augment import resolve_augment
 from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
 from ..fileio import native_path, new_folder, write_json
 from ..lock import folder_held
+from ..models import weights_file
 from ..progress import fmt_percent, fmt_seconds, log
 from ..spec import canonical_spec
 from ..store import sha256_file
@@ -92,10 +93,10 @@ def semantic_config(cfg: DistillConfig) -> dict:
     else:  # the maps' own settings: another attribution's options change nothing (a run was trained twice)
         keep = {"attribution", "map_size", "map_dtype", *attribution_registry.get(cfg.attribution).option_names()}
         drop.update(f for f in STORE_FIELDS if f not in keep)
+    if init_file(cfg.init) and weights_file(cfg.init).is_file():  # the weights by content, as the teacher's
+        d["init"] = "sha256:" + file_sha256(weights_file(cfg.init))  # (model.json: its .safetensors)
     # --init teacher copies the teacher's weights into the student: then the teacher decides the
     # result even for a method without one (student runs from two teachers shared one key)
-    if api.init_file(cfg.init) and Path(cfg.init).is_file():  # the weights by content, as the teacher's
-        d["init"] = "sha256:" + file_sha256(cfg.init)
     weights = teacher_file(cfg.teacher)
     if not method.needs_teacher and cfg.init != "teacher":
         drop.update(TEACHER_FIELDS)

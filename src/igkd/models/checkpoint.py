@@ -666,6 +666,13 @@ def _copy_state(model: nn.Module, theirs: dict[str, torch.Tensor]) -> list[str]:
     return names
 
 
+def weights_file(path: str | Path) -> Path:
+    """The file holding the tensors ``path`` names: an igkd checkpoint's .safetensors for its
+    .json, else ``path``. ``--init``'s record, a resume's check and an experiment's run key
+    hash this one, so that model.json and model.safetensors name one start."""
+    return _paths(path)[0] if Path(path).suffix == ".json" else Path(path)
+
+
 def copy_from_file(model: nn.Module, path: str | Path, spec: str = "the model") -> dict:
     """Fine-tuning's start: copy into ``model`` every tensor of the weights file ``path`` (an
     igkd checkpoint, a PyTorch state dict read without unpickling code, a .safetensors; a DDP,
@@ -683,5 +690,5 @@ def copy_from_file(model: nn.Module, path: str | Path, spec: str = "the model") 
                         f"{_names(list(theirs))}, the model {_names(list(own))}; give weights of this architecture "
                         "(torchvision's names are those of igkd's resnet18/34/50 and mobilenetv2_imagenet)")
     copied = set(names)
-    return {"from": str(path), "sha256": file_sha256(_paths(path)[0] if Path(path).suffix == ".json" else path),
+    return {"from": str(path), "sha256": file_sha256(weights_file(path)),
             "copied": len(names), "of": len(own), "kept": [k for k in own if k not in copied][:8]}

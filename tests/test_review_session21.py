@@ -326,3 +326,27 @@ def test_a_run_started_from_a_weights_file_resumes_without_it(tmp_path, other_we
     again = igkd.train(igkd.TrainConfig(**base, epochs=2), tmp_path / "run", resume=True, quiet=True,
                        data=_images(32, 32))
     assert again["epochs"] == 2 and again["init"] == first["init"]
+
+
+def test_weights_of_another_depth_are_named_beside_the_count(tmp_path, capsys, other_weights):
+    """A layer named as the model's with another shape (resnet18 weights in a resnet50: its
+    stem copies, its bottlenecks do not) is said beside the count, which looked like success."""
+    state = torch.load(other_weights, weights_only=True)
+    state["layer1.0.conv1.weight"] = torch.zeros(16, 16, 1, 1)  # a 1x1 where the model has a 3x3
+    other = tmp_path / "other.pth"
+    torch.save(state, other)
+    cfg = igkd.TrainConfig(data="demo", model="resnet:depth=8", init=str(other), epochs=1, batch_size=4,
+                           val_fraction=0.0, threads=1)
+    igkd.train(cfg, tmp_path / "other", data=_images(32, 32))
+    err = capsys.readouterr().err
+    assert "has tensors named as resnet:depth=8's with other shapes (layer1.0.conv1.weight), beyond its " \
+           "classifier" in err, err
+    igkd.train(igkd.TrainConfig(data="demo", model="resnet:depth=8", init=str(other_weights), epochs=1,
+                                batch_size=4, val_fraction=0.0, threads=1), tmp_path / "same", data=_images(32, 32))
+    assert "other shapes" not in capsys.readouterr().err  # only the classifier differs: nothing to say
+
+
+def test_distill_init_teacher_without_a_teacher_says_so():
+    from igkd.errors import UserError
+    with pytest.raises(UserError, match="^--init teacher copies the teacher's layers into the student; pass --teacher"):
+        igkd.distill(igkd.DistillConfig(data="demo", method="student", init="teacher"), "/nonexistent/run")

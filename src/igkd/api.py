@@ -270,6 +270,10 @@ def _init_from_file(cfg, net: nn.Module, pre: dict, quiet: bool) -> dict:
     kept = f"; left as initialised: {', '.join(info['kept'])}{', ...' if info['of'] - info['copied'] > 8 else ''}" \
         if info["kept"] else ""
     log(f"--init {cfg.init}: copied {info['copied']} of {info['of']} tensors{kept}", quiet)
+    if info["other_shape"]:
+        log(f"igkd: warning: {cfg.init} has tensors named as {cfg.model}'s with other shapes "
+            f"({', '.join(info['other_shape'][:3])}{', ...' if len(info['other_shape']) > 3 else ''}), beyond its "
+            "classifier: weights of another depth or width? Those layers start random", quiet)
     theirs = (read_metadata(cfg.init) or {}).get("preprocessing") if Path(cfg.init).suffix in (
         ".safetensors", ".json") else None
     ours = pre or {"normalize": "none"}
@@ -451,6 +455,9 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -
     _check_store_dir(cfg.store)
     resuming = resume and (out / "last.pt").exists()
     _check_init(cfg, "distill", resuming)
+    if cfg.init == "teacher" and teacher is None and not cfg.teacher:  # said "this method needs a teacher"
+        raise UserError("--init teacher copies the teacher's layers into the student; pass --teacher CHECKPOINT, "
+                        "or use --init scratch")
     method = parse_method(cfg.method)
     env = parallel.init(cfg.device)
     try:

@@ -690,5 +690,12 @@ def copy_from_file(model: nn.Module, path: str | Path, spec: str = "the model") 
                         f"{_names(list(theirs))}, the model {_names(list(own))}; give weights of this architecture "
                         "(torchvision's names are those of igkd's resnet18/34/50 and mobilenetv2_imagenet)")
     copied = set(names)
+    # same name, other shape, outside the classifier: weights of another depth or width (a
+    # resnet18 file in a resnet50 copies its stem and little else), worth a word beside the count
+    linears = [n for n, m in bare(model).named_modules() if isinstance(m, nn.Linear)]
+    head = f"{linears[-1]}." if linears else None
+    mismatched = [k for k in own if k in theirs and k not in copied and not k.endswith("num_batches_tracked")
+                  and not (head and k.startswith(head))]
     return {"from": str(path), "sha256": file_sha256(weights_file(path)),
-            "copied": len(names), "of": len(own), "kept": [k for k in own if k not in copied][:8]}
+            "copied": len(names), "of": len(own), "kept": [k for k in own if k not in copied][:8],
+            "other_shape": mismatched[:8]}

@@ -350,3 +350,34 @@ def test_distill_init_teacher_without_a_teacher_says_so():
     from igkd.errors import UserError
     with pytest.raises(UserError, match="^--init teacher copies the teacher's layers into the student; pass --teacher"):
         igkd.distill(igkd.DistillConfig(data="demo", method="student", init="teacher"), "/nonexistent/run")
+
+
+def test_a_distilled_run_resumes_with_its_teacher_at_another_path(tmp_path):
+    """A project folder moved (or a teacher copied elsewhere) between the sessions of a run:
+    its teacher's path differs, its weights do not (experiments already key teachers by content)."""
+    import shutil
+    from igkd.errors import UserError
+    from igkd.models import build_model, save_checkpoint
+    torch.manual_seed(0)
+    first = tmp_path / "a" / "teacher"
+    first.parent.mkdir()
+    save_checkpoint(first, build_model("resnet:depth=8", 2, 3), {"model": "resnet:depth=8", "num_classes": 2,
+                    "in_channels": 3, "classes": ["a", "b"], "preprocessing": {"normalize": "none"}})
+    data = _images(32, 32)
+    base = dict(data="demo", method="kd", model="resnet:depth=8", batch_size=4, val_fraction=0.0, threads=1)
+    igkd.distill(igkd.DistillConfig(**base, teacher=str(first) + ".safetensors", epochs=1), tmp_path / "run",
+                 quiet=True, data=data)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = str(tmp_path / "b" / "teacher.safetensors")
+    assert igkd.distill(igkd.DistillConfig(**base, teacher=moved, epochs=2), tmp_path / "run", resume=True,
+                        quiet=True, data=data)["epochs"] == 2
+    torch.manual_seed(1)  # another teacher at that path: refused, and told what is compared
+    save_checkpoint(tmp_path / "b" / "teacher", build_model("resnet:depth=8", 2, 3), {
+        "model": "resnet:depth=8", "num_classes": 2, "in_channels": 3, "classes": ["a", "b"],
+        "preprocessing": {"normalize": "none"}})
+    other = str(tmp_path / "c.safetensors")
+    shutil.copy(moved, other)
+    shutil.copy(moved.replace(".safetensors", ".json"), other.replace(".safetensors", ".json"))
+    with pytest.raises(UserError, match="differs in teacher .* its weights are compared, not its path"):
+        igkd.distill(igkd.DistillConfig(**base, teacher=other, epochs=3), tmp_path / "run", resume=True,
+                     quiet=True, data=data)

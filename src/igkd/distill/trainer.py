@@ -535,6 +535,8 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         if "init" in self.meta:  # a resume does not read the --init file again (it may be gone)
             state["init"] = self.meta["init"]
+        if (self.meta.get("teacher") or {}).get("fingerprint"):  # the teacher by its weights, not its path
+            state["teacher_fingerprint"] = self.meta["teacher"]["fingerprint"]
         kept = {part.name: part.state_dict(st) for part, st in self.parts}
         if any(kept.values()):
             state["parts"] = {name: d for name, d in kept.items() if d}
@@ -568,6 +570,10 @@ class Trainer:
         now = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUME_FREE}
         if saved.get("init") != now.get("init") and _same_start(state.get("init"), now.get("init")):
             saved["init"] = now["init"]  # the weights file moved or named otherwise: the same start
+        fingerprint = (self.meta.get("teacher") or {}).get("fingerprint")
+        if saved.get("teacher") != now.get("teacher") and fingerprint \
+                and state.get("teacher_fingerprint") == fingerprint:
+            saved["teacher"] = now["teacher"]  # the same teacher at another path (a moved project folder)
         if saved != now:
             # an option the run has and this igkd no longer knows counts too (the list was empty)
             diff = sorted(k for k in {*saved, *now} if k not in saved or k not in now or saved[k] != now[k])
@@ -583,6 +589,8 @@ class Trainer:
                 h, w = self.dataset.image_size
                 how += (f" (--augment {saved['augment']}: the default, --augment auto, takes "
                         f"{now['augment']} for these {h}x{w} images)")
+            if "teacher" in diff and "teacher_fingerprint" in state:
+                how += " (or the run's teacher at another path: its weights are compared, not its path)"
             if "init" in diff and init_file(saved.get("init")):
                 # the file is not read again (it may be gone): the run's own --init always resumes
                 how += (f" (--init {saved['init']}: the run started from its weights, which last.pt holds now; "

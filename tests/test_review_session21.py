@@ -96,6 +96,16 @@ def wide(num_classes, channels=6):          # 'channels' is a width here, not th
 
 def no_classes(width=4):
     return head(3, 10, width)
+
+def keywords(**kw):                         # written for igkd's names: reads both
+    return head(kw["in_channels"], kw["num_classes"])
+
+def torchvision_style(*, weights=None, **kwargs):   # named parameters, then keywords passed on
+    assert "in_channels" not in kwargs, "an RGB network's builder got in_channels"
+    return head(3, kwargs["num_classes"])
+
+def broken(num_classes, in_channels):
+    raise ValueError("width must be a power of two")
 '''
 
 
@@ -108,7 +118,7 @@ def factories(tmp_path_factory):
 
 @pytest.mark.parametrize("name,channels,first,last", [
     ("plain", 3, 3, 5), ("Net", 3, 3, 5), ("timm_style", 1, 1, 5), ("forwarding", 3, 3, 5), ("forwarding", 1, 1, 5),
-    ("wide", 3, 3, 5)])
+    ("wide", 3, 3, 5), ("keywords", 3, 3, 5), ("keywords", 1, 1, 5), ("torchvision_style", 3, 3, 5)])
 def test_a_factory_gets_the_size_arguments_by_its_own_names(factories, name, channels, first, last):
     from igkd.models import build_model
     net = build_model(f"py:{factories}:{name}", 5, channels)
@@ -122,7 +132,9 @@ def test_a_factory_gets_the_size_arguments_by_its_own_names(factories, name, cha
 @pytest.mark.parametrize("name,channels,words", [
     ("plain", 1, "plain takes no argument for the image channels .* these have 1 channel"),
     ("no_classes", 3, "no_classes takes no argument for the number of classes .* it takes width"),
-    ("plain", 3, "cannot be called with num_classes, depth")])
+    ("plain", 3, "cannot be called with num_classes, depth"),
+    ("broken", 3, r"broken raised ValueError: width must be a power of two \(at user_nets.py line \d+\) when igkd "
+                  r"called it with num_classes=5, in_channels=3")])
 def test_a_factory_that_cannot_take_the_data_is_one_line(factories, name, channels, words):
     from igkd.errors import UserError
     from igkd.models import build_model

@@ -24,6 +24,7 @@ import importlib.util
 import inspect
 import io
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def _size_arguments(params, num_classes: int, in_channels: int, who: str, given=
     the names its signature has: ``make(num_classes=10)``, ``Net(n_classes)`` and timm-style
     ``in_chans`` are all common. A factory taking ``**kwargs`` (torchvision's builders) gets
     ``num_classes``, and ``in_channels`` only for images other than RGB: its keywords go on to a
-    class that may take no channels; where the spec's options (``given``) name one of these
+    class that may take no channels (one taking keywords alone, ``make(**kw)``, gets both); where the spec's options (``given``) name one of these
     arguments itself (``py:timm:create_model,model_name=...,in_chans=1``: its keywords go on
     to a class that takes ``in_chans``), igkd adds no second name for it. One without a
     channels argument builds for RGB: other images are refused here, as the network's first
@@ -125,7 +126,8 @@ def _size_arguments(params, num_classes: int, in_channels: int, who: str, given=
     channels = next((n for n in CHANNEL_NAMES if n in named), None)
     if channels is not None:
         out[channels] = in_channels
-    elif var_kw and in_channels != 3 and not set(CHANNEL_NAMES) & set(given):
+    elif var_kw and (in_channels != 3 or not named) and not set(CHANNEL_NAMES) & set(given):
+        # a factory of keywords alone (make(**kw)) was written for igkd's own names: both
         out["in_channels"] = in_channels
     elif in_channels != 3 and not var_kw:
         raise UserError(f"{who} takes no argument for the image channels (any of {', '.join(CHANNEL_NAMES)}), so it "
@@ -174,7 +176,14 @@ def _build_py(spec: Spec, num_classes: int, in_channels: int) -> nn.Module:
                             f"number of classes (as {'/'.join(CLASS_NAMES)}), the image channels where it takes "
                             f"them (as {'/'.join(CHANNEL_NAMES)}) and the spec's options as keyword arguments") \
                 from None
-    net = factory(**kwargs)
+    try:
+        net = factory(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's code: one line naming where, not igkd's traceback
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{module}:{name} raised {type(e).__name__}: {first} (at {Path(where.filename).name} line "
+                        f"{where.lineno}) when igkd called it with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}; "
+                        "fix it or the spec's options") from None
     if not isinstance(net, nn.Module):
         raise UserError(f"{module}:{name} returned {type(net).__name__}, not a torch.nn.Module; make it return "
                         "the network")

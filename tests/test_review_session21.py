@@ -38,7 +38,9 @@ def test_a_run_records_and_says_what_auto_chose(tmp_path, capsys, size, chosen, 
     cfg = igkd.TrainConfig(data="demo", epochs=1, batch_size=4, val_fraction=0.0, threads=1)
     igkd.train(cfg, tmp_path / "run", model=_net(), data=_images(*size))
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["augment"] == chosen
-    assert f"lr 0.05, {words}, device cpu" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"lr 0.05, {words}, device cpu" in err
+    assert ", val n/a *," in err and "(val n/a)" in err and "nan" not in err  # no validation split: said so
 
 
 def test_a_run_recorded_with_pad_crop_resumes_under_auto_and_keeps_its_experiment_key(tmp_path):

@@ -66,7 +66,7 @@ from ..lock import DirLock
 from ..modelcard import model_card
 from ..models import (bare, count_parameters, load_weights, preprocessing_of, save_checkpoint, to_device,
                       weights_file)
-from ..progress import Progress, fmt_seconds, log
+from ..progress import Progress, fmt_percent, fmt_seconds, log
 from .attention import FeatureHook, StopForward
 from .augment import crop_flip, resized_crop_flip, resolve_augment
 from .parallel import Dist, rank_seed, sync_batchnorm
@@ -742,7 +742,7 @@ class Trainer:
             eta = (time.perf_counter() - start) / (epoch - first) * (cfg.epochs - epoch)
             log(f"epoch {epoch}/{cfg.epochs}: loss {stats['loss']:.4f}"
                 + "".join(f", {k} {stats[k]:.4g}" for k in self._term_names(stats))
-                + f", val {val:.2f}%{' *' if improved else ''}, {stats['images_per_s']:.0f} img/s, "
+                + f", val {fmt_percent(val)}{' *' if improved else ''}, {stats['images_per_s']:.0f} img/s, "
                 f"ETA {fmt_seconds(eta)}", self.quiet)
 
     def settle_best(self) -> None:
@@ -813,7 +813,7 @@ class Trainer:
         # summary.json last: it marks the run finished (experiments reuse it as it is, and a run
         # killed after it but before the model card was never resumed, so it lacked README.md)
         write_json(self.out / "summary.json", summary)
-        log(f"done: best epoch {self.best['epoch']} (val {self.best['val_accuracy']:.2f}%), "
+        log(f"done: best epoch {self.best['epoch']} (val {fmt_percent(self.best['val_accuracy'])}), "
             f"test accuracy {test['accuracy']:.2f}% -> {self.out}", self.quiet)
         return summary
 

@@ -31,7 +31,7 @@ from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as 
 from .models.fold import for_inference
 from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .models import (bare, build_model, built_spec, copy_from_file, copy_matching, count_parameters, eval_mode, holds_own_weights,
-                     load_model, read_metadata, preprocessing_of, recorded_spec, weights_fingerprint,
+                     load_model, read_metadata, preprocessing_of, recorded_spec, resume_identity, weights_fingerprint,
                      with_preprocessing)
 from .precompute import maps_record, precompute as _precompute
 from .progress import log
@@ -485,7 +485,8 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -
                 teacher, tmeta = load_teacher(cfg.teacher, dataset, cfg.teacher_model, cfg.teacher_normalize)
                 meta["teacher"] = {"path": str(cfg.teacher), "model": tmeta.get("model")}
             if teacher is not None:
-                meta["teacher"].update(params=count_parameters(teacher), fingerprint=weights_fingerprint(teacher))
+                meta["teacher"].update(params=count_parameters(teacher), fingerprint=weights_fingerprint(teacher),
+                                       identity=resume_identity(teacher))
         _same_data_on_every_rank(env, cfg.data)
         cfg, model, init = _student(cfg, dataset, student, quiet or env.rank > 0, resuming)
         if init:

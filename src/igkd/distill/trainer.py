@@ -190,6 +190,27 @@ def refuse_world() -> None:
         raise UserError("under torchrun only 'igkd distill' trains with several processes; run this in one")
 
 
+def _loadable(name: str, saved: dict) -> dict:
+    """A part's state as :meth:`Part.state_dict` returned it, checked to load as a resume reads
+    last.pt (``weights_only=True``): a plug-in part keeping a NumPy number or an object of its
+    own wrote a last.pt that every resume then called damaged, found out only when resuming."""
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    buf.seek(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.load(buf, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler refuses
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        # torch's message opens with advice to unpickle anyway; the line naming the type says what
+        first = next((ln for ln in lines if "Unsupported global" in ln), lines[0])[:160]
+        raise UserError(f"method part '{name}' keeps a state a resume cannot read ({first}); its state_dict must "
+                        "return tensors and plain values (numbers, strings, lists, dicts), e.g. float() of a "
+                        "NumPy number") from None
+    return saved
+
+
 class Trainer:
     """Trains ``model`` on ``dataset`` as ``cfg`` says; see the module docstring.
 
@@ -535,11 +556,14 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         if "init" in self.meta:  # a resume does not read the --init file again (it may be gone)
             state["init"] = self.meta["init"]
-        if (self.meta.get("teacher") or {}).get("fingerprint"):  # the teacher by its weights, not its path
-            state["teacher_fingerprint"] = self.meta["teacher"]["fingerprint"]
+        teacher = self.meta.get("teacher") or {}
+        if teacher.get("fingerprint"):  # the teacher by its weights and program, not its path
+            state["teacher_fingerprint"] = teacher["fingerprint"]
+        if teacher.get("identity"):
+            state["teacher_identity"] = teacher["identity"]
         kept = {part.name: part.state_dict(st) for part, st in self.parts}
         if any(kept.values()):
-            state["parts"] = {name: d for name, d in kept.items() if d}
+            state["parts"] = {name: _loadable(name, d) for name, d in kept.items() if d}
         if "cuda_rng_ranks" in rngs:
             state["cuda_rng"] = rngs["cuda_rng_ranks"][0]
         return state
@@ -570,10 +594,22 @@ class Trainer:
         now = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUME_FREE}
         if saved.get("init") != now.get("init") and _same_start(state.get("init"), now.get("init")):
             saved["init"] = now["init"]  # the weights file moved or named otherwise: the same start
-        fingerprint = (self.meta.get("teacher") or {}).get("fingerprint")
-        if saved.get("teacher") != now.get("teacher") and fingerprint \
-                and state.get("teacher_fingerprint") == fingerprint:
-            saved["teacher"] = now["teacher"]  # the same teacher at another path (a moved project folder)
+        teacher = self.meta.get("teacher") or {}
+        # the same teacher at another path (a moved project folder): known by resume_identity, as
+        # the weights fingerprint alone is one value for every frozen TorchScript teacher (an
+        # empty state dict) and took any other such teacher for the run's
+        if saved.get("teacher") != now.get("teacher") and teacher.get("identity") \
+                and state.get("teacher_identity") == teacher["identity"]:
+            saved["teacher"] = now["teacher"]
+        if saved.get("teacher") == now.get("teacher") and teacher.get("fingerprint") \
+                and state.get("teacher_fingerprint") not in (None, teacher["fingerprint"]):
+            # a teacher trained again into the same file (or another module handed in): the run
+            # would go on learning from another network (the stable weights fingerprint, so that
+            # a TorchScript program text another torch prints differently is not refused)
+            where = f"--teacher {now['teacher']}" if now.get("teacher") else "the teacher module"
+            raise UserError(f"cannot resume {self.out}: {where} has other weights than the teacher the run "
+                            "started with (its weights are compared, not its path); resume with that teacher "
+                            "or start a new --out directory")
         if saved != now:
             # an option the run has and this igkd no longer knows counts too (the list was empty)
             diff = sorted(k for k in {*saved, *now} if k not in saved or k not in now or saved[k] != now[k])
@@ -589,7 +625,7 @@ class Trainer:
                 h, w = self.dataset.image_size
                 how += (f" (--augment {saved['augment']}: the default, --augment auto, takes "
                         f"{now['augment']} for these {h}x{w} images)")
-            if "teacher" in diff and "teacher_fingerprint" in state:
+            if "teacher" in diff and "teacher_identity" in state:
                 how += " (or the run's teacher at another path: its weights are compared, not its path)"
             if "init" in diff and init_file(saved.get("init")):
                 # the file is not read again (it may be gone): the run's own --init always resumes

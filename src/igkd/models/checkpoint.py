@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import UserError, cause
 from ..fileio import dumps, file_digest, native_path, write_bytes, write_json
 from ..spec import canonical_spec, parse_spec
-from .preprocess import bare, with_preprocessing
+from .preprocess import bare, preprocessing_of, with_preprocessing
 from .registry import MODELS, SPEC_ATTRIBUTE, build_model, built_spec, family_of, find_family
 
 FORMAT = "igkd-checkpoint/1"
@@ -597,6 +597,16 @@ def teacher_identity(model: nn.Module) -> str:
                     h.update(f"{key}={value!r}|".encode())
     h.update(f"weights={weights_fingerprint(net)}".encode())
     return h.hexdigest()
+
+
+def resume_identity(model: nn.Module) -> str:
+    """sha256 by which a resumed distillation knows its teacher at another path: what
+    :func:`teacher_identity` names (architecture, weights, a TorchScript teacher's program and
+    its frozen constants) and the input normalisation in front. :func:`weights_fingerprint`
+    alone is one value for every frozen TorchScript teacher (an empty state dict), and is blind
+    to another architecture or normalisation read from another file's metadata."""
+    pre = json.dumps(preprocessing_of(model), sort_keys=True)
+    return hashlib.sha256(f"{teacher_identity(model)}|preprocessing={pre}".encode()).hexdigest()
 
 
 def _plain(value) -> bool:

@@ -156,11 +156,33 @@ def _signature(factory) -> inspect.Signature | None:
     return sig
 
 
+def _short_repr(value, limit: int = 60) -> str:
+    """A value igkd passed, cut where long (a spec option of a long string): the line names
+    the arguments, it does not reprint them."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _where(tb, own_file: str | None) -> str:
+    """Where a factory's exception came from: the deepest line of the factory's own file (the
+    line its author can change) and, where the exception was raised deeper (torch's Conv2d
+    refusing an argument), that place too."""
+    frames = traceback.extract_tb(tb)
+    deepest = frames[-1]
+    own = Path(own_file).resolve() if own_file else None
+    mine = next((f for f in reversed(frames) if own is not None and Path(f.filename).resolve() == own), None)
+    if mine is None or mine is deepest:
+        return f"at {Path(deepest.filename).name} line {deepest.lineno}"
+    return f"at {Path(mine.filename).name} line {mine.lineno}, raised in {Path(deepest.filename).name} line " \
+        f"{deepest.lineno}"
+
+
 def _build_py(spec: Spec, num_classes: int, in_channels: int) -> nn.Module:
     module, _, name = (spec.arg or "").rpartition(":")
     if not module or not name:
         raise UserError(f"model spec '{spec}' needs a module and a callable: py:MODULE:CALLABLE[,key=value...]")
-    factory = getattr(_import(module, spec), name, None)
+    mod = _import(module, spec)
+    factory = getattr(mod, name, None)
     if not callable(factory):
         raise UserError(f"module '{module}' has no callable '{name}' (model spec '{spec}'); name the function or "
                         "class that builds your network")
@@ -178,12 +200,15 @@ def _build_py(spec: Spec, num_classes: int, in_channels: int) -> nn.Module:
                 from None
     try:
         net = factory(**kwargs)
+    except UserError:  # igkd's own one line (the factory called igkd): complete, not cut to its first line
+        raise
     except Exception as e:  # noqa: BLE001 - the user's code: one line naming where, not igkd's traceback
-        where = traceback.extract_tb(e.__traceback__)[-1]
+        # (KeyboardInterrupt and SystemExit are not Exceptions: they go on as they are)
         first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserError(f"{module}:{name} raised {type(e).__name__}: {first} (at {Path(where.filename).name} line "
-                        f"{where.lineno}) when igkd called it with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}; "
-                        "fix it or the spec's options") from None
+        given = ", ".join(f"{k}={_short_repr(v)}" for k, v in kwargs.items())
+        raise UserError(f"{module}:{name} raised {type(e).__name__}{': ' + first if first else ''} "
+                        f"({_where(e.__traceback__, getattr(mod, '__file__', None))}) when igkd called it with "
+                        f"{given}; fix it or the spec's options") from None
     if not isinstance(net, nn.Module):
         raise UserError(f"{module}:{name} returned {type(net).__name__}, not a torch.nn.Module; make it return "
                         "the network")

@@ -125,7 +125,8 @@ class Part:
     def load_state_dict(self, state, saved: dict) -> None:
         """Put back into ``state`` (a fresh :meth:`setup`'s) what :meth:`state_dict` returned
         when the checkpoint was written; ``saved`` is ``{}`` for a checkpoint without it (one
-        written before the part kept any)."""
+        written before the part kept any). Its tensors come back on the CPU (last.pt is read
+        there): a part moves those it computes with to the run's device itself."""
 
     def close(self, state) -> None:
         """Release what setup took (hooks) when training ends."""

@@ -252,14 +252,22 @@ def _student(cfg, dataset: Dataset, model: nn.Module | None, quiet: bool = False
     return cfg, net, init
 
 
-def _check_init(cfg, command: str, resuming: bool = False) -> None:
-    """A bad ``--init`` in one line before any data is read (a resumed run does not read it)."""
+def check_init(cfg, command: str, resuming: bool = False, teacher_given: bool = False) -> None:
+    """A bad ``--init`` in one line before any data is read (a resumed run does not read its
+    file). ``command``: train, distill or experiment (whose paths a config file may give);
+    ``teacher_given``: a teacher module handed to the API."""
+    in_config = command == "experiment"
     if cfg.init == "teacher" and command == "train":
         raise UserError("--init teacher copies a teacher's layers into a student: it is an option of igkd distill; "
                         "igkd train takes --init scratch or a weights FILE")
+    if cfg.init == "teacher" and not teacher_given and not cfg.teacher:  # said "this method needs a teacher"
+        raise UserError(f"--init teacher copies the teacher's layers into the student{'s' if in_config else ''}; "
+                        f"pass --teacher CHECKPOINT{' (or set teacher: in the config)' if in_config else ''}, "
+                        "or use --init scratch")
     if init_file(cfg.init) and not resuming and not Path(cfg.init).is_file():
-        raise UserError(f"--init {cfg.init}: no such file; give scratch, a weights file (.safetensors, .pt, .pth)"
-                        + (" or teacher" if command == "distill" else ""))
+        raise UserError(f"--init {cfg.init}: no such file; give scratch, {'' if command == 'train' else 'teacher or '}"
+                        "a weights file (.safetensors, .pt, .pth"
+                        f"{'; paths in a config are relative to the current folder' if in_config else ''})")
 
 
 def _init_from_file(cfg, net: nn.Module, pre: dict, quiet: bool) -> dict:
@@ -322,7 +330,7 @@ def _train(cfg, out, resume: bool, quiet: bool, model, data=None) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     resuming = resume and (out / "last.pt").exists()
-    _check_init(cfg, "train", resuming)
+    check_init(cfg, "train", resuming)
     dataset, cfg = _run_data(cfg, data, out, resume)
     _ = dataset.train, dataset.test  # a bad test image is found now, not after every epoch has run
     cfg, model, init = _student(cfg, dataset, model, quiet, resuming)
@@ -454,10 +462,7 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -
     check_run_dir(out, resume)  # before the teacher, the data and the precompute, which take minutes
     _check_store_dir(cfg.store)
     resuming = resume and (out / "last.pt").exists()
-    _check_init(cfg, "distill", resuming)
-    if cfg.init == "teacher" and teacher is None and not cfg.teacher:  # said "this method needs a teacher"
-        raise UserError("--init teacher copies the teacher's layers into the student; pass --teacher CHECKPOINT, "
-                        "or use --init scratch")
+    check_init(cfg, "distill", resuming, teacher_given=teacher is not None)
     method = parse_method(cfg.method)
     env = parallel.init(cfg.device)
     try:

@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .. import api
-from ..config import PrecomputeConfig, init_file, to_dict
+from ..config import PrecomputeConfig, to_dict
 from ..data import Dataset, load_dataset
 from ..distill.methods import parse_method
 from ..errors import UserError
@@ -42,17 +42,12 @@ def start(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str],
     teacher = need_teacher or any(m.needs_teacher for m in parsed)
     if teacher and not cfg.teacher:
         raise UserError("these methods need a teacher; pass --teacher CHECKPOINT (or set teacher: in the config)")
-    if cfg.init == "teacher" and not cfg.teacher:  # was found by the first run, after the folder was marked
-        raise UserError("--init teacher copies the teacher's layers into the students; pass --teacher CHECKPOINT "
-                        "(or set teacher: in the config), or use --init scratch")
+    # a bad --init was found by the first run, after the folder was marked (and a missing file
+    # keyed the runs by its path, not its sha256): distill's own check, before any of that
+    api.check_init(cfg, "experiment")
     if (teacher or cfg.init == "teacher") and not teacher_file(cfg.teacher).is_file():
         raise UserError(f"teacher checkpoint {teacher_file(cfg.teacher)} does not exist; pass --teacher CHECKPOINT "
                         "(paths in a config are relative to the current folder)")
-    # a missing --init FILE keyed the runs by its path (not its sha256) and failed in the first
-    # run, after the folder was marked and that run's folder made
-    if init_file(cfg.init) and not Path(cfg.init).is_file():
-        raise UserError(f"--init {cfg.init}: no such file; give scratch, teacher or a weights file (.safetensors, "
-                        ".pt, .pth; paths in a config are relative to the current folder)")
     # every experiment trains: data without a train split (a folder of test/ alone) is refused
     # before the folder is marked, not at its first run
     dataset = dataset if dataset is not None else load_dataset(cfg.data)

@@ -31,6 +31,11 @@ class _Validated:
         validate(self)
 
 
+INIT_HELP = ("initial weights: scratch (random, from --seed) or a weights FILE (an igkd checkpoint, a PyTorch "
+             "state dict .pt/.pth or a .safetensors, such as torchvision's ImageNet weights): every tensor whose "
+             "name and shape the model has is copied and the rest (a classifier for other classes) stays random")
+
+
 @dataclass
 class TrainConfig(_Validated):
     """Options shared by ``igkd train`` (teacher) and ``igkd distill`` (student)."""
@@ -47,11 +52,7 @@ class TrainConfig(_Validated):
                          "(the paper's students take raw [0,1] pixels) or 'imagenet' (torchvision's ImageNet "
                          "mean/std, what weights from torchvision given to --init expect)",
                          choices=["dataset", "none", "imagenet"])
-    init: str = opt("scratch", "initial weights: scratch (random, from --seed); a weights FILE (an igkd checkpoint, "
-                    "a PyTorch state dict .pt/.pth or a .safetensors, such as torchvision's ImageNet weights): "
-                    "every tensor whose name and shape the model has is copied and the rest (a classifier for "
-                    "other classes) stays random, i.e. fine-tuning; or, for distill, teacher (the teacher's "
-                    "matching tensors: a truncated or same-family student)", metavar="scratch|teacher|FILE")
+    init: str = opt("scratch", INIT_HELP + ", i.e. fine-tuning", metavar="scratch|FILE")
     epochs: int = opt(30, "training epochs", low=1, high=100000)
     batch_size: int = opt(128, "images per optimisation step", low=1, high=65536, unit="images")
     optimizer: str = opt("sgd", "sgd (momentum, Nesterov) or adam (the paper's)", choices=["sgd", "adam"])
@@ -209,6 +210,9 @@ class _DistillBase(TrainConfig, PrecomputeConfig):
     normalize: str = opt("none", "student input preprocessing: 'none' (the paper's, raw [0,1] pixels), "
                          "'dataset' or 'imagenet' (for a student --init from torchvision's weights)",
                          choices=["dataset", "none", "imagenet"])
+    # train has no teacher to start from: the choice is distill's alone (and its --help's)
+    init: str = opt("scratch", INIT_HELP + "; or teacher: the teacher's matching tensors (a truncated or "
+                    "same-family student)", metavar="scratch|teacher|FILE")
     teacher: str = opt("", "teacher checkpoint (.safetensors from igkd train, or .pt with --teacher-model)",
                        metavar="CKPT")
     teacher_model: str = opt("", "architecture spec of a foreign teacher checkpoint without igkd metadata",

@@ -29,7 +29,7 @@ from .evaluate.classmap import model_classes, read_class_map, remap
 from .evaluate.metrics import not_logits
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models.fold import for_inference
-from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .models.preprocess import IMAGENET_MEAN, IMAGENET_STD, remember_preprocessing, trained_preprocessing
 from .models import (bare, build_model, built_spec, copy_from_file, copy_matching, count_parameters, eval_mode, holds_own_weights,
                      load_model, read_metadata, preprocessing_of, recorded_spec, resume_identity, weights_fingerprint,
                      with_preprocessing)
@@ -248,8 +248,20 @@ def _student(cfg, dataset: Dataset, model: nn.Module | None, quiet: bool = False
     pre = preprocessing_for(cfg.normalize, dataset)
     init = _init_from_file(cfg, net, pre, quiet) if init_file(cfg.init) and not resuming else None
     net = with_preprocessing(net, pre)
+    if model is not None and model is bare(model):  # an igkd wrapper given applies its own normalisation
+        remember_preprocessing(model, net)
     check_outputs(net, dataset, f"model {cfg.model}" if model is None else "the student module")
     return cfg, net, init
+
+
+def module_input(module: nn.Module, normalize: str, dataset: Dataset) -> tuple[nn.Module, dict]:
+    """(``module`` with the preprocessing ``normalize`` names in front, that preprocessing),
+    for a module scored or exported as it is. ``auto``: the one igkd.train or igkd.distill
+    trained it behind in this process (its weights expect it), else none: it takes [0, 1]
+    pixels. The preprocessing returned is what the whole applies, an igkd wrapper's own too."""
+    pre = preprocessing_for(normalize, dataset) or trained_preprocessing(module) or {"normalize": "none"}
+    net = with_preprocessing(module, pre)
+    return net, (pre if pre["normalize"] != "none" else preprocessing_of(module))
 
 
 def check_init(cfg, command: str, resuming: bool = False, teacher_given: bool = False) -> None:
@@ -505,6 +517,8 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -
             # activations were off by the normalisation, a much worse start than intended
             pre = preprocessing_of(teacher)
             model = with_preprocessing(net, pre)
+            if student is not None and student is bare(student):
+                remember_preprocessing(student, model)
             cfg = dataclasses.replace(cfg, normalize=pre["normalize"])
             log(f"--init teacher: copied {len(copied)} of {len(net.state_dict())} student tensors from the teacher; "
                 f"the student takes the teacher's input normalisation ({_describe_pre(pre)})", quiet or env.rank > 0)
@@ -558,10 +572,12 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     split of the dataset spec ``data`` (or an :class:`igkd.data.Dataset`, e.g. in memory from
     :func:`igkd.data.from_tensors`; ``result["data"]`` is then its ``memory:sha256=HEX``).
 
-    ``weights`` may also be an ``nn.Module`` taking float [0, 1] pixels (a network
-    :func:`distill` or :func:`train` just trained in place, say): it is scored as it is, its
-    outputs read as the dataset's classes in order (``normalize`` ``dataset`` or ``imagenet``
-    puts that normalisation in front of it); ``result["weights"]`` is then None and
+    ``weights`` may also be an ``nn.Module`` (a network :func:`distill` or :func:`train`
+    just trained in place, say): it is scored as it is, its outputs read as the dataset's
+    classes in order. ``normalize`` ``dataset`` or ``imagenet`` puts that normalisation in
+    front of it; ``auto`` the one :func:`train` or :func:`distill` trained it behind (its
+    ``normalize``), or none for another module, which then takes float [0, 1] pixels
+    (``module_input``); ``result["weights"]`` is then None and
     ``result["model"]`` ``module:CLASSNAME``. The module is moved to ``device``, and its
     training flag is left as it was.
 
@@ -637,8 +653,8 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
         raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
                         "evaluate it on the dataset it was trained for (or map the classes with --class-map)")
     if module is not None:  # scored as it is: its outputs are the data's classes, in order
-        pre = preprocessing_for(normalize, dataset) or {"normalize": "none"}
-        net, meta = with_preprocessing(module, pre), {"model": weights, "preprocessing": pre}
+        net, pre = module_input(module, normalize, dataset)
+        meta = {"model": weights, "preprocessing": pre}
         # the wrapper's own flag only: net.train(flag) set every module inside to one flag, and a
         # training module's frozen BatchNorm or Dropout came back training
         net.training = module.training

@@ -12,8 +12,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ..api import preprocessing_for, warn_unknown_preprocessing
+from ..api import check_outputs, module_input, preprocessing_for, warn_unknown_preprocessing
 from ..command_options import ExportConfig, api_config
 from ..data import Dataset, load_dataset
 from ..data.memory import given_data, is_memory_spec
@@ -24,7 +25,7 @@ from ..evaluate.cost import check_budget, measure_latency
 from ..export import embed_metadata, load_runner, logits_of, onnx_bytes, parity, quantize_int8, require_onnxruntime, torchscript_module
 from ..fileio import atomic_path, finite, native_path, writable_dir, writable_file, write_json
 from ..lock import folder_held
-from ..models import holds_own_weights, load_model, read_metadata
+from ..models import bare, holds_own_weights, load_model, read_metadata, weights_fingerprint
 from ..models.checkpoint import file_sha256
 from ..progress import log
 from ..spec import Spec, parse_spec
@@ -51,6 +52,13 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     Writes ``output`` and ``output.json`` (input shape, dtype, value range,
     preprocessing, class names, parity), and ``report_dir/export.json`` when given.
 
+    ``weights`` may also be an ``nn.Module`` (a network :func:`igkd.distill` or
+    :func:`igkd.train` just trained in place, say), exported as it is with its outputs read
+    as the classes of ``data`` (then required), in order, and ``normalize`` as
+    :func:`igkd.evaluate` takes it for a module: ``auto``, the normalisation the run trained
+    it behind, or none for a module igkd did not train. It comes back on its device with its
+    training flags; the sidecar's ``source`` names its class and weights fingerprint.
+
     The options are the fields of :class:`igkd.command_options.ExportConfig`, as keywords
     or ``config``: one dataclass gives the command line, the YAML section ``export:`` and
     these defaults. ``out=`` is the old name of ``output`` (DeprecationWarning).
@@ -61,6 +69,11 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     if output is None:
         raise UserError("no file to write; pass --output FILE (*.onnx for ONNX, e.g. *.pt for TorchScript)")
     given = None
+    module = weights if isinstance(weights, nn.Module) else None
+    if module is not None:
+        if options.get("model") or (config is not None and config.model):
+            raise UserError("export_model got a module to export and a model spec; give one of them")
+        weights = f"module:{type(module).__name__}"  # for the config's checks; never read as a file
     if isinstance(options.get("data"), Dataset):  # the config holds a spec string: the one it is recorded as
         given, options["data"] = given_data(options["data"])
     cfg = api_config(ExportConfig, config, {"weights": weights, "format": format, **options}, "export_model")
@@ -76,14 +89,20 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     if int8 and format != "onnx":
         raise UserError("--int8 needs --format onnx (ONNX Runtime quantisation)")
     check_budget(1, 1, cfg.min_time, 1, 10000)
-    if _weights_file(weights).suffix in (".safetensors", ".json") or holds_own_weights(str(weights)):
-        native_path(_weights_file(weights), "--weights")  # opened by safetensors or TorchScript
-    meta = read_metadata(existing(_weights_file(weights), "weights file")) or {}
-    _check_clobber(output, _weights_file(weights))
+    if module is None:
+        if _weights_file(weights).suffix in (".safetensors", ".json") or holds_own_weights(str(weights)):
+            native_path(_weights_file(weights), "--weights")  # opened by safetensors or TorchScript
+        meta = read_metadata(existing(_weights_file(weights), "weights file")) or {}
+    else:
+        meta = {}
+    _check_clobber(output, _weights_file(weights) if module is None else None)
     if format == "onnx":
         require_onnxruntime()
-    data = cfg.data or _recorded_dataset(meta.get("dataset", ""), weights)
+    data = cfg.data or (_recorded_dataset(meta.get("dataset", ""), weights) if module is None else "")
     if not data:
+        if module is not None:
+            raise UserError("a module records no dataset; pass data= (a spec or an igkd Dataset) for its classes "
+                            "and the parity check (its test split)")
         raise UserError(f"{weights} names no dataset; pass --data SPEC for the parity check (its test split)")
     try:
         dataset = given if given is not None else load_dataset(data)
@@ -109,18 +128,27 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
         raise UserError(f"{weights} was trained on {'x'.join(map(str, trained))} images, {dataset.spec} has "
                         f"{'x'.join(map(str, dataset.image_size))}; pass the --data it was trained on (an image "
                         f"folder: add ,size={'x'.join(map(str, trained))})")
-    pre = preprocessing_for(cfg.normalize, dataset)
-    net, meta = load_model(weights, cfg.model or None, len(dataset.classes), dataset.channels, pre, image_size=dataset.image_size)
-    warn_unknown_preprocessing(weights, cfg.normalize, "--normalize")
+    if module is not None:  # exported as it is: its outputs are the data's classes, in order
+        net, pre = module_input(module, cfg.normalize, dataset)
+        net.train(module.training)  # a new wrapper trains; the export leaves the module's flags as they were
+        meta = {"model": weights, "preprocessing": pre}
+        check_outputs(net, dataset, f"the module {type(module).__name__}", split="test")
+    else:
+        pre = preprocessing_for(cfg.normalize, dataset)
+        net, meta = load_model(weights, cfg.model or None, len(dataset.classes), dataset.channels, pre,
+                               image_size=dataset.image_size)
+        warn_unknown_preprocessing(weights, cfg.normalize, "--normalize")
     shape = (dataset.channels, *dataset.image_size)
     # evenly spaced, not the first N: an image folder lists its test split class by class, and the
     # first N images were of one class (the int8 accuracy gate then saw that class alone)
     test = dataset.test if not cfg.images else dataset.test.subset(evenly_spaced(len(dataset.test), cfg.images))
     log(f"export: {meta['model']} -> {output} ({format}{', int8' if int8 else ''}), parity on {len(test)} test "
         "images", quiet)
-    reference = predict(net, test.images)
+    # on the module's own device: a notebook's CUDA module is not moved for the reference
+    reference = predict(net, test.images, device=next((p.device for p in net.parameters()), torch.device("cpu")))
     accuracy = lambda logits: 100.0 * float((logits.argmax(1) == test.labels).float().mean())  # noqa: E731
-    result: dict = {"out": str(output), "format": format, "int8": int8, "weights": str(weights),
+    result: dict = {"out": str(output), "format": format, "int8": int8,
+                    "weights": str(weights) if module is None else None,
                     "model": meta["model"], "data": dataset.spec, "accuracy_pytorch": accuracy(reference)}
     atol, min_agreement = cfg.atol, cfg.min_agreement
     # the file and its sidecar land together under the output folder's flock: two exports to one
@@ -158,7 +186,9 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
                 "max_int8_drop": cfg.max_int8_drop,
                 "latency_fp32_ms": fp32_lat["median_ms"], "latency_int8_ms": int8_lat["median_ms"],
                 "speedup": fp32_lat["median_ms"] / int8_lat["median_ms"], "threads": cfg.threads, "batch": 1}
-        sidecar = _sidecar(output, format, int8, weights, meta, dataset, shape, result)
+        source = ({"weights": str(weights), "sha256": file_sha256(_weights_file(weights))} if module is None else
+                  {"weights": None, "module": type(module).__name__, "weights_fingerprint": weights_fingerprint(bare(module))})
+        sidecar = _sidecar(output, format, int8, source, meta, dataset, shape, result)
         embed_metadata(tmp, finite(sidecar), format)  # inside the file too: it travels without the .json
         result["bytes"] = tmp.stat().st_size
         landing.enter_context(folder_held(output.parent))
@@ -231,13 +261,13 @@ def _weights_file(weights) -> Path:
     return Path(parse_spec(str(weights)).arg if holds_own_weights(str(weights)) else weights)
 
 
-def _check_clobber(output: Path, weights: Path) -> None:
+def _check_clobber(output: Path, weights: Path | None) -> None:
     """Refuse an --output that would overwrite the checkpoint being exported, or whose
     ``output.json`` sidecar would overwrite a file igkd's export did not write: ``--output
     run/model`` wrote ``run/model.json`` over the checkpoint's own metadata (the checkpoint then
     no longer loaded), ``--output run/summary`` over the run's summary."""
-    sources = [weights]
-    if weights.suffix in (".safetensors", ".json"):  # an igkd checkpoint is a .safetensors and its .json
+    sources = [weights] if weights is not None else []  # None: a module, no file of its own
+    if weights is not None and weights.suffix in (".safetensors", ".json"):  # an igkd checkpoint is a .safetensors and its .json
         sources += [weights.with_suffix(".safetensors"), weights.with_suffix(".json")]
     sidecar = Path(f"{output}.json")
     for path, what in ((output, "the exported file"), (sidecar, "its metadata file")):
@@ -265,11 +295,11 @@ def _calibration_set(dataset: Dataset, n: int) -> torch.Tensor:
     return train.images[idx]
 
 
-def _sidecar(out: Path, format: str, int8: bool, weights, meta: dict, dataset: Dataset, shape, result: dict) -> dict:
+def _sidecar(out: Path, format: str, int8: bool, source: dict, meta: dict, dataset: Dataset, shape, result: dict) -> dict:
     pre = meta["preprocessing"]
     return {
         "format": "igkd-export/1", "file": out.name, "runtime_format": format, "int8": int8,
-        "model": meta["model"], "source": {"weights": str(weights), "sha256": file_sha256(_weights_file(weights))},
+        "model": meta["model"], "source": source,
         "input": {"name": "images", "shape": ["batch", *shape], "dtype": "float32", "layout": "NCHW",
                   "value_range": [0.0, 1.0], "channels": "grayscale" if shape[0] == 1 else "RGB"},
         "output": {"name": "logits", "shape": ["batch", len(dataset.classes)],

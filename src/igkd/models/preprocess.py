@@ -9,6 +9,7 @@ normalised input (IG is invariant to per-channel affine reparametrisation).
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -64,3 +65,21 @@ def preprocessing_of(model: nn.Module) -> dict:
 def bare(model: nn.Module) -> nn.Module:
     """The network inside a preprocessing wrapper (the one whose weights are saved)."""
     return model.net if isinstance(model, Normalized) else model
+
+
+# module -> the preprocessing igkd.train or igkd.distill put in front of it while training it
+# in place (by identity; forgotten with the module). Its weights then expect normalised
+# inputs, yet the module itself takes them as given: igkd.evaluate(module) read it as taking
+# raw [0, 1] pixels and scored a just-trained network at 21% against the run's 47%.
+_TRAINED_WITH: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def remember_preprocessing(module: nn.Module, wrapped: nn.Module) -> None:
+    """Record that ``module`` was trained inside ``wrapped`` (itself, or :class:`Normalized`
+    around it): :func:`trained_preprocessing` gives that preprocessing back."""
+    _TRAINED_WITH[module] = preprocessing_of(wrapped)
+
+
+def trained_preprocessing(module: nn.Module) -> dict | None:
+    """The preprocessing an igkd run of this process trained ``module`` behind, or None."""
+    return _TRAINED_WITH.get(module)

@@ -1,0 +1,68 @@
+"""Session 22: a module trained in place is scored and exported behind the normalisation its
+run trained it with; train's --help offers only the starts train has."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import igkd
+from igkd.data import from_tensors
+from igkd.errors import UserError
+
+
+def _data():
+    # class 1 brighter than class 0, both far from mean 0 / std 1: a network trained on
+    # normalised pixels scores differently on raw ones
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(48) % 2
+    x = (torch.randint(90, 140, (48, 3, 12, 12), generator=g) + 60 * y.view(-1, 1, 1, 1)).to(torch.uint8)
+    return from_tensors((x[:32], y[:32]), (x[32:], y[32:]), ["dark", "bright"])
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 2))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_module_trained_in_place_is_scored_and_exported_behind_its_runs_normalisation(tmp_path):
+    pytest.importorskip("onnxruntime")
+    data, net = _data(), _net()
+    cfg = igkd.TrainConfig(epochs=1, batch_size=8, val_fraction=0.0, threads=1, normalize="dataset", lr=0.1)
+    summary = igkd.train(cfg, tmp_path / "run", model=net, data=data, quiet=True)
+    scored = igkd.evaluate(net, data)
+    # raw pixels into a network trained on normalised ones: the score was another network's
+    assert scored["preprocessing"]["normalize"] == "dataset"
+    assert scored["confusion"] == summary["test"]["confusion"]
+    assert igkd.evaluate(net, data, normalize="none")["preprocessing"] == {"normalize": "none"}  # said, kept
+
+    net.train()
+    out = tmp_path / "m.onnx"
+    result = igkd.export_model(net, out, data=data, quiet=True)
+    assert net.training and all(m.training for m in net.modules())  # the module's flags as they were
+    assert result["weights"] is None and result["model"] == "module:Sequential"
+    side = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert side["source"]["module"] == "Sequential" and side["source"]["weights_fingerprint"] == \
+        igkd.models.weights_fingerprint(net)
+    assert side["preprocessing"]["normalize"] == "dataset" and side["preprocessing"]["in_graph"]
+    import onnxruntime as ort
+    x = data.test.images.float().numpy() / 255  # the deployment's input: pixels / 255
+    logits = ort.InferenceSession(str(out)).run(None, {"images": x})[0]
+    assert int((torch.from_numpy(logits).argmax(1) == data.test.labels).sum()) == summary["test"]["correct"]
+
+    with pytest.raises(UserError, match="a module records no dataset; pass data="):
+        igkd.export_model(net, tmp_path / "n.onnx", quiet=True)
+    with pytest.raises(UserError, match="a module to export and a model spec"):
+        igkd.export_model(net, tmp_path / "n.onnx", data=data, model="mobilenetv2", quiet=True)
+    assert not (tmp_path / "n.onnx").exists()
+
+
+def test_train_help_offers_the_starts_train_has(capsys):
+    from igkd.cli import main
+    for command, shown in (("train", "--init scratch|FILE"), ("distill", "--init scratch|teacher|FILE")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert shown in text and ("or teacher:" in text.split("\n  --init ", 1)[1][:700]) == (command == "distill")

@@ -66,3 +66,24 @@ def test_train_help_offers_the_starts_train_has(capsys):
             main([command, "--help"])
         text = capsys.readouterr().out
         assert shown in text and ("or teacher:" in text.split("\n  --init ", 1)[1][:700]) == (command == "distill")
+
+
+def test_a_progress_line_cut_by_an_exception_ends_on_a_terminal():
+    import io
+
+    from igkd.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    out = Terminal()
+    with pytest.raises(KeyboardInterrupt):
+        with Progress(10, "precompute", "img", stream=out) as p:
+            p.update(3)
+            raise KeyboardInterrupt
+    assert "3/10 img" in out.getvalue() and out.getvalue().endswith("\n") and out.getvalue().count("\n") == 1
+    quiet = Terminal()
+    with pytest.raises(ValueError), Progress(10, "x", stream=quiet, delay=60) as p:  # nothing shown: nothing ended
+        p.update(1)
+        raise ValueError
+    assert quiet.getvalue() == ""

@@ -50,6 +50,11 @@ class Progress:
     def __exit__(self, *exc):
         if not self.quiet and exc[0] is None and (self.shown or not self.delay):
             self._print(final=True)
+        elif exc[0] is not None and self.tty and self.shown:
+            # the line redrawn in place ends here: the error (or "interrupted; resume with ...")
+            # was printed on the end of the progress line
+            self.stream.write("\n")
+            self.stream.flush()
 
     def update(self, n: int = 1, extra: str = "") -> None:
         self.done += n

@@ -88,7 +88,7 @@ def test_an_experiment_takes_a_torchscript_teacher_as_distill_does(tmp_path, mon
     from igkd.experiments.common import start
     from igkd.experiments.config import resolve
     from igkd.experiments.runs import run_key, semantic_config, teacher_file
-    from igkd.store import sha256_file
+    from igkd.fileio import file_sha256 as sha256_file
     monkeypatch.chdir(tmp_path)
     _torchscript_teacher(tmp_path / "t.pt")
     assert teacher_file("torchscript:t.pt") == Path("t.pt") and teacher_file("x.safetensors") == Path("x.safetensors")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from igkd.fileio import file_digest as file_sha256
+from igkd.fileio import file_sha256
 from igkd.models import build_model, read_metadata, save_checkpoint
 from test_trainer import stop_in_epoch, trainer
 

@@ -66,7 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .fileio import atomic_path, disk_full_names, file_digest, fsync_path, write_json
+from .fileio import atomic_path, disk_full_names, fsync_path, write_json
 from .lock import LOCK_NAME
 
 FORMAT = "igkd-store/1"
@@ -89,10 +89,6 @@ class StoreDamaged(UserError):
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    return file_digest(path, "sha256")
 
 
 def store_key(identity: dict) -> str:

@@ -23,10 +23,9 @@ from ..evaluate import predict
 from ..evaluate.corruptions import evenly_spaced
 from ..evaluate.cost import check_budget, measure_latency
 from ..export import embed_metadata, load_runner, logits_of, onnx_bytes, parity, quantize_int8, require_onnxruntime, torchscript_module
-from ..fileio import atomic_path, finite, native_path, writable_dir, writable_file, write_json
+from ..fileio import atomic_path, file_sha256, finite, native_path, writable_dir, writable_file, write_json
 from ..lock import folder_held
 from ..models import bare, holds_own_weights, load_model, read_metadata, weights_fingerprint
-from ..models.checkpoint import file_sha256
 from ..progress import log
 from ..spec import Spec, parse_spec
 from .common import existing

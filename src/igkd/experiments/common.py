@@ -18,7 +18,7 @@ from ..fileio import write_json, write_text
 from ..progress import log
 from ..runtime import set_threads
 from .config import ExperimentConfig, check, corruption_names, split_list
-from .runs import data_sha256, file_sha256, know_image_size, prepare_out, teacher_file
+from .runs import cached_file_sha256, data_sha256, know_image_size, prepare_out, teacher_file
 
 
 def methods_of(cfg: ExperimentConfig) -> list[str]:
@@ -78,7 +78,7 @@ def teacher_facts(cfg: ExperimentConfig, out: Path, quiet: bool, dataset: Datase
     """Model, parameters and test accuracy of the teacher; cached by file hash and dataset
     (``dataset``: ``cfg.data`` loaded, else it is loaded here)."""
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
-    sha = file_sha256(teacher_file(cfg.teacher))
+    sha = cached_file_sha256(teacher_file(cfg.teacher))
     test_sha = dataset.fingerprint("test")  # the images, not the spec: a folder's files may have changed
     cache = out / "teacher.json"
     try:

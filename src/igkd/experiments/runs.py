@@ -32,12 +32,11 @@ from ..distill.parts import config_fields as part_config_fields, parse_method
 from ..distill.augment import resolve_augment
 from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
-from ..fileio import native_path, new_folder, write_json
+from ..fileio import file_sha256, native_path, new_folder, write_json
 from ..lock import folder_held
 from ..models import weights_file
 from ..progress import fmt_percent, fmt_seconds, log
 from ..spec import canonical_spec
-from ..store import sha256_file
 
 # fields that do not change what a run computes (speed, placement, bookkeeping)
 NON_SEMANTIC = ("threads", "stream", "device", "store", "eval_batch_size", "channels_last", "optimizer_impl", "compile",
@@ -50,12 +49,12 @@ MARKER = "experiment.json"
 _file_hashes: dict[tuple[str, int, int], str] = {}
 
 
-def file_sha256(path: str | Path) -> str:
+def cached_file_sha256(path: str | Path) -> str:
     p = Path(path)
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _file_hashes:
-        _file_hashes[key] = sha256_file(p)
+        _file_hashes[key] = file_sha256(p)
     return _file_hashes[key]
 
 
@@ -94,14 +93,14 @@ def semantic_config(cfg: DistillConfig) -> dict:
         keep = {"attribution", "map_size", "map_dtype", *attribution_registry.get(cfg.attribution).option_names()}
         drop.update(f for f in STORE_FIELDS if f not in keep)
     if init_file(cfg.init) and weights_file(cfg.init).is_file():  # the weights by content, as the teacher's
-        d["init"] = "sha256:" + file_sha256(weights_file(cfg.init))  # (model.json: its .safetensors)
+        d["init"] = "sha256:" + cached_file_sha256(weights_file(cfg.init))  # (model.json: its .safetensors)
     # --init teacher copies the teacher's weights into the student: then the teacher decides the
     # result even for a method without one (student runs from two teachers shared one key)
     weights = teacher_file(cfg.teacher)
     if not method.needs_teacher and cfg.init != "teacher":
         drop.update(TEACHER_FIELDS)
     elif weights is not None and weights.is_file():
-        d["teacher"] = "sha256:" + file_sha256(weights)
+        d["teacher"] = "sha256:" + cached_file_sha256(weights)
     if cfg.subset == 1.0:
         drop.add("subset_seed")
     return canonical_specs({k: v for k, v in sorted(d.items()) if k not in drop})
@@ -340,7 +339,7 @@ def corruption_scores(jobs: list[Job], out: Path, names: list[str], seed: int, i
         d = run_dir(out, job)
         weights = d / "model.safetensors"
         key = {"names": list(names), "seed": seed, "images": images, "data": job.cfg.data,
-               "weights_sha256": file_sha256(weights)}
+               "weights_sha256": cached_file_sha256(weights)}
         try:  # a cache: damaged, it is computed again
             cached = read_record(d / CORRUPTIONS_FILE) if (d / CORRUPTIONS_FILE).exists() else {}
         except UserError:

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from ..errors import UserError, cause
-from ..fileio import dumps, file_digest, native_path, write_bytes, write_json
+from ..fileio import dumps, file_sha256, native_path, write_bytes, write_json
 from ..spec import canonical_spec, parse_spec
 from .preprocess import bare, preprocessing_of, with_preprocessing
 from .registry import MODELS, SPEC_ATTRIBUTE, build_model, built_spec, family_of, find_family
@@ -96,10 +96,6 @@ def header_metadata(path: str | Path) -> dict | None:
                         "or give its .json beside it") from None
     check_metadata(meta, f"in the header of {path}")
     return meta
-
-
-def file_sha256(path: str | Path) -> str:
-    return file_digest(path, "sha256")
 
 
 def read_metadata(path: str | Path) -> dict | None:

@@ -87,3 +87,21 @@ def test_a_progress_line_cut_by_an_exception_ends_on_a_terminal():
         p.update(1)
         raise ValueError
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_teacher_trained_in_place_teaches_behind_its_runs_normalisation(tmp_path):
+    data, net = _data(), _net()
+    cfg = igkd.TrainConfig(epochs=1, batch_size=8, val_fraction=0.0, threads=1, normalize="dataset", lr=0.1)
+    igkd.train(cfg, tmp_path / "t", model=net, data=data, quiet=True)
+    pcfg = igkd.PrecomputeConfig(ig_steps=2, check_images=0)
+    store = igkd.precompute(net, data, pcfg, store=tmp_path / "store", quiet=True, threads=1)
+    pre = json.loads((tmp_path / "t" / "model.json").read_text())["preprocessing"]  # what the run trained behind
+    assert pre["normalize"] == "dataset"
+    x = data.train.images.float() / 255
+    mean, std = torch.tensor(pre["mean"]).view(1, -1, 1, 1), torch.tensor(pre["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        normalised, raw = net.eval()((x - mean) / std), net(x)
+    logits = torch.as_tensor(store.logits[:]).float()  # by sample index: the train split's 0..31
+    # the store's logits are the normalised teacher's (the bare module on raw pixels gave others)
+    assert torch.allclose(logits, normalised, atol=1e-4) and not torch.allclose(logits, raw, atol=1e-2)

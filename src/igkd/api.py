@@ -388,7 +388,8 @@ def precompute(teacher_path: str | Path | nn.Module, data: str | Dataset, cfg: P
                store: str | Path | None = None, teacher_model: str = "", device: str = "auto",
                quiet: bool = False, threads: int = 0, teacher_normalize: str = "auto"):
     """Compute (or reuse, or resume) the store of teacher logits and IG maps of a teacher
-    checkpoint (or spec holding its weights, or an ``nn.Module`` taking [0, 1] pixels: run
+    checkpoint (or spec holding its weights, or an ``nn.Module`` taking [0, 1] pixels, or
+    behind the normalisation :func:`train` trained it with or ``teacher_normalize`` names: run
     in eval mode, its training flags as given afterwards) on the training split of the
     dataset spec ``data`` (or an :class:`igkd.data.Dataset`, e.g. in memory from
     :func:`igkd.data.from_tensors`: the store is keyed by its fingerprint all the same).
@@ -422,7 +423,7 @@ def _precompute_api(teacher_path, data, cfg, store, teacher_model, device, quiet
             _ = dataset.train  # decoded (and cached) by rank 0 first
         _same_data_on_every_rank(env, spec)
         if isinstance(teacher_path, nn.Module):  # teacher_normalize in front of it, as distill puts it
-            teacher = with_preprocessing(teacher_path.eval(), preprocessing_for(teacher_normalize, dataset))
+            teacher = module_input(teacher_path.eval(), teacher_normalize, dataset)[0]
             check_outputs(teacher, dataset, "the teacher module")
         else:
             teacher = load_teacher(teacher_path, dataset, teacher_model, teacher_normalize)[0]
@@ -442,7 +443,8 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, quiet: bo
     ``teacher`` and ``student``, ``nn.Module`` s taking float [0, 1] pixels N x C x H x W
     and returning N x classes logits (a teacher that normalises does so inside, or
     ``cfg.teacher_normalize`` puts the normalisation in front of it: ``imagenet`` for a
-    torchvision model), replace ``cfg.teacher`` and ``cfg.model``. Both are moved to the
+    torchvision model; ``auto``, the one :func:`train` trained it behind in this process),
+    replace ``cfg.teacher`` and ``cfg.model``. Both are moved to the
     run's device. The teacher runs in eval mode and its weights are not changed; the
     student is trained in place and holds the best epoch's weights afterwards, those of
     ``out/model.safetensors``. Both come back with the training flags they were given.
@@ -495,7 +497,9 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -
                 spec = module_spec(teacher, len(dataset.classes), dataset.channels, tuple(dataset.image_size))
                 # cfg.teacher_normalize applies to a module too (imagenet: a torchvision model handed
                 # over as it is); it was ignored, and such a teacher saw raw pixels
-                teacher = with_preprocessing(teacher, preprocessing_for(cfg.teacher_normalize, dataset))
+                # (auto: the normalisation igkd.train trained it behind, as evaluate takes it; the store
+                # and IG maps were a teacher fed raw pixels: 67.8% of the training images right, not 97.8%)
+                teacher = module_input(teacher, cfg.teacher_normalize, dataset)[0]
                 check_outputs(teacher, dataset, "the teacher module")
                 meta["teacher"] = {"path": None, "model": spec}
             elif method.needs_teacher or cfg.init == "teacher":

@@ -105,3 +105,19 @@ def test_a_teacher_trained_in_place_teaches_behind_its_runs_normalisation(tmp_pa
     logits = torch.as_tensor(store.logits[:]).float()  # by sample index: the train split's 0..31
     # the store's logits are the normalised teacher's (the bare module on raw pixels gave others)
     assert torch.allclose(logits, normalised, atol=1e-4) and not torch.allclose(logits, raw, atol=1e-2)
+
+
+def test_a_checkpoint_given_images_of_another_size_is_warned_about(tmp_path, capsys):
+    from igkd.models import build_model, save_checkpoint
+    data = _data()  # 12 x 12
+    spec = "mobilenetv2:width=0.25,drop=14"
+    net = build_model(spec, 2, 3)
+    path = save_checkpoint(tmp_path / "m.safetensors", net, {"model": spec, "num_classes": 2, "in_channels": 3,
+                                                             "classes": data.classes, "image_size": [16, 16]})
+    igkd.evaluate(str(path), data)
+    err = capsys.readouterr().err
+    assert "was trained on 16x16 images and is given 12x12" in err and "add ,size=16x16" in err
+    save_checkpoint(path, net, {"model": spec, "num_classes": 2, "in_channels": 3, "classes": data.classes,
+                                "image_size": [12, 12]})
+    igkd.evaluate(str(path), data)
+    assert "warning" not in capsys.readouterr().err

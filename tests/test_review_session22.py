@@ -90,7 +90,7 @@ def test_a_progress_line_cut_by_an_exception_ends_on_a_terminal():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_a_teacher_trained_in_place_teaches_behind_its_runs_normalisation(tmp_path):
+def test_a_teacher_trained_in_place_teaches_behind_its_runs_normalisation(tmp_path, capsys):
     data, net = _data(), _net()
     cfg = igkd.TrainConfig(epochs=1, batch_size=8, val_fraction=0.0, threads=1, normalize="dataset", lr=0.1)
     igkd.train(cfg, tmp_path / "t", model=net, data=data, quiet=True)
@@ -105,6 +105,12 @@ def test_a_teacher_trained_in_place_teaches_behind_its_runs_normalisation(tmp_pa
     logits = torch.as_tensor(store.logits[:]).float()  # by sample index: the train split's 0..31
     # the store's logits are the normalised teacher's (the bare module on raw pixels gave others)
     assert torch.allclose(logits, normalised, atol=1e-4) and not torch.allclose(logits, raw, atol=1e-2)
+    # the store counts how often its teacher is right on the training images (where a wrong
+    # normalisation or image size shows), and says so
+    right = int((normalised.argmax(1) == data.train.labels).sum())
+    assert store.manifest["teacher_accuracy"] == {"percent": 100.0 * right / 32, "correct": right, "images": 32}
+    igkd.precompute(net, data, pcfg, store=tmp_path / "store", threads=1)  # reused: said again
+    assert f"the teacher is right on {100 * right / 32:.1f}% of its 32 training images" in capsys.readouterr().err
 
 
 def test_a_checkpoint_given_images_of_another_size_is_warned_about(tmp_path, capsys):

@@ -533,6 +533,9 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -
         store = None
         if needs_store(method, cfg):
             store = _precompute(teacher, dataset, cfg, cfg.store or None, device, quiet or env.rank > 0, dist=env)
+            if store.manifest.get("teacher_accuracy") and meta.get("teacher"):
+                # the teacher as the student sees it (its normalisation, the data's size), on the training images
+                meta["teacher"]["train_accuracy"] = store.manifest["teacher_accuracy"]["percent"]
         if teacher is not None:
             # None, not 0.0, for a frozen TorchScript teacher: its weights are constants, not parameters
             meta["compression"] = (meta["teacher"]["params"] / count_parameters(net)) if meta["teacher"]["params"] \

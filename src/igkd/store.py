@@ -370,8 +370,10 @@ class StoreWriter:
         with atomic_path(self._chunk_file(i)) as tmp:
             tmp.write_bytes(data)
 
-    def finalize(self, extra: dict | None = None) -> Store:
+    def finalize(self, extra: dict | None = None, labels: np.ndarray | None = None) -> Store:
         """Assemble verified chunks into the final arrays and write the manifest last.
+        ``labels`` (one per sample): the manifest also records ``teacher_accuracy``, the share
+        of samples whose largest stored logit is their label's, counted on the way.
 
         Each array is streamed chunk by chunk into a temporary file with ordinary writes
         (hashed on the way), fsynced and renamed; nothing is memory-mapped, so a full disk
@@ -383,6 +385,7 @@ class StoreWriter:
             layout = {name: (first[name].dtype, first[name].shape[1:]) for name in ARRAYS}
         hashes = {name: hashlib.sha256() for name in ARRAYS}
         delta, gap = [], []
+        correct = 0
         with ExitStack() as stack:
             tmps = {name: stack.enter_context(atomic_path(self.path / f"{name}.npy")) for name in ARRAYS}
             # unbuffered: every write reaches the file now, so an ENOSPC surfaces at the write naming its
@@ -403,6 +406,9 @@ class StoreWriter:
                         self._write(files[name], hashes[name], np.ascontiguousarray(a).tobytes(), name)
                     delta.append(z["delta"])
                     gap.append(z["gap"])
+                    if labels is not None:
+                        lo, hi = self.chunk_range(i)
+                        correct += int((z["logits"].argmax(1) == labels[lo:hi]).sum())
             for f in files.values():
                 f.close()  # atomic_path then fsyncs and renames each, last array first
         outs = {name: h.hexdigest() for name, h in hashes.items()}
@@ -419,6 +425,9 @@ class StoreWriter:
                                                   np.concatenate(gap).astype(np.float64)),
             **(extra or {}),
         }
+        if labels is not None and self.num_samples:
+            manifest["teacher_accuracy"] = {"percent": 100.0 * correct / self.num_samples, "correct": correct,
+                                            "images": self.num_samples}
         write_json(self.path / "manifest.json", manifest)
         shutil.rmtree(self.chunk_dir, ignore_errors=True)
         return open_store(self.path, verify="never")  # just verified while written

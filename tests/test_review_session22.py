@@ -127,3 +127,73 @@ def test_a_checkpoint_given_images_of_another_size_is_warned_about(tmp_path, cap
                                 "image_size": [12, 12]})
     igkd.evaluate(str(path), data)
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_predict_classifies_files_as_evaluate_and_the_export_see_them(tmp_path, capsys):
+    """igkd predict decodes each file as the model's data was (here resize=shorter: shorter
+    side to 16, centre crop; an RGBA and a grayscale file among them), so its probabilities
+    are those of the model on the dataset's own test images, and an export's are the same."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from PIL import Image
+
+    from igkd.cli import main
+    from igkd.models import build_model, load_model, save_checkpoint
+    rng = np.random.default_rng(0)
+    root = tmp_path / "shapes"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i, (h, w) in enumerate([(20, 30), (24, 18), (16, 16)]):
+                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    Image.fromarray(rng.integers(0, 255, (22, 26, 4), dtype=np.uint8), "RGBA").save(root / "test" / "a" / "3.png")
+    Image.fromarray(rng.integers(0, 255, (26, 20), dtype=np.uint8), "L").save(root / "test" / "b" / "3.png")
+    spec_data = f"imagefolder:{root},size=16,resize=shorter"
+    data = igkd.load_dataset(spec_data)
+    spec = "mobilenetv2:width=0.25,drop=14"
+    torch.manual_seed(0)
+    model = build_model(spec, 2, 3)
+    with torch.no_grad():  # logits far apart: a file decoded otherwise shows in its probabilities
+        model.classifier[-1].weight.mul_(300)
+    path = save_checkpoint(tmp_path / "m.safetensors", model,
+                           {"model": spec, "num_classes": 2, "in_channels": 3, "classes": data.classes,
+                            "image_size": [16, 16], "dataset": spec_data, "preprocessing": {"normalize": "none"}})
+    net = load_model(str(path))[0]
+    with torch.no_grad():
+        want = torch.softmax(net(data.test.images.float() / 255).double(), 1)  # class a's files, then b's
+
+    r = igkd.predict(str(path), [root / "test"], top=2, quiet=True)
+    assert [p["file"] for p in r["predictions"]] == [str(root / "test" / c / f"{i}.png") for c in "ab" for i in range(4)]
+    got = torch.tensor([[dict(p["top"])[c] for c in data.classes] for p in r["predictions"]], dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert r["image"]["resize"] == "shorter" and r["image"]["size"] == [16, 16]
+
+    out = tmp_path / "m.onnx"
+    igkd.export_model(str(path), out, quiet=True)
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["image"] == r["image"]  # a deployment's recipe
+    def run(*argv):
+        try:
+            main(["predict", *argv])
+        except SystemExit as e:
+            return e.code or 0
+        return 0
+    assert run("--weights", str(out), "--json", "--quiet", str(root / "test" / "b"), str(root / "test" / "a")) == 0
+    exported = json.loads(capsys.readouterr().out)["predictions"]
+    assert [p["file"] for p in exported][:1] == [str(root / "test" / "b" / "0.png")]  # the order given
+    got = torch.tensor([[dict(p["top"])[c] for c in data.classes] for p in exported[4:] + exported[:4]],
+                       dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-4)
+
+    for argv, message in (([str(tmp_path / "none.png")], "does not exist; give image files or folders"),
+                          ([], "no image files given"), ([str(tmp_path / "shapes" / "..")], None)):
+        code = run("--weights", str(path), "--quiet", *argv)
+        captured = capsys.readouterr()
+        assert (code, message is None or message in captured.err) == (2 if message else 0, True)
+    assert "shapes/train/b/2.png  b" in captured.out or "shapes/train/b/2.png  a" in captured.out  # a folder's images
+    torch.save(build_model(spec, 2, 3).state_dict(), tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="records no class names; pass --classes"):
+        igkd.predict(str(tmp_path / "foreign.pt"), [root / "test"], model=spec)
+    r = igkd.predict(str(tmp_path / "foreign.pt"), [root / "test" / "a" / "3.png"], model=spec, classes="x,y",
+                     size="16", quiet=True)
+    assert r["predictions"][0]["class"] in ("x", "y") and r["image"]["resize"] == "fixed"

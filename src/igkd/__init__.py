@@ -25,6 +25,7 @@ _API = {
     "from_tensors": ".data", "load_dataset": ".data",
     "Part": ".distill.parts", "register_part": ".distill.parts",
     "audit": ".deploy", "bench_latency": ".deploy", "deployment_section": ".deploy", "export_model": ".deploy",
+    "predict": ".deploy",
     "UserError": ".errors",
     "ExperimentConfig": ".experiments", "run_ablation": ".experiments", "run_compression": ".experiments",
     "run_experiment": ".experiments", "run_montecarlo": ".experiments", "run_search": ".experiments",

@@ -122,7 +122,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "show"], help="list the recipes, or show one")
     p.add_argument("name", nargs="?", default=None, help="recipe name for 'show' (e.g. cifar10_paper)")
 
-    # --- deployment commands (issue 6): bench latency, export, audit ---
+    # --- deployment commands (issue 6): bench latency, export, audit, predict ---
     from .cli_deploy import add_deploy_commands
     add_deploy_commands(sub, epilog)
     # --- end deployment commands ---
@@ -217,7 +217,7 @@ def run(argv: list[str] | None = None) -> int:
                            ig_steps=args.ig_steps, quiet=args.quiet, print_summary=not args.json)
         if args.json:
             print(dumps(metrics, indent=2))
-    elif args.command in ("bench", "export", "audit"):  # deployment commands (issue 6)
+    elif args.command in ("bench", "export", "audit", "predict"):  # deployment commands (issue 6)
         from .cli_deploy import run_deploy
         run_deploy(args)
     elif args.command in ("experiment", "report"):  # research workflows (issue 5)

@@ -1,4 +1,4 @@
-"""Command line of the deployment commands (``bench latency``, ``export``, ``audit``):
+"""Command line of the deployment commands (``bench latency``, ``export``, ``audit``, ``predict``):
 argument parsing only. Their options are the dataclasses of :mod:`igkd.command_options`
 (also the YAML sections ``bench:``, ``export:``, ``audit:`` and the API defaults); the
 work is in :mod:`igkd.deploy`."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from .cli_types import Deprecated, config_command, resolve
-from .command_options import AuditConfig, ExportConfig, LatencyConfig
+from .command_options import AuditConfig, ExportConfig, LatencyConfig, PredictConfig
 from .errors import UserError
 
 RAW = argparse.RawDescriptionHelpFormatter
@@ -53,6 +53,17 @@ def add_deploy_commands(sub, epilog: str = "") -> None:
         "(image | teacher map | student maps) to --out.")
     p.add_argument("--out", default="", metavar="DIR", help="directory for audit.json and audit.png (default: none)")
 
+    p = config_command(
+        sub, "predict", PredictConfig, main=("weights",), epilog=epilog,
+        help="classify image files with a checkpoint or an export",
+        description="Classify image files (a folder: the images under it) with an igkd checkpoint, an igkd export "
+        "(.onnx, or TorchScript with its FILE.json) or a foreign state dict (--model, --classes, --size). Each file "
+        "is decoded as the model's training images were: the recorded dataset's size and resize policy, Pillow's "
+        "bilinear filter, RGB or grayscale, alpha dropped; so a checkpoint gives the prediction igkd evaluate "
+        "scored, and an export the one its deployment makes from the same file. Prints each file's class, "
+        "probability (softmax) and runners-up (--top).")
+    p.add_argument("files", nargs="*", metavar="FILE", help="image files or folders of them")
+
 
 def run_deploy(args) -> bool:
     """Run a deployment command; False when ``args.command`` is not one of them."""
@@ -67,6 +78,9 @@ def run_deploy(args) -> bool:
             raise UserError("--output is required; pass --output FILE (*.onnx for ONNX, e.g. *.pt for TorchScript)")
         r = deploy.export_model(config=cfg, output=args.output, report_dir=args.report_dir, quiet=args.quiet)
         print(dumps(r, indent=2) if args.json else deploy.export_summary(r))
+    elif args.command == "predict":
+        r = deploy.predict(config=resolve(args, PredictConfig, "predict"), files=args.files, quiet=args.quiet)
+        print(dumps(r, indent=2) if args.json else deploy.predict_table(r))
     elif args.command == "audit":
         r = deploy.audit(config=resolve(args, AuditConfig, "audit"), out=args.out, quiet=args.quiet)
         print(dumps(r, indent=2) if args.json else deploy.audit_table(r))

@@ -1,4 +1,4 @@
-"""Options of ``igkd evaluate``, ``igkd bench latency``, ``igkd export`` and ``igkd audit``.
+"""Options of ``igkd evaluate``, ``igkd bench latency``, ``igkd export``, ``igkd audit`` and ``igkd predict``.
 
 One dataclass per command, built with :func:`igkd.options.opt` like
 :class:`igkd.config.TrainConfig`: each field is the command's option ``--field-name``
@@ -186,6 +186,31 @@ class _AuditBase(_Validated):
 AuditConfig = _extended("AuditConfig", _AuditBase, attributions.config_fields(),
                         "Options of ``igkd audit``: do students attribute like their teacher? The options of "
                         "each attribution come from its module in igkd/attribution/.", attribution_owners())
+
+
+@dataclass
+class PredictConfig(_Validated):
+    """Options of ``igkd predict`` (the image files are its arguments, not options)."""
+
+    weights: str = opt("", "what classifies: an igkd checkpoint (.safetensors), an igkd export (.onnx, or a "
+                       "TorchScript file igkd export wrote), or a foreign .pt/.pth state dict with --model, "
+                       "--classes and --size", required=True, metavar="FILE")
+    model: str = opt("", "architecture spec, required for files without igkd metadata (default: from the "
+                     "metadata)", metavar="SPEC")
+    classes: str = opt("", "class names of a file that records none, in output order: a comma list or a text "
+                       "FILE with one name per line (default: the recorded ones)", metavar="NAMES|FILE")
+    normalize: str = opt("auto", NORMALIZE_HELP + " (an export has its own inside)",
+                         choices=["auto", "none", "dataset", "imagenet"])
+    size: str = opt("", "input size N or HxW each image is brought to (default: the size the model was trained "
+                    "or exported at)", metavar="N|HxW")
+    resize: str = opt("auto", "how an image reaches --size: fixed (straight to HxW), shorter (shorter side to the "
+                      "size, then a centre crop, keeping the aspect ratio), or auto = as the training data was "
+                      "(an image folder's resize=; fixed otherwise)", choices=["auto", "fixed", "shorter"])
+    top: int = opt(5, "classes listed per image, most probable first", low=1, high=100000)
+    batch_size: int = opt(64, "images decoded and run at once", low=1, high=65536, unit="images")
+    device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N (a checkpoint; an export runs on "
+                      "the CPU)")
+    threads: int = opt(0, THREADS_HELP, low=0, high=1024)
 
 
 # Keyword names the API functions took before their options became these dataclasses.

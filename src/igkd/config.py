@@ -337,7 +337,7 @@ def validate(cfg) -> Any:
     return cfg
 
 
-SECTIONS = ("train", "precompute", "distill", "experiment", "demo", "evaluate", "bench", "export", "audit")
+SECTIONS = ("train", "precompute", "distill", "experiment", "demo", "evaluate", "bench", "export", "audit", "predict")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

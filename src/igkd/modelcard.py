@@ -143,6 +143,8 @@ def model_card(summary: dict, meta: dict) -> str:
               *(["# the export checks its parity on test images: the same data, on disk (a spec)"] if in_memory else []),
               f"igkd export --weights model.safetensors{model_flag}{' --data SPEC' if in_memory else ''} "
               "--format onnx --output model.onnx",
+              # files decoded as the training images were: what model(images) above needs made by hand
+              f"igkd predict --weights model.safetensors{model_flag} IMAGE_FILES_OR_FOLDERS",
               "```", "",
               "Files: `model.safetensors` (weights; its header also holds the metadata), `model.json` (metadata), "
               "`config.yaml` (the resolved options), `metrics.jsonl` (one line per epoch), `summary.json`, "

@@ -312,6 +312,32 @@ def _decode_one(path: Path, mode: str, size: tuple[int, int], resize: str | None
     return arr
 
 
+def input_recipe(spec: str, image_size, channels: int) -> dict:
+    """How one image file becomes a model's input, as the dataset ``spec`` made the images it
+    was trained on: what ``igkd predict`` does to a file, and what an export's ``FILE.json``
+    tells a deployment to do (``image``). ``resize``: ``shorter`` where the spec is an image
+    folder with ``resize=shorter`` (shorter side to the size, centre crop), else ``fixed``
+    (straight to H x W: an image folder's default, and the way to CIFAR or Fashion-MNIST size)."""
+    from ..spec import parse_spec
+    try:
+        parsed = parse_spec(spec or "")
+        shorter = parsed.kind == "imagefolder" and str(parsed.options.get("resize", "")).strip() == "shorter"
+    except UserError:  # a spec this igkd cannot read (a plug-in's): the plain way
+        shorter = False
+    return {"size": [int(image_size[0]), int(image_size[1])], "resize": "shorter" if shorter else "fixed",
+            "mode": "L" if channels == 1 else "RGB", "decoder": "Pillow", "filter": "bilinear",
+            "alpha": "dropped (Pillow's convert)", "exif_orientation": "not applied",
+            "then": "uint8 H x W x C -> float32 C x H x W / 255 (NCHW, values in [0, 1])"}
+
+
+def decode_image(path: str | Path, recipe: dict) -> np.ndarray:
+    """One image file as uint8 C x H x W by ``recipe`` (:func:`input_recipe`): the decoding
+    and resizing an image folder's images get, pixel for pixel."""
+    h, w = recipe["size"]
+    arr = _decode_one(Path(path), recipe["mode"], (h, w), recipe["resize"], Path(path))
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
 class _Loader:
     """Decodes (or reads from the cache) the split of one :class:`_Part`."""
 

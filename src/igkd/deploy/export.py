@@ -17,6 +17,7 @@ from torch import nn
 from ..api import check_outputs, module_input, preprocessing_for, warn_unknown_preprocessing
 from ..command_options import ExportConfig, api_config
 from ..data import Dataset, load_dataset
+from ..data.imagefolder import input_recipe
 from ..data.memory import given_data, is_memory_spec
 from ..errors import UserError, cause
 from ..evaluate import predict
@@ -306,6 +307,8 @@ def _sidecar(out: Path, format: str, int8: bool, source: dict, meta: dict, datas
         "preprocessing": {**pre, "in_graph": True, "note": "pixels / 255 -> [0, 1] is the caller's job; "
                           "any mean/std normalisation listed here is inside the exported graph"},
         "classes": dataset.classes,
+        # how an image file becomes the input, as the training images were made (and igkd predict does)
+        "image": input_recipe(dataset.spec, dataset.image_size, dataset.channels),
         # the file's own parity: for int8, the quantised model's against PyTorch (the fp32 graph's,
         # which gates the export, is kept beside it)
         "parity": {k: result["int8_check"][k] for k in result["parity"] if k in result["int8_check"]} if int8

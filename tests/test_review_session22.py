@@ -197,3 +197,72 @@ def test_predict_classifies_files_as_evaluate_and_the_export_see_them(tmp_path, 
     r = igkd.predict(str(tmp_path / "foreign.pt"), [root / "test" / "a" / "3.png"], model=spec, classes="x,y",
                      size="16", quiet=True)
     assert r["predictions"][0]["class"] in ("x", "y") and r["image"]["resize"] == "fixed"
+
+
+PLUGIN = '''
+import torch
+from igkd.distill.parts import Part
+
+
+class Cos(Part):
+    name = "test-cos"
+    needs_teacher = needs_logits = True
+
+    def loss(self, state, step):
+        s, t = step.logits, step.teacher_logits
+        return {"cos": (SCALE, 1 - torch.nn.functional.cosine_similarity(s, t).mean())}
+'''
+
+
+def _plugin(tmp_path, monkeypatch, scale):
+    import importlib
+    import sys
+
+    from igkd.distill import parts as registry
+    registry.parts()
+    monkeypatch.setattr(registry, "_parts", dict(registry._parts))
+    (tmp_path / "test_s22_plugin.py").write_text(PLUGIN.replace("SCALE", scale))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("test_s22_plugin", None)
+    igkd.register_part(importlib.import_module("test_s22_plugin").Cos())
+
+
+def test_a_plug_in_parts_code_keys_its_runs_and_resumes(tmp_path, monkeypatch):
+    """An edited plug-in loss is another run: an experiment reported the old loss's numbers
+    under the new code's name ("8 runs, 8 already finished"), and a resume went on with it."""
+    from igkd.distill.parts import parse_method
+    from igkd.experiments.runs import run_key
+    _plugin(tmp_path, monkeypatch, "1.0")
+    teacher = str(__import__("pathlib").Path(igkd.__file__).parent / "assets" / "demo_teacher.safetensors")
+    cfg = igkd.DistillConfig(data="demo", teacher=teacher, method="kd+test-cos", subset=0.05, epochs=1,
+                             batch_size=32, val_fraction=0.0, threads=1, logits="online")
+    plain = run_key(igkd.DistillConfig(data="demo", teacher=teacher, method="kd"))
+    before = run_key(cfg)
+    run = dict(quiet=True, teacher=_net(), student=_net(), data=_data())  # tiny: the key is what is tested
+    small = __import__("dataclasses").replace(cfg, teacher="", subset=1.0, batch_size=8)
+    summary = igkd.distill(small, tmp_path / "run", **run)
+    assert summary["part_code"]["test-cos"]["class"] == "test_s22_plugin.Cos"
+    (tmp_path / "test_s22_plugin.py").write_text(PLUGIN.replace("SCALE", "100.0"))  # the loss edited
+    assert run_key(cfg) != before
+    assert run_key(igkd.DistillConfig(data="demo", teacher=teacher, method="kd")) == plain  # igkd's own: as was
+    with pytest.raises(UserError, match=r"the code of method part\(s\) test-cos changed since the run started"):
+        igkd.distill(__import__("dataclasses").replace(small, epochs=2), tmp_path / "run", resume=True,
+                     **{**run, "student": _net()})
+    part = parse_method("kd+test-cos").parts[1]
+    monkeypatch.setattr(type(part), "version", "2", raising=False)  # a declared version is the identity instead
+    key = run_key(cfg)
+    (tmp_path / "test_s22_plugin.py").write_text(PLUGIN.replace("SCALE", "3.0"))
+    assert run_key(cfg) == key
+    # options of parts the method lacks are not recorded (they changed nothing, and a run's
+    # config.yaml failed once the plug-in that owned them was gone)
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    assert "dkd_beta" not in recorded and "alpha:" in recorded
+
+
+def test_an_option_typed_for_a_part_the_method_lacks_is_refused(tmp_path, capsys):
+    from igkd.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--data", "demo", "--method", "kd", "--dkd-beta", "4", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "--dkd-beta is an option of method part(s) dkd, which --method kd does not have" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

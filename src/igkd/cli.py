@@ -157,6 +157,22 @@ def check_cache_dir() -> None:
         writable_dir(root, "the cache folder", fix="set IGKD_CACHE_DIR to a writable folder, or pass --store DIR")
 
 
+def _refuse_other_parts_options(args, cfg, method) -> None:
+    """An option typed for a part the method lacks (``--method kd --dkd-beta 4``, or a plug-in's
+    option with ``+mine`` forgotten) trained without that part and recorded the option, silently.
+    Only the command line is held to it: a recipe's YAML may set the options of several methods'
+    parts (cifar10_strong's gamma, for its +at methods)."""
+    from .distill.parts import field_owners
+    owners = field_owners()
+    typed = sorted(k for k, v in vars(args).items() if v is not None and k in owners and k not in method.fields)
+    if typed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in typed)
+        parts = sorted({owners[k].split("'")[1] for k in typed})
+        raise UserError(f"{flags} {'is an option' if len(typed) == 1 else 'are options'} of method part(s) "
+                        f"{', '.join(parts)}, which --method {cfg.method} does not have, so it would change nothing; "
+                        "name the part in --method ('igkd methods' lists them) or drop the option")
+
+
 def _print_train_summary(s: dict, as_json: bool = False) -> None:
     from .progress import fmt_percent, is_rank0
     if not is_rank0():  # under torchrun only rank 0 prints
@@ -185,9 +201,10 @@ def run(argv: list[str] | None = None) -> int:
         _print_train_summary(api.train(resolve(args, TrainConfig, "train"), args.out, args.resume, args.quiet),
                              args.json)
     elif args.command == "distill":
+        from .distill.parts import parse_method
         cfg = resolve(args, DistillConfig, "distill")
+        _refuse_other_parts_options(args, cfg, parse_method(cfg.method))
         if not cfg.store:
-            from .distill.parts import parse_method
             if api.needs_store(parse_method(cfg.method), cfg):  # the store goes to the cache
                 check_cache_dir()
         _print_train_summary(api.distill(cfg, args.out, args.resume, args.quiet), args.json)

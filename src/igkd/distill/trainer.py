@@ -71,6 +71,8 @@ from .attention import FeatureHook, StopForward
 from .augment import crop_flip, resized_crop_flip, resolve_augment
 from .parallel import Dist, rank_seed, sync_batchnorm
 from .parts import PLAIN, Batch, Step, parse_method
+from .parts import config_fields as part_config_fields
+from .parts.provenance import method_code, provenance
 from .stream import Prefetcher, Rows
 from .stream import choose as choose_stream
 from .speed import amp_dtype, autocast, cudnn_autotune, lr_lambda, make_optimizer, maybe_compile
@@ -280,6 +282,9 @@ class Trainer:
         self.input_grad = False  # a part's setup sets it when its loss differentiates the input
         self.current_epoch = 0
         self.meta.update({name: getattr(cfg, name) for name in sorted(m.fields)})  # the parts' options
+        plugins = {p.name: rec for p in m.parts if (rec := provenance(p)) is not None}
+        if plugins:  # which code a plug-in part was: summary.json, model.json
+            self.meta["part_code"] = plugins
         self.parts = [(part, part.setup(self)) for part in m.parts]
         n = len(self.train_idx)
         self.batch = min(cfg.batch_size, n // self.world)
@@ -561,12 +566,20 @@ class Trainer:
             state["teacher_fingerprint"] = teacher["fingerprint"]
         if teacher.get("identity"):
             state["teacher_identity"] = teacher["identity"]
+        state["part_code"] = method_code(self.method)  # compared on resume: the loss's code is the run's
         kept = {part.name: part.state_dict(st) for part, st in self.parts}
         if any(kept.values()):
             state["parts"] = {name: _loadable(name, d) for name, d in kept.items() if d}
         if "cuda_rng_ranks" in rngs:
             state["cuda_rng"] = rngs["cuda_rng_ranks"][0]
         return state
+
+    def recorded_config(self) -> dict:
+        """The run's options as config.yaml records them: without the options of installed parts
+        the method does not have, which changed nothing, yet were written into every run, so
+        that config.yaml (--config) and --resume failed once that plug-in was uninstalled."""
+        own = set(self.method.fields)
+        return {k: v for k, v in to_dict(self.cfg).items() if k in own or k not in part_config_fields()}
 
     def train_seconds(self) -> float:
         """Seconds this run has trained, over all its sessions so far."""
@@ -591,7 +604,15 @@ class Trainer:
                             "delete it to start the run over") from None
         defaults = recorded_defaults(type(self.cfg))  # options added since the run started, as it ran
         saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k not in RESUME_FREE}
-        now = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUME_FREE}
+        now = {k: v for k, v in self.recorded_config().items() if k not in RESUME_FREE}
+        others = set(part_config_fields()) - set(now)  # options of installed parts not in the method
+        saved = {k: v for k, v in saved.items() if k not in others}
+        code, then = method_code(self.method), state.get("part_code")
+        if then is not None and then != code:  # (None: written before the code was kept)
+            changed = sorted(n for n in {*code, *then} if code.get(n) != then.get(n))
+            raise UserError(f"cannot resume {self.out}: the code of method part(s) {', '.join(changed)} changed since "
+                            "the run started (its module's sha256, or the version it declares); resume with that "
+                            "code, or start a new --out directory")
         if saved.get("init") != now.get("init") and _same_start(state.get("init"), now.get("init")):
             saved["init"] = now["init"]  # the weights file moved or named otherwise: the same start
         teacher = self.meta.get("teacher") or {}
@@ -731,11 +752,11 @@ class Trainer:
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             self.settle_best()
-            write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            write_text(self.out / "config.yaml", yaml.safe_dump(self.recorded_config(), sort_keys=False))
             # the rows last.pt knows, then one appended line per epoch (tail -f works); a row
             # written after the last saved state is dropped here, so none is ever doubled
             write_text(self.out / "metrics.jsonl", "".join(dumps(r) + "\n" for r in history))
-        self.trackers = Trackers(cfg.log, self.out, to_dict(cfg), self.epoch, active=rank0)
+        self.trackers = Trackers(cfg.log, self.out, self.recorded_config(), self.epoch, active=rank0)
         params = count_parameters(bare(self.model))
         procs = f" x {self.world} processes = {self.batch * self.world}" if self.world > 1 else ""
         words = [w for w in (part.describe(state) for part, state in self.parts) if w]

@@ -29,6 +29,7 @@ from .. import api
 from ..attribution import registry as attribution_registry
 from ..config import DistillConfig, PrecomputeConfig, init_file, recorded_defaults, to_dict
 from ..distill.parts import config_fields as part_config_fields, parse_method
+from ..distill.parts.provenance import method_code
 from ..distill.augment import resolve_augment
 from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
@@ -103,6 +104,9 @@ def semantic_config(cfg: DistillConfig) -> dict:
         d["teacher"] = "sha256:" + cached_file_sha256(weights)
     if cfg.subset == 1.0:
         drop.add("subset_seed")
+    code = method_code(method)  # a plug-in part's code: an edited loss is another run
+    if code:
+        d["part_code"] = code
     return canonical_specs({k: v for k, v in sorted(d.items()) if k not in drop})
 
 

@@ -87,6 +87,10 @@ class Part:
     double_backward: bool = False  # its loss holds gradients of the student (create_graph=True)
     online_teacher: bool = False  # its transform changes what the images are: teacher logits online
     stage: str = ""               # "overlay" or "mix": when transform runs ("" = no transform)
+    # a part from outside igkd: runs and experiments know its code by the sha256 of its module's
+    # source, so an edited loss trains anew; a version set here is its identity instead (only a
+    # new version then makes new runs: for edits that change no result)
+    version: str | None = None
 
     # ------------------------------------------------------------------ hooks
     def check(self, cfg, teacher, student, input_shape: tuple[int, int, int]) -> None:

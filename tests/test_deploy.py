@@ -387,8 +387,9 @@ def test_bench_latency_errors(capsys, tmp_path, args, words):
 @pytest.mark.parametrize("args,words", [
     (["--weights", "/nonexistent/w.safetensors", "--output", "{tmp}/m.onnx"], ["does not exist"]),
     (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.onnx", "--format", "torchscript"], ["does not fit --format"]),
-    (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.pt"], ["does not fit --format"]),
-    (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.pt", "--format", "torchscript", "--int8"], ["--int8 needs"]),
+    (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.pt", "--format", "onnx"], ["does not fit --format"]),
+    (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.bin"], ["its name says no format", "*.onnx"]),  # auto
+    (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.pt", "--int8"], ["--int8 needs"]),  # auto: TorchScript
     (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.onnx", "--data", "mnist9"], ["unknown dataset kind"]),
     (["--weights", DEMO_TEACHER, "--output", "{tmp}/m.onnx", "--atol", "0", "--quiet"],
      ["parity check failed", "nothing written"]),

@@ -33,6 +33,7 @@ def test_a_module_trained_in_place_is_scored_and_exported_behind_its_runs_normal
     cfg = igkd.TrainConfig(epochs=1, batch_size=8, val_fraction=0.0, threads=1, normalize="dataset", lr=0.1)
     summary = igkd.train(cfg, tmp_path / "run", model=net, data=data, quiet=True)
     scored = igkd.evaluate(net, data)
+    assert "trained with cross-entropy on" in (tmp_path / "run" / "README.md").read_text()  # not "with `student`"
     # raw pixels into a network trained on normalised ones: the score was another network's
     assert scored["preprocessing"]["normalize"] == "dataset"
     assert scored["confusion"] == summary["test"]["confusion"]
@@ -266,3 +267,27 @@ def test_an_option_typed_for_a_part_the_method_lacks_is_refused(tmp_path, capsys
     assert e.value.code == 2 and "--dkd-beta is an option of method part(s) dkd, which --method kd does not have" \
         in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_folder_of_some_of_the_models_classes_is_scored_on_them(tmp_path, capsys):
+    from igkd.models import build_model, load_model, save_checkpoint
+    spec = "mobilenetv2:width=0.25,drop=14"
+    torch.manual_seed(0)
+    model = build_model(spec, 3, 3)
+    with torch.no_grad():
+        model.classifier[-1].weight.mul_(300)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, {"model": spec, "num_classes": 3, "in_channels": 3,
+                                                               "classes": ["a", "b", "c"], "image_size": [12, 12]})
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (20, 3, 12, 12), dtype=torch.uint8, generator=g)
+    y = torch.arange(20) % 2
+    some = from_tensors(None, (x, y), ["a", "c"])  # a held-out folder with two of the three classes
+    r = igkd.evaluate(str(path), some)
+    with torch.no_grad():
+        pred = load_model(str(path))[0](x.float() / 255).argmax(1)
+    want = int((pred == torch.tensor([0, 2])[y]).sum())  # a is the model's 0, c its 2
+    assert r["correct"] == want and r["total"] == 20 and r["class_map"]["source"] == "the data's class names"
+    assert "has 2 of the model's 3 classes (by name)" in capsys.readouterr().err
+    other = from_tensors(None, (x, y), ["a", "z"])
+    with pytest.raises(UserError, match=r"was trained on 3 classes: a, b, c; memory:sha256=\w+ has 2 classes: a, z;"):
+        igkd.evaluate(str(path), other)

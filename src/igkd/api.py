@@ -25,7 +25,7 @@ from .distill.speed import amp_dtype
 from .errors import UserError
 from .fileio import native_path, writable_dir
 from .evaluate import classification_metrics, predict
-from .evaluate.classmap import model_classes, read_class_map, remap
+from .evaluate.classmap import model_classes, read_class_map, remap, shown
 from .evaluate.metrics import not_logits
 from .evaluate.corruptions import evaluate_corruptions, evenly_spaced, parse as parse_corruptions
 from .models.fold import for_inference
@@ -368,8 +368,8 @@ def load_teacher(path: str | Path, dataset: Dataset | str, spec: str = "",
         raise UserError("this method needs a teacher; pass --teacher CHECKPOINT (train one with 'igkd train')")
     meta = read_metadata(path) or {}
     if meta.get("classes") and meta["classes"] != dataset.classes:
-        raise UserError(f"teacher {path} was trained on classes {meta['classes'][:3]}..., not those of "
-                        f"{dataset.spec} ({dataset.classes[:3]}...); use a teacher trained on this dataset")
+        raise UserError(f"teacher {path} was trained on {shown(meta['classes'])}; {dataset.spec} has "
+                        f"{shown(dataset.classes)}; use a teacher trained on this dataset's classes")
     if meta.get("in_channels") and meta["in_channels"] != dataset.channels:
         raise UserError(f"teacher {path} takes {meta['in_channels']}-channel images but {dataset.spec} has "
                         f"{dataset.channels}; use a teacher trained on this dataset")
@@ -657,8 +657,18 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     cmap = read_class_map(class_map) if class_map is not None else None
     classes = model_classes(cmap, meta.get("classes"), str(weights)) if cmap else dataset.classes
     if not cmap and meta.get("classes") and meta["classes"] != dataset.classes:
-        raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
-                        "evaluate it on the dataset it was trained for (or map the classes with --class-map)")
+        if set(dataset.classes) <= set(meta["classes"]):
+            # a held-out folder with some of the model's classes (by name): scored on them, as an
+            # identity --class-map would; it was refused, the message naming neither list in full
+            cmap = read_class_map({c: c for c in dataset.classes})
+            cmap.source = "the data's class names"
+            classes = model_classes(cmap, meta["classes"], str(weights))
+            log(f"evaluate: {dataset.spec} has {len(dataset.classes)} of the model's {len(meta['classes'])} classes "
+                "(by name): scored on their images, predictions over all the model's classes", quiet)
+        else:
+            raise UserError(f"{weights} was trained on {shown(meta['classes'])}; {dataset.spec} has "
+                            f"{shown(dataset.classes)}; evaluate it on data of its classes (folders named as "
+                            "them, some of them will do), or map the classes with --class-map")
     if module is not None:  # scored as it is: its outputs are the data's classes, in order
         net, pre = module_input(module, normalize, dataset)
         meta = {"model": weights, "preprocessing": pre}
@@ -723,8 +733,9 @@ def _teacher_correct(path: str, spec: str, dataset: Dataset, cmap, images: torch
     else:
         tclasses = dataset.classes
         if tmeta.get("classes") and tmeta["classes"] != dataset.classes:
-            raise UserError(f"--teacher-correct {path} was trained on classes {tmeta['classes'][:3]}..., not those "
-                            f"of {dataset.spec}; use the teacher of this dataset (or map the classes with --class-map)")
+            raise UserError(f"--teacher-correct {path} was trained on {shown(tmeta['classes'])}; {dataset.spec} "
+                            f"has {shown(dataset.classes)}; use the teacher of this dataset (or map the classes with "
+                            "--class-map)")
     if tmeta.get("in_channels") and tmeta["in_channels"] != dataset.channels:
         raise UserError(f"--teacher-correct {path} takes {tmeta['in_channels']}-channel images but {dataset.spec} "
                         f"has {dataset.channels}; use a teacher of this kind of image")

@@ -181,7 +181,7 @@ def _print_train_summary(s: dict, as_json: bool = False) -> None:
         print(dumps(s, indent=2))
         return
     val = fmt_percent(s["val_accuracy"])
-    print(f"{s['method']}: {s['model']} ({s['params']:,} params) test accuracy {s['test_accuracy']:.2f}% "
+    print(f"{'cross-entropy' if s['method'] == 'student' else s['method']}: {s['model']} ({s['params']:,} params) test accuracy {s['test_accuracy']:.2f}% "
           f"(best epoch {s['best_epoch']}, val {val})")
 
 

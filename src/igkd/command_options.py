@@ -125,7 +125,8 @@ class ExportConfig(_Validated):
     """Options of ``igkd export`` (the file written is ``--output``, not an option of the export)."""
 
     weights: str = opt("", ".safetensors (igkd) or .pt/.pth state dict", required=True, metavar="FILE")
-    format: str = opt("onnx", "output format", choices=["onnx", "torchscript"])
+    format: str = opt("auto", "output format; auto: by --output's name, ONNX for *.onnx, TorchScript for *.pt, "
+                      "*.pth, *.ts", choices=["auto", "onnx", "torchscript"])
     model: str = opt("", "architecture spec, required for files without igkd metadata (default: from the "
                      "metadata)", metavar="SPEC")
     data: str = opt("", "dataset for the parity check (its test split) and int8 calibration (its training "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from .distill.parts import parse_method
+from .distill.parts import PLAIN, parse_method
 from .progress import fmt_percent
 
 
@@ -54,7 +54,8 @@ def model_card(summary: dict, meta: dict) -> str:
     test = summary.get("test") or {}
     classes = meta.get("classes") or []
     pre = meta.get("preprocessing") or {}
-    lines = [f"# {summary['model']} trained with `{method}` on `{summary['dataset']}`", ""]
+    how = "cross-entropy" if method == PLAIN.name else f"`{method}`"
+    lines = [f"# {summary['model']} trained with {how} on `{summary['dataset']}`", ""]
     what = f"- **Model:** `{summary['model']}`, {summary['params']:,} parameters"
     if summary.get("compression"):
         what += f", {summary['compression']:.2f}x fewer than its teacher"

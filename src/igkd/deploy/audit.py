@@ -14,6 +14,7 @@ from ..command_options import AuditConfig, api_config
 from ..data import Dataset, load_dataset
 from ..errors import UserError
 from ..evaluate import predict
+from ..evaluate.classmap import shown
 from ..evaluate.agreement import spearman, topk_iou
 from ..fileio import writable_dir, write_json
 from ..models import count_parameters, holds_own_weights, load_model, read_metadata
@@ -31,8 +32,8 @@ def _load_checked(path: str, spec: str, dataset: Dataset, normalize: str = "auto
                   flag: str = "--student-model") -> tuple[nn.Module, dict]:
     meta = read_metadata(path) or {}
     if meta.get("classes") and meta["classes"] != dataset.classes:
-        raise UserError(f"{path} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
-                        "audit models on the dataset they were trained for")
+        raise UserError(f"{path} was trained on {shown(meta['classes'])}; {dataset.spec} has "
+                        f"{shown(dataset.classes)}; audit models on the dataset they were trained for")
     net, meta = load_model(path, spec or None, len(dataset.classes), dataset.channels,
                            preprocessing_for(normalize, dataset), flag=flag, image_size=dataset.image_size)
     if flag == "--teacher-model":  # students have no option to state theirs: igkd's own, as a rule

@@ -18,6 +18,7 @@ from ..api import check_outputs, module_input, preprocessing_for, warn_unknown_p
 from ..command_options import ExportConfig, api_config
 from ..data import Dataset, load_dataset
 from ..data.imagefolder import input_recipe
+from ..evaluate.classmap import shown
 from ..data.memory import given_data, is_memory_spec
 from ..errors import UserError, cause
 from ..evaluate import predict
@@ -81,6 +82,12 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
         raise UserError("no checkpoint to export; pass --weights FILE")
     weights, format, int8 = cfg.weights, cfg.format, cfg.int8
     output = native_path(writable_file(output, "--output"), "--output")  # ONNX Runtime and TorchScript open it
+    if format == "auto":  # --output x.pt without --format torchscript was refused as not fitting onnx
+        format = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript"}.get(
+            output.suffix.lower(), "")
+        if not format:
+            raise UserError(f"--output {output}: its name says no format; name it *.onnx (ONNX) or *.pt "
+                            "(TorchScript), or pass --format onnx|torchscript")
     if report_dir:
         writable_dir(report_dir, "--report-dir")
     if (output.suffix == ".onnx") != (format == "onnx") or output.suffix == ".json":
@@ -117,8 +124,8 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
         raise UserError(f"the dataset {weights} was trained on ({data}, from its metadata) cannot be loaded: "
                         f"{str(e).split(';')[0]}; {fix} for the parity check") from None
     if meta.get("classes") and meta["classes"] != dataset.classes:
-        raise UserError(f"{weights} was trained on classes {meta['classes'][:3]}..., not those of {dataset.spec}; "
-                        "pass the --data it was trained on")
+        raise UserError(f"{weights} was trained on {shown(meta['classes'])}; {dataset.spec} has "
+                        f"{shown(dataset.classes)}; pass the --data it was trained on")
     if int8:  # said now, not after the fp32 export and its parity check
         dataset.require_train("--int8 calibrates on training images")
     trained = meta.get("image_size")
@@ -186,6 +193,11 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
                 "max_int8_drop": cfg.max_int8_drop,
                 "latency_fp32_ms": fp32_lat["median_ms"], "latency_int8_ms": int8_lat["median_ms"],
                 "speedup": fp32_lat["median_ms"] / int8_lat["median_ms"], "threads": cfg.threads, "batch": 1}
+            if result["int8_check"]["speedup"] < 1:  # written all the same (it passed its gates), said plainly
+                log(f"igkd: warning: the int8 model runs {1 / result['int8_check']['speedup']:.2f}x slower than fp32 "
+                    f"here (batch 1, {cfg.threads} thread(s)): its quantise and dequantise steps cost more than its int8 "
+                    "arithmetic saves on this CPU; deploy the fp32 export (no --int8) unless the target "
+                    "runs int8 kernels the CPU here lacks")
         source = ({"weights": str(weights), "sha256": file_sha256(_weights_file(weights))} if module is None else
                   {"weights": None, "module": type(module).__name__, "weights_fingerprint": weights_fingerprint(bare(module))})
         sidecar = _sidecar(output, format, int8, source, meta, dataset, shape, result)

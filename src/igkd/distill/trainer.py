@@ -70,7 +70,7 @@ from ..progress import Progress, fmt_percent, fmt_seconds, log
 from .attention import FeatureHook, StopForward
 from .augment import crop_flip, resized_crop_flip, resolve_augment
 from .parallel import Dist, rank_seed, sync_batchnorm
-from .parts import PLAIN, Batch, Step, parse_method
+from .parts import PLAIN, Batch, Step, method_label, parse_method
 from .parts import config_fields as part_config_fields
 from .parts.provenance import method_code, provenance
 from .stream import Prefetcher, Rows
@@ -760,7 +760,7 @@ class Trainer:
         params = count_parameters(bare(self.model))
         procs = f" x {self.world} processes = {self.batch * self.world}" if self.world > 1 else ""
         words = [w for w in (part.describe(state) for part, state in self.parts) if w]
-        log(f"training {cfg.model} ({params:,} params) with method {self.method.name} on {self.dataset.spec}: "
+        log(f"training {cfg.model} ({params:,} params) with {method_label(self.method.name)} on {self.dataset.spec}: "
             f"{len(self.train_idx)} train / {len(self.val_idx)} val images, {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'}, "
             f"batch {self.batch}{procs}, {cfg.optimizer} lr {self.lr:g}, {self._augment_words()}, device {self.device}"
             + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else "")

@@ -31,6 +31,14 @@ from ..errors import UserError
 QUOTE = "quote class names that YAML reads as numbers, booleans or null (write '0': zero, 'no': none)"
 
 
+def shown(names: list[str], k: int = 6) -> str:
+    """Class names for an error line: all of a short list, else the first ``k`` and the count
+    (``[:3]...`` printed '...' after a complete list of three, and never the data's own)."""
+    names = list(names)
+    head = ", ".join(map(str, names[:k]))
+    return f"{len(names)} classes: {head}" + (", ..." if len(names) > k else "")
+
+
 def _first_not_text(items: list):
     return next(c for c in items if not isinstance(c, str))
 

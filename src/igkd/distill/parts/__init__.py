@@ -163,10 +163,16 @@ def parse_method(name: str) -> Method:
     return Method("+".join(p.name for p in chosen), tuple(chosen))
 
 
+def method_label(name: str) -> str:
+    """How a run names its method to people: ``cross-entropy`` for ``student`` (a teacher
+    trained by igkd train called itself "student" in its log, summary line and model card)."""
+    return "cross-entropy" if name == PLAIN.name else f"method {name}"
+
+
 def methods_help() -> str:
     """One line per part, for --help."""
     return "; ".join(f"{p.name}: {p.help}" for p in parts().values())
 
 
 __all__ = ["BUILTIN", "Batch", "MODERN_METHODS", "Method", "PAPER_METHODS", "PLAIN", "Part", "Step", "config_fields",
-           "get_part", "methods_help", "parse_method", "parts", "register_part"]
+           "get_part", "methods_help", "parse_method", "part_origin", "parts", "register_part"]

@@ -386,7 +386,7 @@ def load_teacher(path: str | Path, dataset: Dataset | str, spec: str = "",
 @keeps_threads
 def precompute(teacher_path: str | Path | nn.Module, data: str | Dataset, cfg: PrecomputeConfig | None = None,
                store: str | Path | None = None, teacher_model: str = "", device: str = "auto",
-               quiet: bool = False, threads: int = 0, teacher_normalize: str = "auto"):
+               quiet: bool = False, threads: int = 0, teacher_normalize: str = "auto", maps: bool = True):
     """Compute (or reuse, or resume) the store of teacher logits and IG maps of a teacher
     checkpoint (or spec holding its weights, or an ``nn.Module`` taking [0, 1] pixels, or
     behind the normalisation :func:`train` trained it with or ``teacher_normalize`` names: run
@@ -394,7 +394,8 @@ def precompute(teacher_path: str | Path | nn.Module, data: str | Dataset, cfg: P
     dataset spec ``data`` (or an :class:`igkd.data.Dataset`, e.g. in memory from
     :func:`igkd.data.from_tensors`: the store is keyed by its fingerprint all the same).
     ``store``: its folder (default: one in the cache, named by its fingerprint); ``threads``
-    holds for the call only.
+    holds for the call only; ``maps=False``: only its logits will be read, so a finished
+    store of this teacher and data is taken whatever its map settings.
 
     Returns the opened :class:`igkd.store.Store`, not a dict: ``.path``, ``.logits``
     (N x classes), ``.maps`` (N x H x W), ``.manifest`` (what ``igkd precompute --json``
@@ -404,10 +405,11 @@ def precompute(teacher_path: str | Path | nn.Module, data: str | Dataset, cfg: P
     on CUDA) and write one store; every rank returns it opened."""
     with _as_given(teacher_path):
         return _precompute_api(teacher_path, data, cfg, store, teacher_model, device, quiet, threads,
-                               teacher_normalize)
+                               teacher_normalize, maps)
 
 
-def _precompute_api(teacher_path, data, cfg, store, teacher_model, device, quiet, threads, teacher_normalize):
+def _precompute_api(teacher_path, data, cfg, store, teacher_model, device, quiet, threads, teacher_normalize,
+                    maps=True):
     if cfg is not None:
         _config(cfg, PrecomputeConfig, "precompute")
     if not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= 1024:
@@ -427,7 +429,7 @@ def _precompute_api(teacher_path, data, cfg, store, teacher_model, device, quiet
             check_outputs(teacher, dataset, "the teacher module")
         else:
             teacher = load_teacher(teacher_path, dataset, teacher_model, teacher_normalize)[0]
-        return _precompute(teacher, dataset, cfg or PrecomputeConfig(), store, env.device, quiet, dist=env)
+        return _precompute(teacher, dataset, cfg or PrecomputeConfig(), store, env.device, quiet, dist=env, maps=maps)
     finally:
         parallel.shutdown(env)
 
@@ -532,7 +534,8 @@ def _distill(cfg, out, resume: bool, quiet: bool, teacher, student, data=None) -
             part.check(cfg, teacher, model, (dataset.channels, *dataset.image_size))
         store = None
         if needs_store(method, cfg):
-            store = _precompute(teacher, dataset, cfg, cfg.store or None, device, quiet or env.rank > 0, dist=env)
+            store = _precompute(teacher, dataset, cfg, cfg.store or None, device, quiet or env.rank > 0, dist=env,
+                                maps=method.needs_maps)  # logits alone: any map settings will do
             if store.manifest.get("teacher_accuracy") and meta.get("teacher"):
                 # the teacher as the student sees it (its normalisation, the data's size), on the training images
                 meta["teacher"]["train_accuracy"] = store.manifest["teacher_accuracy"]["percent"]

@@ -257,17 +257,29 @@ def show_methods(as_json: bool) -> None:
     import json
     from dataclasses import fields
     from .config import DistillConfig
-    from .distill.parts import parts
+    from .distill.parts import part_origin, parts
     defaults = {f.name: f.default for f in fields(DistillConfig)}
+    # "package": where a plug-in part came from (None: igkd's own), as --help names plug-ins' packages
     rows = [{"part": p.name, "help": p.help, "formula": p.formula, "reference": p.reference,
+             "package": part_origin(p.name),
              "options": {k: defaults[k] for k in p.fields}, "search": p.search,
-             "needs": [n for n in ("teacher", "logits", "maps") if getattr(p, f"needs_{n}")]
+             "needs": [n for n in ("teacher", "logits") if getattr(p, f"needs_{n}")]
+             + (["maps"] if p.needs_maps or p.aligned_maps else [])
              + (["online teacher"] if p.online_teacher else [])} for p in parts().values()]
     if as_json:
         print(json.dumps(rows, indent=1))
         return
     for r in rows:
-        print(f"{r['part']}: {r['help']}\n    loss/batch: {r['formula']}\n    from: {r['reference']}")
+        print(f"{r['part']}: {r['help']}\n    loss/batch: {r['formula']}")
+        # each line only where it says something: "from: " printed empty for a part without a paper
+        if r["reference"]:
+            print(f"    reference: {r['reference']}")
+        print(f"    needs: {', '.join(r['needs']) or 'nothing (no teacher)'}")
+        if r["package"]:
+            o = r["package"]
+            print(f"    package: {o['package'] or 'none'} ("
+                  + (f"entry point {o['entry_point']}" if o["entry_point"] else "igkd.register_part")
+                  + f", class {o['class']})")
         if r["options"]:
             print("    options: " + ", ".join(_option_text(k, v) for k, v in r["options"].items()))
         if r["search"]:
@@ -277,7 +289,7 @@ def show_methods(as_json: bool) -> None:
 
 
 def show_config(action: str, name: str | None) -> None:
-    from .config import shipped_configs
+    from .config import recipe_text, shipped_configs
     shipped = shipped_configs()
     if action == "list":
         if name is not None:  # 'list NAME' printed the whole list, as if the name were understood
@@ -292,7 +304,7 @@ def show_config(action: str, name: str | None) -> None:
                         "shows them)")
     if name not in shipped:
         raise UserError(f"no shipped recipe named '{name}'; known: {', '.join(shipped)} (igkd config list)")
-    print(shipped[name].read_text(), end="")
+    print(recipe_text(shipped[name]), end="")  # its shipped files by absolute path: a copy runs anywhere
 
 
 def _first_names(names: list[str], k: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 
 
@@ -23,6 +24,13 @@ class Parser(argparse.ArgumentParser):
             # said only this: say how such a path is written
             flag = message[len("argument "):-len(": expected one argument")].split("/")[-1]
             message += f"; a value starting with '-' is written {flag}=-VALUE (a path also as ./-NAME)"
+        chosen = re.search(r"invalid choice: '([^']*)'", message)
+        if chosen:  # --attribution NAME of an installed plug-in that did not load: why, not the list
+            from . import plugins
+            line = next((v for (_, name), v in plugins.failed().items() if name == chosen.group(1)), None)
+            if line is not None:
+                print(f"igkd: error: {line}", file=sys.stderr)
+                sys.exit(2)
         print(f"igkd: error: {message}{f' (see igkd {sub} --help)' if sub else ' (see igkd --help)'}",
               file=sys.stderr)
         sys.exit(2)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePath
 from typing import Any, ClassVar
@@ -375,7 +377,7 @@ def read_yaml_file(path: str | Path, what: str = "config file"):
                else "give an existing JSON or YAML file")
         raise UserError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}; {fix}")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # safe: no tags, no code
+        return yaml.load(recipe_text(path), Loader=_UniqueKeyLoader)  # safe: no tags, no code
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
@@ -387,9 +389,33 @@ def read_yaml_file(path: str | Path, what: str = "config file"):
 
 def shipped_configs() -> dict[str, Path]:
     """The recipes inside the package (``igkd/configs/NAME.yaml``), by name."""
-    from importlib import resources
-    folder = Path(str(resources.files("igkd") / "configs"))
+    folder = _package_folder() / "configs"
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+# a value "assets/NAME" in a shipped recipe: a file shipped inside the igkd package
+_SHIPPED_ASSET = re.compile(r"(?m)^([ \t]*[A-Za-z_][\w-]*:[ \t]+)assets/([^\s#'\"]+)")
+
+
+def recipe_text(path: str | Path) -> str:
+    """The text of the recipe file ``path``. In a shipped recipe (``igkd/configs/``), a value
+    ``assets/NAME`` is a file shipped in the package and is written as its absolute path
+    (``igkd config show`` prints this text too, so a copy runs anywhere). demo_experiments
+    named its teacher src/igkd/assets/..., found only from the repository root: an installed
+    igkd's recipe failed from every other folder. Other relative paths keep their meaning
+    (relative to the current folder), in shipped recipes as in a user's own."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    shipped = _package_folder().resolve()
+    if path.resolve().parent != shipped / "configs":
+        return text
+    # a JSON string is a YAML double-quoted scalar: any folder name reads back as written
+    return _SHIPPED_ASSET.sub(lambda m: m.group(1) + json.dumps(str(shipped / "assets" / m.group(2))), text)
+
+
+def _package_folder() -> Path:
+    from importlib import resources
+    return Path(str(resources.files("igkd")))
 
 
 def find_config(value: str | Path) -> Path:
@@ -503,12 +529,7 @@ def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, s
             deprecation_warning(f"'{k}'", f"'{old_names[key]}'", f" in {source}")
             key = old_names[key]
         if key not in by_name:
-            # a near miss named first: the list of a distill config runs to a thousand characters
-            near = _close(k, [*by_name, *old_names])
-            section = _close(k, SECTIONS) if not near else None
-            hint = (f" (did you mean '{near}'?)" if near else f" (did you mean the section '{section}:'?)" if section
-                    else "")
-            raise UserError(f"unknown option '{k}' in {source}{hint}; known options: {', '.join(sorted(by_name))}")
+            raise _unknown_option(k, source, by_name, old_names)
         value = _joined(by_name[key], v)
         if key in values:
             if not by_name[key].metadata.get("repeat"):
@@ -518,7 +539,17 @@ def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, s
                 raise UserError(f"'{spelled[key]}' and '{k}' in {source} both set option '{key}'; keep one")
             value = f"{values[key]},{value}"  # old and new name of a list: both count
         values[key], spelled[key] = value, k
-    values.update({k: _joined(by_name[k], v) for k, v in (overrides or {}).items() if v is not None})
+    given = {}
+    for k, v in (overrides or {}).items():
+        # a Python caller's typo (experiments.resolve(kind, config, {"coslogit_wieght": 3})) was a
+        # bare KeyError: the one line a YAML typo gets, and an old name taken as there
+        if k not in by_name and k in old_names:
+            deprecation_warning(f"'{k}'", f"'{old_names[k]}'", " in the overrides")
+            k = old_names[k]
+        if k not in by_name:
+            raise _unknown_option(k, "the overrides", by_name, old_names)
+        given[k] = v
+    values.update({k: _joined(by_name[k], v) for k, v in given.items() if v is not None})
     cfg = validate(cls(**values))  # a bad value is named first, then a missing one
     if cli:
         for f in fields(cls):
@@ -526,6 +557,16 @@ def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, s
                 raise UserError(f"{_flag(f.name)} is required; pass {_flag(f.name)} {_metavar(f)} or give "
                                 f"'{f.name}:' in the --config YAML")
     return cfg
+
+
+def _unknown_option(name, source: str, by_name: dict, old_names: dict) -> UserError:
+    """The one line for an option no field has: a near miss named first (the list of a distill
+    config's options runs to a thousand characters)."""
+    near = _close(name, [*by_name, *old_names])
+    section = _close(name, SECTIONS) if not near else None
+    hint = (f" (did you mean '{near}'?)" if near else f" (did you mean the section '{section}:'?)" if section
+            else "")
+    return UserError(f"unknown option '{name}' in {source}{hint}; known options: {', '.join(sorted(by_name))}")
 
 
 def _metavar(f: dataclasses.Field) -> str:

@@ -45,7 +45,8 @@ from .fileio import remove_temporaries
 from .lock import DirLock
 from .progress import Progress, log
 from .runtime import cache_dir
-from .store import Store, StoreDamaged, StoreWriter, open_store, read_manifest, remove_store_files, store_key
+from .store import (Store, StoreDamaged, StoreWriter, open_store, read_manifest, remove_store_files,
+                    settings_difference, store_key)
 
 
 
@@ -245,8 +246,14 @@ def estimate_error(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, 
 
 def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | None = None,
                store_dir: str | Path | None = None, device: torch.device | str = "cpu",
-               quiet: bool = False, dist: Dist | None = None, chunks: list[int] | None = None) -> Store | None:
+               quiet: bool = False, dist: Dist | None = None, chunks: list[int] | None = None,
+               maps: bool = True) -> Store | None:
     """Build (or reuse, or resume) the store for ``teacher`` on ``dataset``'s training set.
+
+    ``maps=False``: the caller reads only the stored logits (a kd, dkd or dist run), so a
+    finished store of this teacher and these images is used whatever its map settings
+    (:data:`igkd.store.LOGITS_IDENTITY`); one that must be computed or finished is computed
+    with ``cfg``'s settings as ever, a store like any other.
 
     ``dist``: this process's place in a torchrun group (see :mod:`igkd.distill.parallel`);
     every rank must call this, each computes its share of the chunks, rank 0 assembles
@@ -268,33 +275,33 @@ def precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig | Non
     identity = store_identity(teacher, dataset, cfg)
     path = Path(store_dir) if store_dir else default_store_dir(identity)
     if (path / "manifest.json").exists() and not os.access(path, os.W_OK):
-        return _read_only(path, identity, cfg.verify_store, quiet)
+        return _read_only(path, identity, cfg.verify_store, quiet, maps)
     lock = None
     if env.rank == 0:  # one writer per store; the other ranks of this group work under rank 0's lock
         lock = DirLock(path, "store", "wait for it to finish").acquire(wait=True, quiet=quiet)
     try:
-        return _precompute(teacher, dataset, cfg, path, identity, device, quiet, env, chunks)
+        return _precompute(teacher, dataset, cfg, path, identity, device, quiet, env, chunks, maps)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _read_only(path: Path, identity: dict, mode: str, quiet: bool) -> Store:
+def _read_only(path: Path, identity: dict, mode: str, quiet: bool, maps: bool = True) -> Store:
     """A finished store this process may not write (a team's store on a read-only mount, or
     another user's): read without the lock, which needs a file in it, and never repaired. It
     was refused as an unwritable --store, though training only reads it."""
     try:
-        store = open_store(path, identity, mode)
+        store = open_store(path, identity, mode, maps)
     except StoreDamaged as e:
         raise UserError(f"store {path} is read-only here and damaged: {e.file} {e.problem}; have it rebuilt by its "
                         "owner, or pass another --store to compute one") from None
     log(f"precompute: reusing read-only store {path}: it is complete"
         + (" and verified" if mode != "never" else " (--verify-store never: size and header checked)")
-        + teacher_accuracy_note(store.manifest), quiet)
+        + teacher_accuracy_note(store.manifest) + other_maps_note(store.manifest, identity), quiet)
     return store
 
 
-def _reuse_or_clear(path: Path, identity: dict, mode: str, quiet: bool) -> bool:
+def _reuse_or_clear(path: Path, identity: dict, mode: str, quiet: bool, maps: bool = True) -> bool:
     """Rank 0, holding the lock: True when ``path`` holds a finished store that passes
     verification; a damaged one is deleted (warning on stderr) so that it is recomputed."""
     for tmp in remove_temporaries(path) + remove_temporaries(path / "chunks"):
@@ -302,7 +309,7 @@ def _reuse_or_clear(path: Path, identity: dict, mode: str, quiet: bool) -> bool:
     if not (path / "manifest.json").exists():
         return False
     try:
-        open_store(path, identity, mode)
+        open_store(path, identity, mode, maps)
     except StoreDamaged as e:
         print(f"igkd: warning: store {path}: {e.file} {e.problem}; recomputing the store", file=sys.stderr,
               flush=True)
@@ -314,15 +321,17 @@ def _reuse_or_clear(path: Path, identity: dict, mode: str, quiet: bool) -> bool:
 
 
 def _precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, path: Path, identity: dict,
-                device: torch.device, quiet: bool, env: Dist, chunks: list[int] | None) -> Store | None:
-    reuse = env.rank == 0 and _reuse_or_clear(path, identity, cfg.verify_store, quiet)
+                device: torch.device, quiet: bool, env: Dist, chunks: list[int] | None,
+                maps: bool = True) -> Store | None:
+    reuse = env.rank == 0 and _reuse_or_clear(path, identity, cfg.verify_store, quiet, maps)
     if reuse:
+        manifest = read_manifest(path)
         log(f"precompute: reusing store {path}: it is complete"
             + (" and verified" if cfg.verify_store != "never" else " (--verify-store never: size and header checked)")
-            + teacher_accuracy_note(read_manifest(path)), quiet)
+            + teacher_accuracy_note(manifest) + other_maps_note(manifest, identity), quiet)
     env.barrier(long=True)
     if (path / "manifest.json").exists():  # rank 0 verified it under the lock (or deleted it)
-        return open_store(path, identity, "never")
+        return open_store(path, identity, "never", maps)
     train = dataset.train
     estimate = None
     if env.rank == 0 and len(train) and not (path / "chunks").exists():
@@ -386,6 +395,14 @@ def _precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, pat
                 quiet)
     env.barrier(long=True)
     return open_store(path, identity, "never")  # verified while written
+
+
+def other_maps_note(manifest: dict, identity: dict) -> str:
+    """'; its maps were computed with other settings (...), and only its logits are read', or ''.
+    Said where a logits-only run reuses such a store (``maps=False``), so that a reader of the
+    log does not take the run's own IG options for those of the store."""
+    diff = settings_difference(manifest.get("identity") or {}, identity)
+    return f"; its maps were computed with other settings ({diff}), and only its logits are read" if diff else ""
 
 
 def teacher_accuracy_note(manifest: dict) -> str:

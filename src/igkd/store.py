@@ -73,6 +73,14 @@ FORMAT = "igkd-store/1"
 ARRAYS = ("logits", "maps", "map_scale", "delta", "gap")
 VERIFIED = "verified.json"
 VERIFY_MODES = ("always", "auto", "never")
+# what a store's identity (manifest "identity") holds: the teacher (weights, architecture and
+# input normalisation), the training images, and the settings of the maps
+IDENTITY = ("dataset", "teacher", "settings")
+# what its logits depend on: the teacher's outputs on the clean training images. The map
+# settings (attribution, steps, baseline, map dtype and size) decide the maps alone, so a
+# method that reads only the logits (kd, dkd, dist) may use a store whatever they were:
+# it was refused as "computed with other map settings" by a kd run after 'igkd demo'
+LOGITS_IDENTITY = ("dataset", "teacher")
 # dtypes and dimensions every store array must have (maps: --map-dtype)
 LAYOUT = {"logits": (("<f4",), 2), "maps": (("<f2", "|u1"), 3), "map_scale": (("<f4",), 1),
           "delta": (("<f4",), 1), "gap": (("<f4",), 1)}
@@ -234,15 +242,18 @@ def verify_store(path: str | Path, manifest: dict, mode: str = "auto") -> None:
         _write_verified(path, records)
 
 
-def open_store(path: str | Path, identity: dict | None = None, verify: str | bool = "auto") -> Store:
+def open_store(path: str | Path, identity: dict | None = None, verify: str | bool = "auto",
+               maps: bool = True) -> Store:
     """Open a complete store after verifying it (``verify``: always | auto | never, see the
     module docstring; True/False mean always/never); refuse one made for another teacher,
-    dataset or settings. A damaged array raises :class:`StoreDamaged`, other faults UserError."""
+    dataset or settings (``maps=False``: for a reader of its logits alone, another teacher or
+    dataset only; see :data:`LOGITS_IDENTITY`). A damaged array raises :class:`StoreDamaged`,
+    other faults UserError."""
     path = Path(path)
     mode = {True: "always", False: "never"}.get(verify, verify)
     manifest = read_manifest(path)
     if identity is not None:
-        check_identity(path, manifest["identity"], identity)
+        check_identity(path, manifest["identity"], identity, IDENTITY if maps else LOGITS_IDENTITY)
     verify_store(path, manifest, mode)
     arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ARRAYS}
     return Store(path, manifest, **arrays)
@@ -257,16 +268,28 @@ def remove_store_files(path: Path) -> None:
     fsync_path(path)
 
 
-def check_identity(path: Path, have: dict, want: dict) -> None:
-    for key in ("dataset", "teacher", "settings"):
+def settings_difference(have: dict, want: dict) -> str:
+    """'ig_method 'gausslegendre' there, 'riemann_middle' now; ...': how the map settings of
+    two store identities differ ('' when they do not)."""
+    old, new = have.get("settings"), want.get("settings")
+    if old == new:
+        return ""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return "settings fingerprint differs"
+    return "; ".join(f"{k} {old.get(k, '(none)')!r} there, {new.get(k, '(none)')!r} now"
+                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+
+
+def check_identity(path: Path, have: dict, want: dict, keys: tuple[str, ...] = IDENTITY) -> None:
+    """Refuse a store (or unfinished store) whose identity ``have`` differs from ``want`` in
+    one of ``keys``."""
+    for key in keys:
         if have.get(key) == want.get(key):
             continue
         if key == "settings" and isinstance(have.get(key), dict) and isinstance(want.get(key), dict):
             # name what differs: "other IG settings (settings fingerprint differs)" left the user to
             # guess that a recipe's map_dtype: uint8 met a store built as float16
-            old, new = have[key], want[key]
-            diff = "; ".join(f"{k} {old.get(k, '(none)')!r} there, {new.get(k, '(none)')!r} now"
-                             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+            diff = settings_difference(have, want)
             raise UserError(f"store {path} was computed with other map settings ({diff}); pass the options it was "
                             "built with, or use another --store directory, or delete this one to recompute")
         what = {"dataset": "another dataset (or other images of it)",

@@ -91,6 +91,9 @@ def twice_differentiable(on: bool):
 
 
 CHECK_EVERY = 20  # steps between finite-loss checks (one tiny all-reduce under DDP)
+# keys of the records a run writes beside the parts' terms (a metrics.jsonl row, a tracker's
+# step row, the epoch's stats): a term of one of these names overwrote them ('epoch': 2.48)
+RESERVED_TERMS = ("loss", "ce", "epoch", "step", "lr", "seconds", "images_per_s", "val_accuracy")
 
 
 def _same_start(record, init) -> bool:
@@ -211,6 +214,19 @@ def _loadable(name: str, saved: dict) -> dict:
                         "return tensors and plain values (numbers, strings, lists, dicts), e.g. float() of a "
                         "NumPy number") from None
     return saved
+
+
+def _shown(x) -> str:
+    """A part's returned object in a few words, for the one-line errors of Trainer._first_terms."""
+    if torch.is_tensor(x):
+        shape = "a 0-d tensor" if x.dim() == 0 else f"a tensor of shape {tuple(x.shape)}"
+        return f"{shape} ({str(x.dtype).replace('torch.', '')})"
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return f"a Python {type(x).__name__} ({x:.4g})"
+    if isinstance(x, (tuple, list)):
+        more = ", ..." if len(x) > 3 else ""
+        return f"a {type(x).__name__} of {len(x)}: " + ", ".join(_shown(v) for v in x[:3]) + more
+    return "None" if x is None else f"a {type(x).__name__}"
 
 
 class Trainer:
@@ -420,6 +436,55 @@ class Trainer:
     def teacher_logits(self, idx: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor | None:
         return self.teacher_outputs(Batch(idx, x, None))
 
+    # each part's term names, in order, as its first step returned them (checked then; later
+    # steps are compared with them), and the part that owns each term (for the errors)
+    _part_terms: list | None = None
+    _term_owner: dict | None = None
+
+    def _first_terms(self, part, returned, owner: dict) -> None:
+        """Check what ``part.loss`` returned at the run's first step against the contract
+        (``{name: (weight, value)}``, value a 0-d tensor): a mistake there gave a raw traceback
+        from deep in torch ("grad can be implicitly created only for scalar outputs"), and a
+        term named like a record's key (``epoch``, ``loss``) or another part's term overwrote
+        it in metrics.jsonl while the loss was summed right. One line naming the part and the
+        term, before the step's backward and before anything is saved. ``owner``: term name ->
+        the part that returned it so far, filled in here."""
+        said = f"method part '{part.name}'"
+        expect = "expected {name: (weight, value)}, the value a 0-d tensor computed from the student, e.g. " \
+                 "{'mine': (1.0, step.logits.pow(2).mean())}"
+        if not isinstance(returned, dict):
+            raise UserError(f"{said}'s loss returned {_shown(returned)}; {expect}")
+        for name, item in returned.items():
+            term = f"term {name!r} of {said}"
+            instead = part.name if part.name not in owner and part.name not in RESERVED_TERMS else f"{part.name}_{name}"
+            if not isinstance(name, str) or not name:
+                raise UserError(f"{said}'s loss returned a term named {name!r}; term names are non-empty strings")
+            if name in RESERVED_TERMS or name.startswith("val_"):
+                used = ", ".join(n for n in RESERVED_TERMS if not n.startswith("val_"))
+                raise UserError(f"{term} takes a name the run's records use ({used}, val_*); name it after the "
+                                f"part, e.g. '{instead}'")
+            if name in owner:
+                raise UserError(f"{term} has the name of a term of method part '{owner[name]}'; each term is logged "
+                                f"under its name, so name it after the part, e.g. '{instead}'")
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise UserError(f"{term} is {_shown(item)}, not a pair (weight, value); {expect}")
+            w, value = item
+            number = isinstance(w, (int, float, np.integer, np.floating)) or (torch.is_tensor(w) and w.numel() == 1)
+            if isinstance(w, bool) or not number:
+                raise UserError(f"{term} has weight {_shown(w)}; a weight is a number (the value is {_shown(value)})")
+            if not torch.is_tensor(value):
+                raise UserError(f"{term} has value {_shown(value)}, not a tensor: a Python number carries no gradient "
+                                f"and trains nothing; {expect}")
+            if value.dim() != 0 or not value.is_floating_point():
+                raise UserError(f"{term} has value {_shown(value)}; it must be one number, a 0-d floating tensor "
+                                "(reduce a per-sample loss over the batch, e.g. .mean())")
+            owner[name] = part.name
+            if w != 0 and not value.requires_grad:
+                # a .detach() or a value from the teacher alone: the term is logged and moves nothing
+                log(f"igkd: warning: {term} carries no gradient (it does not depend on the student's "
+                    "parameters), so it is logged but trains nothing; compute it from step.logits (or a "
+                    "hooked student layer) without .detach()")
+
     def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """One optimisation step on a batch; returns the loss and its terms (detached)."""
         cfg = self.cfg
@@ -436,10 +501,25 @@ class Trainer:
             weight *= part.ce_weight(cfg)
         loss, terms = (ce if weight == 1.0 else weight * ce), {"ce": ce.detach()}
         step = Step(cfg, self.current_epoch, batch, out, t_logits)
-        for part, state in self.parts:
-            for name, (w, value) in part.loss(state, step).items():
+        first = self._part_terms is None
+        seen: list = []
+        owner = {"ce": "the cross-entropy"}
+        for i, (part, state) in enumerate(self.parts):
+            returned = part.loss(state, step)
+            if first:
+                self._first_terms(part, returned, owner)
+                seen.append(tuple(returned))
+            elif not isinstance(returned, dict) or tuple(returned) != self._part_terms[i]:
+                # the epoch's sums are kept by position: another set of names mislabelled or broke them
+                got = (", ".join(map(str, returned)) or "none") if isinstance(returned, dict) else _shown(returned)
+                raise UserError(f"method part '{part.name}' returned terms {got} "
+                                f"at this step and {', '.join(self._part_terms[i]) or 'none'} at the first; a part "
+                                "returns the same terms every step (a weight of 0 leaves one out)")
+            for name, (w, value) in returned.items():
                 loss = loss + w * value
                 terms[name] = value.detach()
+        if first:  # kept once every part's terms passed: a step that raised checks again
+            self._part_terms, self._term_owner = seen, owner
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -460,7 +540,7 @@ class Trainer:
         cfg = self.cfg
         self.train_model.train()
         self.current_epoch = epoch
-        acc, names, seen = None, [], 0
+        acc, names, seen, first_bad = None, [], 0, None
         # losses are synced every CHECK_EVERY steps; with trackers also every log_every steps
         # (decided by the config, not by rank, so that every rank joins each all-reduce)
         every = min(CHECK_EVERY, cfg.log_every) if cfg.log else CHECK_EVERY
@@ -473,10 +553,15 @@ class Trainer:
                 names = ["loss", *terms]
                 vals = torch.stack([loss.float(), *(v.float() for v in terms.values())]) * len(batch.idx)
                 acc = vals if acc is None else acc + vals
+                # which values were not finite at the first step where any was, kept on the device
+                # (no sync): after it the weights are NaN and every term is, so the window's sums
+                # alone could not name the term that started it
+                bad = ~torch.isfinite(vals)
+                first_bad = bad if first_bad is None else torch.where(first_bad.any(), first_bad, bad)
                 seen += len(batch.idx)
                 extra = ""
                 if (s + 1) % every == 0 or s + 1 == self.steps_per_epoch:
-                    total = self._checked(acc, epoch)
+                    total = self._checked(acc, epoch, names, first_bad)
                     extra = f"loss {total[0] / (seen * self.world):.3f}"
                     if self.trackers:
                         n0, t0 = logged
@@ -506,18 +591,29 @@ class Trainer:
             hook.remove()
         self.teacher_hooks, self.student_hooks = [], []
 
-    def _checked(self, acc: torch.Tensor, epoch: int) -> list[float]:
+    def _checked(self, acc: torch.Tensor, epoch: int, names: list | None = None,
+                 first_bad: torch.Tensor | None = None) -> list[float]:
+        """The epoch's sums so far over all ranks; TrainingDiverged when one is not finite, naming
+        the terms that were not at the first such step (``first_bad``, this rank's, by ``names``)."""
         total = self.dist.all_reduce(acc.clone()).tolist()
         if not all(np.isfinite(total)):
+            which = ""
+            if names and first_bad is not None:
+                owner = self._term_owner or {}
+                bad = [n for n, b in zip(names[1:], first_bad.tolist()[1:]) if b]
+                if bad:
+                    which = "; not finite first: " + ", ".join(
+                        "the cross-entropy" if n == "ce" else f"term {n!r} of method part '{owner.get(n, '?')}'"
+                        for n in bad)
             # what works next: --resume replays the same steps into the same NaN and refuses another
             # --lr, and before epoch 1 ended there is no last.pt to name
             if self.epoch == 0:
                 raise TrainingDiverged(f"loss became {total[0]} at epoch {epoch}, before any checkpoint; "
-                                       "lower --lr and run again, or check the data")
+                                       f"lower --lr and run again, or check the data{which}")
             raise TrainingDiverged(
                 f"loss became {total[0]} at epoch {epoch}; the last good checkpoint is "
                 f"{self.out / 'last.pt'} (epoch {self.epoch}), but --resume would repeat the same steps: "
-                "lower --lr and train into a new --out, or check the data")
+                f"lower --lr and train into a new --out, or check the data{which}")
         return total
 
     def evaluate(self, indices: torch.Tensor | None = None, split: str = "val") -> dict:
@@ -872,7 +968,28 @@ class Trainer:
         write_json(self.out / "summary.json", summary)
         log(f"done: best epoch {self.best['epoch']} (val {fmt_percent(self.best['val_accuracy'])}), "
             f"test accuracy {test['accuracy']:.2f}% -> {self.out}", self.quiet)
+        self._warn_one_class(test)
         return summary
+
+    def _warn_one_class(self, test: dict) -> None:
+        """Say when the final model predicts one class for every test image of a split with
+        several: its accuracy is that class's share, whatever the method, and a user took the
+        same accuracy across methods for a loss that did nothing (helper-22b: BatchNorm running
+        statistics not yet settled after 1 epoch of a tiny subset). From the confusion matrix
+        the test metrics hold, so it costs nothing. Not said under --quiet, unlike a warning of
+        a mistake: a run of a few steps is often meant (a smoke test), and this one is a guess."""
+        confusion = torch.tensor(test["confusion"])
+        predicted, present = confusion.sum(0), confusion.sum(1)
+        if int((present > 0).sum()) < 2 or int((predicted > 0).sum()) != 1:
+            return
+        cls = self.dataset.classes[int(predicted.argmax())]
+        steps = self.cfg.epochs * self.steps_per_epoch
+        norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        why = (f"its BatchNorm running statistics, not settled in {steps} training step{'s' if steps != 1 else ''},"
+               if norms else f"too few training steps ({steps}),") + " or a model collapsed by a learning rate too high"
+        log(f"igkd: warning: the trained model predicts class {cls!r} for all {test['total']} test images, so its "
+            f"accuracy ({test['accuracy']:.2f}%) is that class's share and says nothing of the method; likely {why}: "
+            "train more steps (epochs, images) before comparing runs", self.quiet)
 
 
 def refuse_lone_values(model: nn.Module, input_shape: tuple[int, int, int], device: torch.device) -> None:

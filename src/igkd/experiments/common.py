@@ -61,11 +61,14 @@ def start(cfg: ExperimentConfig, out: str | Path, kind: str, methods: list[str],
     if teacher:
         ctx["teacher"] = teacher_facts(cfg, out, quiet, dataset)
     if any(api.needs_store(m, cfg) for m in parsed):
+        maps = any(m.needs_maps for m in parsed)  # logits alone: a --store of any map settings will do
         store = api.precompute(cfg.teacher, dataset, precompute_config(cfg), cfg.store or None, cfg.teacher_model,
-                               cfg.device, quiet, threads=cfg.threads, teacher_normalize=cfg.teacher_normalize)
+                               cfg.device, quiet, threads=cfg.threads, teacher_normalize=cfg.teacher_normalize,
+                               maps=maps)
         ctx["store"] = str(Path(store.path).resolve())
-        ctx["maps"] = {**maps_record(precompute_config(cfg), store),
-                       "completeness_delta": store.manifest.get("completeness_delta")}
+        if maps:
+            ctx["maps"] = {**maps_record(precompute_config(cfg), store),
+                           "completeness_delta": store.manifest.get("completeness_delta")}
     return out, ctx, {cfg.data: data_sha256(dataset)}
 
 

@@ -33,6 +33,7 @@ MODERN_METHODS = ["dkd", "dist", "dkd+ig", "explain", "kd+explain", "kd+cutmix",
 PLAIN = Method("student", ())  # cross-entropy alone: a teacher's training, or the plain student
 
 _parts: dict[str, Part] = {}
+_origins: dict[str, dict] = {}  # part name -> where a part from outside igkd came from (part_origin)
 _loaded = False
 _frozen_fields: set[str] | None = None  # option names DistillConfig was built with
 
@@ -64,6 +65,7 @@ def _load() -> None:
     for name, obj in plugins.load("parts", "method part").items():  # the group igkd.parts
         for part in (obj if isinstance(obj, (list, tuple)) else [obj]):
             _add(part, f"entry point {name}")
+            _origins[part.name] = {"package": plugins.distribution("parts", name), "entry_point": name}
 
 
 def register_part(part: Part) -> Part:
@@ -92,6 +94,7 @@ def register_part(part: Part) -> Part:
         raise UserError(f"part {part.name!r} brings options {', '.join(sorted(new))} after igkd.config was built; "
                         "register it before using any config, or through the 'igkd.parts' entry point")
     _add(part, "register_part")
+    _origins[part.name] = {"package": None, "entry_point": None}
     return part
 
 
@@ -109,6 +112,18 @@ def _redefined(old: Part, part: Part) -> bool:
     return True
 
 
+def part_origin(name: str) -> dict | None:
+    """Where part ``name`` came from, None for igkd's own: ``{"package": "walka-mypkg 0.0.1",
+    "entry_point": "mine", "class": "mypkg.parts.CosLogit"}`` (package and entry point None
+    for a part given to :func:`register_part`). ``igkd methods`` says it, as ``--help`` names
+    the package of every plug-in."""
+    part = parts().get(name)
+    if part is None or type(part).__module__.startswith(__name__ + "."):
+        return None
+    origin = _origins.get(name, {"package": None, "entry_point": None})
+    return {**origin, "class": f"{type(part).__module__}.{type(part).__qualname__}"}
+
+
 def parts() -> dict[str, Part]:
     """Every registered part by name, in canonical order."""
     _load()
@@ -118,8 +133,12 @@ def parts() -> dict[str, Part]:
 def get_part(name: str) -> Part:
     known = parts()
     if name not in known:
+        plugins.require("parts", name)  # an entry point of that name that did not load: why, not "unknown"
+        # a part of a broken package is not known by name until it loads (an entry point may give
+        # several): the load failure is named beside the list
+        broken = "".join(f"; {line}" for line in plugins.failures("parts").values())
         raise UserError(f"unknown method part '{name}'; parts are {', '.join(known)} (join them with '+'; "
-                        "'student' is cross-entropy alone)")
+                        f"'student' is cross-entropy alone){broken}")
     return known[name]
 
 
@@ -151,6 +170,8 @@ def parse_method(name: str) -> Method:
         raise UserError(f"method '{name}' names a part twice")
     try:
         chosen = [get_part(n) for n in names]
+    except plugins.PluginError:
+        raise  # its own line: "unknown method 'kd+mine': cannot load..." read as a typo
     except UserError as e:
         raise UserError(f"unknown method '{name}': {e}") from None
     groups: dict[str, str] = {}

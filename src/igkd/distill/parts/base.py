@@ -112,6 +112,11 @@ class Part:
         return 1.0
 
     def loss(self, state, step: Step) -> dict[str, tuple[float, torch.Tensor]]:
+        """``{name: (weight, value)}``: ``weight`` a number, ``value`` a 0-d floating tensor
+        computed from the student (``step.logits``, a hooked layer), so that it has a gradient;
+        the same names at every step, none of them a name of the run's records (``loss``,
+        ``ce``, ``epoch``, ``step``, ``lr``, ``seconds``, ``images_per_s``, ``val_*``) or
+        another part's term. The trainer checks the first step's terms (one-line error)."""
         return {}
 
     def describe(self, state) -> str:

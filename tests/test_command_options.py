@@ -43,7 +43,7 @@ def one_line_error(r, *words) -> str:
 @pytest.mark.parametrize("argv,choices,defaults", [
     (["evaluate"], ["{auto,none,dataset,imagenet}"], ["(default: 128)", "(default: 0)"]),
     (["bench", "latency"], [], ["(default: 1)", "(default: eager)", "(default: 3x32x32)", "(default: 10000)"]),
-    (["export"], ["{onnx,torchscript}", "{auto,none,dataset,imagenet}"], ["(default: onnx)", "(default: 0.001)",
+    (["export"], ["{auto,onnx,torchscript}", "{auto,none,dataset,imagenet}"], ["(default: auto)", "(default: 0.001)",
                                                                  "(default: 99.9)", "(default: 256)"]),
     (["audit"], ["{label,predicted}", "{black,zero,blur}", "{ig,saliency"], ["(default: 32)", "(default: black)",
                                                                             "(default: 64)", "(default: 8)"]),

@@ -291,3 +291,13 @@ def test_a_folder_of_some_of_the_models_classes_is_scored_on_them(tmp_path, caps
     other = from_tensors(None, (x, y), ["a", "z"])
     with pytest.raises(UserError, match=r"was trained on 3 classes: a, b, c; memory:sha256=\w+ has 2 classes: a, z;"):
         igkd.evaluate(str(path), other)
+
+
+def test_errors_name_the_python_keyword_beside_the_flag(tmp_path):
+    from igkd.models import build_model, load_model, save_checkpoint
+    path = save_checkpoint(tmp_path / "m.safetensors", build_model("mobilenetv2:width=0.25,drop=14", 2, 3),
+                           {"model": "module:Net", "num_classes": 2, "in_channels": 3})
+    with pytest.raises(UserError, match=r"pass --model SPEC \(model= in Python\)"):
+        load_model(str(path))
+    with pytest.raises(UserError, match=r"pass --teacher-model SPEC \(teacher_model= in Python\)"):
+        load_model(str(path), flag="--teacher-model")

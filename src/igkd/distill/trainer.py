@@ -157,8 +157,8 @@ def check_run_dir(out: Path, resume: bool) -> None:
         raise UserError(f"run {out} has finished (summary.json) and has no last.pt to resume from; "
                         "choose another --out for a new run")
     if not resume and ((out / "summary.json").exists() or (out / "last.pt").exists()):
-        raise UserError(f"run directory {out} already holds a run; pass --resume to continue it "
-                        "or choose another --out")
+        raise UserError(f"run directory {out} already holds a run; pass --resume (resume=True in Python) to "
+                        "continue it or choose another --out")
 
 
 class TrainingDiverged(UserError):

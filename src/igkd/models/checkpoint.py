@@ -472,12 +472,19 @@ def recorded_spec(spec: str, path: str | Path, flag: str = "--model") -> str:
     parsed = parse_spec(spec, f"model spec recorded in {path}")
     if parsed.kind == "module":
         raise UserError(f"{path} was trained from a Python module igkd cannot rebuild ({spec}); pass {flag} SPEC "
-                        "naming a factory that builds it (py:FILE.py:CALLABLE), or load it with "
-                        "igkd.models.load_weights(your_module, FILE)")
+                        f"({_keyword(flag)}= in Python) naming a factory that builds it (py:FILE.py:CALLABLE), or "
+                        "load it with igkd.models.load_weights(your_module, FILE)")
     if family_of(parsed).runs_code:
         raise UserError(f"{path} records model {spec}, which runs code from outside the file; igkd runs no code a "
-                        f"weights file names: if you trust it, pass {flag} {shlex.quote(spec)}")
+                        f"weights file names: if you trust it, pass {flag} {shlex.quote(spec)} ({_keyword(flag)}= in "
+                        "Python)")
     return spec
+
+
+def _keyword(flag: str) -> str:
+    """The Python API's keyword of a command-line option (``--teacher-model`` -> ``teacher_model``):
+    a notebook's error named only the flag."""
+    return flag.lstrip("-").replace("-", "_")
 
 
 def load_model(path: str | Path, spec: str | None = None, num_classes: int | None = None,

@@ -387,7 +387,8 @@ def _precompute(teacher: nn.Module, dataset: Dataset, cfg: PrecomputeConfig, pat
         store = writer.finalize(extra={"settings": settings, "dataset_spec": dataset.spec,
                                        "classes": dataset.classes, "error_estimate": estimate,
                                        "processes": env.world}, labels=train.labels.numpy())
-        log(f"precompute: stored{teacher_accuracy_note(store.manifest)}", quiet)
+        if note := teacher_accuracy_note(store.manifest):
+            log(f"precompute: {note.removeprefix('; ')}", quiet)
         d = store.manifest["completeness_delta"]
         if registry.get(cfg.attribution).completeness:
             log(f"precompute: done; IG completeness error |delta| / |F(x) - F(x')|: median "

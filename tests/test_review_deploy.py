@@ -272,3 +272,7 @@ def test_audit_takes_one_student_model_per_foreign_student(tmp_path):
     r = igkd.audit(teacher, f"{tmp_path / 'a.pt'},{tmp_path / 'a.pt'}", "demo", images=2, ig_steps=2, gallery=0,
                    quiet=True, student_model=TINY)
     assert [s["model"] for s in r["students"]] == [TINY, TINY]
+    # one spec for two students of different architectures: the error says how to give one each
+    with pytest.raises(igkd.UserError, match=r"was applied to every --student: .* separated by ';', empty where "
+                                             r"the file names its own"):
+        igkd.audit(teacher, students, "demo", images=2, gallery=0, quiet=True, student_model=TINY)

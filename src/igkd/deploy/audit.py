@@ -91,8 +91,18 @@ def audit(teacher=None, student=None, data=None, *, config: AuditConfig | None =
     dataset = load_dataset(cfg.data)
     models = [(cfg.teacher, *_load_checked(cfg.teacher, cfg.teacher_model, dataset, cfg.teacher_normalize,
                                            "--teacher-model"))]
-    models += [(p, *_load_checked(p, spec, dataset)) for p, spec in zip(paths, _student_specs(cfg.student_model,
-                                                                                              len(paths)))]
+    specs = _student_specs(cfg.student_model, len(paths))
+    for p, spec in zip(paths, specs):
+        try:
+            models.append((p, *_load_checked(p, spec, dataset)))
+        except UserError as e:
+            if len(paths) == 1 or not cfg.student_model or ";" in cfg.student_model:
+                raise
+            # one spec was given for every student: a plain student and one of another
+            # architecture (a py: network) need one each, which the error did not say
+            raise UserError(f"{e}; --student-model {cfg.student_model} was applied to every --student: for students "
+                            "of different architectures give one per student in their order, separated by ';', "
+                            f"empty where the file names its own (e.g. '{cfg.student_model};')") from None
     test = dataset.test
     idx = torch.linspace(0, len(test) - 1, min(cfg.images, len(test))).round().long().unique()
     x_u8, labels = test.images[idx], test.labels[idx]

@@ -301,3 +301,21 @@ def test_errors_name_the_python_keyword_beside_the_flag(tmp_path):
         load_model(str(path))
     with pytest.raises(UserError, match=r"pass --teacher-model SPEC \(teacher_model= in Python\)"):
         load_model(str(path), flag="--teacher-model")
+
+
+def test_an_experiment_says_which_runs_predict_one_class(tmp_path, capsys):
+    """Per-run warnings scroll by (or are quiet); the experiment's own line names the runs
+    whose accuracy is a class's share, before their table is read as methods doing the same."""
+    import shutil
+
+    from igkd.experiments.runs import Job, run_dir, run_jobs
+    from test_review_session22b import _collapsed, _distill
+    _distill(tmp_path / "one", "student", _collapsed())  # a real run whose model predicts class 'a' only
+    job = Job("student-seed0", igkd.DistillConfig(data="demo", method="student"))
+    out = tmp_path / "exp"
+    shutil.copytree(tmp_path / "one", run_dir(out, job))  # found as a finished run of the experiment
+    fingerprint = json.loads((tmp_path / "one" / "model.json").read_text())["dataset_fingerprint"]
+    results = run_jobs([job], out, "ablation", data={"demo": {"train": fingerprint, "test": "-"}})
+    assert results[0]["test_accuracy"] == 50.0
+    assert "igkd: warning: 1 of 1 runs predict one class for every test image (student-seed0)" in \
+        capsys.readouterr().err

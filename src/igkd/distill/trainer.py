@@ -978,11 +978,10 @@ class Trainer:
         statistics not yet settled after 1 epoch of a tiny subset). From the confusion matrix
         the test metrics hold, so it costs nothing. Not said under --quiet, unlike a warning of
         a mistake: a run of a few steps is often meant (a smoke test), and this one is a guess."""
-        confusion = torch.tensor(test["confusion"])
-        predicted, present = confusion.sum(0), confusion.sum(1)
-        if int((present > 0).sum()) < 2 or int((predicted > 0).sum()) != 1:
+        only = one_class(test)
+        if only is None:
             return
-        cls = self.dataset.classes[int(predicted.argmax())]
+        cls = self.dataset.classes[only]
         steps = self.cfg.epochs * self.steps_per_epoch
         norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         why = (f"its BatchNorm running statistics, not settled in {steps} training step{'s' if steps != 1 else ''},"
@@ -990,6 +989,16 @@ class Trainer:
         log(f"igkd: warning: the trained model predicts class {cls!r} for all {test['total']} test images, so its "
             f"accuracy ({test['accuracy']:.2f}%) is that class's share and says nothing of the method; likely {why}: "
             "train more steps (epochs, images) before comparing runs", self.quiet)
+
+
+def one_class(test: dict) -> int | None:
+    """The class a model predicted for every image of a test split holding several classes
+    (from its metrics' confusion matrix), or None."""
+    confusion = torch.tensor(test.get("confusion") or [[0]])
+    predicted, present = confusion.sum(0), confusion.sum(1)
+    if int((present > 0).sum()) < 2 or int((predicted > 0).sum()) != 1:
+        return None
+    return int(predicted.argmax())
 
 
 def refuse_lone_values(model: nn.Module, input_shape: tuple[int, int, int], device: torch.device) -> None:

@@ -31,7 +31,7 @@ from ..config import DistillConfig, PrecomputeConfig, init_file, recorded_defaul
 from ..distill.parts import config_fields as part_config_fields, parse_method
 from ..distill.parts.provenance import method_code
 from ..distill.augment import resolve_augment
-from ..distill.trainer import TrainingDiverged
+from ..distill.trainer import TrainingDiverged, one_class
 from ..errors import UserError
 from ..fileio import file_sha256, native_path, new_folder, write_json
 from ..lock import folder_held
@@ -303,6 +303,11 @@ def run_jobs(jobs: list[Job], out: Path, what: str, quiet: bool = False, train_q
             f"{fmt_seconds(time.perf_counter() - start)}; ETA {fmt_seconds(spent / trained * left)} "
             f"({left} run(s) left)", quiet)
         results.append(summary)
+    collapsed = [j.label for j, s in zip(jobs, results) if one_class(s.get("test") or {}) is not None]
+    if collapsed:  # a table of equal accuracies read as "the methods do the same"
+        log(f"igkd: warning: {len(collapsed)} of {len(jobs)} runs predict one class for every test image "
+            f"({', '.join(collapsed[:4])}{', ...' if len(collapsed) > 4 else ''}): their accuracy is that class's "
+            "share whatever the method; train more steps (epochs, images) before comparing them", quiet)
     return results
 
 

@@ -319,3 +319,44 @@ def test_an_experiment_says_which_runs_predict_one_class(tmp_path, capsys):
     assert results[0]["test_accuracy"] == 50.0
     assert "igkd: warning: 1 of 1 runs predict one class for every test image (student-seed0)" in \
         capsys.readouterr().err
+
+
+NET = '''
+import torch.nn as nn
+
+
+def make(num_classes, in_channels, width=4):
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(width, num_classes)){EXTRA}
+'''
+
+
+def test_an_edited_py_network_is_another_run_and_does_not_resume(tmp_path):
+    """helper-68 edited their factory between experiments: '6 runs, 6 already finished' with the
+    old network's numbers; a resume after the edit was a 30-line load_state_dict traceback."""
+    import dataclasses
+
+    from igkd.experiments.runs import run_key
+    net = tmp_path / "mynet.py"
+    net.write_text(NET.replace("{EXTRA}", ""))
+    spec = f"py:{net}:make"
+    cfg = igkd.DistillConfig(data="demo", method="student", model=spec, epochs=1, batch_size=8, val_fraction=0.0,
+                             threads=1)
+    before = run_key(cfg)
+    igkd.distill(cfg, tmp_path / "run", quiet=True, data=_data())
+    net.write_text(NET.replace("{EXTRA}", "  # a comment: the file is what is keyed"))
+    assert run_key(cfg) != before
+    with pytest.raises(UserError, match=r"the source of --model .* changed since the run started"):
+        igkd.distill(dataclasses.replace(cfg, epochs=2), tmp_path / "run", resume=True, quiet=True, data=_data())
+    # weights that do not fit (a run recorded before the code was kept): one line, not a traceback
+    import sys
+    for name in [n for n, m in sys.modules.items() if getattr(m, "__file__", None) == str(net.resolve())]:
+        del sys.modules[name]  # imported again, as a new process would
+    state_file = tmp_path / "run" / "last.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["model_code"] = None
+    torch.save(state, state_file)
+    net.write_text(NET.replace("{EXTRA}", "").replace("width=4", "width=6"))
+    with pytest.raises(UserError, match=r"its weights do not fit the model --model .* builds now .*was its code "
+                                        r"edited\?"):
+        igkd.distill(dataclasses.replace(cfg, epochs=2), tmp_path / "run", resume=True, quiet=True, data=_data())

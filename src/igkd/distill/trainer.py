@@ -66,6 +66,7 @@ from ..lock import DirLock
 from ..modelcard import model_card
 from ..models import (bare, count_parameters, load_weights, preprocessing_of, save_checkpoint, to_device,
                       weights_file)
+from ..models.user import code_sha256
 from ..progress import Progress, fmt_percent, fmt_seconds, log
 from .attention import FeatureHook, StopForward
 from .augment import crop_flip, resized_crop_flip, resolve_augment
@@ -663,6 +664,7 @@ class Trainer:
         if teacher.get("identity"):
             state["teacher_identity"] = teacher["identity"]
         state["part_code"] = method_code(self.method)  # compared on resume: the loss's code is the run's
+        state["model_code"] = code_sha256(self.cfg.model)  # and a py: network's source
         kept = {part.name: part.state_dict(st) for part, st in self.parts}
         if any(kept.values()):
             state["parts"] = {name: _loadable(name, d) for name, d in kept.items() if d}
@@ -703,6 +705,10 @@ class Trainer:
         now = {k: v for k, v in self.recorded_config().items() if k not in RESUME_FREE}
         others = set(part_config_fields()) - set(now)  # options of installed parts not in the method
         saved = {k: v for k, v in saved.items() if k not in others}
+        if state.get("model_code") and state["model_code"] != code_sha256(self.cfg.model):
+            raise UserError(f"cannot resume {self.out}: the source of --model {self.cfg.model} changed since the run "
+                            "started (its file's sha256); resume with that file as it was, or start a new --out "
+                            "directory")
         code, then = method_code(self.method), state.get("part_code")
         if then is not None and then != code:  # (None: written before the code was kept)
             changed = sorted(n for n in {*code, *then} if code.get(n) != then.get(n))
@@ -757,7 +763,13 @@ class Trainer:
             raise UserError(f"cannot resume {self.out}: it ran with {state.get('world_size', 1)} process(es), "
                             f"this run has {self.world} (the global batch would change); resume with "
                             f"--nproc_per_node={state.get('world_size', 1)}")
-        bare(self.model).load_state_dict(state["model"])
+        try:
+            bare(self.model).load_state_dict(state["model"])
+        except RuntimeError as e:  # another architecture under the same spec: a traceback before
+            first = str(e).strip().splitlines()[0][:160]
+            raise UserError(f"cannot resume {self.out}: its weights do not fit the model --model {self.cfg.model} "
+                            f"builds now ({first}); was its code edited? resume with the code it started with, or "
+                            "start a new --out directory") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # the rate of the next step from this run's schedule: LambdaLR's load_state_dict keeps the

@@ -30,6 +30,7 @@ from ..attribution import registry as attribution_registry
 from ..config import DistillConfig, PrecomputeConfig, init_file, recorded_defaults, to_dict
 from ..distill.parts import config_fields as part_config_fields, parse_method
 from ..distill.parts.provenance import method_code
+from ..models.user import code_sha256
 from ..distill.augment import resolve_augment
 from ..distill.trainer import TrainingDiverged, one_class
 from ..errors import UserError
@@ -107,6 +108,9 @@ def semantic_config(cfg: DistillConfig) -> dict:
     code = method_code(method)  # a plug-in part's code: an edited loss is another run
     if code:
         d["part_code"] = code
+    for name in ("model", "teacher_model"):  # a py: factory's source: an edited network is another run
+        if name not in drop and (sha := code_sha256(d.get(name) or "")):
+            d[f"{name}_code"] = sha
     return canonical_specs({k: v for k, v in sorted(d.items()) if k not in drop})
 
 

@@ -87,6 +87,33 @@ def _import_file(path: Path):
     return mod
 
 
+def code_sha256(spec: str) -> str | None:
+    """sha256 of the source file a ``py:`` model spec builds from (``py:FILE.py:CALLABLE``, or
+    an importable module's file), None for any other spec or a file not found. What an
+    experiment keys a run by beside the spec's text, and a resume compares: an edited factory
+    left the spec as it was, and its old runs were reported as the new network's (helper-68).
+    Only the named file: a module it imports is not followed."""
+    from ..spec import parse_spec
+    try:
+        parsed = parse_spec(spec or "")
+    except UserError:
+        return None
+    module = (parsed.arg or "").rpartition(":")[0] if parsed.kind == "py" else ""
+    if not module:
+        return None
+    path = Path(module) if module.endswith(".py") or "/" in module else None
+    if path is None:
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            return None
+        path = Path(found.origin) if found is not None and found.origin and found.origin.endswith(".py") else None
+    if path is None or not path.is_file():
+        return None
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 # the names factories give their size arguments: igkd's and torchvision's first, timm's in_chans
 CLASS_NAMES = ("num_classes", "n_classes", "nclasses", "num_class")
 # ("channels" and "num_channels" are left out: as often a width as the input's channels)

@@ -360,3 +360,10 @@ def test_an_edited_py_network_is_another_run_and_does_not_resume(tmp_path):
     with pytest.raises(UserError, match=r"its weights do not fit the model --model .* builds now .*was its code "
                                         r"edited\?"):
         igkd.distill(dataclasses.replace(cfg, epochs=2), tmp_path / "run", resume=True, quiet=True, data=_data())
+
+
+def test_an_unknown_model_names_the_spelling_igkd_uses():
+    for typed, hint in (("resnet20", "did you mean resnet:depth=20, the CIFAR ResNet?"),
+                        ("wrn-16-2", "did you mean wrn:depth=16,k=2?"), ("mobilnetv2", "did you mean 'mobilenetv2'?")):
+        with pytest.raises(UserError, match=f"unknown model '{typed}' in spec '{typed}' \\({hint.replace('?', '[?]')}"):
+            igkd.build_model(typed, 10, 3)

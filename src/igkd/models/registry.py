@@ -80,8 +80,22 @@ def family_of(spec: str | Spec) -> Family:
     """The :class:`Family` a spec names; one-line UserError for an unknown one."""
     spec = spec if isinstance(spec, Spec) else parse_spec(spec, "model spec")
     if spec.kind not in MODELS:
-        raise UserError(f"unknown model '{spec.kind}' in spec '{spec}'; known models: {', '.join(sorted(MODELS))}")
+        raise UserError(f"unknown model '{spec.kind}' in spec '{spec}'{_near(spec.kind)}; known models: "
+                        f"{', '.join(sorted(MODELS))}")
     return MODELS[spec.kind]
+
+
+def _near(kind: str) -> str:
+    """' (did you mean ...?)' for a family named the way papers and other tools name its
+    members: resnet20 is igkd's resnet:depth=20 (the CIFAR ResNet), wrn-16-2 wrn:depth=16,k=2."""
+    import difflib
+    import re
+    if m := re.fullmatch(r"resnet-?(\d+)", kind):
+        return f" (did you mean resnet:depth={m.group(1)}, the CIFAR ResNet? resnet18/34/50 are ImageNet's)"
+    if m := re.fullmatch(r"wrn-?(\d+)(?:-(\d+))?", kind):
+        return f" (did you mean wrn:depth={m.group(1)},k={m.group(2) or 2}?)"
+    close = difflib.get_close_matches(kind, list(MODELS), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def find_family(spec: str | Spec) -> Family | None:

@@ -40,9 +40,11 @@ def test_a_module_trained_in_place_is_scored_and_exported_behind_its_runs_normal
     assert igkd.evaluate(net, data, normalize="none")["preprocessing"] == {"normalize": "none"}  # said, kept
 
     net.train()
+    net[1].eval()  # a frozen BatchNorm inside a training module
     out = tmp_path / "m.onnx"
     result = igkd.export_model(net, out, data=data, quiet=True)
-    assert net.training and all(m.training for m in net.modules())  # the module's flags as they were
+    flags = [m.training for m in net.modules()]
+    assert flags == [True, True, False, True, True, True, True]  # the module's flags as they were, each its own
     assert result["weights"] is None and result["model"] == "module:Sequential"
     side = json.loads((tmp_path / "m.onnx.json").read_text())
     assert side["source"]["module"] == "Sequential" and side["source"]["weights_fingerprint"] == \

@@ -261,6 +261,9 @@ def module_input(module: nn.Module, normalize: str, dataset: Dataset) -> tuple[n
     pixels. The preprocessing returned is what the whole applies, an igkd wrapper's own too."""
     pre = preprocessing_for(normalize, dataset) or trained_preprocessing(module) or {"normalize": "none"}
     net = with_preprocessing(module, pre)
+    # the new wrapper's own flag only: net.train(flag) set every module inside to one flag, and a
+    # training module's frozen BatchNorm or Dropout came back training
+    net.training = module.training
     return net, (pre if pre["normalize"] != "none" else preprocessing_of(module))
 
 
@@ -675,9 +678,6 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     if module is not None:  # scored as it is: its outputs are the data's classes, in order
         net, pre = module_input(module, normalize, dataset)
         meta = {"model": weights, "preprocessing": pre}
-        # the wrapper's own flag only: net.train(flag) set every module inside to one flag, and a
-        # training module's frozen BatchNorm or Dropout came back training
-        net.training = module.training
         check_outputs(net, dataset, f"the module {type(module).__name__}", split="test")
     else:
         net, meta = load_model(weights, model or None, len(classes), dataset.channels,

@@ -161,7 +161,6 @@ def _module_runner(module: nn.Module, data, cfg: PredictConfig):
         raise UserError("predict got a module and a model spec; give one of them")
     dataset = data if isinstance(data, Dataset) else load_dataset(data)
     net, pre = module_input(module, cfg.normalize, dataset)
-    net.train(module.training)
     device = next((p.device for p in module.parameters()), resolve_device(cfg.device))
     recipe = _recipe(input_recipe(dataset.spec, dataset.image_size, dataset.channels), cfg)
 

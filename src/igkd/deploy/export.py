@@ -137,7 +137,6 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
                         f"folder: add ,size={'x'.join(map(str, trained))})")
     if module is not None:  # exported as it is: its outputs are the data's classes, in order
         net, pre = module_input(module, cfg.normalize, dataset)
-        net.train(module.training)  # a new wrapper trains; the export leaves the module's flags as they were
         meta = {"model": weights, "preprocessing": pre}
         check_outputs(net, dataset, f"the module {type(module).__name__}", split="test")
     else:

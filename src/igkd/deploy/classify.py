@@ -8,7 +8,6 @@ policy, Pillow's bilinear filter, L or RGB), so a checkpoint here gives the pred
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -98,22 +97,14 @@ def image_files(files) -> list[Path]:
     return out
 
 
-def _sidecar(path: Path) -> dict | None:
-    """The ``FILE.json`` igkd export wrote beside ``path``, or None."""
-    side = Path(f"{path}.json")
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("format") == "igkd-export/1" else None
-
-
 def _file_runner(path: Path, cfg: PredictConfig):
     from ..export import load_runner, read_export_metadata
     from ..models import holds_own_weights
     if not path.exists() and not holds_own_weights(str(path)):
         raise UserError(f"{path} does not exist; pass --weights FILE (a checkpoint or an igkd export)")
-    export = _sidecar(path) or (read_export_metadata(path, "onnx") if path.suffix == ".onnx" else None)
+    from .export import export_sidecar
+    export = export_sidecar(Path(f"{path}.json")) or (read_export_metadata(path, "onnx") if path.suffix == ".onnx"
+                                                      else None)
     if path.suffix == ".onnx" and export is None:
         raise UserError(f"{path} is not an igkd export (no {path.name}.json beside it, nothing embedded): its "
                         "classes and input are unknown; export it with igkd export")

@@ -286,17 +286,20 @@ def _check_clobber(output: Path, weights: Path | None) -> None:
                                                               os.path.samefile(path, s)) for s in sources):
             raise UserError(f"--output {output}: {what} {path} would overwrite the checkpoint being exported; "
                             "choose another --output")
-    if sidecar.is_file() and not _is_export_sidecar(sidecar):
+    if sidecar.is_file() and export_sidecar(sidecar) is None:
         raise UserError(f"--output {output}: its metadata file {sidecar} exists and is not an igkd export's; "
                         "choose another --output (e.g. one ending in .onnx or .pt)")
 
 
-def _is_export_sidecar(path: Path) -> bool:
+def export_sidecar(path: Path) -> dict | None:
+    """The metadata file ``path`` as an igkd export wrote it, or None (absent, unreadable, not
+    JSON, or another file's)."""
     import json
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == "igkd-export/1"
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or JSON but not an object
-        return False
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == "igkd-export/1" else None
 
 
 def _calibration_set(dataset: Dataset, n: int) -> torch.Tensor:

@@ -200,19 +200,23 @@ def _scan_entries(folder: Path) -> _Part:
     return _Part(folder, classes, files, np.asarray(labels, dtype=np.int64), stats)
 
 
-def _parse_size(spec: Spec, raw: str | None) -> tuple[int, int] | None:
-    if raw is None:
-        return None
+def parse_size(raw: str, what: str, form: str = "N or HxW") -> tuple[int, int]:
+    """``N`` or ``HxW`` as (H, W) pixels; ``what`` names the value in the one-line error
+    (``size=... in dataset spec '...'``, ``--size ...``), ``form`` how to write it."""
     try:
         h, _, w = raw.lower().partition("x")
         size = (int(h), int(w or h))
     except ValueError:
         size = (0, 0)
     if min(size) < 1:
-        raise UserError(f"size={raw} in dataset spec '{spec}' is not valid; use size=N or size=HxW (pixels)")
+        raise UserError(f"{what} is not valid; use {form} (pixels)")
     if max(size) > MAX_SIDE:
-        raise UserError(f"size={raw} in dataset spec '{spec}' is too large; use at most {MAX_SIDE} pixels a side")
+        raise UserError(f"{what} is too large; use at most {MAX_SIDE} pixels a side")
     return size
+
+
+def _parse_size(spec: Spec, raw: str | None) -> tuple[int, int] | None:
+    return None if raw is None else parse_size(raw, f"size={raw} in dataset spec '{spec}'", "size=N or size=HxW")
 
 
 def _peek_size(path: Path) -> tuple[int, int]:

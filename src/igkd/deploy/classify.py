@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..command_options import PredictConfig, api_config
-from ..data.imagefolder import IMAGE_EXTS, decode_image, input_recipe
+from ..data.imagefolder import IMAGE_EXTS, decode_image, input_recipe, parse_size
 from ..errors import UserError
 from ..progress import Progress
 from ..runtime import keeps_threads, resolve_device, set_threads
@@ -179,14 +179,7 @@ def _recipe(recipe: dict, cfg: PredictConfig) -> dict:
     """The recipe with --size and --resize applied."""
     recipe = dict(recipe)
     if cfg.size:
-        h, _, w = cfg.size.lower().partition("x")
-        try:
-            size = [int(h), int(w or h)]
-        except ValueError:
-            size = [0, 0]
-        if min(size) < 1 or max(size) > 8192:
-            raise UserError(f"--size {cfg.size} is not valid; use N or HxW, 1 to 8192 pixels a side")
-        recipe["size"] = size
+        recipe["size"] = list(parse_size(cfg.size, f"--size {cfg.size}"))
     if cfg.resize != "auto":
         recipe["resize"] = cfg.resize
     return recipe

@@ -676,8 +676,8 @@ class Trainer:
         """The run's options as config.yaml records them: without the options of installed parts
         the method does not have, which changed nothing, yet were written into every run, so
         that config.yaml (--config) and --resume failed once that plug-in was uninstalled."""
-        own = set(self.method.fields)
-        return {k: v for k, v in to_dict(self.cfg).items() if k in own or k not in part_config_fields()}
+        others = set(part_config_fields()) - set(self.method.fields)
+        return {k: v for k, v in to_dict(self.cfg).items() if k not in others}
 
     def train_seconds(self) -> float:
         """Seconds this run has trained, over all its sessions so far."""
@@ -705,7 +705,8 @@ class Trainer:
         now = {k: v for k, v in self.recorded_config().items() if k not in RESUME_FREE}
         others = set(part_config_fields()) - set(now)  # options of installed parts not in the method
         saved = {k: v for k, v in saved.items() if k not in others}
-        if state.get("model_code") and state["model_code"] != code_sha256(self.cfg.model):
+        if state.get("model_code") and saved.get("model") == now.get("model") \
+                and state["model_code"] != code_sha256(self.cfg.model):  # (another spec: the config says so)
             raise UserError(f"cannot resume {self.out}: the source of --model {self.cfg.model} changed since the run "
                             "started (its file's sha256); resume with that file as it was, or start a new --out "
                             "directory")
@@ -986,7 +987,7 @@ class Trainer:
     def _warn_one_class(self, test: dict) -> None:
         """Say when the final model predicts one class for every test image of a split with
         several: its accuracy is that class's share, whatever the method, and a user took the
-        same accuracy across methods for a loss that did nothing (helper-22b: BatchNorm running
+        same accuracy across methods for a loss that did nothing (it was BatchNorm running
         statistics not yet settled after 1 epoch of a tiny subset). From the confusion matrix
         the test metrics hold, so it costs nothing. Not said under --quiet, unlike a warning of
         a mistake: a run of a few steps is often meant (a smoke test), and this one is a guess."""

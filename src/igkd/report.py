@@ -140,7 +140,7 @@ class Shown(str):
     numbers), for the CSV: formatted strings alone gave spreadsheets rounded p-values and
     ``"< 0.001"`` where the CSV promises full precision."""
 
-    exact: object
+    exact: object  # a number, a text, or {part: number} for a cell of several (table_csv: a column each)
 
     def __new__(cls, text: str, exact):
         cell = super().__new__(cls, text)
@@ -151,6 +151,120 @@ class Shown(str):
 def shown(value, spec: str, suffix: str = "") -> Shown:
     """``value`` formatted by ``spec`` (and ``suffix``) for the eye, exact in the CSV."""
     return Shown(format(value, spec) + suffix, value)
+
+
+# ---------------------------------------------------------------- accuracy intervals
+def accuracy_interval(d: dict) -> tuple[float, float, bool]:
+    """``d``'s 95% interval (``ci_low``, ``ci_high``) as a table or plot shows an accuracy's:
+    clipped to [0, 100] (a t-interval of few runs ran to 112.84%), and whether it was. The
+    results files keep the t-interval itself."""
+    low, high = d["ci_low"], d["ci_high"]
+    if low != low or high != high:  # one run: no interval
+        return low, high, False
+    return max(low, 0.0), min(high, 100.0), low < 0.0 or high > 100.0
+
+
+def interval_note(n: int, clipped: bool, t_crit: float | None = None) -> str:
+    """The footnote of a table or plot of accuracy intervals: that they were clipped, and
+    that a few runs' t-interval is wide by construction ('' when neither applies)."""
+    notes = []
+    if clipped:
+        notes.append("95% intervals of accuracies are clipped to [0, 100] (the t-interval itself, kept in the "
+                     "results file, runs past it)")
+    if 2 <= n <= 3:
+        from scipy import stats as sps
+        t = t_crit if t_crit and t_crit == t_crit else float(sps.t.ppf(0.975, n - 1))
+        notes.append(f"with {n} runs the t critical value is {t:.1f}, so each interval is wide "
+                     f"(mean +/- {t:.1f} standard errors)")
+    return ("Note: " + "; ".join(notes) + ".") if notes else ""
+
+
+# ---------------------------------------------------------------- an experiment's recipe
+# Options of the run config the recipe line leaves out: the section names them already (data,
+# model, epochs, seed), the experiment sets them per run (subset), or they change speed or
+# bookkeeping, not what is learned.
+RECIPE_SKIP = frozenset({
+    "data", "model", "teacher", "teacher_model", "store", "method", "epochs", "seed", "subset", "subset_seed",
+    "device", "threads", "log", "log_every", "eval_batch_size", "stream", "optimizer_impl", "channels_last",
+    "compile", "check_images", "check_steps", "verify_store", "chunk_size", "ig_batch", "sync_bn"})
+
+
+def recipe(config: dict, methods: list[str], searched=()) -> dict:
+    """What the methods of an experiment trained with, from its resolved config (``KIND.yaml``):
+    ``shared``, the run options that differ from igkd's defaults, and ``methods``, each
+    method's own part options (T, alpha of kd; p, blend of the overlay...). ``searched``
+    options (a search's space) are left out of both. A "kd +1.67" could not be read without
+    them."""
+    from dataclasses import MISSING, fields
+    from .config import DistillConfig, PrecomputeConfig, TrainConfig
+    from .distill.parts import config_fields, parse_method
+    own = set(config_fields())
+    parsed = {m: parse_method(m) for m in methods}
+    # the map options (ig_steps...) matter only to methods that read teacher maps
+    maps_only = {f.name for f in fields(PrecomputeConfig)} - {f.name for f in fields(TrainConfig)}
+    maps = any(p.needs_maps for p in parsed.values())
+    shared = {}
+    for f in fields(DistillConfig):
+        name = f.name
+        if (name in own or name in RECIPE_SKIP or name in searched or name not in config
+                or (name in maps_only and not maps) or f.default is MISSING):
+            continue
+        if config[name] != f.default:
+            shared[name] = config[name]
+    per_method = {}
+    for m, method in parsed.items():
+        opts = {}
+        for part in method.parts:
+            for name, f in part.fields.items():
+                if name in config and name not in searched and not (isinstance(f.default, bool)
+                                                                    and config[name] == f.default):
+                    opts[name] = config[name]  # a switch at its default (kd_standardize false) says nothing
+        per_method[m] = opts
+    return {"shared": shared, "methods": per_method}
+
+
+def saved_recipe(run_dir: Path, kind: str, result: dict, methods: list[str], searched=()) -> dict | None:
+    """``result``'s recipe, or for results written before they kept one, the recipe of the
+    ``KIND.yaml`` beside them (None when that is gone or no longer parses)."""
+    if isinstance(result.get("recipe"), dict):
+        return result["recipe"]
+    import yaml
+    try:
+        config = yaml.safe_load((run_dir / f"{kind}.yaml").read_text(encoding="utf-8"))
+        return recipe(config, methods, searched) if isinstance(config, dict) else None
+    except Exception:  # noqa: BLE001 - an old or foreign file: the section goes without the line
+        return None
+
+
+def recipe_line(rec: dict | None) -> str:
+    """``rec`` in one paragraph: 'Recipe: batch_size=16, lr=0.01 (others at igkd's defaults);
+    kd: T=2.5, alpha=0.5; kd+ig: as kd + p=0.25, blend=0.5' ('' without one)."""
+    if not rec:
+        return ""
+
+    def value(v) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    def listed(opts: dict) -> str:
+        return ", ".join(f"{k}={value(v)}" for k, v in opts.items())
+    shared = rec.get("shared") or {}
+    text = ("**Recipe**: " + (f"{listed(shared)} (other options at igkd's defaults)" if shared
+                              else "igkd's default options"))
+    seen: list[tuple[str, dict]] = []
+    methods = []
+    for m, opts in (rec.get("methods") or {}).items():
+        if not opts:
+            methods.append(f"{m}: no options of its own" if m != "student" else "student: cross-entropy alone")
+            continue
+        # a method that adds parts to an earlier one says only what it adds ("kd+ig: as kd + p=...")
+        like = max((s for s in seen if s[1].items() <= opts.items()), key=lambda s: len(s[1]), default=None)
+        if like:
+            extra = {k: v for k, v in opts.items() if k not in like[1]}
+            methods.append(f"{m}: as {like[0]}" + (f" + {listed(extra)}" if extra else ""))
+        else:
+            methods.append(f"{m}: {listed(opts)}")
+        seen.append((m, opts))
+    return text + ("; " + "; ".join(methods) if methods else "") + "."
 
 
 def _cell(v) -> str:
@@ -177,8 +291,22 @@ def table_csv(header: list[str], rows: list[list]) -> str:
     import io
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows([["" if v is None else v.exact if isinstance(v, Shown) else v for v in row] for row in rows])
+    # A cell showing several numbers ("91.67 [70.49, 100.00]", "9.42 / 16.36") keeps them as a
+    # dict in Shown.exact: one numeric column each ("HEADER: mean", "HEADER: ci_low", ...), where
+    # one text cell of them was no number to a spreadsheet. A plain number in such a column (the
+    # teacher's single accuracy) goes under its first part.
+    parts = [list(dict.fromkeys(k for row in rows if isinstance(row[i], Shown) and isinstance(row[i].exact, dict)
+                                for k in row[i].exact)) for i in range(len(header))]
+    w.writerow([f"{h}: {k}" if keys else h for h, keys in zip(header, parts) for k in (keys or [None])])
+
+    def cells(v, keys: list[str]) -> list:
+        exact = v.exact if isinstance(v, Shown) else v
+        if not keys:
+            return ["" if exact is None else exact]
+        if isinstance(exact, dict):
+            return [exact.get(k, "") for k in keys]
+        return ["" if exact in (None, "") else exact] + [""] * (len(keys) - 1)
+    w.writerows([[c for v, keys in zip(row, parts) for c in cells(v, keys)] for row in rows])
     return buf.getvalue()
 
 
@@ -214,7 +342,9 @@ def gallery(path: str | Path, images: torch.Tensor, maps: torch.Tensor, labels: 
     plt = _plt()
     n = len(images)
     over = overlay_examples(images, maps)
-    fig, axes = plt.subplots(3, n, figsize=(1.3 * n, 4.4), squeeze=False)
+    # at least 5.5 inches: with two or three classes (1.3 inches each) the title ran off both sides
+    width = max(1.3 * n, 5.5)
+    fig, axes = plt.subplots(3, n, figsize=(width, 4.4), squeeze=False)
     gray = images.shape[1] == 1
     for j in range(n):
         img = images[j].permute(1, 2, 0).numpy()
@@ -231,7 +361,11 @@ def gallery(path: str | Path, images: torch.Tensor, maps: torch.Tensor, labels: 
         axes[0, j].set_title(figure_text(labels[j]), fontsize=8)
     for i, name in enumerate(["image", "IG map", "overlay"]):
         axes[i, 0].set_ylabel(name, fontsize=9)
-    fig.suptitle(figure_text(title, "title"), fontsize=10)  # holds an attribution plug-in's description
+    # holds an attribution plug-in's description, of any length: wrapped to the figure's width
+    # (about 13 characters of 10-point text per inch)
+    import textwrap
+    lines = textwrap.wrap(figure_text(title, "title"), max(20, int(width * 13)))
+    fig.suptitle("\n".join(lines), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -339,8 +473,9 @@ def condition_points(path: str | Path, conditions: list[str], points: dict[str, 
     for j, m in enumerate(methods):
         xs = x - 0.35 + width * (j + 0.5)
         means = np.array([p["mean"] for p in points[m]], dtype=float)
-        lo = np.array([p.get("ci_low", float("nan")) for p in points[m]], dtype=float)
-        hi = np.array([p.get("ci_high", float("nan")) for p in points[m]], dtype=float)
+        # accuracies: the interval clipped to [0, 100], as the tables show it
+        lo = np.clip(np.array([p.get("ci_low", float("nan")) for p in points[m]], dtype=float), 0.0, 100.0)
+        hi = np.clip(np.array([p.get("ci_high", float("nan")) for p in points[m]], dtype=float), 0.0, 100.0)
         yerr = np.nan_to_num(np.vstack([means - lo, hi - means]), nan=0.0)
         # tab10 has ten colours: the eleventh method took the first one's, so its marker differs
         ax.errorbar(xs, means, yerr=yerr, fmt=MARKERS[j // 10 % len(MARKERS)], ms=4, capsize=2, color=cmap(j % 10),

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import Shown, accuracy_points, markdown_table, read_json, shown
+from ..config import to_dict
+from ..report import (Shown, accuracy_interval, accuracy_points, interval_note, markdown_table, read_json, recipe,
+                      recipe_line, saved_recipe, shown)
 from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, start
 from .config import ExperimentConfig, corruption_names, distill_config, entry_point
 from .runs import Job, corruption_scores, run_jobs, run_record
@@ -44,7 +46,7 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) ->
                      "compression": teacher["params"] / params if teacher else None,
                      "val_mean": _val_mean([r["val_accuracy"] for r in runs if r["method"] == m])})
     result = {**ctx, "baseline": base, "methods": methods, "seeds": cfg.seeds, "model": cfg.model,
-              "epochs": cfg.epochs, "rows": rows, "runs": runs}
+              "epochs": cfg.epochs, "rows": rows, "runs": runs, "recipe": recipe(to_dict(cfg), methods)}
     if names:  # no paired tests here (single runs by default): the Monte Carlo has them
         result["corruptions"] = corruption_summary(runs, methods, None, names, cfg)
     table = ablation_table(result) + corruption_table(result)
@@ -92,8 +94,16 @@ def _mean_ci(d: dict, several: bool) -> Shown:
     """The mean, with its 95% interval over several seeds."""
     if not several:
         return shown(d["mean"], ".2f")
-    return Shown(f"{d['mean']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]",
-                 f"{d['mean']!r} [{d['ci_low']!r}, {d['ci_high']!r}]")
+    low, high, _ = accuracy_interval(d)  # clipped to [0, 100], as the footnote says
+    return Shown(f"{d['mean']:.2f} [{low:.2f}, {high:.2f}]", {"mean": d["mean"], "ci_low": low, "ci_high": high})
+
+
+def _clipped(result: dict) -> bool:
+    """Whether a shown interval of the ablation's tables was clipped to [0, 100]."""
+    c = result.get("corruptions") or {}
+    shown = list(result["rows"]) + list((c.get("clean_on_scored_images") or {}).values()) + [
+        d for k in c.get("conditions", []) for d in c["stats"][k]["summary"].values()]
+    return result["seeds"] > 1 and any(accuracy_interval(d)[2] for d in shown)
 
 
 def section(run_dir: Path) -> str | None:
@@ -103,14 +113,18 @@ def section(run_dir: Path) -> str | None:
         return None
     rows = result["rows"]
     several = result["seeds"] > 1
-    errors = [(r["mean"] - r["ci_low"], r["ci_high"] - r["mean"]) for r in rows] if several else None
+    ci = [accuracy_interval(r) for r in rows]  # the error bars as the table: clipped to [0, 100]
+    errors = [(r["mean"] - lo, hi - r["mean"]) for r, (lo, hi, _) in zip(rows, ci)] if several else None
     t = result["teacher"]
     accuracy_points(run_dir / "ablation.png", [r["method"] for r in rows], [r["mean"] for r in rows],
                   t["test_accuracy"] if t else None, errors=errors)
     runs = "single runs" if not several else f"mean of {result['seeds']} seeds, error bars: 95% t-interval"
+    rec = recipe_line(saved_recipe(run_dir, "ablation", result, result["methods"]))
+    note = interval_note(result["seeds"], _clipped(result)) if several else ""
     text = (f"## Ablation\n\nStudent `{result['model']}` on `{result['data']}`, every method with the same "
             f"budget ({result['epochs']} epoch{'s' * (result['epochs'] != 1)}), seeds and splits; test split accuracy ({runs}).\n\n"
-            f"{ablation_table(result)}\n\n![ablation](ablation.png)\n")
+            + (f"{rec}\n\n" if rec else "")
+            + f"{ablation_table(result)}\n\n" + (f"{note}\n\n" if note else "") + "![ablation](ablation.png)\n")
     if result.get("corruptions"):
         text += "\n" + corruption_section(run_dir, result, "ablation", corruption_table(result).strip(),
                                           {r["method"]: r for r in rows},

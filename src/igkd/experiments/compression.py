@@ -25,7 +25,9 @@ from ..evaluate.cost import count_macs, measure_latency
 from ..errors import UserError
 from ..models import bare, build_model, count_parameters, family_of
 from ..progress import log
-from ..report import Shown, _plt, _save, figure, figure_text, legend_outside, markdown_table, read_json, shown
+from ..config import to_dict
+from ..report import (Shown, _plt, _save, figure, figure_text, legend_outside, markdown_table, read_json, recipe,
+                      recipe_line, saved_recipe, shown)
 from ..spec import Spec, canonical_spec, parse_spec, split_specs
 from .common import methods_of, save_results, start
 from .config import ExperimentConfig, distill_config, entry_point, split_list
@@ -127,6 +129,7 @@ def run_compression(cfg: ExperimentConfig, out: str | Path, quiet: bool = False)
         runs.append({**run_record(s, j, out), "compression": tp / s["params"], "macs": c["macs"],
                      "latency": c.get("latency")})
     result = {**ctx, "methods": methods, "epochs": cfg.epochs, "seed": cfg.seed, "input_shape": list(shape),
+              "sweep_base": cfg.sweep_base, "recipe": recipe(to_dict(cfg), methods),
               "teacher_cost": teacher_cost, "students": [{"axis": a, "value": v, "model": sp, **costs[sp],
                                                            "compression": tp / costs[sp]["params"]}
                                                           for a, v, sp in specs],
@@ -139,7 +142,7 @@ def run_compression(cfg: ExperimentConfig, out: str | Path, quiet: bool = False)
 def _lat(c: dict) -> Shown | str:
     lat = c.get("latency")
     return Shown(f"{lat['median_ms']:.2f} ({lat['p10_ms']:.2f}-{lat['p90_ms']:.2f})",
-                 f"{lat['median_ms']!r} ({lat['p10_ms']!r}-{lat['p90_ms']!r})") if lat else ""
+                 {k: lat[k] for k in ("median_ms", "p10_ms", "p90_ms")}) if lat else ""
 
 
 def compression_table(result: dict) -> str:
@@ -236,12 +239,33 @@ def section(run_dir: Path) -> str | None:
     how = (f"latency: eager PyTorch on CPU, batch {lat['batch']}, {lat['threads']} thread(s), 10 warm-up calls then "
            "repeated calls, median and p10-p90" if lat else "latency not measured (--no-latency)")
     c, h, w = r["input_shape"]
+    rec = recipe_line(saved_recipe(run_dir, "compression", r, r["methods"]))
     return (f"## Compression sweep\n\nStudents by depth, width or spec on `{r['data']}`, "
-            f"{r['epochs']} epochs, seed {r['seed']}; MACs per {c}x{h}x{w} image; {how}. Truncation cuts "
-            f"parameters but few MACs; width cuts both."
+            f"{r['epochs']} epochs, seed {r['seed']}; MACs per {c}x{h}x{w} image; {how}.{_truncation_note(run_dir, r)}"
             + (" Students given as specs: triangles, numbered as in the legend." if any(x["axis"] == "spec" for x in
                                                                                         r["runs"]) else "")
-            + f"\n\n{compression_table(r)}\n\n![compression](compression.png)\n")
+            + (f"\n\n{rec}" if rec else "") + f"\n\n{compression_table(r)}\n\n![compression](compression.png)\n")
+
+
+def _truncation_note(run_dir: Path, r: dict) -> str:
+    """What MobileNetV2's depth knob (truncation, drop=K) does to the cost, where the sweep
+    truncated a MobileNetV2: of another family (a ResNet's depth, a py: factory's knob) the
+    sentence was not true. The base is in the results (or, before they kept it, compression.yaml)."""
+    base = r.get("sweep_base")
+    if base is None:
+        import yaml
+        try:
+            base = (yaml.safe_load((run_dir / "compression.yaml").read_text(encoding="utf-8")) or {}).get("sweep_base")
+        except Exception:  # noqa: BLE001 - gone or foreign: no sentence rather than a wrong one
+            base = None
+    try:
+        mobilenet = isinstance(base, str) and parse_spec(base, "model spec").kind == "mobilenetv2"
+    except UserError:
+        mobilenet = False
+    if not mobilenet or not any(x["axis"] == "depth" for x in r["runs"]):
+        return ""
+    return " MobileNetV2's truncation (drop=K) cuts parameters but few MACs (the blocks it removes run at low " \
+           "resolution); width cuts both."
 
 
 __all__ = ["compression_table", "run_compression", "section", "student_specs"]

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import (Shown, _plt, _save, accuracy_points, figure, figure_text, legend_outside, markdown_table,
-                      paired_differences, read_json, shown, teacher_line)
+from ..config import to_dict
+from ..report import (Shown, _plt, _save, accuracy_interval, accuracy_points, figure, figure_text, interval_note,
+                      legend_outside, markdown_table, paired_differences, read_json, recipe, recipe_line,
+                      saved_recipe, shown, teacher_line)
 from .common import baseline_of, corruption_section, corruption_summary, methods_of, save_results, start
 from .config import ExperimentConfig, corruption_names, distill_config, entry_point
 from .runs import Job, corruption_scores, run_jobs, run_record
@@ -49,7 +51,8 @@ def run_montecarlo(cfg: ExperimentConfig, out: str | Path, quiet: bool = False) 
     order, pairs = _order_and_pairs(methods, base)
     result = {**ctx, "baseline": base, "methods": methods, "runs_count": cfg.runs, "subset": cfg.mc_subset,
               "model": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
-              "train_images": runs[0]["train_images"], "accuracy": acc, "runs": runs}
+              "train_images": runs[0]["train_images"], "accuracy": acc, "runs": runs,
+              "recipe": recipe(to_dict(cfg), methods)}
     if names:  # the same statistics for each corruption (mean over severities) and their mean
         ordered = sorted(runs, key=lambda r: r["mc_run"])
         result["corruptions"] = corruption_summary(ordered, order, pairs, names, cfg)
@@ -89,14 +92,21 @@ def _p(p: float) -> Shown:
 
 
 def _ci(low: float, high: float, spec: str = "+.2f") -> Shown:
-    return Shown(f"[{low:{spec}}, {high:{spec}}]", f"[{low!r}, {high!r}]")
+    return Shown(f"[{low:{spec}}, {high:{spec}}]", {"ci_low": low, "ci_high": high})
+
+
+def _diff_mean(mean: float) -> float:
+    """A mean paired difference to the 9 decimals the differences are rounded to
+    (stats._pair): the mean of 1.666666667, -3.333333333 and 5 printed as 1.1111111113333334."""
+    return round(mean, 9)
 
 
 def montecarlo_tables(result: dict) -> str:
     rows = []
     for m in result["methods"]:
         d = result["summary"][m]
-        rows.append([m, d["n"], d["mean"], d["std"], _ci(d["ci_low"], d["ci_high"], ".2f"),
+        low, high, _ = accuracy_interval(d)  # clipped to [0, 100]: the section's note says so
+        rows.append([m, d["n"], d["mean"], d["std"], _ci(low, high, ".2f"),
                      shown(d["mean"] - d["ci_low"], ".2f")])
     per_method = markdown_table(["method", "runs", "mean acc (%)", "std", "95% CI", "+/-"], rows)
     if not result["comparisons"]:  # one method: nothing to compare (an empty table said nothing)
@@ -104,7 +114,7 @@ def montecarlo_tables(result: dict) -> str:
     rows = []
     for c in result["comparisons"]:
         t, w = c["t"], c["wilcoxon"]
-        rows.append([f"{c['a']} - {c['b']}", shown(t["mean_diff"], "+.2f"), _ci(t["ci_low"], t["ci_high"]),
+        rows.append([f"{c['a']} - {c['b']}", shown(_diff_mean(t["mean_diff"]), "+.2f"), _ci(t["ci_low"], t["ci_high"]),
                      shown(t["t"], ".2f"), _p(t["p"]), _p(t["p_holm"]), shown(t["cohen_dz"], ".2f"),
                      _p(w["p"]), _p(w["p_holm"]), shown(w["rank_biserial"], "+.2f"),
                      _detectable(t, len(result["comparisons"]))])
@@ -121,7 +131,7 @@ def _detectable(t: dict, m: int) -> Shown:
         return Shown("n/a: all differences equal", float("nan"))
     a = t.get("detectable", detectable_difference(t["sd_diff"], t["n"], 0.05))
     b = t.get("detectable_holm", detectable_difference(t["sd_diff"], t["n"], 0.05 / m))
-    return Shown(f"{a:.2f} / {b:.2f}", f"{a!r} / {b!r}")
+    return Shown(f"{a:.2f} / {b:.2f}", {"5%": a, "Holm": b})
 
 
 def corruption_tables(result: dict) -> str:
@@ -140,7 +150,7 @@ def corruption_tables(result: dict) -> str:
     for k in conds:
         for row in c["stats"][k].get("comparisons", []):  # none with one method
             t, w = row["t"], row["wilcoxon"]
-            rows.append([c["labels"][k], f"{row['a']} - {row['b']}", shown(t["mean_diff"], "+.2f"),
+            rows.append([c["labels"][k], f"{row['a']} - {row['b']}", shown(_diff_mean(t["mean_diff"]), "+.2f"),
                          _ci(t["ci_low"], t["ci_high"]), _p(t["p"]), _p(t["p_holm"]),
                          shown(t["cohen_dz"], ".2f"), _p(w["p"]), _p(w["p_holm"])])
     if not rows:  # one method: no comparisons
@@ -153,7 +163,7 @@ def corruption_tables(result: dict) -> str:
 def _mean_sd(d: dict) -> Shown:
     if d["std"] != d["std"]:
         return shown(d["mean"], ".2f")
-    return Shown(f"{d['mean']:.2f} ± {d['std']:.2f}", f"{d['mean']!r} ± {d['std']!r}")
+    return Shown(f"{d['mean']:.2f} ± {d['std']:.2f}", {"mean": d["mean"], "std": d["std"]})
 
 
 @figure
@@ -192,7 +202,8 @@ def section(run_dir: Path) -> str | None:
     s = r["summary"]
     accuracy_points(run_dir / "montecarlo_bars.png", r["methods"], [s[m]["mean"] for m in r["methods"]],
                     r["teacher"]["test_accuracy"] if r.get("teacher") else None,
-                    errors=[(s[m]["mean"] - s[m]["ci_low"], s[m]["ci_high"] - s[m]["mean"]) for m in r["methods"]])
+                    errors=[(s[m]["mean"] - lo, hi - s[m]["mean"])  # clipped to [0, 100], as in the table
+                            for m, (lo, hi, _) in ((m, accuracy_interval(s[m])) for m in r["methods"])])
     acc = r["accuracy"]
     n, m = r["runs_count"], len(r["comparisons"])
     # one method has no pairs: no tests to describe and no differences to draw (the text spoke of
@@ -201,8 +212,16 @@ def section(run_dir: Path) -> str | None:
         paired_differences(run_dir / "montecarlo_differences.png",
                            [(f"{figure_text(c['a'], 'method')} - {figure_text(c['b'], 'method')}",
                              [x - y for x, y in zip(acc[c["a"]], acc[c["b"]])], c["t"]) for c in r["comparisons"]])
-    note = (f" With {n} runs a Wilcoxon test cannot give a two-sided p below {2 / 2 ** n:.3f}; the t-test assumes "
-            "roughly normal differences." if n < 10 else "")
+    # the floor is set by the differences the test ranks: zero differences are dropped, so a
+    # comparison with 2 non-zero differences of 3 runs cannot go below 0.5, not 0.25
+    nz = min((c["wilcoxon"].get("n_nonzero", n) for c in r["comparisons"]), default=n)
+    dropped = (f" ({nz} non-zero difference{'s' * (nz != 1)} in a comparison: zero differences are dropped)"
+               if nz < n else "")
+    note = ((f" With {n} runs{dropped} a Wilcoxon test cannot give a two-sided p below {2 / 2 ** nz:.3f}"
+             if nz else f" With {n} runs, all of a comparison's differences zero, its Wilcoxon p is 1")
+            + "; the t-test assumes roughly normal differences." if nz < 10 else "")
+    rec = recipe_line(saved_recipe(run_dir, "montecarlo", r, r["methods"]))
+    ci_note = interval_note(n, any(accuracy_interval(s[m])[2] for m in r["methods"]))
     flat = ("; n/a where every run gave the same difference: no spread to size it by"
             if any(c["t"]["sd_diff"] == 0 for c in r["comparisons"]) else "")
     tests = (f" Paired tests on the per-run differences, Holm-corrected over the {m} comparisons. 'detectable': the "
@@ -212,7 +231,8 @@ def section(run_dir: Path) -> str | None:
     text = (f"## Monte Carlo\n\n{n} runs of student `{r['model']}` on `{r['data']}`: run r trains on its own stratified "
             f"{100 * r['subset']:.0f}% subset of the training set ({r['train_images']} training images after the "
             f"validation split) with seed {r['seed']}+r, shared by all methods of that run; {r['epochs']} epoch{'s' * (r['epochs'] != 1)}; "
-            f"accuracy on the test split.{tests}\n\n{montecarlo_tables({**r, 'corruptions': None})}\n\n"
+            f"accuracy on the test split.{tests}\n\n" + (f"{rec}\n\n" if rec else "")
+            + f"{montecarlo_tables({**r, 'corruptions': None})}\n\n" + (f"{ci_note}\n\n" if ci_note else "") +
             # the box plot's marks were explained nowhere (a green triangle, an orange line)
             "Figures: each run's accuracy per method (dots, one colour per run; box: quartiles, orange line: "
             "median, triangle: mean); the means with their 95% t-intervals"

@@ -48,7 +48,9 @@ from ..distill.parts import parse_method
 from ..distill.trainer import TrainingDiverged
 from ..errors import UserError
 from ..progress import log
-from ..report import _plt, _save, figure, figure_text, markdown_table, read_json, shown
+from ..config import to_dict
+from ..report import _plt, _save, figure, figure_text, markdown_table, read_json, recipe_line, saved_recipe, shown
+from ..report import recipe as options_recipe  # recipe() below is the study's
 from ..spec import Spec, parse_spec
 from .common import save_results, start
 from .config import ExperimentConfig, distill_config, entry_point, split_list
@@ -539,13 +541,15 @@ def collect(study, cfg: ExperimentConfig, space: dict, ctx: dict, url: str) -> d
     for t in study.get_trials(deepcopy=False):
         trials.append({"number": t.number, "state": t.state.name, "params": dict(t.params),
                        "val_accuracy": t.value, "test_accuracy": t.user_attrs.get("test_accuracy"),
-                       "run": t.user_attrs.get("run"), "worker": t.user_attrs.get("worker")})
+                       "run": t.user_attrs.get("run"), "worker": t.user_attrs.get("worker"),
+                       "diverged": "diverged" in t.user_attrs})  # a failed trial's why, for the section
     complete = [t for t in trials if t["state"] == "COMPLETE"]
     best = max(complete, key=lambda t: t["val_accuracy"]) if complete else None
     return {**ctx, "sampler": cfg.sampler, "method": parse_method(cfg.search_method).name, "space": space,
             "storage": safe_url(url), "study": cfg.study, "model": cfg.model, "epochs": cfg.epochs,
             "base_lr": cfg.lr, "val_fraction": cfg.val_fraction, "objective": "val_accuracy",
-            "complete": len(complete), "trials": trials, "best": best}
+            "complete": len(complete), "trials": trials, "best": best,
+            "recipe": options_recipe(to_dict(cfg), [parse_method(cfg.search_method).name], searched=space)}
 
 
 def search_table(result: dict, top: int = 20) -> str:
@@ -573,7 +577,7 @@ def heat_map(path: Path, result: dict) -> Path | None:
                 vals = [t["val_accuracy"] for t in done if t["params"]["T"] == T and t["params"]["alpha"] == a]
                 if vals:
                     grid[i, j] = float(np.mean(vals))
-        im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+        im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto", norm=_accuracy_norm(grid))
         ax.set_xticks(range(len(ts)), [f"{v:g}" for v in ts])
         ax.set_yticks(range(len(als)), [f"{v:g}" for v in als])
         for i in range(len(als)):
@@ -584,9 +588,12 @@ def heat_map(path: Path, result: dict) -> Path | None:
                     ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7,
                             color="k" if light else "w")
     else:
+        values = [t["val_accuracy"] for t in done]
         im = ax.scatter([t["params"]["T"] for t in done], [t["params"]["alpha"] for t in done],
-                        c=[t["val_accuracy"] for t in done], cmap="viridis", s=30)
+                        c=values, cmap="viridis", s=30, norm=_accuracy_norm(values))
         ax.set_xscale("log")
+        from .compression import log_ticks  # plain numbers (1, 2, 5), not 10^0 and 2x10^0
+        log_ticks(ax, [t["params"]["T"] for t in done])
     fig.colorbar(im, ax=ax, label="validation accuracy (%)")
     ax.set_xlabel("temperature T")
     ax.set_ylabel("KD weight alpha")
@@ -597,6 +604,42 @@ def heat_map(path: Path, result: dict) -> Path | None:
                  f"validation accuracy of each of the {len(done)} trials", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _accuracy_norm(values):
+    """The colour scale of validation accuracies: their range, padded by a point where they are
+    (nearly) all equal, and never past [0, 100]: trials that all scored 100% had a colour bar
+    from 90 to 110%."""
+    import numpy as np
+    from matplotlib.colors import Normalize
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return Normalize(0.0, 100.0)
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo < 1.0:
+        lo, hi = lo - 1.0, hi + 1.0
+    lo, hi = max(lo, 0.0), min(hi, 100.0)
+    if hi - lo < 1.0:  # at an end of [0, 100]: the point inside it
+        lo, hi = (hi - 1.0, hi) if hi >= 100.0 else (lo, lo + 1.0)
+    return Normalize(lo, hi)
+
+
+def _failed_text(r: dict) -> str:
+    """The failed trials, in words: a gap in the trial numbers (0, 2, 3) was explained nowhere."""
+    failed = [t for t in r["trials"] if t["state"] == "FAIL"]
+    if not failed:
+        return ""
+    numbers = ", ".join(str(t["number"]) for t in failed)
+    s = "s" * (len(failed) != 1)
+    if all("diverged" in t for t in failed):  # results written since collect() records why
+        div = sum(bool(t["diverged"]) for t in failed)
+        why = (f"{len(failed) - div} interrupted (its point queued again as a new trial)" if div < len(failed) else "")
+        why += ("; " if why and div else "") + (f"{div} diverged (not retried: the same point would diverge again)"
+                                                 if div else "")
+        return f" {len(failed)} failed trial{s} ({numbers}): {why}."
+    return (f" {len(failed)} failed trial{s} ({numbers}; interrupted or diverged): an interrupted trial's point is "
+            "queued again as a new trial.")
 
 
 def section(run_dir: Path) -> str | None:
@@ -612,10 +655,12 @@ def section(run_dir: Path) -> str | None:
     ranged = r["sampler"] == "tpe"
     space = "; ".join(f"{k} in [{min(vals):g}, {max(vals):g}]" if ranged and len(set(vals)) > 1
                       else f"{k} in {{{', '.join(f'{v:g}' for v in vals)}}}" for k, vals in r["space"].items())
+    rec = recipe_line(saved_recipe(run_dir, "search", r, [r["method"]], searched=r["space"]))
     return (f"## Hyper-parameter search\n\n{r['sampler']} search of `{r['method']}` (student `{r['model']}`, "
             f"{r['epochs']} epochs) over {space}; {r['complete']} complete trial(s) in study `{r['study']}` "
-            f"({r['storage']}). Objective: accuracy on the validation split ({100 * r['val_fraction']:.0f}% of the "
-            f"training set); test accuracy is shown, never used to choose. {best_text}\n\n{search_table(r)}\n"
+            f"({r['storage']}).{_failed_text(r)} Objective: accuracy on the validation split ({100 * r['val_fraction']:.0f}% of the "
+            f"training set); test accuracy is shown, never used to choose. {best_text}\n\n"
+            + (f"{rec}\n\n" if rec else "") + f"{search_table(r)}\n"
             + ("\n![search heat map](search.png)\n" if img else ""))
 
 

@@ -158,8 +158,8 @@ def accuracy_interval(d: dict) -> tuple[float, float, bool]:
     """``d``'s 95% interval (``ci_low``, ``ci_high``) as a table or plot shows an accuracy's:
     clipped to [0, 100] (a t-interval of few runs ran to 112.84%), and whether it was. The
     results files keep the t-interval itself."""
-    low, high = d["ci_low"], d["ci_high"]
-    if low != low or high != high:  # one run: no interval
+    low, high = d.get("ci_low"), d.get("ci_high")
+    if low is None or high is None or low != low or high != high:  # one run: no interval (NaN, null in JSON)
         return low, high, False
     return max(low, 0.0), min(high, 100.0), low < 0.0 or high > 100.0
 

@@ -369,3 +369,15 @@ def test_an_unknown_model_names_the_spelling_igkd_uses():
                         ("wrn-16-2", "did you mean wrn:depth=16,k=2?"), ("mobilnetv2", "did you mean 'mobilenetv2'?")):
         with pytest.raises(UserError, match=f"unknown model '{typed}' in spec '{typed}' \\({hint.replace('?', '[?]')}"):
             igkd.build_model(typed, 10, 3)
+
+
+def test_a_sweep_knob_the_factory_lacks_is_named_as_the_options_mistake(tmp_path):
+    from igkd.experiments.compression import sweep_knobs
+    from igkd.spec import parse_spec
+    net = tmp_path / "sweepnet.py"
+    net.write_text("def make(num_classes, in_channels, depth=2, width=1.0):\n    pass\n")
+    base = parse_spec(f"py:{net}:make")
+    assert sweep_knobs(base, "depth=depth,width=width") == {"depth": "depth", "width": "width"}
+    with pytest.raises(UserError, match=r"--sweep-knobs depth=blocks: .*make takes no keyword 'blocks' \(it takes "
+                                        r"depth, in_channels, num_classes, width\)"):
+        sweep_knobs(base, "depth=blocks,width=width")

@@ -24,6 +24,7 @@ from ..data import load_dataset
 from ..evaluate.cost import count_macs, measure_latency
 from ..errors import UserError
 from ..models import bare, build_model, count_parameters, family_of
+from ..models.user import keyword_names
 from ..progress import log
 from ..config import to_dict
 from ..report import (Shown, _plt, _save, figure, figure_text, legend_outside, markdown_table, read_json, recipe,
@@ -65,6 +66,10 @@ def sweep_knobs(base: Spec, text: str) -> dict[str, str | None]:
         if axis not in knobs or not eq or not name.isidentifier():
             raise UserError(f"--sweep-knobs '{text}' is not 'depth=NAME,width=NAME'; name, for depth and/or width, "
                             "the keyword option of --sweep-base that the values set (e.g. depth=blocks)")
+        if base.kind == "py" and (names := keyword_names(base)) is not None and name not in names:
+            # it was blamed on the factory ("make cannot be called with ..., blocks"), not on this option
+            raise UserError(f"--sweep-knobs {axis}={name}: {base.arg} takes no keyword '{name}' (it takes "
+                            f"{', '.join(sorted(names))}); name the one the {axis} values set")
         knobs[axis] = name
     return knobs
 

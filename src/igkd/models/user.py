@@ -183,6 +183,17 @@ def _signature(factory) -> inspect.Signature | None:
     return sig
 
 
+def keyword_names(spec: Spec) -> set[str] | None:
+    """The keyword arguments the factory of the ``py:`` spec takes, None where it takes any
+    (``**kwargs``) or has no signature. Imports the user's module, as building it would."""
+    module, _, name = (spec.arg or "").rpartition(":")
+    factory = getattr(_import(module, spec), name, None) if module and name else None
+    sig = _signature(factory) if callable(factory) else None
+    if sig is None or any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def _short_repr(value, limit: int = 60) -> str:
     """A value igkd passed, cut where long (a spec option of a long string): the line names
     the arguments, it does not reprint them."""

@@ -254,6 +254,17 @@ def _student(cfg, dataset: Dataset, model: nn.Module | None, quiet: bool = False
     return cfg, net, init
 
 
+def given_module(weights, options: dict, config, conflict: str) -> tuple[nn.Module | None, object]:
+    """(the ``nn.Module`` given as ``weights`` or None, what the call's config then records as
+    its weights: ``module:CLASS``, never read as a file). A ``model`` spec beside a module, in
+    ``options`` or ``config``, is refused: ``conflict`` says so, for evaluate, export and predict."""
+    if not isinstance(weights, nn.Module):
+        return None, weights
+    if options.get("model") or (config is not None and config.model):
+        raise UserError(f"{conflict}; give one of them")
+    return weights, f"module:{type(weights).__name__}"
+
+
 def module_input(module: nn.Module, normalize: str, dataset: Dataset) -> tuple[nn.Module, dict]:
     """(``module`` with the preprocessing ``normalize`` names in front, that preprocessing),
     for a module scored or exported as it is. ``auto``: the one igkd.train or igkd.distill
@@ -629,11 +640,7 @@ def evaluate(weights=None, data=None, *, config: EvaluateConfig | None = None,
     given = None
     if isinstance(data, Dataset):  # the config holds a spec string: the one it is recorded as
         given, data = given_data(data)
-    module = weights if isinstance(weights, nn.Module) else None
-    if module is not None:
-        if options.get("model") or (config is not None and config.model):
-            raise UserError("evaluate got a module to score and a --model spec; give one of them")
-        weights = f"module:{type(module).__name__}"  # for the config's checks; never read as a file
+    module, weights = given_module(weights, options, config, "evaluate got a module to score and a --model spec")
     cfg = api_config(EvaluateConfig, config, {"weights": weights, "data": data, **options}, "evaluate")
     if class_map is None and cfg.class_map:
         class_map = cfg.class_map

@@ -37,9 +37,8 @@ def predict(weights=None, files=(), *, config: PredictConfig | None = None, data
     (softmax of the logits) and ``top`` (``[class, probability]`` pairs, most probable first,
     ``top`` of them). The options are the fields of
     :class:`igkd.command_options.PredictConfig`, as keywords or ``config``."""
-    module = weights if isinstance(weights, nn.Module) else None
-    if module is not None:
-        weights = f"module:{type(module).__name__}"  # for the config's checks; never read as a file
+    from ..api import given_module
+    module, weights = given_module(weights, options, config, "predict got a module and a model spec")
     cfg = api_config(PredictConfig, config, {"weights": weights, **options}, "predict")
     if not cfg.weights:
         raise UserError("nothing to classify with; pass --weights FILE (a checkpoint or an igkd export)")
@@ -148,8 +147,6 @@ def _module_runner(module: nn.Module, data, cfg: PredictConfig):
     if data is None:
         raise UserError("a module records no classes or image size; pass data= (a spec or an igkd Dataset) of "
                         "the data it was trained on")
-    if cfg.model:
-        raise UserError("predict got a module and a model spec; give one of them")
     dataset = data if isinstance(data, Dataset) else load_dataset(data)
     net, pre = module_input(module, cfg.normalize, dataset)
     device = next((p.device for p in module.parameters()), resolve_device(cfg.device))

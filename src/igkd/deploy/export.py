@@ -12,9 +12,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ..api import check_outputs, module_input, preprocessing_for, warn_unknown_preprocessing
+from ..api import check_outputs, given_module, module_input, preprocessing_for, warn_unknown_preprocessing
 from ..command_options import ExportConfig, api_config
 from ..data import Dataset, load_dataset
 from ..data.imagefolder import input_recipe
@@ -70,11 +69,7 @@ def export_model(weights=None, output: str | Path | None = None, format: str | N
     if output is None:
         raise UserError("no file to write; pass --output FILE (*.onnx for ONNX, e.g. *.pt for TorchScript)")
     given = None
-    module = weights if isinstance(weights, nn.Module) else None
-    if module is not None:
-        if options.get("model") or (config is not None and config.model):
-            raise UserError("export_model got a module to export and a model spec; give one of them")
-        weights = f"module:{type(module).__name__}"  # for the config's checks; never read as a file
+    module, weights = given_module(weights, options, config, "export_model got a module to export and a model spec")
     if isinstance(options.get("data"), Dataset):  # the config holds a spec string: the one it is recorded as
         given, options["data"] = given_data(options["data"])
     cfg = api_config(ExportConfig, config, {"weights": weights, "format": format, **options}, "export_model")
